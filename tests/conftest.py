@@ -1,0 +1,51 @@
+"""Shared test set-up: everything offline, small threads, and the tiny pipeline built once."""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end run of a script (still part of `make test`)")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A randomly initialised 'tiny' StableDiffusionPipeline folder, built offline once per session."""
+    from utils.sd_builder import build_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    return build_pipeline(str(path), preset="tiny")
+
+
+def launch_env():
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    return env
+
+
+def accelerate_launch(script, args, num_processes=1, extra_launch_args=(), timeout=600, check=True, env=None):
+    """Run `accelerate launch [...] script args` the way users do; return the CompletedProcess."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+              "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    if num_processes > 1:
+        launch += ["--multi_gpu"]
+    else:
+        launch += ["--cpu"]
+    launch += list(extra_launch_args)
+    cmd = launch + [os.path.join(REPO_ROOT, script)] + [str(a) for a in args]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env or launch_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-8000:]}")
+    return result

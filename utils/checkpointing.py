@@ -1,0 +1,259 @@
+"""Atomic checkpoints on top of `accelerator.save_state`, rotation and resume.
+
+Layout (the same as diffusers' examples, so their users find what they expect)::
+
+    output_dir/checkpoint-500/          # accelerator state + models in diffusers format
+        unet/  unet_ema/  optimizer.bin  scheduler.bin  random_states_0.pkl  training_state.json
+
+A checkpoint is written to `output_dir/.tmp-checkpoint-N` and renamed to `checkpoint-N` only
+when every file is on disk, so a crash (even SIGKILL) never leaves a half-written
+`checkpoint-N`, and `--resume_from_checkpoint latest` can never pick an incomplete one.
+Loading goes through accelerate, which reads torch files with `weights_only=True`; model
+weights are safetensors and our own state is JSON, so nothing untrusted is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TEMP_PREFIX = ".tmp-checkpoint-"
+STATE_FILE = "training_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def partial_checkpoints(output_dir: str) -> list[str]:
+    """Leftovers of checkpoint writes that never finished (the process died mid-write)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(os.path.join(output_dir, n) for n in os.listdir(output_dir) if n.startswith(TEMP_PREFIX))
+
+
+def warn_about_partial_checkpoints(output_dir: str) -> None:
+    for path in partial_checkpoints(output_dir):
+        logger.warning(
+            f"Ignoring incomplete checkpoint {path} (a previous run stopped while writing it). "
+            "It is never resumed from; it is deleted when the next checkpoint is saved."
+        )
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    temp = path + ".tmp"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+
+
+def rotate_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
+    """Delete the oldest complete checkpoints so at most `total_limit` remain. Returns what was removed."""
+    if total_limit is None or total_limit <= 0:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    removed = []
+    for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logger.info(f"checkpoints_total_limit={total_limit}: removed {', '.join(os.path.basename(p) for p in removed)}")
+    return removed
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir: str,
+    global_step: int,
+    total_limit: int | None = None,
+    training_state: dict | None = None,
+) -> str:
+    """Save the full training state as `output_dir/checkpoint-{global_step}`, atomically.
+
+    Every process must call this (accelerate saves one RNG file per process). Rotation runs
+    only after the new checkpoint is complete, so a crash never leaves fewer good
+    checkpoints than before.
+    """
+    final_path = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    temp_path = os.path.join(output_dir, f"{TEMP_PREFIX}{global_step}")
+    if accelerator.is_main_process:
+        for leftover in partial_checkpoints(output_dir):
+            shutil.rmtree(leftover, ignore_errors=True)
+        os.makedirs(output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(temp_path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"global_step": int(global_step), **(training_state or {})}
+        write_json_atomic(os.path.join(temp_path, STATE_FILE), state)
+        if os.path.exists(final_path):  # saving the same step twice (e.g. final save == last periodic save)
+            shutil.rmtree(final_path)
+        os.replace(temp_path, final_path)
+        _fsync_dir(output_dir)
+        rotate_checkpoints(output_dir, total_limit)
+        logger.info(f"Saved state to {final_path}")
+    accelerator.wait_for_everyone()
+    return final_path
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
+    """Turn `--resume_from_checkpoint` into a checkpoint directory, or None for a fresh run.
+
+    `latest` picks the newest complete checkpoint in `output_dir` (None if there is none).
+    Anything else is a path, or a checkpoint name inside `output_dir` as diffusers accepts.
+    """
+    if not resume_from_checkpoint:
+        return None
+    warn_about_partial_checkpoints(output_dir)
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
+            return None
+        return checkpoints[-1][1]
+    for candidate in (resume_from_checkpoint, os.path.join(output_dir, os.path.basename(resume_from_checkpoint))):
+        if os.path.isdir(candidate):
+            return candidate
+    available = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
+    raise FileNotFoundError(
+        f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint directory "
+        f"(checkpoints in {output_dir}: {available or 'none'}). Use 'latest' to pick the newest one."
+    )
+
+
+def read_training_state(checkpoint_path: str) -> dict:
+    """The JSON state saved with a checkpoint; for diffusers-made checkpoints, the step from the name."""
+    state_file = os.path.join(checkpoint_path, STATE_FILE)
+    if os.path.isfile(state_file):
+        with open(state_file, encoding="utf-8") as handle:
+            return json.load(handle)
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(checkpoint_path)))
+    if not match:
+        raise ValueError(f"{checkpoint_path}: no {STATE_FILE} and the name is not checkpoint-<step>")
+    return {"global_step": int(match.group(1))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model save/load hooks: store each trained module in its own subfolder of the checkpoint.
+# ----------------------------------------------------------------------------------------------
+
+SaveFn = Callable[[torch.nn.Module, str], None]
+LoadFn = Callable[[torch.nn.Module, str], None]
+
+
+def save_module(module: torch.nn.Module, directory: str) -> None:
+    """diffusers/transformers models via `save_pretrained`, anything else as `model.safetensors`."""
+    if hasattr(module, "save_pretrained"):
+        module.save_pretrained(directory, safe_serialization=True)
+    else:
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(state, os.path.join(directory, "model.safetensors"))
+
+
+def load_module(module: torch.nn.Module, directory: str) -> None:
+    """Load weights saved by `save_module` into `module` in place (config included for diffusers models)."""
+    if hasattr(module, "from_pretrained") and hasattr(module, "register_to_config"):
+        loaded = type(module).from_pretrained(directory)
+        module.register_to_config(**loaded.config)
+        module.load_state_dict(loaded.state_dict())
+        del loaded
+    elif hasattr(module, "from_pretrained"):  # transformers model
+        loaded = type(module).from_pretrained(directory)
+        module.load_state_dict(loaded.state_dict())
+        del loaded
+    else:
+        module.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+
+
+def register_checkpoint_hooks(
+    accelerator,
+    modules: dict[str, torch.nn.Module],
+    extra_savers: dict[str, Callable[[str], None]] | None = None,
+    extra_loaders: dict[str, Callable[[str], None]] | None = None,
+    save_fns: dict[str, SaveFn] | None = None,
+    load_fns: dict[str, LoadFn] | None = None,
+) -> None:
+    """Make `accelerator.save_state/load_state` store `modules` as `checkpoint-N/<name>/`.
+
+    modules: subfolder name -> the (unwrapped) module passed to `accelerator.prepare`.
+    extra_savers/extra_loaders: subfolder name -> fn(path), for state that is not a prepared
+        model (EMA weights, for example), saved on the main process only.
+    save_fns/load_fns: per-subfolder overrides (LoRA saves only its adapter, for example).
+    """
+    extra_savers = extra_savers or {}
+    extra_loaders = extra_loaders or {}
+    save_fns = save_fns or {}
+    load_fns = load_fns or {}
+
+    def name_of(model) -> str | None:
+        unwrapped = accelerator.unwrap_model(model)
+        for name, module in modules.items():
+            if unwrapped is module or model is module:
+                return name
+        return None
+
+    def save_hook(models, weights, output_dir):
+        handled = []
+        for index, model in enumerate(models):
+            name = name_of(model)
+            if name is None:
+                continue  # not ours: accelerate saves it as model_<i>.safetensors
+            handled.append(index)
+            if accelerator.is_main_process:
+                save_fns.get(name, save_module)(accelerator.unwrap_model(model), os.path.join(output_dir, name))
+        if accelerator.is_main_process:
+            for name, saver in extra_savers.items():
+                saver(os.path.join(output_dir, name))
+        # We saved these weights ourselves: stop accelerate from writing them a second time.
+        for index in reversed(handled):
+            if index < len(weights):
+                weights.pop(index)
+
+    def load_hook(models, input_dir):
+        for name, loader in extra_loaders.items():
+            loader(os.path.join(input_dir, name))
+        for index in reversed(range(len(models))):
+            name = name_of(models[index])
+            if name is None:
+                continue
+            model = models.pop(index)
+            load_fns.get(name, load_module)(accelerator.unwrap_model(model), os.path.join(input_dir, name))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,0 +1,85 @@
+"""`--config file.yaml` for every script: YAML keys are flag names, explicit CLI flags win."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from typing import Sequence
+
+import yaml
+
+
+def _known_dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {action.dest: action for action in parser._actions if action.dest != argparse.SUPPRESS}
+
+
+def load_yaml_config(path: str) -> dict:
+    """Read a YAML mapping of flag names to values. Hyphens in keys are read as underscores."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"--config {path}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def apply_config_defaults(parser: argparse.ArgumentParser, config: dict, source: str) -> None:
+    """Make `config` the parser's defaults, so any flag given on the command line overrides it."""
+    actions = _known_dests(parser)
+    for key, value in config.items():
+        if key == "config":
+            continue
+        if key not in actions:
+            close = difflib.get_close_matches(key, actions.keys(), n=3)
+            hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ValueError(f"--config {source}: unknown key '{key}' (not a flag of this script).{hint}")
+        action = actions[key]
+        if isinstance(value, str) and action.type is not None and action.nargs is None:
+            value = action.type(value)
+        if action.nargs in ("+", "*") and value is not None and not isinstance(value, list):
+            value = [value]
+        if action.choices is not None and value is not None:
+            values = value if isinstance(value, list) else [value]
+            for item in values:
+                if item not in action.choices:
+                    raise ValueError(
+                        f"--config {source}: '{key}: {item}' is not one of {sorted(map(str, action.choices))}"
+                    )
+        # A required flag given by the file no longer has to be on the command line.
+        action.required = False
+        parser.set_defaults(**{key: value})
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` after loading defaults from `--config FILE` if given.
+
+    Precedence: command line > YAML file > the parser's own defaults.
+    """
+    parser.add_argument(
+        "--config",
+        type=str,
+        default=None,
+        help="YAML file whose keys are flag names (e.g. `learning_rate: 1e-4`); flags given on the command line override it.",
+    )
+    pre_parser = argparse.ArgumentParser(add_help=False)
+    pre_parser.add_argument("--config", type=str, default=None)
+    known, _ = pre_parser.parse_known_args(argv)
+    if known.config:
+        apply_config_defaults(parser, load_yaml_config(known.config), known.config)
+    return parser.parse_args(argv)
+
+
+def add_hyphen_aliases(parser: argparse.ArgumentParser) -> None:
+    """Accept `--batch-size` wherever `--batch_size` exists (guide 004's CLI uses hyphens)."""
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            if option.startswith("--") and "_" in option:
+                alias = option.replace("_", "-")
+                if alias not in parser._option_string_actions:
+                    action.option_strings.append(alias)
+                    parser._option_string_actions[alias] = action

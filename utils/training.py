@@ -1,0 +1,242 @@
+"""The run mechanics every script shares: run flags, the Accelerator, health metrics, stops.
+
+Scripts call `add_run_args(parser)` for the flags diffusers users know (`--output_dir`,
+`--mixed_precision`, `--checkpointing_steps`, ...), `create_accelerator(args)` to build the
+Accelerator with trackers and seeding, and inside the loop `HealthMonitor`,
+`NonFiniteGuard` and `StopSignal`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def add_run_args(parser, output_dir_default: str) -> None:
+    """Flags about the run rather than the model; names and defaults follow diffusers' examples."""
+    parser.add_argument("--output_dir", type=str, default=output_dir_default,
+                        help="The output directory where the model predictions and checkpoints will be written.")
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                        help="Number of updates steps to accumulate before performing a backward/update pass.")
+    parser.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
+    parser.add_argument("--allow_tf32", action="store_true",
+                        help="Whether or not to allow TF32 on Ampere GPUs. Can be used to speed up training.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0,
+                        help="Number of subprocesses to use for data loading. 0 means that the data will be loaded in the main process.")
+    parser.add_argument("--logging_dir", type=str, default="logs",
+                        help="TensorBoard log directory. Will default to *output_dir/runs/**CURRENT_DATETIME_HOSTNAME***.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                        help="Whether to use mixed precision. Default: the value of the accelerate config of the current system.")
+    parser.add_argument("--report_to", type=str, default="tensorboard",
+                        help='The integration to report the results and logs to: "tensorboard", "wandb", "comet_ml", "all" or "none".')
+    parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
+    parser.add_argument("--checkpointing_steps", type=int, default=500,
+                        help="Save a checkpoint of the training state every X updates, resumable with --resume_from_checkpoint.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints to store.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='Resume from a checkpoint folder, or "latest" for the newest complete one in --output_dir.')
+    parser.add_argument("--logging_steps", type=int, default=10,
+                        help="Log training-health scalars (loss, lr, grad_norm, ...) every N optimizer steps.")
+    parser.add_argument("--max_nonfinite_steps", type=int, default=20,
+                        help="Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
+    parser.add_argument("--tracker_project_name", type=str, default=None,
+                        help="The `project_name` argument passed to Accelerator.init_trackers.")
+
+
+def validate_run_args(args) -> None:
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} exists and is a file, not a directory")
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError("--gradient_accumulation_steps must be >= 1")
+    if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
+        raise ValueError("--checkpointing_steps must be >= 1")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available() and not _xla_available():
+        raise ValueError(
+            "--mixed_precision fp16 needs a GPU (fp16 autocast with a grad scaler is not supported on CPU). "
+            "Use --mixed_precision bf16 on CPU, or no mixed precision."
+        )
+
+
+def _xla_available() -> bool:
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def create_accelerator(args, **accelerator_kwargs):
+    """Accelerator with a project dir, trackers, logging and (optional) seeding configured."""
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger  # noqa: F401  (configures accelerate's logger)
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    validate_run_args(args)
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=project_config,
+        **accelerator_kwargs,
+    )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=logging.INFO if accelerator.is_local_main_process else logging.ERROR,
+    )
+    if not accelerator.is_local_main_process:
+        import transformers, diffusers, datasets  # noqa: E401
+
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+        datasets.utils.logging.set_verbosity_error()
+    if args.seed is not None:
+        set_seed(args.seed)
+    if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def tracker_config(args, secret_keys=("hub_token",)) -> dict:
+    """Args as tracker hyperparameters: scalars only (TensorBoard's hparams limit), never secrets."""
+    config = {}
+    for key, value in vars(args).items():
+        if key in secret_keys:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        if value is None or isinstance(value, (int, float, str, bool)):
+            config[key] = value if value is not None else "None"
+    return config
+
+
+def global_norm(tensors) -> torch.Tensor:
+    """L2 norm over an iterable of tensors, as a 0-d tensor on their device (no host sync)."""
+    tensors = [t.detach() for t in tensors if t is not None]
+    if not tensors:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+
+
+class HealthMonitor:
+    """Accumulates per-step health values on the device and turns them into logs every N steps.
+
+    Values are kept as tensors between logging steps so the hot loop never waits on the host.
+    """
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        self._last_time = time.perf_counter()
+        self._steps_since = 0
+
+    def add(self, **values) -> None:
+        for key, value in values.items():
+            if value is None:
+                continue
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._count += 1
+
+    def step_done(self) -> None:
+        self._steps_since += 1
+
+    def collect(self) -> dict[str, float]:
+        """Means since the last call, plus step_time_ms and samples_per_sec. One host sync."""
+        now = time.perf_counter()
+        elapsed = now - self._last_time
+        logs = {key: (value / max(self._count, 1)).item() for key, value in self._sums.items()}
+        if self._steps_since:
+            logs["step_time_ms"] = 1000.0 * elapsed / self._steps_since
+            logs["samples_per_sec"] = self.samples_per_step * self._steps_since / max(elapsed, 1e-9)
+        self._sums, self._count, self._steps_since, self._last_time = {}, 0, 0, now
+        return logs
+
+
+class NonFiniteGuard:
+    """Skips updates whose loss or gradients are not finite; aborts after too many in a row."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total_skipped = 0
+
+    def check(self, loss: torch.Tensor, parameters) -> bool:
+        """True when the step may be applied. Costs one host sync; call on sync steps only."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        finite = bool(torch.isfinite(loss).all()) and (not grads or bool(torch.isfinite(global_norm(grads))))
+        if finite:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total_skipped += 1
+        logger.warning(f"Non-finite loss or gradient: update skipped ({self.consecutive} in a row, {self.total_skipped} total).")
+        if self.consecutive >= self.max_consecutive:
+            raise FloatingPointError(
+                f"{self.consecutive} consecutive steps had a non-finite loss or gradient (--max_nonfinite_steps "
+                f"{self.max_consecutive}). Try a lower --learning_rate, --max_grad_norm 1.0, bf16 instead of fp16, "
+                "or check the data for corrupt samples."
+            )
+        return False
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries (save, then exit).
+
+    A second signal of the same kind restores the default handler, so Ctrl-C twice still kills.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.requested = False
+        self.signal_name = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. notebook_launcher workers)
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        logger.warning(f"{self.signal_name} received: saving a checkpoint at the next step boundary, then exiting.")
+
+    def should_stop(self, accelerator) -> bool:
+        """Agree across processes, so every rank stops (and saves) at the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+OOM_HINT = (
+    "Out of memory. Try, in this order: a smaller --train_batch_size with a larger "
+    "--gradient_accumulation_steps (same effective batch), --gradient_checkpointing, --use_8bit_adam, "
+    "--mixed_precision bf16 (or fp16 on older GPUs), or a lower --resolution."
+)
+
+
+def is_oom_error(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
+    return max(1, math.ceil(num_batches / gradient_accumulation_steps))
