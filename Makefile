@@ -7,8 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := kanjidic-xml fonts-ipafont-gothic fonts-ipafont-mincho
-KANJIDIC := /usr/share/xml/kanjidic2/kanjidic2.xml.gz
+APT_PACKAGES := kanjidic-xml fonts-ipafont-gothic fonts-ipafont-mincho fonts-seto
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 
