@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""Generate images from a trained text-to-image model.
+
+Loads any of what train_text_to_image.py writes and samples with diffusers' StableDiffusionPipeline:
+
+    # the final pipeline folder (or a Hub id)
+    python generate.py --model sd-model-finetuned --prompt "kanji character for water" --num_images 4
+    # a base model + LoRA weights
+    python generate.py --model BASE --lora sd-lora-out --lora_scale 0.8 --prompt "..."
+    # an intermediate checkpoint: its UNet (or EMA UNet) on top of the base/final pipeline
+    python generate.py --checkpoint sd-model-finetuned/checkpoint-500 --ema --prompt "..."
+
+Every image is a PNG carrying its prompt, negative prompt, seed, steps, scheduler, guidance
+scale and model in the PNG text metadata; a grid of all of them is saved as grid.png.
+Image i of every prompt uses seed + i with its own CPU torch.Generator, so the same command
+(same seed, batch size and device) gives the same images again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from utils.config import parse_args_with_config
+from utils.schedulers import SCHEDULERS, make_scheduler
+from utils.validation import make_grid
+
+# Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
+STEP_PRESETS = {"fast": 25, "quality": 75}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Generate images with a trained Stable Diffusion model (full pipeline, base + LoRA, or checkpoint-N).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", type=str, default=None,
+                       help="Pipeline folder (train_text_to_image.py's --output_dir) or Hub id. With --checkpoint it is the base "
+                            "the checkpoint's weights go on; it may then be omitted if the checkpoint's parent holds a full pipeline.")
+    model.add_argument("--checkpoint", type=str, default=None,
+                       help="A training checkpoint (output_dir/checkpoint-N): its unet/ (or unet_ema/ with --ema), plus vae/ and "
+                            "text_encoder/ when present, replace the base model's; a LoRA checkpoint's adapter is loaded instead.")
+    model.add_argument("--ema", action="store_true", help="With --checkpoint: use the EMA UNet (checkpoint-N/unet_ema, written with --use_ema).")
+    model.add_argument("--lora", type=str, default=None,
+                       help="LoRA weights to load on top of --model: a folder with pytorch_lora_weights.safetensors, or the file.")
+    model.add_argument("--lora_scale", type=float, default=1.0, help="Strength of the LoRA (0 = base model only).")
+    model.add_argument("--mask", type=str, default=None,
+                       help="Mask-conditioned DiT (train_mask_dit.py output as --model): a mask image or a folder of masks.")
+
+    prompts = parser.add_argument_group("prompts")
+    prompts.add_argument("--prompt", type=str, default=None, help="The text prompt.")
+    prompts.add_argument("--prompts_file", type=str, default=None, help="A text file with one prompt per line (blank lines and # comments skipped).")
+    prompts.add_argument("--negative_prompt", type=str, default=None, help="What the images should not show (used for every prompt).")
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--num_images", type=int, default=4, help="Images per prompt.")
+    sampling.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call (lower it if memory runs out).")
+    sampling.add_argument("--preset", type=str, default="fast", choices=sorted(STEP_PRESETS),
+                          help="Number of denoising steps: fast = 25, quality = 75 (guide 001). --steps overrides it.")
+    sampling.add_argument("--steps", type=int, default=None, help="Denoising steps (default: from --preset).")
+    sampling.add_argument("--guidance_scale", type=float, default=9.0,
+                          help="Classifier-free guidance; 7-12 works for the kanji model (guide 001). 1 disables guidance.")
+    sampling.add_argument("--scheduler", type=str, default="dpm++", choices=list(SCHEDULERS),
+                          help="Sampler; its noise schedule comes from the model's own scheduler config.")
+    sampling.add_argument("--height", type=int, default=None, help="Image height in pixels (default: the model's training size).")
+    sampling.add_argument("--width", type=int, default=None, help="Image width in pixels (default: the model's training size).")
+    sampling.add_argument("--seed", type=int, default=None,
+                          help="Image i of each prompt uses seed + i (default: a random seed, printed and stored in the PNGs).")
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--dtype", type=str, default=None, choices=sorted(DTYPES),
+                         help="Weights dtype (default: fp16 on CUDA/MPS, fp32 on CPU; fp16 does not run on CPU).")
+    runtime.add_argument("--device", type=str, default=None, help="cuda, cuda:1, mps or cpu (default: cuda > mps > cpu).")
+    runtime.add_argument("--output_dir", type=str, default="generated", help="Where the PNGs and grid.png are written.")
+    args = parse_args_with_config(parser, argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args) -> None:
+    if args.model is None and args.checkpoint is None:
+        raise ValueError("Pass --model (a pipeline folder or Hub id) and/or --checkpoint output_dir/checkpoint-N.")
+    if args.mask is None and (args.prompt is None) == (args.prompts_file is None):
+        raise ValueError("Pass exactly one of --prompt or --prompts_file.")
+    if args.ema and args.checkpoint is None:
+        raise ValueError("--ema picks checkpoint-N/unet_ema, so it needs --checkpoint (a final pipeline already holds the EMA weights).")
+    for flag in ("num_images", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    if not os.path.isfile(args.prompts_file):
+        raise FileNotFoundError(f"--prompts_file {args.prompts_file}: no such file")
+    with open(args.prompts_file, encoding="utf-8") as handle:
+        prompts = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts_file {args.prompts_file}: no prompts in it (one per line)")
+    return prompts
+
+
+def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """cuda > mps > cpu; fp16 on accelerators and fp32 on CPU unless asked otherwise."""
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = "fp32" if device.type == "cpu" else "fp16"
+    if dtype == "fp16" and device.type == "cpu":
+        raise ValueError("--dtype fp16 does not run on CPU (half-precision convolutions are missing there); "
+                         "use --dtype bf16 or --dtype fp32, or a GPU with --device cuda.")
+    return device, DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: full pipeline, base + LoRA, or checkpoint-N on top of a base
+# ----------------------------------------------------------------------------------------------
+
+def is_pipeline_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def resolve_base_model(args) -> str:
+    """The pipeline to load: --model, or the folder a --checkpoint was saved in if it holds a full pipeline."""
+    if args.model is not None:
+        if os.path.isdir(args.model) and not is_pipeline_dir(args.model):
+            found = sorted(n for n in os.listdir(args.model) if n.startswith("checkpoint-"))
+            hint = ""
+            if os.path.isfile(os.path.join(args.model, LORA_WEIGHT_NAME)):
+                hint = f" It holds LoRA weights: use --model BASE_MODEL --lora {args.model}."
+            elif found:
+                hint = f" It holds checkpoints ({', '.join(found)}): use --model BASE_MODEL --checkpoint {os.path.join(args.model, found[-1])}."
+            raise ValueError(f"--model {args.model}: no model_index.json, so not a diffusers pipeline folder.{hint}")
+        return args.model
+    parent = os.path.dirname(os.path.abspath(args.checkpoint))
+    if is_pipeline_dir(parent):
+        return parent
+    raise ValueError(f"--checkpoint {args.checkpoint}: its parent folder {parent} holds no full pipeline (training has not "
+                     "finished there); pass the base model the run started from with --model.")
+
+
+def load_pipeline(args, device: torch.device, dtype: torch.dtype):
+    """A StableDiffusionPipeline on `device` with the weights the flags ask for.
+
+    Returns (pipe, model description for the metadata, path of the LoRA loaded or None).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    base = resolve_base_model(args)
+    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype)
+    description, lora_source = base, None
+    if args.checkpoint is not None:
+        description, lora_source = load_checkpoint_into(pipe, args.checkpoint, args.ema, dtype)
+    if args.lora is not None:
+        load_lora(pipe, args.lora)
+        description, lora_source = f"{description} + LoRA {args.lora}", args.lora
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, description, lora_source
+
+
+def load_checkpoint_into(pipe, checkpoint: str, ema: bool, dtype: torch.dtype) -> tuple[str, str | None]:
+    """Swap in the modules a training checkpoint holds. Returns (description, LoRA path or None)."""
+    from diffusers import UNet2DConditionModel
+
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
+    present = sorted(os.listdir(checkpoint))
+    if LORA_WEIGHT_NAME in present and "unet" not in present:
+        if ema:
+            raise ValueError(f"--checkpoint {checkpoint} is a LoRA checkpoint; it has no EMA UNet, drop --ema.")
+        load_lora(pipe, checkpoint)
+        return f"{checkpoint} (LoRA)", checkpoint
+    unet_folder = "unet_ema" if ema else "unet"
+    unet_path = os.path.join(checkpoint, unet_folder)
+    if not os.path.isfile(os.path.join(unet_path, "config.json")):
+        hint = " (the run was trained without --use_ema; drop --ema)" if ema else ""
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no {unet_folder}/ with a diffusers UNet{hint}; found {present}")
+    pipe.unet = UNet2DConditionModel.from_pretrained(unet_path, torch_dtype=dtype)
+    loaded = [unet_folder]
+    for name in ("vae", "text_encoder"):
+        folder = os.path.join(checkpoint, name)
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            setattr(pipe, name, type(getattr(pipe, name)).from_pretrained(folder, torch_dtype=dtype))
+            loaded.append(name)
+    return f"{checkpoint} ({', '.join(loaded)})", None
+
+
+def load_lora(pipe, path: str) -> None:
+    """Load diffusers-format LoRA weights (a folder with pytorch_lora_weights.safetensors, or a file)."""
+    if os.path.isfile(path):
+        pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path))
+    elif os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
+        pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
+    elif os.path.isdir(path):
+        raise FileNotFoundError(f"--lora {path}: no {LORA_WEIGHT_NAME} in it; pass the weights file itself")
+    else:
+        pipe.load_lora_weights(path)  # a Hub id
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and saving
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One image to make: prompt `prompt_index`, its `image_index`-th image, from noise seed `seed`."""
+    prompt_index: int
+    image_index: int
+    prompt: str
+    seed: int
+
+
+def slugify(text: str, max_length: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:max_length].rstrip("-") or "prompt"
+
+
+def png_metadata(settings: dict) -> PngInfo:
+    """Each setting as a PNG tEXt/iTXt chunk (readable with PIL: `Image.open(path).text`)."""
+    info = PngInfo()
+    for key, value in settings.items():
+        info.add_text(key, "" if value is None else str(value))  # falls back to iTXt for non-Latin-1 text
+    info.add_text("parameters", json.dumps(settings, ensure_ascii=False))
+    return info
+
+
+def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir: str) -> list[tuple[Job, str, object]]:
+    """Run the pipeline over `jobs` in batches; returns (job, png path, PIL image) in job order."""
+    results = []
+    cross_attention_kwargs = {"scale": settings["lora_scale"]} if settings.get("lora") else None
+    with tqdm(total=len(jobs), desc="images", unit="img") as progress:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
+            images = pipe(
+                prompt=[job.prompt for job in batch],
+                negative_prompt=[settings["negative_prompt"]] * len(batch) if settings["negative_prompt"] else None,
+                num_inference_steps=settings["steps"],
+                guidance_scale=settings["guidance_scale"],
+                height=settings["height"],
+                width=settings["width"],
+                generator=generators,
+                cross_attention_kwargs=cross_attention_kwargs,
+            ).images
+            for job, image in zip(batch, images):
+                path = os.path.join(output_dir, f"{job.prompt_index:03d}_{job.image_index:03d}_{slugify(job.prompt)}_seed{job.seed}.png")
+                image.save(path, pnginfo=png_metadata({"prompt": job.prompt, **settings, "seed": job.seed}))
+                results.append((job, path, image))
+            progress.update(len(batch))
+    return results
+
+
+def default_size(pipe) -> int:
+    """The model's training resolution in pixels: UNet latent sample_size x VAE downsampling factor."""
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+
+
+def run_mask_dit(args, device, dtype) -> list[str]:
+    """Hook for the mask-conditioned DiT (train_mask_dit.py); its sampling lives in utils."""
+    try:
+        from utils.mask_dit_sampling import generate_from_mask, load_mask_dit_pipeline  # noqa: F401
+    except ImportError as error:
+        raise NotImplementedError(
+            "--mask: mask-DiT sampling (utils/mask_dit_sampling.py: load_mask_dit_pipeline, generate_from_mask) "
+            "is not available in this checkout."
+        ) from error
+    raise NotImplementedError("--mask: wiring to utils.mask_dit_sampling is pending")
+
+
+def main(argv=None) -> list[str]:
+    """Generate the images; returns the saved paths (the per-image PNGs, then grid.png)."""
+    args = parse_args(argv)
+    device, dtype = pick_device_and_dtype(args.device, args.dtype)
+    if args.mask is not None:
+        return run_mask_dit(args, device, dtype)
+    prompts = read_prompts(args)
+    pipe, model_description, lora_source = load_pipeline(args, device, dtype)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    size = default_size(pipe)
+    settings = {
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps or STEP_PRESETS[args.preset],
+        "scheduler": args.scheduler,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height or size,
+        "width": args.width or size,
+        "model": model_description,
+        "lora": lora_source,
+        "lora_scale": args.lora_scale if lora_source else None,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    jobs = [Job(p, i, prompt, seed + i) for p, prompt in enumerate(prompts) for i in range(args.num_images)]
+    print(f"Generating {len(jobs)} image(s) of {settings['height']}x{settings['width']} with {model_description}: "
+          f"{settings['steps']} {args.scheduler} steps, guidance {args.guidance_scale}, seed {seed}, on {device} ({settings['dtype']}).")
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = generate(pipe, jobs, settings, args.batch_size, args.output_dir)
+    grid_path = os.path.join(args.output_dir, "grid.png")
+    make_grid([image for _, _, image in results], columns=args.num_images if len(prompts) > 1 else None).save(grid_path)
+    paths = [path for _, path, _ in results] + [grid_path]
+    print(f"Saved {len(results)} image(s) and {grid_path}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
