@@ -1,0 +1,457 @@
+#!/usr/bin/env python
+"""Train a mask-conditioned NextDiT (Lumina-Next family) with flow matching.
+
+The model draws an image that follows a segmentation mask (vessels, lesions, ...) and, with a
+text encoder, a caption. Pixel space by default; latent space with --vae_model_name_or_path.
+
+    python -m utils.paired_data --output_dir data/fundus --num_images 256 --resolution 64
+    accelerate launch train_mask_dit.py --train_data_dir data/fundus --model_size tiny \
+        --resolution 64 --mask_channels 2 --output_dir outputs/mask_dit
+
+Or with one of guide 003's planning points: --config configs/mask_dit_fast_512.yaml.
+The output folder holds transformer/ (+ vae/, tokenizer/, text_encoder/) and mask_dit_config.json;
+generate.py detects it and generates from masks. See docs/MASK_DIT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+
+import torch
+from accelerate.utils import DataLoaderConfiguration
+
+from utils.checkpointing import read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint
+from utils.config import parse_args_with_config
+from utils.ema import add_ema_args, create_ema, load_ema, save_ema
+from utils.flow_matching import (
+    LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate, loss_weights, sample_timesteps,
+)
+from utils.mask_dit_sampling import (
+    MaskDiTPipeline, caption_width, comparison_tiles, encode_captions, encode_images, generate_from_mask,
+    load_text_encoder, load_vae, mask_iou, psnr, save_mask_dit_pipeline, segment_structures, ssim,
+)
+from utils.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
+from utils.paired_data import (
+    PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder, select_fraction, split_train_validation,
+)
+from utils.training import (
+    OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, create_accelerator, is_oom_error,
+    steps_per_epoch, tracker_config,
+)
+from utils.validation import save_and_log_images
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_size", default="ultrafast", choices=sorted(MODEL_PRESETS),
+                       help="Size preset (docs/MASK_DIT.md lists real parameter counts).")
+    model.add_argument("--model_config", default=None, help="JSON of MaskNextDiT2DModel config keys; overrides the preset.")
+    model.add_argument("--pretrained_model_name_or_path", default=None,
+                       help="Fine-tune from NextDiT weights: a diffusers LuminaNextDiT2DModel folder, a folder of ours, "
+                            "or an original Lumina-Next consolidated.pth. Mask columns start at zero.")
+    model.add_argument("--pretrained_subfolder", default=None, help='e.g. "transformer" for a whole Lumina pipeline.')
+    model.add_argument("--mask_channels", type=int, default=1, help="1 for binary masks, K for K-class index masks.")
+    model.add_argument("--vae_model_name_or_path", default=None, help="Train in this VAE's latent space (folder or Hub id).")
+    model.add_argument("--text_encoder_name_or_path", default=None,
+                       help="Caption conditioning: a folder/Hub id with a tokenizer and a CLIP / T5 / Gemma-style encoder.")
+    model.add_argument("--max_caption_length", type=int, default=77)
+    model.add_argument("--caption_hidden_layer", type=int, default=-1,
+                       help="-1: the encoder's last hidden state; e.g. -2 for Lumina-Next's Gemma features.")
+    model.add_argument("--gradient_checkpointing", action="store_true")
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_data_dir", default=None, help="Folder with images/, masks/ and optional metadata.jsonl.")
+    data.add_argument("--dataset_name", default=None, help="Hub dataset id, or a datasets.save_to_disk folder.")
+    data.add_argument("--image_column", default="image")
+    data.add_argument("--mask_column", default="mask")
+    data.add_argument("--caption_column", default="text")
+    data.add_argument("--validation_data_dir", default=None, help="Held-out pairs; default: --validation_split of the data.")
+    data.add_argument("--validation_split", type=float, default=0.05,
+                      help="Fraction held out (seeded) for validation loss, metrics and early stopping.")
+    data.add_argument("--sample_ratio", type=float, default=1.0, help="Train on this seeded random fraction of the pairs.")
+    data.add_argument("--resolution", type=int, default=256)
+    data.add_argument("--random_crop", action="store_true", help="Random instead of centre crops (same for image and mask).")
+    data.add_argument("--random_flip", action="store_true")
+    data.add_argument("--train_batch_size", type=int, default=16)
+    data.add_argument("--num_train_epochs", type=int, default=20)
+    data.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    flow = parser.add_argument_group("flow matching")
+    flow.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLING)
+    flow.add_argument("--logit_mean", type=float, default=0.0)
+    flow.add_argument("--logit_std", type=float, default=1.0)
+    flow.add_argument("--mode_scale", type=float, default=1.29)
+    flow.add_argument("--loss_weighting", default="uniform", choices=LOSS_WEIGHTING)
+    flow.add_argument("--caption_dropout_prob", type=float, default=0.1, help="Captions replaced by '' (for caption CFG).")
+    flow.add_argument("--mask_dropout_prob", type=float, default=0.1, help="Masks replaced by 'no mask' (for mask CFG).")
+    optim = parser.add_argument_group("optimizer")
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "constant"],
+                       help="Linear warmup, then cosine decay to --min_lr (or constant).")
+    optim.add_argument("--lr_warmup_steps", type=int, default=200)
+    optim.add_argument("--min_lr", type=float, default=0.0)
+    schedule = parser.add_argument_group("intervals and validation")
+    schedule.add_argument("--checkpointing_epochs", type=int, default=None,
+                          help="Also save a checkpoint every N epochs (guide 003's save_every).")
+    schedule.add_argument("--validation_epochs", type=int, default=1, help="Validate every N epochs (0: never by epoch).")
+    schedule.add_argument("--validation_steps", type=int, default=None, help="Also validate every N optimizer steps.")
+    schedule.add_argument("--early_stopping_patience", type=int, default=None,
+                          help="Stop after this many validations without a lower held-out loss.")
+    schedule.add_argument("--early_stopping_min_delta", type=float, default=0.0)
+    schedule.add_argument("--num_validation_images", type=int, default=4)
+    schedule.add_argument("--num_inference_steps", type=int, default=30)
+    schedule.add_argument("--sampler", default="euler", choices=SAMPLERS)
+    schedule.add_argument("--time_shift", type=float, default=1.0, help="Sampling time shift (>1: more steps near noise).")
+    schedule.add_argument("--guidance_scale", type=float, default=4.0, help="Caption CFG scale.")
+    schedule.add_argument("--mask_guidance_scale", type=float, default=1.0, help="Mask CFG scale (1 = no mask CFG).")
+    add_run_args(parser, output_dir_default="mask-dit-model")
+    add_ema_args(parser)
+    args = parse_args_with_config(parser, argv)
+    if (args.train_data_dir is None) == (args.dataset_name is None):
+        parser.error("give exactly one of --train_data_dir or --dataset_name")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+
+def build_records(args, folder=None):
+    if folder or args.train_data_dir:
+        return scan_paired_folder(folder or args.train_data_dir, args.caption_column)
+    import datasets
+
+    if os.path.isdir(args.dataset_name) and os.path.isfile(os.path.join(args.dataset_name, "dataset_info.json")):
+        dataset = datasets.load_from_disk(args.dataset_name)
+    else:
+        dataset = datasets.load_dataset(args.dataset_name, split="train")
+    return hub_records(dataset, args.image_column, args.mask_column, args.caption_column)
+
+
+def build_datasets(args):
+    """(train, held-out or None); the held-out set is never augmented."""
+    records = build_records(args)
+    if args.validation_data_dir:
+        train_indices, validation = list(range(len(records))), build_records(args, args.validation_data_dir)
+        validation_indices = list(range(len(validation)))
+    else:
+        train_indices, validation_indices = split_train_validation(len(records), args.validation_split, args.seed)
+        validation = records
+    keep = select_fraction(len(train_indices), args.sample_ratio, args.seed)
+    train_indices = [train_indices[i] for i in keep]
+    train = PairedImageMaskDataset(records, args.resolution, args.mask_channels, args.random_crop, args.random_flip,
+                                   train_indices, args.seed)
+    held_out = (PairedImageMaskDataset(validation, args.resolution, args.mask_channels, indices=validation_indices)
+                if validation_indices else None)
+    return train, held_out
+
+
+def build_transformer(args, in_channels: int, sample_size: int, caption_dim: int | None):
+    if args.pretrained_model_name_or_path:
+        model = load_pretrained_nextdit(args.pretrained_model_name_or_path, args.mask_channels,
+                                        subfolder=args.pretrained_subfolder, sample_size=sample_size)
+        if (model.config.caption_dim or None) != caption_dim:
+            raise ValueError(f"--pretrained_model_name_or_path has caption_dim {model.config.caption_dim} but the text "
+                             f"encoder gives {caption_dim}; use the text encoder the model was trained with")
+        if model.config.in_channels != in_channels:
+            raise ValueError(f"--pretrained_model_name_or_path takes {model.config.in_channels} input channels, the "
+                             f"data gives {in_channels} (pixel space: 3; latent: the VAE's latent_channels)")
+        return model
+    return build_mask_nextdit(args.model_size, args.model_config, in_channels=in_channels,
+                              mask_channels=args.mask_channels, caption_dim=caption_dim, sample_size=sample_size)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float, cosine: bool = True):
+    """LambdaLR factor: linear warmup to 1, then cosine decay to `min_ratio` (= min_lr / lr)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class Conditioner:
+    """Turns a batch into model inputs: latents (or pixels), masks and caption tokens, with CFG dropout."""
+
+    def __init__(self, args, vae, tokenizer, text_encoder):
+        self.args, self.vae, self.tokenizer, self.text_encoder = args, vae, tokenizer, text_encoder
+
+    def __call__(self, batch, generator, train: bool = True):
+        pixels, mask, captions = batch["pixel_values"], batch["mask"], list(batch["captions"])
+        batch_size = pixels.shape[0]
+        if self.vae is not None:
+            distribution = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+            scale, shift = float(self.vae.config.scaling_factor), float(getattr(self.vae.config, "shift_factor", None) or 0)
+            target = ((distribution.sample(generator) - shift) * scale).float()
+        else:
+            target = pixels.float()
+        mask_keep = torch.ones(batch_size, device=pixels.device)
+        if train and self.args.mask_dropout_prob > 0:
+            mask_keep = (torch.rand(batch_size, generator=generator, device=pixels.device)
+                         >= self.args.mask_dropout_prob).float()
+        caption = caption_mask = None
+        if self.text_encoder is not None:
+            if train and self.args.caption_dropout_prob > 0:
+                drop = torch.rand(batch_size, generator=generator, device=pixels.device) < self.args.caption_dropout_prob
+                captions = ["" if d else c for d, c in zip(drop.tolist(), captions)]
+            caption, caption_mask = encode_captions(self.tokenizer, self.text_encoder, captions,
+                                                    self.args.max_caption_length, self.args.caption_hidden_layer)
+            caption = caption.float()
+        return target, mask, mask_keep, caption, caption_mask
+
+
+def flow_step_loss(model, conditioner, batch, generator, args, timesteps=None, train=True):
+    """The flow-matching loss of one batch; `timesteps` fixed for validation, sampled otherwise."""
+    target_x, mask, mask_keep, caption, caption_mask = conditioner(batch, generator, train)
+    batch_size = target_x.shape[0]
+    if timesteps is None:
+        timesteps = sample_timesteps(batch_size, args.timestep_sampling, args.logit_mean, args.logit_std,
+                                     args.mode_scale, device=target_x.device, generator=generator)
+    noise = torch.randn(target_x.shape, generator=generator, device=target_x.device)
+    noisy, velocity = interpolate(target_x, noise, timesteps)
+    unwrapped = getattr(model, "module", model)
+    mask_input = unwrapped.prepare_mask(mask, noisy) * mask_keep.view(-1, 1, 1, 1)  # dropped mask = all zeros
+    prediction = model(noisy, timesteps, mask_input, caption, caption_mask, mask_is_prepared=True)
+    return flow_matching_loss(prediction, velocity, loss_weights(timesteps, args.loss_weighting))
+
+
+def step_generator(seed, step, micro_step, process_index, device):
+    """The randomness of one micro-batch as a pure function of the step: resumes replay it exactly."""
+    return torch.Generator(device=device).manual_seed(((seed or 0) * 1_000_003 + step * 1009 + micro_step * 31 + process_index) % (2**63))
+
+
+@torch.no_grad()
+def validation_loss(accelerator, model, conditioner, dataloader, args) -> float:
+    """Held-out loss with fixed noise and evenly spread timesteps, so successive values compare."""
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for index, batch in enumerate(dataloader):
+        generator = step_generator(args.seed, 10**6 + index, 0, accelerator.process_index, accelerator.device)
+        size = batch["pixel_values"].shape[0]
+        positions = torch.arange(size, device=accelerator.device, dtype=torch.float64) + index * size
+        timesteps = ((positions * 0.6180339887 + 0.5) % 1.0).float()  # low-discrepancy spread over (0, 1)
+        loss = flow_step_loss(model, conditioner, batch, generator, args, timesteps, train=False)
+        total, count = total + loss * size, count + size
+    model.train()
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return (total / count.clamp_min(1)).item()
+
+
+@torch.no_grad()
+def log_samples(accelerator, pipeline, held_out, args, step) -> dict:
+    """Generate from held-out masks; PSNR / SSIM against the ground truth; IoU of the simple segmenter."""
+    count = min(args.num_validation_images, len(held_out))
+    batch = collate_pairs([held_out[i] for i in range(count)])
+    mask, truth = batch["mask"].to(accelerator.device), ((batch["pixel_values"] + 1) / 2).to(accelerator.device)
+    samples = generate_from_mask(pipeline, mask, batch["captions"] if pipeline.text_encoder else None,
+                                 args.num_inference_steps, args.guidance_scale, args.mask_guidance_scale,
+                                 seed=args.seed or 0, sampler=args.sampler, time_shift=args.time_shift)
+    metrics = {
+        "val/psnr": psnr(samples, truth).mean().item(),
+        "val/ssim": ssim(samples, truth).mean().item(),
+        "val/mask_iou": mask_iou(segment_structures(samples), mask).mean().item(),
+        "val/mask_iou_ground_truth": mask_iou(segment_structures(truth), mask).mean().item(),
+    }
+    tiles = comparison_tiles(mask, truth, samples)
+    path = save_and_log_images(accelerator, tiles, args.output_dir, "mask_gt_sample", step, columns=3)
+    logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" -> {path}")
+    return metrics
+
+
+def main(args):
+    accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Frozen helpers, then the transformer.
+    tokenizer = text_encoder = vae = None
+    if args.text_encoder_name_or_path:
+        tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path)
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae_downsample = 1
+    if args.vae_model_name_or_path:
+        vae = load_vae(args.vae_model_name_or_path).to(accelerator.device, dtype=torch.float32)
+        vae_downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+    in_channels = vae.config.latent_channels if vae is not None else 3
+    grid = args.resolution // vae_downsample
+    transformer = build_transformer(args, in_channels, grid, caption_width(text_encoder) if text_encoder else None)
+    if args.resolution % (vae_downsample * transformer.config.patch_size):
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_downsample * transformer.config.patch_size}")
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    ema = create_ema(transformer, args) if args.use_ema else None
+    settings = dict(resolution=args.resolution, mask_channels=args.mask_channels, vae_downsample=vae_downsample,
+                    time_shift=args.time_shift, max_caption_length=args.max_caption_length,
+                    caption_hidden_layer=args.caption_hidden_layer, num_inference_steps=args.num_inference_steps,
+                    sampler=args.sampler, guidance_scale=args.guidance_scale, mask_guidance_scale=args.mask_guidance_scale)
+    logger.info(f"MaskNextDiT2DModel: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters")
+
+    # Data.
+    train_dataset, held_out = build_datasets(args)
+    train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, shuffle=True,
+                                                   collate_fn=collate_pairs, num_workers=args.dataloader_num_workers)
+    held_out_dataloader = (torch.utils.data.DataLoader(held_out, batch_size=args.train_batch_size,
+                                                       collate_fn=collate_pairs) if held_out else None)
+    logger.info(f"{len(train_dataset)} training pairs, {len(held_out) if held_out else 0} held out")
+
+    # Optimizer and schedule.
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    updates_per_epoch = steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    lr_lambda = warmup_cosine(args.lr_warmup_steps * accelerator.num_processes, max_train_steps * accelerator.num_processes,
+                              args.min_lr / args.learning_rate, cosine=args.lr_scheduler == "cosine")
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, train_dataloader, lr_scheduler)
+    if held_out_dataloader is not None:
+        held_out_dataloader = accelerator.prepare(held_out_dataloader)
+    register_checkpoint_hooks(
+        accelerator, {"transformer": transformer},
+        extra_savers={"transformer_ema": lambda path: save_ema(ema, path)} if ema else None,
+        extra_loaders={"transformer_ema": lambda path: load_ema(ema, path)} if ema else None,
+    )
+    if ema is not None:
+        ema.to(accelerator.device)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name or "train_mask_dit", config=tracker_config(args))
+
+    # Resume.
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    early_stopping = {"best_validation_loss": None, "validations_without_improvement": 0}
+    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        state = read_training_state(checkpoint)
+        global_step = state["global_step"]
+        early_stopping.update({k: state[k] for k in early_stopping if k in state})
+        first_epoch = global_step // updates_per_epoch
+        resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+        logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
+
+    conditioner = Conditioner(args, vae, tokenizer, text_encoder)
+    pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, settings)
+    monitor, guard, stop = HealthMonitor(args.train_batch_size * accelerator.num_processes), NonFiniteGuard(args.max_nonfinite_steps), StopSignal()
+
+    def checkpoint_now():
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(early_stopping))
+
+    last_validated = [-1]
+
+    def validate() -> bool:
+        """Validation loss (+ early stopping bookkeeping) and sample metrics; True means stop."""
+        if last_validated[0] == global_step:
+            return False
+        last_validated[0] = global_step
+        logs = {}
+        if held_out_dataloader is not None:
+            logs["val/loss"] = validation_loss(accelerator, model, conditioner, held_out_dataloader, args)
+            best = early_stopping["best_validation_loss"]
+            if best is None or logs["val/loss"] < best - args.early_stopping_min_delta:
+                early_stopping.update(best_validation_loss=logs["val/loss"], validations_without_improvement=0)
+            else:
+                early_stopping["validations_without_improvement"] += 1
+        if accelerator.is_main_process and held_out is not None and args.num_validation_images > 0:
+            if ema is not None:
+                ema.store(transformer.parameters())
+                ema.copy_to(transformer.parameters())
+            transformer.eval()
+            logs.update(log_samples(accelerator, pipeline, held_out, args, global_step))
+            transformer.train()
+            if ema is not None:
+                ema.restore(transformer.parameters())
+        if logs:
+            logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+            accelerator.log(logs, step=global_step)
+        patience = args.early_stopping_patience
+        return bool(patience and early_stopping["validations_without_improvement"] >= patience)
+
+    logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
+    done = global_step >= max_train_steps
+    for epoch in range(first_epoch, num_epochs):
+        if done:
+            break
+        train_dataset.set_epoch(epoch)
+        train_dataloader.set_epoch(epoch)
+        batches = train_dataloader
+        if epoch == first_epoch and resume_batches:
+            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
+            batches.set_epoch(epoch)
+        micro_step = 0
+        for batch in batches:
+            with accelerator.accumulate(model):
+                generator = step_generator(args.seed, global_step, micro_step, accelerator.process_index, accelerator.device)
+                micro_step = (micro_step + 1) % args.gradient_accumulation_steps
+                try:
+                    loss = flow_step_loss(model, conditioner, batch, generator, args)
+                    accelerator.backward(loss)
+                except RuntimeError as error:
+                    if is_oom_error(error):
+                        raise RuntimeError(OOM_HINT) from error
+                    raise
+                grad_norm, apply = None, True
+                if accelerator.sync_gradients:
+                    apply = guard.check(loss.detach(), model.parameters())
+                    if apply:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if apply:
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            monitor.add(loss=loss.detach(), grad_norm=grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            monitor.step_done()
+            if ema is not None:
+                ema.step(transformer.parameters())
+            if global_step % args.logging_steps == 0:
+                logs = {**monitor.collect(), "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+                accelerator.log(logs, step=global_step)
+                logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                checkpoint_now()
+            stop_now = args.validation_steps and global_step % args.validation_steps == 0 and validate()
+            if stop_now or stop.should_stop(accelerator) or global_step >= max_train_steps:
+                if stop_now:
+                    logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")
+                if stop.requested or stop_now:
+                    checkpoint_now()
+                done = True
+                break
+        if done and global_step < max_train_steps:
+            break
+        epoch_end = global_step % updates_per_epoch == 0 or global_step >= max_train_steps
+        if epoch_end and args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0:
+            checkpoint_now()
+        if epoch_end and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and validate():
+            logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")
+            checkpoint_now()
+            break
+
+    # Final save: the EMA weights when there is an EMA.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(transformer.parameters())
+        save_mask_dit_pipeline(args.output_dir, pipeline)
+        logger.info(f"Saved the mask DiT to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
