@@ -1,0 +1,196 @@
+"""utils/checkpointing.py: atomic save, rotation, `latest`, partial-write leftovers, safe loading."""
+
+import json
+import logging
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from utils.checkpointing import (STATE_FILE, TEMP_PREFIX, list_checkpoints, partial_checkpoints, read_training_state,
+                                 register_checkpoint_hooks, resolve_resume_checkpoint, rotate_checkpoints, save_checkpoint)
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def prepared_run(accelerator, extra=None):
+    """A tiny model (+ a second, untracked one) with AdamW, prepared and stepped once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    register_checkpoint_hooks(accelerator, {"net": accelerator.unwrap_model(model)}, **(extra or {}))
+    model(torch.randn(3, 4)).square().mean().backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
+    return model, optimizer, scheduler
+
+
+def test_save_layout_is_atomic_and_safe(accelerator, tmp_path):
+    model, optimizer, _ = prepared_run(accelerator)
+    path = save_checkpoint(accelerator, str(tmp_path), 7, training_state={"epoch": 1})
+    assert path == str(tmp_path / "checkpoint-7")
+    assert not partial_checkpoints(str(tmp_path)), "the temporary directory must be renamed away"
+    files = sorted(os.listdir(path))
+    assert "net" in files and STATE_FILE in files and "optimizer.bin" in files
+    # Weights are safetensors (named by our hook, not pickled by accelerate).
+    saved = load_file(os.path.join(path, "net", "model.safetensors"))
+    for name, value in accelerator.unwrap_model(model).state_dict().items():
+        assert torch.equal(saved[name], value)
+    assert not any(f.startswith("pytorch_model") or f.startswith("model") for f in files), files
+    # Every torch file that remains loads without unpickling arbitrary objects: tensors only,
+    # plus (RNG states) the fixed numpy allowlist accelerate's own loader uses.
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    for name in files:
+        if name.endswith(".bin"):
+            torch.load(os.path.join(path, name), weights_only=True)
+        elif name.endswith(".pkl"):
+            with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+                torch.load(os.path.join(path, name), weights_only=True)
+    assert not any(name.startswith("custom_checkpoint") for name in files)
+    optimizer_state = torch.load(os.path.join(path, "optimizer.bin"), weights_only=True)
+    assert int(optimizer_state["state"][0]["step"]) == 1
+    assert read_training_state(path) == {"global_step": 7, "epoch": 1}
+
+
+def test_state_file_is_plain_json(accelerator, tmp_path):
+    prepared_run(accelerator)
+    path = save_checkpoint(accelerator, str(tmp_path), 3, training_state={"skipped_nonfinite_steps": 2})
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        assert json.load(handle) == {"global_step": 3, "skipped_nonfinite_steps": 2}
+
+
+def test_load_state_restores_weights_optimizer_and_scheduler(accelerator, tmp_path):
+    model, optimizer, scheduler = prepared_run(accelerator)
+    path = save_checkpoint(accelerator, str(tmp_path), 1)
+    expected_weights = {k: v.clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    expected_moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    expected_lr = scheduler.get_last_lr()
+    for _ in range(3):  # move everything on
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    accelerator.load_state(path)
+    for name, value in accelerator.unwrap_model(model).state_dict().items():
+        assert torch.equal(value, expected_weights[name]), name
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], expected_moments)
+    assert scheduler.get_last_lr() == expected_lr
+
+
+def test_extra_savers_and_loaders_round_trip(accelerator, tmp_path):
+    shadow = {"value": torch.arange(3.0)}
+
+    def save_shadow(directory):
+        os.makedirs(directory, exist_ok=True)
+        torch.save(shadow["value"], os.path.join(directory, "shadow.pt"))
+
+    def load_shadow(directory):
+        shadow["value"] = torch.load(os.path.join(directory, "shadow.pt"), weights_only=True)
+
+    prepared_run(accelerator, {"extra_savers": {"ema": save_shadow}, "extra_loaders": {"ema": load_shadow}})
+    path = save_checkpoint(accelerator, str(tmp_path), 2)
+    assert os.path.isfile(os.path.join(path, "ema", "shadow.pt"))
+    shadow["value"] = torch.zeros(3)
+    accelerator.load_state(path)
+    assert torch.equal(shadow["value"], torch.arange(3.0))
+
+
+def test_rotation_keeps_newest_and_only_after_the_new_one_is_complete(accelerator, tmp_path):
+    prepared_run(accelerator)
+    for step in (1, 2, 3, 4):
+        save_checkpoint(accelerator, str(tmp_path), step, total_limit=2)
+    assert [step for step, _ in list_checkpoints(str(tmp_path))] == [3, 4]
+    assert rotate_checkpoints(str(tmp_path), None) == []
+    assert rotate_checkpoints(str(tmp_path), 0) == []
+
+
+def test_saving_the_same_step_twice_replaces_it(accelerator, tmp_path):
+    prepared_run(accelerator)
+    save_checkpoint(accelerator, str(tmp_path), 5, training_state={"epoch": 0})
+    save_checkpoint(accelerator, str(tmp_path), 5, training_state={"epoch": 1})
+    assert read_training_state(str(tmp_path / "checkpoint-5"))["epoch"] == 1
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [5]
+
+
+def test_latest_skips_partial_writes_and_warns(tmp_path, caplog):
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / f"{TEMP_PREFIX}6").mkdir()  # a write the process never finished
+    (tmp_path / "checkpoint-notanumber").mkdir()
+    (tmp_path / "checkpoint-10").write_text("a file, not a checkpoint")
+    with caplog.at_level(logging.WARNING):
+        assert resolve_resume_checkpoint("latest", str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert f"{TEMP_PREFIX}6" in caplog.text and "incomplete" in caplog.text
+
+
+def test_partial_leftover_is_removed_by_the_next_save(accelerator, tmp_path):
+    prepared_run(accelerator)
+    (tmp_path / f"{TEMP_PREFIX}3").mkdir()
+    (tmp_path / f"{TEMP_PREFIX}3" / "optimizer.bin").write_bytes(b"trunc")
+    save_checkpoint(accelerator, str(tmp_path), 4)
+    assert partial_checkpoints(str(tmp_path)) == []
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4]
+
+
+def test_numeric_not_lexicographic_order(tmp_path):
+    for step in (9, 10, 100):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert resolve_resume_checkpoint("latest", str(tmp_path)).endswith("checkpoint-100")
+
+
+def test_resume_argument_forms(tmp_path, caplog):
+    assert resolve_resume_checkpoint(None, str(tmp_path)) is None
+    assert resolve_resume_checkpoint("", str(tmp_path)) is None
+    with caplog.at_level(logging.WARNING):
+        assert resolve_resume_checkpoint("latest", str(tmp_path / "missing")) is None
+    assert "no checkpoint" in caplog.text
+    (tmp_path / "checkpoint-3").mkdir()
+    by_name = resolve_resume_checkpoint("checkpoint-3", str(tmp_path))
+    assert os.path.samefile(by_name, tmp_path / "checkpoint-3")
+    assert resolve_resume_checkpoint(str(tmp_path / "checkpoint-3"), "elsewhere") == str(tmp_path / "checkpoint-3")
+
+
+def test_missing_resume_path_names_it_and_the_choices(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        resolve_resume_checkpoint(str(tmp_path / "nope" / "checkpoint-99"), str(tmp_path))
+    message = str(error.value)
+    assert "--resume_from_checkpoint" in message and "checkpoint-99" in message and "checkpoint-3" in message
+
+
+def test_training_state_from_a_diffusers_checkpoint_name(tmp_path):
+    (tmp_path / "checkpoint-250").mkdir()
+    assert read_training_state(str(tmp_path / "checkpoint-250")) == {"global_step": 250}
+    (tmp_path / "weird").mkdir()
+    with pytest.raises(ValueError, match="weird"):
+        read_training_state(str(tmp_path / "weird"))
+
+
+def test_weights_only_refuses_a_malicious_pickle(tmp_path):
+    """What `weights_only=True` buys: a checkpoint file that would run code is refused, not executed."""
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "optimizer.bin", "wb") as handle:
+        pickle.dump(Exploit(), handle)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "optimizer.bin", weights_only=True)
+    assert not (tmp_path / "pwned").exists()
