@@ -40,7 +40,10 @@ def apply_config_defaults(parser: argparse.ArgumentParser, config: dict, source:
             raise ValueError(f"--config {source}: unknown key '{key}' (not a flag of this script).{hint}")
         action = actions[key]
         if isinstance(value, str) and action.type is not None and action.nargs is None:
-            value = action.type(value)
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"--config {source}: '{key}: {value}' is not a valid {getattr(action.type, '__name__', 'value')}") from error
         if action.nargs in ("+", "*") and value is not None and not isinstance(value, list):
             value = [value]
         if action.choices is not None and value is not None:
