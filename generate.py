@@ -9,6 +9,8 @@ Loads any of what train_text_to_image.py writes and samples with diffusers' Stab
     python generate.py --model BASE --lora sd-lora-out --lora_scale 0.8 --prompt "..."
     # an intermediate checkpoint: its UNet (or EMA UNet) on top of the base/final pipeline
     python generate.py --checkpoint sd-model-finetuned/checkpoint-500 --ema --prompt "..."
+    # a mask-conditioned DiT (train_mask_dit.py): one image set per mask file
+    python generate.py --model mask-dit-out --mask masks/ --num_images 2
 
 Every image is a PNG carrying its prompt, negative prompt, seed, steps, scheduler, guidance
 scale and model in the PNG text metadata; a grid of all of them is saved as grid.png.
@@ -25,6 +27,7 @@ import random
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
@@ -36,6 +39,8 @@ from utils.validation import make_grid
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SD_GUIDANCE, MASK_DIT_GUIDANCE = 9.0, 4.0
+MASK_DIT_SAMPLERS = ("euler", "midpoint")  # flow-matching ODE steppers (utils/flow_matching.py)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -56,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="LoRA weights to load on top of --model: a folder with pytorch_lora_weights.safetensors, or the file.")
     model.add_argument("--lora_scale", type=float, default=1.0, help="Strength of the LoRA (0 = base model only).")
     model.add_argument("--mask", type=str, default=None,
-                       help="Mask-conditioned DiT (train_mask_dit.py output as --model): a mask image or a folder of masks.")
+                       help="For a mask-conditioned DiT (train_mask_dit.py's output as --model): a mask image or a folder of "
+                            "them (index maps: 0 = background, k = channel k; or 0/255 for one channel). --prompt is optional.")
+    model.add_argument("--mask_guidance_scale", type=float, default=1.0, help="Mask DiT only: mask guidance (1 = off).")
 
     prompts = parser.add_argument_group("prompts")
     prompts.add_argument("--prompt", type=str, default=None, help="The text prompt.")
@@ -69,10 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     sampling.add_argument("--preset", type=str, default="fast", choices=sorted(STEP_PRESETS),
                           help="Number of denoising steps: fast = 25, quality = 75 (guide 001). --steps overrides it.")
     sampling.add_argument("--steps", type=int, default=None, help="Denoising steps (default: from --preset).")
-    sampling.add_argument("--guidance_scale", type=float, default=9.0,
-                          help="Classifier-free guidance; 7-12 works for the kanji model (guide 001). 1 disables guidance.")
-    sampling.add_argument("--scheduler", type=str, default="dpm++", choices=list(SCHEDULERS),
-                          help="Sampler; its noise schedule comes from the model's own scheduler config.")
+    sampling.add_argument("--guidance_scale", type=float, default=None,
+                          help=f"Classifier-free guidance (1 = off). Default {SD_GUIDANCE}: 7-12 works for the kanji model "
+                               f"(guide 001); mask DiT default {MASK_DIT_GUIDANCE}.")
+    sampling.add_argument("--scheduler", type=str, default=None, choices=list(SCHEDULERS) + list(MASK_DIT_SAMPLERS),
+                          help="Sampler. Stable Diffusion (default dpm++): the noise schedule comes from the model's own "
+                               f"scheduler config. Mask DiT: {' or '.join(MASK_DIT_SAMPLERS)} (default euler).")
     sampling.add_argument("--height", type=int, default=None, help="Image height in pixels (default: the model's training size).")
     sampling.add_argument("--width", type=int, default=None, help="Image width in pixels (default: the model's training size).")
     sampling.add_argument("--seed", type=int, default=None,
@@ -93,6 +102,9 @@ def validate_args(args) -> None:
         raise ValueError("Pass --model (a pipeline folder or Hub id) and/or --checkpoint output_dir/checkpoint-N.")
     if args.mask is None and (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("Pass exactly one of --prompt or --prompts_file.")
+    if args.mask is not None and (args.checkpoint or args.lora or args.prompts_file):
+        raise ValueError("--mask (mask DiT) takes --model and an optional --prompt; --checkpoint, --lora and --prompts_file are "
+                         "Stable Diffusion options.")
     if args.ema and args.checkpoint is None:
         raise ValueError("--ema picks checkpoint-N/unet_ema, so it needs --checkpoint (a final pipeline already holds the EMA weights).")
     for flag in ("num_images", "batch_size"):
@@ -135,6 +147,12 @@ def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.
 # ----------------------------------------------------------------------------------------------
 # Loading: full pipeline, base + LoRA, or checkpoint-N on top of a base
 # ----------------------------------------------------------------------------------------------
+
+def is_mask_dit_dir(path: str) -> bool:
+    from utils.nextdit import is_mask_dit_dir as check  # imported lazily: only mask-DiT users need it
+
+    return check(path)
+
 
 def is_pipeline_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_index.json"))
@@ -275,35 +293,21 @@ def default_size(pipe) -> int:
     return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
 
 
-def run_mask_dit(args, device, dtype) -> list[str]:
-    """Hook for the mask-conditioned DiT (train_mask_dit.py); its sampling lives in utils."""
-    try:
-        from utils.mask_dit_sampling import generate_from_mask, load_mask_dit_pipeline  # noqa: F401
-    except ImportError as error:
-        raise NotImplementedError(
-            "--mask: mask-DiT sampling (utils/mask_dit_sampling.py: load_mask_dit_pipeline, generate_from_mask) "
-            "is not available in this checkout."
-        ) from error
-    raise NotImplementedError("--mask: wiring to utils.mask_dit_sampling is pending")
-
-
-def main(argv=None) -> list[str]:
-    """Generate the images; returns the saved paths (the per-image PNGs, then grid.png)."""
-    args = parse_args(argv)
-    device, dtype = pick_device_and_dtype(args.device, args.dtype)
-    if args.mask is not None:
-        return run_mask_dit(args, device, dtype)
+def sd_main(args, device, dtype) -> list[str]:
     prompts = read_prompts(args)
     pipe, model_description, lora_source = load_pipeline(args, device, dtype)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    scheduler = args.scheduler or "dpm++"
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"--scheduler {scheduler} is for mask DiTs; Stable Diffusion takes one of {', '.join(SCHEDULERS)}")
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
     size = default_size(pipe)
     settings = {
         "negative_prompt": args.negative_prompt,
         "steps": args.steps or STEP_PRESETS[args.preset],
-        "scheduler": args.scheduler,
-        "guidance_scale": args.guidance_scale,
+        "scheduler": scheduler,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else SD_GUIDANCE,
         "height": args.height or size,
         "width": args.width or size,
         "model": model_description,
@@ -313,15 +317,98 @@ def main(argv=None) -> list[str]:
     }
     jobs = [Job(p, i, prompt, seed + i) for p, prompt in enumerate(prompts) for i in range(args.num_images)]
     print(f"Generating {len(jobs)} image(s) of {settings['height']}x{settings['width']} with {model_description}: "
-          f"{settings['steps']} {args.scheduler} steps, guidance {args.guidance_scale}, seed {seed}, on {device} ({settings['dtype']}).")
+          f"{settings['steps']} {scheduler} steps, guidance {settings['guidance_scale']}, seed {seed}, on {device} ({settings['dtype']}).")
 
-    os.makedirs(args.output_dir, exist_ok=True)
     results = generate(pipe, jobs, settings, args.batch_size, args.output_dir)
     grid_path = os.path.join(args.output_dir, "grid.png")
     make_grid([image for _, _, image in results], columns=args.num_images if len(prompts) > 1 else None).save(grid_path)
-    paths = [path for _, path, _ in results] + [grid_path]
     print(f"Saved {len(results)} image(s) and {grid_path}")
-    return paths
+    return [path for _, path, _ in results] + [grid_path]
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask DiT (train_mask_dit.py): one row of images per mask file
+# ----------------------------------------------------------------------------------------------
+
+def read_masks(path: str, mask_channels: int) -> list[tuple[str, torch.Tensor]]:
+    """(file path, mask [1, mask_channels, h, w] in {0, 1}) for a mask image or every image in a folder."""
+    from PIL import Image
+
+    from utils.paired_data import IMAGE_EXTENSIONS, mask_to_channels
+
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise ValueError(f"--mask {path}: no mask images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"--mask {path}: no such file or folder")
+    masks = []
+    for file in files:
+        with Image.open(file) as image:
+            array = mask_to_channels(np.asarray(image.convert("L")), mask_channels, file)
+        masks.append((file, torch.from_numpy(array)[None]))
+    return masks
+
+
+def mask_dit_main(args, device, dtype) -> list[str]:
+    """Sample --num_images images per mask; grid rows are [mask, image 0, image 1, ...]."""
+    from utils.data import tensor_to_pil
+    from utils.mask_dit_sampling import generate_from_mask, load_mask_dit_pipeline, mask_to_rgb
+
+    sampler = args.scheduler or "euler"
+    if sampler not in MASK_DIT_SAMPLERS:
+        raise ValueError(f"--scheduler {sampler}: a mask DiT samples with {' or '.join(MASK_DIT_SAMPLERS)}")
+    pipeline = load_mask_dit_pipeline(args.model, device=device, dtype=dtype)
+    masks = read_masks(args.mask, pipeline.transformer.config.mask_channels)
+    seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
+    settings = {
+        "prompt": args.prompt,
+        "steps": args.steps or STEP_PRESETS[args.preset],
+        "scheduler": sampler,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else MASK_DIT_GUIDANCE,
+        "mask_guidance_scale": args.mask_guidance_scale,
+        "model": args.model,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    print(f"Generating {len(masks) * args.num_images} image(s) from {len(masks)} mask(s) with {args.model}: "
+          f"{settings['steps']} {sampler} steps, seed {seed}, on {device} ({settings['dtype']}).")
+    paths, tiles = [], []
+    with tqdm(total=len(masks) * args.num_images, desc="images", unit="img") as progress:
+        for mask_index, (mask_file, mask) in enumerate(masks):
+            samples = []
+            for image_index in range(args.num_images):  # one call per image: image i always comes from seed + i
+                sample = generate_from_mask(pipeline, mask, prompt=args.prompt, steps=settings["steps"],
+                                            guidance_scale=settings["guidance_scale"], mask_guidance_scale=args.mask_guidance_scale,
+                                            seed=seed + image_index, sampler=sampler, height=args.height, width=args.width)
+                samples.append(tensor_to_pil(sample * 2 - 1)[0])  # [1, 3, H, W] in [0, 1]
+                progress.update(1)
+            stem = os.path.splitext(os.path.basename(mask_file))[0]
+            for image_index, image in enumerate(samples):
+                path = os.path.join(args.output_dir, f"{mask_index:03d}_{image_index:03d}_{slugify(stem)}_seed{seed + image_index}.png")
+                image.save(path, pnginfo=png_metadata({**settings, "mask": mask_file, "seed": seed + image_index}))
+                paths.append(path)
+            mask_rgb = torch.nn.functional.interpolate(mask_to_rgb(mask), size=samples[0].size[::-1], mode="nearest")
+            tiles += tensor_to_pil(mask_rgb * 2 - 1) + samples
+    grid_path = os.path.join(args.output_dir, "grid.png")
+    make_grid(tiles, columns=args.num_images + 1).save(grid_path)
+    print(f"Saved {len(paths)} image(s) and {grid_path}")
+    return paths + [grid_path]
+
+
+def main(argv=None) -> list[str]:
+    """Generate the images; returns the saved paths (the per-image PNGs, then grid.png)."""
+    args = parse_args(argv)
+    device, dtype = pick_device_and_dtype(args.device, args.dtype)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.model is not None and os.path.isdir(args.model) and is_mask_dit_dir(args.model):
+        if args.mask is None:
+            raise ValueError(f"--model {args.model} is a mask DiT: pass --mask MASK_IMAGE_OR_FOLDER")
+        return mask_dit_main(args, device, dtype)
+    if args.mask is not None:
+        raise ValueError(f"--mask needs a mask DiT as --model (train_mask_dit.py's output); {args.model} is not one")
+    return sd_main(args, device, dtype)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import generate
 from tests.conftest import REPO_ROOT, launch_env
 from utils.schedulers import SCHEDULERS, make_scheduler
 
-FAST = ["--steps", "2", "--num_images", "2", "--batch_size", "2", "--scheduler", "dpm++"]
+FAST = ["--steps", "2", "--num_images", "2", "--batch_size", "2"]
 
 
 def run(tmp_path, name, *argv):
@@ -201,3 +201,42 @@ def test_command_line(tiny_pipeline_dir, tmp_path):
                             cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path))[-1] == "grid.png" and len(os.listdir(tmp_path)) == 2
+
+
+@pytest.fixture(scope="module")
+def mask_dit_dir(tmp_path_factory):
+    """A random pixel-space mask DiT (2 mask channels, 16 px) saved the way train_mask_dit.py saves it, and 2 masks."""
+    from utils.mask_dit_sampling import MaskDiTPipeline, save_mask_dit_pipeline
+    from utils.nextdit import build_mask_nextdit
+
+    root = tmp_path_factory.mktemp("mask-dit")
+    torch.manual_seed(0)
+    transformer = build_mask_nextdit("tiny", in_channels=3, mask_channels=2, sample_size=16)
+    with torch.no_grad():  # the final layer starts at zero (velocity 0: the mask would not matter)
+        for parameter in transformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    save_mask_dit_pipeline(str(root / "model"), MaskDiTPipeline(transformer, settings={"resolution": 16}))
+    (root / "masks").mkdir()
+    mask = np.zeros((20, 20), np.uint8)
+    mask[3:9, 3:15], mask[12:18, 5:10] = 1, 2
+    Image.fromarray(mask).save(root / "masks" / "a.png")
+    Image.fromarray(np.where(mask > 0, 2, 0).astype(np.uint8)).save(root / "masks" / "b.png")
+    return root
+
+
+def test_mask_dit_mode(mask_dit_dir, tmp_path):
+    argv = ["--model", mask_dit_dir / "model", "--mask", mask_dit_dir / "masks", "--seed", "4"]
+    paths, images = run(tmp_path, "a", *argv)
+    _, again = run(tmp_path, "b", *argv)
+    _, single = run(tmp_path, "c", "--model", mask_dit_dir / "model", "--mask", mask_dit_dir / "masks" / "b.png", "--seed", "5")
+    assert len(images) == 4 and all(image.shape == (16, 16, 3) for image in images)
+    assert all(np.array_equal(x, y) for x, y in zip(images, again))
+    assert np.array_equal(images[3], single[0])  # mask b, image 1 = seed 5
+    assert not np.array_equal(images[0], images[2])  # same seed, different mask
+    text = Image.open(paths[1]).text
+    assert text["mask"].endswith("a.png") and text["seed"] == "5" and text["scheduler"] == "euler" and text["guidance_scale"] == "4.0"
+    assert Image.open(paths[-1]).size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)  # rows [mask, image, image]
+    with pytest.raises(ValueError, match="pass --mask"):
+        generate.main(["--model", str(mask_dit_dir / "model"), "--prompt", "x"])
+    with pytest.raises(ValueError, match="mask DiT samples with euler or midpoint"):
+        generate.main(["--model", str(mask_dit_dir / "model"), "--mask", str(mask_dit_dir / "masks"), "--scheduler", "ddim"])
