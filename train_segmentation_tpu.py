@@ -1,0 +1,427 @@
+#!/usr/bin/env python
+"""Train or evaluate MSHNet (infrared small-target segmentation) with Accelerate: CPU, GPUs or TPU.
+
+The same script runs everywhere; the accelerate config picks the hardware::
+
+    # CPU / one or many GPUs
+    accelerate launch train_segmentation_tpu.py --dataset_dir datasets/IRSTD-1k
+    # TPU (8 cores of a v2/v3-8, bf16): see docs/TPU.md
+    accelerate launch --config_file accelerate_configs/tpu.yaml train_segmentation_tpu.py \
+        --dataset-dir datasets/IRSTD-1k --batch-size 32 --epochs 400 --lr 0.05
+    # guide 004's command line still works (spawns one process per TPU core)
+    python train_segmentation_tpu.py --dataset-dir datasets/IRSTD-1k --batch-size 32 --use-tpu --num-cores 8
+    # evaluation: metrics JSON + predicted masks as PNGs
+    python train_segmentation_tpu.py --mode test --dataset-dir datasets/IRSTD-1k --weight_path outputs/mshnet/best
+
+Training follows the MSHNet reference: Adagrad (lr 0.05), epochs 0..--warm_epoch train only
+the main head with the soft-IoU loss, later epochs all heads with the SLS loss; evaluation on
+the test split after every epoch; the weights with the best mIoU go to `output_dir/best/`.
+Shapes are fixed (random crops of --crop_size, drop_last, evaluation at --base_size) so XLA
+compiles each graph once, and the loop never reads a value back to the host except every
+--logging_steps steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from utils.checkpointing import (
+    read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint, save_module, write_json_atomic,
+)
+from utils.config import add_hyphen_aliases, parse_args_with_config
+from utils.ema import add_ema_args, create_ema, load_ema, save_ema
+from utils.irstd_data import IRSTDDataset, tensor_to_image
+from utils.mshnet import MSHNet, multiscale_sls_loss
+from utils.seg_metrics import SegmentationMetrics
+from utils.training import HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, create_accelerator, global_norm, tracker_config
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train or evaluate MSHNet on an IRSTD-1k-layout data set.")
+    parser.add_argument("--dataset_dir", type=str, required=True,
+                        help="Folder with images/, masks/, trainval.txt, test.txt (IRSTD-1k, NUDT-SIRST, SIRST layout).")
+    parser.add_argument("--mode", type=str, default="train", choices=["train", "test"],
+                        help="train: train and evaluate every epoch. test: evaluate --weight_path, write metrics and masks.")
+    parser.add_argument("--weight_path", type=str, default=None,
+                        help="Weights to evaluate (--mode test) or start from: a best/ or checkpoint-N/ folder, a "
+                             ".safetensors file, or a reference MSHNet .pkl/.tar state dict.")
+    parser.add_argument("--batch_size", type=int, default=4, help="Training batch size per device (process).")
+    parser.add_argument("--eval_batch_size", type=int, default=None, help="Evaluation batch size per device (default: --batch_size).")
+    parser.add_argument("--epochs", type=int, default=400, help="Training epochs.")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps (overrides --epochs).")
+    parser.add_argument("--warm_epoch", type=int, default=5,
+                        help="Epochs 0..warm_epoch train only the main head with the soft-IoU loss (as the reference).")
+    parser.add_argument("--base_size", type=int, default=256, help="Evaluation size, and the centre of the training rescale range.")
+    parser.add_argument("--crop_size", type=int, default=256, help="Training crop size (a multiple of 16).")
+    parser.add_argument("--lr", "--learning_rate", dest="lr", type=float, default=0.05, help="Initial learning rate.")
+    parser.add_argument("--optimizer", type=str, default="adagrad", choices=["adagrad", "adamw"], help="Adagrad is the reference's.")
+    parser.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay (AdamW: decoupled).")
+    parser.add_argument("--lr_scheduler", type=str, default="constant",
+                        help='diffusers scheduler: "constant", "constant_with_warmup", "cosine", "linear", "polynomial", ...')
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Scheduler warm-up steps.")
+    parser.add_argument("--eval_epochs", type=int, default=1, help="Evaluate every N epochs (and after the last).")
+    parser.add_argument("--num_grid_images", type=int, default=8, help="Test images in the TensorBoard prediction grid.")
+    parser.add_argument("--use_tpu", action="store_true",
+                        help="Run on TPU. With `python`, spawns --num_cores processes; with `accelerate launch` the config decides.")
+    parser.add_argument("--num_cores", type=int, default=8, help="TPU cores to use with --use_tpu when started with `python`.")
+    add_run_args(parser, output_dir_default="outputs/mshnet")
+    add_ema_args(parser)
+    # The reference trains without gradient clipping; 0 turns it off.
+    parser.set_defaults(max_grad_norm=0.0, checkpointing_steps=1000, checkpoints_total_limit=2)
+    add_hyphen_aliases(parser)
+    args = parse_args_with_config(parser, argv)
+    for flag in ("base_size", "crop_size"):
+        if getattr(args, flag) % 16:
+            raise ValueError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (MSHNet pools four times)")
+    if args.mode == "test" and not args.weight_path:
+        raise ValueError("--mode test needs --weight_path (e.g. outputs/mshnet/best)")
+    args.eval_batch_size = args.eval_batch_size or args.batch_size
+    return args
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Load MSHNet weights from our folders/safetensors or from a reference checkpoint (`.pkl`/`.tar`)."""
+    if os.path.isdir(path):
+        for candidate in ("model.safetensors", os.path.join("mshnet", "model.safetensors")):
+            if os.path.isfile(os.path.join(path, candidate)):
+                path = os.path.join(path, candidate)
+                break
+        else:
+            raise FileNotFoundError(f"--weight_path {path}: no model.safetensors or mshnet/model.safetensors inside")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--weight_path {path}: no such file or folder")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:  # the reference saves plain state dicts (weight.pkl) or {"state_dict"/"net": ...}
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("net", state))
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+    model.load_state_dict(state)
+    logger.info(f"Loaded weights from {path}")
+
+
+def build_dataloaders(args):
+    # Without --seed, augmentation still needs one seed shared by all processes and kept on resume.
+    augment_seed = args.seed if args.seed is not None else 0
+    train_set = IRSTDDataset(args.dataset_dir, "trainval", train=True, base_size=args.base_size,
+                             crop_size=args.crop_size, augment_seed=augment_seed)
+    eval_set = IRSTDDataset(args.dataset_dir, "test", train=False, base_size=args.base_size, crop_size=args.crop_size)
+    # Workers are not persistent so each epoch's workers see the dataset's new epoch (its augmentation seed).
+    common = {"num_workers": args.dataloader_num_workers}
+    # drop_last keeps every training batch the same shape (one XLA compilation).
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, **common)
+    eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, shuffle=False, drop_last=False, **common)
+    return train_set, eval_set, train_loader, eval_loader
+
+
+def create_optimizer(args, model):
+    # Created after the model is on its device: on TPU, an optimizer built around CPU parameters
+    # would keep updating tensors the prepared model no longer uses.
+    if args.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, eval_loader, names, warm_flag: bool, predictions_dir: str | None = None):
+    """Segment the evaluation split; metrics are computed on the host from gathered masks.
+
+    names: the evaluation set's sample names (PNG file names under `predictions_dir`).
+    Returns (metrics dict, {dataset index: binary prediction [H, W] uint8}) on every process;
+    without `predictions_dir`, up to 64 predictions are kept in memory for the prediction grid.
+    """
+    model.eval()
+    metrics = SegmentationMetrics()
+    kept = {}
+    for batch in eval_loader:
+        _, logits = model(batch["pixel_values"], warm_flag)
+        pred = (logits > 0).float()
+        # gather_for_metrics drops the samples accelerate repeated to even out the last batch.
+        pred, target, index = accelerator.gather_for_metrics((pred, batch["mask"], batch["index"]))
+        pred = pred.cpu().numpy()[:, 0].astype(np.uint8)
+        metrics.update(pred, target.cpu().numpy()[:, 0])
+        for sample, sample_index in zip(pred, index.cpu().tolist()):
+            if predictions_dir is not None and accelerator.is_main_process:
+                Image.fromarray(sample * 255, mode="L").save(os.path.join(predictions_dir, f"{names[sample_index]}.png"))
+            elif predictions_dir is None and len(kept) < 64:
+                kept[sample_index] = sample
+    model.train()
+    return metrics.compute(), kept
+
+
+def prediction_grid(eval_set, predictions: dict, num_images: int) -> np.ndarray | None:
+    """Rows of [image | ground truth | prediction] for the first `num_images` test samples, uint8 [H, W, 3]."""
+    rows = []
+    for index in sorted(predictions)[:num_images]:
+        sample = eval_set[index]
+        image = tensor_to_image(sample["pixel_values"])
+        truth = np.repeat(sample["mask"][0].numpy()[..., None] * 255, 3, axis=2).astype(np.uint8)
+        pred = np.repeat(predictions[index][..., None] * 255, 3, axis=2).astype(np.uint8)
+        rows.append(np.concatenate([image, truth, pred], axis=1))
+    return np.concatenate(rows, axis=0) if rows else None
+
+
+def save_best(model, directory: str, metrics: dict, epoch: int, global_step: int) -> None:
+    """Write weights + metrics to `directory` atomically (a temp folder, then renamed into place)."""
+    parent, name = os.path.split(os.path.abspath(directory))
+    temp, old = os.path.join(parent, f".tmp-{name}"), os.path.join(parent, f".old-{name}")
+    shutil.rmtree(temp, ignore_errors=True)
+    save_module(model, temp)
+    write_json_atomic(os.path.join(temp, "metrics.json"), {**metrics, "epoch": epoch, "global_step": global_step})
+    if os.path.exists(directory):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(temp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_test(args, accelerator, model, eval_loader, eval_set):
+    predictions_dir = os.path.join(args.output_dir, "predictions")
+    if accelerator.is_main_process:
+        os.makedirs(predictions_dir, exist_ok=True)
+    # The reference evaluates trained models with the fused multi-scale output.
+    metrics, _ = evaluate(accelerator, model, eval_loader, eval_set.names, warm_flag=True, predictions_dir=predictions_dir)
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "test_metrics.json"), "w", encoding="utf-8") as handle:
+            json.dump({**metrics, "weight_path": args.weight_path}, handle, indent=2)
+        logger.info(f"Test metrics: {metrics}; masks in {predictions_dir}")
+    return metrics
+
+
+def main(args=None):
+    """Entry point for `python` and for `accelerate launch` (whose TPU launcher calls main() with no arguments)."""
+    args = parse_args() if args is None else args
+    from accelerate.utils import DataLoaderConfiguration, DistributedType
+
+    accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    on_xla = accelerator.distributed_type == DistributedType.XLA
+    if args.use_tpu and not on_xla:
+        raise RuntimeError(
+            "--use_tpu given but Accelerate did not select XLA (torch_xla missing or no TPU). Install torch-xla "
+            "matching your torch and launch with `accelerate launch --config_file accelerate_configs/tpu.yaml` (docs/TPU.md)."
+        )
+    logger.info(f"Distributed type: {accelerator.distributed_type}, processes: {accelerator.num_processes}, "
+                f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
+
+    model = MSHNet(input_channels=3)
+    if args.weight_path:
+        load_weights(model, args.weight_path)
+    model.to(accelerator.device)
+    train_set, eval_set, train_loader, eval_loader = build_dataloaders(args)
+
+    if args.mode == "test":
+        model, eval_loader = accelerator.prepare(model, eval_loader)
+        metrics = run_test(args, accelerator, model, eval_loader, eval_set)
+        accelerator.end_training()
+        return metrics
+
+    if len(train_set) < args.batch_size * accelerator.num_processes:
+        raise ValueError(
+            f"{args.dataset_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
+            f"({args.batch_size} x {accelerator.num_processes} processes); lower --batch_size."
+        )
+    optimizer = create_optimizer(args, model)
+    batches_per_epoch = len(train_set) // (args.batch_size * accelerator.num_processes)
+    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(  # the prepared scheduler steps once per process, hence the factor
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_loader, eval_loader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, lr_scheduler
+    )
+    raw_model = accelerator.unwrap_model(model)
+    ema = create_ema(raw_model, args) if args.use_ema else None
+    if ema is not None:
+        ema.to(accelerator.device)
+    register_checkpoint_hooks(
+        accelerator, {"mshnet": raw_model},
+        extra_savers={"mshnet_ema": lambda path: save_ema(ema, path)} if ema else None,
+        extra_loaders={"mshnet_ema": lambda path: load_ema(ema, path)} if ema else None,
+    )
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name or "mshnet", config=tracker_config(args))
+
+    global_step, first_epoch, resume_batches, best_miou = 0, 0, 0, -1.0
+    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        state = read_training_state(checkpoint)
+        global_step, best_miou = state["global_step"], state.get("best_miou", -1.0)
+        first_epoch = global_step // steps_per_epoch
+        resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+        logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch}), best mIoU {best_miou:.4f}")
+
+    logger.info(f"{len(train_set)} training / {len(eval_set)} test samples, {steps_per_epoch} steps per epoch, "
+                f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}")
+    monitor = HealthMonitor(samples_per_step=args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+    # NonFiniteGuard reads the loss on the host every step; on XLA that would stall the device.
+    guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps)
+    stop = StopSignal()
+    metrics_log = os.path.join(args.output_dir, "eval_metrics.jsonl")
+    train_log = os.path.join(args.output_dir, "train_log.jsonl")
+
+    def checkpoint_now(epoch):
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
+                        training_state={"epoch": epoch, "best_miou": best_miou})
+
+    done, epoch = False, first_epoch
+    for epoch in range(first_epoch, num_epochs):
+        warm_flag = epoch > args.warm_epoch  # the reference's switch: multi-scale heads + SLS after warm-up
+        model.train()
+        train_set.set_epoch(epoch)
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        loader = train_loader
+        if epoch == first_epoch and resume_batches:
+            loader = accelerator.skip_first_batches(train_loader, resume_batches)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                side_masks, mask = model(batch["pixel_values"], warm_flag)
+                loss = multiscale_sls_loss(side_masks, mask, batch["mask"], in_warmup=not warm_flag)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    if args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    else:
+                        grad_norm = global_norm(p.grad for p in model.parameters())
+                    if guard is None or guard.check(loss, model.parameters()):
+                        optimizer.step()
+                        lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            monitor.add(loss=loss.detach(), grad_norm=grad_norm)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            monitor.step_done()
+            if ema is not None:
+                ema.step(raw_model.parameters())
+            if global_step % args.logging_steps == 0:
+                logs = monitor.collect()  # the only host read in the loop
+                if not math.isfinite(logs.get("loss", 0.0)):
+                    raise FloatingPointError(f"Non-finite mean loss at step {global_step}; try a lower --lr.")
+                logs.update(lr=lr_scheduler.get_last_lr()[0], epoch=epoch, warm=float(not warm_flag))
+                if on_xla:
+                    logs["xla_compilations"] = xla_compilation_count()
+                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
+                if accelerator.is_main_process:
+                    with open(train_log, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps({"step": global_step, **logs}) + "\n")
+                logger.info(f"epoch {epoch} step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+            if global_step % args.checkpointing_steps == 0:
+                checkpoint_now(epoch)
+            check_stop = accelerator.num_processes == 1 or global_step % args.logging_steps == 0
+            if check_stop and stop.should_stop(accelerator):
+                checkpoint_now(epoch)
+                logger.warning(f"Stopped by {stop.signal_name} at step {global_step}; resume with --resume_from_checkpoint latest")
+                accelerator.end_training()
+                return None
+            if global_step >= args.max_train_steps:
+                done = True
+                break
+
+        if done or (epoch + 1) % args.eval_epochs == 0:
+            if ema is not None:
+                ema.store(raw_model.parameters())
+                ema.copy_to(raw_model.parameters())
+            metrics, predictions = evaluate(accelerator, model, eval_loader, eval_set.names, warm_flag)
+            improved = metrics["mIoU"] is not None and metrics["mIoU"] > best_miou
+            if improved:
+                best_miou = metrics["mIoU"]
+            if accelerator.is_main_process:
+                record = {"epoch": epoch, "global_step": global_step, **metrics, "best_mIoU": best_miou}
+                with open(metrics_log, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=global_step)
+                log_prediction_grid(accelerator, eval_set, predictions, args.num_grid_images, global_step)
+                logger.info(f"epoch {epoch} eval: {metrics}")
+                if improved:
+                    save_best(raw_model, os.path.join(args.output_dir, "best"), metrics, epoch, global_step)
+            if ema is not None:
+                ema.restore(raw_model.parameters())
+            accelerator.wait_for_everyone()
+        if done:
+            break
+
+    if global_step % args.checkpointing_steps:
+        checkpoint_now(epoch)
+    if accelerator.is_main_process:
+        save_module(raw_model, os.path.join(args.output_dir, "last"))
+        if ema is not None:
+            save_ema(ema, os.path.join(args.output_dir, "last_ema"))
+    log_xla_metrics(on_xla, args.output_dir, accelerator)
+    accelerator.end_training()
+    return best_miou
+
+
+def log_prediction_grid(accelerator, eval_set, predictions, num_images, step):
+    grid = prediction_grid(eval_set, predictions, num_images)
+    if grid is None:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("eval/image_truth_prediction", grid, global_step=step, dataformats="HWC")
+
+
+def xla_compilation_count() -> int:
+    """Graphs XLA compiled so far in this process (constant once every shape has been seen)."""
+    import torch_xla.debug.metrics as xla_metrics
+
+    data = xla_metrics.metric_data("CompileTime")
+    return int(data[0]) if data else 0
+
+
+def log_xla_metrics(on_xla: bool, output_dir: str, accelerator) -> None:
+    """On XLA, save torch_xla's compile/execute counters (output_dir/xla_metrics.json) to spot recompilation."""
+    if not on_xla or not accelerator.is_main_process:
+        return
+    import torch_xla.debug.metrics as xla_metrics
+
+    summary = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes}
+    for name in ("CompileTime", "ExecuteTime"):
+        data = xla_metrics.metric_data(name)
+        summary[name] = {"count": int(data[0]) if data else 0}
+    summary["counters"] = {name: xla_metrics.counter_value(name) for name in xla_metrics.counter_names()}
+    with open(os.path.join(output_dir, "xla_metrics.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    logger.info(f"XLA: {summary['CompileTime']['count']} compilations, {summary['ExecuteTime']['count']} executions")
+
+
+def launch_on_tpu(args) -> None:
+    """guide 004's `python train_segmentation_tpu.py --use-tpu --num-cores 8`: one process per TPU core."""
+    try:
+        import torch_xla.distributed.xla_multiprocessing as xmp
+    except ImportError as error:
+        raise RuntimeError("--use_tpu needs torch_xla: pip install torch-xla==<your torch version> (docs/TPU.md)") from error
+    from accelerate.utils import PrepareForLaunch
+
+    # PJRT uses every local TPU core when nprocs is None; 1 runs in this process.
+    xmp.spawn(PrepareForLaunch(main, distributed_type="XLA"), args=(args,), nprocs=None if args.num_cores > 1 else 1)
+
+
+if __name__ == "__main__":
+    cli_args = parse_args()
+    if cli_args.use_tpu:
+        launch_on_tpu(cli_args)
+    else:
+        main(cli_args)

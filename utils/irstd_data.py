@@ -1,0 +1,274 @@
+"""Infrared small-target datasets in the IRSTD-1k layout, their augmentation, and a synthetic generator.
+
+Layout (IRSTD-1k, and NUDT-SIRST / SIRST prepared the same way)::
+
+    root/images/<name>.png     # infrared frame (grayscale or RGB; read as RGB)
+    root/masks/<name>.png      # binary mask, target pixels > 127 (SIRST's <name>_pixels0.png also accepted)
+    root/trainval.txt          # one <name> per line: the training split
+    root/test.txt              # one <name> per line: the evaluation split
+
+Every sample has a fixed shape so XLA compiles the step once: training samples are random
+crops of `crop_size`, evaluation samples are resized to `base_size` x `base_size`.
+
+`write_synthetic_irstd(root, ...)` writes a small data set in this layout (cluttered
+thermal-like backgrounds, dim targets of 1-9 px, some frames without a target), for tests
+and the CPU demo: `python -m utils.irstd_data --output_dir data/synthetic_irstd`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+# ImageNet statistics, as the reference implementation normalizes its RGB-converted IR frames.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+SPLIT_FILES = {"trainval": "trainval.txt", "test": "test.txt"}
+
+
+def read_split(root: str, split: str) -> list[str]:
+    """Sample names listed in `root/<split>.txt` (blank lines skipped, a trailing .png tolerated)."""
+    if split not in SPLIT_FILES:
+        raise ValueError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
+    path = os.path.join(root, SPLIT_FILES[split])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found. --dataset_dir must hold images/, masks/, trainval.txt and test.txt "
+            "(the IRSTD-1k layout); `python -m utils.irstd_data --output_dir DIR` writes a synthetic one."
+        )
+    with open(path, encoding="utf-8") as handle:
+        names = [line.strip() for line in handle if line.strip()]
+    names = [name[: -len(".png")] if name.endswith(".png") else name for name in names]
+    if not names:
+        raise ValueError(f"{path} lists no samples")
+    return names
+
+
+def _mask_path(root: str, name: str) -> str:
+    for candidate in (f"{name}.png", f"{name}_pixels0.png"):
+        path = os.path.join(root, "masks", candidate)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"no mask for sample '{name}': expected {os.path.join(root, 'masks', name + '.png')}")
+
+
+def random_scale_crop(
+    image: Image.Image, mask: Image.Image, base_size: int, crop_size: int, rng: random.Random
+) -> tuple[Image.Image, Image.Image]:
+    """The reference training augmentation.
+
+    Random horizontal flip; rescale so the long side is uniform in [base_size/2, 2*base_size];
+    zero-pad to at least crop_size; random crop_size x crop_size crop; Gaussian blur
+    (radius in [0, 1)) with probability 1/2. The mask is resized with nearest neighbour.
+    """
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    long_size = rng.randint(int(base_size * 0.5), int(base_size * 2.0))
+    width, height = image.size
+    if height > width:
+        new_height, new_width = long_size, int(width * long_size / height + 0.5)
+    else:
+        new_width, new_height = long_size, int(height * long_size / width + 0.5)
+    image = image.resize((new_width, new_height), Image.Resampling.BILINEAR)
+    mask = mask.resize((new_width, new_height), Image.Resampling.NEAREST)
+    pad_width, pad_height = max(crop_size - new_width, 0), max(crop_size - new_height, 0)
+    if pad_width or pad_height:
+        image = ImageOps.expand(image, border=(0, 0, pad_width, pad_height), fill=0)
+        mask = ImageOps.expand(mask, border=(0, 0, pad_width, pad_height), fill=0)
+    width, height = image.size
+    left, top = rng.randint(0, width - crop_size), rng.randint(0, height - crop_size)
+    box = (left, top, left + crop_size, top + crop_size)
+    image, mask = image.crop(box), mask.crop(box)
+    if rng.random() < 0.5:
+        image = image.filter(ImageFilter.GaussianBlur(radius=rng.random()))
+    return image, mask
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> normalized float tensor [3, H, W]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+def tensor_to_image(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of `image_to_tensor`: [3, H, W] -> uint8 [H, W, 3] (for prediction grids)."""
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    array = (tensor.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+    return (array * 255).round().astype(np.uint8)
+
+
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """Mask image -> float tensor [1, H, W] in {0, 1} (pixels > 127 are target)."""
+    return torch.from_numpy((np.asarray(mask.convert("L")) > 127).astype(np.float32))[None]
+
+
+class IRSTDDataset(Dataset):
+    """One split of an IRSTD-1k-layout data set.
+
+    Items are dicts: `pixel_values` [3, S, S] normalized float, `mask` [1, S, S] in {0, 1},
+    `index` (int, position in `names`), with S = crop_size when `train` else base_size.
+
+    Training augmentation draws from an RNG seeded by (augment_seed, epoch, index), not from a
+    global RNG: a sample's crop does not depend on prefetching, worker count or process, so a
+    resumed run sees exactly the crops the interrupted one would have. Call `set_epoch` each epoch.
+    """
+
+    def __init__(
+        self, root: str, split: str, train: bool, base_size: int = 256, crop_size: int = 256, augment_seed: int = 0
+    ):
+        if not os.path.isdir(os.path.join(root, "images")):
+            raise FileNotFoundError(f"{os.path.join(root, 'images')} not found (--dataset_dir {root})")
+        self.root = root
+        self.names = read_split(root, split)
+        self.train = train
+        self.base_size = base_size
+        self.crop_size = crop_size
+        self.augment_seed = augment_seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def load(self, index: int) -> tuple[Image.Image, Image.Image]:
+        name = self.names[index]
+        image_path = os.path.join(self.root, "images", f"{name}.png")
+        if not os.path.isfile(image_path):
+            raise FileNotFoundError(f"image for sample '{name}' not found: {image_path}")
+        image = Image.open(image_path).convert("RGB")
+        mask = Image.open(_mask_path(self.root, name)).convert("L")
+        if image.size != mask.size:
+            raise ValueError(f"sample '{name}': image is {image.size} but mask is {mask.size} (width, height)")
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.load(index)
+        if self.train:
+            image, mask = random_scale_crop(
+                image, mask, self.base_size, self.crop_size, random.Random(f"{self.augment_seed}-{self.epoch}-{index}")
+            )
+        else:
+            image = image.resize((self.base_size, self.base_size), Image.Resampling.BILINEAR)
+            mask = mask.resize((self.base_size, self.base_size), Image.Resampling.NEAREST)
+        return {"pixel_values": image_to_tensor(image), "mask": mask_to_tensor(mask), "index": index}
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic infrared small-target frames.
+# ----------------------------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma=sigma, mode="wrap")
+    return field / (field.std() + 1e-8)
+
+
+def synthetic_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A thermal-like background in [0, 1]: sky gradient, clouds, ground clutter, bright blobs."""
+    rows = np.linspace(0.0, 1.0, size)[:, None]
+    sky = 0.35 + 0.15 * rows * rng.uniform(-1, 1)
+    clouds = 0.08 * _smooth_noise(rng, size, size / 8) + 0.04 * _smooth_noise(rng, size, size / 32)
+    background = sky + clouds
+    if rng.random() < 0.5:  # a horizon with warmer, textured ground below it
+        horizon = int(size * rng.uniform(0.55, 0.9))
+        ground = 0.15 + 0.06 * _smooth_noise(rng, size, 2.0)
+        background[horizon:] += ground[horizon:]
+    for _ in range(rng.integers(0, 4)):  # large warm clutter (clouds' edges, buildings): not targets
+        cy, cx = rng.uniform(0, size, 2)
+        ry, rx = rng.uniform(6, max(8, size / 6), 2)
+        yy, xx = np.mgrid[:size, :size]
+        blob = np.exp(-0.5 * (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2))
+        background += rng.uniform(0.05, 0.2) * blob
+    return background
+
+
+def add_target(
+    rng: np.random.Generator, frame: np.ndarray, mask: np.ndarray, noise_sigma: float, snr_range=(3.0, 10.0)
+) -> tuple[int, int]:
+    """Add one small target (extent 1-9 px per axis, peak SNR in `snr_range` over `noise_sigma`) in place.
+
+    The mask is the target's elliptical footprint (always at least its centre pixel).
+    Returns the target's (height, width) extent in pixels.
+    """
+    size = frame.shape[0]
+    extent_y, extent_x = rng.integers(1, 10, 2)
+    cy = rng.uniform(8, size - 8)
+    cx = rng.uniform(8, size - 8)
+    yy, xx = np.mgrid[:size, :size]
+    distance = np.sqrt(((yy + 0.5 - cy) / (extent_y / 2)) ** 2 + ((xx + 0.5 - cx) / (extent_x / 2)) ** 2)
+    footprint = distance <= 1.0
+    footprint[int(cy), int(cx)] = True
+    amplitude = rng.uniform(*snr_range) * noise_sigma
+    frame += amplitude * np.exp(-1.5 * distance**2) * (distance <= 1.5)
+    mask |= footprint
+    return int(extent_y), int(extent_x)
+
+
+def synthetic_frame(
+    rng: np.random.Generator, size: int, max_targets: int = 3, p_empty: float = 0.15, snr_range=(3.0, 10.0)
+):
+    """One synthetic frame: (uint8 image [size, size], bool mask [size, size], target count).
+
+    p_empty: probability of a frame without targets; snr_range: peak target amplitude over the
+    sensor noise's standard deviation (3 is barely visible, 20 is obvious).
+    """
+    frame = synthetic_background(rng, size)
+    mask = np.zeros((size, size), dtype=bool)
+    noise_sigma = rng.uniform(0.01, 0.03)
+    count = 0 if rng.random() < p_empty else int(rng.integers(1, max_targets + 1))
+    for _ in range(count):
+        add_target(rng, frame, mask, noise_sigma, snr_range)
+    frame += noise_sigma * rng.standard_normal(frame.shape)
+    image = (np.clip(frame, 0, 1) * 255).round().astype(np.uint8)
+    return image, mask, count
+
+
+def write_synthetic_irstd(
+    root: str, num_train: int = 64, num_test: int = 16, size: int = 128, seed: int = 0, p_empty: float = 0.15,
+    snr_range=(3.0, 10.0),
+) -> str:
+    """Write `num_train` + `num_test` synthetic frames of size x size in the IRSTD-1k layout under `root`."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    os.makedirs(os.path.join(root, "masks"), exist_ok=True)
+    names = [f"synth_{i:05d}" for i in range(num_train + num_test)]
+    for name in names:
+        image, mask, _ = synthetic_frame(rng, size, p_empty=p_empty, snr_range=snr_range)
+        Image.fromarray(image, mode="L").save(os.path.join(root, "images", f"{name}.png"))
+        Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(os.path.join(root, "masks", f"{name}.png"))
+    for split, split_names in (("trainval", names[:num_train]), ("test", names[num_train:])):
+        with open(os.path.join(root, SPLIT_FILES[split]), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(split_names) + "\n")
+    return root
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write a synthetic IR small-target data set (IRSTD-1k layout).")
+    parser.add_argument("--output_dir", "--output-dir", required=True)
+    parser.add_argument("--num_train", "--num-train", type=int, default=200)
+    parser.add_argument("--num_test", "--num-test", type=int, default=50)
+    parser.add_argument("--size", type=int, default=256, help="Frame height and width in pixels.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--snr", type=float, nargs=2, default=[3.0, 10.0], metavar=("MIN", "MAX"),
+                        help="Range of target peak amplitude over the noise standard deviation.")
+    args = parser.parse_args(argv)
+    write_synthetic_irstd(args.output_dir, args.num_train, args.num_test, args.size, args.seed, snr_range=tuple(args.snr))
+    print(f"Wrote {args.num_train} training and {args.num_test} test frames to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
