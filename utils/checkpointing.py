@@ -55,7 +55,7 @@ def partial_checkpoints(output_dir: str) -> list[str]:
 def warn_about_partial_checkpoints(output_dir: str) -> None:
     for path in partial_checkpoints(output_dir):
         logger.warning(
-            f"Ignoring incomplete checkpoint {path} (a previous run stopped while writing it). "
+            f"Ignoring incomplete checkpoint {path} (a previous run stopped while writing or deleting it). "
             "It is never resumed from; it is deleted when the next checkpoint is saved."
         )
 
@@ -82,6 +82,19 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(temp, path)
 
 
+def _remove_atomically(path: str) -> None:
+    """Delete a checkpoint so that no half-deleted `checkpoint-N` is ever visible.
+
+    The directory is first renamed (atomic) to a temporary name that `partial_checkpoints`
+    lists and the next save cleans up, then deleted: a kill during the deletion leaves only
+    an ignored temporary directory.
+    """
+    trash = os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}{os.path.basename(path)}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def rotate_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
     """Delete the oldest complete checkpoints so at most `total_limit` remain. Returns what was removed."""
     if total_limit is None or total_limit <= 0:
@@ -89,7 +102,7 @@ def rotate_checkpoints(output_dir: str, total_limit: int | None) -> list[str]:
     checkpoints = list_checkpoints(output_dir)
     removed = []
     for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]:
-        shutil.rmtree(path, ignore_errors=True)
+        _remove_atomically(path)
         removed.append(path)
     if removed:
         logger.info(f"checkpoints_total_limit={total_limit}: removed {', '.join(os.path.basename(p) for p in removed)}")
@@ -122,7 +135,7 @@ def save_checkpoint(
         state = {"global_step": int(global_step), **(training_state or {})}
         write_json_atomic(os.path.join(temp_path, STATE_FILE), state)
         if os.path.exists(final_path):  # saving the same step twice (e.g. final save == last periodic save)
-            shutil.rmtree(final_path)
+            _remove_atomically(final_path)
         os.replace(temp_path, final_path)
         _fsync_dir(output_dir)
         rotate_checkpoints(output_dir, total_limit)
