@@ -194,3 +194,30 @@ def test_weights_only_refuses_a_malicious_pickle(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "optimizer.bin", weights_only=True)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_kill_during_rotation_never_leaves_a_half_deleted_checkpoint(accelerator, tmp_path, monkeypatch):
+    import utils.checkpointing as checkpointing
+
+    prepared_run(accelerator)
+    for step in (1, 2):
+        save_checkpoint(accelerator, str(tmp_path), step)
+    real_rmtree = checkpointing.shutil.rmtree
+
+    def die_while_deleting(path, *args, **kwargs):
+        if os.path.exists(path) and "checkpoint-1" in os.path.basename(path):
+            os.remove(os.path.join(path, "optimizer.bin"))  # half deleted...
+            raise KeyboardInterrupt("killed")  # ...when the process dies
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", die_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, str(tmp_path), 3, total_limit=2)
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", real_rmtree)
+    # Every visible checkpoint is complete; the half-deleted one hides under a temporary name.
+    for _, path in list_checkpoints(str(tmp_path)):
+        assert os.path.isfile(os.path.join(path, "optimizer.bin")), path
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 3]
+    assert [os.path.basename(p) for p in partial_checkpoints(str(tmp_path))] == [f"{TEMP_PREFIX}checkpoint-1.deleting"]
+    save_checkpoint(accelerator, str(tmp_path), 4, total_limit=2)
+    assert partial_checkpoints(str(tmp_path)) == [] and [s for s, _ in list_checkpoints(str(tmp_path))] == [3, 4]
