@@ -240,3 +240,31 @@ def is_oom_error(error: BaseException) -> bool:
 
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
     return max(1, math.ceil(num_batches / gradient_accumulation_steps))
+
+
+RANK_CHECKSUM_ENV = "TRAIN_DEBUG_RANK_CHECKSUM_DIR"
+
+
+def write_rank_checksums(accelerator, *models) -> None:
+    """Debug hook: with $TRAIN_DEBUG_RANK_CHECKSUM_DIR set, each rank writes `rank<i>.json`.
+
+    The file holds a SHA-256 of every parameter's bytes (and one over all of them), so a test
+    can check that data-parallel training kept the ranks' weights identical. No-op otherwise.
+    Call on every rank.
+    """
+    import hashlib
+    import json
+
+    directory = os.environ.get(RANK_CHECKSUM_ENV)
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    digests, total = {}, hashlib.sha256()
+    for index, model in enumerate(models):
+        for name, parameter in accelerator.unwrap_model(model).named_parameters():
+            data = parameter.detach().float().cpu().contiguous().numpy().tobytes()
+            digests[f"{index}.{name}"] = hashlib.sha256(data).hexdigest()
+            total.update(data)
+    with open(os.path.join(directory, f"rank{accelerator.process_index}.json"), "w", encoding="utf-8") as handle:
+        json.dump({"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
+                   "all": total.hexdigest(), "parameters": digests}, handle, indent=1)
