@@ -31,7 +31,7 @@ from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args, load_lora_into, save_lora
 from utils.training import (OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, create_accelerator,
-                            global_norm, is_oom_error, steps_per_epoch, tracker_config)
+                            global_norm, is_oom_error, steps_per_epoch, tracker_config, write_rank_checksums)
 from utils.vae_training import add_vae_args, load_finished_stage, train_vae_stage
 
 logger = logging.getLogger("train_text_to_image")
@@ -481,6 +481,7 @@ def main(args):
             raise RuntimeError(OOM_HINT) from error
         raise
     progress.close()
+    write_rank_checksums(accelerator, unet)  # debug hook for the multi-process tests (no-op unless its env var is set)
     save_final(args, accelerator, models, ema)
     accelerator.end_training()
 
