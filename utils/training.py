@@ -73,6 +73,15 @@ def _xla_available() -> bool:
     return True
 
 
+def _launched_multi_process_without_accelerator() -> bool:
+    """Several processes were launched (torchrun's WORLD_SIZE) but there is no GPU/accelerator to give them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available() or _xla_available():
+        return False
+    from accelerate.utils import is_hpu_available, is_mlu_available, is_npu_available, is_xpu_available
+
+    return not (is_xpu_available() or is_npu_available() or is_mlu_available() or is_hpu_available())
+
+
 def create_accelerator(args, **accelerator_kwargs):
     """Accelerator with a project dir, trackers, logging and (optional) seeding configured."""
     from accelerate import Accelerator
@@ -83,6 +92,11 @@ def create_accelerator(args, **accelerator_kwargs):
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     report_to = None if args.report_to in (None, "none") else args.report_to
+    if _launched_multi_process_without_accelerator():
+        # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: join the
+        # processes over gloo. Otherwise accelerate runs N unconnected single-process copies
+        # that train separately and overwrite each other's checkpoints.
+        accelerator_kwargs.setdefault("cpu", True)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
