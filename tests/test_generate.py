@@ -17,6 +17,15 @@ from utils.schedulers import SCHEDULERS, make_scheduler
 FAST = ["--steps", "2", "--num_images", "2", "--batch_size", "2"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded, and far faster when other jobs share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(tmp_path, name, *argv):
     """generate.main into tmp_path/name; returns (paths, per-image arrays without the grid)."""
     output_dir = str(tmp_path / name)
@@ -192,15 +201,20 @@ def test_errors(tiny_pipeline_dir, run_dir, tmp_path):
         generate.main(["--model", tiny_pipeline_dir])
 
 
-def test_command_line(tiny_pipeline_dir, tmp_path):
-    help_text = subprocess.run([sys.executable, "generate.py", "--help"], cwd=REPO_ROOT, env=launch_env(),
-                               capture_output=True, text=True, check=True).stdout
+def test_help_documents_presets_and_guidance(capsys):
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
     assert "fast = 25, quality = 75" in help_text and "7-12" in help_text
+
+
+def test_command_line(tiny_pipeline_dir, tmp_path):
     result = subprocess.run([sys.executable, "generate.py", "--model", tiny_pipeline_dir, "--prompt", "water", "--steps", "2",
                              "--num_images", "1", "--preset", "quality", "--output_dir", str(tmp_path)],
                             cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(os.listdir(tmp_path))[-1] == "grid.png" and len(os.listdir(tmp_path)) == 2
+    assert "2 dpm++ steps" in result.stdout  # --steps wins over --preset
 
 
 @pytest.fixture(scope="module")
