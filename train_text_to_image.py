@@ -26,11 +26,16 @@ from tqdm.auto import tqdm
 
 from utils.checkpointing import read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint
 from utils.config import parse_args_with_config
-from utils.data import ImageTransform, TextImageDataset, add_image_data_args, collate_text_image, load_text_image_dataset
+from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
+from utils.data import (ImageTransform, TextImageDataset, add_image_data_args, collate_text_image, load_text_image_dataset,
+                        make_train_dataloader)
 from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
+from utils.latent_cache import (add_cache_args, cache_text_image_dataset, collate_cached, offload_cached_encoders,
+                                resolve_cache_args, sample_cached_latents)
 from utils.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args, load_lora_into, save_lora
-from utils.training import (OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, create_accelerator,
+from utils.training import (OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups,
+                            create_accelerator,
                             global_norm, is_oom_error, steps_per_epoch, tracker_config, write_rank_checksums)
 from utils.vae_training import add_vae_args, load_finished_stage, train_vae_stage
 
@@ -59,7 +64,8 @@ def parse_args(argv=None):
     add_image_data_args(parser)
 
     train = parser.add_argument_group("training")
-    train.add_argument("--train_batch_size", type=int, default=16, help="Batch size (per device) for the training dataloader.")
+    train.add_argument("--train_batch_size", type=batch_size_arg, default=16,
+                       help="Batch size (per device) for the training dataloader, or 'auto': the largest that fits (see --effective_batch_size).")
     train.add_argument("--num_train_epochs", type=int, default=100)
     train.add_argument("--max_train_steps", type=int, default=None,
                        help="Total number of training steps to perform.  If provided, overrides num_train_epochs.")
@@ -107,6 +113,9 @@ def parse_args(argv=None):
     add_run_args(parser, output_dir_default=None)
     add_ema_args(parser)
     add_hub_args(parser)
+    add_cache_args(parser)
+    add_auto_batch_args(parser)
+    add_speed_args(parser)
     args = parse_args_with_config(parser, argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -124,6 +133,7 @@ def parse_args(argv=None):
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     validate_args(args)
+    resolve_cache_args(args, train_text_encoder=args.train_text_encoder)
     return args
 
 
@@ -213,14 +223,16 @@ def diffusion_loss(args, unet, text_encoder, vae, noise_scheduler, batch, monito
     """The denoising loss of one batch (epsilon or v target; min-SNR, offset noise, input perturbation, DREAM)."""
     from diffusers.training_utils import compute_dream_and_update_latents, compute_snr
 
-    latents = encode_latents(vae, batch["pixel_values"]).float()
+    latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
+               else encode_latents(vae, batch["pixel_values"])).float()
     noise = torch.randn_like(latents)
     if args.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
         noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
     model_noise = noise + args.input_perturbation * torch.randn_like(noise) if args.input_perturbation else noise
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
     noisy_latents = noise_scheduler.add_noise(latents, model_noise, timesteps)
-    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+    encoder_hidden_states = batch["encoder_hidden_states"] if "encoder_hidden_states" in batch \
+        else text_encoder(batch["input_ids"], return_dict=False)[0]
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
@@ -263,6 +275,7 @@ def log_validation(args, accelerator, models, ema, step, weight_dtype):
         unet=unet, vae=models["vae"], text_encoder=accelerator.unwrap_model(models["text_encoder"]),
         tokenizer=models["tokenizer"],
         scheduler=DPMSolverMultistepScheduler.from_config(models["noise_scheduler"].config, algorithm_type="dpmsolver++")))
+    pipeline.to(accelerator.device)  # the VAE/text encoder are off the device when cached
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
     images, captions = [], []
@@ -281,6 +294,7 @@ def log_validation(args, accelerator, models, ema, step, weight_dtype):
     path = save_and_log_images(accelerator, images, args.output_dir, "validation", step, captions,
                                columns=args.num_validation_images if args.num_validation_images > 1 else None)
     del pipeline
+    offload_cached_encoders(models, args)
     return path
 
 
@@ -313,9 +327,8 @@ def main(args):
                                tokenize, seed=args.seed, caption_dropout_prob=args.caption_dropout_prob,
                                skip_bad_samples=args.skip_bad_samples,
                                source_name=args.dataset_name or args.train_data_dir or args.train_data_file)
-    train_dataloader = torch.utils.data.DataLoader(dataset, shuffle=True, collate_fn=collate_text_image,
-                                                   batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers,
-                                                   pin_memory=torch.cuda.is_available(), drop_last=False)
+    train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
+                                             args.dataloader_num_workers, collate_text_image)
 
     # From scratch: fit the VAE first (or reuse a finished stage), then freeze it.
     if args.train_vae:
@@ -347,6 +360,16 @@ def main(args):
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
+
+    # Speed: train from cached latents/embeddings, size the batch (--train_batch_size auto), compile.
+    dataset = cache_text_image_dataset(dataset, vae, text_encoder, args, accelerator)
+    offload_cached_encoders(models, args)
+    collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_text_image
+    resolve_auto_batch_size_for(args, accelerator, lambda batch: diffusion_loss(args, unet, text_encoder, vae, models["noise_scheduler"],
+                                                                                batch, HealthMonitor(1)),
+                                dataset, collate, [unet] + ([text_encoder] if args.train_text_encoder else []))
+    train_dataloader = make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, collate)
+    apply_speedups(unet, args)
 
     ema = None
     if args.use_ema:

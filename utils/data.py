@@ -349,3 +349,14 @@ def write_metadata_jsonl(folder: str, records: list[dict]) -> str:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
+
+
+def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn, shuffle: bool = True):
+    """The training DataLoader with throughput settings: pinned host memory when a GPU is there,
+    deeper prefetching with workers. Workers are not persistent: each epoch's workers get the
+    dataset as `set_epoch` left it, which per-epoch augmentation (`sample_rng`) depends on."""
+    kwargs = dict(pin_memory=torch.cuda.is_available())
+    if num_workers > 0:
+        kwargs["prefetch_factor"] = 4
+    return torch.utils.data.DataLoader(dataset, shuffle=shuffle, collate_fn=collate_fn, batch_size=batch_size,
+                                       num_workers=num_workers, drop_last=False, **kwargs)

@@ -110,11 +110,13 @@ def create_accelerator(args, **accelerator_kwargs):
         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR,
     )
     if not accelerator.is_local_main_process:
-        import transformers, diffusers, datasets  # noqa: E401
+        import importlib
 
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
-        datasets.utils.logging.set_verbosity_error()
+        for library in ("transformers", "diffusers", "datasets"):
+            try:  # scripts that do not use a library need not have it (e.g. MSHNet on a TPU VM)
+                importlib.import_module(library).utils.logging.set_verbosity_error()
+            except ImportError:
+                pass
     if args.seed is not None:
         set_seed(args.seed)
     if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
@@ -282,3 +284,20 @@ def write_rank_checksums(accelerator, *models) -> None:
     with open(os.path.join(directory, f"rank{accelerator.process_index}.json"), "w", encoding="utf-8") as handle:
         json.dump({"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
                    "all": total.hexdigest(), "parameters": digests}, handle, indent=1)
+
+
+def add_speed_args(parser) -> None:
+    """--torch_compile and --channels_last (see docs/PERFORMANCE.md)."""
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="Compile the trained model with torch.compile (in place; the first steps are slow while it compiles).")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="Keep the trained model in channels_last memory format: faster convolutions on GPUs with bf16/fp16.")
+
+
+def apply_speedups(model: torch.nn.Module, args) -> torch.nn.Module:
+    """channels_last and in-place torch.compile (the module object, its state_dict keys and hooks stay the same)."""
+    if getattr(args, "channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    if getattr(args, "torch_compile", False):
+        model.compile()
+    return model
