@@ -148,6 +148,13 @@ def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.
 # Loading: full pipeline, base + LoRA, or checkpoint-N on top of a base
 # ----------------------------------------------------------------------------------------------
 
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """`from_pretrained`'s dtype argument: newer diffusers call it `dtype` and deprecate `torch_dtype`."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
 def is_mask_dit_dir(path: str) -> bool:
     from utils.nextdit import is_mask_dit_dir as check  # imported lazily: only mask-DiT users need it
 
@@ -185,7 +192,7 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
     base = resolve_base_model(args)
-    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(base, **dtype_kwarg(dtype))
     description, lora_source = base, None
     if args.checkpoint is not None:
         description, lora_source = load_checkpoint_into(pipe, args.checkpoint, args.ema, dtype)
@@ -214,12 +221,12 @@ def load_checkpoint_into(pipe, checkpoint: str, ema: bool, dtype: torch.dtype) -
     if not os.path.isfile(os.path.join(unet_path, "config.json")):
         hint = " (the run was trained without --use_ema; drop --ema)" if ema else ""
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no {unet_folder}/ with a diffusers UNet{hint}; found {present}")
-    pipe.unet = UNet2DConditionModel.from_pretrained(unet_path, torch_dtype=dtype)
+    pipe.unet = UNet2DConditionModel.from_pretrained(unet_path).to(dtype)
     loaded = [unet_folder]
     for name in ("vae", "text_encoder"):
         folder = os.path.join(checkpoint, name)
         if os.path.isfile(os.path.join(folder, "config.json")):
-            setattr(pipe, name, type(getattr(pipe, name)).from_pretrained(folder, torch_dtype=dtype))
+            setattr(pipe, name, type(getattr(pipe, name)).from_pretrained(folder).to(dtype))
             loaded.append(name)
     return f"{checkpoint} ({', '.join(loaded)})", None
 

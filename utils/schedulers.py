@@ -35,10 +35,6 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
 }
 
 
-def scheduler_names() -> list[str]:
-    return list(SCHEDULERS)
-
-
 def make_scheduler(name: str, base_config, **overrides):
     """A new scheduler of kind `name` (a key of SCHEDULERS) sharing `base_config`'s noise schedule.
 
