@@ -259,8 +259,7 @@ def diffusion_loss(args, unet, text_encoder, vae, noise_scheduler, batch, monito
 @torch.no_grad()
 def log_validation(args, accelerator, models, ema, step, weight_dtype):
     """Sample the validation prompts with the training modules themselves (no second copy)."""
-    from diffusers import DPMSolverMultistepScheduler
-
+    from utils.schedulers import make_scheduler
     from utils.sd_builder import assemble_pipeline
     from utils.validation import save_and_log_images
 
@@ -274,7 +273,7 @@ def log_validation(args, accelerator, models, ema, step, weight_dtype):
     pipeline = assemble_pipeline(dict(
         unet=unet, vae=models["vae"], text_encoder=accelerator.unwrap_model(models["text_encoder"]),
         tokenizer=models["tokenizer"],
-        scheduler=DPMSolverMultistepScheduler.from_config(models["noise_scheduler"].config, algorithm_type="dpmsolver++")))
+        scheduler=make_scheduler("dpm++", models["noise_scheduler"].config)))
     pipeline.to(accelerator.device)  # the VAE/text encoder are off the device when cached
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
@@ -566,6 +565,8 @@ def save_final(args, accelerator, models, ema) -> None:
         if args.pretrained_model_name_or_path:
             pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
                                                                variant=args.variant, **trained)
+            # Inference must use the target the UNet was trained for (diffusers' script keeps the base's).
+            pipeline.scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
         else:
             pipeline = assemble_pipeline(dict(trained, tokenizer=models["tokenizer"], scheduler=models["noise_scheduler"]))
         pipeline.save_pretrained(args.output_dir)
