@@ -358,5 +358,10 @@ def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn
     kwargs = dict(pin_memory=torch.cuda.is_available())
     if num_workers > 0:
         kwargs["prefetch_factor"] = 4
+    # A generator of its own: creating a DataLoader iterator draws a base seed, from torch's global
+    # RNG otherwise. An uninterrupted run draws it at the epoch start, before a mid-epoch
+    # checkpoint; a run resumed from that checkpoint would draw it after restoring the RNG and
+    # then sample different noise (no longer bitwise identical). The order comes from
+    # accelerate's seedable sampler, which reseeds this generator every epoch.
     return torch.utils.data.DataLoader(dataset, shuffle=shuffle, collate_fn=collate_fn, batch_size=batch_size,
-                                       num_workers=num_workers, drop_last=False, **kwargs)
+                                       num_workers=num_workers, drop_last=False, generator=torch.Generator(), **kwargs)
