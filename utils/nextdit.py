@@ -26,6 +26,7 @@ t = 0 is pure noise; the model predicts the velocity x_data - noise.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -43,6 +44,9 @@ logger = logging.getLogger(__name__)
 # on caption_dim (cross-attention) and mask_channels; the names are the guide-003 planning points.
 MODEL_PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=None, multiple_of=16),
+    # The CPU demo of docs/MASK_DIT.md: 64 px pixel space in 256 tokens (patch 4) trains in minutes.
+    "cpu_demo": dict(hidden_size=128, num_layers=4, num_attention_heads=4, num_kv_heads=None, multiple_of=32,
+                     patch_size=4),
     # guide 003 "ultra fast" table entry: hidden 768, depth 12, 12 heads (~0.1B, not 0.6B).
     "ultrafast": dict(hidden_size=768, num_layers=12, num_attention_heads=12, num_kv_heads=None, multiple_of=256),
     "0.6B": dict(hidden_size=1536, num_layers=18, num_attention_heads=24, num_kv_heads=8, multiple_of=256),
@@ -410,7 +414,8 @@ def build_mask_nextdit(
         with open(model_config, encoding="utf-8") as handle:
             model_config = json.load(handle)
     if model_config:
-        unknown = set(model_config) - set(MaskNextDiT2DModel.__init__.__code__.co_varnames) - {"_class_name", "_diffusers_version"}
+        known = set(inspect.signature(MaskNextDiT2DModel.__init__).parameters) - {"self"}
+        unknown = {k for k in model_config if not k.startswith("_")} - known
         if unknown:
             raise ValueError(f"--model_config: unknown keys {sorted(unknown)}")
         config.update({k: v for k, v in model_config.items() if not k.startswith("_")})
