@@ -242,6 +242,14 @@ def register_checkpoint_hooks(
         return None
 
     def save_hook(models, weights, output_dir):
+        # Saving must not change the run: building a model to save it (diffusers'
+        # EMAModel.save_pretrained does) draws random init weights from the global RNG, and
+        # accelerate stores the RNG state after this hook. Without the fork, how often a run
+        # checkpoints would change its results, and a resume would not be bitwise exact.
+        with torch.random.fork_rng(devices=[]):
+            _save(models, weights, output_dir)
+
+    def _save(models, weights, output_dir):
         handled = []
         for index, model in enumerate(models):
             name = name_of(model)
