@@ -221,3 +221,22 @@ def test_a_kill_during_rotation_never_leaves_a_half_deleted_checkpoint(accelerat
     assert [os.path.basename(p) for p in partial_checkpoints(str(tmp_path))] == [f"{TEMP_PREFIX}checkpoint-1.deleting"]
     save_checkpoint(accelerator, str(tmp_path), 4, total_limit=2)
     assert partial_checkpoints(str(tmp_path)) == [] and [s for s, _ in list_checkpoints(str(tmp_path))] == [3, 4]
+
+
+def test_saving_does_not_move_the_global_rng(accelerator, tmp_path):
+    """A saver that draws random numbers (EMAModel.save_pretrained builds a randomly initialised
+    model) must not change the run: how often it checkpoints would otherwise change its results."""
+
+    def saver_that_draws(directory):
+        os.makedirs(directory, exist_ok=True)
+        torch.randn(1000)
+
+    prepared_run(accelerator, {"extra_savers": {"ema": saver_that_draws}})
+    before = torch.get_rng_state()
+    path = save_checkpoint(accelerator, str(tmp_path), 1)
+    assert torch.equal(torch.get_rng_state(), before)
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+        saved = torch.load(os.path.join(path, "random_states_0.pkl"), weights_only=True)
+    assert torch.equal(saved["torch_manual_seed"], before)
