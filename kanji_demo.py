@@ -58,7 +58,7 @@ def build_data(args, mode) -> str:
     if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
         summary = build_kanji_dataset(data_dir, resolution=mode["resolution"], subset=mode["subset"], fonts=tuple(mode["fonts"]),
                                       seed=args.seed, overwrite=True)
-        print(f"[data] {summary.get('num_train', '?')} training / {summary.get('num_validation', '?')} held-out glyphs in {data_dir}")
+        print(f"[data] {summary['num_train_images']} training / {summary['num_validation_images']} held-out glyph images in {data_dir}")
     return data_dir
 
 

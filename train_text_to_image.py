@@ -37,7 +37,7 @@ from utils.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_l
 from utils.training import (OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups,
                             create_accelerator,
                             global_norm, is_oom_error, steps_per_epoch, tracker_config, write_rank_checksums)
-from utils.vae_training import add_vae_args, load_finished_stage, train_vae_stage
+from utils.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
 
 logger = logging.getLogger("train_text_to_image")
 
@@ -152,6 +152,8 @@ def validate_args(args) -> None:
         raise ValueError("--use_ema with --use_lora is not supported: EMA of LoRA adapters is not what diffusers' scripts do.")
     if args.use_lora and args.train_vae:
         raise ValueError("--train_vae trains a VAE from scratch; it cannot be combined with --use_lora.")
+    if args.train_vae and args.vae_training_mode == "joint" and (args.cache_latents or int(os.environ.get("WORLD_SIZE", 1)) > 1):
+        raise ValueError("--vae_training_mode joint runs in one process without --cache_latents; use the default 'stage' mode.")
     if not 0.0 <= args.caption_dropout_prob < 1.0:
         raise ValueError("--caption_dropout_prob must be in [0, 1).")
     if args.enable_xformers_memory_efficient_attention:
@@ -223,8 +225,14 @@ def diffusion_loss(args, unet, text_encoder, vae, noise_scheduler, batch, monito
     """The denoising loss of one batch (epsilon or v target; min-SNR, offset noise, input perturbation, DREAM)."""
     from diffusers.training_utils import compute_dream_and_update_latents, compute_snr
 
-    latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
-               else encode_latents(vae, batch["pixel_values"])).float()
+    vae_loss = None
+    if args.train_vae and args.vae_training_mode == "joint":  # VAE learns from its own loss only
+        vae_loss, reconstruction, kl, raw_latents = vae_losses(vae, batch["pixel_values"], args.vae_kl_weight, return_latents=True)
+        latents = raw_latents.detach() * vae.config.scaling_factor
+        monitor.add(vae_reconstruction_loss=reconstruction, vae_kl=kl)
+    else:
+        latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
+                   else encode_latents(vae, batch["pixel_values"])).float()
     noise = torch.randn_like(latents)
     if args.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
         noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
@@ -253,7 +261,7 @@ def diffusion_loss(args, unet, text_encoder, vae, noise_scheduler, batch, monito
         loss = (loss * weights).mean()
     monitor.add(timestep_mean=timesteps.float().mean(), timestep_std=timesteps.float().std(),
                 latent_std=latents.std(), noise_std=noise.std())
-    return loss
+    return loss if vae_loss is None else loss + vae_loss
 
 
 @torch.no_grad()
@@ -330,13 +338,16 @@ def main(args):
                                              args.dataloader_num_workers, collate_text_image)
 
     # From scratch: fit the VAE first (or reuse a finished stage), then freeze it.
-    if args.train_vae:
+    joint_vae = args.train_vae and args.vae_training_mode == "joint"
+    if args.train_vae and not joint_vae:
         finished = load_finished_stage(args.output_dir)
         vae = finished if finished is not None else train_vae_stage(accelerator, vae, train_dataloader, args)
         models["vae"] = vae
+    elif joint_vae:  # the UNet sees latents scaled by the initial VAE's statistics, fixed for the run
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, [b for _, b in zip(range(4), train_dataloader)], "cpu"))
 
     # Which weights train.
-    vae.requires_grad_(False)
+    vae.requires_grad_(joint_vae)
     train_text_encoder_fully = args.train_text_encoder and not args.use_lora
     text_encoder.requires_grad_(train_text_encoder_fully)
     unet.requires_grad_(not args.use_lora)
@@ -378,7 +389,7 @@ def main(args):
             ema.pin_memory() if torch.cuda.is_available() else None
 
     # Checkpoints store each trained module in diffusers format (checkpoint-N/unet, unet_ema, ...).
-    trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {})}
+    trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {}), **({"vae": vae} if joint_vae else {})}
     if args.use_lora:
         lora_te = text_encoder if args.train_text_encoder else None
         save_fns = {"unet": lambda m, d: save_lora(os.path.dirname(d), m, lora_te), "text_encoder": lambda m, d: None}
@@ -396,6 +407,9 @@ def main(args):
     if args.train_text_encoder:
         param_groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
                              "lr": args.text_encoder_learning_rate or args.learning_rate})
+    if joint_vae:
+        param_groups.append({"params": list(vae.parameters()), "lr": args.vae_learning_rate, "weight_decay": 0.0})
+    initial_lrs = [group["lr"] for group in param_groups]  # from this run's flags (what --resume_override_lr restarts at)
     optimizer = make_optimizer(args, param_groups)
     num_update_steps_per_epoch = steps_per_epoch(math.ceil(len(dataset) / (args.train_batch_size * accelerator.num_processes)),
                                                  args.gradient_accumulation_steps)
@@ -405,12 +419,13 @@ def main(args):
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
 
-    to_prepare = [unet] + ([text_encoder] if args.train_text_encoder else [])
+    to_prepare = [unet] + ([text_encoder] if args.train_text_encoder else []) + ([vae] if joint_vae else [])
     prepared = accelerator.prepare(*to_prepare, optimizer, train_dataloader, lr_scheduler)
     unet = prepared[0]
     text_encoder = prepared[1] if args.train_text_encoder else text_encoder
     optimizer, train_dataloader, lr_scheduler = prepared[-3:]
     models.update(unet=unet, text_encoder=text_encoder)
+    to_prepare = [unet] + ([text_encoder] if args.train_text_encoder else []) + ([vae] if joint_vae else [])
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
     if accelerator.is_main_process:
@@ -426,7 +441,7 @@ def main(args):
         first_epoch = global_step // num_update_steps_per_epoch
         resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
         if args.resume_override_lr:
-            restart_lr_schedule(lr_scheduler, optimizer, [g["lr"] for g in param_groups_initial(args, param_groups)])
+            restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training *****  examples={len(dataset)} epochs={args.num_train_epochs} "
@@ -519,11 +534,6 @@ def make_optimizer(args, param_groups):
     # The fused kernel is the fastest AdamW where it exists (CUDA, and CPU in recent torch).
     fused = torch.cuda.is_available()
     return torch.optim.AdamW(param_groups, fused=fused or None, foreach=None if fused else True, **kwargs)
-
-
-def param_groups_initial(args, param_groups):
-    return [{"lr": args.learning_rate}] + ([{"lr": args.text_encoder_learning_rate or args.learning_rate}]
-                                           if len(param_groups) > 1 else [])
 
 
 def restart_lr_schedule(lr_scheduler, optimizer, learning_rates) -> None:

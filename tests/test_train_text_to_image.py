@@ -3,6 +3,7 @@
 import json
 import os
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,10 +157,13 @@ def test_train_checkpoint_resume_and_limit(tiny_pipeline_dir, image_folder, tmp_
     # Resume from latest continues to 6 steps; the limit of 2 holds across the resume.
     result = accelerate_launch(SCRIPT, base_args(tiny_pipeline_dir, image_folder, out, steps=6,
                                                  extra="--checkpointing_steps 2 --checkpoints_total_limit 2 --use_ema "
-                                                       "--resume_from_checkpoint latest"))
+                                                       "--resume_from_checkpoint latest --resume_override_lr --learning_rate 5e-5"))
     assert "Resuming from checkpoint" in result.stdout + result.stderr
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-4", "checkpoint-6"]
     assert json.loads((out / "checkpoint-6" / "training_state.json").read_text())["global_step"] == 6
+    # --resume_override_lr restarted the schedule at the new learning rate.
+    scheduler_state = torch.load(out / "checkpoint-6" / "scheduler.bin", weights_only=True)
+    assert scheduler_state["base_lrs"] == [5e-5]
     saved_args = json.loads((out / "training_args.json").read_text())
     assert saved_args["max_train_steps"] == 6 and "hub_token" not in saved_args
 
@@ -197,3 +201,24 @@ def test_from_scratch_preset_with_vae_stage_and_text_encoder(image_folder, tmp_p
     assert (out / "checkpoint-3" / "text_encoder").is_dir()
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe("kanji", num_inference_steps=2, height=32, width=32, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.slow
+def test_from_scratch_with_config_json_and_loaded_text_encoder(tiny_pipeline_dir, image_folder, tmp_path):
+    """--unet_config / --vae_config JSON overrides, --text_encoder_name_or_path (a local folder), joint VAE training."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet_config, vae_config = tmp_path / "unet.json", tmp_path / "vae.json"
+    unet_config.write_text(json.dumps({"block_out_channels": [16, 32], "norm_num_groups": 8, "attention_head_dim": 4}))
+    vae_config.write_text(json.dumps({"block_out_channels": [8, 16], "norm_num_groups": 8, "latent_channels": 2}))
+    out = tmp_path / "json"
+    accelerate_launch(SCRIPT, ["--model_preset", "tiny", "--unet_config", unet_config, "--vae_config", vae_config,
+                               "--text_encoder_name_or_path", tiny_pipeline_dir, "--train_data_dir", image_folder,
+                               "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--output_dir", out,
+                               "--report_to", "none", "--seed", "1", "--train_vae", "--vae_training_mode", "joint",
+                               "--checkpointing_steps", "2"])
+    assert (out / "checkpoint-2" / "vae").is_dir()  # joint mode: the VAE trains with the UNet and is checkpointed
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert list(unet.config.block_out_channels) == [16, 32] and unet.config.in_channels == 2
+    assert AutoencoderKL.from_pretrained(out / "vae").config.latent_channels == 2
+    assert json.loads((out / "tokenizer" / "vocab.json").read_text()) == json.loads((Path(tiny_pipeline_dir) / "tokenizer" / "vocab.json").read_text())

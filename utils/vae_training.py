@@ -29,12 +29,16 @@ def add_vae_args(parser) -> None:
                         help="VAE learning rate (guide 001's kanji setup: VAE 1e-4 against UNet 1e-5).")
     parser.add_argument("--vae_kl_weight", type=float, default=1e-6,
                         help="KL weight against the summed reconstruction error (LDM's 1e-6 convention).")
+    parser.add_argument("--vae_training_mode", type=str, default="stage", choices=["stage", "joint"],
+                        help="stage: --vae_train_steps of VAE alone, then frozen (default, measured better: README). "
+                             "joint: VAE and UNet trained together, the diffusion loss on detached latents (one process only).")
 
 
-def vae_losses(vae, pixel_values: torch.Tensor, kl_weight: float, generator=None):
+def vae_losses(vae, pixel_values: torch.Tensor, kl_weight: float, generator=None, return_latents: bool = False):
     """Reconstruction (MSE per pixel) and KL (LDM weighting) of a batch [B, 3, H, W] in [-1, 1].
 
-    Returns (total, reconstruction, kl) scalars. KL is the posterior's sum over latent elements
+    Returns (total, reconstruction, kl) scalars (+ the sampled, unscaled latents with
+    `return_latents`). KL is the posterior's sum over latent elements
     divided by the number of pixel elements, so `kl_weight` means what it does in LDM, where both
     terms are sums.
     """
@@ -43,7 +47,8 @@ def vae_losses(vae, pixel_values: torch.Tensor, kl_weight: float, generator=None
     reconstruction = vae.decode(latents).sample
     reconstruction_loss = F.mse_loss(reconstruction.float(), pixel_values.float())
     kl = posterior.kl().mean() / pixel_values[0].numel()
-    return reconstruction_loss + kl_weight * kl, reconstruction_loss, kl
+    losses = (reconstruction_loss + kl_weight * kl, reconstruction_loss, kl)
+    return losses + (latents,) if return_latents else losses
 
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
