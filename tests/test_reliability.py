@@ -1,0 +1,414 @@
+"""Issue #8 end to end: exact resume, SIGKILL/SIGTERM safety, non-finite steps, OOM hints and real
+two-process (gloo) runs, on real training processes started the way users start them.
+
+Every run here goes through `accelerate launch --config_file accelerate_configs/<file>.yaml`, so
+these runs are also the launch tests of `cpu.yaml`, `single_gpu.yaml` and `multi_gpu.yaml`.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT, launch_env
+
+CONFIGS = os.path.join(REPO_ROOT, "accelerate_configs")
+TEXT_TO_IMAGE = os.path.join(REPO_ROOT, "train_text_to_image.py")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------
+
+def launch_command(script, args, config="cpu.yaml", num_processes=None):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(CONFIGS, config)]
+    if num_processes:
+        command += ["--num_processes", str(num_processes)]
+    return command + [script] + [str(a) for a in args]
+
+
+def run(script, args, config="cpu.yaml", num_processes=None, env=None, check=True, timeout=300):
+    result = subprocess.run(launch_command(script, args, config, num_processes), cwd=REPO_ROOT, env=env or launch_env(),
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-6000:]}")
+    return result
+
+
+def start(script, args, log_path, config="cpu.yaml"):
+    """Start a launch in its own process group (so signals reach the launcher and the trainer)."""
+    log = open(log_path, "w")
+    process = subprocess.Popen(launch_command(script, args, config), cwd=REPO_ROOT, env=launch_env(), stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    process.log = log
+    return process
+
+
+def group_alive(process) -> bool:
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return False
+    process.poll()  # reap the launcher if it is done
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def signal_group(process, sig) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_group(process, timeout=120) -> None:
+    """Wait until the launcher and the trainer it started have both exited."""
+    deadline = time.monotonic() + timeout
+    while group_alive(process):
+        if time.monotonic() > deadline:
+            signal_group(process, signal.SIGKILL)
+            raise AssertionError("training process did not exit in time")
+        time.sleep(0.05)
+    process.wait()
+    process.log.close()
+
+
+def wait_for(predicate, process, timeout=120, interval=0.001):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        if process.poll() is not None and not group_alive(process):
+            raise AssertionError(f"the run ended before the awaited point:\n{open(process.log.name).read()[-4000:]}")
+        time.sleep(interval)
+    raise AssertionError("timed out waiting for the training process")
+
+
+def checkpoint_steps(output_dir):
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    return sorted(int(n.split("-")[1]) for n in names if n.startswith("checkpoint-") and n.split("-")[1].isdigit())
+
+
+def partial_dirs(output_dir):
+    return sorted(n for n in os.listdir(output_dir) if n.startswith(".tmp-checkpoint-")) if os.path.isdir(output_dir) else []
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing runs
+# ----------------------------------------------------------------------------------------------
+
+def load_torch_file(path):
+    """Checkpoint torch files load with weights_only=True (accelerate's numpy allowlist for RNG states)."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+        return torch.load(path, weights_only=True)
+
+
+def assert_same(a, b, where):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{index}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_checkpoints_identical(first, second, weight_files):
+    """Weights (safetensors), optimizer, LR scheduler, RNG states and training state, bit for bit."""
+    for relative in weight_files:
+        assert_same(load_file(os.path.join(first, relative)), load_file(os.path.join(second, relative)), relative)
+    for name in sorted(os.listdir(first)):
+        if name.endswith((".bin", ".pkl")):
+            assert_same(load_torch_file(os.path.join(first, name)), load_torch_file(os.path.join(second, name)), name)
+    state = [json.load(open(os.path.join(d, "training_state.json"))) for d in (first, second)]
+    assert state[0] == state[1]
+
+
+def assert_checkpoint_loads(path, weight_files):
+    for relative in weight_files:
+        assert load_file(os.path.join(path, relative)), relative
+    for name in os.listdir(path):
+        if name.endswith((".bin", ".pkl")):
+            load_torch_file(os.path.join(path, name))
+    assert json.load(open(os.path.join(path, "training_state.json")))["global_step"] == int(path.rsplit("-", 1)[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# train_text_to_image.py
+# ----------------------------------------------------------------------------------------------
+
+T2I_WEIGHTS = ["unet/diffusion_pytorch_model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"]
+T2I_STEPS = 10  # 8 images / batch 2 / accumulation 2 = 2 optimizer steps per epoch
+
+
+@pytest.fixture(scope="module")
+def t2i_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captioned")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a picture of thing {i}")
+    return str(root)
+
+
+def t2i_args(pipeline, data, output_dir, steps=T2I_STEPS, extra=()):
+    """Gradient accumulation, random flips, EMA, validation mid-run: everything that holds state or uses RNG."""
+    return ["--pretrained_model_name_or_path", pipeline, "--train_data_dir", data, "--resolution", "32",
+            "--train_batch_size", "2", "--gradient_accumulation_steps", "2", "--random_flip", "--use_ema",
+            "--max_train_steps", steps, "--checkpointing_steps", "1", "--output_dir", output_dir, "--seed", "3",
+            "--report_to", "none", "--lr_warmup_steps", "0", "--lr_scheduler", "cosine",
+            "--validation_prompts", "a thing", "--validation_steps", "4", "--validation_inference_steps", "2",
+            "--num_validation_images", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def t2i_straight(tiny_pipeline_dir, t2i_data, tmp_path_factory):
+    """The reference: all steps in one process (cpu.yaml)."""
+    output_dir = str(tmp_path_factory.mktemp("straight") / "out")
+    run(TEXT_TO_IMAGE, t2i_args(tiny_pipeline_dir, t2i_data, output_dir), config="cpu.yaml")
+    return output_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", [3])  # epoch 1, after its first optimizer step: mid-epoch, mid-accumulation-cycle
+def test_t2i_exact_resume_mid_epoch(tiny_pipeline_dir, t2i_data, t2i_straight, tmp_path, stop_at):
+    """N steps in one go == stop at N' (mid-epoch) + `--resume_from_checkpoint latest`, bit for bit.
+
+    The resumed run is a new process that only has the checkpoint (copied into a fresh output
+    dir), so every piece of state the continuation needs must be in it. Launched with
+    single_gpu.yaml, which runs fp32 on the CPU here, so the numerics match cpu.yaml's.
+    """
+    output_dir = str(tmp_path / "out")
+    os.makedirs(output_dir)
+    shutil.copytree(os.path.join(t2i_straight, f"checkpoint-{stop_at}"), os.path.join(output_dir, f"checkpoint-{stop_at}"))
+    result = run(TEXT_TO_IMAGE, t2i_args(tiny_pipeline_dir, t2i_data, output_dir, extra=["--resume_from_checkpoint", "latest"]),
+                 config="single_gpu.yaml")
+    assert f"checkpoint-{stop_at}" in result.stdout + result.stderr
+    for step in range(stop_at + 1, T2I_STEPS + 1, 5):
+        assert_checkpoints_identical(os.path.join(t2i_straight, f"checkpoint-{step}"),
+                                     os.path.join(output_dir, f"checkpoint-{step}"), T2I_WEIGHTS)
+    assert_checkpoints_identical(os.path.join(t2i_straight, f"checkpoint-{T2I_STEPS}"),
+                                 os.path.join(output_dir, f"checkpoint-{T2I_STEPS}"), T2I_WEIGHTS)
+    final = "unet/diffusion_pytorch_model.safetensors"  # the final pipeline's UNet (EMA weights)
+    assert_same(load_file(os.path.join(t2i_straight, final)), load_file(os.path.join(output_dir, final)), final)
+
+
+@pytest.mark.slow
+def test_t2i_sigkill_sigterm_and_resume(tiny_pipeline_dir, t2i_data, t2i_straight, tmp_path):
+    """Kill a real run during a checkpoint write, stop one with SIGTERM, kill one mid-step; resume each time.
+
+    Afterwards: every checkpoint-* loads, the leftover partial write was warned about and
+    cleaned, the SIGTERM run saved and said how to resume, and the final weights equal those
+    of the uninterrupted run bit for bit.
+    """
+    output_dir = str(tmp_path / "out")
+    args = t2i_args(tiny_pipeline_dir, t2i_data, output_dir)
+    resume = args + ["--resume_from_checkpoint", "latest"]
+
+    # 1. SIGKILL while a checkpoint is being written (a .tmp-checkpoint-N exists), after one complete one.
+    process = start(TEXT_TO_IMAGE, args, tmp_path / "1.log")
+    partial = wait_for(lambda: [p for p in partial_dirs(output_dir) if not p.endswith("-1")], process)
+    signal_group(process, signal.SIGKILL)
+    wait_group(process)
+    assert partial_dirs(output_dir), "the kill should have left the partial write behind"
+    killed_during = partial_dirs(output_dir)[0]
+    complete = checkpoint_steps(output_dir)
+    assert complete and f".tmp-checkpoint-{complete[-1]}" != killed_during
+    for step in complete:
+        assert_checkpoint_loads(os.path.join(output_dir, f"checkpoint-{step}"), T2I_WEIGHTS)
+
+    # 2. Resume, then SIGTERM (what Colab / a preemptible VM sends): save at the step boundary, exit cleanly.
+    process = start(TEXT_TO_IMAGE, resume, tmp_path / "2.log")
+    latest = complete[-1]
+    wait_for(lambda: [s for s in checkpoint_steps(output_dir) if s > latest], process)
+    signal_group(process, signal.SIGTERM)
+    wait_group(process)
+    log = open(tmp_path / "2.log").read()
+    assert f"Resuming from checkpoint {os.path.join(output_dir, f'checkpoint-{latest}')}" in log
+    assert "Ignoring incomplete checkpoint" in log and killed_during in log
+    assert "SIGTERM received" in log and "Traceback" not in log.split("SIGTERM received")[1].split("Stopped by")[0]
+    stopped_at = int(log.split("Stopped by SIGTERM at step ")[1].split(".")[0])
+    assert "--resume_from_checkpoint latest" in log.split("Stopped by SIGTERM")[1]
+    assert stopped_at < T2I_STEPS and checkpoint_steps(output_dir)[-1] == stopped_at
+    assert not partial_dirs(output_dir), "the next save cleans up the partial write"
+
+    # 3. Resume, then SIGKILL in the middle of training steps.
+    process = start(TEXT_TO_IMAGE, resume, tmp_path / "3.log")
+    wait_for(lambda: [s for s in checkpoint_steps(output_dir) if s > stopped_at], process)
+    time.sleep(0.1)
+    signal_group(process, signal.SIGKILL)
+    wait_group(process)
+    for step in checkpoint_steps(output_dir):
+        assert_checkpoint_loads(os.path.join(output_dir, f"checkpoint-{step}"), T2I_WEIGHTS)
+
+    # 4. Resume to the end: identical to the run that was never interrupted.
+    run(TEXT_TO_IMAGE, resume, config="cpu.yaml")
+    assert checkpoint_steps(output_dir)[-1] == T2I_STEPS and not partial_dirs(output_dir)
+    assert_checkpoints_identical(os.path.join(t2i_straight, f"checkpoint-{T2I_STEPS}"),
+                                 os.path.join(output_dir, f"checkpoint-{T2I_STEPS}"), T2I_WEIGHTS)
+    final = "unet/diffusion_pytorch_model.safetensors"
+    assert_same(load_file(os.path.join(t2i_straight, final)), load_file(os.path.join(output_dir, final)), final)
+
+
+@pytest.mark.slow
+def test_t2i_nonfinite_steps_are_skipped_then_abort(tiny_pipeline_dir, t2i_data, tmp_path):
+    # A huge learning rate blows the weights up after the first step; every later loss is NaN.
+    args = t2i_args(tiny_pipeline_dir, t2i_data, str(tmp_path / "out"), steps=10,
+                    extra=["--learning_rate", "1e30", "--adam_weight_decay", "0", "--max_nonfinite_steps", "3",
+                           "--lr_scheduler", "constant"])
+    result = run(TEXT_TO_IMAGE, args, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for count in (1, 2, 3):
+        assert f"update skipped ({count} in a row, {count} total)" in output
+    assert "3 consecutive steps had a non-finite loss or gradient (--max_nonfinite_steps 3)" in output
+    assert "--learning_rate" in output.split("consecutive steps")[1]
+
+
+def test_t2i_out_of_memory_prints_what_to_try(tiny_pipeline_dir, t2i_data, tmp_path, monkeypatch):
+    """An OOM inside the loop becomes the hint list (in-process: an OOM cannot be forced on a CPU)."""
+    import train_text_to_image as script
+    from accelerate.state import AcceleratorState, GradientState
+
+    from utils.training import OOM_HINT
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(script, "diffusion_loss", out_of_memory)
+    args = script.parse_args([str(a) for a in t2i_args(tiny_pipeline_dir, t2i_data, str(tmp_path / "out"), steps=2)])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        with pytest.raises(RuntimeError) as error:
+            script.main(args)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    assert str(error.value) == OOM_HINT
+    for advice in ("--train_batch_size", "--gradient_accumulation_steps", "--gradient_checkpointing", "--use_8bit_adam",
+                   "--resolution"):
+        assert advice in OOM_HINT
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (DDP over gloo on the CPU), launched with multi_gpu.yaml --num_processes 2
+# ----------------------------------------------------------------------------------------------
+
+WRITE_AUDIT = textwrap.dedent('''
+    """Test-only: record, per rank, every file the process opens for writing / creates / renames under a prefix."""
+    import os, sys, threading
+    _prefix = os.environ.get("TEST_WRITE_AUDIT_PREFIX")
+    _log = os.environ.get("TEST_WRITE_AUDIT_DIR")
+    _guard = threading.local()
+
+    def _hook(event, args):
+        if getattr(_guard, "busy", False) or event not in ("open", "os.mkdir", "os.rename", "os.remove", "shutil.rmtree"):
+            return
+        path = args[0]
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return
+        path = os.path.abspath(os.fsdecode(path))
+        if event == "open":
+            mode, flags = args[1], args[2]
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            if not writing:
+                return
+        if not path.startswith(_prefix):
+            return
+        _guard.busy = True
+        try:
+            with open(os.path.join(_log, "writes-" + os.environ.get("RANK", "launcher") + ".txt"), "a") as handle:
+                handle.write(event + " " + os.path.relpath(path, _prefix) + "\\n")
+        finally:
+            _guard.busy = False
+
+    if _prefix and _log:
+        sys.addaudithook(_hook)
+''')
+
+
+def audited_env(tmp_path, output_dir, checksum_dir):
+    hooks = tmp_path / "audit_hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(WRITE_AUDIT)
+    env = launch_env()
+    env.update(PYTHONPATH=f"{hooks}{os.pathsep}{REPO_ROOT}", TEST_WRITE_AUDIT_PREFIX=os.path.abspath(output_dir),
+               TEST_WRITE_AUDIT_DIR=str(tmp_path), TRAIN_DEBUG_RANK_CHECKSUM_DIR=str(checksum_dir))
+    return env
+
+
+def rank_writes(tmp_path, rank):
+    path = tmp_path / f"writes-{rank}.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def assert_ranks_identical(checksum_dir, num_processes=2):
+    sums = [json.load(open(os.path.join(checksum_dir, f"rank{r}.json"))) for r in range(num_processes)]
+    assert all(s["num_processes"] == num_processes for s in sums), "the processes must form one process group"
+    differing = [name for name in sums[0]["parameters"] if sums[0]["parameters"][name] != sums[1]["parameters"][name]]
+    assert not differing and sums[0]["all"] == sums[1]["all"], f"weights differ across ranks: {differing[:5]}"
+    return sums[0]["all"]
+
+
+@pytest.mark.slow
+def test_t2i_two_processes_sync_write_once_and_resume(tiny_pipeline_dir, t2i_data, tmp_path):
+    """2 ranks: identical weights, rank 0 alone writes outputs, validation + checkpoints do not deadlock,
+    and a 2-process resume from a mid-epoch checkpoint reproduces the uninterrupted 2-process run."""
+    steps = 4  # 8 images / (2 ranks x batch 2) = 2 steps per epoch: checkpoint-3 is mid-epoch
+    first = tmp_path / "first"
+    first.mkdir()
+    output_dir = str(first / "out")
+    args = t2i_args(tiny_pipeline_dir, t2i_data, output_dir, steps=steps,
+                    extra=["--gradient_accumulation_steps", "1", "--validation_steps", "2"])
+    result = run(TEXT_TO_IMAGE, args, config="multi_gpu.yaml", num_processes=2,
+                 env=audited_env(first, output_dir, first / "sums"), timeout=400)
+    reference = assert_ranks_identical(first / "sums")
+    assert checkpoint_steps(output_dir) == [1, 2, 3, 4]
+    for step in (1, 4):
+        names = os.listdir(os.path.join(output_dir, f"checkpoint-{step}"))
+        assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(names), names  # each rank's RNG state
+    assert os.path.isfile(os.path.join(output_dir, "README.md")) and os.path.isfile(os.path.join(output_dir, "model_index.json"))
+    rank0, rank1 = rank_writes(first, "0"), rank_writes(first, "1")
+    assert any("README.md" in line for line in rank0) and any("training_state.json" in line for line in rank0)
+    assert any("validation" in line for line in rank0), rank0[:20]
+    # Rank 1 creates nothing but (maybe) directories that exist anyway; every file is rank 0's.
+    assert all(line.startswith("os.mkdir") for line in rank1), rank1
+    assert "Traceback" not in result.stderr
+
+    # Resume with 2 processes from the mid-epoch checkpoint, in a fresh output dir.
+    second = tmp_path / "second"
+    second.mkdir()
+    resumed_dir = str(second / "out")
+    os.makedirs(resumed_dir)
+    shutil.copytree(os.path.join(output_dir, "checkpoint-3"), os.path.join(resumed_dir, "checkpoint-3"))
+    args = t2i_args(tiny_pipeline_dir, t2i_data, resumed_dir, steps=steps,
+                    extra=["--gradient_accumulation_steps", "1", "--validation_steps", "2", "--resume_from_checkpoint", "latest"])
+    run(TEXT_TO_IMAGE, args, config="multi_gpu.yaml", num_processes=2,
+        env=audited_env(second, resumed_dir, second / "sums"), timeout=400)
+    assert assert_ranks_identical(second / "sums") == reference
+    assert_checkpoints_identical(os.path.join(output_dir, "checkpoint-4"), os.path.join(resumed_dir, "checkpoint-4"), T2I_WEIGHTS)
