@@ -104,6 +104,13 @@ def create_accelerator(args, **accelerator_kwargs):
         project_config=project_config,
         **accelerator_kwargs,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # fp16 can also come from the accelerate config (accelerate_configs/fp16.yaml), not only the flag.
+        raise ValueError(
+            "fp16 mixed precision (from --mixed_precision or the accelerate config) needs a GPU, and this run is on "
+            "the CPU. Use bf16 (--mixed_precision bf16, accelerate_configs/bf16.yaml) or no mixed precision "
+            "(accelerate_configs/cpu.yaml)."
+        )
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
