@@ -221,4 +221,7 @@ def test_from_scratch_with_config_json_and_loaded_text_encoder(tiny_pipeline_dir
     unet = UNet2DConditionModel.from_pretrained(out / "unet")
     assert list(unet.config.block_out_channels) == [16, 32] and unet.config.in_channels == 2
     assert AutoencoderKL.from_pretrained(out / "vae").config.latent_channels == 2
-    assert json.loads((out / "tokenizer" / "vocab.json").read_text()) == json.loads((Path(tiny_pipeline_dir) / "tokenizer" / "vocab.json").read_text())
+    from transformers import CLIPTokenizer
+
+    loaded = CLIPTokenizer.from_pretrained(Path(tiny_pipeline_dir) / "tokenizer").get_vocab()
+    assert CLIPTokenizer.from_pretrained(out / "tokenizer").get_vocab() == loaded
