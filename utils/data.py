@@ -33,6 +33,8 @@ INTERPOLATION_MODES = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "nearest": Image.Resampling.NEAREST,
+    # torchvision's name (diffusers' choices come from it); PIL's nearest is the "exact" variant.
+    "nearest_exact": Image.Resampling.NEAREST,
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
