@@ -202,6 +202,16 @@ def run_test(args, accelerator, model, eval_loader, eval_set):
     return metrics
 
 
+def patch_accelerate_xla_loader() -> None:
+    """Give accelerate's XLA loader wrapper the `.dataset`/`.dataloader` that its own save_state,
+    load_state, set_epoch and skip_first_batches read (torch_xla's MpDeviceLoader keeps `_loader`)."""
+    from accelerate.data_loader import MpDeviceLoaderWrapper
+
+    for name, getter in (("dataloader", lambda self: self._loader), ("dataset", lambda self: self._loader.dataset)):
+        if not hasattr(MpDeviceLoaderWrapper, name):
+            setattr(MpDeviceLoaderWrapper, name, property(getter))
+
+
 def main(args=None):
     """Entry point for `python` and for `accelerate launch` (whose TPU launcher calls main() with no arguments)."""
     args = parse_args() if args is None else args
@@ -214,6 +224,8 @@ def main(args=None):
             "--use_tpu given but Accelerate did not select XLA (torch_xla missing or no TPU). Install torch-xla "
             "matching your torch and launch with `accelerate launch --config_file accelerate_configs/tpu.yaml` (docs/TPU.md)."
         )
+    if on_xla:
+        patch_accelerate_xla_loader()
     logger.info(f"Distributed type: {accelerator.distributed_type}, processes: {accelerator.num_processes}, "
                 f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
 
@@ -415,6 +427,8 @@ def launch_on_tpu(args) -> None:
         raise RuntimeError("--use_tpu needs torch_xla: pip install torch-xla==<your torch version> (docs/TPU.md)") from error
     from accelerate.utils import PrepareForLaunch
 
+    if args.mixed_precision == "bf16":  # what `accelerate launch` does for a bf16 TPU config
+        os.environ.setdefault("XLA_USE_BF16", "1")
     # PJRT uses every local TPU core when nprocs is None; 1 runs in this process.
     xmp.spawn(PrepareForLaunch(main, distributed_type="XLA"), args=(args,), nprocs=None if args.num_cores > 1 else 1)
 
