@@ -268,9 +268,21 @@ def load_text_image_dataset(args, split: str = "train"):
             raise ValueError(f"{flag} '{column}' not in dataset columns {dataset.column_names} ({where})")
     if isinstance(dataset.features.get(image_column), datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    warn_about_empty_captions(dataset, caption_column, image_column, where)
     if args.max_train_samples is not None:
         dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
     return dataset
+
+
+def warn_about_empty_captions(rows, caption_column: str, image_column: str, where: str) -> int:
+    """Log how many captions are empty strings (they train as unconditional samples). Returns the count."""
+    captions = rows[caption_column]
+    empty = [index for index, caption in enumerate(captions) if isinstance(caption, str) and not caption.strip()]
+    if empty:
+        first = _row_name(rows[empty[0]][image_column]) or f"row {empty[0]}"
+        logger.warning(f"{where}: {len(empty)} of {len(captions)} captions are empty (first: {first}); those samples "
+                       "train unconditionally. Fill them in, or remove them, if that is not intended.")
+    return len(empty)
 
 
 def pick_caption(caption, rng: random.Random | None, where: str) -> str:
@@ -309,8 +321,9 @@ class TextImageDataset(torch.utils.data.Dataset):
 
     def load(self, index: int, rng: random.Random) -> dict:
         row = self.rows[index]
-        where = f"{self.source_name} row {index}"
-        image = load_image(row[self.image_column], name=_row_name(row[self.image_column]) or where)
+        image_name = _row_name(row[self.image_column])
+        where = f"{self.source_name} row {index}" + (f" ({image_name})" if image_name else "")
+        image = load_image(row[self.image_column], name=image_name or where)
         caption = pick_caption(row[self.caption_column], rng, where)
         if self.caption_dropout_prob > 0 and rng.random() < self.caption_dropout_prob:
             caption = ""
