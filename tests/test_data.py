@@ -330,3 +330,21 @@ def test_imagefolder_metadata_cannot_escape_the_root(tmp_path):
         chain.append(str(cause))
         cause = cause.__cause__
     assert any("../secret.png" in message for message in chain), chain
+
+
+def test_empty_captions_are_counted_and_logged(captioned_folder, caplog):
+    (captioned_folder / "img1.txt").write_text("  \n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        rows = load_text_image_dataset(data_args(train_data_dir=str(captioned_folder)))
+    assert "1 of 3 captions are empty" in caplog.text and "img1.png" in caplog.text
+    assert "" in rows["text"]
+
+
+def test_missing_caption_error_names_the_image(captioned_folder):
+    os.remove(captioned_folder / "img2.txt") if (captioned_folder / "img2.txt").exists() else None
+    os.remove(captioned_folder / "sub" / "img2.txt")
+    rows = load_text_image_dataset(data_args(train_data_dir=str(captioned_folder)))
+    dataset = TextImageDataset(rows, "image", "text", ImageTransform(8), fake_tokenize, source_name="folder")
+    index = rows["image"].index(str(captioned_folder / "sub" / "img2.png"))
+    with pytest.raises(BadSampleError, match=r"folder row \d \(.*img2\.png\): missing caption"):
+        dataset[index]
