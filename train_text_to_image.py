@@ -324,6 +324,9 @@ def main(args):
     with accelerator.main_process_first():
         models = load_models(args, captions)
     unet, vae, text_encoder, tokenizer = models["unet"], models["vae"], models["text_encoder"], models["tokenizer"]
+    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % vae_scale_factor:  # else the pipeline refuses it at the first validation, hours in
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_scale_factor} (the VAE downsamples by {vae_scale_factor}).")
 
     def tokenize(caption: str) -> torch.Tensor:
         return tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
