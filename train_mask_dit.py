@@ -39,7 +39,7 @@ from utils.paired_data import (
 )
 from utils.training import (
     OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, create_accelerator, is_oom_error,
-    steps_per_epoch, tracker_config,
+    steps_per_epoch, tracker_config, write_rank_checksums,
 )
 from utils.validation import save_and_log_images
 
@@ -444,6 +444,7 @@ def main(args):
             break
 
     # Final save: the EMA weights when there is an EMA.
+    write_rank_checksums(accelerator, transformer)  # debug hook for the multi-process tests (no-op unless its env var is set)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
