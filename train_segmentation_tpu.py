@@ -43,7 +43,8 @@ from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.irstd_data import IRSTDDataset, tensor_to_image
 from utils.mshnet import MSHNet, multiscale_sls_loss
 from utils.seg_metrics import SegmentationMetrics
-from utils.training import HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, create_accelerator, global_norm, tracker_config
+from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, create_accelerator, global_norm, tracker_config,
+                            write_rank_checksums)
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +378,7 @@ def main(args=None):
 
     if global_step % args.checkpointing_steps:
         checkpoint_now(epoch)
+    write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless its env var is set)
     if accelerator.is_main_process:
         save_module(raw_model, os.path.join(args.output_dir, "last"))
         if ema is not None:
