@@ -310,7 +310,8 @@ def main(args):
     # Optimizer and schedule.
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    updates_per_epoch = steps_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
+    # Per process: accelerate.prepare shards the batches over the processes.
+    updates_per_epoch = steps_per_epoch(math.ceil(len(train_dataloader) / accelerator.num_processes), args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     lr_lambda = warmup_cosine(args.lr_warmup_steps * accelerator.num_processes, max_train_steps * accelerator.num_processes,
