@@ -199,9 +199,10 @@ def generate_from_mask(
         raise ValueError(f"height/width {height}x{width} must be multiples of {grid} (patch size x VAE factor)")
     grid_h, grid_w = height // pipeline.downsample, width // pipeline.downsample
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    noise = torch.randn(batch, config.in_channels, grid_h, grid_w, generator=generator).to(device, dtype)
-    mask_input = transformer.prepare_mask(mask.to(device), noise)
-    null_mask = transformer.prepare_mask(None, noise)
+    # The ODE state and the times stay float32 (bf16 would quantise t); only the model runs in `dtype`.
+    noise = torch.randn(batch, config.in_channels, grid_h, grid_w, generator=generator).to(device)
+    mask_input = transformer.prepare_mask(mask.to(device), noise.to(dtype))
+    null_mask = transformer.prepare_mask(None, noise.to(dtype))
 
     caption = caption_mask = null_caption = null_caption_mask = None
     use_caption = pipeline.text_encoder is not None
@@ -228,7 +229,7 @@ def generate_from_mask(
             masks.append(null_mask), captions.append(null_caption), caption_masks.append(null_caption_mask)
         branches = len(masks)
         out = transformer(
-            x.repeat(branches, 1, 1, 1), t.repeat(branches).to(dtype), torch.cat(masks),
+            x.to(dtype).repeat(branches, 1, 1, 1), t.repeat(branches), torch.cat(masks),
             torch.cat(captions) if use_caption else None,
             torch.cat(caption_masks) if use_caption else None,
             mask_is_prepared=True,
@@ -240,7 +241,7 @@ def generate_from_mask(
         return guided_velocity(out[-1], mask_only, full if use_caption_cfg else None, mask_guidance_scale, guidance_scale)
 
     shift = time_shift if time_shift is not None else float(pipeline.settings.get("time_shift", 1.0))
-    sample = sample_ode(lambda x, t: velocity(x, t).to(x.dtype), noise, steps, sampler, shift)
+    sample = sample_ode(velocity, noise, steps, sampler, shift)
     images = decode_latents(pipeline.vae, sample) if pipeline.vae is not None else sample.float()
     return ((images + 1) / 2).clamp(0, 1)
 
