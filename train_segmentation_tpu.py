@@ -216,9 +216,14 @@ def patch_accelerate_xla_loader() -> None:
 def main(args=None):
     """Entry point for `python` and for `accelerate launch` (whose TPU launcher calls main() with no arguments)."""
     args = parse_args() if args is None else args
-    from accelerate.utils import DataLoaderConfiguration, DistributedType
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
 
-    accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    accelerator = create_accelerator(
+        args,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # During warm-up the side heads get no gradient; DDP must be told they are unused.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     on_xla = accelerator.distributed_type == DistributedType.XLA
     if args.use_tpu and not on_xla:
         raise RuntimeError(

@@ -166,3 +166,23 @@ def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
         assert once.keys() == twice.keys()
         for key in once:
             assert torch.equal(once[key], twice[key]), f"{folder}/{key} differs after resume"
+
+
+@pytest.mark.slow
+def test_two_processes_gather_every_test_image_once(tmp_path):
+    """DDP (gloo on CPU): warm-up leaves the side heads unused, and evaluation pads the last batch,
+    which gather_for_metrics must drop: 6 test images over 2 processes x batch 2 are counted 6 times, not 8."""
+    data = write_synthetic_irstd(str(tmp_path / "synth"), num_train=16, num_test=6, size=32, seed=0)
+    out = tmp_path / "ddp"
+    accelerate_launch(SCRIPT, ["--dataset-dir", data, "--batch-size", 2, "--max_train_steps", 5, "--warm_epoch", 0,
+                               "--crop-size", 32, "--base-size", 32, "--seed", 0, "--output_dir", out,
+                               "--report_to", "none"], num_processes=2)
+    evaluations = [json.loads(line) for line in open(out / "eval_metrics.jsonl")]
+    assert [e["num_images"] for e in evaluations] == [6, 6]
+    from utils.seg_metrics import components
+
+    expected_targets = sum(  # frames are already 32x32, so evaluation does not resize the masks
+        len(components(np.asarray(Image.open(os.path.join(data, "masks", name + ".png"))) > 127)[1])
+        for name in open(os.path.join(data, "test.txt")).read().split()
+    )
+    assert all(e["num_targets"] == expected_targets for e in evaluations)
