@@ -340,6 +340,9 @@ def main(args):
     train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
                                              args.dataloader_num_workers, collate_text_image)
 
+    if accelerator.is_main_process:  # before the VAE stage, so its losses are logged too
+        accelerator.init_trackers(args.tracker_project_name, tracker_config(args))
+
     # From scratch: fit the VAE first (or reuse a finished stage), then freeze it.
     joint_vae = args.train_vae and args.vae_training_mode == "joint"
     if args.train_vae and not joint_vae:
@@ -432,7 +435,6 @@ def main(args):
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, tracker_config(args))
         save_run_args(args)
 
     global_step, first_epoch, resume_batches = 0, 0, 0
