@@ -138,6 +138,7 @@ def glyph_metrics(samples: np.ndarray, train_glyphs: np.ndarray, real_coverage: 
         "ink_coverage_in_real_range": float(((coverage >= real_coverage["min"]) & (coverage <= real_coverage["max"])).mean()),
         "real_ink_coverage_range": [real_coverage["min"], real_coverage["max"]],
         "binary_fraction": float(((samples < 64) | (samples > 192)).mean()),
+        "heldout_real_binary_fraction": float(((heldout < 64) | (heldout > 192)).mean()),
         "nearest_train_distance": float(nearest(samples).mean()),
         "heldout_real_nearest_train_distance": float(nearest(heldout).mean()),
     }
@@ -232,7 +233,8 @@ def print_summary(metrics: dict, seconds: float) -> None:
         f"  ({ok(fell)})",
         f"  samples' ink coverage          {metrics['ink_coverage_mean']:.3f} (real kanji {metrics['real_ink_coverage_range'][0]:.3f}"
         f"-{metrics['real_ink_coverage_range'][1]:.3f}; {100 * metrics['ink_coverage_in_real_range']:.0f}% of samples in range)",
-        f"  near-black/white pixels        {100 * metrics['binary_fraction']:.1f}%",
+        f"  near-black/white pixels        {100 * metrics['binary_fraction']:.1f}% (real glyphs "
+        f"{100 * metrics['heldout_real_binary_fraction']:.1f}%)",
         f"  distance to nearest training glyph  {metrics['nearest_train_distance']:.3f} "
         f"(held-out real glyphs: {metrics['heldout_real_nearest_train_distance']:.3f})",
         "  try: python generate.py --model " + metrics["paths"]["pipeline"] + ' --prompt "fire mountain" --seed 0',
