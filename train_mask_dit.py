@@ -301,8 +301,10 @@ def main(args):
 
     # Data.
     train_dataset, held_out = build_datasets(args)
+    # Own generator: the iterator's base-seed draw must not move the global RNG (exact mid-epoch resume).
     train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                   collate_fn=collate_pairs, num_workers=args.dataloader_num_workers)
+                                                   collate_fn=collate_pairs, num_workers=args.dataloader_num_workers,
+                                                   generator=torch.Generator())
     held_out_dataloader = (torch.utils.data.DataLoader(held_out, batch_size=args.train_batch_size,
                                                        collate_fn=collate_pairs) if held_out else None)
     logger.info(f"{len(train_dataset)} training pairs, {len(held_out) if held_out else 0} held out")
