@@ -124,7 +124,9 @@ def build_dataloaders(args):
     # Workers are not persistent so each epoch's workers see the dataset's new epoch (its augmentation seed).
     common = {"num_workers": args.dataloader_num_workers}
     # drop_last keeps every training batch the same shape (one XLA compilation).
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, **common)
+    # Own generator: the iterator's base-seed draw must not move the global RNG (exact mid-epoch resume).
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                              generator=torch.Generator(), **common)
     eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, shuffle=False, drop_last=False, **common)
     return train_set, eval_set, train_loader, eval_loader
 
