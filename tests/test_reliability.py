@@ -412,3 +412,65 @@ def test_t2i_two_processes_sync_write_once_and_resume(tiny_pipeline_dir, t2i_dat
         env=audited_env(second, resumed_dir, second / "sums"), timeout=400)
     assert assert_ranks_identical(second / "sums") == reference
     assert_checkpoints_identical(os.path.join(output_dir, "checkpoint-4"), os.path.join(resumed_dir, "checkpoint-4"), T2I_WEIGHTS)
+
+
+# ----------------------------------------------------------------------------------------------
+# train_mask_dit.py and train_segmentation_tpu.py: two processes, then a two-process mid-epoch resume.
+# (Their single-process bitwise resume is tested in tests/test_train_mask_dit.py and
+# tests/test_train_segmentation.py; the checkpoint/RNG machinery is the shared one tested above.)
+# ----------------------------------------------------------------------------------------------
+
+def mask_dit_case(tmp_path):
+    from utils.paired_data import write_synthetic_fundus_dataset
+
+    data = write_synthetic_fundus_dataset(str(tmp_path / "fundus"), 8, size=32, seed=0)
+
+    def args(output_dir, *extra):
+        return ["--train_data_dir", data, "--output_dir", output_dir, "--model_size", "tiny", "--resolution", "32",
+                "--mask_channels", "2", "--train_batch_size", "2", "--seed", "0", "--report_to", "none",
+                "--num_inference_steps", "1", "--num_validation_images", "1", "--max_train_steps", "4",
+                "--checkpointing_steps", "1", "--use_ema", "--random_flip", "--validation_steps", "2", *extra]
+
+    weights = ["transformer/diffusion_pytorch_model.safetensors", "transformer_ema/diffusion_pytorch_model.safetensors"]
+    return os.path.join(REPO_ROOT, "train_mask_dit.py"), args, weights, "samples"
+
+
+def segmentation_case(tmp_path):
+    from utils.irstd_data import write_synthetic_irstd
+
+    data = write_synthetic_irstd(str(tmp_path / "irstd"), num_train=8, num_test=4, size=32, seed=0)
+
+    def args(output_dir, *extra):
+        return ["--dataset_dir", data, "--output_dir", output_dir, "--batch_size", "2", "--crop_size", "32",
+                "--base_size", "32", "--warm_epoch", "0", "--seed", "0", "--report_to", "none", "--max_train_steps", "4",
+                "--checkpointing_steps", "1", "--use_ema", *extra]
+
+    return os.path.join(REPO_ROOT, "train_segmentation_tpu.py"), args, ["mshnet/model.safetensors"], "eval_metrics.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [mask_dit_case, segmentation_case], ids=["train_mask_dit", "train_segmentation_tpu"])
+def test_two_processes_sync_write_once_and_resume(case, tmp_path):
+    """8 samples / (2 ranks x batch 2) = 2 steps per epoch, so checkpoint-3 is mid-epoch."""
+    script, make_args, weights, rank0_output = case(tmp_path)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    output_dir = str(first / "out")
+    result = run(script, make_args(output_dir), config="multi_gpu.yaml", num_processes=2,
+                 env=audited_env(first, output_dir, first / "sums"), timeout=400)
+    reference = assert_ranks_identical(first / "sums")
+    assert 4 in checkpoint_steps(output_dir) and 3 in checkpoint_steps(output_dir)
+    names = os.listdir(os.path.join(output_dir, "checkpoint-4"))
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(names), names
+    rank0, rank1 = rank_writes(first, "0"), rank_writes(first, "1")
+    assert any("training_state.json" in line for line in rank0) and any(rank0_output in line for line in rank0), rank0[:20]
+    assert all(line.startswith("os.mkdir") for line in rank1), rank1
+    assert "Traceback" not in result.stderr
+
+    resumed_dir = str(second / "out")
+    os.makedirs(resumed_dir)
+    shutil.copytree(os.path.join(output_dir, "checkpoint-3"), os.path.join(resumed_dir, "checkpoint-3"))
+    run(script, make_args(resumed_dir, "--resume_from_checkpoint", "latest"), config="multi_gpu.yaml", num_processes=2,
+        env=audited_env(second, resumed_dir, second / "sums"), timeout=400)
+    assert assert_ranks_identical(second / "sums") == reference
+    assert_checkpoints_identical(os.path.join(output_dir, "checkpoint-4"), os.path.join(resumed_dir, "checkpoint-4"), weights)
