@@ -38,6 +38,14 @@ OUR_SCRIPT = os.path.join(REPO_ROOT, "train_text_to_image.py")
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) for MFU; pass --peak_tflops for other devices/dtypes.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
+# SD 1.x's architecture (4-level UNet with 2 layers per block, 8x VAE with 4 levels) at reduced width:
+# the VAE encoder / UNet training FLOP ratio stays close to SD 1.5's (0.46 at 512px).
+SD_SMALL = {"unet": dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
+                         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+            "vae": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)}
+
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
           "black": (20, 20, 20), "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle")
@@ -45,7 +53,8 @@ SHAPES = ("circle", "square", "triangle")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "base"])
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "sd-small", "base"],
+                        help="utils.sd_builder presets, or sd-small: SD 1.x's UNet and VAE layout at 1/5 and 1/4 width.")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_images", type=int, default=64, help="Images in the synthetic dataset.")
@@ -57,6 +66,8 @@ def parse_args(argv=None):
                         help="Run ours without (off), with (on) or both with and without --precompute.")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP_NUM_THREADS/MKL_NUM_THREADS for every run (default: torch's choice). 1 makes CPU-time numbers exact.")
     parser.add_argument("--extra_args", default="", help="More flags for our script only, e.g. '--channels_last --torch_compile'.")
     parser.add_argument("--reference", default=None, help="A reference training script with diffusers' flags, run alongside ours.")
     parser.add_argument("--reference_pythonpath", default=None,
@@ -118,7 +129,15 @@ def prepare_inputs(args, workdir: str) -> tuple[str, str]:
     else:
         captions = [json.loads(line)["text"] for line in open(os.path.join(data_dir, "metadata.jsonl"), encoding="utf-8")]
     if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
-        build_pipeline(pipeline_dir, args.preset, texts=captions, resolution=args.resolution, seed=args.seed)
+        if args.preset == "sd-small":
+            from utils.sd_builder import assemble_pipeline, build_components
+
+            components = build_components("small", texts=captions, resolution=args.resolution, seed=args.seed,
+                                          unet_config=SD_SMALL["unet"], vae_config=SD_SMALL["vae"],
+                                          tokenizer_dir=os.path.join(pipeline_dir, "tokenizer"))
+            assemble_pipeline(components).save_pretrained(pipeline_dir)
+        else:
+            build_pipeline(pipeline_dir, args.preset, texts=captions, resolution=args.resolution, seed=args.seed)
     return data_dir, pipeline_dir
 
 
@@ -148,10 +167,12 @@ def variants(args, workdir: str) -> list[dict]:
 # Runs and metrics
 # ----------------------------------------------------------------------------------------------
 
-def run_once(variant: dict, flags: list[str], workdir: str, run_id: str) -> dict:
+def run_once(variant: dict, flags: list[str], workdir: str, run_id: str, threads: int | None = None) -> dict:
     timing_path = os.path.join(workdir, f"timing-{run_id}.json")
     log_path = os.path.join(workdir, f"log-{run_id}.txt")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (variant.get("pythonpath"), env.get("PYTHONPATH")) if p)
     cmd = [sys.executable, STEP_TIMER, "--out", timing_path, variant["script"]] + flags + variant["extra"]
     started = time.perf_counter()
@@ -172,7 +193,9 @@ def run_metrics(timing: dict, warmup: int, steps: int) -> dict:
         raise RuntimeError(f"expected {warmup + steps} step timestamps, got {len(stamps)} (did the script use a 'Steps' tqdm bar?)")
     measured = stamps[warmup - 1:warmup + steps]
     intervals = [b - a for a, b in zip(measured, measured[1:])]
+    cpu = timing["cpu_timestamps"][warmup - 1:warmup + steps]
     return {"steps_per_s": steps / (measured[-1] - measured[0]), "intervals": intervals,
+            "steps_per_cpu_s": steps / max(cpu[-1] - cpu[0], 1e-9),
             "startup_s": stamps[0] - timing["start_time"], "wall_s": timing["wall_s"],
             "peak_rss_bytes": timing["peak_rss_bytes"], "cuda_max_allocated_bytes": timing["cuda_max_allocated_bytes"]}
 
@@ -192,6 +215,7 @@ def summarize(runs: list[dict], batch_size: int, flops_per_step: float | None, p
         "runs": len(runs), "steps_per_s": steps_per_s, "samples_per_s": steps_per_s * batch_size,
         "step_time_median_ms": 1000 * statistics.median(intervals), "step_time_p90_ms": 1000 * percentile(intervals, 0.9),
         "steps_per_s_each_run": [run["steps_per_s"] for run in runs],
+        "steps_per_cpu_s": statistics.median(run["steps_per_cpu_s"] for run in runs),
         "startup_s_each_run": [run["startup_s"] for run in runs],
         "peak_rss_mib": max(run["peak_rss_bytes"] for run in runs) / 2**20,
         "gpu_max_allocated_mib": (max(run["cuda_max_allocated_bytes"] for run in runs) / 2**20
@@ -203,30 +227,33 @@ def summarize(runs: list[dict], batch_size: int, flops_per_step: float | None, p
     return summary
 
 
-def unet_train_flops(pipeline_dir: str, batch_size: int, resolution: int) -> float | None:
-    """FLOPs of one UNet forward + backward at this batch size (torch.utils.flop_counter, fake tensors)."""
+def count_flops(pipeline_dir: str, batch_size: int, resolution: int) -> dict:
+    """FLOPs per step (torch.utils.flop_counter on the meta device, nothing is computed):
+    {"unet_train": UNet forward + backward, "vae_encode": VAE encoder forward} at this batch size."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig
 
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(pipeline_dir, "unet"))
-    vae_config = AutoencoderKL.load_config(os.path.join(pipeline_dir, "vae"))
-    text_config = CLIPTextConfig.from_pretrained(os.path.join(pipeline_dir, "text_encoder"))
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    latent = resolution // factor
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(pipeline_dir, "unet")))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(pipeline_dir, "vae")))
+            text_config = CLIPTextConfig.from_pretrained(os.path.join(pipeline_dir, "text_encoder"))
+            latent = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
             sample = torch.randn(batch_size, unet.config.in_channels, latent, latent)
             timesteps = torch.randint(0, 1000, (batch_size,))
             states = torch.randn(batch_size, text_config.max_position_embeddings, text_config.hidden_size)
             with FlopCounterMode(display=False) as counter:
                 unet(sample, timesteps, states, return_dict=False)[0].float().pow(2).mean().backward()
-        return float(counter.get_total_flops())
+            flops = {"unet_train": float(counter.get_total_flops())}
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                vae.encode(torch.randn(batch_size, 3, resolution, resolution))
+            flops["vae_encode"] = float(counter.get_total_flops())
+        return flops
     except Exception as error:  # a FLOP count is a nicety: never fail the benchmark for it
         print(f"(FLOP count unavailable: {type(error).__name__}: {error})")
-        return None
+        return {}
 
 
 def machine_description() -> dict:
@@ -260,15 +287,15 @@ def default_peak_tflops(machine: dict) -> float | None:
 
 def markdown_table(result: dict) -> str:
     rows = ["| variant | steps/s | samples/s | step median (ms) | step p90 (ms) | peak RSS (MiB) | GPU max alloc (MiB) "
-            "| TFLOP/s | MFU | vs reference |", "|" + "---|" * 10]
+            "| TFLOP/s | MFU | vs reference | vs reference (CPU time) |", "|" + "---|" * 11]
     for name, s in result["variants"].items():
-        ratio = result["ratios"].get(name)
+        ratio, cpu_ratio = result["ratios"].get(name), result["cpu_time_ratios"].get(name)
         gpu = f"{s['gpu_max_allocated_mib']:.0f}" if s.get("gpu_max_allocated_mib") is not None else "-"
-        tflops = f"{s['achieved_tflops']:.3f}" if s.get("achieved_tflops") is not None else "-"
+        tflops = f"{s['achieved_tflops']:.4f}" if s.get("achieved_tflops") is not None else "-"
         mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "-"
         rows.append(f"| {name} | {s['steps_per_s']:.3f} | {s['samples_per_s']:.2f} | {s['step_time_median_ms']:.1f} "
                     f"| {s['step_time_p90_ms']:.1f} | {s['peak_rss_mib']:.0f} | {gpu} | {tflops} | {mfu} "
-                    f"| {f'{ratio:.2f}x' if ratio else '-'} |")
+                    f"| {f'{ratio:.2f}x' if ratio else '-'} | {f'{cpu_ratio:.2f}x' if cpu_ratio else '-'} |")
     return "\n".join(rows)
 
 
@@ -284,27 +311,32 @@ def main(argv=None) -> dict:
         for variant in all_variants:
             run_id = f"{variant['name'].replace('+', '_')}-{repeat}"
             output_dir = os.path.join(workdir, f"out-{run_id}")
-            timing = run_once(variant, common_flags(args, data_dir, pipeline_dir, output_dir), workdir, run_id)
+            timing = run_once(variant, common_flags(args, data_dir, pipeline_dir, output_dir), workdir, run_id, args.threads)
             metrics = run_metrics(timing, args.warmup_steps, args.steps)
             runs.setdefault(variant["name"], []).append(metrics)
             print(f"[{variant['name']} run {repeat + 1}/{args.repeats}] {metrics['steps_per_s']:.3f} steps/s "
                   f"(start-up {metrics['startup_s']:.1f}s)", flush=True)
-    flops = unet_train_flops(pipeline_dir, args.batch_size, args.resolution)
+    flop_counts = count_flops(pipeline_dir, args.batch_size, args.resolution)
+    flops = flop_counts.get("unet_train")
     peak = args.peak_tflops or default_peak_tflops(machine)
     summaries = {name: summarize(r, args.batch_size, flops, peak) for name, r in runs.items()}
     reference = summaries.get("reference")
     ratios = {name: s["steps_per_s"] / reference["steps_per_s"] for name, s in summaries.items()
               if reference and name != "reference"}
+    cpu_ratios = {name: s["steps_per_cpu_s"] / reference["steps_per_cpu_s"] for name, s in summaries.items()
+                  if reference and name != "reference"}
     result = {"name": args.name or f"t2i-{args.preset}-{args.resolution}px-b{args.batch_size}",
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine,
               "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "results_dir")},
-              "unet_train_flops_per_step": flops, "peak_tflops": peak, "variants": summaries, "ratios": ratios,
+              "unet_train_flops_per_step": flops, "vae_encode_flops_per_step": flop_counts.get("vae_encode"), "peak_tflops": peak, "variants": summaries, "ratios": ratios,
+              "cpu_time_ratios": cpu_ratios,
               "command": "python benchmarks/bench_text_to_image.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     table = markdown_table(result)
     print(f"\n{result['name']}: preset={args.preset} resolution={args.resolution} batch={args.batch_size} "
           f"measured {args.steps} steps after {args.warmup_steps} warm-up, {args.repeats} run(s) each")
     if flops:
-        print(f"UNet training FLOPs per step: {flops / 1e9:.2f} GFLOP")
+        print(f"FLOPs per step: UNet forward+backward {flops / 1e9:.2f} GFLOP, VAE encode "
+              f"{flop_counts.get('vae_encode', 0) / 1e9:.2f} GFLOP (what --cache_latents removes)")
     print(table)
     if args.results_dir:
         os.makedirs(args.results_dir, exist_ok=True)

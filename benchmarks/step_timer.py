@@ -6,8 +6,8 @@
 Both our scripts and diffusers' examples advance a tqdm bar named "Steps" once per optimizer
 step. This wrapper times those updates (time.perf_counter) without touching the script's code,
 so ours and a reference script are measured identically. At exit it writes JSON:
-{"timestamps": [s, ...], "peak_rss_bytes": int, "cuda_max_allocated_bytes": int|null,
- "start_time": s, "exit_time": s}.
+{"timestamps": [s, ...], "cpu_timestamps": [s, ...] (process CPU time, all threads),
+ "peak_rss_bytes": int, "cuda_max_allocated_bytes": int|null, "start_time": s, "exit_time": s}.
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ def main() -> None:
 
     start = time.perf_counter()
     timestamps: list[float] = []
+    cpu_timestamps: list[float] = []
     original_update = tqdm.std.tqdm.update
 
     def timed_update(bar, n=1):
         if getattr(bar, "desc", "").startswith(args.desc):
             timestamps.extend([time.perf_counter()] * int(n or 1))
+            cpu_timestamps.extend([time.process_time()] * int(n or 1))
         return original_update(bar, n)
 
     tqdm.std.tqdm.update = timed_update
@@ -48,7 +50,7 @@ def main() -> None:
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             cuda_peak = int(torch.cuda.max_memory_allocated())
-        report = {"timestamps": timestamps, "start_time": start, "exit_time": time.perf_counter(),
+        report = {"timestamps": timestamps, "cpu_timestamps": cpu_timestamps, "start_time": start, "exit_time": time.perf_counter(),
                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "cuda_max_allocated_bytes": cuda_peak}
         with open(args.out, "w", encoding="utf-8") as handle:

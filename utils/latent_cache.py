@@ -41,7 +41,7 @@ from utils.data import BadSampleError, crop_origin, load_image, pick_caption, pi
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def add_cache_args(parser) -> None:
@@ -299,7 +299,11 @@ def encode_latent_batches(dataset, vae, device, batch_size: int):
             half = len(pixels)
             batch = {"mean": dist.mean[:half], "std": dist.std[:half],
                      "mean_flipped": dist.mean[half:], "std_flipped": dist.std[half:]}
-        batch.update(size=torch.tensor(sizes, dtype=torch.int64), valid=torch.tensor(valid, dtype=torch.bool))
+        # The VAE's output layout (channels_last from oneDNN on CPU) decides how `randn_like` fills the
+        # noise; it is kept so cached training draws the very same noise.
+        channels_last = dist.parameters.is_contiguous(memory_format=torch.channels_last) and not dist.parameters.is_contiguous()
+        batch.update(size=torch.tensor(sizes, dtype=torch.int64), valid=torch.tensor(valid, dtype=torch.bool),
+                     channels_last=torch.full((len(pixels),), channels_last, dtype=torch.bool))
         yield batch
 
 
@@ -314,8 +318,8 @@ def encode_text_batches(captions: list[str], tokenize, text_encoder, device, bat
 class CachedTextImageDataset(torch.utils.data.Dataset):
     """A `TextImageDataset` whose latents and/or caption embeddings come from the cache.
 
-    Items: {"latent_mean", "latent_std": [C, h, w]} instead of "pixel_values" when latents are
-    cached; {"encoder_hidden_states": [L, D]} instead of "input_ids" when embeddings are; "caption".
+    Items: {"latent_mean", "latent_std": [C, h, w], "latent_channels_last": bool} instead of
+    "pixel_values" when latents are cached; {"encoder_hidden_states": [L, D]} instead of "input_ids" when embeddings are; "caption".
     """
 
     def __init__(self, base, latents: ShardedTensors | None = None, text: ShardedTensors | None = None):
@@ -323,6 +327,7 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
         self.caption_index = {c: i for i, c in enumerate(text.manifest["captions"])} if text is not None else None
         self.valid = latents.column("valid").tolist() if latents is not None else None
         self.sizes = latents.column("size").tolist() if latents is not None else None
+        self.channels_last = bool(latents.column("channels_last").any()) if latents is not None else False
         self.num_skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -352,7 +357,8 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
                                                  base.transform.center_crop, base.transform.random_flip, where)
             suffix = "_flipped" if flip else ""
             item = {"latent_mean": self.latents.get("mean" + suffix, current),
-                    "latent_std": self.latents.get("std" + suffix, current), "caption": caption}
+                    "latent_std": self.latents.get("std" + suffix, current), "caption": caption,
+                    "latent_channels_last": self.channels_last}
             if self.text is not None:
                 item["encoder_hidden_states"] = self._embedding(caption)
             else:
@@ -362,8 +368,9 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
 
 
 def collate_cached(examples: list[dict]) -> dict:
-    """Stack every tensor field; captions stay a list."""
-    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key != "caption"}
+    """Stack every tensor field; captions become a list, flags are taken from the first item."""
+    batch = {key: torch.stack([e[key] for e in examples]) if torch.is_tensor(value) else value
+             for key, value in examples[0].items() if key != "caption"}
     batch["captions"] = [e["caption"] for e in examples]
     return batch
 
@@ -374,6 +381,8 @@ def sample_cached_latents(batch: dict, vae_config) -> torch.Tensor:
     Same dtype, shape and random-number use as the uncached path, hence the same values.
     """
     mean, std = batch["latent_mean"], batch["latent_std"]
+    if batch.get("latent_channels_last"):
+        mean, std = mean.contiguous(memory_format=torch.channels_last), std.contiguous(memory_format=torch.channels_last)
     latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     return (latents - shift) * vae_config.scaling_factor
