@@ -474,3 +474,27 @@ def test_two_processes_sync_write_once_and_resume(case, tmp_path):
         env=audited_env(second, resumed_dir, second / "sums"), timeout=400)
     assert assert_ranks_identical(second / "sums") == reference
     assert_checkpoints_identical(os.path.join(output_dir, "checkpoint-4"), os.path.join(resumed_dir, "checkpoint-4"), weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Security: the Hub token never lands in logs, tracker files, checkpoints, model cards or saved args.
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_t2i_hub_token_is_written_nowhere(tiny_pipeline_dir, t2i_data, tmp_path):
+    flag_token, env_token = "hf_FlagSecret0123456789", "hf_EnvSecret9876543210"
+    output_dir = str(tmp_path / "out")
+    env = launch_env()
+    env["HF_TOKEN"] = env_token
+    args = t2i_args(tiny_pipeline_dir, t2i_data, output_dir, steps=2,
+                    extra=["--hub_token", flag_token, "--report_to", "tensorboard", "--validation_steps", "1",
+                           "--logging_steps", "1"])
+    result = run(TEXT_TO_IMAGE, args, env=env)
+    files = [os.path.join(d, f) for d, _, names in os.walk(output_dir) for f in names]
+    assert any("tfevents" in f for f in files) and any(f.endswith("README.md") for f in files)
+    assert any(f.endswith("training_args.json") for f in files) and any("checkpoint-2" in f for f in files)
+    for token in (flag_token, env_token):
+        assert token not in result.stdout + result.stderr
+        for path in files:
+            with open(path, "rb") as handle:
+                assert token.encode() not in handle.read(), f"{token[:8]}... found in {path}"
