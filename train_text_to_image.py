@@ -15,6 +15,7 @@ DPM-Solver++, training-health logs, atomic checkpoints, SIGTERM-safe stops.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -328,6 +329,7 @@ def main(args):
     if args.resolution % vae_scale_factor:  # else the pipeline refuses it at the first validation, hours in
         raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_scale_factor} (the VAE downsamples by {vae_scale_factor}).")
 
+    @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (ids are only read)
     def tokenize(caption: str) -> torch.Tensor:
         return tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                          return_tensors="pt").input_ids[0]
@@ -479,7 +481,7 @@ def main(args):
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                        if guard.check(loss, trainable):
+                        if guard.check(loss, trainable, grad_norm):
                             optimizer.step()
                             lr_scheduler.step()
                         monitor.add(loss=loss, grad_norm=grad_norm)

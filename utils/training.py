@@ -199,10 +199,15 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.total_skipped = 0
 
-    def check(self, loss: torch.Tensor, parameters) -> bool:
-        """True when the step may be applied. Costs one host sync; call on sync steps only."""
-        grads = [p.grad for p in parameters if p.grad is not None]
-        finite = bool(torch.isfinite(loss).all()) and (not grads or bool(torch.isfinite(global_norm(grads))))
+    def check(self, loss: torch.Tensor, parameters, grad_norm: torch.Tensor | None = None) -> bool:
+        """True when the step may be applied. Costs one host sync; call on sync steps only.
+
+        grad_norm: the norm clipping already computed (saves a pass over every gradient).
+        """
+        if grad_norm is None or not torch.is_tensor(grad_norm):
+            grads = [p.grad for p in parameters if p.grad is not None]
+            grad_norm = global_norm(grads) if grads else torch.zeros((), device=loss.device)
+        finite = bool(torch.isfinite(loss).all() & torch.isfinite(grad_norm.to(loss.device)).all())
         if finite:
             self.consecutive = 0
             return True
