@@ -429,11 +429,17 @@ def main(args):
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 checkpoint_now()
             stop_now = args.validation_steps and global_step % args.validation_steps == 0 and validate()
-            if stop_now or stop.should_stop(accelerator) or global_step >= max_train_steps:
+            stopping = stop.should_stop(accelerator)  # every rank, every step: it is a collective
+            if stop_now or stopping or global_step >= max_train_steps:
                 if stop_now:
                     logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")
-                if stop.requested or stop_now:
+                if stopping or stop_now:  # not stop.requested: only the signalled rank has that set
                     checkpoint_now()
+                if stopping:
+                    accelerator.print(f"Stopped by {stop.signal_name or 'a signal'} at step {global_step}. Resume with: "
+                                      f"--resume_from_checkpoint latest --output_dir {args.output_dir}")
+                    accelerator.end_training()
+                    return
                 done = True
                 break
         if done and global_step < max_train_steps:
