@@ -508,3 +508,21 @@ def test_t2i_hub_token_is_written_nowhere(tiny_pipeline_dir, t2i_data, tmp_path)
         for path in files:
             with open(path, "rb") as handle:
                 assert token.encode() not in handle.read(), f"{token[:8]}... found in {path}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [mask_dit_case, segmentation_case], ids=["train_mask_dit", "train_segmentation_tpu"])
+def test_sigterm_saves_and_says_how_to_resume(case, tmp_path):
+    script, make_args, weights, _ = case(tmp_path)
+    output_dir = str(tmp_path / "out")
+    args = make_args(output_dir, "--max_train_steps", "400")
+    process = start(script, args, tmp_path / "run.log")
+    wait_for(lambda: checkpoint_steps(output_dir), process)
+    signal_group(process, signal.SIGTERM)
+    wait_group(process)
+    log = open(tmp_path / "run.log").read()
+    assert "SIGTERM received" in log
+    stopped_at = int(log.split("Stopped by SIGTERM at step ")[1].split(";")[0].split(".")[0])
+    assert "--resume_from_checkpoint latest" in log.split("Stopped by SIGTERM")[1]
+    assert stopped_at < 400 and checkpoint_steps(output_dir)[-1] == stopped_at and not partial_dirs(output_dir)
+    assert_checkpoint_loads(os.path.join(output_dir, f"checkpoint-{stopped_at}"), weights)
