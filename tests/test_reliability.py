@@ -526,3 +526,70 @@ def test_sigterm_saves_and_says_how_to_resume(case, tmp_path):
     assert "--resume_from_checkpoint latest" in log.split("Stopped by SIGTERM")[1]
     assert stopped_at < 400 and checkpoint_steps(output_dir)[-1] == stopped_at and not partial_dirs(output_dir)
     assert_checkpoint_loads(os.path.join(output_dir, f"checkpoint-{stopped_at}"), weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared mechanics (utils/training.py) on their own.
+# ----------------------------------------------------------------------------------------------
+
+def test_nonfinite_guard_skips_counts_resets_and_aborts():
+    from utils.training import NonFiniteGuard
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    weight.grad = torch.ones(2)
+    guard = NonFiniteGuard(max_consecutive=3)
+    assert guard.check(torch.tensor(float("inf")), [weight]) is False
+    assert guard.check(torch.tensor(1.0), [weight]) is True and guard.consecutive == 0  # a good step resets the run
+    weight.grad = torch.tensor([float("nan"), 1.0])
+    assert guard.check(torch.tensor(1.0), [weight]) is False  # finite loss, NaN gradient
+    assert guard.check(torch.tensor(1.0), [weight]) is False
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .*--max_nonfinite_steps 3"):
+        guard.check(torch.tensor(1.0), [weight])
+    assert guard.total_skipped == 4
+
+
+def test_stop_signal_turns_sigterm_into_a_flag():
+    from utils.training import StopSignal
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = StopSignal()
+        single = type("SingleProcess", (), {"num_processes": 1})()
+        assert not stop.should_stop(single)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop.requested and stop.signal_name == "SIGTERM" and stop.should_stop(single)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_oom_detection():
+    from utils.training import is_oom_error
+
+    assert is_oom_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_oom_error(RuntimeError("XLA: RESOURCE_EXHAUSTED: out of memory while allocating"))
+    assert not is_oom_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_multi_process_launch_without_gpu_is_detected(monkeypatch):
+    from utils.training import _launched_multi_process_without_accelerator
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _launched_multi_process_without_accelerator() is (not torch.cuda.is_available())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _launched_multi_process_without_accelerator() is False
+
+
+def test_rank_checksums_only_when_asked(tmp_path, monkeypatch):
+    from utils.training import RANK_CHECKSUM_ENV, write_rank_checksums
+
+    fake = type("Accelerator", (), {"process_index": 0, "num_processes": 1, "unwrap_model": staticmethod(lambda m: m)})()
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.delenv(RANK_CHECKSUM_ENV, raising=False)
+    write_rank_checksums(fake, model)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setenv(RANK_CHECKSUM_ENV, str(tmp_path))
+    write_rank_checksums(fake, model)
+    sums = json.load(open(tmp_path / "rank0.json"))
+    assert set(sums["parameters"]) == {"0.weight", "0.bias"} and len(sums["all"]) == 64
