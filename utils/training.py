@@ -126,6 +126,14 @@ def create_accelerator(args, **accelerator_kwargs):
                 pass
     if args.seed is not None:
         set_seed(args.seed)
+    elif accelerator.num_processes > 1 and getattr(accelerator.dataloader_config, "use_seedable_sampler", False) \
+            and accelerator.dataloader_config.data_seed is None:
+        # Without --seed each process would seed its sampler differently: the ranks would shuffle the
+        # data differently and see overlapping samples. One random data seed, chosen by rank 0, for all.
+        from accelerate.utils import broadcast_object_list
+
+        data_seed = [int(torch.randint(0, 2**31 - 1, ()).item()) if accelerator.is_main_process else None]
+        accelerator.dataloader_config.data_seed = broadcast_object_list(data_seed)[0]
     if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
