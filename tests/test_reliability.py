@@ -593,3 +593,37 @@ def test_rank_checksums_only_when_asked(tmp_path, monkeypatch):
     write_rank_checksums(fake, model)
     sums = json.load(open(tmp_path / "rank0.json"))
     assert set(sums["parameters"]) == {"0.weight", "0.bias"} and len(sums["all"]) == 64
+
+
+SHARD_PROBE = textwrap.dedent('''
+    import argparse, json, os, sys
+    import torch
+    from accelerate.utils import DataLoaderConfiguration
+    from utils.training import add_run_args, create_accelerator
+
+    parser = argparse.ArgumentParser()
+    add_run_args(parser, sys.argv[1])
+    args = parser.parse_args(["--report_to", "none"])  # no --seed: the default
+    accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(16)), batch_size=2, shuffle=True,
+                                                             generator=torch.Generator()))
+    seen = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        seen.append(sorted(i for batch in loader for i in batch.tolist()))
+    with open(os.path.join(sys.argv[1], f"rank{accelerator.process_index}.json"), "w") as handle:
+        json.dump({"num_processes": accelerator.num_processes, "seen": seen}, handle)
+''')
+
+
+@pytest.mark.slow
+def test_unseeded_ranks_partition_the_data(tmp_path):
+    """Without --seed, the two ranks' shuffles must still split each epoch's samples between them."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(SHARD_PROBE)
+    run(str(probe), [tmp_path], config="multi_gpu.yaml", num_processes=2)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert all(r["num_processes"] == 2 for r in ranks)
+    for epoch in range(2):
+        first, second = ranks[0]["seen"][epoch], ranks[1]["seen"][epoch]
+        assert sorted(first + second) == list(range(16)), f"epoch {epoch}: ranks overlap ({first} / {second})"
