@@ -70,12 +70,13 @@ def test_lora_train_checkpoint_resume_and_load(tiny_pipeline_dir, image_folder, 
 
 
 @pytest.mark.slow
-def test_8bit_adam_on_cpu(tiny_pipeline_dir, image_folder, tmp_path):
+def test_8bit_adam_with_gradient_checkpointing_on_cpu(tiny_pipeline_dir, image_folder, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "adam8"
     accelerate_launch(SCRIPT, ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", image_folder,
                                "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--output_dir", out,
-                               "--report_to", "none", "--use_8bit_adam", "--checkpointing_steps", "2"])
+                               "--report_to", "none", "--use_8bit_adam", "--checkpointing_steps", "2",
+                               "--gradient_checkpointing", "--allow_tf32"])
     optimizer_state = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)
     states = [state.get("__bnb_optimizer_quant_state__", state) for state in optimizer_state["state"].values()]
     # 8-bit moments (bitsandbytes keeps small tensors in 32 bit): bitsandbytes really ran.
