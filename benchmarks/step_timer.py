@@ -26,6 +26,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Where to write the timing JSON.")
     parser.add_argument("--desc", default="Steps", help="The tqdm bar (desc) that counts optimizer steps.")
+    parser.add_argument("--event", default="tqdm", choices=["tqdm", "optimizer"],
+                        help="What marks a step: the tqdm bar's update, or any torch optimizer's step() "
+                             "(for scripts without a progress bar, e.g. train_mask_dit.py).")
     parser.add_argument("script")
     parser.add_argument("script_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -43,7 +46,15 @@ def main() -> None:
             cpu_timestamps.extend([time.process_time()] * int(n or 1))
         return original_update(bar, n)
 
-    tqdm.std.tqdm.update = timed_update
+    if args.event == "tqdm":
+        tqdm.std.tqdm.update = timed_update
+    else:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def after_optimizer_step(optimizer, step_args, step_kwargs):
+            timestamps.append(time.perf_counter())
+            cpu_timestamps.append(time.process_time())
+        register_optimizer_step_post_hook(after_optimizer_step)
 
     def write_report() -> None:
         cuda_peak = None

@@ -43,3 +43,17 @@ def test_benchmark_smoke_run_with_a_reference(tmp_path):
     assert set(result["ratios"]) == {"ours", "ours+cache"} and all(r > 0 for r in result["ratios"].values())
     saved = json.load(open(tmp_path / "results" / "t2i-tiny-32px-b2.json"))
     assert saved["unet_train_flops_per_step"] > 0 and "| ours+cache |" in open(tmp_path / "results" / "t2i-tiny-32px-b2.md").read()
+
+
+def test_step_timer_counts_optimizer_steps_without_a_progress_bar(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text("import torch\nw = torch.nn.Parameter(torch.ones(3))\nopt = torch.optim.SGD([w], lr=0.1)\n"
+                      "for _ in range(3):\n    w.sum().backward()\n    opt.step()\n    opt.zero_grad()\n")
+    out = tmp_path / "timing.json"
+    subprocess.run([sys.executable, os.path.join(bench.REPO_ROOT, "benchmarks", "step_timer.py"), "--out", str(out),
+                    "--event", "optimizer", str(script)], check=True, timeout=120)
+    timing = json.load(open(out))
+    assert len(timing["timestamps"]) == 3 and len(timing["cpu_timestamps"]) == 3 and timing["peak_rss_bytes"] > 0
