@@ -102,6 +102,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            _release_freed_memory()
             try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
                 with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
                     handle.write("5")
@@ -117,7 +118,18 @@ class PeakMemory:
     def current(self) -> int | None:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
+        _release_freed_memory()
         return _proc_status_bytes("VmRSS")
+
+
+def _release_freed_memory() -> None:
+    """Give memory that was freed but kept by glibc's allocator back to the OS, so RSS measures use."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def default_memory_cap(device) -> int | None:
