@@ -30,7 +30,7 @@ from utils.flow_matching import (
     LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate, loss_weights, sample_timesteps,
 )
 from utils.mask_dit_sampling import (
-    MaskDiTPipeline, caption_width, comparison_tiles, encode_captions, encode_images, generate_from_mask,
+    MaskDiTPipeline, caption_width, comparison_tiles, encode_captions, generate_from_mask,
     load_text_encoder, load_vae, mask_iou, psnr, save_mask_dit_pipeline, segment_structures, ssim,
 )
 from utils.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
@@ -38,7 +38,7 @@ from utils.paired_data import (
     PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder, select_fraction, split_train_validation,
 )
 from utils.training import (
-    OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, create_accelerator, is_oom_error,
+    OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, is_oom_error,
     steps_per_epoch, tracker_config, write_rank_checksums,
 )
 from utils.validation import save_and_log_images
@@ -406,15 +406,8 @@ def main(args):
                     if is_oom_error(error):
                         raise RuntimeError(OOM_HINT) from error
                     raise
-                grad_norm, apply = None, True
-                if accelerator.sync_gradients:
-                    apply = guard.check(loss.detach(), model.parameters())
-                    if apply:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if apply:
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = apply_update(accelerator, optimizer, lr_scheduler, model.parameters(), loss.detach(),
+                                         args.max_grad_norm, guard)
             monitor.add(loss=loss.detach(), grad_norm=grad_norm)
             if not accelerator.sync_gradients:
                 continue

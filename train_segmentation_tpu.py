@@ -43,7 +43,7 @@ from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.irstd_data import IRSTDDataset, tensor_to_image
 from utils.mshnet import MSHNet, multiscale_sls_loss
 from utils.seg_metrics import SegmentationMetrics
-from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, create_accelerator, global_norm, tracker_config,
+from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, tracker_config,
                             write_rank_checksums)
 
 logger = logging.getLogger(__name__)
@@ -319,16 +319,7 @@ def main(args=None):
                 side_masks, mask = model(batch["pixel_values"], warm_flag)
                 loss = multiscale_sls_loss(side_masks, mask, batch["mask"], in_warmup=not warm_flag)
                 accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    if args.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    else:
-                        grad_norm = global_norm(p.grad for p in model.parameters())
-                    if guard is None or guard.check(loss, model.parameters()):
-                        optimizer.step()
-                        lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = apply_update(accelerator, optimizer, lr_scheduler, model.parameters(), loss, args.max_grad_norm, guard)
             monitor.add(loss=loss.detach(), grad_norm=grad_norm)
             if not accelerator.sync_gradients:
                 continue

@@ -36,6 +36,7 @@ from utils.latent_cache import (add_cache_args, cache_text_image_dataset, collat
                                 resolve_cache_args, sample_cached_latents)
 from utils.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args, load_lora_into, save_lora
 from utils.training import (OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups,
+                            apply_update,
                             create_accelerator,
                             global_norm, is_oom_error, steps_per_epoch, tracker_config, write_rank_checksums)
 from utils.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
@@ -479,13 +480,9 @@ def main(args):
                 with accelerator.accumulate(*to_prepare):
                     loss = diffusion_loss(args, unet, text_encoder, models["vae"], models["noise_scheduler"], batch, monitor)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                        if guard.check(loss, trainable, grad_norm):
-                            optimizer.step()
-                            lr_scheduler.step()
+                    grad_norm = apply_update(accelerator, optimizer, lr_scheduler, trainable, loss, args.max_grad_norm, guard)
+                    if grad_norm is not None:
                         monitor.add(loss=loss, grad_norm=grad_norm)
-                    optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
                     continue
                 if ema is not None:

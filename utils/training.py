@@ -321,3 +321,26 @@ def apply_speedups(model: torch.nn.Module, args) -> torch.nn.Module:
     if getattr(args, "torch_compile", False):
         model.compile()
     return model
+
+
+def apply_update(accelerator, optimizer, lr_scheduler, parameters, loss, max_grad_norm: float,
+                 guard: NonFiniteGuard | None = None):
+    """The optimizer update every script makes after `accelerator.backward(loss)`.
+
+    On a gradient-sync step: clip to `max_grad_norm` (<= 0: no clipping), skip the update when
+    `guard` finds the loss or gradients non-finite, else step the optimizer and the LR schedule.
+    Gradients are zeroed on every call. Returns the pre-clip gradient norm (a device tensor) on
+    sync steps, None on accumulation steps.
+    """
+    grad_norm = None
+    if accelerator.sync_gradients:
+        parameters = list(parameters)
+        if max_grad_norm and max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+        else:
+            grad_norm = global_norm(p.grad for p in parameters)
+        if guard is None or guard.check(loss, parameters, grad_norm):
+            optimizer.step()
+            lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
