@@ -53,3 +53,34 @@ def accelerate_launch(script, args, num_processes=1, extra_launch_args=(), timeo
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)}\nexit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-8000:]}")
     return result
+
+
+def write_captioned_folder(root, count=8, size=(40, 48), seed=0, caption="a picture of thing {i}", prefix="img"):
+    """`count` random RGB images of `size` (height, width) with same-named .txt captions. Returns `root` as str."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(os.path.join(root, f"{prefix}{i}.png"))
+        with open(os.path.join(root, f"{prefix}{i}.txt"), "w", encoding="utf-8") as handle:
+            handle.write(caption.format(i=i))
+    return str(root)
+
+
+def run_main_in_process(script, argv):
+    """script.main(script.parse_args(argv)) here, with fresh accelerate state and signal handlers put back."""
+    import signal
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return script.main(script.parse_args([str(a) for a in argv]))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

@@ -11,12 +11,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import REPO_ROOT, launch_env
+from conftest import REPO_ROOT, launch_env, write_captioned_folder
 
 CONFIG_DIR = os.path.join(REPO_ROOT, "accelerate_configs")
 ALL_CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
@@ -106,12 +104,7 @@ def test_fsdp_config_wraps_each_nextdit_block():
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cfg_data")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
-        (root / f"{i}.txt").write_text(f"thing {i}")
-    return str(root)
+    return write_captioned_folder(tmp_path_factory.mktemp("cfg_data"), count=4, size=(32, 32), caption="thing {i}", prefix="")
 
 
 def launch_two_steps(config, pipeline, data, output_dir):

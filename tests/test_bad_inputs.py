@@ -8,34 +8,19 @@ layers are the ones each script uses (utils/data.py, utils/paired_data.py, utils
 import io
 import logging
 import os
-import signal
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_main_in_process
 from utils.data import BadSampleError
 
 
 @pytest.fixture
 def in_process():
     """Run a script's main() here: fresh accelerate state, signal handlers put back afterwards."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def call(module, argv):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        try:
-            return module.main(module.parse_args([str(a) for a in argv]))
-        finally:
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-
-    return call
+    return run_main_in_process
 
 
 def noise_image(size=(40, 36), seed=0, mode="RGB"):

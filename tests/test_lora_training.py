@@ -7,21 +7,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, write_captioned_folder
 
 SCRIPT = "train_text_to_image.py"
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora-data")
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(f"a photo of sks thing {i}")
-    return str(root)
+    return write_captioned_folder(tmp_path_factory.mktemp("lora-data"), count=6, size=(36, 36), seed=1,
+                                  caption="a photo of sks thing {i}")
 
 
 def lora_args(pipeline, data, out, steps, extra=()):

@@ -18,10 +18,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, launch_env
+from conftest import REPO_ROOT, launch_env, run_main_in_process, write_captioned_folder
 
 CONFIGS = os.path.join(REPO_ROOT, "accelerate_configs")
 TEXT_TO_IMAGE = os.path.join(REPO_ROOT, "train_text_to_image.py")
@@ -167,12 +166,7 @@ T2I_STEPS = 10  # 8 images / batch 2 / accumulation 2 = 2 optimizer steps per ep
 
 @pytest.fixture(scope="module")
 def t2i_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("captioned")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(f"a picture of thing {i}")
-    return str(root)
+    return write_captioned_folder(tmp_path_factory.mktemp("captioned"))
 
 
 def t2i_args(pipeline, data, output_dir, steps=T2I_STEPS, extra=()):
@@ -274,20 +268,7 @@ def test_t2i_sigkill_sigterm_and_resume(tiny_pipeline_dir, t2i_data, t2i_straigh
     assert_same(load_file(os.path.join(t2i_straight, final)), load_file(os.path.join(output_dir, final)), final)
 
 
-def run_in_process(script, argv):
-    """script.main(script.parse_args(argv)) here, with fresh accelerate state and signal handlers put back."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return script.main(script.parse_args([str(a) for a in argv]))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+run_in_process = run_main_in_process
 
 
 def test_t2i_nonfinite_steps_are_skipped_then_abort(tiny_pipeline_dir, t2i_data, tmp_path, caplog):

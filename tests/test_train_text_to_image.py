@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import REPO_ROOT, accelerate_launch
+from conftest import accelerate_launch, write_captioned_folder
 
 SCRIPT = "train_text_to_image.py"
 
@@ -33,12 +32,7 @@ DIFFUSERS_FLAGS = """
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """8 random images with same-named .txt captions."""
-    root = tmp_path_factory.mktemp("captioned")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
-        (root / f"img{i}.txt").write_text(f"a picture of thing {i}")
-    return str(root)
+    return write_captioned_folder(tmp_path_factory.mktemp("captioned"))
 
 
 def base_args(pipeline, data, out, steps=2, extra=""):
