@@ -38,7 +38,7 @@ from utils.paired_data import (
     PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder, select_fraction, split_train_validation,
 )
 from utils.training import (
-    OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, is_oom_error,
+    HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, oom_hint,
     steps_per_epoch, tracker_config, write_rank_checksums,
 )
 from utils.validation import save_and_log_images
@@ -399,13 +399,9 @@ def main(args):
             with accelerator.accumulate(model):
                 generator = step_generator(args.seed, global_step, micro_step, accelerator.process_index, accelerator.device)
                 micro_step = (micro_step + 1) % args.gradient_accumulation_steps
-                try:
+                with oom_hint():
                     loss = flow_step_loss(model, conditioner, batch, generator, args)
                     accelerator.backward(loss)
-                except RuntimeError as error:
-                    if is_oom_error(error):
-                        raise RuntimeError(OOM_HINT) from error
-                    raise
                 grad_norm = apply_update(accelerator, optimizer, lr_scheduler, model.parameters(), loss.detach(),
                                          args.max_grad_norm, guard)
             monitor.add(loss=loss.detach(), grad_norm=grad_norm)

@@ -43,7 +43,7 @@ from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.irstd_data import IRSTDDataset, tensor_to_image
 from utils.mshnet import MSHNet, multiscale_sls_loss
 from utils.seg_metrics import SegmentationMetrics
-from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, tracker_config,
+from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, oom_hint, tracker_config,
                             write_rank_checksums)
 
 logger = logging.getLogger(__name__)
@@ -316,9 +316,10 @@ def main(args=None):
             loader = accelerator.skip_first_batches(train_loader, resume_batches)
         for batch in loader:
             with accelerator.accumulate(model):
-                side_masks, mask = model(batch["pixel_values"], warm_flag)
-                loss = multiscale_sls_loss(side_masks, mask, batch["mask"], in_warmup=not warm_flag)
-                accelerator.backward(loss)
+                with oom_hint():
+                    side_masks, mask = model(batch["pixel_values"], warm_flag)
+                    loss = multiscale_sls_loss(side_masks, mask, batch["mask"], in_warmup=not warm_flag)
+                    accelerator.backward(loss)
                 grad_norm = apply_update(accelerator, optimizer, lr_scheduler, model.parameters(), loss, args.max_grad_norm, guard)
             monitor.add(loss=loss.detach(), grad_norm=grad_norm)
             if not accelerator.sync_gradients:

@@ -35,10 +35,10 @@ from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args
 from utils.latent_cache import (add_cache_args, cache_text_image_dataset, collate_cached, offload_cached_encoders,
                                 resolve_cache_args, sample_cached_latents)
 from utils.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args, load_lora_into, save_lora
-from utils.training import (OOM_HINT, HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups,
+from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups,
                             apply_update,
                             create_accelerator,
-                            global_norm, is_oom_error, steps_per_epoch, tracker_config, write_rank_checksums)
+                            global_norm, oom_hint, steps_per_epoch, tracker_config, write_rank_checksums)
 from utils.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
 
 logger = logging.getLogger("train_text_to_image")
@@ -466,7 +466,7 @@ def main(args):
                         {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped})
 
     epoch = first_epoch
-    try:
+    with oom_hint():
         for epoch in range(first_epoch, args.num_train_epochs):
             unet.train()
             if args.train_text_encoder:
@@ -517,10 +517,6 @@ def main(args):
                 log_validation(args, accelerator, models, ema, global_step, weight_dtype)
             if global_step >= args.max_train_steps:
                 break
-    except (RuntimeError, torch.OutOfMemoryError) as error:
-        if is_oom_error(error):
-            raise RuntimeError(OOM_HINT) from error
-        raise
     progress.close()
     write_rank_checksums(accelerator, unet)  # debug hook for the multi-process tests (no-op unless its env var is set)
     save_final(args, accelerator, models, ema)

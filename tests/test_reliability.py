@@ -439,6 +439,26 @@ def segmentation_case(tmp_path):
     return os.path.join(REPO_ROOT, "train_segmentation_tpu.py"), args, ["mshnet/model.safetensors"], "eval_metrics.jsonl"
 
 
+@pytest.mark.parametrize("case, loss_name", [(mask_dit_case, "flow_step_loss"), (segmentation_case, "multiscale_sls_loss")],
+                         ids=["train_mask_dit", "train_segmentation_tpu"])
+def test_other_scripts_out_of_memory_prints_what_to_try(case, loss_name, tmp_path, monkeypatch):
+    """The same OOM advice from the other two scripts' loops (in-process, OOM injected into their loss)."""
+    import importlib
+
+    from utils.training import OOM_HINT
+
+    script_path, args, _, _ = case(tmp_path)
+    script = importlib.import_module(os.path.splitext(os.path.basename(script_path))[0])
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(script, loss_name, out_of_memory)
+    with pytest.raises(RuntimeError) as error:
+        run_in_process(script, args(str(tmp_path / "out")))
+    assert str(error.value) == OOM_HINT
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [mask_dit_case, segmentation_case], ids=["train_mask_dit", "train_segmentation_tpu"])
 def test_two_processes_sync_write_once_and_resume(case, tmp_path):

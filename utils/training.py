@@ -8,6 +8,7 @@ Accelerator with trackers and seeding, and inside the loop `HealthMonitor`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -272,6 +273,17 @@ OOM_HINT = (
 
 def is_oom_error(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+@contextlib.contextmanager
+def oom_hint():
+    """Re-raise an out-of-memory error inside the block as one that says what to try (OOM_HINT)."""
+    try:
+        yield
+    except (RuntimeError, torch.OutOfMemoryError) as error:
+        if is_oom_error(error):
+            raise RuntimeError(OOM_HINT) from error
+        raise
 
 
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
