@@ -27,6 +27,8 @@ from PIL import Image, ImageFilter, ImageOps
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from .data import sample_rng
+
 # ImageNet statistics, as the reference implementation normalizes its RGB-converted IR frames.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -159,7 +161,7 @@ class IRSTDDataset(Dataset):
         image, mask = self.load(index)
         if self.train:
             image, mask = random_scale_crop(
-                image, mask, self.base_size, self.crop_size, random.Random(f"{self.augment_seed}-{self.epoch}-{index}")
+                image, mask, self.base_size, self.crop_size, sample_rng(self.augment_seed, self.epoch, index)
             )
         else:
             image = image.resize((self.base_size, self.base_size), Image.Resampling.BILINEAR)
