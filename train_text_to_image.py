@@ -394,8 +394,8 @@ def main(args):
     if args.use_ema:
         ema = create_ema(unet, args)
         ema.to("cpu" if args.offload_ema else accelerator.device)
-        if args.offload_ema:
-            ema.pin_memory() if torch.cuda.is_available() else None
+        if args.offload_ema and torch.cuda.is_available():
+            ema.pin_memory()
 
     # Checkpoints store each trained module in diffusers format (checkpoint-N/unet, unet_ema, ...).
     trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {}), **({"vae": vae} if joint_vae else {})}
@@ -434,7 +434,7 @@ def main(args):
     text_encoder = prepared[1] if args.train_text_encoder else text_encoder
     optimizer, train_dataloader, lr_scheduler = prepared[-3:]
     models.update(unet=unet, text_encoder=text_encoder)
-    to_prepare = [unet] + ([text_encoder] if args.train_text_encoder else []) + ([vae] if joint_vae else [])
+    to_prepare = list(prepared[:len(to_prepare)])  # the prepared (wrapped) modules accumulate gradients
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
     if accelerator.is_main_process:
@@ -502,7 +502,9 @@ def main(args):
                     progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
                 if global_step % args.checkpointing_steps == 0:
                     checkpoint()
-                if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                # The last step's validation is the final one, made by save_final: not twice.
+                if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps \
+                        and accelerator.is_main_process:
                     log_validation(args, accelerator, models, ema, global_step, weight_dtype)
                 if stop.should_stop(accelerator):
                     checkpoint()
@@ -513,7 +515,7 @@ def main(args):
                 if global_step >= args.max_train_steps:
                     break
             if accelerator.is_main_process and (args.validation_prompts or args.validation_prompt) \
-                    and epoch % args.validation_epochs == 0 and not args.validation_steps:
+                    and epoch % args.validation_epochs == 0 and not args.validation_steps and global_step < args.max_train_steps:
                 log_validation(args, accelerator, models, ema, global_step, weight_dtype)
             if global_step >= args.max_train_steps:
                 break
@@ -543,7 +545,10 @@ def restart_lr_schedule(lr_scheduler, optimizer, learning_rates) -> None:
         group["initial_lr"] = lr
     scheduler.base_lrs = list(learning_rates)
     scheduler.last_epoch = -1
-    scheduler._initial_step() if hasattr(scheduler, "_initial_step") else scheduler.step()
+    if hasattr(scheduler, "_initial_step"):
+        scheduler._initial_step()
+    else:
+        scheduler.step()
     logger.info(f"--resume_override_lr: LR schedule restarted at {learning_rates}")
 
 
