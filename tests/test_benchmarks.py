@@ -1,4 +1,4 @@
-"""benchmarks/: the text-to-image benchmark runs end to end (2 measured steps) and its numbers add up."""
+"""benchmarks/: the shared harness's numbers add up, and each benchmark command runs end to end (2 measured steps)."""
 
 import json
 import os
@@ -6,20 +6,21 @@ import os
 import pytest
 
 from benchmarks import bench_text_to_image as bench
+from benchmarks import harness
 
 
 def test_run_metrics_use_only_the_steps_after_warm_up():
     timing = {"timestamps": [10.0, 11.0, 11.5, 12.0, 12.5, 13.0], "cpu_timestamps": [5.0, 6.0, 7.0, 8.0, 9.0, 10.0],
               "start_time": 0.0, "wall_s": 20.0, "peak_rss_bytes": 1, "cuda_max_allocated_bytes": None}
-    metrics = bench.run_metrics(timing, warmup=2, steps=4)
+    metrics = harness.run_metrics(timing, warmup=2, steps=4)
     assert metrics["intervals"] == [0.5, 0.5, 0.5, 0.5] and metrics["steps_per_s"] == pytest.approx(2.0)
     assert metrics["steps_per_cpu_s"] == pytest.approx(1.0) and metrics["startup_s"] == 10.0
     with pytest.raises(RuntimeError, match="expected 7 step timestamps"):
-        bench.run_metrics(timing, warmup=3, steps=4)
-    summary = bench.summarize([metrics, dict(metrics, steps_per_s=4.0)], batch_size=8, flops_per_step=1e12, peak_tflops=10.0)
+        harness.run_metrics(timing, warmup=3, steps=4)
+    summary = harness.summarize([metrics, dict(metrics, steps_per_s=4.0)], batch_size=8, flops_per_step=1e12, peak_tflops=10.0)
     assert summary["steps_per_s"] == pytest.approx(3.0) and summary["samples_per_s"] == pytest.approx(24.0)
     assert summary["step_time_median_ms"] == pytest.approx(500.0) and summary["mfu"] == pytest.approx(0.3)
-    assert bench.percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == pytest.approx(9.1)
+    assert harness.percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 0.9) == pytest.approx(9.1)
 
 
 def test_flop_count_of_a_preset(tmp_path):
