@@ -25,9 +25,14 @@ from accelerate.utils import DataLoaderConfiguration
 
 from utils.checkpointing import read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint
 from utils.config import parse_args_with_config
+from utils.data import make_train_dataloader
 from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.flow_matching import (
     LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate, loss_weights, sample_timesteps,
+)
+from utils.latent_cache import (
+    add_cache_args, cache_paired_datasets, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args,
+    sample_cached_latents,
 )
 from utils.mask_dit_sampling import (
     MaskDiTPipeline, caption_width, comparison_tiles, encode_captions, generate_from_mask,
@@ -38,7 +43,7 @@ from utils.paired_data import (
     PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder, select_fraction, split_train_validation,
 )
 from utils.training import (
-    HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, oom_hint,
+    HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, fused_kwargs, oom_hint, progress_bar,
     steps_per_epoch, tracker_config, write_rank_checksums,
 )
 from utils.validation import save_and_log_images
@@ -114,9 +119,11 @@ def parse_args(argv=None):
     schedule.add_argument("--mask_guidance_scale", type=float, default=1.0, help="Mask CFG scale (1 = no mask CFG).")
     add_run_args(parser, output_dir_default="mask-dit-model")
     add_ema_args(parser)
+    add_cache_args(parser)
     args = parse_args_with_config(parser, argv)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --train_data_dir or --dataset_name")
+    resolve_cache_args(args, has_vae=bool(args.vae_model_name_or_path), has_text_encoder=bool(args.text_encoder_name_or_path))
     return args
 
 
@@ -184,31 +191,47 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float, cosine:
 
 
 class Conditioner:
-    """Turns a batch into model inputs: latents (or pixels), masks and caption tokens, with CFG dropout."""
+    """Turns a batch into model inputs: latents (or pixels), masks and caption tokens, with CFG dropout.
 
-    def __init__(self, args, vae, tokenizer, text_encoder):
+    Batches from the caches (--cache_latents / --cache_text_embeddings) carry the latent distribution
+    and the caption embeddings instead; they use the same random numbers, so the inputs are the same.
+    `empty_caption`: the cached (embedding [S, D], attention mask [S]) of "" for caption dropout.
+    """
+
+    def __init__(self, args, vae, tokenizer, text_encoder, empty_caption=None):
         self.args, self.vae, self.tokenizer, self.text_encoder = args, vae, tokenizer, text_encoder
+        self.empty_caption = empty_caption
 
     def __call__(self, batch, generator, train: bool = True):
-        pixels, mask, captions = batch["pixel_values"], batch["mask"], list(batch["captions"])
-        batch_size = pixels.shape[0]
-        if self.vae is not None:
-            distribution = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        mask, captions = batch["mask"], list(batch["captions"])
+        batch_size, device = mask.shape[0], mask.device
+        if "latent_mean" in batch:
+            target = sample_cached_latents(batch, self.vae.config, generator).float()
+        elif self.vae is not None:
+            distribution = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist
             scale, shift = float(self.vae.config.scaling_factor), float(getattr(self.vae.config, "shift_factor", None) or 0)
             target = ((distribution.sample(generator) - shift) * scale).float()
         else:
-            target = pixels.float()
-        mask_keep = torch.ones(batch_size, device=pixels.device)
+            target = batch["pixel_values"].float()
+        mask_keep = torch.ones(batch_size, device=device)
         if train and self.args.mask_dropout_prob > 0:
-            mask_keep = (torch.rand(batch_size, generator=generator, device=pixels.device)
-                         >= self.args.mask_dropout_prob).float()
+            mask_keep = (torch.rand(batch_size, generator=generator, device=device) >= self.args.mask_dropout_prob).float()
         caption = caption_mask = None
         if self.text_encoder is not None:
+            drop = None
             if train and self.args.caption_dropout_prob > 0:
-                drop = torch.rand(batch_size, generator=generator, device=pixels.device) < self.args.caption_dropout_prob
-                captions = ["" if d else c for d, c in zip(drop.tolist(), captions)]
-            caption, caption_mask = encode_captions(self.tokenizer, self.text_encoder, captions,
-                                                    self.args.max_caption_length, self.args.caption_hidden_layer)
+                drop = torch.rand(batch_size, generator=generator, device=device) < self.args.caption_dropout_prob
+            if "caption_embedding" in batch:
+                caption, caption_mask = batch["caption_embedding"], batch["caption_mask"]
+                if drop is not None:
+                    empty, empty_mask = self.empty_caption
+                    caption = torch.where(drop[:, None, None], empty, caption)
+                    caption_mask = torch.where(drop[:, None], empty_mask, caption_mask)
+            else:
+                if drop is not None:
+                    captions = ["" if d else c for d, c in zip(drop.tolist(), captions)]
+                caption, caption_mask = encode_captions(self.tokenizer, self.text_encoder, captions,
+                                                        self.args.max_caption_length, self.args.caption_hidden_layer)
             caption = caption.float()
         return target, mask, mask_keep, caption, caption_mask
 
@@ -240,7 +263,7 @@ def validation_loss(accelerator, model, conditioner, dataloader, args) -> float:
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(dataloader):
         generator = step_generator(args.seed, 10**6 + index, 0, accelerator.process_index, accelerator.device)
-        size = batch["pixel_values"].shape[0]
+        size = batch["mask"].shape[0]
         positions = torch.arange(size, device=accelerator.device, dtype=torch.float64) + index * size
         timesteps = ((positions * 0.6180339887 + 0.5) % 1.0).float()  # low-discrepancy spread over (0, 1)
         loss = flow_step_loss(model, conditioner, batch, generator, args, timesteps, train=False)
@@ -299,19 +322,21 @@ def main(args):
                     sampler=args.sampler, guidance_scale=args.guidance_scale, mask_guidance_scale=args.mask_guidance_scale)
     logger.info(f"MaskNextDiT2DModel: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters")
 
-    # Data.
+    # Data: images, or the VAE latents / caption embeddings cached on disk (then the encoders leave the device).
     train_dataset, held_out = build_datasets(args)
-    # Own generator: the iterator's base-seed draw must not move the global RNG (exact mid-epoch resume).
-    train_dataloader = torch.utils.data.DataLoader(train_dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                   collate_fn=collate_pairs, num_workers=args.dataloader_num_workers,
-                                                   generator=torch.Generator())
-    held_out_dataloader = (torch.utils.data.DataLoader(held_out, batch_size=args.train_batch_size,
-                                                       collate_fn=collate_pairs) if held_out else None)
+    (train_dataset, held_out_for_loss), empty_caption = cache_paired_datasets(
+        [train_dataset, held_out], vae, tokenizer, text_encoder, args, accelerator)
+    encoders = {"vae": vae, "text_encoder": text_encoder}
+    offload_cached_encoders(encoders, args)
+    collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_pairs
+    train_dataloader = make_train_dataloader(train_dataset, args.train_batch_size, args.dataloader_num_workers, collate)
+    held_out_dataloader = (torch.utils.data.DataLoader(held_out_for_loss, batch_size=args.train_batch_size,
+                                                       collate_fn=collate) if held_out else None)
     logger.info(f"{len(train_dataset)} training pairs, {len(held_out) if held_out else 0} held out")
 
     # Optimizer and schedule.
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused_kwargs(accelerator.device))
     # Per process: accelerate.prepare shards the batches over the processes.
     updates_per_epoch = steps_per_epoch(math.ceil(len(train_dataloader) / accelerator.num_processes), args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
@@ -346,9 +371,9 @@ def main(args):
         resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
         logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
 
-    conditioner = Conditioner(args, vae, tokenizer, text_encoder)
+    conditioner = Conditioner(args, vae, tokenizer, text_encoder, empty_caption)
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, settings)
-    monitor, guard, stop = HealthMonitor(args.train_batch_size * accelerator.num_processes), NonFiniteGuard(args.max_nonfinite_steps), StopSignal()
+    monitor, guard, stop = HealthMonitor(args.train_batch_size * accelerator.num_processes), NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps), StopSignal()
 
     def checkpoint_now():
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(early_stopping))
@@ -373,7 +398,8 @@ def main(args):
                 ema.store(transformer.parameters())
                 ema.copy_to(transformer.parameters())
             transformer.eval()
-            logs.update(log_samples(accelerator, pipeline, held_out, args, global_step))
+            with cached_encoders_on(accelerator.device, encoders, args):
+                logs.update(log_samples(accelerator, pipeline, held_out, args, global_step))
             transformer.train()
             if ema is not None:
                 ema.restore(transformer.parameters())
@@ -385,6 +411,7 @@ def main(args):
 
     logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
     done = global_step >= max_train_steps
+    progress = progress_bar(accelerator, max_train_steps, global_step)
     for epoch in range(first_epoch, num_epochs):
         if done:
             break
@@ -408,12 +435,14 @@ def main(args):
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            progress.update(1)
             monitor.step_done()
             if ema is not None:
                 ema.step(transformer.parameters())
             if global_step % args.logging_steps == 0:
                 logs = {**monitor.collect(), "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
                 accelerator.log(logs, step=global_step)
+                progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
                 logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 checkpoint_now()
@@ -441,6 +470,7 @@ def main(args):
             checkpoint_now()
             break
 
+    progress.close()
     # Final save: the EMA weights when there is an EMA.
     write_rank_checksums(accelerator, transformer)  # debug hook for the multi-process tests (no-op unless its env var is set)
     accelerator.wait_for_everyone()

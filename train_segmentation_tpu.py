@@ -39,11 +39,12 @@ from utils.checkpointing import (
     read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint, save_module, write_json_atomic,
 )
 from utils.config import add_hyphen_aliases, parse_args_with_config
+from utils.data import make_train_dataloader
 from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.irstd_data import IRSTDDataset, tensor_to_image
 from utils.mshnet import MSHNet, multiscale_sls_loss
 from utils.seg_metrics import SegmentationMetrics
-from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, oom_hint, tracker_config,
+from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, fused_kwargs, oom_hint, progress_bar, tracker_config,
                             write_rank_checksums)
 
 logger = logging.getLogger(__name__)
@@ -121,22 +122,21 @@ def build_dataloaders(args):
     train_set = IRSTDDataset(args.dataset_dir, "trainval", train=True, base_size=args.base_size,
                              crop_size=args.crop_size, augment_seed=augment_seed)
     eval_set = IRSTDDataset(args.dataset_dir, "test", train=False, base_size=args.base_size, crop_size=args.crop_size)
-    # Workers are not persistent so each epoch's workers see the dataset's new epoch (its augmentation seed).
-    common = {"num_workers": args.dataloader_num_workers}
     # drop_last keeps every training batch the same shape (one XLA compilation).
-    # Own generator: the iterator's base-seed draw must not move the global RNG (exact mid-epoch resume).
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                              generator=torch.Generator(), **common)
-    eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, shuffle=False, drop_last=False, **common)
+    train_loader = make_train_dataloader(train_set, args.batch_size, args.dataloader_num_workers, drop_last=True)
+    eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, shuffle=False, drop_last=False,
+                             num_workers=args.dataloader_num_workers)
     return train_set, eval_set, train_loader, eval_loader
 
 
 def create_optimizer(args, model):
     # Created after the model is on its device: on TPU, an optimizer built around CPU parameters
     # would keep updating tensors the prepared model no longer uses.
+    # Fused kernels where they exist (CUDA, CPU): fewer passes, and non-finite steps skip on the device.
+    fused = fused_kwargs(next(model.parameters()).device)
     if args.optimizer == "adagrad":
-        return torch.optim.Adagrad(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        return torch.optim.Adagrad(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **fused)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **fused)
 
 
 @torch.no_grad()
@@ -295,7 +295,7 @@ def main(args=None):
                 f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}")
     monitor = HealthMonitor(samples_per_step=args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
     # NonFiniteGuard reads the loss on the host every step; on XLA that would stall the device.
-    guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps)
+    guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
     stop = StopSignal()
     metrics_log = os.path.join(args.output_dir, "eval_metrics.jsonl")
     train_log = os.path.join(args.output_dir, "train_log.jsonl")
@@ -305,6 +305,7 @@ def main(args=None):
                         training_state={"epoch": epoch, "best_miou": best_miou})
 
     done, epoch = False, first_epoch
+    progress = progress_bar(accelerator, args.max_train_steps, global_step)
     for epoch in range(first_epoch, num_epochs):
         warm_flag = epoch > args.warm_epoch  # the reference's switch: multi-scale heads + SLS after warm-up
         model.train()
@@ -325,6 +326,7 @@ def main(args=None):
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
+            progress.update(1)
             monitor.step_done()
             if ema is not None:
                 ema.step(raw_model.parameters())
@@ -336,6 +338,7 @@ def main(args=None):
                 if on_xla:
                     logs["xla_compilations"] = xla_compilation_count()
                 accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
+                progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
                 if accelerator.is_main_process:
                     with open(train_log, "a", encoding="utf-8") as handle:
                         handle.write(json.dumps({"step": global_step, **logs}) + "\n")
@@ -375,6 +378,7 @@ def main(args=None):
         if done:
             break
 
+    progress.close()
     if global_step % args.checkpointing_steps:
         checkpoint_now(epoch)
     write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless its env var is set)

@@ -348,3 +348,29 @@ def test_missing_caption_error_names_the_image(captioned_folder):
     index = rows["image"].index(str(captioned_folder / "sub" / "img2.png"))
     with pytest.raises(BadSampleError, match=r"folder row \d \(.*img2\.png\): missing caption"):
         dataset[index]
+
+
+def test_persistent_workers_see_every_epoch(captioned_folder):
+    """make_train_dataloader keeps its workers across epochs; the per-epoch augmentation they
+    compute must still follow set_epoch (shared-memory epoch), exactly as in the main process."""
+    from utils.data import make_train_dataloader
+
+    rows = load_text_image_dataset(data_args(train_data_dir=str(captioned_folder)))
+
+    def epochs(num_workers):
+        dataset = TextImageDataset(rows, "image", "text", ImageTransform(8, random_flip=True, center_crop=False), fake_tokenize,
+                                   seed=3, caption_dropout_prob=0.5)
+        loader = make_train_dataloader(dataset, 2, num_workers, collate_text_image, shuffle=False)
+        assert loader.persistent_workers is (num_workers > 0)
+        out = []
+        for epoch in range(4):
+            dataset.set_epoch(epoch)
+            out.append([(b["pixel_values"].clone(), b["captions"]) for b in loader])
+        return out
+
+    in_process, with_workers = epochs(0), epochs(2)
+    assert any(not torch.equal(a[0][0], b[0][0]) or a[0][1] != b[0][1] for a, b in zip(in_process, in_process[1:])), \
+        "the augmentation should change between epochs"
+    for epoch_a, epoch_b in zip(in_process, with_workers):
+        for (pixels_a, captions_a), (pixels_b, captions_b) in zip(epoch_a, epoch_b):
+            assert torch.equal(pixels_a, pixels_b) and captions_a == captions_b

@@ -84,7 +84,7 @@ def test_8bit_adam_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     args = script.parse_args(["--model_preset", "tiny", "--train_data_dir", "x", "--use_8bit_adam"])
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
-        script.make_optimizer(args, [{"params": [torch.nn.Parameter(torch.zeros(2))]}])
+        script.make_optimizer(args, [{"params": [torch.nn.Parameter(torch.zeros(2))]}], "cpu")
 
 
 @pytest.mark.slow

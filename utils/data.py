@@ -299,7 +299,33 @@ def pick_caption(caption, rng: random.Random | None, where: str) -> str:
     return caption
 
 
-class TextImageDataset(torch.utils.data.Dataset):
+class EpochDataset(torch.utils.data.Dataset):
+    """A dataset whose augmentation depends on the epoch (`sample_rng(seed, epoch, index)`).
+
+    The epoch lives in a shared-memory tensor, so persistent DataLoader workers, which hold copies of
+    the dataset made when they started, see every `set_epoch` the main process makes. The loop calls
+    `set_epoch` before iterating, and workers take the epoch's first indices only after that.
+    """
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch_cell())
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch_cell().fill_(int(value))
+
+    def _epoch_cell(self) -> torch.Tensor:
+        cell = self.__dict__.get("_shared_epoch")
+        if cell is None:  # made by the first assignment, in __init__ (main process), before workers exist
+            cell = self.__dict__["_shared_epoch"] = torch.zeros((), dtype=torch.int64).share_memory_()
+        return cell
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+class TextImageDataset(EpochDataset):
     """Decoded, augmented, tokenized samples: {"pixel_values": [3, R, R] in [-1, 1], "input_ids": [L]}.
 
     With `skip_bad_samples`, an unreadable sample is replaced by the next good one and counted
@@ -312,9 +338,6 @@ class TextImageDataset(torch.utils.data.Dataset):
         self.transform, self.tokenize = transform, tokenize
         self.seed, self.caption_dropout_prob, self.skip_bad_samples = seed, caption_dropout_prob, skip_bad_samples
         self.source_name, self.epoch, self.num_skipped = source_name, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -366,17 +389,18 @@ def write_metadata_jsonl(folder: str, records: list[dict]) -> str:
     return path
 
 
-def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn, shuffle: bool = True):
-    """The training DataLoader with throughput settings: pinned host memory when a GPU is there,
-    deeper prefetching with workers. Workers are not persistent: each epoch's workers get the
-    dataset as `set_epoch` left it, which per-epoch augmentation (`sample_rng`) depends on."""
+def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn=None, shuffle: bool = True,
+                          drop_last: bool = False):
+    """The training DataLoader with throughput settings: pinned host memory when a GPU is there;
+    with workers, deeper prefetching and persistent workers (not restarted every epoch; the
+    datasets keep the epoch in shared memory, see `EpochDataset`)."""
     kwargs = dict(pin_memory=torch.cuda.is_available())
     if num_workers > 0:
-        kwargs["prefetch_factor"] = 4
+        kwargs.update(prefetch_factor=4, persistent_workers=True)
     # A generator of its own: creating a DataLoader iterator draws a base seed, from torch's global
     # RNG otherwise. An uninterrupted run draws it at the epoch start, before a mid-epoch
     # checkpoint; a run resumed from that checkpoint would draw it after restoring the RNG and
     # then sample different noise (no longer bitwise identical). The order comes from
     # accelerate's seedable sampler, which reseeds this generator every epoch.
     return torch.utils.data.DataLoader(dataset, shuffle=shuffle, collate_fn=collate_fn, batch_size=batch_size,
-                                       num_workers=num_workers, drop_last=False, generator=torch.Generator(), **kwargs)
+                                       num_workers=num_workers, drop_last=drop_last, generator=torch.Generator(), **kwargs)

@@ -25,9 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from scipy import ndimage
-from torch.utils.data import Dataset
 
-from .data import sample_rng
+from .data import EpochDataset, sample_rng
 
 # ImageNet statistics, as the reference implementation normalizes its RGB-converted IR frames.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -116,7 +115,7 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     return torch.from_numpy((np.asarray(mask.convert("L")) > 127).astype(np.float32))[None]
 
 
-class IRSTDDataset(Dataset):
+class IRSTDDataset(EpochDataset):
     """One split of an IRSTD-1k-layout data set.
 
     Items are dicts: `pixel_values` [3, S, S] normalized float, `mask` [1, S, S] in {0, 1},
@@ -139,9 +138,6 @@ class IRSTDDataset(Dataset):
         self.crop_size = crop_size
         self.augment_seed = augment_seed
         self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.names)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import crop_origin, sample_rng
+from .data import EpochDataset, crop_origin, sample_rng
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -151,7 +151,7 @@ def mask_to_channels(mask: np.ndarray, mask_channels: int, name: str) -> np.ndar
     return np.stack([(mask == k + 1) for k in range(mask_channels)]).astype(np.float32)
 
 
-class PairedImageMaskDataset(torch.utils.data.Dataset):
+class PairedImageMaskDataset(EpochDataset):
     """Image [3, R, R] in [-1, 1], mask [C, R, R] in {0, 1} and caption, with identical crop / flip.
 
     The shorter side is resized to `resolution` (image: bicubic, mask: nearest), then both are
@@ -170,9 +170,6 @@ class PairedImageMaskDataset(torch.utils.data.Dataset):
         self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.indices)

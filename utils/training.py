@@ -197,35 +197,72 @@ class HealthMonitor:
 
 
 class NonFiniteGuard:
-    """Skips updates whose loss or gradients are not finite; aborts after too many in a row."""
+    """Skips updates whose loss or gradients are not finite; aborts after too many in a row.
 
-    def __init__(self, max_consecutive: int):
+    The verdict stays on the device: `apply_update` hands it to optimizers that can skip a step
+    themselves (torch's fused Adam, AdamW, SGD and Adagrad read a `found_inf` tensor, the mechanism
+    `torch.amp.GradScaler` uses), and the counters are read on the host only every `check_every`
+    optimizer steps (the scripts pass --logging_steps) and when `total_skipped` is read (checkpoints).
+    So a run with no bad steps never waits on the device for this. Optimizers without that hook
+    (bitsandbytes' 8-bit AdamW, foreach/for-loop kernels) are checked on the host every step.
+    """
+
+    def __init__(self, max_consecutive: int, check_every: int = 1):
         self.max_consecutive = max_consecutive
+        self.check_every = max(1, int(check_every))
         self.consecutive = 0
-        self.total_skipped = 0
+        self._total = 0
+        self._counts = None  # on the device: [bad steps in a row now, bad steps in total, longest run since the last poll]
+        self._recorded = 0
 
-    def check(self, loss: torch.Tensor, parameters, grad_norm: torch.Tensor | None = None) -> bool:
-        """True when the step may be applied. Costs one host sync; call on sync steps only.
+    @staticmethod
+    def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """A 0-d float tensor on the loss's device: 1.0 when the loss or the gradient norm is inf/NaN."""
+        finite = torch.isfinite(loss.detach()).all() & torch.isfinite(grad_norm.detach().to(loss.device)).all()
+        return (~finite).float()
 
-        grad_norm: the norm clipping already computed (saves a pass over every gradient).
-        """
-        if grad_norm is None or not torch.is_tensor(grad_norm):
-            grads = [p.grad for p in parameters if p.grad is not None]
-            grad_norm = global_norm(grads) if grads else torch.zeros((), device=loss.device)
-        finite = bool(torch.isfinite(loss).all() & torch.isfinite(grad_norm.to(loss.device)).all())
-        if finite:
-            self.consecutive = 0
-            return True
-        self.consecutive += 1
-        self.total_skipped += 1
-        logger.warning(f"Non-finite loss or gradient: update skipped ({self.consecutive} in a row, {self.total_skipped} total).")
-        if self.consecutive >= self.max_consecutive:
+    def record(self, flag: torch.Tensor) -> None:
+        """Count one optimizer step's verdict on the device; poll every `check_every` steps."""
+        if self._counts is None:
+            self._counts = torch.zeros(3, device=flag.device)
+        run = (self._counts[0] + 1) * flag
+        self._counts = torch.stack([run, self._counts[1] + flag, torch.maximum(self._counts[2], run)])
+        self._recorded += 1
+        if self._recorded % self.check_every == 0:
+            self.poll()
+
+    def poll(self) -> None:
+        """Read the counters (one host sync): warn about new skips, raise after too many in a row."""
+        if self._counts is None:
+            return
+        in_a_row, total, longest = (int(v) for v in self._counts.tolist())
+        self._counts[2] = in_a_row  # the longest run since this poll starts from the current one
+        new, self._total, self.consecutive = total - self._total, total, in_a_row
+        if new:
+            logger.warning(f"Non-finite loss or gradient: {new} update(s) skipped since the last check "
+                           f"({in_a_row} in a row now, {total} total).")
+        if new and longest >= self.max_consecutive:  # (new: a read after the abort does not raise again)
             raise FloatingPointError(
-                f"{self.consecutive} consecutive steps had a non-finite loss or gradient (--max_nonfinite_steps "
+                f"{longest} consecutive steps had a non-finite loss or gradient (--max_nonfinite_steps "
                 f"{self.max_consecutive}). Try a lower --learning_rate, --max_grad_norm 1.0, bf16 instead of fp16, "
                 "or check the data for corrupt samples."
             )
-        return False
+
+    @property
+    def total_skipped(self) -> int:
+        self.poll()
+        return self._total
+
+    def check(self, loss: torch.Tensor, parameters, grad_norm: torch.Tensor | None = None) -> bool:
+        """Host-side verdict for optimizers that cannot skip on the device: True when the step may be
+        applied. One host sync. grad_norm: the norm clipping already computed (saves a pass)."""
+        if grad_norm is None or not torch.is_tensor(grad_norm):
+            grads = [p.grad for p in parameters if p.grad is not None]
+            grad_norm = global_norm(grads) if grads else torch.zeros((), device=loss.device)
+        flag = self.nonfinite(loss, grad_norm)
+        self.record(flag)
+        self.poll()
+        return self.consecutive == 0
 
 
 class StopSignal:
@@ -282,6 +319,14 @@ def oom_hint():
         raise
 
 
+def progress_bar(accelerator, total: int, initial: int = 0):
+    """The "Steps" bar of diffusers' examples: one tick per optimizer step, on the local main process
+    (benchmarks/step_timer.py times a run by it)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(total), initial=initial, desc="Steps", disable=not accelerator.is_local_main_process)
+
+
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
     return max(1, math.ceil(num_batches / gradient_accumulation_steps))
 
@@ -331,12 +376,25 @@ def apply_speedups(model: torch.nn.Module, args) -> torch.nn.Module:
     return model
 
 
+def _skips_on_device(optimizer) -> bool:
+    """Whether the torch optimizer skips its step when given a `found_inf` tensor (fused kernels)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and getattr(optimizer, "grad_scale", None) is None
+
+
+def fused_kwargs(device) -> dict:
+    """`fused=True` for torch optimizers where the fused kernels exist (CUDA, CPU), else nothing (XLA, MPS)."""
+    return {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {}
+
+
 def apply_update(accelerator, optimizer, lr_scheduler, parameters, loss, max_grad_norm: float,
                  guard: NonFiniteGuard | None = None):
     """The optimizer update every script makes after `accelerator.backward(loss)`.
 
-    On a gradient-sync step: clip to `max_grad_norm` (<= 0: no clipping), skip the update when
-    `guard` finds the loss or gradients non-finite, else step the optimizer and the LR schedule.
+    On a gradient-sync step: clip to `max_grad_norm` (<= 0: no clipping), then step the optimizer
+    and the LR schedule unless `guard` finds the loss or gradients non-finite. The skip happens on
+    the device where the optimizer supports it (see NonFiniteGuard), so this costs no host sync;
+    the LR schedule then still advances. With fp16's GradScaler, the scaler skips overflowing steps
+    itself (and lowers the scale, which skipping its step() would prevent); the guard only counts.
     Gradients are zeroed on every call. Returns the pre-clip gradient norm (a device tensor) on
     sync steps, None on accumulation steps.
     """
@@ -347,7 +405,23 @@ def apply_update(accelerator, optimizer, lr_scheduler, parameters, loss, max_gra
             grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
         else:
             grad_norm = global_norm(p.grad for p in parameters)
-        if guard is None or guard.check(loss, parameters, grad_norm):
+        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+        if guard is None:
+            optimizer.step()
+            lr_scheduler.step()
+        elif getattr(accelerator, "scaler", None) is not None or _skips_on_device(torch_optimizer):
+            flag = guard.nonfinite(loss, grad_norm)
+            own_flag = getattr(accelerator, "scaler", None) is None
+            if own_flag:
+                torch_optimizer.found_inf = flag
+            try:
+                optimizer.step()
+            finally:
+                if own_flag:
+                    del torch_optimizer.found_inf
+            lr_scheduler.step()
+            guard.record(flag)
+        elif guard.check(loss, parameters, grad_norm):
             optimizer.step()
             lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
