@@ -373,7 +373,8 @@ def main(args):
 
     conditioner = Conditioner(args, vae, tokenizer, text_encoder, empty_caption)
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, settings)
-    monitor, guard, stop = HealthMonitor(args.train_batch_size * accelerator.num_processes), NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps), StopSignal()
+    monitor, guard, stop = HealthMonitor(args.train_batch_size * accelerator.num_processes), NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps), \
+        StopSignal(check_every=args.logging_steps)
 
     def checkpoint_now():
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(early_stopping))
@@ -447,7 +448,7 @@ def main(args):
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 checkpoint_now()
             stop_now = args.validation_steps and global_step % args.validation_steps == 0 and validate()
-            stopping = stop.should_stop(accelerator)  # every rank, every step: it is a collective
+            stopping = stop.should_stop(accelerator)  # every rank, every step (a collective every --logging_steps)
             if stop_now or stopping or global_step >= max_train_steps:
                 if stop_now:
                     logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")

@@ -296,7 +296,7 @@ def main(args=None):
     monitor = HealthMonitor(samples_per_step=args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
     # NonFiniteGuard reads the loss on the host every step; on XLA that would stall the device.
     guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
-    stop = StopSignal()
+    stop = StopSignal(check_every=args.logging_steps)
     metrics_log = os.path.join(args.output_dir, "eval_metrics.jsonl")
     train_log = os.path.join(args.output_dir, "train_log.jsonl")
 
@@ -345,8 +345,7 @@ def main(args=None):
                 logger.info(f"epoch {epoch} step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
             if global_step % args.checkpointing_steps == 0:
                 checkpoint_now(epoch)
-            check_stop = accelerator.num_processes == 1 or global_step % args.logging_steps == 0
-            if check_stop and stop.should_stop(accelerator):
+            if stop.should_stop(accelerator):
                 checkpoint_now(epoch)
                 logger.warning(f"Stopped by {stop.signal_name} at step {global_step}; resume with --resume_from_checkpoint latest")
                 accelerator.end_training()

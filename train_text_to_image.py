@@ -454,7 +454,7 @@ def main(args):
                 f"accumulation={args.gradient_accumulation_steps} steps={args.max_train_steps} (from {global_step})")
     monitor = HealthMonitor(samples_per_step=total_batch_size)
     guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
-    stop = StopSignal()
+    stop = StopSignal(check_every=args.logging_steps)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     progress = progress_bar(accelerator, args.max_train_steps, global_step)
 

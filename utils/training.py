@@ -269,9 +269,13 @@ class StopSignal:
     """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries (save, then exit).
 
     A second signal of the same kind restores the default handler, so Ctrl-C twice still kills.
+    With several processes the ranks agree through a collective (a host sync), made every
+    `check_every` calls (the scripts pass --logging_steps) so the loop does not wait every step.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), check_every: int = 1):
+        self.check_every = max(1, int(check_every))
+        self._calls = 0
         self.requested = False
         self.signal_name = None
         self._previous = {}
@@ -293,6 +297,9 @@ class StopSignal:
         """Agree across processes, so every rank stops (and saves) at the same step."""
         if accelerator.num_processes == 1:
             return self.requested
+        self._calls += 1  # every rank calls once per step, so all make the collective at the same calls
+        if self._calls % self.check_every:
+            return False
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
