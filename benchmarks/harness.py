@@ -17,6 +17,7 @@ torch.optim step for scripts without one); the first `--warmup_steps` are droppe
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -78,6 +79,7 @@ def reference_variants(args) -> list[dict]:
     return [variant("reference", args.reference, pythonpath=args.reference_pythonpath, event=args.reference_event)]
 
 
+@functools.lru_cache(maxsize=None)
 def script_accepts(script: str, flag: str) -> bool:
     """Whether `python script --help` lists `flag` (for features that may not have landed in a script yet)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -58,3 +58,60 @@ def test_step_timer_counts_optimizer_steps_without_a_progress_bar(tmp_path):
                     "--event", "optimizer", str(script)], check=True, timeout=120)
     timing = json.load(open(out))
     assert len(timing["timestamps"]) == 3 and len(timing["cpu_timestamps"]) == 3 and timing["peak_rss_bytes"] > 0
+
+
+def test_ratios_are_against_the_reference_only():
+    summaries = {"ours": {"steps_per_s": 3.0, "steps_per_cpu_s": 2.0}, "reference": {"steps_per_s": 2.0, "steps_per_cpu_s": 1.0}}
+    assert harness.ratios_to_reference(summaries) == ({"ours": 1.5}, {"ours": 2.0})
+    assert harness.ratios_to_reference({"ours": summaries["ours"]}) == ({}, {})
+
+
+@pytest.mark.slow
+def test_mask_dit_benchmark_smoke_run_in_latent_space_with_a_reference(tmp_path):
+    """2 measured steps of the tiny mask DiT on a tiny random VAE's latents: ours with --precompute (ours
+    without it where the script has no cache yet) and a 'reference' (our own script, which takes its own flags)."""
+    from benchmarks import bench_mask_dit
+
+    has_cache = harness.script_accepts(bench_mask_dit.OUR_SCRIPT, "--precompute")
+    result = bench_mask_dit.main(["--model_size", "tiny", "--resolution", "32", "--latent", "--batch_size", "2",
+                                  "--warmup_steps", "1", "--steps", "2", "--threads", "1", "--cache", "on" if has_cache else "off",
+                                  "--workdir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"),
+                                  "--reference", bench_mask_dit.OUR_SCRIPT])
+    ours = "ours+cache" if has_cache else "ours"
+    assert set(result["variants"]) == {ours, "reference"}
+    for summary in result["variants"].values():
+        assert summary["steps_per_s"] > 0 and summary["samples_per_s"] == pytest.approx(2 * summary["steps_per_s"])
+        assert summary["step_time_p90_ms"] >= summary["step_time_median_ms"] > 0 and summary["peak_rss_mib"] > 100
+    assert set(result["ratios"]) == set(result["cpu_time_ratios"]) == {ours} and result["ratios"][ours] > 0
+    name = "mask-dit-tiny-32px-latent-tiny-b2"
+    saved = json.load(open(tmp_path / "results" / f"{name}.json"))
+    assert saved["transformer_train_flops_per_step"] > 0 and saved["vae_encode_flops_per_step"] > 0
+    assert f"| {ours} |" in open(tmp_path / "results" / f"{name}.md").read()
+
+
+def test_segmentation_reference_gets_only_the_reference_flags():
+    from benchmarks import bench_segmentation
+
+    args = bench_segmentation.parse_args(["--batch_size", "2", "--mixed_precision", "bf16"])
+    reference = bench_segmentation.flags_for(args, "/data", {"name": "reference"}, "/out")
+    ours = bench_segmentation.flags_for(args, "/data", {"name": "ours"}, "/out")
+    assert reference[reference.index("--warm-epoch") + 1] == "-1" and "--output_dir" not in reference
+    assert ours == reference + ["--output_dir", "/out", "--seed", "0", "--mixed_precision", "bf16", "--dataloader_num_workers", "0"]
+
+
+@pytest.mark.slow
+def test_segmentation_benchmark_smoke_run_with_a_reference(tmp_path):
+    """2 measured steps of MSHNet on 32 px crops: ours (timed by its Steps bar) and a 'reference' (our own script,
+    which takes the original main.py's hyphenated flags) timed by its optimizer steps, as the original is."""
+    from benchmarks import bench_segmentation
+
+    result = bench_segmentation.main(["--crop_size", "32", "--base_size", "32", "--image_size", "64", "--batch_size", "2",
+                                      "--num_test", "2", "--warmup_steps", "1", "--steps", "2", "--threads", "1",
+                                      "--workdir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"),
+                                      "--reference", bench_segmentation.OUR_SCRIPT])
+    assert set(result["variants"]) == {"ours", "reference"} and result["settings"]["reference_event"] == "optimizer"
+    for summary in result["variants"].values():
+        assert summary["steps_per_s"] > 0 and summary["samples_per_s"] == pytest.approx(2 * summary["steps_per_s"])
+    assert result["ratios"]["ours"] > 0 and result["cpu_time_ratios"]["ours"] > 0
+    saved = json.load(open(tmp_path / "results" / "mshnet-32px-b2.json"))
+    assert saved["mshnet_train_flops_per_step"] > 0 and saved["variants"]["reference"]["steps_per_s"] > 0
