@@ -44,8 +44,8 @@ from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.irstd_data import IRSTDDataset, tensor_to_image
 from utils.mshnet import MSHNet, multiscale_sls_loss
 from utils.seg_metrics import SegmentationMetrics
-from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, fused_kwargs, oom_hint, progress_bar, tracker_config,
-                            write_rank_checksums)
+from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups, apply_update,
+                            create_accelerator, fused_kwargs, oom_hint, progress_bar, tracker_config, write_rank_checksums)
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_cores", type=int, default=8, help="TPU cores to use with --use_tpu when started with `python`.")
     add_run_args(parser, output_dir_default="outputs/mshnet")
     add_ema_args(parser)
+    add_speed_args(parser)
     # The reference trains without gradient clipping; 0 turns it off.
     parser.set_defaults(max_grad_norm=0.0, checkpointing_steps=1000, checkpoints_total_limit=2)
     add_hyphen_aliases(parser)
@@ -254,6 +255,7 @@ def main(args=None):
             f"{args.dataset_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
             f"({args.batch_size} x {accelerator.num_processes} processes); lower --batch_size."
         )
+    apply_speedups(model, args)
     optimizer = create_optimizer(args, model)
     batches_per_epoch = len(train_set) // (args.batch_size * accelerator.num_processes)
     steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)

@@ -151,10 +151,12 @@ def test_training_reaches_stated_miou_then_test_mode_reproduces_it(easy_syntheti
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--channels_last", "--dataloader_num_workers", 2]], ids=["plain", "channels_last-workers"])
+def test_resume_mid_epoch_is_bitwise_identical(tmp_path, extra):
+    """Also with --channels_last and persistent DataLoader workers (their epoch must follow set_epoch)."""
     data = write_synthetic_irstd(str(tmp_path / "synth"), num_train=16, num_test=4, size=32, seed=0)
     common = ["--dataset-dir", data, "--batch-size", 4, "--warm_epoch", 0, "--crop-size", 32, "--base-size", 32,
-              "--seed", 0, "--checkpointing_steps", 3, "--report_to", "none", "--use_ema"]
+              "--seed", 0, "--checkpointing_steps", 3, "--report_to", "none", "--use_ema", *extra]
     launch = ["--num_cpu_threads_per_process", "1"]
     # 6 steps cross the warm-up switch (4 steps per epoch); the resume starts mid-epoch 0.
     accelerate_launch(SCRIPT, common + ["--max_train_steps", 6, "--output_dir", tmp_path / "once"], extra_launch_args=launch)

@@ -219,3 +219,20 @@ def test_from_scratch_with_config_json_and_loaded_text_encoder(tiny_pipeline_dir
 
     loaded = CLIPTokenizer.from_pretrained(Path(tiny_pipeline_dir) / "tokenizer").get_vocab()
     assert CLIPTokenizer.from_pretrained(out / "tokenizer").get_vocab() == loaded
+
+
+@pytest.mark.slow
+def test_torch_compile_and_channels_last_train_and_save_plain_weights(tiny_pipeline_dir, image_folder, tmp_path):
+    """--torch_compile compiles the UNet in place: the saved weights keep the plain diffusers keys
+    (no `_orig_mod.`), load back, and differ from the starting weights (the compiled model trained)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    accelerate_launch("train_text_to_image.py", base_args(tiny_pipeline_dir, image_folder, out, steps=3,
+                                                          extra="--torch_compile --channels_last --learning_rate 1e-3"))
+    trained = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    start = load_file(os.path.join(tiny_pipeline_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    assert set(trained) == set(start)
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")

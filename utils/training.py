@@ -379,6 +379,8 @@ def apply_speedups(model: torch.nn.Module, args) -> torch.nn.Module:
     if getattr(args, "channels_last", False):
         model.to(memory_format=torch.channels_last)
     if getattr(args, "torch_compile", False):
+        if any(p.device.type == "xla" for p in model.parameters()):
+            raise ValueError("--torch_compile is for CUDA/CPU; on TPU (XLA) every step is already compiled as a graph: drop the flag.")
         model.compile()
     return model
 
