@@ -571,9 +571,36 @@ class CachedPairedDataset(torch.utils.data.Dataset):
         return item
 
 
+def cache_pair_latents(dataset, vae, vae_fingerprint: str, args, device) -> ShardedTensors:
+    """The latents cache of one `PairedImageMaskDataset` (built if missing; see `encode_pair_batches`)."""
+    key = {"kind": "mask-dit-latents", "pairs": paired_rows_fingerprint(dataset), "vae": vae_fingerprint,
+           "dtype": str(vae.dtype), "resolution": dataset.resolution, "mask_channels": dataset.mask_channels,
+           "random_crop": dataset.random_crop, "random_flip": dataset.random_flip}
+    if dataset.random_crop:  # the epoch-0 crop is drawn from the seed
+        key["seed"] = dataset.seed
+    captions = [dataset.records[i].caption for i in dataset.indices]
+    return load_or_build(args.latent_cache_dir, "latents", key,
+                         lambda: encode_pair_batches(dataset, vae, device, args.cache_batch_size),
+                         extra_fn=lambda: {"captions": captions})
+
+
+def cache_caption_embeddings(captions: list[str], tokenizer, text_encoder, args) -> ShardedTensors:
+    """The caption-embedding cache of `captions` (sorted), built if missing; see `encode_caption_batches`."""
+    tokens = tokenizer(captions, padding="max_length", max_length=args.max_caption_length, truncation=True,
+                       return_tensors="pt")
+    key = {"kind": "caption-embeddings", "captions": fingerprint(captions),
+           "tokens": hashlib.sha256(tokens.input_ids.numpy().tobytes() + tokens.attention_mask.numpy().tobytes()).hexdigest()[:20],
+           "max_length": args.max_caption_length, "hidden_layer": args.caption_hidden_layer,
+           "text_encoder": module_fingerprint(text_encoder), "dtype": str(text_encoder.dtype)}
+    return load_or_build(args.latent_cache_dir, "text", key,
+                         lambda: encode_caption_batches(captions, tokenizer, text_encoder, args.max_caption_length,
+                                                        args.caption_hidden_layer, args.cache_batch_size),
+                         extra_fn=lambda: {"captions": captions})
+
+
 def cache_paired_datasets(datasets: list, vae, tokenizer, text_encoder, args, accelerator):
     """Wrap `PairedImageMaskDataset`s (None passes through) with the caches --cache_latents /
-    --cache_text_embeddings ask for; one text cache holds every caption of all of them.
+    --cache_text_embeddings ask for; one text cache holds the captions of all of them.
 
     Returns (the datasets, the empty caption's (embedding [S, D], attention mask [S]) on the device
     when captions are cached and drop out, else None). Missing caches are built on the main
@@ -582,21 +609,12 @@ def cache_paired_datasets(datasets: list, vae, tokenizer, text_encoder, args, ac
     if not (args.cache_latents or args.cache_text_embeddings):
         return datasets, None
     present = [d for d in datasets if d is not None]
-    device = accelerator.device
-    latents, text, empty_caption = {}, None, None
+    latents, text, empty_caption = [None] * len(datasets), None, None
     with accelerator.main_process_first():
         if args.cache_latents:
-            for dataset in present:
-                key = {"kind": "mask-dit-latents", "pairs": paired_rows_fingerprint(dataset), "vae": module_fingerprint(vae),
-                       "dtype": str(vae.dtype), "resolution": dataset.resolution, "mask_channels": dataset.mask_channels,
-                       "random_crop": dataset.random_crop, "random_flip": dataset.random_flip}
-                if dataset.random_crop:  # the epoch-0 crop is drawn from the seed
-                    key["seed"] = dataset.seed
-                captions = [dataset.records[i].caption for i in dataset.indices]
-                latents[id(dataset)] = load_or_build(
-                    args.latent_cache_dir, "latents", key,
-                    lambda dataset=dataset: encode_pair_batches(dataset, vae, device, args.cache_batch_size),
-                    extra_fn=lambda captions=captions: {"captions": captions})
+            vae_fingerprint = module_fingerprint(vae)
+            latents = [cache_pair_latents(d, vae, vae_fingerprint, args, accelerator.device) if d is not None else None
+                       for d in datasets]
             if any(d.random_crop for d in present):
                 logger.warning("--cache_latents with --random_crop: each pair keeps the crop drawn for epoch 0 (no "
                                "effect for images already square at --resolution; drop --random_crop to silence).")
@@ -604,20 +622,10 @@ def cache_paired_datasets(datasets: list, vae, tokenizer, text_encoder, args, ac
             captions = {d.records[i].caption for d in present for i in d.indices}
             if args.caption_dropout_prob > 0:
                 captions.add("")
-            captions = sorted(captions)
-            tokens = tokenizer(captions, padding="max_length", max_length=args.max_caption_length, truncation=True,
-                               return_tensors="pt") if captions else None
-            key = {"kind": "caption-embeddings", "captions": fingerprint(captions),
-                   "tokens": hashlib.sha256(b"".join(t.numpy().tobytes() for t in (tokens.input_ids, tokens.attention_mask))
-                                            if tokens is not None else b"").hexdigest()[:20],
-                   "max_length": args.max_caption_length, "hidden_layer": args.caption_hidden_layer,
-                   "text_encoder": module_fingerprint(text_encoder), "dtype": str(text_encoder.dtype)}
-            text = load_or_build(args.latent_cache_dir, "text", key,
-                                 lambda: encode_caption_batches(captions, tokenizer, text_encoder, args.max_caption_length,
-                                                                args.caption_hidden_layer, args.cache_batch_size),
-                                 extra_fn=lambda: {"captions": captions})
+            text = cache_caption_embeddings(sorted(captions), tokenizer, text_encoder, args)
             if args.caption_dropout_prob > 0:
-                row = captions.index("")
-                empty_caption = (text.get("embeddings", row).to(device), text.get("attention_mask", row).to(device))
-    wrapped = [CachedPairedDataset(d, latents.get(id(d)), text) if d is not None else None for d in datasets]
+                row = text.manifest["captions"].index("")
+                empty_caption = (text.get("embeddings", row).to(accelerator.device),
+                                 text.get("attention_mask", row).to(accelerator.device))
+    wrapped = [CachedPairedDataset(d, cache, text) if d is not None else None for d, cache in zip(datasets, latents)]
     return wrapped, empty_caption
