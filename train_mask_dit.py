@@ -25,6 +25,7 @@ from accelerate.utils import DataLoaderConfiguration
 
 from utils.checkpointing import read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint
 from utils.config import parse_args_with_config
+from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.data import make_train_dataloader
 from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.flow_matching import (
@@ -43,7 +44,8 @@ from utils.paired_data import (
     PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder, select_fraction, split_train_validation,
 )
 from utils.training import (
-    HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, apply_update, create_accelerator, fused_kwargs, oom_hint, progress_bar,
+    HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups, apply_update, create_accelerator,
+    fused_kwargs, oom_hint, progress_bar,
     steps_per_epoch, tracker_config, write_rank_checksums,
 )
 from utils.validation import save_and_log_images
@@ -82,7 +84,8 @@ def parse_args(argv=None):
     data.add_argument("--resolution", type=int, default=256)
     data.add_argument("--random_crop", action="store_true", help="Random instead of centre crops (same for image and mask).")
     data.add_argument("--random_flip", action="store_true")
-    data.add_argument("--train_batch_size", type=int, default=16)
+    data.add_argument("--train_batch_size", type=batch_size_arg, default=16,
+                      help="Per-device batch, or 'auto': the largest that fits (see docs/PERFORMANCE.md).")
     data.add_argument("--num_train_epochs", type=int, default=20)
     data.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
     flow = parser.add_argument_group("flow matching")
@@ -120,6 +123,8 @@ def parse_args(argv=None):
     add_run_args(parser, output_dir_default="mask-dit-model")
     add_ema_args(parser)
     add_cache_args(parser)
+    add_auto_batch_args(parser)
+    add_speed_args(parser)
     args = parse_args_with_config(parser, argv)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --train_data_dir or --dataset_name")
@@ -329,6 +334,12 @@ def main(args):
     encoders = {"vae": vae, "text_encoder": text_encoder}
     offload_cached_encoders(encoders, args)
     collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_pairs
+    # --train_batch_size auto: probe real steps of this loss (its randomness from a generator of its own).
+    probe_conditioner = Conditioner(args, vae, tokenizer, text_encoder, empty_caption)
+    probe_generator = torch.Generator(device=accelerator.device)
+    resolve_auto_batch_size_for(args, accelerator, lambda batch: flow_step_loss(
+        transformer, probe_conditioner, batch, probe_generator.manual_seed(0), args), train_dataset, collate, [transformer])
+    apply_speedups(transformer, args)
     train_dataloader = make_train_dataloader(train_dataset, args.train_batch_size, args.dataloader_num_workers, collate)
     held_out_dataloader = (torch.utils.data.DataLoader(held_out_for_loss, batch_size=args.train_batch_size,
                                                        collate_fn=collate) if held_out else None)
