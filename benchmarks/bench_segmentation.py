@@ -5,16 +5,16 @@
         --repeats 2 --threads 1 [--reference /tmp/reference-mshnet/MSHNet/main.py --reference_pythonpath DIR]
 
 One command writes a synthetic IRSTD-1k-layout data set (`utils.irstd_data`: 512 x 512 infrared
-frames by default, as IRSTD-1k's) with exactly one epoch of `(warmup_steps + steps) x
-batch_size` training frames, so both scripts run `--epochs 1` and evaluate only after the
-measured steps. Both get the reference's command line (`--dataset-dir --batch-size --epochs
---lr --warm-epoch --base-size --crop-size`, which ours accepts too); `--phase full` (default)
-times the multi-scale heads + SLS loss that all epochs after `--warm-epoch` train. Ours is
-timed by its "Steps" bar, the reference (no such bar) by every torch optimizer step
-(`--reference_event optimizer`). Printed per variant: steps/s, images/s (the key number),
-step time (median, p90), peak memory, MSHNet's forward + backward FLOPs per step
-(torch.utils.flop_counter: convolutions) and achieved TFLOP/s, MFU on GPU, and the ratio to
-the reference. --results_dir writes JSON and a markdown table.
+frames by default, as IRSTD-1k's) whose trainval.txt lists exactly one epoch of
+`(warmup_steps + steps) x batch_size` frames (`--num_frames` distinct ones, repeated), so both
+scripts run `--epochs 1` and evaluate only after the measured steps. Both get the reference's
+command line (`--dataset-dir --batch-size --epochs --lr --warm-epoch --base-size --crop-size`,
+which ours accepts too); `--phase full` (default) times the multi-scale heads + SLS loss that
+every epoch after `--warm-epoch` trains. Ours is timed by its "Steps" bar, the reference (no
+such bar) by every torch optimizer step (`--reference_event optimizer`). Printed per variant:
+steps/s, images/s (the key number), step time (median, p90), peak memory, MSHNet's forward +
+backward FLOPs per step (torch.utils.flop_counter: convolutions) and achieved TFLOP/s, MFU on
+GPU, and the ratio to the reference. --results_dir writes JSON and a markdown table.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--base_size", type=int, default=256, help="Rescale centre and evaluation size (--base-size).")
     parser.add_argument("--image_size", type=int, default=512, help="Side of the stored frames (IRSTD-1k: 512).")
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--num_frames", type=int, default=64,
+                        help="Distinct training frames written; trainval.txt repeats them to one epoch of the run.")
     parser.add_argument("--num_test", type=int, default=4, help="Test frames (evaluated once, after the measured steps).")
     parser.add_argument("--phase", default="full", choices=sorted(WARM_EPOCH),
                         help="full: multi-scale heads + SLS loss (every epoch after --warm-epoch); warmup: main head, soft IoU.")
@@ -61,12 +63,19 @@ def parse_args(argv=None):
 
 
 def prepare_data(args, workdir: str) -> str:
-    from utils.irstd_data import write_synthetic_irstd
+    """An IRSTD-1k-layout folder whose trainval.txt lists exactly one epoch, (warmup_steps + steps) x batch_size
+    names, cycling over `--num_frames` distinct frames (writing thousands of 512 px frames for a GPU run would
+    take longer than the run; a repeated name is read and augmented like any other)."""
+    from utils.irstd_data import read_split, write_synthetic_irstd
 
     num_train = (args.warmup_steps + args.steps) * args.batch_size
-    data_dir = os.path.join(workdir, f"irstd-{args.image_size}-{num_train}-{args.num_test}-{args.seed}")
+    num_frames = min(args.num_frames, num_train)
+    data_dir = os.path.join(workdir, f"irstd-{args.image_size}-{num_frames}x{num_train}-{args.num_test}-{args.seed}")
     if not os.path.isfile(os.path.join(data_dir, "test.txt")):
-        write_synthetic_irstd(data_dir, num_train, args.num_test, args.image_size, args.seed)
+        write_synthetic_irstd(data_dir, num_frames, args.num_test, args.image_size, args.seed)
+        frames = read_split(data_dir, "trainval")
+        with open(os.path.join(data_dir, "trainval.txt"), "w", encoding="utf-8") as handle:
+            handle.write("".join(frames[i % num_frames] + "\n" for i in range(num_train)))
     return data_dir
 
 

@@ -106,12 +106,14 @@ def test_segmentation_benchmark_smoke_run_with_a_reference(tmp_path):
     from benchmarks import bench_segmentation
 
     result = bench_segmentation.main(["--crop_size", "32", "--base_size", "32", "--image_size", "64", "--batch_size", "2",
-                                      "--num_test", "2", "--warmup_steps", "1", "--steps", "2", "--threads", "1",
+                                      "--num_frames", "2", "--num_test", "2", "--warmup_steps", "1", "--steps", "2", "--threads", "1",
                                       "--workdir", str(tmp_path / "work"), "--results_dir", str(tmp_path / "results"),
                                       "--reference", bench_segmentation.OUR_SCRIPT])
     assert set(result["variants"]) == {"ours", "reference"} and result["settings"]["reference_event"] == "optimizer"
     for summary in result["variants"].values():
         assert summary["steps_per_s"] > 0 and summary["samples_per_s"] == pytest.approx(2 * summary["steps_per_s"])
     assert result["ratios"]["ours"] > 0 and result["cpu_time_ratios"]["ours"] > 0
+    train_names = (tmp_path / "work" / "irstd-64-2x6-2-0" / "trainval.txt").read_text().split()
+    assert len(train_names) == 6 and len(set(train_names)) == 2  # one epoch = (1 + 2) steps x 2 images, 2 distinct frames
     saved = json.load(open(tmp_path / "results" / "mshnet-32px-b2.json"))
     assert saved["mshnet_train_flops_per_step"] > 0 and saved["variants"]["reference"]["steps_per_s"] > 0
