@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Weights to evaluate (--mode test) or start from: a best/ or checkpoint-N/ folder, a "
                              ".safetensors file, or a reference MSHNet .pkl/.tar state dict.")
     parser.add_argument("--batch_size", type=int, default=4, help="Training batch size per device (process).")
+    parser.add_argument("--cache_images", action="store_true",
+                        help="Decode every image and mask once and keep them in (shared) memory: about half of a "
+                             "sample's loading time (IRSTD-1k: ~1 GB). Same augmentation, same results.")
     parser.add_argument("--eval_batch_size", type=int, default=None, help="Evaluation batch size per device (default: --batch_size).")
     parser.add_argument("--epochs", type=int, default=400, help="Training epochs.")
     parser.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps (overrides --epochs).")
@@ -121,8 +124,11 @@ def build_dataloaders(args):
     # Without --seed, augmentation still needs one seed shared by all processes and kept on resume.
     augment_seed = args.seed if args.seed is not None else 0
     train_set = IRSTDDataset(args.dataset_dir, "trainval", train=True, base_size=args.base_size,
-                             crop_size=args.crop_size, augment_seed=augment_seed)
-    eval_set = IRSTDDataset(args.dataset_dir, "test", train=False, base_size=args.base_size, crop_size=args.crop_size)
+                             crop_size=args.crop_size, augment_seed=augment_seed, cache_in_memory=args.cache_images)
+    eval_set = IRSTDDataset(args.dataset_dir, "test", train=False, base_size=args.base_size, crop_size=args.crop_size,
+                            cache_in_memory=args.cache_images)
+    if args.cache_images:
+        logger.info(f"--cache_images: {(train_set.frames.nbytes + eval_set.frames.nbytes) / 2**20:.0f} MiB of decoded frames in memory")
     # drop_last keeps every training batch the same shape (one XLA compilation).
     train_loader = make_train_dataloader(train_set, args.batch_size, args.dataloader_num_workers, drop_last=True)
     eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, shuffle=False, drop_last=False,

@@ -117,3 +117,14 @@ def test_segmentation_benchmark_smoke_run_with_a_reference(tmp_path):
     assert len(train_names) == 6 and len(set(train_names)) == 2  # one epoch = (1 + 2) steps x 2 images, 2 distinct frames
     saved = json.load(open(tmp_path / "results" / "mshnet-32px-b2.json"))
     assert saved["mshnet_train_flops_per_step"] > 0 and saved["variants"]["reference"]["steps_per_s"] > 0
+
+
+def test_data_loading_benchmark_measures_both_loaders(tmp_path, capsys):
+    from benchmarks import bench_data_loading
+
+    results = bench_data_loading.main(["--image_size", "64", "--crop_size", "32", "--base_size", "32", "--num_frames", "4",
+                                       "--passes", "1", "--workdir", str(tmp_path)])
+    assert set(results) == {"from disk", "--cache_images"}
+    for measured in results.values():
+        assert measured["ms_per_sample"] > 0 and measured["cores_for_target"] > 0
+    assert "less loader CPU per sample" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import accelerate_launch
 from train_segmentation_tpu import parse_args
-from utils.irstd_data import IRSTDDataset, add_target, synthetic_frame, write_synthetic_irstd
+from utils.irstd_data import IRSTDDataset, add_target, read_split, synthetic_frame, write_synthetic_irstd
 
 SCRIPT = "train_segmentation_tpu.py"
 
@@ -88,6 +88,42 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
         first.set_epoch(epoch)
         crops.add(first[1]["pixel_values"].sum().item())
     assert len(crops) > 1  # a new epoch draws new augmentations
+
+
+def test_cached_frames_give_identical_samples_in_workers_too(tmp_path):
+    """--cache_images: the same tensors as decoding from disk (train and eval), in the main process
+    and in persistent DataLoader workers over several epochs, without the files; frames of
+    different sizes share one buffer."""
+    from PIL import Image
+
+    from utils.data import make_train_dataloader
+
+    root = write_synthetic_irstd(str(tmp_path / "synth"), num_train=6, num_test=2, size=48, seed=0)
+    name = read_split(root, "trainval")[0]  # one frame of another size, as in SIRST
+    for folder in ("images", "masks"):
+        path = os.path.join(root, folder, f"{name}.png")
+        Image.open(path).resize((40, 56)).save(path)
+    expected = {}
+    for train in (True, False):
+        split = "trainval" if train else "test"
+        disk = IRSTDDataset(root, split, train=train, base_size=32, crop_size=32, augment_seed=1)
+        memory = IRSTDDataset(root, split, train=train, base_size=32, crop_size=32, augment_seed=1, cache_in_memory=True)
+        assert memory.frames.nbytes == sum(3 * w * h + w * h for w, h in
+                                           (Image.open(os.path.join(root, "images", f"{n}.png")).size for n in disk.names))
+        for epoch in range(3):
+            disk.set_epoch(epoch), memory.set_epoch(epoch)
+            for index in range(len(disk)):
+                sample = disk[index]
+                expected[split, epoch, index] = sample
+                for key in ("pixel_values", "mask"):
+                    assert torch.equal(sample[key], memory[index][key]), (split, epoch, index, key)
+    cached = IRSTDDataset(root, "trainval", train=True, base_size=32, crop_size=32, augment_seed=1, cache_in_memory=True)
+    os.rename(os.path.join(root, "images"), os.path.join(root, "images-gone"))  # the workers must not need the files
+    loader = make_train_dataloader(cached, 1, 2, shuffle=False)
+    for epoch in range(3):
+        cached.set_epoch(epoch)
+        for index, batch in enumerate(loader):
+            assert torch.equal(batch["pixel_values"][0], expected["trainval", epoch, index]["pixel_values"])
 
 
 def test_missing_files_are_named(tmp_path):

@@ -115,6 +115,38 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     return torch.from_numpy((np.asarray(mask.convert("L")) > 127).astype(np.float32))[None]
 
 
+class DecodedFrames:
+    """Decoded (image RGB, mask L) uint8 frames in one shared-memory buffer (`--cache_images`).
+
+    Decoding a 512 px PNG is about half of a training sample's CPU time (measured by
+    `python benchmarks/bench_data_loading.py`, numbers in docs/PERFORMANCE.md); a GPU at 1500
+    images/s would need about twice the loader cores without the cache. One buffer in shared memory (not one array per
+    frame) is shared by forked and spawned DataLoader workers alike, without copy-on-write
+    copies. Frames may differ in size (SIRST); offsets and shapes index the buffer.
+    """
+
+    def __init__(self, pairs):
+        arrays = []
+        for image, mask in pairs:
+            arrays += [np.array(image, dtype=np.uint8), np.array(mask, dtype=np.uint8)]  # writable copies
+        self.shapes = [a.shape for a in arrays]
+        self.offsets = np.cumsum([0] + [a.size for a in arrays]).tolist()
+        buffer = torch.empty(self.offsets[-1], dtype=torch.uint8)
+        for array, start in zip(arrays, self.offsets):
+            buffer[start:start + array.size] = torch.from_numpy(array.reshape(-1))
+        self.buffer = buffer.share_memory_()
+
+    def _array(self, k: int) -> np.ndarray:
+        return self.buffer[self.offsets[k]:self.offsets[k + 1]].numpy().reshape(self.shapes[k])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._array(2 * index), self._array(2 * index + 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[-1]
+
+
 class IRSTDDataset(EpochDataset):
     """One split of an IRSTD-1k-layout data set.
 
@@ -127,7 +159,8 @@ class IRSTDDataset(EpochDataset):
     """
 
     def __init__(
-        self, root: str, split: str, train: bool, base_size: int = 256, crop_size: int = 256, augment_seed: int = 0
+        self, root: str, split: str, train: bool, base_size: int = 256, crop_size: int = 256, augment_seed: int = 0,
+        cache_in_memory: bool = False,
     ):
         if not os.path.isdir(os.path.join(root, "images")):
             raise FileNotFoundError(f"{os.path.join(root, 'images')} not found (--dataset_dir {root})")
@@ -138,11 +171,18 @@ class IRSTDDataset(EpochDataset):
         self.crop_size = crop_size
         self.augment_seed = augment_seed
         self.epoch = 0
+        self.frames = DecodedFrames([self._decode(i) for i in range(len(self.names))]) if cache_in_memory else None
 
     def __len__(self) -> int:
         return len(self.names)
 
     def load(self, index: int) -> tuple[Image.Image, Image.Image]:
+        if self.frames is not None:
+            image, mask = self.frames[index]
+            return Image.fromarray(image, "RGB"), Image.fromarray(mask, "L")
+        return self._decode(index)
+
+    def _decode(self, index: int) -> tuple[Image.Image, Image.Image]:
         name = self.names[index]
         image_path = os.path.join(self.root, "images", f"{name}.png")
         if not os.path.isfile(image_path):
