@@ -128,3 +128,13 @@ def test_data_loading_benchmark_measures_both_loaders(tmp_path, capsys):
     for measured in results.values():
         assert measured["ms_per_sample"] > 0 and measured["cores_for_target"] > 0
     assert "less loader CPU per sample" in capsys.readouterr().out
+
+
+def test_unet_step_benchmark_times_each_mode(capsys):
+    from benchmarks import bench_unet_step
+
+    results = bench_unet_step.main(["--preset", "tiny", "--resolution", "32", "--batch_size", "2", "--modes", "eager",
+                                    "channels_last", "--warmup_steps", "1", "--steps", "2"])
+    assert set(results) == {"eager", "channels_last"}
+    assert all(r["median_ms"] > 0 and r["warmup_s"] > 0 for r in results.values())
+    assert "| channels_last |" in capsys.readouterr().out
