@@ -171,14 +171,20 @@ class IRSTDDataset(EpochDataset):
         self.crop_size = crop_size
         self.augment_seed = augment_seed
         self.epoch = 0
-        self.frames = DecodedFrames([self._decode(i) for i in range(len(self.names))]) if cache_in_memory else None
+        self.frames = None
+        if cache_in_memory:  # each distinct frame once, however often the split lists it
+            first = {}
+            for index, name in enumerate(self.names):
+                first.setdefault(name, index)
+            self._frame_of = {name: k for k, name in enumerate(first)}
+            self.frames = DecodedFrames([self._decode(index) for index in first.values()])
 
     def __len__(self) -> int:
         return len(self.names)
 
     def load(self, index: int) -> tuple[Image.Image, Image.Image]:
         if self.frames is not None:
-            image, mask = self.frames[index]
+            image, mask = self.frames[self._frame_of[self.names[index]]]
             return Image.fromarray(image, "RGB"), Image.fromarray(mask, "L")
         return self._decode(index)
 
