@@ -52,8 +52,6 @@ def parse_args(argv=None):
     parser.add_argument("--cache", default="off", choices=["off", "on", "both"],
                         help="Run ours without (off), with (on) or both with and without --precompute (cached latents and "
                              "caption embeddings); only if train_mask_dit.py has --precompute.")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
     add_harness_args(parser, reference_help="A reference training script taking train_mask_dit.py's flags, run alongside ours.")
     args = parser.parse_args(argv)
     check_harness_args(parser, args)

@@ -48,11 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--phase", default="full", choices=sorted(WARM_EPOCH),
                         help="full: multi-scale heads + SLS loss (every epoch after --warm-epoch); warmup: main head, soft IoU.")
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"],
-                        help="Ours only (the reference has no such option and trains in fp32).")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0,
-                        help="Ours only (the reference loads in the training process).")
     add_harness_args(parser, reference_event="optimizer",
+                     ours_only_note="Ours only (the reference trains in fp32 and loads data in the training process).",
                      reference_help="MSHNet's original main.py (github.com/Lliu666/MSHNet) or any script with its flags.")
     args = parser.parse_args(argv)
     check_harness_args(parser, args)

@@ -56,8 +56,6 @@ def parse_args(argv=None):
     parser.add_argument("--image_size", type=int, default=None, help="Side of the stored images (default 1.25 x resolution).")
     parser.add_argument("--cache", default="both", choices=["off", "on", "both"],
                         help="Run ours without (off), with (on) or both with and without --precompute.")
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
     add_harness_args(parser, reference_help="A reference training script with diffusers' flags, run alongside ours.")
     args = parser.parse_args(argv)
     check_harness_args(parser, args)

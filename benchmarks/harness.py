@@ -37,8 +37,14 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 # Command line and variants
 # ----------------------------------------------------------------------------------------------
 
-def add_harness_args(parser, reference_help: str, reference_event: str = "tqdm") -> None:
-    """The flags every benchmark command has (repeats, threads, reference, results)."""
+def add_harness_args(parser, reference_help: str, reference_event: str = "tqdm",
+                     ours_only_note: str = "") -> None:
+    """The flags every benchmark command has (precision, workers, repeats, threads, reference, results).
+
+    ours_only_note: appended to --mixed_precision/--dataloader_num_workers' help where the reference
+    does not get them."""
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help=ours_only_note or None)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help=ours_only_note or None)
     parser.add_argument("--warmup_steps", type=int, default=3, help="Steps run before measuring (at least 1).")
     parser.add_argument("--steps", type=int, default=20, help="Measured steps per run.")
     parser.add_argument("--repeats", type=int, default=1, help="Runs per variant, alternated.")

@@ -84,3 +84,17 @@ def run_main_in_process(script, argv):
         GradientState._reset_state()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def count_builds(monkeypatch):
+    """The cache folders utils.latent_cache writes from now on (a list that fills as they are built)."""
+    from utils import latent_cache
+
+    calls = []
+    original = latent_cache.write_cache
+
+    def counting(directory, *args, **kwargs):
+        calls.append(os.path.basename(directory))
+        return original(directory, *args, **kwargs)
+    monkeypatch.setattr(latent_cache, "write_cache", counting)
+    return calls

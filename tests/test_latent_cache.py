@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import accelerate_launch
+from conftest import accelerate_launch, count_builds
 from utils import latent_cache
 from utils.data import ImageTransform, TextImageDataset, write_metadata_jsonl
 from utils.latent_cache import (CachedTextImageDataset, ShardedTensors, cache_text_image_dataset, collate_cached,
@@ -115,17 +115,6 @@ def test_text_only_cache_keeps_pixels(tmp_path, tiny_components):
     assert torch.equal(item["pixel_values"], dataset[1]["pixel_values"])
     assert item["encoder_hidden_states"].shape == (77, 32) and "input_ids" not in item
     assert "" not in cached.text.manifest["captions"]  # no dropout: no empty prompt cached
-
-
-def count_builds(monkeypatch):
-    calls = []
-    original = latent_cache.write_cache
-
-    def counting(directory, *args, **kwargs):
-        calls.append(os.path.basename(directory))
-        return original(directory, *args, **kwargs)
-    monkeypatch.setattr(latent_cache, "write_cache", counting)
-    return calls
 
 
 def test_cache_is_reused_and_rebuilt_when_anything_changes(tmp_path, tiny_components, monkeypatch):

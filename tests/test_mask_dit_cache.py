@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import accelerate_launch, run_main_in_process
+from conftest import accelerate_launch, count_builds, run_main_in_process
 from utils import latent_cache
 from utils.latent_cache import CachedPairedDataset, cache_paired_datasets, collate_cached
 from utils.paired_data import PairedImageMaskDataset, collate_pairs, scan_paired_folder, write_synthetic_fundus_dataset
@@ -118,17 +118,6 @@ def test_conditioner_gives_the_same_inputs_from_the_cache(tmp_path, encoders):
             torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5, msg=name)
         dropped += [torch.equal(row, empty_caption[0].float()) for row in got[3]]
     assert True in dropped and False in dropped  # caption dropout swapped in the cached "" embedding
-
-
-def count_builds(monkeypatch):
-    calls = []
-    original = latent_cache.write_cache
-
-    def counting(directory, *args, **kwargs):
-        calls.append(os.path.basename(directory))
-        return original(directory, *args, **kwargs)
-    monkeypatch.setattr(latent_cache, "write_cache", counting)
-    return calls
 
 
 def test_cache_is_reused_and_rebuilt_when_anything_changes(tmp_path, encoders, monkeypatch):
