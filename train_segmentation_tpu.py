@@ -33,8 +33,9 @@ import shutil
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
+from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.checkpointing import (
     read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint, save_module, write_json_atomic,
 )
@@ -59,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight_path", type=str, default=None,
                         help="Weights to evaluate (--mode test) or start from: a best/ or checkpoint-N/ folder, a "
                              ".safetensors file, or a reference MSHNet .pkl/.tar state dict.")
-    parser.add_argument("--batch_size", type=int, default=4, help="Training batch size per device (process).")
+    parser.add_argument("--batch_size", type=batch_size_arg, default=4,
+                        help="Training batch size per device (process), or 'auto': the largest that fits (GPU/CPU; "
+                             "with --effective_batch_size, accumulation keeps that many samples per step).")
     parser.add_argument("--cache_images", action="store_true",
                         help="Decode every image and mask once and keep them in (shared) memory: about half of a "
                              "sample's loading time (IRSTD-1k: ~1 GB). Same augmentation, same results.")
@@ -84,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_run_args(parser, output_dir_default="outputs/mshnet")
     add_ema_args(parser)
     add_speed_args(parser)
+    add_auto_batch_args(parser)
     # The reference trains without gradient clipping; 0 turns it off.
     parser.set_defaults(max_grad_norm=0.0, checkpointing_steps=1000, checkpoints_total_limit=2)
     add_hyphen_aliases(parser)
@@ -93,7 +97,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (MSHNet pools four times)")
     if args.mode == "test" and not args.weight_path:
         raise ValueError("--mode test needs --weight_path (e.g. outputs/mshnet/best)")
-    args.eval_batch_size = args.eval_batch_size or args.batch_size
+    if args.batch_size == "auto" and args.mode == "test" and not args.eval_batch_size:
+        raise ValueError("--mode test with --batch_size auto: give --eval_batch_size (nothing is trained to size it on)")
+    if args.batch_size != "auto":
+        args.eval_batch_size = args.eval_batch_size or args.batch_size
     return args
 
 
@@ -120,7 +127,7 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     logger.info(f"Loaded weights from {path}")
 
 
-def build_dataloaders(args):
+def build_datasets(args):
     # Without --seed, augmentation still needs one seed shared by all processes and kept on resume.
     augment_seed = args.seed if args.seed is not None else 0
     train_set = IRSTDDataset(args.dataset_dir, "trainval", train=True, base_size=args.base_size,
@@ -129,11 +136,15 @@ def build_dataloaders(args):
                             cache_in_memory=args.cache_images)
     if args.cache_images:
         logger.info(f"--cache_images: {(train_set.frames.nbytes + eval_set.frames.nbytes) / 2**20:.0f} MiB of decoded frames in memory")
+    return train_set, eval_set
+
+
+def build_dataloaders(args, train_set, eval_set):
     # drop_last keeps every training batch the same shape (one XLA compilation).
     train_loader = make_train_dataloader(train_set, args.batch_size, args.dataloader_num_workers, drop_last=True)
     eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, shuffle=False, drop_last=False,
                              num_workers=args.dataloader_num_workers)
-    return train_set, eval_set, train_loader, eval_loader
+    return train_loader, eval_loader
 
 
 def create_optimizer(args, model):
@@ -248,7 +259,13 @@ def main(args=None):
     if args.weight_path:
         load_weights(model, args.weight_path)
     model.to(accelerator.device)
-    train_set, eval_set, train_loader, eval_loader = build_dataloaders(args)
+    train_set, eval_set = build_datasets(args)
+    if args.mode == "train":  # --batch_size auto: probe the full multi-scale loss (all heads: the most memory)
+        resolve_auto_batch_size_for(args, accelerator, lambda batch: multiscale_sls_loss(
+            *model(batch["pixel_values"], True), batch["mask"], in_warmup=False), train_set, default_collate, [model],
+            attr="batch_size")
+        args.eval_batch_size = args.eval_batch_size or args.batch_size
+    train_loader, eval_loader = build_dataloaders(args, train_set, eval_set)
 
     if args.mode == "test":
         model, eval_loader = accelerator.prepare(model, eval_loader)

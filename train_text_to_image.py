@@ -258,7 +258,7 @@ def diffusion_loss(args, unet, text_encoder, vae, noise_scheduler, batch, monito
         weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         loss = (loss * weights).mean()
-    monitor.add(timestep_mean=timesteps.float().mean(), timestep_std=timesteps.float().std(),
+    monitor.add(timestep_mean=timesteps.float().mean(), timestep_std=timesteps.float().std(correction=0),  # (batch 1: 0, not NaN)
                 latent_std=latents.std(), noise_std=noise.std())
     return loss if vae_loss is None else loss + vae_loss
 

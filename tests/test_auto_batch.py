@@ -133,3 +133,26 @@ def test_mask_dit_with_auto_batch_size(tmp_path):
         "--max_train_steps", "1", "--report_to", "none", "--num_validation_images", "0", "--validation_epochs", "0"])
     assert "--train_batch_size auto: 4 fits; using batch 4 x accumulation 2 x 1 process(es)" in result.stderr + result.stdout
     assert os.path.isfile(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.slow
+def test_segmentation_auto_batch_trains_exactly_like_the_number_it_picks(tmp_path):
+    """--batch_size auto in train_segmentation_tpu.py: the probe (real MSHNet steps) leaves no trace:
+    BatchNorm running statistics are restored, so the run equals one given the chosen batch and
+    accumulation explicitly, bitwise."""
+    from safetensors.torch import load_file
+
+    from utils.irstd_data import write_synthetic_irstd
+
+    data = write_synthetic_irstd(str(tmp_path / "irstd"), num_train=16, num_test=2, size=32, seed=0)
+    common = ["--dataset-dir", data, "--crop-size", "32", "--base-size", "32", "--warm_epoch", "0", "--seed", "0",
+              "--max_train_steps", "2", "--report_to", "none", "--eval_epochs", "1000"]
+    auto = accelerate_launch("train_segmentation_tpu.py", common + [
+        "--batch_size", "auto", "--auto_batch_max", "4", "--effective_batch_size", "8", "--output_dir", str(tmp_path / "auto")])
+    assert "--batch_size auto: 4 fits; using batch 4 x accumulation 2 x 1 process(es)" in auto.stderr + auto.stdout
+    accelerate_launch("train_segmentation_tpu.py", common + [
+        "--batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "fixed")])
+    trained, fixed = (load_file(tmp_path / run / "last" / "model.safetensors") for run in ("auto", "fixed"))
+    assert trained.keys() == fixed.keys() and any("running_mean" in key for key in trained)
+    for key in trained:
+        assert torch.equal(trained[key], fixed[key]), key

@@ -15,7 +15,6 @@ largest fitting one that, with gradient accumulation, gives exactly N (or the ne
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 
@@ -54,7 +53,7 @@ def parse_bytes(value) -> int | None:
 
 
 def add_auto_batch_args(parser) -> None:
-    group = parser.add_argument_group("automatic batch size (--train_batch_size auto)")
+    group = parser.add_argument_group("automatic batch size (batch size 'auto')")
     group.add_argument("--effective_batch_size", type=int, default=None,
                        help="With --train_batch_size auto: samples per optimizer step (all devices, accumulation included); "
                             "gradient accumulation is set to keep it. Default: the fitting batch x --gradient_accumulation_steps.")
@@ -243,21 +242,24 @@ def optimizer_state_bytes(parameters) -> int:
     return sum(2 * 4 * p.numel() for p in parameters if p.requires_grad)
 
 
-def resolve_auto_batch_size(args, accelerator, try_step, trainable_parameters, dataset_size: int) -> None:
-    """Set args.train_batch_size (and gradient accumulation) when it is 'auto'; log the choice."""
-    if args.train_batch_size != "auto":
+def resolve_auto_batch_size(args, accelerator, try_step, trainable_parameters, dataset_size: int,
+                            attr: str = "train_batch_size") -> None:
+    """Set args.<attr> (the batch-size flag; and gradient accumulation) when it is 'auto'; log the choice."""
+    if getattr(args, attr) != "auto":
         return
+    if accelerator.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"--{attr} auto probes CUDA or CPU memory; on {accelerator.device.type} give a number.")
     cap = parse_bytes(args.auto_batch_max_memory) if args.auto_batch_max_memory else default_memory_cap(accelerator.device)
     largest = min(args.auto_batch_max, max(1, dataset_size))
     fit = find_max_batch_size(try_step, largest, cap, accelerator.device,
                               reserve_bytes=optimizer_state_bytes(trainable_parameters))
     if args.effective_batch_size:
-        args.train_batch_size, args.gradient_accumulation_steps = plan_accumulation(
-            fit, args.effective_batch_size, accelerator.num_processes)
+        batch_size, args.gradient_accumulation_steps = plan_accumulation(fit, args.effective_batch_size, accelerator.num_processes)
+        setattr(args, attr, batch_size)
         accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
     else:
-        args.train_batch_size = fit
-    logger.info(f"--train_batch_size auto: {fit} fits; using batch {args.train_batch_size} x accumulation "
+        setattr(args, attr, fit)
+    logger.info(f"--{attr} auto: {fit} fits; using batch {getattr(args, attr)} x accumulation "
                 f"{args.gradient_accumulation_steps} x {accelerator.num_processes} process(es)")
 
 
@@ -278,12 +280,22 @@ def make_probe_step(accelerator, loss_fn, example: dict, collate_fn, modules):
     return step
 
 
-def resolve_auto_batch_size_for(args, accelerator, loss_fn, dataset, collate_fn, modules) -> None:
-    """`resolve_auto_batch_size` with a probe built from the dataset's first item; moves `modules` to the device."""
-    if args.train_batch_size != "auto":
+def resolve_auto_batch_size_for(args, accelerator, loss_fn, dataset, collate_fn, modules,
+                                attr: str = "train_batch_size") -> None:
+    """`resolve_auto_batch_size` with a probe built from the dataset's first item; moves `modules` to the device.
+
+    The modules' buffers (BatchNorm running statistics) are put back after the probe, so a run with
+    'auto' trains from the same state as one given the chosen number.
+    """
+    if getattr(args, attr) != "auto":
         return
     for module in modules:
         module.to(accelerator.device)
+    saved = [{name: buffer.clone() for name, buffer in module.named_buffers()} for module in modules]
     parameters = [p for module in modules for p in module.parameters()]
     resolve_auto_batch_size(args, accelerator, make_probe_step(accelerator, loss_fn, dataset[0], collate_fn, modules),
-                            parameters, len(dataset))
+                            parameters, len(dataset), attr)
+    with torch.no_grad():
+        for module, buffers in zip(modules, saved):
+            for name, buffer in module.named_buffers():
+                buffer.copy_(buffers[name])
