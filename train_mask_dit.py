@@ -23,9 +23,9 @@ import os
 import torch
 from accelerate.utils import DataLoaderConfiguration
 
+from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.checkpointing import read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint
 from utils.config import parse_args_with_config
-from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.data import make_train_dataloader
 from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.flow_matching import (
@@ -45,8 +45,7 @@ from utils.paired_data import (
 )
 from utils.training import (
     HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups, apply_update, create_accelerator,
-    fused_kwargs, oom_hint, progress_bar,
-    steps_per_epoch, tracker_config, write_rank_checksums,
+    fused_kwargs, oom_hint, progress_bar, steps_per_epoch, tracker_config, write_rank_checksums,
 )
 from utils.validation import save_and_log_images
 
@@ -334,11 +333,11 @@ def main(args):
     encoders = {"vae": vae, "text_encoder": text_encoder}
     offload_cached_encoders(encoders, args)
     collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_pairs
+    conditioner = Conditioner(args, vae, tokenizer, text_encoder, empty_caption)
     # --train_batch_size auto: probe real steps of this loss (its randomness from a generator of its own).
-    probe_conditioner = Conditioner(args, vae, tokenizer, text_encoder, empty_caption)
     probe_generator = torch.Generator(device=accelerator.device)
     resolve_auto_batch_size_for(args, accelerator, lambda batch: flow_step_loss(
-        transformer, probe_conditioner, batch, probe_generator.manual_seed(0), args), train_dataset, collate, [transformer])
+        transformer, conditioner, batch, probe_generator.manual_seed(0), args), train_dataset, collate, [transformer])
     apply_speedups(transformer, args)
     train_dataloader = make_train_dataloader(train_dataset, args.train_batch_size, args.dataloader_num_workers, collate)
     held_out_dataloader = (torch.utils.data.DataLoader(held_out_for_loss, batch_size=args.train_batch_size,
@@ -382,10 +381,10 @@ def main(args):
         resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
         logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
 
-    conditioner = Conditioner(args, vae, tokenizer, text_encoder, empty_caption)
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, settings)
-    monitor, guard, stop = HealthMonitor(args.train_batch_size * accelerator.num_processes), NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps), \
-        StopSignal(check_every=args.logging_steps)
+    monitor = HealthMonitor(args.train_batch_size * accelerator.num_processes)
+    guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
+    stop = StopSignal(check_every=args.logging_steps)
 
     def checkpoint_now():
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(early_stopping))

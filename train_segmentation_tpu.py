@@ -319,7 +319,8 @@ def main(args=None):
     logger.info(f"{len(train_set)} training / {len(eval_set)} test samples, {steps_per_epoch} steps per epoch, "
                 f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}")
     monitor = HealthMonitor(samples_per_step=args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
-    # NonFiniteGuard reads the loss on the host every step; on XLA that would stall the device.
+    # On XLA no fused optimizer can take the guard's device-side verdict, so it would read the loss on
+    # the host every step and stall the device: no guard there.
     guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
     stop = StopSignal(check_every=args.logging_steps)
     metrics_log = os.path.join(args.output_dir, "eval_metrics.jsonl")

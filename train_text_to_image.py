@@ -35,7 +35,8 @@ from utils.latent_cache import (add_cache_args, cache_text_image_dataset, collat
                                 resolve_cache_args, sample_cached_latents)
 from utils.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args, load_lora_into, save_lora
 from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups,
-                            apply_update, create_accelerator, fused_kwargs, global_norm, progress_bar, oom_hint, steps_per_epoch, tracker_config, write_rank_checksums)
+                            apply_update, create_accelerator, fused_kwargs, global_norm, oom_hint, progress_bar,
+                            steps_per_epoch, tracker_config, write_rank_checksums)
 from utils.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
 
 logger = logging.getLogger("train_text_to_image")

@@ -126,15 +126,16 @@ class DecodedFrames:
     """
 
     def __init__(self, pairs):
+        """pairs: an iterable of (image, mask) PIL images; a generator keeps one decoded pair alive at a time."""
         arrays = []
         for image, mask in pairs:
-            arrays += [np.array(image, dtype=np.uint8), np.array(mask, dtype=np.uint8)]  # writable copies
+            arrays += [np.asarray(image, dtype=np.uint8), np.asarray(mask, dtype=np.uint8)]
         self.shapes = [a.shape for a in arrays]
         self.offsets = np.cumsum([0] + [a.size for a in arrays]).tolist()
-        buffer = torch.empty(self.offsets[-1], dtype=torch.uint8)
+        self.buffer = torch.empty(self.offsets[-1], dtype=torch.uint8).share_memory_()
+        flat = self.buffer.numpy()
         for array, start in zip(arrays, self.offsets):
-            buffer[start:start + array.size] = torch.from_numpy(array.reshape(-1))
-        self.buffer = buffer.share_memory_()
+            flat[start:start + array.size] = array.reshape(-1)
 
     def _array(self, k: int) -> np.ndarray:
         return self.buffer[self.offsets[k]:self.offsets[k + 1]].numpy().reshape(self.shapes[k])
@@ -177,7 +178,7 @@ class IRSTDDataset(EpochDataset):
             for index, name in enumerate(self.names):
                 first.setdefault(name, index)
             self._frame_of = {name: k for k, name in enumerate(first)}
-            self.frames = DecodedFrames([self._decode(index) for index in first.values()])
+            self.frames = DecodedFrames(self._decode(index) for index in first.values())
 
     def __len__(self) -> int:
         return len(self.names)

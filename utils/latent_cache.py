@@ -273,6 +273,12 @@ def all_captions(rows, caption_column: str, caption_dropout_prob: float) -> list
     return sorted(captions)
 
 
+def _is_channels_last(tensor: torch.Tensor) -> bool:
+    """The VAE's output layout (channels_last from oneDNN on CPU) decides how `randn_like` fills the
+    noise; the caches keep it so cached training draws the very same noise."""
+    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
 def encode_latent_batches(dataset, vae, device, batch_size: int):
     """Yield {"mean", "std" [B, C, h, w] (+ "mean_flipped", "std_flipped"), "size" [B, 2], "valid" [B]}."""
     transform = dataset.transform
@@ -310,9 +316,7 @@ def encode_latent_batches(dataset, vae, device, batch_size: int):
             half = len(pixels)
             batch = {"mean": dist.mean[:half], "std": dist.std[:half],
                      "mean_flipped": dist.mean[half:], "std_flipped": dist.std[half:]}
-        # The VAE's output layout (channels_last from oneDNN on CPU) decides how `randn_like` fills the
-        # noise; it is kept so cached training draws the very same noise.
-        channels_last = dist.parameters.is_contiguous(memory_format=torch.channels_last) and not dist.parameters.is_contiguous()
+        channels_last = _is_channels_last(dist.parameters)
         batch.update(size=torch.tensor(sizes, dtype=torch.int64), valid=torch.tensor(valid, dtype=torch.bool),
                      channels_last=torch.full((len(pixels),), channels_last, dtype=torch.bool))
         yield batch
@@ -516,7 +520,7 @@ def encode_pair_batches(dataset, vae, device, batch_size: int):
         batch = {"mean": dist.mean[:half], "std": dist.std[:half]}
         if dataset.random_flip:
             batch.update(mean_flipped=dist.mean[half:], std_flipped=dist.std[half:])
-        channels_last = dist.parameters.is_contiguous(memory_format=torch.channels_last) and not dist.parameters.is_contiguous()
+        channels_last = _is_channels_last(dist.parameters)
         batch.update(mask=torch.stack([item["mask"] for item in items]).to(torch.uint8),
                      size=torch.tensor(sizes, dtype=torch.int64),
                      channels_last=torch.full((half,), channels_last, dtype=torch.bool))

@@ -214,6 +214,7 @@ class NonFiniteGuard:
         self._total = 0
         self._counts = None  # on the device: [bad steps in a row now, bad steps in total, longest run since the last poll]
         self._recorded = 0
+        self._polled_at = 0  # self._recorded when the counters were last read
 
     @staticmethod
     def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -221,20 +222,25 @@ class NonFiniteGuard:
         finite = torch.isfinite(loss.detach()).all() & torch.isfinite(grad_norm.detach().to(loss.device)).all()
         return (~finite).float()
 
-    def record(self, flag: torch.Tensor) -> None:
-        """Count one optimizer step's verdict on the device; poll every `check_every` steps."""
+    def _count(self, flag: torch.Tensor) -> None:
         if self._counts is None:
             self._counts = torch.zeros(3, device=flag.device)
         run = (self._counts[0] + 1) * flag
         self._counts = torch.stack([run, self._counts[1] + flag, torch.maximum(self._counts[2], run)])
         self._recorded += 1
+
+    def record(self, flag: torch.Tensor) -> None:
+        """Count one optimizer step's verdict on the device; poll every `check_every` steps."""
+        self._count(flag)
         if self._recorded % self.check_every == 0:
             self.poll()
 
     def poll(self) -> None:
-        """Read the counters (one host sync): warn about new skips, raise after too many in a row."""
-        if self._counts is None:
+        """Read the counters (one host sync; none when nothing was recorded since the last read):
+        warn about new skips, raise after too many in a row."""
+        if self._recorded == self._polled_at:
             return
+        self._polled_at = self._recorded
         in_a_row, total, longest = (int(v) for v in self._counts.tolist())
         self._counts[2] = in_a_row  # the longest run since this poll starts from the current one
         new, self._total, self.consecutive = total - self._total, total, in_a_row
@@ -259,8 +265,7 @@ class NonFiniteGuard:
         if grad_norm is None or not torch.is_tensor(grad_norm):
             grads = [p.grad for p in parameters if p.grad is not None]
             grad_norm = global_norm(grads) if grads else torch.zeros((), device=loss.device)
-        flag = self.nonfinite(loss, grad_norm)
-        self.record(flag)
+        self._count(self.nonfinite(loss, grad_norm))
         self.poll()
         return self.consecutive == 0
 
@@ -415,18 +420,18 @@ def apply_update(accelerator, optimizer, lr_scheduler, parameters, loss, max_gra
         else:
             grad_norm = global_norm(p.grad for p in parameters)
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+        scaler_skips = getattr(accelerator, "scaler", None) is not None
         if guard is None:
             optimizer.step()
             lr_scheduler.step()
-        elif getattr(accelerator, "scaler", None) is not None or _skips_on_device(torch_optimizer):
+        elif scaler_skips or _skips_on_device(torch_optimizer):
             flag = guard.nonfinite(loss, grad_norm)
-            own_flag = getattr(accelerator, "scaler", None) is None
-            if own_flag:
+            if not scaler_skips:
                 torch_optimizer.found_inf = flag
             try:
                 optimizer.step()
             finally:
-                if own_flag:
+                if not scaler_skips:
                     del torch_optimizer.found_inf
             lr_scheduler.step()
             guard.record(flag)
