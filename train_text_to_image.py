@@ -24,7 +24,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from utils.checkpointing import read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint
+from utils.checkpointing import (own_memory, read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint,
+                                save_checkpoint)
 from utils.config import parse_args_with_config
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.data import (ImageTransform, TextImageDataset, add_image_data_args, collate_text_image, load_text_image_dataset,
@@ -33,7 +34,8 @@ from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latent_cache import (add_cache_args, cache_text_image_dataset, collate_cached, offload_cached_encoders,
                                 resolve_cache_args, sample_cached_latents)
-from utils.lora import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args, load_lora_into, save_lora
+from utils.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
+                        check_text_encoder_lora_support, load_lora_into, save_lora)
 from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups,
                             apply_update, create_accelerator, fused_kwargs, global_norm, oom_hint, progress_bar,
                             steps_per_epoch, tracker_config, write_rank_checksums)
@@ -150,6 +152,8 @@ def validate_args(args) -> None:
         raise ValueError(f"--prediction_type {args.prediction_type}: choose 'epsilon' or 'v_prediction'.")
     if args.use_lora and args.use_ema:
         raise ValueError("--use_ema with --use_lora is not supported: EMA of LoRA adapters is not what diffusers' scripts do.")
+    if args.use_lora and args.train_text_encoder:
+        check_text_encoder_lora_support()
     if args.use_lora and args.train_vae:
         raise ValueError("--train_vae trains a VAE from scratch; it cannot be combined with --use_lora.")
     if args.train_vae and args.vae_training_mode == "joint" and (args.cache_latents or int(os.environ.get("WORLD_SIZE", 1)) > 1):
@@ -179,9 +183,10 @@ def load_models(args, captions_for_tokenizer):
         models = dict(
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=args.variant),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=args.variant),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=args.non_ema_revision),
+            text_encoder=own_memory(CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
+                                                                  variant=args.variant)),
+            vae=own_memory(AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=args.variant)),
+            unet=own_memory(UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=args.non_ema_revision)),
         )
     else:
         from utils.sd_builder import build_components

@@ -68,7 +68,7 @@ def test_lora_train_checkpoint_resume_and_load(tiny_pipeline_dir, image_folder, 
 def test_8bit_adam_with_gradient_checkpointing_on_cpu(tiny_pipeline_dir, image_folder, tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "adam8"
-    accelerate_launch(SCRIPT, ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", image_folder,
+    result = accelerate_launch(SCRIPT, ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", image_folder,
                                "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--output_dir", out,
                                "--report_to", "none", "--use_8bit_adam", "--checkpointing_steps", "2",
                                "--gradient_checkpointing", "--allow_tf32"])
@@ -76,6 +76,27 @@ def test_8bit_adam_with_gradient_checkpointing_on_cpu(tiny_pipeline_dir, image_f
     states = [state.get("__bnb_optimizer_quant_state__", state) for state in optimizer_state["state"].values()]
     # 8-bit moments (bitsandbytes keeps small tensors in 32 bit): bitsandbytes really ran.
     assert any(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for state in states for v in state.values())
+    # bitsandbytes >= 0.50's "Failed to load CPU gemm_4bit_forward" (a 4-bit kernel we never use) is filtered.
+    assert "gemm_4bit_forward" not in result.stdout + result.stderr
+
+
+def test_text_encoder_lora_with_a_too_old_peft_names_both_versions(monkeypatch):
+    """transformers >= 5.24 wants peft >= 0.22 for add_adapter; the index serves 0.21.2. Refuse up front."""
+    from importlib.metadata import version
+
+    import transformers.integrations.peft as transformers_peft
+
+    import train_text_to_image as script
+
+    argv = ["--model_preset", "tiny", "--train_data_dir", "x", "--use_lora", "--train_text_encoder"]
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "99.0.0")
+    with pytest.raises(ImportError) as error:
+        script.parse_args(argv)  # validates the arguments
+    message = str(error.value)
+    assert "peft >= 99.0.0" in message and f"peft {version('peft')}" in message
+    assert f"transformers {version('transformers')}" in message
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "0.0.1")
+    assert script.parse_args(argv).train_text_encoder  # a compatible pair passes
 
 
 def test_8bit_adam_missing_is_a_clear_error(monkeypatch):

@@ -45,10 +45,18 @@ def run(script, args, config="cpu.yaml", num_processes=None, env=None, check=Tru
     return result
 
 
-def start(script, args, log_path, config="cpu.yaml"):
+LAUNCHERS = {
+    "python": lambda script, args: [sys.executable, script] + [str(a) for a in args],
+    "torchrun": lambda script, args: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                                      script] + [str(a) for a in args],
+}
+
+
+def start(script, args, log_path, config="cpu.yaml", launcher="accelerate"):
     """Start a launch in its own process group (so signals reach the launcher and the trainer)."""
     log = open(log_path, "w")
-    process = subprocess.Popen(launch_command(script, args, config), cwd=REPO_ROOT, env=launch_env(), stdout=log,
+    command = launch_command(script, args, config) if launcher == "accelerate" else LAUNCHERS[launcher](script, args)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=launch_env(), stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
     process.log = log
     return process
@@ -510,21 +518,64 @@ def test_t2i_hub_token_is_written_nowhere(tiny_pipeline_dir, t2i_data, tmp_path)
                 assert token.encode() not in handle.read(), f"{token[:8]}... found in {path}"
 
 
+def trainer_pid(process, timeout=60):
+    """The training process under `accelerate launch` (the launcher's child running the script)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = psutil.Process(process.pid).children(recursive=True)
+        if children:
+            return children[-1].pid
+        time.sleep(0.05)
+    raise AssertionError("no training process under the launcher")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [mask_dit_case, segmentation_case], ids=["train_mask_dit", "train_segmentation_tpu"])
 def test_sigterm_saves_and_says_how_to_resume(case, tmp_path):
+    """A process-group SIGTERM under `accelerate launch` (>= 1.16 forwards a second SIGTERM and SIGKILLs 5 s
+    later): one stop request, saved and reported well inside the launcher's grace."""
     script, make_args, weights, _ = case(tmp_path)
     output_dir = str(tmp_path / "out")
     args = make_args(output_dir, "--max_train_steps", "400")
     process = start(script, args, tmp_path / "run.log")
     wait_for(lambda: checkpoint_steps(output_dir), process)
+    signalled = time.monotonic()
     signal_group(process, signal.SIGTERM)
     wait_group(process)
+    assert time.monotonic() - signalled < 5.0, "the save must fit the launcher's 5 s grace"
     log = open(tmp_path / "run.log").read()
-    assert "SIGTERM received" in log
+    assert "SIGTERM received" in log and "KeyboardInterrupt" not in log and "Traceback" not in log
     stopped_at = int(log.split("Stopped by SIGTERM at step ")[1].split(";")[0].split(".")[0])
     assert "--resume_from_checkpoint latest" in log.split("Stopped by SIGTERM")[1]
     assert stopped_at < 400 and checkpoint_steps(output_dir)[-1] == stopped_at and not partial_dirs(output_dir)
+    assert_checkpoint_loads(os.path.join(output_dir, f"checkpoint-{stopped_at}"), weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "torchrun", "accelerate-trainer-only"])
+def test_sigterm_on_every_launch_path(launcher, tmp_path):
+    """The launch paths without accelerate's 5 s limit (README: "Stopping a run"): `python script.py`,
+    `torchrun` (its agent forwards SIGTERM to the worker) and a SIGTERM sent to the trainer itself
+    under `accelerate launch`. Each saves at the step boundary and exits 0 with the resume command."""
+    script, make_args, weights, _ = mask_dit_case(tmp_path)
+    output_dir = str(tmp_path / "out")
+    process = start(script, make_args(output_dir, "--max_train_steps", "400"), tmp_path / "run.log",
+                    launcher="accelerate" if launcher.startswith("accelerate") else launcher)
+    wait_for(lambda: checkpoint_steps(output_dir), process)
+    if launcher == "accelerate-trainer-only":
+        os.kill(trainer_pid(process), signal.SIGTERM)
+    else:
+        signal_group(process, signal.SIGTERM)
+    wait_group(process)
+    log = open(tmp_path / "run.log").read()
+    assert "SIGTERM received" in log and "Traceback" not in log.split("Stopped by SIGTERM")[0], log[-3000:]
+    stopped_at = int(log.split("Stopped by SIGTERM at step ")[1].split(";")[0].split(".")[0])
+    assert "--resume_from_checkpoint latest" in log.split("Stopped by SIGTERM")[1]
+    assert stopped_at < 400 and checkpoint_steps(output_dir)[-1] == stopped_at and not partial_dirs(output_dir)
+    if launcher != "torchrun":  # torchrun's agent re-raises the signal itself (SignalException, exit 1) afterwards
+        assert process.returncode == 0 and "Traceback" not in log, log[-3000:]
     assert_checkpoint_loads(os.path.join(output_dir, f"checkpoint-{stopped_at}"), weights)
 
 
@@ -621,6 +672,37 @@ def test_stop_signal_turns_sigterm_into_a_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
         assert stop.requested and stop.signal_name == "SIGTERM" and stop.should_stop(single)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def test_stop_signal_repeated_sigterm_is_one_request_sigint_twice_force_quits():
+    """accelerate >= 1.16 forwards the group's SIGTERM a second time: that must not force-quit; Ctrl-C twice must."""
+    from utils.training import StopSignal
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = StopSignal()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # raises KeyboardInterrupt here if treated as "force quit"
+        time.sleep(0.01)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+
+        stop = StopSignal()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert stop.requested and stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+
+        stop = StopSignal(repeat_window_s=0.05)  # a SIGTERM long after the first one is a new, forceful request
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -21,6 +21,29 @@ def add_lora_args(parser) -> None:
                         help=f"Module names to adapt in the UNet (default: {' '.join(DEFAULT_UNET_TARGETS)}).")
 
 
+def check_text_encoder_lora_support() -> None:
+    """Refuse, with both versions named, a transformers that needs a newer peft than the installed one.
+
+    transformers >= 5.24 requires peft >= 0.22 for `add_adapter` (its MIN_PEFT_VERSION), and
+    otherwise fails deep inside the call with a ValueError; the lock pins transformers below it.
+    """
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:
+        return
+    installed_peft, installed_transformers = version("peft"), version("transformers")
+    if Version(installed_peft) < Version(MIN_PEFT_VERSION):
+        raise ImportError(
+            f"--use_lora --train_text_encoder: transformers {installed_transformers} needs peft >= {MIN_PEFT_VERSION} "
+            f"for text-encoder LoRA, but peft {installed_peft} is installed. Install the tested versions with "
+            f"`make setup` (requirements.lock), or `pip install 'transformers<5.24'`, or a newer peft when one exists."
+        )
+
+
 def add_lora_adapter(model: torch.nn.Module, args, targets) -> None:
     """Freeze `model` and add a trainable LoRA adapter (gaussian init, so training starts at the base model)."""
     from peft import LoraConfig

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
+from utils.checkpointing import own_memory
+
 logger = logging.getLogger(__name__)
 
 # Size presets. Real parameter counts (measured on the meta device, see docs/MASK_DIT.md) depend
@@ -236,6 +238,11 @@ class MaskNextDiT2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' loader, with the weights copied out of the file mapping (see `own_memory`)."""
+        return own_memory(super().from_pretrained(*args, **kwargs))
 
     @register_to_config
     def __init__(

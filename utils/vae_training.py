@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from utils.checkpointing import own_memory
+
 logger = logging.getLogger(__name__)
 STAGE_DIR = "vae_stage"
 
@@ -70,7 +72,7 @@ def load_finished_stage(output_dir: str):
 
     path = os.path.join(output_dir, STAGE_DIR)
     if os.path.isfile(os.path.join(path, "stage.json")):
-        return AutoencoderKL.from_pretrained(path)
+        return own_memory(AutoencoderKL.from_pretrained(path))
     return None
 
 
