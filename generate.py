@@ -33,14 +33,14 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from utils.config import parse_args_with_config
-from utils.schedulers import SCHEDULERS, make_scheduler
-from utils.validation import make_grid
+from utils.sd.schedulers import SCHEDULERS, make_scheduler
+from utils.images import make_grid
 
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SD_GUIDANCE, MASK_DIT_GUIDANCE = 9.0, 4.0
-MASK_DIT_SAMPLERS = ("euler", "midpoint")  # flow-matching ODE steppers (utils/flow_matching.py)
+MASK_DIT_SAMPLERS = ("euler", "midpoint")  # flow-matching ODE steppers (utils/mask_dit/flow_matching.py)
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -156,7 +156,7 @@ def dtype_kwarg(dtype: torch.dtype) -> dict:
 
 
 def is_mask_dit_dir(path: str) -> bool:
-    from utils.nextdit import is_mask_dit_dir as check  # imported lazily: only mask-DiT users need it
+    from utils.mask_dit.nextdit import is_mask_dit_dir as check  # imported lazily: only mask-DiT users need it
 
     return check(path)
 
@@ -341,7 +341,7 @@ def read_masks(path: str, mask_channels: int) -> list[tuple[str, torch.Tensor]]:
     """(file path, mask [1, mask_channels, h, w] in {0, 1}) for a mask image or every image in a folder."""
     from PIL import Image
 
-    from utils.paired_data import IMAGE_EXTENSIONS, mask_to_channels
+    from utils.mask_dit.data import IMAGE_EXTENSIONS, mask_to_channels
 
     if os.path.isdir(path):
         files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -361,8 +361,8 @@ def read_masks(path: str, mask_channels: int) -> list[tuple[str, torch.Tensor]]:
 
 def mask_dit_main(args, device, dtype) -> list[str]:
     """Sample --num_images images per mask; grid rows are [mask, image 0, image 1, ...]."""
-    from utils.data import tensor_to_pil
-    from utils.mask_dit_sampling import generate_from_mask, load_mask_dit_pipeline, mask_to_rgb
+    from utils.images import tensor_to_pil
+    from utils.mask_dit.pipeline import generate_from_mask, load_mask_dit_pipeline, mask_to_rgb
 
     sampler = args.scheduler or "euler"
     if sampler not in MASK_DIT_SAMPLERS:

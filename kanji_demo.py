@@ -4,7 +4,7 @@
     python kanji_demo.py --output_dir demo_output            # ~10 min on a 2-core CPU
     python kanji_demo.py --output_dir kanji_hq --mode quality  # the longer GPU run
 
-1. renders KANJIDIC2 kanji with Debian's IPA fonts into an imagefolder (utils/kanji_dataset.py);
+1. renders KANJIDIC2 kanji with Debian's IPA fonts into an imagefolder (utils/sd/kanji_dataset.py);
 2. trains VAE, UNet and text encoder from scratch with `accelerate launch train_text_to_image.py`;
 3. measures on the held-out characters: VAE reconstruction PSNR, diffusion loss at fixed
    timesteps against the untrained model, and glyph-likeness of samples for unseen prompts;
@@ -52,7 +52,7 @@ def parse_args(argv=None):
 
 
 def build_data(args, mode) -> str:
-    from utils.kanji_dataset import build_kanji_dataset
+    from utils.sd.kanji_dataset import build_kanji_dataset
 
     data_dir = os.path.join(args.output_dir, "data")
     if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
@@ -83,7 +83,7 @@ def train(args, mode, data_dir) -> str:
 
 def load_split(data_dir: str, split: str, resolution: int, limit: int | None = None):
     """Images [N, 3, R, R] in [-1, 1] and captions of one split of the kanji imagefolder."""
-    from utils.data import load_image, pil_to_tensor
+    from utils.images import load_image, pil_to_tensor
 
     rows = [json.loads(line) for line in open(os.path.join(data_dir, split, "metadata.jsonl"), encoding="utf-8")]
     rows = rows[:limit] if limit else rows
@@ -94,7 +94,7 @@ def load_split(data_dir: str, split: str, resolution: int, limit: int | None = N
 
 @torch.no_grad()
 def vae_psnr(vae, images) -> float:
-    from utils.vae_training import psnr
+    from utils.sd.vae_training import psnr
 
     values = [psnr(vae.decode(vae.encode(chunk).latent_dist.mode()).sample, chunk) for chunk in images.split(32)]
     return float(torch.cat(values).mean())
@@ -177,9 +177,9 @@ def plot_curves(model_dir: str, path: str) -> dict:
 def evaluate(args, mode, data_dir, model_dir) -> dict:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from utils.kanji_dataset import glyph_stats
-    from utils.sd_builder import build_components
-    from utils.validation import make_grid
+    from utils.sd.kanji_dataset import glyph_stats
+    from utils.sd.builder import build_components
+    from utils.images import make_grid
 
     resolution = mode["resolution"]
     # Small-batch inference gains nothing from more threads, and on a busy machine OpenMP threads that

@@ -4,7 +4,7 @@
 The model draws an image that follows a segmentation mask (vessels, lesions, ...) and, with a
 text encoder, a caption. Pixel space by default; latent space with --vae_model_name_or_path.
 
-    python -m utils.paired_data --output_dir data/fundus --num_images 256 --resolution 64
+    python -m utils.mask_dit.data --output_dir data/fundus --num_images 256 --resolution 64
     accelerate launch train_mask_dit.py --train_data_dir data/fundus --model_size tiny \
         --resolution 64 --mask_channels 2 --output_dir outputs/mask_dit
 
@@ -28,26 +28,25 @@ from utils.checkpointing import read_training_state, register_checkpoint_hooks, 
 from utils.config import parse_args_with_config
 from utils.data import make_train_dataloader
 from utils.ema import add_ema_args, create_ema, load_ema, save_ema
-from utils.flow_matching import (
-    LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate, loss_weights, sample_timesteps,
-)
-from utils.latent_cache import (
-    add_cache_args, cache_paired_datasets, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args,
-    sample_cached_latents,
-)
-from utils.mask_dit_sampling import (
-    MaskDiTPipeline, caption_width, comparison_tiles, encode_captions, generate_from_mask,
-    load_text_encoder, load_vae, mask_iou, psnr, save_mask_dit_pipeline, segment_structures, ssim,
-)
-from utils.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
-from utils.paired_data import (
-    PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder, select_fraction, split_train_validation,
-)
-from utils.training import (
-    HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups, apply_update, create_accelerator,
-    fused_kwargs, oom_hint, progress_bar, steps_per_epoch, tracker_config, write_rank_checksums,
-)
-from utils.validation import save_and_log_images
+from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
+                                          loss_weights, sample_timesteps)
+from utils.cache import add_cache_args, resolve_cache_args
+from utils.mask_dit.cache import cache_paired_datasets
+from utils.sd.cache import cached_encoders_on, collate_cached, offload_cached_encoders, sample_cached_latents
+from utils.mask_dit.pipeline import (MaskDiTPipeline, caption_width, comparison_tiles, encode_captions,
+                                     generate_from_mask, load_text_encoder, load_vae, save_mask_dit_pipeline)
+from utils.mask_dit.metrics import mask_iou, psnr, segment_structures, ssim
+from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
+from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder,
+                                 select_fraction, split_train_validation)
+from utils.telemetry import HealthMonitor, NonFiniteGuard
+from utils.stopping import StopSignal
+from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config,
+                       write_rank_checksums)
+from utils.speed import add_speed_args, apply_speedups
+from utils.optim import apply_update, fused_kwargs
+from utils.errors import oom_hint
+from utils.images import save_and_log_images
 
 logger = logging.getLogger(__name__)
 

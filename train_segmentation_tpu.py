@@ -42,11 +42,15 @@ from utils.checkpointing import (
 from utils.config import add_hyphen_aliases, parse_args_with_config
 from utils.data import make_train_dataloader
 from utils.ema import add_ema_args, create_ema, load_ema, save_ema
-from utils.irstd_data import IRSTDDataset, tensor_to_image
-from utils.mshnet import MSHNet, multiscale_sls_loss
-from utils.seg_metrics import SegmentationMetrics
-from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups, apply_update,
-                            create_accelerator, fused_kwargs, oom_hint, progress_bar, tracker_config, write_rank_checksums)
+from utils.segmentation.data import IRSTDDataset, tensor_to_image
+from utils.segmentation.mshnet import MSHNet, multiscale_sls_loss
+from utils.segmentation.metrics import SegmentationMetrics
+from utils.telemetry import HealthMonitor, NonFiniteGuard
+from utils.stopping import StopSignal
+from utils.run import add_run_args, create_accelerator, progress_bar, tracker_config, write_rank_checksums
+from utils.speed import add_speed_args, apply_speedups
+from utils.optim import apply_update, fused_kwargs
+from utils.errors import oom_hint
 
 logger = logging.getLogger(__name__)
 

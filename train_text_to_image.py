@@ -28,18 +28,23 @@ from utils.checkpointing import (own_memory, read_training_state, register_check
                                 save_checkpoint)
 from utils.config import parse_args_with_config
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
-from utils.data import (ImageTransform, TextImageDataset, add_image_data_args, collate_text_image, load_text_image_dataset,
-                        make_train_dataloader)
+from utils.sd.data import (ImageTransform, TextImageDataset, add_image_data_args, collate_text_image,
+                           load_text_image_dataset)
+from utils.data import make_train_dataloader
 from utils.ema import add_ema_args, create_ema, load_ema, save_ema
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
-from utils.latent_cache import (add_cache_args, cache_text_image_dataset, collate_cached, offload_cached_encoders,
-                                resolve_cache_args, sample_cached_latents)
-from utils.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
-                        check_text_encoder_lora_support, load_lora_into, save_lora)
-from utils.training import (HealthMonitor, NonFiniteGuard, StopSignal, add_run_args, add_speed_args, apply_speedups,
-                            apply_update, create_accelerator, fused_kwargs, global_norm, oom_hint, progress_bar,
-                            steps_per_epoch, tracker_config, write_rank_checksums)
-from utils.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
+from utils.cache import add_cache_args, resolve_cache_args
+from utils.sd.cache import cache_text_image_dataset, collate_cached, offload_cached_encoders, sample_cached_latents
+from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
+                           check_text_encoder_lora_support, load_lora_into, save_lora)
+from utils.telemetry import HealthMonitor, NonFiniteGuard, global_norm
+from utils.stopping import StopSignal
+from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config,
+                       write_rank_checksums)
+from utils.speed import add_speed_args, apply_speedups
+from utils.optim import apply_update, fused_kwargs
+from utils.errors import oom_hint
+from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
 
 logger = logging.getLogger("train_text_to_image")
 
@@ -189,7 +194,7 @@ def load_models(args, captions_for_tokenizer):
             unet=own_memory(UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=args.non_ema_revision)),
         )
     else:
-        from utils.sd_builder import build_components
+        from utils.sd.builder import build_components
 
         read_json = lambda p: json.load(open(p, encoding="utf-8")) if p else None  # noqa: E731
         tokenizer = text_encoder = None
@@ -272,9 +277,9 @@ def diffusion_loss(args, unet, text_encoder, vae, noise_scheduler, batch, monito
 @torch.no_grad()
 def log_validation(args, accelerator, models, ema, step, weight_dtype):
     """Sample the validation prompts with the training modules themselves (no second copy)."""
-    from utils.schedulers import make_scheduler
-    from utils.sd_builder import assemble_pipeline
-    from utils.validation import save_and_log_images
+    from utils.sd.schedulers import make_scheduler
+    from utils.sd.builder import assemble_pipeline
+    from utils.images import save_and_log_images
 
     prompts = args.validation_prompts or ([args.validation_prompt] if args.validation_prompt else [])
     if not prompts:
@@ -566,7 +571,7 @@ def save_final(args, accelerator, models, ema) -> None:
     """Final pipeline (or LoRA weights) in --output_dir, EMA weights copied in; model card; Hub push."""
     from diffusers import StableDiffusionPipeline
 
-    from utils.sd_builder import assemble_pipeline
+    from utils.sd.builder import assemble_pipeline
 
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

@@ -3,7 +3,7 @@
 
     python benchmarks/bench_data_loading.py --image_size 512 --crop_size 256 --num_frames 40 --passes 3
 
-Writes synthetic IRSTD-1k-layout frames (`utils.irstd_data`), then times `IRSTDDataset[i]` in
+Writes synthetic IRSTD-1k-layout frames (`utils.segmentation.data`), then times `IRSTDDataset[i]` in
 this process (one thread) over `--passes` epochs: decoding from disk every time, and from the
 decoded frames kept in memory (`--cache_images`). Prints ms per sample for both, the samples/s
 one loader core sustains, and how many loader cores a GPU step rate of `--target_images_per_sec`
@@ -50,7 +50,7 @@ def time_per_sample(dataset, passes: int) -> float:
 def main(argv=None) -> dict:
     import torch
 
-    from utils.irstd_data import IRSTDDataset, write_synthetic_irstd
+    from utils.segmentation.data import IRSTDDataset, write_synthetic_irstd
 
     args = parse_args(argv)
     torch.set_num_threads(1)

@@ -4,11 +4,11 @@
     python benchmarks/bench_mask_dit.py --model_size tiny --resolution 64 --batch_size 8 \
         --warmup_steps 3 --steps 12 --repeats 2 --threads 1 [--latent --cache both]
 
-One command writes synthetic fundus pairs (`utils.paired_data`: image, 2-class mask, caption;
+One command writes synthetic fundus pairs (`utils.mask_dit.data`: image, 2-class mask, caption;
 exactly one epoch of `(warmup_steps + steps) x batch_size` pairs unless --num_images says
-otherwise), and for `--latent` a randomly initialised VAE (`utils.sd_builder`'s VAE presets:
+otherwise), and for `--latent` a randomly initialised VAE (`utils.sd.builder`'s VAE presets:
 tiny /2, small /4, base = SD's VAE layout /8), for `--text_encoder` a random CLIP text tower.
-The transformer is the `--model_size` preset of `utils.nextdit`, randomly initialised by the
+The transformer is the `--model_size` preset of `utils.mask_dit.nextdit`, randomly initialised by the
 script itself. Variants (ours, ours with `--precompute` when the script has it, `--reference`)
 run `--repeats` times, alternating, as separate processes with identical flags; printed per
 variant: steps/s, images/s, step time (median, p90), peak memory, the transformer's forward +
@@ -30,7 +30,7 @@ if REPO_ROOT not in sys.path:
 from benchmarks.harness import (  # noqa: E402  (after the sys.path line, for `python benchmarks/...`)
     add_harness_args, check_harness_args, flops_of, make_workdir, reference_variants, run_benchmark, script_accepts, variant,
 )
-from utils.nextdit import MODEL_PRESETS  # noqa: E402
+from utils.mask_dit.nextdit import MODEL_PRESETS  # noqa: E402
 
 OUR_SCRIPT = os.path.join(REPO_ROOT, "train_mask_dit.py")
 MAX_CAPTION_LENGTH = 77  # train_mask_dit.py's --max_caption_length default
@@ -38,13 +38,13 @@ MAX_CAPTION_LENGTH = 77  # train_mask_dit.py's --max_caption_length default
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_size", default="tiny", choices=sorted(MODEL_PRESETS), help="utils.nextdit.MODEL_PRESETS.")
+    parser.add_argument("--model_size", default="tiny", choices=sorted(MODEL_PRESETS), help="utils.mask_dit.nextdit.MODEL_PRESETS.")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--latent", action="store_true", help="Train in the latent space of a random --vae_preset VAE.")
     parser.add_argument("--vae_preset", default="tiny", choices=["tiny", "small", "base"],
-                        help="utils.sd_builder's VAE presets: downsampling by 2, 4, 8 (base: SD 1.x/SDXL VAE layout, 83M).")
+                        help="utils.sd.builder's VAE presets: downsampling by 2, 4, 8 (base: SD 1.x/SDXL VAE layout, 83M).")
     parser.add_argument("--text_encoder", default="none", choices=["none", "tiny", "small", "base"],
-                        help="Caption conditioning with a random CLIP text tower of this utils.sd_builder preset (base: CLIP ViT-L/14 sized).")
+                        help="Caption conditioning with a random CLIP text tower of this utils.sd.builder preset (base: CLIP ViT-L/14 sized).")
     parser.add_argument("--mask_channels", type=int, default=2, help="The synthetic masks have 2 classes (vessel, lesion).")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_images", type=int, default=None,
@@ -63,11 +63,11 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 
 def build_vae(folder: str, preset: str, resolution: int, seed: int) -> str:
-    """A randomly initialised AutoencoderKL with utils.sd_builder's `preset` VAE layout, saved to `folder`."""
+    """A randomly initialised AutoencoderKL with utils.sd.builder's `preset` VAE layout, saved to `folder`."""
     import torch
     from diffusers import AutoencoderKL
 
-    from utils.sd_builder import PRESETS
+    from utils.sd.builder import PRESETS
 
     torch.manual_seed(seed)
     AutoencoderKL(**dict(PRESETS[preset]["vae"], in_channels=3, out_channels=3, sample_size=resolution)).save_pretrained(folder)
@@ -79,7 +79,7 @@ def build_text_encoder(folder: str, preset: str, captions: list[str], seed: int)
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from utils.sd_builder import PRESETS, build_clip_tokenizer
+    from utils.sd.builder import PRESETS, build_clip_tokenizer
 
     spec = PRESETS[preset]
     tokenizer = build_clip_tokenizer(os.path.join(folder, "tokenizer"), captions, spec["num_merges"])
@@ -92,7 +92,7 @@ def build_text_encoder(folder: str, preset: str, captions: list[str], seed: int)
 
 def prepare_inputs(args, workdir: str) -> dict:
     """{"data_dir", "vae_dir" (or None), "text_encoder_dir" (or None)}, each built once per workdir and setting."""
-    from utils.paired_data import write_synthetic_fundus_dataset
+    from utils.mask_dit.data import write_synthetic_fundus_dataset
 
     num_images = args.num_images or (args.warmup_steps + args.steps) * args.batch_size
     data_dir = os.path.join(workdir, f"fundus-{args.resolution}-{num_images}-{args.seed}")
@@ -157,7 +157,7 @@ def count_flops(args, inputs: dict) -> dict:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig
 
-    from utils.nextdit import build_mask_nextdit
+    from utils.mask_dit.nextdit import build_mask_nextdit
 
     batch = args.batch_size
     vae_config = AutoencoderKL.load_config(inputs["vae_dir"]) if inputs["vae_dir"] else None

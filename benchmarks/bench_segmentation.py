@@ -4,7 +4,7 @@
     python benchmarks/bench_segmentation.py --crop_size 256 --batch_size 4 --warmup_steps 2 --steps 8 \
         --repeats 2 --threads 1 [--reference /tmp/reference-mshnet/MSHNet/main.py --reference_pythonpath DIR]
 
-One command writes a synthetic IRSTD-1k-layout data set (`utils.irstd_data`: 512 x 512 infrared
+One command writes a synthetic IRSTD-1k-layout data set (`utils.segmentation.data`: 512 x 512 infrared
 frames by default, as IRSTD-1k's) whose trainval.txt lists exactly one epoch of
 `(warmup_steps + steps) x batch_size` frames (`--num_frames` distinct ones, repeated), so both
 scripts run `--epochs 1` and evaluate only after the measured steps. Both get the reference's
@@ -63,7 +63,7 @@ def prepare_data(args, workdir: str) -> str:
     """An IRSTD-1k-layout folder whose trainval.txt lists exactly one epoch, (warmup_steps + steps) x batch_size
     names, cycling over `--num_frames` distinct frames (writing thousands of 512 px frames for a GPU run would
     take longer than the run; a repeated name is read and augmented like any other)."""
-    from utils.irstd_data import read_split, write_synthetic_irstd
+    from utils.segmentation.data import read_split, write_synthetic_irstd
 
     num_train = (args.warmup_steps + args.steps) * args.batch_size
     num_frames = min(args.num_frames, num_train)
@@ -91,7 +91,7 @@ def count_flops(args) -> float | None:
     """MSHNet forward + backward FLOPs of one training batch, on the meta device (nothing is computed)."""
     import torch
 
-    from utils.mshnet import MSHNet
+    from utils.segmentation.mshnet import MSHNet
 
     def train_step():
         with torch.device("meta"):

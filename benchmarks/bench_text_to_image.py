@@ -5,7 +5,7 @@
         --warmup_steps 5 --steps 30 --repeats 2 --cache both --reference /tmp/reference/train_text_to_image.py
 
 One command builds an imagefolder (deterministic synthetic images + captions) and a randomly
-initialised pipeline (`utils.sd_builder`, preset tiny/small/base), then runs each variant
+initialised pipeline (`utils.sd.builder`, preset tiny/small/base), then runs each variant
 `--repeats` times, alternating (ours, ours+cache, reference, ours, ...), as separate processes
 with identical flags. `benchmarks/step_timer.py` records when each optimizer step ends; the
 first `--warmup_steps` are dropped and the next `--steps` are measured. Printed per variant:
@@ -49,7 +49,7 @@ SHAPES = ("circle", "square", "triangle")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "sd-small", "base"],
-                        help="utils.sd_builder presets, or sd-small: SD 1.x's UNet and VAE layout at 1/5 and 1/4 width.")
+                        help="utils.sd.builder presets, or sd-small: SD 1.x's UNet and VAE layout at 1/5 and 1/4 width.")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_images", type=int, default=64, help="Images in the synthetic dataset.")
@@ -72,7 +72,7 @@ def make_imagefolder(folder: str, num_images: int, image_size: int, seed: int = 
 
     from PIL import Image, ImageDraw
 
-    from utils.data import write_metadata_jsonl
+    from utils.sd.data import write_metadata_jsonl
 
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
@@ -98,7 +98,7 @@ def make_imagefolder(folder: str, num_images: int, image_size: int, seed: int = 
 
 def prepare_inputs(args, workdir: str) -> tuple[str, str]:
     """(data_dir, pipeline_dir), built once per workdir and setting."""
-    from utils.sd_builder import build_pipeline
+    from utils.sd.builder import build_pipeline
 
     tag = f"{args.preset}-{args.resolution}-{args.num_images}-{args.seed}"
     data_dir = os.path.join(workdir, f"data-{tag}")
@@ -109,7 +109,7 @@ def prepare_inputs(args, workdir: str) -> tuple[str, str]:
         captions = [json.loads(line)["text"] for line in open(os.path.join(data_dir, "metadata.jsonl"), encoding="utf-8")]
     if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
         if args.preset == "sd-small":
-            from utils.sd_builder import assemble_pipeline, build_components
+            from utils.sd.builder import assemble_pipeline, build_components
 
             components = build_components("small", texts=captions, resolution=args.resolution, seed=args.seed,
                                           unet_config=SD_SMALL["unet"], vae_config=SD_SMALL["vae"],

@@ -6,7 +6,7 @@
 The floor under train_text_to_image.py's cached step: it shows how much of a step is the UNet
 itself (and nothing a loop could save) and what the levers on the UNet do on this device:
 `channels_last`, `compile` (torch.compile, inductor), `bf16` (autocast). Each mode runs in this
-process on the same random UNet (`utils.sd_builder` preset, or `sd-small`), inputs and optimizer
+process on the same random UNet (`utils.sd.builder` preset, or `sd-small`), inputs and optimizer
 settings; prints warm-up seconds (compile time included) and the median step time.
 """
 
@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 def build_unet(preset: str, resolution: int, seed: int):
     from benchmarks.bench_text_to_image import SD_SMALL
-    from utils.sd_builder import build_components
+    from utils.sd.builder import build_components
 
     extra = dict(unet_config=SD_SMALL["unet"], vae_config=SD_SMALL["vae"]) if preset == "sd-small" else {}
     components = build_components("small" if preset == "sd-small" else preset, resolution=resolution, seed=seed, **extra)

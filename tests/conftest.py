@@ -27,7 +27,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A randomly initialised 'tiny' StableDiffusionPipeline folder, built offline once per session."""
-    from utils.sd_builder import build_pipeline
+    from utils.sd.builder import build_pipeline
 
     path = tmp_path_factory.mktemp("tiny-sd")
     return build_pipeline(str(path), preset="tiny")
@@ -87,14 +87,14 @@ def run_main_in_process(script, argv):
 
 
 def count_builds(monkeypatch):
-    """The cache folders utils.latent_cache writes from now on (a list that fills as they are built)."""
-    from utils import latent_cache
+    """The cache folders utils.cache writes from now on (a list that fills as they are built)."""
+    from utils import cache
 
     calls = []
-    original = latent_cache.write_cache
+    original = cache.write_cache
 
     def counting(directory, *args, **kwargs):
         calls.append(os.path.basename(directory))
         return original(directory, *args, **kwargs)
-    monkeypatch.setattr(latent_cache, "write_cache", counting)
+    monkeypatch.setattr(cache, "write_cache", counting)
     return calls

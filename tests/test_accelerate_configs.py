@@ -74,7 +74,7 @@ def test_fsdp_config_wraps_each_nextdit_block():
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    from utils.nextdit import MaskNextDiT2DModel, TransformerBlock, build_mask_nextdit
+    from utils.mask_dit.nextdit import MaskNextDiT2DModel, TransformerBlock, build_mask_nextdit
 
     args = launch_command_parser().parse_args(["--config_file", os.path.join(CONFIG_DIR, "fsdp.yaml"), "train_mask_dit.py"])
     args, _, _ = _validate_launch_command(args)
@@ -144,7 +144,7 @@ def test_fsdp_yaml_trains_two_steps(tmp_path):
                "--num_processes", "2", os.path.join(REPO_ROOT, "train_mask_dit.py"), "--model_size", "tiny",
                "--train_data_dir", str(tmp_path / "data"), "--resolution", "32", "--train_batch_size", "2",
                "--max_train_steps", "2", "--output_dir", str(tmp_path / "out"), "--report_to", "none"]
-    subprocess.run([sys.executable, "-m", "utils.paired_data", "--output_dir", str(tmp_path / "data"), "--num_images", "8",
+    subprocess.run([sys.executable, "-m", "utils.mask_dit.data", "--output_dir", str(tmp_path / "data"), "--num_images", "8",
                     "--size", "32"], cwd=REPO_ROOT, env=launch_env(), check=True)
     result = subprocess.run(command, cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -73,7 +73,7 @@ def test_plan_accumulation_keeps_the_effective_batch(fit, effective, processes, 
 
 
 def test_probe_with_a_real_unet_under_a_memory_cap():
-    from utils.sd_builder import build_components
+    from utils.sd.builder import build_components
 
     unet = build_components("tiny", resolution=32, seed=0)["unet"]
     accelerator = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
@@ -124,7 +124,7 @@ def test_script_with_auto_batch_size(tmp_path, tiny_pipeline_dir):
 @pytest.mark.slow
 def test_mask_dit_with_auto_batch_size(tmp_path):
     """train_mask_dit.py probes its own flow-matching loss; the effective batch is kept through accumulation."""
-    from utils.paired_data import write_synthetic_fundus_dataset
+    from utils.mask_dit.data import write_synthetic_fundus_dataset
 
     data = write_synthetic_fundus_dataset(str(tmp_path / "fundus"), 8, size=32, seed=0)
     result = accelerate_launch("train_mask_dit.py", [
@@ -142,7 +142,7 @@ def test_segmentation_auto_batch_trains_exactly_like_the_number_it_picks(tmp_pat
     accumulation explicitly, bitwise."""
     from safetensors.torch import load_file
 
-    from utils.irstd_data import write_synthetic_irstd
+    from utils.segmentation.data import write_synthetic_irstd
 
     data = write_synthetic_irstd(str(tmp_path / "irstd"), num_train=16, num_test=2, size=32, seed=0)
     common = ["--dataset-dir", data, "--crop-size", "32", "--base-size", "32", "--warm_epoch", "0", "--seed", "0",

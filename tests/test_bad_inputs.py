@@ -2,7 +2,7 @@
 column / flag, or (`--skip_bad_samples`) a counted, logged skip, and never a crash deep inside a model.
 
 The scripts run in-process (`main(parse_args([...]))`), so the many cases stay cheap; the data
-layers are the ones each script uses (utils/data.py, utils/paired_data.py, utils/irstd_data.py).
+layers are the ones each script uses (utils/data.py, utils/mask_dit/data.py, utils/segmentation/data.py).
 """
 
 import io
@@ -121,9 +121,9 @@ def test_t2i_every_image_mode_and_odd_file_trains(t2i, tmp_path):
 
 
 def test_t2i_huge_image_is_refused_by_name(t2i, t2i_folder, monkeypatch):
-    import utils.data
+    import utils.images
 
-    monkeypatch.setattr(utils.data, "MAX_IMAGE_PIXELS", 30 * 30)  # the real limit is 16384^2
+    monkeypatch.setattr(utils.images, "MAX_IMAGE_PIXELS", 30 * 30)  # the real limit is 16384^2
     with pytest.raises(BadSampleError, match=r"good\d\.png: image is 40x36, larger than the 900-pixel limit"):
         t2i(t2i_folder)
 
@@ -149,7 +149,7 @@ def test_t2i_non_utf8_caption_names_the_caption_file(t2i, t2i_folder):
 
 
 def test_t2i_missing_column_names_flag_and_columns(t2i, t2i_folder):
-    from utils.data import write_metadata_jsonl
+    from utils.sd.data import write_metadata_jsonl
 
     write_metadata_jsonl(str(t2i_folder), [{"file_name": f"good{i}.png", "text": f"t{i}"} for i in range(4)])
     with pytest.raises(ValueError, match=r"--caption_column 'caption' not in dataset columns \['image', 'text'\]"):
@@ -199,7 +199,7 @@ def test_t2i_missing_data_dir_and_config(t2i, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# train_mask_dit.py (utils/paired_data.py)
+# train_mask_dit.py (utils/mask_dit/data.py)
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -235,7 +235,7 @@ def test_mask_dit_missing_mask_names_the_image(mask_dit, paired_folder):
 
 
 def test_mask_dit_size_mismatch_names_both_files(paired_folder):
-    from utils.paired_data import PairedImageMaskDataset, scan_paired_folder
+    from utils.mask_dit.data import PairedImageMaskDataset, scan_paired_folder
 
     Image.fromarray(np.zeros((30, 32), dtype=np.uint8)).save(paired_folder / "masks" / "1.png")
     dataset = PairedImageMaskDataset(scan_paired_folder(str(paired_folder)), 32, 1)
@@ -247,7 +247,7 @@ def test_mask_dit_size_mismatch_names_both_files(paired_folder):
 
 
 def test_mask_dit_non_binary_mask_names_the_mask(paired_folder):
-    from utils.paired_data import PairedImageMaskDataset, scan_paired_folder
+    from utils.mask_dit.data import PairedImageMaskDataset, scan_paired_folder
 
     Image.fromarray(np.full((32, 32), 7, dtype=np.uint8)).save(paired_folder / "masks" / "3.png")
     dataset = PairedImageMaskDataset(scan_paired_folder(str(paired_folder)), 32, mask_channels=2)
@@ -257,7 +257,7 @@ def test_mask_dit_non_binary_mask_names_the_mask(paired_folder):
 
 
 def test_mask_dit_corrupt_image_names_the_file(paired_folder):
-    from utils.paired_data import PairedImageMaskDataset, scan_paired_folder
+    from utils.mask_dit.data import PairedImageMaskDataset, scan_paired_folder
 
     (paired_folder / "images" / "0.png").write_bytes(b"not a png")
     (paired_folder / "images" / "1.png").write_bytes(truncated_png_bytes())
@@ -280,18 +280,18 @@ def test_mask_dit_missing_layout_folder(mask_dit, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# train_segmentation_tpu.py (utils/irstd_data.py)
+# train_segmentation_tpu.py (utils/segmentation/data.py)
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def irstd(tmp_path):
-    from utils.irstd_data import write_synthetic_irstd
+    from utils.segmentation.data import write_synthetic_irstd
 
     return write_synthetic_irstd(str(tmp_path / "irstd"), num_train=4, num_test=2, size=32, seed=0)
 
 
 def test_segmentation_split_names_a_missing_image(irstd):
-    from utils.irstd_data import IRSTDDataset
+    from utils.segmentation.data import IRSTDDataset
 
     with open(os.path.join(irstd, "trainval.txt"), "a") as handle:
         handle.write("ghost_frame\n")
@@ -301,7 +301,7 @@ def test_segmentation_split_names_a_missing_image(irstd):
 
 
 def test_segmentation_missing_mask_and_size_mismatch(irstd):
-    from utils.irstd_data import IRSTDDataset
+    from utils.segmentation.data import IRSTDDataset
 
     names = open(os.path.join(irstd, "trainval.txt")).read().split()
     os.remove(os.path.join(irstd, "masks", names[0] + ".png"))

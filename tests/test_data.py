@@ -1,4 +1,5 @@
-"""utils/data.py: robust image decoding, transforms, sources, and the text-image dataset."""
+"""utils/images.py, utils/data.py, utils/sd/data.py: robust image decoding, transforms, sources, and the
+text-image dataset."""
 
 import argparse
 import io
@@ -12,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import data
-from utils.data import (BadSampleError, ImageTransform, TextImageDataset, collate_text_image, load_image,
-                        load_text_image_dataset, pick_caption, pil_to_tensor, sample_rng, tensor_to_pil)
+from utils import images
+from utils.sd import data as sd_data
+from utils.data import BadSampleError, sample_rng
+from utils.sd.data import ImageTransform, TextImageDataset, collate_text_image, load_text_image_dataset, pick_caption
+from utils.images import load_image, pil_to_tensor, tensor_to_pil
 
 
 def data_args(**overrides):
@@ -110,7 +113,7 @@ def test_unreadable_images_name_the_file(tmp_path, case):
 
 def test_huge_image_refused_before_decoding(tmp_path, monkeypatch):
     path = save(Image.new("RGB", (64, 64)), tmp_path / "huge.png")
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 32 * 32)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 32 * 32)
     with pytest.raises(BadSampleError, match="64x64, larger than"):
         load_image(path)
 
@@ -194,7 +197,7 @@ def test_utf8_bom_caption_is_read(captioned_folder):
 def test_imagefolder_with_metadata(tmp_path):
     for i in range(2):
         save(Image.new("RGB", (6, 6)), tmp_path / f"{i}.png")
-    data.write_metadata_jsonl(str(tmp_path), [{"file_name": f"{i}.png", "text": f"t{i}"} for i in range(2)])
+    sd_data.write_metadata_jsonl(str(tmp_path), [{"file_name": f"{i}.png", "text": f"t{i}"} for i in range(2)])
     rows = load_text_image_dataset(data_args(train_data_dir=str(tmp_path)))
     assert sorted(rows["text"]) == ["t0", "t1"]
     with pytest.raises(ValueError) as error:
@@ -322,7 +325,7 @@ def test_imagefolder_metadata_cannot_escape_the_root(tmp_path):
     root.mkdir()
     save(Image.new("RGB", (4, 4)), tmp_path / "secret.png")
     save(Image.new("RGB", (4, 4)), root / "a.png")
-    data.write_metadata_jsonl(str(root), [{"file_name": "a.png", "text": "x"}, {"file_name": "../secret.png", "text": "y"}])
+    sd_data.write_metadata_jsonl(str(root), [{"file_name": "a.png", "text": "x"}, {"file_name": "../secret.png", "text": "y"}])
     with pytest.raises(Exception) as error:
         load_text_image_dataset(data_args(train_data_dir=str(root)))
     chain, cause = [], error.value

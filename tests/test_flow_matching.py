@@ -1,13 +1,12 @@
-"""utils/flow_matching.py: timestep sampling, interpolation, weights, time shift, ODE samplers, CFG."""
+"""utils/mask_dit/flow_matching.py: timestep sampling, interpolation, weights, time shift, ODE samplers, CFG."""
 
 import math
 
 import pytest
 import torch
 
-from utils.flow_matching import (
-    flow_matching_loss, guided_velocity, interpolate, loss_weights, sample_ode, sample_timesteps, shift_time, time_grid,
-)
+from utils.mask_dit.flow_matching import (flow_matching_loss, guided_velocity, interpolate, loss_weights, sample_ode,
+                                          sample_timesteps, shift_time, time_grid)
 
 
 @pytest.mark.parametrize("scheme", ["uniform", "logit_normal", "mode"])

@@ -41,12 +41,12 @@ class ReadCounter:
 
 def reads_per_step(script, argv, monkeypatch):
     """Run the script in-process; the number of host reads between consecutive optimizer steps."""
-    from utils import training
+    from utils import run
 
     counter, marks = ReadCounter(), []
 
     def counting_progress_bar(accelerator, total, initial=0):
-        bar = training.progress_bar(accelerator, total, initial)
+        bar = run.progress_bar(accelerator, total, initial)
         update = bar.update
 
         def update_and_mark(n=1):
@@ -91,7 +91,7 @@ def test_text_to_image_loop_reads_nothing_between_logging_steps(tiny_pipeline_di
 
 def test_mask_dit_loop_reads_nothing_between_logging_steps(tmp_path, monkeypatch):
     import train_mask_dit as script
-    from utils.paired_data import write_synthetic_fundus_dataset
+    from utils.mask_dit.data import write_synthetic_fundus_dataset
 
     data = write_synthetic_fundus_dataset(str(tmp_path / "fundus"), 8, size=32, seed=0)
     argv = ["--train_data_dir", data, "--output_dir", str(tmp_path / "out"), "--model_size", "tiny", "--resolution", "32",
@@ -103,7 +103,7 @@ def test_mask_dit_loop_reads_nothing_between_logging_steps(tmp_path, monkeypatch
 
 def test_segmentation_loop_reads_nothing_between_logging_steps(tmp_path, monkeypatch):
     import train_segmentation_tpu as script
-    from utils.irstd_data import write_synthetic_irstd
+    from utils.segmentation.data import write_synthetic_irstd
 
     data = write_synthetic_irstd(str(tmp_path / "irstd"), num_train=20, num_test=2, size=32, seed=0)
     argv = ["--dataset_dir", data, "--output_dir", str(tmp_path / "out"), "--batch_size", "2", "--crop_size", "32",

@@ -1,4 +1,4 @@
-"""Tests for utils/kanji_dataset.py: KANJIDIC2 parsing, subsets, rendering, building, errors.
+"""Tests for utils/sd/kanji_dataset.py: KANJIDIC2 parsing, subsets, rendering, building, errors.
 
 Needs the Debian packages kanjidic-xml and fonts-ipafont-gothic/-mincho; the tests
 that read them are skipped (with the install command) where they are missing.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils import kanji_dataset as kd
+from utils.sd import kanji_dataset as kd
 
 
 def _have_data():

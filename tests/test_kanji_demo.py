@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 
 @pytest.mark.slow
 def test_kanji_demo_smoke(tmp_path):
-    from utils.kanji_dataset import find_kanjidic2, resolve_fonts
+    from utils.sd.kanji_dataset import find_kanjidic2, resolve_fonts
 
     try:
         find_kanjidic2()

@@ -1,4 +1,4 @@
-"""utils/latent_cache.py: cached latents/embeddings equal what training from images computes,
+"""utils/cache.py: cached latents/embeddings equal what training from images computes,
 caches are reused and invalidated correctly, and training from the cache gives the same losses."""
 
 import contextlib
@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from conftest import accelerate_launch, count_builds
-from utils import latent_cache
-from utils.data import ImageTransform, TextImageDataset, write_metadata_jsonl
-from utils.latent_cache import (CachedTextImageDataset, ShardedTensors, cache_text_image_dataset, collate_cached,
-                                load_or_build, read_manifest, sample_cached_latents)
+from utils import cache as cache_module
+from utils.sd.data import ImageTransform, TextImageDataset, write_metadata_jsonl
+from utils.sd.cache import CachedTextImageDataset, cache_text_image_dataset, collate_cached, sample_cached_latents
+from utils.cache import ShardedTensors, load_or_build, read_manifest
 
 
 def make_folder(path, sizes=((40, 32), (32, 48), (36, 36), (50, 34), (32, 32), (44, 40))):
@@ -35,7 +35,7 @@ def make_folder(path, sizes=((40, 32), (32, 48), (36, 36), (50, 34), (32, 32), (
 
 @pytest.fixture(scope="module")
 def tiny_components():
-    from utils.sd_builder import build_components
+    from utils.sd.builder import build_components
 
     components = build_components("tiny", resolution=32, seed=0)
     components["vae"].eval()
@@ -99,7 +99,7 @@ def test_cached_dataset_replays_captions_crops_and_flips(tmp_path, tiny_componen
             torch.testing.assert_close(got["latent_mean"], dist.mean[0], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(got["latent_std"], dist.std[0], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(got["encoder_hidden_states"], states[0], rtol=1e-4, atol=1e-5)
-            flipped = latent_cache.ShardedTensors.get(cached.latents, "mean_flipped", index)
+            flipped = cache_module.ShardedTensors.get(cached.latents, "mean_flipped", index)
             seen_flips.add(bool(torch.equal(got["latent_mean"], flipped)))
     assert seen_flips == {True, False}  # both orientations were used
     batch = collate_cached([cached[0], cached[1]])
@@ -168,7 +168,7 @@ def test_incomplete_cache_is_rebuilt(tmp_path):
 
 
 def test_sharding_splits_rows(tmp_path):
-    latent_cache.write_cache(str(tmp_path / "c"), iter([{"x": torch.arange(10.0)[:, None]}] * 3), {"k": 1}, shard_size=10)
+    cache_module.write_cache(str(tmp_path / "c"), iter([{"x": torch.arange(10.0)[:, None]}] * 3), {"k": 1}, shard_size=10)
     cache = ShardedTensors(str(tmp_path / "c"))
     assert len(cache.manifest["shards"]) == 3 and len(cache) == 30
     assert cache.get("x", 23).item() == 3.0 and cache.column("x").shape == (30, 1)

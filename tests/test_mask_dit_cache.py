@@ -1,4 +1,4 @@
-"""train_mask_dit.py with --cache_latents / --cache_text_embeddings (utils/latent_cache.py, "Mask DiT"):
+"""train_mask_dit.py with --cache_latents / --cache_text_embeddings (utils/cache.py, "Mask DiT"):
 the cache replays the dataset's crops, flips and masks, training from it gives the losses training
 from images gives, it is reused and rebuilt when an input changes, and the encoders leave the device."""
 
@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 
 from conftest import accelerate_launch, count_builds, run_main_in_process
-from utils import latent_cache
-from utils.latent_cache import CachedPairedDataset, cache_paired_datasets, collate_cached
-from utils.paired_data import PairedImageMaskDataset, collate_pairs, scan_paired_folder, write_synthetic_fundus_dataset
+from utils import cache
+from utils.mask_dit.cache import CachedPairedDataset, cache_paired_datasets
+from utils.sd.cache import collate_cached
+from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, scan_paired_folder,
+                                 write_synthetic_fundus_dataset)
 
 CPU_ACCELERATOR = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
 
@@ -40,7 +42,7 @@ def write_pairs(root, sizes=((40, 32), (32, 46), (36, 36), (50, 34), (32, 32), (
 
 @pytest.fixture(scope="module")
 def encoders(tiny_pipeline_dir):
-    from utils.mask_dit_sampling import load_text_encoder, load_vae
+    from utils.mask_dit.pipeline import load_text_encoder, load_vae
 
     tokenizer, text_encoder = load_text_encoder(tiny_pipeline_dir)
     return load_vae(tiny_pipeline_dir), tokenizer, text_encoder
@@ -58,7 +60,7 @@ def pairs(folder, resolution=32, random_crop=True, random_flip=True, seed=3):
 
 
 def test_cache_replays_the_datasets_crops_flips_masks_and_captions(tmp_path, encoders):
-    from utils.mask_dit_sampling import encode_captions
+    from utils.mask_dit.pipeline import encode_captions
 
     vae, tokenizer, text_encoder = encoders
     folder = write_pairs(tmp_path / "data")
@@ -283,5 +285,5 @@ def test_two_processes_build_the_cache_once_and_train_from_it(fundus_dir, tiny_p
     log = result.stderr + result.stdout
     assert log.count("Building the latents cache") == 2 and log.count("Building the text cache") == 1
     folders = sorted(os.listdir(cache_dir))
-    assert len(folders) == 3 and all(latent_cache.read_manifest(os.path.join(cache_dir, f)) for f in folders)
+    assert len(folders) == 3 and all(cache.read_manifest(os.path.join(cache_dir, f)) for f in folders)
     assert len(read_scalars(str(tmp_path / "out"), "loss")) == 2

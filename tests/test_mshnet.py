@@ -1,4 +1,4 @@
-"""utils/mshnet.py: MSHNet's shapes, size and parameter names, and the SLS loss on hand-computed cases."""
+"""utils/segmentation/mshnet.py: MSHNet's shapes, size and parameter names, and the SLS loss on hand-computed cases."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.mshnet import MSHNet, location_loss, multiscale_sls_loss, sls_iou_loss, soft_iou_loss
+from utils.segmentation.mshnet import MSHNet, location_loss, multiscale_sls_loss, sls_iou_loss, soft_iou_loss
 
 BIG = 30.0  # sigmoid(±30) is 0/1 to float32 precision, so predictions below are exact binary masks
 

@@ -1,14 +1,12 @@
-"""utils/nextdit.py: the mask-conditioned NextDiT, its presets and pretrained-weight loading."""
+"""utils/mask_dit/nextdit.py: the mask-conditioned NextDiT, its presets and pretrained-weight loading."""
 
 import json
 
 import pytest
 import torch
 
-from utils.nextdit import (
-    MODEL_PRESETS, MaskNextDiT2DModel, build_mask_nextdit, count_parameters, diffusers_to_original_keys,
-    is_mask_dit_dir, load_pretrained_nextdit,
-)
+from utils.mask_dit.nextdit import (MODEL_PRESETS, MaskNextDiT2DModel, build_mask_nextdit, count_parameters,
+                                    diffusers_to_original_keys, is_mask_dit_dir, load_pretrained_nextdit)
 
 
 def tiny(**overrides):

@@ -1,4 +1,4 @@
-"""utils/paired_data.py: paired folders, identical augmentation, mask decoding, synthetic fundus."""
+"""utils/mask_dit/data.py: paired folders, identical augmentation, mask decoding, synthetic fundus."""
 
 import json
 
@@ -7,10 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.paired_data import (
-    PairedImageMaskDataset, collate_pairs, hub_records, make_synthetic_fundus, mask_to_channels, scan_paired_folder,
-    select_fraction, split_train_validation, write_synthetic_fundus_dataset,
-)
+from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, make_synthetic_fundus,
+                                 mask_to_channels, scan_paired_folder, select_fraction, split_train_validation,
+                                 write_synthetic_fundus_dataset)
 
 
 def test_synthetic_fundus_is_deterministic_by_seed():

@@ -298,7 +298,7 @@ def test_t2i_out_of_memory_prints_what_to_try(tiny_pipeline_dir, t2i_data, tmp_p
     """An OOM inside the loop becomes the hint list (in-process: an OOM cannot be forced on a CPU)."""
     import train_text_to_image as script
 
-    from utils.training import OOM_HINT
+    from utils.errors import OOM_HINT
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -419,7 +419,7 @@ def test_t2i_two_processes_sync_write_once_and_resume(tiny_pipeline_dir, t2i_dat
 # ----------------------------------------------------------------------------------------------
 
 def mask_dit_case(tmp_path):
-    from utils.paired_data import write_synthetic_fundus_dataset
+    from utils.mask_dit.data import write_synthetic_fundus_dataset
 
     data = write_synthetic_fundus_dataset(str(tmp_path / "fundus"), 8, size=32, seed=0)
 
@@ -434,7 +434,7 @@ def mask_dit_case(tmp_path):
 
 
 def segmentation_case(tmp_path):
-    from utils.irstd_data import write_synthetic_irstd
+    from utils.segmentation.data import write_synthetic_irstd
 
     data = write_synthetic_irstd(str(tmp_path / "irstd"), num_train=8, num_test=4, size=32, seed=0)
 
@@ -452,7 +452,7 @@ def test_other_scripts_out_of_memory_prints_what_to_try(case, loss_name, tmp_pat
     """The same OOM advice from the other two scripts' loops (in-process, OOM injected into their loss)."""
     import importlib
 
-    from utils.training import OOM_HINT
+    from utils.errors import OOM_HINT
 
     script_path, args, _, _ = case(tmp_path)
     script = importlib.import_module(os.path.splitext(os.path.basename(script_path))[0])
@@ -580,11 +580,11 @@ def test_sigterm_on_every_launch_path(launcher, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The shared mechanics (utils/training.py) on their own.
+# The shared mechanics (utils/run.py) on their own.
 # ----------------------------------------------------------------------------------------------
 
 def test_nonfinite_guard_host_check_skips_counts_resets_and_aborts():
-    from utils.training import NonFiniteGuard
+    from utils.telemetry import NonFiniteGuard
 
     weight = torch.nn.Parameter(torch.ones(2))
     weight.grad = torch.ones(2)
@@ -612,7 +612,8 @@ class _Accelerator:
 def test_nonfinite_steps_skip_on_the_device_and_are_read_every_check_every_steps(optimizer_class, monkeypatch):
     """Fused optimizers skip a bad step through `found_inf` (no host read); the counters are read
     every `check_every` steps only, and the abort comes at such a read."""
-    from utils.training import NonFiniteGuard, apply_update
+    from utils.telemetry import NonFiniteGuard
+    from utils.optim import apply_update
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = optimizer_class([weight], lr=0.1, fused=True)
@@ -648,7 +649,8 @@ def test_nonfinite_steps_skip_on_the_device_and_are_read_every_check_every_steps
 def test_gradscaler_steps_are_never_skipped_by_the_guard():
     """Under fp16's GradScaler the scaler skips overflowing steps and lowers its scale; the guard
     must still call optimizer.step() (else the scale would never come down) and only count."""
-    from utils.training import NonFiniteGuard, apply_update
+    from utils.telemetry import NonFiniteGuard
+    from utils.optim import apply_update
 
     weight = torch.nn.Parameter(torch.ones(2))
     calls = []
@@ -662,7 +664,7 @@ def test_gradscaler_steps_are_never_skipped_by_the_guard():
 
 
 def test_stop_signal_turns_sigterm_into_a_flag():
-    from utils.training import StopSignal
+    from utils.stopping import StopSignal
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -679,7 +681,7 @@ def test_stop_signal_turns_sigterm_into_a_flag():
 
 def test_stop_signal_repeated_sigterm_is_one_request_sigint_twice_force_quits():
     """accelerate >= 1.16 forwards the group's SIGTERM a second time: that must not force-quit; Ctrl-C twice must."""
-    from utils.training import StopSignal
+    from utils.stopping import StopSignal
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -709,7 +711,7 @@ def test_stop_signal_repeated_sigterm_is_one_request_sigint_twice_force_quits():
 
 
 def test_oom_detection():
-    from utils.training import is_oom_error
+    from utils.errors import is_oom_error
 
     assert is_oom_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert is_oom_error(RuntimeError("XLA: RESOURCE_EXHAUSTED: out of memory while allocating"))
@@ -717,7 +719,7 @@ def test_oom_detection():
 
 
 def test_multi_process_launch_without_gpu_is_detected(monkeypatch):
-    from utils.training import _launched_multi_process_without_accelerator
+    from utils.run import _launched_multi_process_without_accelerator
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert _launched_multi_process_without_accelerator() is (not torch.cuda.is_available())
@@ -726,7 +728,7 @@ def test_multi_process_launch_without_gpu_is_detected(monkeypatch):
 
 
 def test_rank_checksums_only_when_asked(tmp_path, monkeypatch):
-    from utils.training import RANK_CHECKSUM_ENV, write_rank_checksums
+    from utils.run import RANK_CHECKSUM_ENV, write_rank_checksums
 
     fake = type("Accelerator", (), {"process_index": 0, "num_processes": 1, "unwrap_model": staticmethod(lambda m: m)})()
     model = torch.nn.Linear(2, 2)
@@ -743,7 +745,7 @@ SHARD_PROBE = textwrap.dedent('''
     import argparse, json, os, sys
     import torch
     from accelerate.utils import DataLoaderConfiguration
-    from utils.training import add_run_args, create_accelerator
+    from utils.run import add_run_args, create_accelerator
 
     parser = argparse.ArgumentParser()
     add_run_args(parser, sys.argv[1])

@@ -1,9 +1,9 @@
-"""utils/seg_metrics.py: mIoU, nIoU, Pd and Fa on constructed masks (hits, misses, false alarms, empties)."""
+"""utils/segmentation/metrics.py: mIoU, nIoU, Pd and Fa on constructed masks (hits, misses, false alarms, empties)."""
 
 import numpy as np
 import pytest
 
-from utils.seg_metrics import SegmentationMetrics, components, match_targets
+from utils.segmentation.metrics import SegmentationMetrics, components, match_targets
 
 H = W = 32
 

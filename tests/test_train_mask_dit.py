@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO_ROOT, accelerate_launch, launch_env
-from utils.paired_data import PairedImageMaskDataset, collate_pairs, scan_paired_folder, write_synthetic_fundus_dataset
+from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, scan_paired_folder,
+                                 write_synthetic_fundus_dataset)
 
 CONFIGS = ["mask_dit_ultrafast_256.yaml", "mask_dit_fast_512.yaml", "mask_dit_standard_1024.yaml"]
 
@@ -38,7 +39,7 @@ def test_warmup_cosine_schedule():
 
 def test_loss_falls_on_synthetic_fundus(fundus_dir):
     from train_mask_dit import Conditioner, flow_step_loss, parse_args, step_generator
-    from utils.nextdit import build_mask_nextdit
+    from utils.mask_dit.nextdit import build_mask_nextdit
 
     args = parse_args(tiny_run_args(fundus_dir, "unused", "--mask_dropout_prob", "0"))
     torch.manual_seed(0)
@@ -95,7 +96,8 @@ def test_resume_mid_epoch_equals_one_run_and_pipeline_api(fundus_dir, tmp_path):
         assert metric in log
 
     # The generate.py-facing API.
-    from utils.mask_dit_sampling import generate_from_mask, is_mask_dit_dir, load_mask_dit_pipeline
+    from utils.mask_dit.pipeline import generate_from_mask, load_mask_dit_pipeline
+    from utils.mask_dit.nextdit import is_mask_dit_dir
 
     assert is_mask_dit_dir(full)
     pipeline = load_mask_dit_pipeline(full, device="cpu")
@@ -128,7 +130,7 @@ def test_captions_vae_and_finetune_from_lumina(fundus_dir, tiny_pipeline_dir, tm
     settings = json.load(open(os.path.join(output, "mask_dit_config.json")))
     assert settings["vae_downsample"] == 2 and settings["resolution"] == 32
 
-    from utils.mask_dit_sampling import generate_from_mask, load_mask_dit_pipeline
+    from utils.mask_dit.pipeline import generate_from_mask, load_mask_dit_pipeline
 
     pipeline = load_mask_dit_pipeline(output, device="cpu")
     assert pipeline.transformer.config.caption_dim == 32 and pipeline.transformer.config.mask_channels == 2

@@ -1,4 +1,4 @@
-"""train_segmentation_tpu.py and utils/irstd_data.py: CLI, data layout, and end-to-end runs on synthetic IR data."""
+"""train_segmentation_tpu.py and utils/segmentation/data.py: CLI, data layout, and end-to-end runs on synthetic IR data."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import accelerate_launch
 from train_segmentation_tpu import parse_args
-from utils.irstd_data import IRSTDDataset, add_target, read_split, synthetic_frame, write_synthetic_irstd
+from utils.segmentation.data import IRSTDDataset, add_target, read_split, synthetic_frame, write_synthetic_irstd
 
 SCRIPT = "train_segmentation_tpu.py"
 
@@ -222,7 +222,7 @@ def test_two_processes_gather_every_test_image_once(tmp_path):
                                "--report_to", "none"], num_processes=2)
     evaluations = [json.loads(line) for line in open(out / "eval_metrics.jsonl")]
     assert [e["num_images"] for e in evaluations] == [6, 6]
-    from utils.seg_metrics import components
+    from utils.segmentation.metrics import components
 
     expected_targets = sum(  # frames are already 32x32, so evaluation does not resize the masks
         len(components(np.asarray(Image.open(os.path.join(data, "masks", name + ".png"))) > 127)[1])

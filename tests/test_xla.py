@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("torch_xla")
 
 from tests.conftest import REPO_ROOT, launch_env  # noqa: E402
-from utils.irstd_data import write_synthetic_irstd  # noqa: E402
+from utils.segmentation.data import write_synthetic_irstd  # noqa: E402
 
 CONFIG = os.path.join(REPO_ROOT, "accelerate_configs", "tpu_cpu_test.yaml")
 

@@ -21,7 +21,7 @@ import re
 import numpy as np
 import torch
 
-from utils.training import is_oom_error
+from utils.errors import is_oom_error
 
 logger = logging.getLogger(__name__)
 

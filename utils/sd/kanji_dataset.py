@@ -16,7 +16,7 @@ caption. The train/validation split is made per *character*, so validation
 kanji are never seen in training, in any font.
 
 CLI:
-    python -m utils.kanji_dataset --output_dir data/kanji --subset joyo \
+    python -m utils.sd.kanji_dataset --output_dir data/kanji --subset joyo \
         --resolution 64 --fonts gothic mincho
 """
 
@@ -531,7 +531,7 @@ def glyph_stats(dataset_dir: str | Path, splits: Sequence[str] = ("train", "vali
     if not coverages:
         raise FileNotFoundError(
             f"No glyph images found under {dataset_dir} (looked for {'/'.join(splits)}/{METADATA_FILE}); "
-            "build one with `python -m utils.kanji_dataset --output_dir DIR`."
+            "build one with `python -m utils.sd.kanji_dataset --output_dir DIR`."
         )
     values = np.asarray(coverages)
     return {"min": float(values.min()), "mean": float(values.mean()), "max": float(values.max()), "count": len(coverages)}

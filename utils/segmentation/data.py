@@ -12,7 +12,7 @@ crops of `crop_size`, evaluation samples are resized to `base_size` x `base_size
 
 `write_synthetic_irstd(root, ...)` writes a small data set in this layout (cluttered
 thermal-like backgrounds, dim targets of 1-9 px, some frames without a target), for tests
-and the CPU demo: `python -m utils.irstd_data --output_dir data/synthetic_irstd`.
+and the CPU demo: `python -m utils.segmentation.data --output_dir data/synthetic_irstd`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from scipy import ndimage
 
-from .data import EpochDataset, sample_rng
+from utils.data import EpochDataset, sample_rng
 
 # ImageNet statistics, as the reference implementation normalizes its RGB-converted IR frames.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -42,7 +42,7 @@ def read_split(root: str, split: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} not found. --dataset_dir must hold images/, masks/, trainval.txt and test.txt "
-            "(the IRSTD-1k layout); `python -m utils.irstd_data --output_dir DIR` writes a synthetic one."
+            "(the IRSTD-1k layout); `python -m utils.segmentation.data --output_dir DIR` writes a synthetic one."
         )
     with open(path, encoding="utf-8") as handle:
         names = [line.strip() for line in handle if line.strip()]

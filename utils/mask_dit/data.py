@@ -12,7 +12,7 @@ Image and mask get the identical resize, crop and flip; masks are resized with n
 
 A Hub / `save_to_disk` dataset works too (`image`, `mask`, optional `text` columns).
 
-Run `python -m utils.paired_data --output_dir data/fundus --num_images 256` to write the synthetic
+Run `python -m utils.mask_dit.data --output_dir data/fundus --num_images 256` to write the synthetic
 fundus set (circular field, vessel trees, optic disc, lesion spots; masks: 1 = vessel, 2 = lesion).
 """
 
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import EpochDataset, crop_origin, sample_rng
+from utils.data import EpochDataset, sample_rng
+from utils.images import crop_origin
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

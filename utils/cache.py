@@ -1,0 +1,207 @@
+"""The generic on-disk tensor cache: fingerprints, sharded safetensors with an atomic manifest,
+and the --cache_latents/--cache_text_embeddings/--precompute flags.
+
+What is stored and replayed for each domain lives with the domain: `utils.sd.cache` (text-image)
+and `utils.mask_dit.cache` (image-mask pairs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+
+MANIFEST = "manifest.json"
+
+
+CACHE_VERSION = 2
+
+
+def add_cache_args(parser) -> None:
+    group = parser.add_argument_group("caching")
+    group.add_argument("--cache_latents", action="store_true",
+                       help="Encode the images with the frozen VAE once, store the latents on disk (reused across runs) "
+                            "and train from them; the VAE then leaves the training device.")
+    group.add_argument("--cache_text_embeddings", action="store_true",
+                       help="Encode the captions with the frozen text encoder once and train from the stored embeddings.")
+    group.add_argument("--precompute", action="store_true", help="Alias for --cache_latents --cache_text_embeddings.")
+    group.add_argument("--latent_cache_dir", type=str, default=None,
+                       help="Where cached latents/embeddings live (default: <output_dir>/latent_cache). "
+                            "Share one folder between runs to reuse caches; stale ones are never reused.")
+    group.add_argument("--cache_batch_size", type=int, default=32, help="Batch size for encoding the cache.")
+
+
+def resolve_cache_args(args, train_text_encoder: bool = False, has_vae: bool = True, has_text_encoder: bool = True) -> None:
+    """Apply --precompute (both caches, where the model has that encoder) and check the combinations;
+    call after parsing."""
+    if args.cache_latents and not has_vae:
+        raise ValueError("--cache_latents needs a VAE (--vae_model_name_or_path): a pixel-space model has no latents "
+                         "to cache. --cache_text_embeddings works without one.")
+    if args.cache_text_embeddings and not has_text_encoder:
+        raise ValueError("--cache_text_embeddings needs a text encoder (--text_encoder_name_or_path).")
+    if args.precompute:
+        args.cache_latents = has_vae
+        args.cache_text_embeddings = has_text_encoder
+    if args.cache_text_embeddings and train_text_encoder:
+        raise ValueError("--cache_text_embeddings (or --precompute) needs a frozen text encoder; "
+                         "drop --train_text_encoder or use --cache_latents alone.")
+    if args.latent_cache_dir is None:
+        args.latent_cache_dir = os.path.join(args.output_dir, "latent_cache")
+
+
+def fingerprint(parts) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:20]
+
+
+@torch.no_grad()
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a module's weights (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:20]
+
+
+def image_reference(value) -> list:
+    """What identifies one image: (path, size, mtime) for files, a content hash for bytes."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return ["bytes", hashlib.sha256(value["bytes"]).hexdigest()]
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return ["bytes", hashlib.sha256(value).hexdigest()]
+    if isinstance(value, str):
+        try:
+            stat = os.stat(value)
+            return ["file", os.path.abspath(value), stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            return ["missing", os.path.abspath(value)]
+    if hasattr(value, "tobytes"):  # an in-memory PIL image
+        return ["pixels", value.mode, value.size, hashlib.sha256(value.tobytes()).hexdigest()]
+    return ["value", repr(value)]
+
+
+def write_cache(directory: str, batches, key: dict, extra: dict | None = None, shard_size: int = 4096) -> None:
+    """Write batches (dicts of tensors [B, ...]) as safetensors shards, then the manifest, atomically."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    temp = os.path.join(parent, f".tmp-{os.path.basename(directory)}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(temp)
+    shards, pending, pending_rows, total = [], [], 0, 0
+
+    def flush():
+        nonlocal pending, pending_rows
+        if not pending_rows:
+            return
+        tensors = {name: torch.cat([b[name] for b in pending]).contiguous() for name in pending[0]}
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file(tensors, os.path.join(temp, name))
+        shards.append({"file": name, "rows": pending_rows})
+        pending, pending_rows = [], 0
+
+    try:
+        for batch in batches:
+            batch = {name: tensor.detach().cpu() for name, tensor in batch.items()}
+            pending.append(batch)
+            rows = len(next(iter(batch.values())))
+            pending_rows += rows
+            total += rows
+            if pending_rows >= shard_size:
+                flush()
+        flush()
+        manifest = {"version": CACHE_VERSION, "key": key, "rows": total, "shards": shards, **(extra or {})}
+        with open(os.path.join(temp, MANIFEST), "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, default=str)
+        if os.path.isdir(directory):  # an incomplete leftover (no manifest): replace it
+            shutil.rmtree(directory)
+        os.replace(temp, directory)
+    finally:
+        if os.path.isdir(temp):
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def read_manifest(directory: str) -> dict | None:
+    """The manifest of a complete cache folder, or None."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        manifest = json.load(handle)
+    return manifest if manifest.get("version") == CACHE_VERSION else None
+
+
+class ShardedTensors:
+    """Row access to a cache folder's tensors; shards are memory-mapped lazily (safe in workers)."""
+
+    def __init__(self, directory: str):
+        manifest = read_manifest(directory)
+        if manifest is None:
+            raise FileNotFoundError(f"{directory}: not a complete cache (no {MANIFEST}); delete it to rebuild")
+        self.directory, self.manifest = directory, manifest
+        self.starts, start = [], 0
+        for shard in manifest["shards"]:
+            self.starts.append(start)
+            start += shard["rows"]
+        self.rows = start
+        self._handles = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handles": {}}
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        shard = max(i for i, start in enumerate(self.starts) if start <= index)
+        return shard, index - self.starts[shard]
+
+    def get(self, name: str, index: int) -> torch.Tensor:
+        shard, row = self._locate(index)
+        if shard not in self._handles:
+            path = os.path.join(self.directory, self.manifest["shards"][shard]["file"])
+            self._handles[shard] = safe_open(path, framework="pt")
+        return self._handles[shard].get_slice(name)[row:row + 1][0]
+
+    def column(self, name: str) -> torch.Tensor:
+        """The whole column [rows, ...] (small columns: flags, sizes)."""
+        parts = []
+        for shard in self.manifest["shards"]:
+            with safe_open(os.path.join(self.directory, shard["file"]), framework="pt") as handle:
+                parts.append(handle.get_tensor(name))
+        return torch.cat(parts)
+
+
+def load_or_build(root: str, kind: str, key: dict, build_batches, extra_fn=None) -> ShardedTensors:
+    """The cache for `key` under `root`: reused when complete, else built from `build_batches()`.
+
+    build_batches: a function returning an iterable of dicts of tensors [B, ...].
+    extra_fn: called after building, returns extra manifest entries (e.g. captions).
+    """
+    directory = os.path.join(root, f"{kind}-{fingerprint(key)}")
+    manifest = read_manifest(directory)
+    if manifest is not None and manifest["key"] == json.loads(json.dumps(key, default=str)):
+        logger.info(f"Reusing cached {kind} from {directory} ({manifest['rows']} rows)")
+        return ShardedTensors(directory)
+    logger.info(f"Building the {kind} cache in {directory}")
+    batches = build_batches()
+    write_cache(directory, batches, key, extra=extra_fn() if extra_fn else None)
+    return ShardedTensors(directory)
+
+
+def is_channels_last(tensor: torch.Tensor) -> bool:
+    """The VAE's output layout (channels_last from oneDNN on CPU) decides how `randn_like` fills the
+    noise; the caches keep it so cached training draws the very same noise."""
+    return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()

@@ -1,0 +1,1 @@
+"""The mask-conditioned NextDiT: model, flow matching, paired data, caches, pipeline, metrics."""

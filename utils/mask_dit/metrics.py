@@ -1,0 +1,62 @@
+"""Mask DiT validation metrics: PSNR, SSIM, thresholding segmenter and mask IoU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from utils.mask_dit.nextdit import MASK_DIT_CONFIG_NAME, MaskNextDiT2DModel, is_mask_dit_dir  # noqa: F401  (re-exported)
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image for [B, C, H, W] in [0, 1]."""
+    mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def ssim(prediction: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """SSIM per image (Wang et al. 2004: Gaussian window 11 / 1.5, K1 0.01, K2 0.03), mean over channels; [0, 1] input."""
+    channels = prediction.shape[1]
+    coords = torch.arange(window, dtype=torch.float32) - window // 2
+    gauss = torch.exp(-(coords**2) / (2 * sigma**2))
+    gauss = gauss / gauss.sum()
+    kernel = (gauss[:, None] * gauss[None, :]).expand(channels, 1, window, window).to(prediction.device)
+
+    def blur(x):
+        return F.conv2d(x, kernel, groups=channels)
+
+    x, y = prediction.float(), target.float()
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def segment_structures(images: torch.Tensor, dark_ratio: float = 0.36, bright_ratio: float = 0.87) -> torch.Tensor:
+    """A deliberately simple segmenter for fundus-like images: [B, 3, H, W] in [0, 1] -> [B, 1, H, W] bool.
+
+    Thresholds on the green / red ratio, which vignetting does not change: below `dark_ratio` is
+    dark red (vessels, haemorrhages), above `bright_ratio` is yellow (exudates); the orange
+    background and the optic disc's glow lie between. Only pixels inside the field (mean > 0.05)
+    count. Tuned for the synthetic fundus data: on its ground truth it reaches IoU 0.99 at
+    128 px and 0.72 at 64 px (thin vessels blur when downsampled), so compare a sample's IoU with
+    the ground truth's; on real photographs it is only a rough proxy.
+    """
+    red, green = images[:, 0:1].float(), images[:, 1:2].float()
+    ratio = green / red.clamp_min(1e-3)
+    field = images.float().mean(1, keepdim=True) > 0.05
+    return ((ratio < dark_ratio) | (ratio > bright_ratio)) & field
+
+
+def mask_iou(predicted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """IoU per image between a predicted [B, 1, H, W] bool map and the union of the mask's channels."""
+    target = mask.float().amax(1, keepdim=True) > 0.5
+    if target.shape[-2:] != predicted.shape[-2:]:
+        target = F.interpolate(target.float(), size=predicted.shape[-2:], mode="nearest") > 0.5
+    intersection = (predicted & target).flatten(1).sum(1).float()
+    union = (predicted | target).flatten(1).sum(1).float()
+    return intersection / union.clamp_min(1.0)

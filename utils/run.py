@@ -1,0 +1,183 @@
+"""Run set-up every script shares: the run flags diffusers users know, the Accelerator with
+trackers and seeding, the progress bar, steps-per-epoch arithmetic and the rank-checksum debug hook.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+
+def add_run_args(parser, output_dir_default: str) -> None:
+    """Flags about the run rather than the model; names and defaults follow diffusers' examples."""
+    parser.add_argument("--output_dir", type=str, default=output_dir_default,
+                        help="The output directory where the model predictions and checkpoints will be written.")
+    parser.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                        help="Number of updates steps to accumulate before performing a backward/update pass.")
+    parser.add_argument("--max_grad_norm", default=1.0, type=float, help="Max gradient norm.")
+    parser.add_argument("--allow_tf32", action="store_true",
+                        help="Whether or not to allow TF32 on Ampere GPUs. Can be used to speed up training.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0,
+                        help="Number of subprocesses to use for data loading. 0 means that the data will be loaded in the main process.")
+    parser.add_argument("--logging_dir", type=str, default="logs",
+                        help="TensorBoard log directory. Will default to *output_dir/runs/**CURRENT_DATETIME_HOSTNAME***.")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                        help="Whether to use mixed precision. Default: the value of the accelerate config of the current system.")
+    parser.add_argument("--report_to", type=str, default="tensorboard",
+                        help='The integration to report the results and logs to: "tensorboard", "wandb", "comet_ml", "all" or "none".')
+    parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
+    parser.add_argument("--checkpointing_steps", type=int, default=500,
+                        help="Save a checkpoint of the training state every X updates, resumable with --resume_from_checkpoint.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints to store.")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='Resume from a checkpoint folder, or "latest" for the newest complete one in --output_dir.')
+    parser.add_argument("--logging_steps", type=int, default=10,
+                        help="Log training-health scalars (loss, lr, grad_norm, ...) every N optimizer steps.")
+    parser.add_argument("--max_nonfinite_steps", type=int, default=20,
+                        help="Abort after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
+    parser.add_argument("--tracker_project_name", type=str, default=None,
+                        help="The `project_name` argument passed to Accelerator.init_trackers.")
+
+
+def validate_run_args(args) -> None:
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} exists and is a file, not a directory")
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError("--gradient_accumulation_steps must be >= 1")
+    if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
+        raise ValueError("--checkpointing_steps must be >= 1")
+
+
+def _xla_available() -> bool:
+    try:
+        import torch_xla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _launched_multi_process_without_accelerator() -> bool:
+    """Several processes were launched (torchrun's WORLD_SIZE) but there is no GPU/accelerator to give them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available() or _xla_available():
+        return False
+    from accelerate.utils import is_hpu_available, is_mlu_available, is_npu_available, is_xpu_available
+
+    return not (is_xpu_available() or is_npu_available() or is_mlu_available() or is_hpu_available())
+
+
+def create_accelerator(args, **accelerator_kwargs):
+    """Accelerator with a project dir, trackers, logging and (optional) seeding configured."""
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger  # noqa: F401  (configures accelerate's logger)
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    validate_run_args(args)
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    if _launched_multi_process_without_accelerator():
+        # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: join the
+        # processes over gloo. Otherwise accelerate runs N unconnected single-process copies
+        # that train separately and overwrite each other's checkpoints.
+        accelerator_kwargs.setdefault("cpu", True)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=project_config,
+        **accelerator_kwargs,
+    )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Checked here, not on the flag alone: fp16 can also come from the accelerate config.
+        raise ValueError(
+            "--mixed_precision fp16 needs a GPU, and this run is on the CPU (fp16 mixed precision can come from the "
+            "flag or the accelerate config, e.g. accelerate_configs/fp16.yaml; a grad scaler does not run on CPU). "
+            "Use bf16 (--mixed_precision bf16, accelerate_configs/bf16.yaml) or no mixed precision "
+            "(accelerate_configs/cpu.yaml)."
+        )
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=logging.INFO if accelerator.is_local_main_process else logging.ERROR,
+    )
+    if not accelerator.is_local_main_process:
+        import importlib
+
+        for library in ("transformers", "diffusers", "datasets"):
+            try:  # scripts that do not use a library need not have it (e.g. MSHNet on a TPU VM)
+                importlib.import_module(library).utils.logging.set_verbosity_error()
+            except ImportError:
+                pass
+    if args.seed is not None:
+        set_seed(args.seed)
+    elif accelerator.num_processes > 1 and getattr(accelerator.dataloader_config, "use_seedable_sampler", False) \
+            and accelerator.dataloader_config.data_seed is None:
+        # Without --seed each process would seed its sampler differently: the ranks would shuffle the
+        # data differently and see overlapping samples. One random data seed, chosen by rank 0, for all.
+        from accelerate.utils import broadcast_object_list
+
+        data_seed = [int(torch.randint(0, 2**31 - 1, ()).item()) if accelerator.is_main_process else None]
+        accelerator.dataloader_config.data_seed = broadcast_object_list(data_seed)[0]
+    if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+def tracker_config(args, secret_keys=("hub_token",)) -> dict:
+    """Args as tracker hyperparameters: scalars only (TensorBoard's hparams limit), never secrets."""
+    config = {}
+    for key, value in vars(args).items():
+        if key in secret_keys:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        if value is None or isinstance(value, (int, float, str, bool)):
+            config[key] = value if value is not None else "None"
+    return config
+
+
+def progress_bar(accelerator, total: int, initial: int = 0):
+    """The "Steps" bar of diffusers' examples: one tick per optimizer step, on the local main process
+    (benchmarks/step_timer.py times a run by it)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(total), initial=initial, desc="Steps", disable=not accelerator.is_local_main_process)
+
+
+def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
+    return max(1, math.ceil(num_batches / gradient_accumulation_steps))
+
+
+RANK_CHECKSUM_ENV = "TRAIN_DEBUG_RANK_CHECKSUM_DIR"
+
+
+def write_rank_checksums(accelerator, *models) -> None:
+    """Debug hook: with $TRAIN_DEBUG_RANK_CHECKSUM_DIR set, each rank writes `rank<i>.json`.
+
+    The file holds a SHA-256 of every parameter's bytes (and one over all of them), so a test
+    can check that data-parallel training kept the ranks' weights identical. No-op otherwise.
+    Call on every rank.
+    """
+    import hashlib
+    import json
+
+    directory = os.environ.get(RANK_CHECKSUM_ENV)
+    if not directory:
+        return
+    os.makedirs(directory, exist_ok=True)
+    digests, total = {}, hashlib.sha256()
+    for index, model in enumerate(models):
+        for name, parameter in accelerator.unwrap_model(model).named_parameters():
+            data = parameter.detach().float().cpu().contiguous().numpy().tobytes()
+            digests[f"{index}.{name}"] = hashlib.sha256(data).hexdigest()
+            total.update(data)
+    with open(os.path.join(directory, f"rank{accelerator.process_index}.json"), "w", encoding="utf-8") as handle:
+        json.dump({"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
+                   "all": total.hexdigest(), "parameters": digests}, handle, indent=1)

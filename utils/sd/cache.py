@@ -1,0 +1,270 @@
+"""Encode once, train many times: VAE latents and text embeddings cached on disk.
+
+`--cache_latents` runs the frozen VAE over the dataset once, `--cache_text_embeddings` the frozen
+text encoder over its unique captions once (`--precompute` = both). Results are safetensors
+shards under a folder named by a fingerprint of everything that changes them::
+
+    <--latent_cache_dir>/latents-<fingerprint>/manifest.json, shard-00000.safetensors, ...
+    <--latent_cache_dir>/text-<fingerprint>/manifest.json, shard-00000.safetensors, ...
+
+latents: image files (path, size, mtime; or the bytes' hash), captions, VAE weights and dtype,
+resolution, interpolation, crop and flip settings (and the seed and caption-dropout probability
+when crops are random). text: the tokenized captions, text-encoder weights and dtype. A run with
+the same inputs reuses the folder; anything else gets a new one. `manifest.json` is written last,
+into a temporary folder that is renamed into place, so a killed run never leaves a cache that
+looks complete.
+
+What is stored is the VAE's latent *distribution* (mean, std), not a sample: each step draws
+`mean + std * randn` exactly as `vae.encode(x).latent_dist.sample()` would, with the same random
+numbers, so training from the cache gives the same loss sequence as training from the images.
+With `--random_flip` both orientations are encoded and the flip is drawn per (seed, epoch,
+index) as in `utils.sd.data.TextImageDataset`. With random crops (no `--center_crop`) the crop
+is drawn once (epoch 0) and kept for every epoch: a documented difference that only matters
+for images that are not already square at `--resolution`.
+
+train_mask_dit.py uses the same flags and storage for `PairedImageMaskDataset`s (section "Mask
+DiT" below): the mask is cached with the latents (cropped like the image, flipped at load), and
+the caption embeddings come with their attention mask from `encode_captions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+
+import torch
+
+from utils.cache import (
+    ShardedTensors,
+    is_channels_last,
+    fingerprint,
+    image_reference,
+    load_or_build,
+    module_fingerprint,
+)
+from utils.data import BadSampleError, sample_rng
+from utils.images import crop_origin, load_image, pil_to_tensor, resize_short_side
+from utils.sd.data import pick_caption
+
+logger = logging.getLogger(__name__)
+
+
+def rows_fingerprint(rows, image_column: str, caption_column: str, chunk: int = 1024) -> str:
+    """Hash of every row's image reference and caption(s), read in chunks of columns."""
+    digest = hashlib.sha256()
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        for image, caption in zip(part[image_column], part[caption_column]):
+            digest.update(json.dumps([image_reference(image), caption], default=str).encode("utf-8"))
+    return digest.hexdigest()[:20]
+
+
+def draw_augmentation(caption_value, rng, caption_dropout_prob: float, resized_size: tuple[int, int], resolution: int,
+                      center_crop: bool, random_flip: bool, where: str):
+    """(caption, (top, left), flip) with the random draws of `TextImageDataset.load` in the same order.
+
+    The order (caption choice, caption dropout, crop, flip) must match `TextImageDataset.load` and
+    `ImageTransform.__call__`; tests/test_latent_cache.py checks the loss sequences are equal.
+    """
+    caption = pick_caption(caption_value, rng, where)
+    if caption_dropout_prob > 0 and rng.random() < caption_dropout_prob:
+        caption = ""
+    top, left = crop_origin(resized_size, resolution, center_crop, rng)
+    flip = random_flip and rng.random() < 0.5
+    return caption, (top, left), flip
+
+
+def all_captions(rows, caption_column: str, caption_dropout_prob: float) -> list[str]:
+    """Every caption a training step can see, sorted (the empty prompt too when captions drop out)."""
+    captions = set()
+    for value in rows[caption_column]:
+        if isinstance(value, str):
+            captions.add(value)
+        elif isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+            captions.update(c for c in list(value) if isinstance(c, str))
+    if caption_dropout_prob > 0:
+        captions.add("")
+    return sorted(captions)
+
+
+def encode_latent_batches(dataset, vae, device, batch_size: int):
+    """Yield {"mean", "std" [B, C, h, w] (+ "mean_flipped", "std_flipped"), "size" [B, 2], "valid" [B]}."""
+    transform = dataset.transform
+    rows = dataset.rows
+    for start in range(0, len(rows), batch_size):
+        pixels, sizes, valid = [], [], []
+        for index in range(start, min(start + batch_size, len(rows))):
+            row = rows[index]
+            where = f"{dataset.source_name} row {index}"
+            try:
+                image = load_image(row[dataset.image_column], name=where if not isinstance(row[dataset.image_column], str)
+                                   else row[dataset.image_column])
+                image = resize_short_side(image, transform.resolution, transform.interpolation)
+                _, (top, left), _ = draw_augmentation(row[dataset.caption_column], sample_rng(dataset.seed, 0, index),
+                                                      dataset.caption_dropout_prob, image.size, transform.resolution,
+                                                      transform.center_crop, transform.random_flip, where)
+                crop = image.crop((left, top, left + transform.resolution, top + transform.resolution))
+                pixels.append(pil_to_tensor(crop))
+                sizes.append(image.size)
+                valid.append(True)
+            except BadSampleError as error:
+                if not dataset.skip_bad_samples:
+                    raise
+                logger.warning(f"Not caching bad sample ({error})")
+                pixels.append(torch.zeros(3, transform.resolution, transform.resolution))
+                sizes.append((transform.resolution, transform.resolution))
+                valid.append(False)
+        pixel_values = torch.stack(pixels)
+        if transform.random_flip:
+            pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
+        with torch.no_grad():
+            dist = vae.encode(pixel_values.to(device, vae.dtype)).latent_dist
+        batch = {"mean": dist.mean, "std": dist.std}
+        if transform.random_flip:
+            half = len(pixels)
+            batch = {"mean": dist.mean[:half], "std": dist.std[:half],
+                     "mean_flipped": dist.mean[half:], "std_flipped": dist.std[half:]}
+        channels_last = is_channels_last(dist.parameters)
+        batch.update(size=torch.tensor(sizes, dtype=torch.int64), valid=torch.tensor(valid, dtype=torch.bool),
+                     channels_last=torch.full((len(pixels),), channels_last, dtype=torch.bool))
+        yield batch
+
+
+def encode_text_batches(captions: list[str], tokenize, text_encoder, device, batch_size: int):
+    """Yield {"embeddings": [B, L, D]} for `captions` in order."""
+    for start in range(0, len(captions), batch_size):
+        input_ids = torch.stack([tokenize(c) for c in captions[start:start + batch_size]]).to(device)
+        with torch.no_grad():
+            yield {"embeddings": text_encoder(input_ids, return_dict=False)[0]}
+
+
+class CachedTextImageDataset(torch.utils.data.Dataset):
+    """A `TextImageDataset` whose latents and/or caption embeddings come from the cache.
+
+    Items: {"latent_mean", "latent_std": [C, h, w], "latent_channels_last": bool} instead of
+    "pixel_values" when latents are cached; {"encoder_hidden_states": [L, D]} instead of "input_ids" when embeddings are; "caption".
+    """
+
+    def __init__(self, base, latents: ShardedTensors | None = None, text: ShardedTensors | None = None):
+        self.base, self.latents, self.text = base, latents, text
+        self.caption_index = {c: i for i, c in enumerate(text.manifest["captions"])} if text is not None else None
+        self.valid = latents.column("valid").tolist() if latents is not None else None
+        self.sizes = latents.column("size").tolist() if latents is not None else None
+        self.channels_last = bool(latents.column("channels_last").any()) if latents is not None else False
+        self.num_skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _embedding(self, caption: str) -> torch.Tensor:
+        return self.text.get("embeddings", self.caption_index[caption])
+
+    def __getitem__(self, index: int) -> dict:
+        base = self.base
+        if self.latents is None:  # images as usual, embeddings from the cache
+            item = dict(base[index])
+            item["encoder_hidden_states"] = self._embedding(item["caption"])
+            del item["input_ids"]
+            return item
+        for attempt in range(len(base)):
+            current = (index + attempt) % len(base)
+            if not self.valid[current]:
+                self.num_skipped += 1
+                continue
+            where = f"{base.source_name} row {current}"
+            caption, _, flip = draw_augmentation(base.rows[current][base.caption_column], sample_rng(base.seed, base.epoch, current),
+                                                 base.caption_dropout_prob, tuple(self.sizes[current]), base.transform.resolution,
+                                                 base.transform.center_crop, base.transform.random_flip, where)
+            suffix = "_flipped" if flip else ""
+            item = {"latent_mean": self.latents.get("mean" + suffix, current),
+                    "latent_std": self.latents.get("std" + suffix, current), "caption": caption,
+                    "latent_channels_last": self.channels_last}
+            if self.text is not None:
+                item["encoder_hidden_states"] = self._embedding(caption)
+            else:
+                item["input_ids"] = base.tokenize(caption)
+            return item
+        raise BadSampleError(f"{base.source_name}: every sample is unreadable")
+
+
+def collate_cached(examples: list[dict]) -> dict:
+    """Stack every tensor field; captions become a list, flags are taken from the first item."""
+    batch = {key: torch.stack([e[key] for e in examples]) if torch.is_tensor(value) else value
+             for key, value in examples[0].items() if key != "caption"}
+    batch["captions"] = [e["caption"] for e in examples]
+    return batch
+
+
+def sample_cached_latents(batch: dict, vae_config, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents [B, C, h, w] drawn from the cached distribution, like `latent_dist.sample(generator)`.
+
+    Same dtype, shape and random-number use as the uncached path, hence the same values.
+    """
+    mean, std = batch["latent_mean"], batch["latent_std"]
+    if batch.get("latent_channels_last"):
+        mean, std = mean.contiguous(memory_format=torch.channels_last), std.contiguous(memory_format=torch.channels_last)
+    noise_device = generator.device if generator is not None else mean.device  # as diffusers' randn_tensor
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
+    shift = getattr(vae_config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae_config.scaling_factor
+
+
+def cache_text_image_dataset(dataset, vae, text_encoder, args, accelerator):
+    """Wrap a `TextImageDataset` with the caches that --cache_latents/--cache_text_embeddings ask for.
+
+    Builds missing caches on the main process (others wait and then read them). Returns the
+    dataset unchanged when no caching is asked for.
+    """
+    if not (args.cache_latents or args.cache_text_embeddings):
+        return dataset
+    device = accelerator.device
+    latents = text = None
+    with accelerator.main_process_first():
+        if args.cache_latents:
+            transform = dataset.transform
+            key = {"kind": "sd-latents", "rows": rows_fingerprint(dataset.rows, dataset.image_column, dataset.caption_column),
+                   "vae": module_fingerprint(vae), "dtype": str(vae.dtype), "resolution": transform.resolution,
+                   "interpolation": transform.interpolation, "center_crop": transform.center_crop,
+                   "random_flip": transform.random_flip}
+            if not transform.center_crop:  # the epoch-0 crop depends on the random draws before it
+                key.update(seed=dataset.seed, caption_dropout_prob=dataset.caption_dropout_prob)
+            latents = load_or_build(args.latent_cache_dir, "latents", key,
+                                    lambda: encode_latent_batches(dataset, vae, device, args.cache_batch_size))
+            if not transform.center_crop:
+                logger.warning("--cache_latents with random crops: each image keeps the crop drawn for epoch 0 "
+                               "(no effect for images already square at --resolution; use --center_crop to silence).")
+        if args.cache_text_embeddings:
+            captions = all_captions(dataset.rows, dataset.caption_column, dataset.caption_dropout_prob)
+            input_ids = torch.stack([dataset.tokenize(c) for c in captions]) if captions else torch.zeros(0)
+            key = {"kind": "clip-text", "captions": fingerprint(captions),
+                   "input_ids": hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:20],
+                   "text_encoder": module_fingerprint(text_encoder), "dtype": str(text_encoder.dtype)}
+            text = load_or_build(args.latent_cache_dir, "text", key,
+                                 lambda: encode_text_batches(captions, dataset.tokenize, text_encoder, device, args.cache_batch_size),
+                                 extra_fn=lambda: {"captions": captions})
+    return CachedTextImageDataset(dataset, latents, text)
+
+
+def offload_cached_encoders(models: dict, args) -> None:
+    """Move the encoders the caches replace off the training device (validation moves them back)."""
+    if args.cache_latents and models.get("vae") is not None:
+        models["vae"].to("cpu")
+    if args.cache_text_embeddings and models.get("text_encoder") is not None:
+        models["text_encoder"].to("cpu")
+
+
+@contextlib.contextmanager
+def cached_encoders_on(device, models: dict, args):
+    """The encoders the caches replaced on `device` for the block (e.g. sampling), then off it again."""
+    for name, cached in (("vae", args.cache_latents), ("text_encoder", args.cache_text_embeddings)):
+        if cached and models.get(name) is not None:
+            models[name].to(device)
+    try:
+        yield
+    finally:
+        offload_cached_encoders(models, args)

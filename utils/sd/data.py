@@ -1,0 +1,254 @@
+"""Stable Diffusion training data: (image, caption) rows, the image transform, `TextImageDataset`.
+
+Sources for text-to-image (`load_text_image_dataset`):
+  * `--dataset_name`: a Hub dataset (or a local dataset script/folder `datasets` understands);
+  * `--train_data_dir` with `metadata.jsonl`/`metadata.csv`: an `imagefolder`;
+  * `--train_data_dir` with `name.png` + `name.txt` pairs: a captioned image folder;
+  * `--train_data_file` `data.csv` / `data.jsonl`: rows with an image path (relative to the file)
+    and a caption.
+Images are decoded by us, not by `datasets`, so an unreadable image names its file.
+
+Augmentation randomness is a function of (seed, epoch, index) only, so it is identical with
+any number of workers and after a resume (see `sample_rng`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from utils.data import BadSampleError, EpochDataset, sample_rng
+from utils.images import IMAGE_EXTENSIONS, INTERPOLATION_MODES, crop_origin, load_image, pil_to_tensor, resize_short_side
+
+logger = logging.getLogger(__name__)
+
+
+# diffusers' examples know these Hub datasets' column names.
+DATASET_NAME_MAPPING = {"lambdalabs/naruto-blip-captions": ("image", "text"), "reach-vb/pokemon-blip-captions": ("image", "text")}
+
+
+def add_image_data_args(parser) -> None:
+    """Dataset and transform flags of diffusers' train_text_to_image.py, same names and defaults."""
+    parser.add_argument("--dataset_name", type=str, default=None,
+                        help="The name of the Dataset (from the HuggingFace hub) to train on, or a local path.")
+    parser.add_argument("--dataset_config_name", type=str, default=None,
+                        help="The config of the Dataset, leave as None if there's only one config.")
+    parser.add_argument("--train_data_dir", type=str, default=None,
+                        help="A folder of training data: an imagefolder with metadata.jsonl, or images with same-named .txt captions.")
+    parser.add_argument("--train_data_file", type=str, default=None,
+                        help="A CSV or JSONL file with an image path column (relative to the file) and a caption column.")
+    parser.add_argument("--image_column", type=str, default="image", help="The column of the dataset containing an image.")
+    parser.add_argument("--caption_column", type=str, default="text",
+                        help="The column of the dataset containing a caption or a list of captions.")
+    parser.add_argument("--max_train_samples", type=int, default=None,
+                        help="For debugging purposes or quicker training, truncate the number of training examples to this value if set.")
+    parser.add_argument("--cache_dir", type=str, default=None,
+                        help="The directory where the downloaded models and datasets will be stored.")
+    parser.add_argument("--resolution", type=int, default=512,
+                        help="The resolution for input images, all the images in the train/validation dataset will be resized to this resolution")
+    parser.add_argument("--center_crop", default=False, action="store_true",
+                        help="Whether to center crop the input images to the resolution. If not set, the images will be randomly cropped.")
+    parser.add_argument("--random_flip", action="store_true", help="whether to randomly flip images horizontally")
+    parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION_MODES),
+                        help="The image interpolation method to use for resizing images.")
+    parser.add_argument("--skip_bad_samples", action="store_true",
+                        help="Skip (and count) unreadable images or missing captions instead of stopping with an error.")
+
+
+@dataclass
+class ImageTransform:
+    """Resize the short side to `resolution`, crop a square, maybe flip, scale to [-1, 1].
+
+    Returns a float tensor [3, resolution, resolution] and the crop's (top, left).
+    """
+
+    resolution: int
+    interpolation: str = "lanczos"
+    center_crop: bool = False
+    random_flip: bool = False
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
+        image = resize_short_side(image, self.resolution, self.interpolation)
+        top, left = crop_origin(image.size, self.resolution, self.center_crop, rng)
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return pil_to_tensor(image), (top, left)
+
+
+def _safe_join(root: str, relative: str, where: str) -> str:
+    """Join a dataset-provided path to its root, refusing paths that escape the root."""
+    root_real = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root_real, relative))
+    if os.path.commonpath([root_real, path]) != root_real:
+        raise BadSampleError(f"{where}: image path '{relative}' points outside the dataset folder {root}")
+    return path
+
+
+def _read_caption_file(path: str) -> str:
+    raw = open(path, "rb").read()
+    try:
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise BadSampleError(f"{path}: caption file is not valid UTF-8 ({error}); re-save it as UTF-8") from error
+
+
+def _captioned_folder(root: str, caption_column: str, image_column: str) -> dict[str, list]:
+    images, captions = [], []
+    for directory, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = os.path.join(directory, name)
+            caption_path = os.path.splitext(path)[0] + ".txt"
+            images.append(path)
+            captions.append(_read_caption_file(caption_path) if os.path.isfile(caption_path) else None)
+    return {image_column: images, caption_column: captions}
+
+
+def _table_file(path: str, image_column: str) -> "datasets.Dataset":
+    import datasets
+
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in (".csv", ".jsonl", ".json"):
+        raise ValueError(f"--train_data_file {path}: expected a .csv or .jsonl file")
+    dataset = datasets.load_dataset("csv" if extension == ".csv" else "json", data_files=path, split="train")
+    if image_column not in dataset.column_names:
+        raise ValueError(f"--image_column '{image_column}' not in {path} columns {dataset.column_names}")
+    root = os.path.dirname(os.path.abspath(path))
+    return dataset.map(lambda row: {image_column: _safe_join(root, str(row[image_column]), path)})
+
+
+def load_text_image_dataset(args, split: str = "train"):
+    """The training rows as a `datasets.Dataset` with (undecoded) image and caption columns."""
+    import datasets
+
+    sources = [s for s in (args.dataset_name, args.train_data_dir, getattr(args, "train_data_file", None)) if s]
+    if len(sources) != 1:
+        raise ValueError("Give exactly one of --dataset_name, --train_data_dir or --train_data_file "
+                         f"(got {len(sources)}).")
+    image_column, caption_column = args.image_column, args.caption_column
+    if args.dataset_name:
+        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split=split)
+    elif getattr(args, "train_data_file", None):
+        if not os.path.isfile(args.train_data_file):
+            raise FileNotFoundError(f"--train_data_file {args.train_data_file}: no such file")
+        dataset = _table_file(args.train_data_file, image_column)
+    else:
+        root = args.train_data_dir
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--train_data_dir {root}: no such directory")
+        has_metadata = any(name in ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+                           for _, _, files in os.walk(root) for name in files)
+        if has_metadata:
+            dataset = datasets.load_dataset("imagefolder", data_dir=root, cache_dir=args.cache_dir, split=split)
+        else:
+            dataset = datasets.Dataset.from_dict(_captioned_folder(root, caption_column, image_column))
+    where = args.dataset_name or args.train_data_dir or args.train_data_file
+    if len(dataset) == 0:
+        raise ValueError(f"{where}: the dataset is empty (no images found for split '{split}')")
+    for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
+        if column not in dataset.column_names:
+            raise ValueError(f"{flag} '{column}' not in dataset columns {dataset.column_names} ({where})")
+    if isinstance(dataset.features.get(image_column), datasets.Image):
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    warn_about_empty_captions(dataset, caption_column, image_column, where)
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
+    return dataset
+
+
+def warn_about_empty_captions(rows, caption_column: str, image_column: str, where: str) -> int:
+    """Log how many captions are empty strings (they train as unconditional samples). Returns the count."""
+    captions = rows[caption_column]
+    empty = [index for index, caption in enumerate(captions) if isinstance(caption, str) and not caption.strip()]
+    if empty:
+        first = _row_name(rows[empty[0]][image_column]) or f"row {empty[0]}"
+        logger.warning(f"{where}: {len(empty)} of {len(captions)} captions are empty (first: {first}); those samples "
+                       "train unconditionally. Fill them in, or remove them, if that is not intended.")
+    return len(empty)
+
+
+def pick_caption(caption, rng: random.Random | None, where: str) -> str:
+    """A caption string; from a list, a random one in training (rng given), the first in eval."""
+    if isinstance(caption, (list, tuple, np.ndarray)):
+        captions = [c for c in caption if isinstance(c, str)]
+        if not captions:
+            raise BadSampleError(f"{where}: empty caption list")
+        return rng.choice(captions) if rng is not None else captions[0]
+    if caption is None:
+        raise BadSampleError(f"{where}: missing caption")
+    if not isinstance(caption, str):
+        raise BadSampleError(f"{where}: caption should contain either strings or lists of strings, got {type(caption).__name__}")
+    return caption
+
+
+class TextImageDataset(EpochDataset):
+    """Decoded, augmented, tokenized samples: {"pixel_values": [3, R, R] in [-1, 1], "input_ids": [L]}.
+
+    With `skip_bad_samples`, an unreadable sample is replaced by the next good one and counted
+    (`num_skipped`); otherwise it raises a BadSampleError naming the file.
+    """
+
+    def __init__(self, rows, image_column, caption_column, transform: ImageTransform, tokenize,
+                 seed=None, caption_dropout_prob=0.0, skip_bad_samples=False, source_name="dataset"):
+        self.rows, self.image_column, self.caption_column = rows, image_column, caption_column
+        self.transform, self.tokenize = transform, tokenize
+        self.seed, self.caption_dropout_prob, self.skip_bad_samples = seed, caption_dropout_prob, skip_bad_samples
+        self.source_name, self.epoch, self.num_skipped = source_name, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def load(self, index: int, rng: random.Random) -> dict:
+        row = self.rows[index]
+        image_name = _row_name(row[self.image_column])
+        where = f"{self.source_name} row {index}" + (f" ({image_name})" if image_name else "")
+        image = load_image(row[self.image_column], name=image_name or where)
+        caption = pick_caption(row[self.caption_column], rng, where)
+        if self.caption_dropout_prob > 0 and rng.random() < self.caption_dropout_prob:
+            caption = ""
+        pixel_values, _ = self.transform(image, rng)
+        return {"pixel_values": pixel_values, "input_ids": self.tokenize(caption), "caption": caption}
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.rows)):
+            current = (index + attempt) % len(self.rows)
+            try:
+                return self.load(current, sample_rng(self.seed, self.epoch, current))
+            except BadSampleError as error:
+                if not self.skip_bad_samples:
+                    raise
+                self.num_skipped += 1
+                logger.warning(f"Skipping bad sample ({error}); {self.num_skipped} skipped so far")
+        raise BadSampleError(f"{self.source_name}: every sample is unreadable")
+
+
+def _row_name(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("path")
+    return value if isinstance(value, str) else None
+
+
+def collate_text_image(examples: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "captions": [e["caption"] for e in examples],
+    }
+
+
+def write_metadata_jsonl(folder: str, records: list[dict]) -> str:
+    """Write an imagefolder `metadata.jsonl` (records need "file_name")."""
+    path = os.path.join(folder, "metadata.jsonl")
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path

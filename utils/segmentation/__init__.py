@@ -1,0 +1,1 @@
+"""MSHNet infrared small-target segmentation: model and loss, IRSTD data, metrics."""

@@ -1,0 +1,25 @@
+"""Speed flags shared by all scripts: --torch_compile and --channels_last.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def add_speed_args(parser) -> None:
+    """--torch_compile and --channels_last (see docs/PERFORMANCE.md)."""
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="Compile the trained model with torch.compile (in place; the first steps are slow while it compiles).")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="Keep the trained model in channels_last memory format: faster convolutions on GPUs with bf16/fp16.")
+
+
+def apply_speedups(model: torch.nn.Module, args) -> torch.nn.Module:
+    """channels_last and in-place torch.compile (the module object, its state_dict keys and hooks stay the same)."""
+    if getattr(args, "channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    if getattr(args, "torch_compile", False):
+        if any(p.device.type == "xla" for p in model.parameters()):
+            raise ValueError("--torch_compile is for CUDA/CPU; on TPU (XLA) every step is already compiled as a graph: drop the flag.")
+        model.compile()
+    return model

@@ -1,0 +1,65 @@
+"""Stop requests: SIGTERM/SIGINT become a flag the loops check at step boundaries.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries (save, then exit).
+
+    One stop request may arrive as several SIGTERMs: a preemption that signals the whole
+    process group (Colab, SLURM, spot VMs) reaches the trainer directly *and* through
+    `accelerate launch`, which since accelerate 1.16 forwards SIGTERM to its child and SIGKILLs
+    it `launcher_grace_s` (5 s) later. So a SIGTERM within `repeat_window_s` of the first one is
+    the same request; a second SIGINT (Ctrl-C twice), or any signal after the window, restores
+    the default handler and force-quits. With several processes the ranks agree through a
+    collective (a host sync), made every `check_every` calls (the scripts pass --logging_steps)
+    so the loop does not wait every step.
+    """
+
+    launcher_grace_s = 5.0  # accelerate>=1.16 `_terminate_process_tree`: SIGTERM, then SIGKILL after 5 s
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), check_every: int = 1,
+                 repeat_window_s: float = 60.0):
+        self.check_every = max(1, int(check_every))
+        self.repeat_window_s = float(repeat_window_s)
+        self._calls = 0
+        self.requested = False
+        self.signal_name = None
+        self._requested_at = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. notebook_launcher workers)
+                pass
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.requested:
+            if signum == signal.SIGTERM and now - self._requested_at <= self.repeat_window_s:
+                return  # the same stop request, delivered again (process group + launcher)
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.requested = True
+        self._requested_at = now
+        self.signal_name = signal.Signals(signum).name
+        logger.warning(f"{self.signal_name} received: saving a checkpoint at the next step boundary, then exiting.")
+
+    def should_stop(self, accelerator) -> bool:
+        """Agree across processes, so every rank stops (and saves) at the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        self._calls += 1  # every rank calls once per step, so all make the collective at the same calls
+        if self._calls % self.check_every:
+            return False
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
