@@ -94,17 +94,20 @@ def load_split(data_dir: str, split: str, resolution: int, limit: int | None = N
 
 @torch.no_grad()
 def vae_psnr(vae, images) -> float:
-    from utils.sd.vae_training import psnr
+    from utils.metrics import psnr
 
-    values = [psnr(vae.decode(vae.encode(chunk).latent_dist.mode()).sample, chunk) for chunk in images.split(32)]
+    values = [psnr(vae.decode(vae.encode(chunk).latent_dist.mode()).sample, chunk, value_range=(-1.0, 1.0))
+              for chunk in images.split(32)]
     return float(torch.cat(values).mean())
 
 
 @torch.no_grad()
 def diffusion_loss_at(unet, text_encoder, tokenizer, vae, scheduler, images, captions, seed) -> float:
     """Mean denoising MSE over EVAL_TIMESTEPS with fixed noise: comparable across models."""
+    from utils.latents import encode_latents
+
     generator = torch.Generator().manual_seed(seed)
-    latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+    latents = encode_latents(vae, images, sample=False)
     ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
     hidden = text_encoder(ids)[0]
     losses = []
@@ -177,9 +180,9 @@ def plot_curves(model_dir: str, path: str) -> dict:
 def evaluate(args, mode, data_dir, model_dir) -> dict:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    from utils.sd.kanji_dataset import glyph_stats
-    from utils.sd.builder import build_components
     from utils.images import make_grid
+    from utils.sd.builder import build_components
+    from utils.sd.kanji_dataset import glyph_stats
 
     resolution = mode["resolution"]
     # Small-batch inference gains nothing from more threads, and on a busy machine OpenMP threads that

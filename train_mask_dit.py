@@ -24,29 +24,32 @@ import torch
 from accelerate.utils import DataLoaderConfiguration
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
-from utils.checkpointing import read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint
+from utils.cache import (add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders,
+                         resolve_cache_args, sample_cached_latents)
+from utils.checkpointing import register_checkpoint_hooks, resume_position, save_checkpoint
 from utils.config import parse_args_with_config
-from utils.data import make_train_dataloader
-from utils.ema import add_ema_args, create_ema, load_ema, save_ema
-from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
-                                          loss_weights, sample_timesteps)
-from utils.cache import add_cache_args, resolve_cache_args
-from utils.mask_dit.cache import cache_paired_datasets
-from utils.sd.cache import cached_encoders_on, collate_cached, offload_cached_encoders, sample_cached_latents
-from utils.mask_dit.pipeline import (MaskDiTPipeline, caption_width, comparison_tiles, encode_captions,
-                                     generate_from_mask, load_text_encoder, load_vae, save_mask_dit_pipeline)
-from utils.mask_dit.metrics import mask_iou, psnr, segment_structures, ssim
-from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
-from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder,
-                                 select_fraction, split_train_validation)
-from utils.telemetry import HealthMonitor, NonFiniteGuard
-from utils.stopping import StopSignal
-from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config,
-                       write_rank_checksums)
-from utils.speed import add_speed_args, apply_speedups
-from utils.optim import apply_update, fused_kwargs
+from utils.data import epoch_batches, make_train_dataloader
+from utils.ema import add_ema_args, create_ema, ema_step, ema_weights, load_ema, place_ema, save_ema
 from utils.errors import oom_hint
 from utils.images import save_and_log_images
+from utils.latents import encode_latents
+from utils.mask_dit.cache import cache_paired_datasets
+from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder,
+                                 select_fraction, split_train_validation)
+from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
+                                          loss_weights, sample_timesteps)
+from utils.mask_dit.metrics import mask_iou, segment_structures, ssim
+from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
+from utils.mask_dit.pipeline import (MaskDiTPipeline, caption_width, comparison_tiles, encode_captions,
+                                     generate_from_mask, load_vae, save_mask_dit_pipeline)
+from utils.metrics import psnr
+from utils.optim import apply_update, create_optimizer, warmup_cosine
+from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config, weight_dtype,
+                       write_rank_checksums)
+from utils.speed import add_speed_args, apply_speedups
+from utils.stopping import StopSignal
+from utils.telemetry import HealthMonitor, NonFiniteGuard
+from utils.text_encoders import load_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +166,9 @@ def build_datasets(args):
     return train, held_out
 
 
-def build_transformer(args, in_channels: int, sample_size: int, caption_dim: int | None):
+def build_transformer(args, in_channels: int, vae_downsample: int, caption_dim: int | None):
+    """The NextDiT to train (loaded or built from --model_size), checked against the data, in train mode."""
+    sample_size = args.resolution // vae_downsample
     if args.pretrained_model_name_or_path:
         model = load_pretrained_nextdit(args.pretrained_model_name_or_path, args.mask_channels,
                                         subfolder=args.pretrained_subfolder, sample_size=sample_size)
@@ -173,21 +178,16 @@ def build_transformer(args, in_channels: int, sample_size: int, caption_dim: int
         if model.config.in_channels != in_channels:
             raise ValueError(f"--pretrained_model_name_or_path takes {model.config.in_channels} input channels, the "
                              f"data gives {in_channels} (pixel space: 3; latent: the VAE's latent_channels)")
-        return model
-    return build_mask_nextdit(args.model_size, args.model_config, in_channels=in_channels,
-                              mask_channels=args.mask_channels, caption_dim=caption_dim, sample_size=sample_size)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float, cosine: bool = True):
-    """LambdaLR factor: linear warmup to 1, then cosine decay to `min_ratio` (= min_lr / lr)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        if not cosine:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+    else:
+        model = build_mask_nextdit(args.model_size, args.model_config, in_channels=in_channels,
+                                   mask_channels=args.mask_channels, caption_dim=caption_dim, sample_size=sample_size)
+    if args.resolution % (vae_downsample * model.config.patch_size):
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_downsample * model.config.patch_size}")
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    logger.info(f"MaskNextDiT2DModel: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -211,9 +211,7 @@ class Conditioner:
         if "latent_mean" in batch:
             target = sample_cached_latents(batch, self.vae.config, generator).float()
         elif self.vae is not None:
-            distribution = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist
-            scale, shift = float(self.vae.config.scaling_factor), float(getattr(self.vae.config, "shift_factor", None) or 0)
-            target = ((distribution.sample(generator) - shift) * scale).float()
+            target = encode_latents(self.vae, batch["pixel_values"], generator).float()
         else:
             target = batch["pixel_values"].float()
         mask_keep = torch.ones(batch_size, device=device)
@@ -297,33 +295,91 @@ def log_samples(accelerator, pipeline, held_out, args, step) -> dict:
     return metrics
 
 
-def main(args):
-    accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-    # Frozen helpers, then the transformer.
+def build_encoders(args, accelerator, dtype):
+    """The frozen helpers: (tokenizer, text encoder) for captions and the VAE for latent space, each optional;
+    and the VAE's downsampling factor (1 in pixel space)."""
     tokenizer = text_encoder = vae = None
     if args.text_encoder_name_or_path:
         tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path)
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
+        text_encoder.to(accelerator.device, dtype=dtype)
     vae_downsample = 1
     if args.vae_model_name_or_path:
         vae = load_vae(args.vae_model_name_or_path).to(accelerator.device, dtype=torch.float32)
         vae_downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-    in_channels = vae.config.latent_channels if vae is not None else 3
-    grid = args.resolution // vae_downsample
-    transformer = build_transformer(args, in_channels, grid, caption_width(text_encoder) if text_encoder else None)
-    if args.resolution % (vae_downsample * transformer.config.patch_size):
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_downsample * transformer.config.patch_size}")
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
+    return tokenizer, text_encoder, vae, vae_downsample
+
+
+def pipeline_settings(args, vae_downsample: int) -> dict:
+    """What generation needs besides the weights (mask_dit_config.json)."""
+    return dict(resolution=args.resolution, mask_channels=args.mask_channels, vae_downsample=vae_downsample,
+                time_shift=args.time_shift, max_caption_length=args.max_caption_length,
+                caption_hidden_layer=args.caption_hidden_layer, num_inference_steps=args.num_inference_steps,
+                sampler=args.sampler, guidance_scale=args.guidance_scale, mask_guidance_scale=args.mask_guidance_scale)
+
+
+class Validator:
+    """Validation at most once per step: the held-out loss (with the early-stopping bookkeeping kept in
+    `state`, saved in checkpoints) and sample metrics with the EMA weights. Calling it returns True when
+    --early_stopping_patience says to stop."""
+
+    def __init__(self, args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
+                 state: dict):
+        self.args, self.accelerator, self.model, self.pipeline = args, accelerator, model, pipeline
+        self.conditioner, self.held_out, self.held_out_dataloader = conditioner, held_out, held_out_dataloader
+        self.ema, self.encoders, self.state = ema, encoders, state
+        self.last_step = -1
+
+    def __call__(self, step: int) -> bool:
+        args, accelerator, transformer = self.args, self.accelerator, self.pipeline.transformer
+        if self.last_step == step:
+            return False
+        self.last_step = step
+        logs = {}
+        if self.held_out_dataloader is not None:
+            logs["val/loss"] = validation_loss(accelerator, self.model, self.conditioner, self.held_out_dataloader, args)
+            best = self.state["best_validation_loss"]
+            if best is None or logs["val/loss"] < best - args.early_stopping_min_delta:
+                self.state.update(best_validation_loss=logs["val/loss"], validations_without_improvement=0)
+            else:
+                self.state["validations_without_improvement"] += 1
+        if accelerator.is_main_process and self.held_out is not None and args.num_validation_images > 0:
+            with ema_weights(self.ema, transformer.parameters()):
+                transformer.eval()
+                with cached_encoders_on(accelerator.device, self.encoders, args):
+                    logs.update(log_samples(accelerator, self.pipeline, self.held_out, args, step))
+                transformer.train()
+        if logs:
+            logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+            accelerator.log(logs, step=step)
+        patience = args.early_stopping_patience
+        return bool(patience and self.state["validations_without_improvement"] >= patience)
+
+
+def log_health(accelerator, monitor, lr_scheduler, progress, step: int, epoch: int) -> None:
+    logs = {**monitor.collect(), "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+    accelerator.log(logs, step=step)
+    progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
+    logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+
+
+def save_final(args, accelerator, pipeline, ema) -> None:
+    """The pipeline folder in --output_dir, with the EMA weights when there is an EMA."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.copy_to(pipeline.transformer.parameters())
+        save_mask_dit_pipeline(args.output_dir, pipeline)
+        logger.info(f"Saved the mask DiT to {args.output_dir}")
+
+
+def main(args):
+    accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+    # Frozen helpers, then the transformer.
+    tokenizer, text_encoder, vae, vae_downsample = build_encoders(args, accelerator, weight_dtype(accelerator))
+    transformer = build_transformer(args, vae.config.latent_channels if vae is not None else 3, vae_downsample,
+                                    caption_width(text_encoder) if text_encoder else None)
     ema = create_ema(transformer, args) if args.use_ema else None
-    settings = dict(resolution=args.resolution, mask_channels=args.mask_channels, vae_downsample=vae_downsample,
-                    time_shift=args.time_shift, max_caption_length=args.max_caption_length,
-                    caption_hidden_layer=args.caption_hidden_layer, num_inference_steps=args.num_inference_steps,
-                    sampler=args.sampler, guidance_scale=args.guidance_scale, mask_guidance_scale=args.mask_guidance_scale)
-    logger.info(f"MaskNextDiT2DModel: {sum(p.numel() for p in transformer.parameters()) / 1e6:.2f}M parameters")
 
     # Data: images, or the VAE latents / caption embeddings cached on disk (then the encoders leave the device).
     train_dataset, held_out = build_datasets(args)
@@ -343,16 +399,17 @@ def main(args):
                                                        collate_fn=collate) if held_out else None)
     logger.info(f"{len(train_dataset)} training pairs, {len(held_out) if held_out else 0} held out")
 
-    # Optimizer and schedule.
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **fused_kwargs(accelerator.device))
-    # Per process: accelerate.prepare shards the batches over the processes.
-    updates_per_epoch = steps_per_epoch(math.ceil(len(train_dataloader) / accelerator.num_processes), args.gradient_accumulation_steps)
+    # Optimizer and schedule (per process: accelerate.prepare shards the batches; the scheduler steps per process).
+    optimizer = create_optimizer("adamw", transformer.parameters(), accelerator.device, lr=args.learning_rate,
+                                 betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                                 eps=args.adam_epsilon)
+    updates_per_epoch = steps_per_epoch(math.ceil(len(train_dataloader) / accelerator.num_processes),
+                                        args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    lr_lambda = warmup_cosine(args.lr_warmup_steps * accelerator.num_processes, max_train_steps * accelerator.num_processes,
-                              args.min_lr / args.learning_rate, cosine=args.lr_scheduler == "cosine")
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+        args.lr_warmup_steps * accelerator.num_processes, max_train_steps * accelerator.num_processes,
+        args.min_lr / args.learning_rate, cosine=args.lr_scheduler == "cosine"))
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, train_dataloader, lr_scheduler)
     if held_out_dataloader is not None:
@@ -362,25 +419,17 @@ def main(args):
         extra_savers={"transformer_ema": lambda path: save_ema(ema, path)} if ema else None,
         extra_loaders={"transformer_ema": lambda path: load_ema(ema, path)} if ema else None,
     )
-    if ema is not None:
-        ema.to(accelerator.device)
+    place_ema(ema, accelerator.device)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name or "train_mask_dit", config=tracker_config(args))
 
-    # Resume.
-    global_step, first_epoch, resume_batches = 0, 0, 0
+    position = resume_position(accelerator, args, updates_per_epoch)
+    global_step = position.global_step
     early_stopping = {"best_validation_loss": None, "validations_without_improvement": 0}
-    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint:
-        accelerator.load_state(checkpoint)
-        state = read_training_state(checkpoint)
-        global_step = state["global_step"]
-        early_stopping.update({k: state[k] for k in early_stopping if k in state})
-        first_epoch = global_step // updates_per_epoch
-        resume_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
-        logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch})")
-
-    pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, settings)
+    early_stopping.update({k: position.state[k] for k in early_stopping if k in position.state})
+    pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
+    validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
+                         early_stopping)
     monitor = HealthMonitor(args.train_batch_size * accelerator.num_processes)
     guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
     stop = StopSignal(check_every=args.logging_steps)
@@ -388,51 +437,13 @@ def main(args):
     def checkpoint_now():
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(early_stopping))
 
-    last_validated = [-1]
-
-    def validate() -> bool:
-        """Validation loss (+ early stopping bookkeeping) and sample metrics; True means stop."""
-        if last_validated[0] == global_step:
-            return False
-        last_validated[0] = global_step
-        logs = {}
-        if held_out_dataloader is not None:
-            logs["val/loss"] = validation_loss(accelerator, model, conditioner, held_out_dataloader, args)
-            best = early_stopping["best_validation_loss"]
-            if best is None or logs["val/loss"] < best - args.early_stopping_min_delta:
-                early_stopping.update(best_validation_loss=logs["val/loss"], validations_without_improvement=0)
-            else:
-                early_stopping["validations_without_improvement"] += 1
-        if accelerator.is_main_process and held_out is not None and args.num_validation_images > 0:
-            if ema is not None:
-                ema.store(transformer.parameters())
-                ema.copy_to(transformer.parameters())
-            transformer.eval()
-            with cached_encoders_on(accelerator.device, encoders, args):
-                logs.update(log_samples(accelerator, pipeline, held_out, args, global_step))
-            transformer.train()
-            if ema is not None:
-                ema.restore(transformer.parameters())
-        if logs:
-            logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-            accelerator.log(logs, step=global_step)
-        patience = args.early_stopping_patience
-        return bool(patience and early_stopping["validations_without_improvement"] >= patience)
-
     logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
-    done = global_step >= max_train_steps
     progress = progress_bar(accelerator, max_train_steps, global_step)
-    for epoch in range(first_epoch, num_epochs):
-        if done:
+    for epoch in range(position.first_epoch, num_epochs):
+        if global_step >= max_train_steps:
             break
-        train_dataset.set_epoch(epoch)
-        train_dataloader.set_epoch(epoch)
-        batches = train_dataloader
-        if epoch == first_epoch and resume_batches:
-            batches = accelerator.skip_first_batches(train_dataloader, resume_batches)
-            batches.set_epoch(epoch)
-        micro_step = 0
-        for batch in batches:
+        micro_step, early_stop = 0, False
+        for batch in epoch_batches(accelerator, train_dataloader, train_dataset, epoch, position):
             with accelerator.accumulate(model):
                 generator = step_generator(args.seed, global_step, micro_step, accelerator.process_index, accelerator.device)
                 micro_step = (micro_step + 1) % args.gradient_accumulation_steps
@@ -447,48 +458,36 @@ def main(args):
             global_step += 1
             progress.update(1)
             monitor.step_done()
-            if ema is not None:
-                ema.step(transformer.parameters())
+            ema_step(ema, transformer.parameters(), accelerator.device)
             if global_step % args.logging_steps == 0:
-                logs = {**monitor.collect(), "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
-                accelerator.log(logs, step=global_step)
-                progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
-                logger.info(f"step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+                log_health(accelerator, monitor, lr_scheduler, progress, global_step, epoch)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 checkpoint_now()
-            stop_now = args.validation_steps and global_step % args.validation_steps == 0 and validate()
+            early_stop = bool(args.validation_steps and global_step % args.validation_steps == 0 and validate(global_step))
             stopping = stop.should_stop(accelerator)  # every rank, every step (a collective every --logging_steps)
-            if stop_now or stopping or global_step >= max_train_steps:
-                if stop_now:
-                    logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")
-                if stopping or stop_now:  # not stop.requested: only the signalled rank has that set
-                    checkpoint_now()
-                if stopping:
-                    accelerator.print(f"Stopped by {stop.signal_name or 'a signal'} at step {global_step}. Resume with: "
-                                      f"--resume_from_checkpoint latest --output_dir {args.output_dir}")
-                    accelerator.end_training()
-                    return
-                done = True
+            if early_stop:
+                logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")
+            if early_stop or stopping:  # (not stop.requested: only the signalled rank has that set)
+                checkpoint_now()
+            if stopping:
+                stop.announce(accelerator, global_step, args.output_dir)
+                accelerator.end_training()
+                return
+            if early_stop or global_step >= max_train_steps:
                 break
-        if done and global_step < max_train_steps:
+        if early_stop and global_step < max_train_steps:
             break
         epoch_end = global_step % updates_per_epoch == 0 or global_step >= max_train_steps
         if epoch_end and args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0:
             checkpoint_now()
-        if epoch_end and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and validate():
+        if epoch_end and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and validate(global_step):
             logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")
             checkpoint_now()
             break
 
     progress.close()
-    # Final save: the EMA weights when there is an EMA.
-    write_rank_checksums(accelerator, transformer)  # debug hook for the multi-process tests (no-op unless its env var is set)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(transformer.parameters())
-        save_mask_dit_pipeline(args.output_dir, pipeline)
-        logger.info(f"Saved the mask DiT to {args.output_dir}")
+    write_rank_checksums(accelerator, transformer)  # debug hook for the multi-process tests (no-op unless set)
+    save_final(args, accelerator, pipeline, ema)
     accelerator.end_training()
 
 

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -36,21 +35,22 @@ from PIL import Image
 from torch.utils.data import DataLoader, default_collate
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
-from utils.checkpointing import (
-    read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint, save_checkpoint, save_module, write_json_atomic,
-)
+from utils.checkpointing import (atomic_directory, register_checkpoint_hooks, resume_position, save_checkpoint,
+                                 save_module, write_json_atomic)
 from utils.config import add_hyphen_aliases, parse_args_with_config
-from utils.data import make_train_dataloader
-from utils.ema import add_ema_args, create_ema, load_ema, save_ema
-from utils.segmentation.data import IRSTDDataset, tensor_to_image
-from utils.segmentation.mshnet import MSHNet, multiscale_sls_loss
-from utils.segmentation.metrics import SegmentationMetrics
-from utils.telemetry import HealthMonitor, NonFiniteGuard
-from utils.stopping import StopSignal
-from utils.run import add_run_args, create_accelerator, progress_bar, tracker_config, write_rank_checksums
-from utils.speed import add_speed_args, apply_speedups
-from utils.optim import apply_update, fused_kwargs
+from utils.data import epoch_batches, make_train_dataloader
+from utils.ema import add_ema_args, create_ema, ema_step, ema_weights, load_ema, place_ema, save_ema
 from utils.errors import oom_hint
+from utils.optim import apply_update, create_optimizer
+from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config,
+                       write_rank_checksums)
+from utils.segmentation.data import IRSTDDataset, tensor_to_image
+from utils.segmentation.metrics import SegmentationMetrics
+from utils.segmentation.mshnet import MSHNet, multiscale_sls_loss
+from utils.speed import add_speed_args, apply_speedups
+from utils.stopping import StopSignal
+from utils.telemetry import HealthMonitor, NonFiniteGuard
+from utils.xla import log_xla_metrics, patch_accelerate_xla_loader, xla_compilation_count
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +151,6 @@ def build_dataloaders(args, train_set, eval_set):
     return train_loader, eval_loader
 
 
-def create_optimizer(args, model):
-    # Created after the model is on its device: on TPU, an optimizer built around CPU parameters
-    # would keep updating tensors the prepared model no longer uses.
-    # Fused kernels where they exist (CUDA, CPU): fewer passes, and non-finite steps skip on the device.
-    fused = fused_kwargs(next(model.parameters()).device)
-    if args.optimizer == "adagrad":
-        return torch.optim.Adagrad(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **fused)
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, **fused)
-
-
 @torch.no_grad()
 def evaluate(accelerator, model, eval_loader, names, warm_flag: bool, predictions_dir: str | None = None):
     """Segment the evaluation split; metrics are computed on the host from gathered masks.
@@ -202,16 +192,9 @@ def prediction_grid(eval_set, predictions: dict, num_images: int) -> np.ndarray 
 
 def save_best(model, directory: str, metrics: dict, epoch: int, global_step: int) -> None:
     """Write weights + metrics to `directory` atomically (a temp folder, then renamed into place)."""
-    parent, name = os.path.split(os.path.abspath(directory))
-    temp, old = os.path.join(parent, f".tmp-{name}"), os.path.join(parent, f".old-{name}")
-    shutil.rmtree(temp, ignore_errors=True)
-    save_module(model, temp)
-    write_json_atomic(os.path.join(temp, "metrics.json"), {**metrics, "epoch": epoch, "global_step": global_step})
-    if os.path.exists(directory):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(temp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(directory) as temp:
+        save_module(model, temp)
+        write_json_atomic(os.path.join(temp, "metrics.json"), {**metrics, "epoch": epoch, "global_step": global_step})
 
 
 def run_test(args, accelerator, model, eval_loader, eval_set):
@@ -227,27 +210,10 @@ def run_test(args, accelerator, model, eval_loader, eval_set):
     return metrics
 
 
-def patch_accelerate_xla_loader() -> None:
-    """Give accelerate's XLA loader wrapper the `.dataset`/`.dataloader` that its own save_state,
-    load_state, set_epoch and skip_first_batches read (torch_xla's MpDeviceLoader keeps `_loader`)."""
-    from accelerate.data_loader import MpDeviceLoaderWrapper
+def select_xla(args, accelerator) -> bool:
+    """Whether Accelerate chose XLA; --use_tpu without it is an error. Fixes accelerate's XLA loader wrapper."""
+    from accelerate.utils import DistributedType
 
-    for name, getter in (("dataloader", lambda self: self._loader), ("dataset", lambda self: self._loader.dataset)):
-        if not hasattr(MpDeviceLoaderWrapper, name):
-            setattr(MpDeviceLoaderWrapper, name, property(getter))
-
-
-def main(args=None):
-    """Entry point for `python` and for `accelerate launch` (whose TPU launcher calls main() with no arguments)."""
-    args = parse_args() if args is None else args
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
-
-    accelerator = create_accelerator(
-        args,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # During warm-up the side heads get no gradient; DDP must be told they are unused.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
     on_xla = accelerator.distributed_type == DistributedType.XLA
     if args.use_tpu and not on_xla:
         raise RuntimeError(
@@ -258,7 +224,58 @@ def main(args=None):
         patch_accelerate_xla_loader()
     logger.info(f"Distributed type: {accelerator.distributed_type}, processes: {accelerator.num_processes}, "
                 f"device: {accelerator.device}, mixed precision: {accelerator.mixed_precision}")
+    return on_xla
 
+
+def log_health(args, accelerator, monitor, lr_scheduler, progress, step, epoch, warm_flag, on_xla) -> None:
+    logs = monitor.collect()  # the only host read in the loop
+    if not math.isfinite(logs.get("loss", 0.0)):
+        raise FloatingPointError(f"Non-finite mean loss at step {step}; try a lower --lr.")
+    logs.update(lr=lr_scheduler.get_last_lr()[0], epoch=epoch, warm=float(not warm_flag))
+    if on_xla:
+        logs["xla_compilations"] = xla_compilation_count()
+    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+    progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **logs}) + "\n")
+    logger.info(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+
+
+def evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_flag, epoch, step, best_miou) -> float:
+    """Evaluate (with the EMA weights), append to eval_metrics.jsonl, log, keep output_dir/best; the new best."""
+    raw_model = accelerator.unwrap_model(model)
+    with ema_weights(ema, raw_model.parameters()):
+        metrics, predictions = evaluate(accelerator, model, eval_loader, eval_set.names, warm_flag)
+        improved = metrics["mIoU"] is not None and metrics["mIoU"] > best_miou
+        if improved:
+            best_miou = metrics["mIoU"]
+        if accelerator.is_main_process:
+            record = {"epoch": epoch, "global_step": step, **metrics, "best_mIoU": best_miou}
+            with open(os.path.join(args.output_dir, "eval_metrics.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            accelerator.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=step)
+            log_prediction_grid(accelerator, eval_set, predictions, args.num_grid_images, step)
+            logger.info(f"epoch {epoch} eval: {metrics}")
+            if improved:
+                save_best(raw_model, os.path.join(args.output_dir, "best"), metrics, epoch, step)
+    accelerator.wait_for_everyone()
+    return best_miou
+
+
+def main(args=None):
+    """Entry point for `python` and for `accelerate launch` (whose TPU launcher calls main() with no arguments)."""
+    args = parse_args() if args is None else args
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+    from diffusers.optimization import get_scheduler
+
+    accelerator = create_accelerator(
+        args,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # During warm-up the side heads get no gradient; DDP must be told they are unused.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    on_xla = select_xla(args, accelerator)
     model = MSHNet(input_channels=3)
     if args.weight_path:
         load_weights(model, args.weight_path)
@@ -283,25 +300,21 @@ def main(args=None):
             f"({args.batch_size} x {accelerator.num_processes} processes); lower --batch_size."
         )
     apply_speedups(model, args)
-    optimizer = create_optimizer(args, model)
-    batches_per_epoch = len(train_set) // (args.batch_size * accelerator.num_processes)
-    steps_per_epoch = max(1, batches_per_epoch // args.gradient_accumulation_steps)
+    # Built after the model is on its device (see create_optimizer); the prepared scheduler steps per process.
+    optimizer = create_optimizer(args.optimizer, model.parameters(), accelerator.device, lr=args.lr,
+                                 weight_decay=args.weight_decay)
+    updates_per_epoch = steps_per_epoch(len(train_set) // (args.batch_size * accelerator.num_processes),
+                                        args.gradient_accumulation_steps)
     if args.max_train_steps is None:
-        args.max_train_steps = args.epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    from diffusers.optimization import get_scheduler
-
-    lr_scheduler = get_scheduler(  # the prepared scheduler steps once per process, hence the factor
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
+        args.max_train_steps = args.epochs * updates_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
     model, optimizer, train_loader, eval_loader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, lr_scheduler
-    )
+        model, optimizer, train_loader, eval_loader, lr_scheduler)
     raw_model = accelerator.unwrap_model(model)
-    ema = create_ema(raw_model, args) if args.use_ema else None
-    if ema is not None:
-        ema.to(accelerator.device)
+    ema = place_ema(create_ema(raw_model, args) if args.use_ema else None, accelerator.device)
     register_checkpoint_hooks(
         accelerator, {"mshnet": raw_model},
         extra_savers={"mshnet_ema": lambda path: save_ema(ema, path)} if ema else None,
@@ -310,42 +323,27 @@ def main(args=None):
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name or "mshnet", config=tracker_config(args))
 
-    global_step, first_epoch, resume_batches, best_miou = 0, 0, 0, -1.0
-    checkpoint = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if checkpoint:
-        accelerator.load_state(checkpoint)
-        state = read_training_state(checkpoint)
-        global_step, best_miou = state["global_step"], state.get("best_miou", -1.0)
-        first_epoch = global_step // steps_per_epoch
-        resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-        logger.info(f"Resumed from {checkpoint} at step {global_step} (epoch {first_epoch}), best mIoU {best_miou:.4f}")
-
-    logger.info(f"{len(train_set)} training / {len(eval_set)} test samples, {steps_per_epoch} steps per epoch, "
-                f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}")
+    position = resume_position(accelerator, args, updates_per_epoch)
+    global_step, best_miou = position.global_step, position.state.get("best_miou", -1.0)
+    logger.info(f"{len(train_set)} training / {len(eval_set)} test samples, {updates_per_epoch} steps per epoch, "
+                f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}, "
+                f"best mIoU so far {best_miou:.4f}")
     monitor = HealthMonitor(samples_per_step=args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
     # On XLA no fused optimizer can take the guard's device-side verdict, so it would read the loss on
     # the host every step and stall the device: no guard there.
     guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
     stop = StopSignal(check_every=args.logging_steps)
-    metrics_log = os.path.join(args.output_dir, "eval_metrics.jsonl")
-    train_log = os.path.join(args.output_dir, "train_log.jsonl")
 
     def checkpoint_now(epoch):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
                         training_state={"epoch": epoch, "best_miou": best_miou})
 
-    done, epoch = False, first_epoch
+    epoch = position.first_epoch
     progress = progress_bar(accelerator, args.max_train_steps, global_step)
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in range(position.first_epoch, num_epochs):
         warm_flag = epoch > args.warm_epoch  # the reference's switch: multi-scale heads + SLS after warm-up
         model.train()
-        train_set.set_epoch(epoch)
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        loader = train_loader
-        if epoch == first_epoch and resume_batches:
-            loader = accelerator.skip_first_batches(train_loader, resume_batches)
-        for batch in loader:
+        for batch in epoch_batches(accelerator, train_loader, train_set, epoch, position):
             with accelerator.accumulate(model):
                 with oom_hint():
                     side_masks, mask = model(batch["pixel_values"], warm_flag)
@@ -358,59 +356,29 @@ def main(args=None):
             global_step += 1
             progress.update(1)
             monitor.step_done()
-            if ema is not None:
-                ema.step(raw_model.parameters())
+            ema_step(ema, raw_model.parameters(), accelerator.device)
             if global_step % args.logging_steps == 0:
-                logs = monitor.collect()  # the only host read in the loop
-                if not math.isfinite(logs.get("loss", 0.0)):
-                    raise FloatingPointError(f"Non-finite mean loss at step {global_step}; try a lower --lr.")
-                logs.update(lr=lr_scheduler.get_last_lr()[0], epoch=epoch, warm=float(not warm_flag))
-                if on_xla:
-                    logs["xla_compilations"] = xla_compilation_count()
-                accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=global_step)
-                progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
-                if accelerator.is_main_process:
-                    with open(train_log, "a", encoding="utf-8") as handle:
-                        handle.write(json.dumps({"step": global_step, **logs}) + "\n")
-                logger.info(f"epoch {epoch} step {global_step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+                log_health(args, accelerator, monitor, lr_scheduler, progress, global_step, epoch, warm_flag, on_xla)
             if global_step % args.checkpointing_steps == 0:
                 checkpoint_now(epoch)
             if stop.should_stop(accelerator):
                 checkpoint_now(epoch)
-                logger.warning(f"Stopped by {stop.signal_name} at step {global_step}; resume with --resume_from_checkpoint latest")
+                stop.announce(accelerator, global_step, args.output_dir)
                 accelerator.end_training()
                 return None
             if global_step >= args.max_train_steps:
-                done = True
                 break
-
+        done = global_step >= args.max_train_steps
         if done or (epoch + 1) % args.eval_epochs == 0:
-            if ema is not None:
-                ema.store(raw_model.parameters())
-                ema.copy_to(raw_model.parameters())
-            metrics, predictions = evaluate(accelerator, model, eval_loader, eval_set.names, warm_flag)
-            improved = metrics["mIoU"] is not None and metrics["mIoU"] > best_miou
-            if improved:
-                best_miou = metrics["mIoU"]
-            if accelerator.is_main_process:
-                record = {"epoch": epoch, "global_step": global_step, **metrics, "best_mIoU": best_miou}
-                with open(metrics_log, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=global_step)
-                log_prediction_grid(accelerator, eval_set, predictions, args.num_grid_images, global_step)
-                logger.info(f"epoch {epoch} eval: {metrics}")
-                if improved:
-                    save_best(raw_model, os.path.join(args.output_dir, "best"), metrics, epoch, global_step)
-            if ema is not None:
-                ema.restore(raw_model.parameters())
-            accelerator.wait_for_everyone()
+            best_miou = evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_flag, epoch,
+                                       global_step, best_miou)
         if done:
             break
 
     progress.close()
     if global_step % args.checkpointing_steps:
         checkpoint_now(epoch)
-    write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless its env var is set)
+    write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless set)
     if accelerator.is_main_process:
         save_module(raw_model, os.path.join(args.output_dir, "last"))
         if ema is not None:
@@ -427,30 +395,6 @@ def log_prediction_grid(accelerator, eval_set, predictions, num_images, step):
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image("eval/image_truth_prediction", grid, global_step=step, dataformats="HWC")
-
-
-def xla_compilation_count() -> int:
-    """Graphs XLA compiled so far in this process (constant once every shape has been seen)."""
-    import torch_xla.debug.metrics as xla_metrics
-
-    data = xla_metrics.metric_data("CompileTime")
-    return int(data[0]) if data else 0
-
-
-def log_xla_metrics(on_xla: bool, output_dir: str, accelerator) -> None:
-    """On XLA, save torch_xla's compile/execute counters (output_dir/xla_metrics.json) to spot recompilation."""
-    if not on_xla or not accelerator.is_main_process:
-        return
-    import torch_xla.debug.metrics as xla_metrics
-
-    summary = {"distributed_type": str(accelerator.distributed_type), "num_processes": accelerator.num_processes}
-    for name in ("CompileTime", "ExecuteTime"):
-        data = xla_metrics.metric_data(name)
-        summary[name] = {"count": int(data[0]) if data else 0}
-    summary["counters"] = {name: xla_metrics.counter_value(name) for name in xla_metrics.counter_names()}
-    with open(os.path.join(output_dir, "xla_metrics.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    logger.info(f"XLA: {summary['CompileTime']['count']} compilations, {summary['ExecuteTime']['count']} executions")
 
 
 def launch_on_tpu(args) -> None:

@@ -15,8 +15,6 @@ DPM-Solver++, training-health logs, atomic checkpoints, SIGTERM-safe stops.
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import logging
 import math
 import os
@@ -24,27 +22,30 @@ import os
 import torch
 import torch.nn.functional as F
 
-from utils.checkpointing import (own_memory, read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint,
-                                save_checkpoint)
-from utils.config import parse_args_with_config
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
-from utils.sd.data import (ImageTransform, TextImageDataset, add_image_data_args, collate_text_image,
-                           load_text_image_dataset)
-from utils.data import make_train_dataloader
-from utils.ema import add_ema_args, create_ema, load_ema, save_ema
+from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
+                         sample_cached_latents)
+from utils.checkpointing import register_checkpoint_hooks, resume_position, save_checkpoint
+from utils.config import parse_args_with_config
+from utils.data import epoch_batches, make_train_dataloader
+from utils.ema import add_ema_args, create_ema, ema_step, load_ema, place_ema, save_ema
+from utils.errors import oom_hint
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
-from utils.cache import add_cache_args, resolve_cache_args
-from utils.sd.cache import cache_text_image_dataset, collate_cached, offload_cached_encoders, sample_cached_latents
+from utils.latents import encode_latents, scale_latents
+from utils.optim import apply_update, create_optimizer, restart_lr_schedule
+from utils.run import (add_run_args, create_accelerator, progress_bar, save_run_args, steps_per_epoch, tracker_config,
+                       weight_dtype, write_rank_checksums)
+from utils.sd.cache import cache_text_image_dataset
+from utils.sd.data import (add_image_data_args, build_text_image_dataset, captions_for_new_tokenizer,
+                           collate_text_image, load_text_image_dataset)
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
                            check_text_encoder_lora_support, load_lora_into, save_lora)
-from utils.telemetry import HealthMonitor, NonFiniteGuard, global_norm
-from utils.stopping import StopSignal
-from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config,
-                       write_rank_checksums)
-from utils.speed import add_speed_args, apply_speedups
-from utils.optim import apply_update, fused_kwargs
-from utils.errors import oom_hint
+from utils.sd.models import load_models
 from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
+from utils.sd.validation import log_validation
+from utils.speed import add_speed_args, apply_speedups
+from utils.stopping import StopSignal
+from utils.telemetry import HealthMonitor, NonFiniteGuard, global_norm
 
 logger = logging.getLogger("train_text_to_image")
 
@@ -178,67 +179,16 @@ def validate_args(args) -> None:
 # Models
 # ----------------------------------------------------------------------------------------------
 
-def load_models(args, captions_for_tokenizer):
-    """tokenizer, text_encoder, vae, unet and noise_scheduler: loaded, or built fresh from a preset."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    if args.pretrained_model_name_or_path:
-        path, rev = args.pretrained_model_name_or_path, args.revision
-        models = dict(
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
-            text_encoder=own_memory(CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
-                                                                  variant=args.variant)),
-            vae=own_memory(AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=args.variant)),
-            unet=own_memory(UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=args.non_ema_revision)),
-        )
-    else:
-        from utils.sd.builder import build_components
-
-        read_json = lambda p: json.load(open(p, encoding="utf-8")) if p else None  # noqa: E731
-        tokenizer = text_encoder = None
-        if args.text_encoder_name_or_path:
-            tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path)
-        components = build_components(args.model_preset, texts=captions_for_tokenizer, resolution=args.resolution,
-                                      seed=args.seed or 0, unet_config=read_json(args.unet_config),
-                                      vae_config=read_json(args.vae_config), tokenizer=tokenizer,
-                                      tokenizer_dir=os.path.join(args.output_dir, "tokenizer"))
-        if text_encoder is not None:
-            components["text_encoder"] = text_encoder
-        models = dict(noise_scheduler=components.pop("scheduler"), **components)
-    if args.prediction_type is not None:
-        models["noise_scheduler"].register_to_config(prediction_type=args.prediction_type)
-    return models
-
-
-def load_text_encoder(path):
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    def sub(name):
-        return dict(subfolder=name) if os.path.isdir(os.path.join(path, name)) else {}
-    return CLIPTokenizer.from_pretrained(path, **sub("tokenizer")), CLIPTextModel.from_pretrained(path, **sub("text_encoder"))
-
-
-def weight_dtype_of(accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def encode_latents(vae, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1] -> scaled latents [B, C, H/f, W/f] (SD's scaling/shift convention)."""
-    latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
-def diffusion_loss(args, unet, text_encoder, vae, noise_scheduler, batch, monitor: HealthMonitor):
+def diffusion_loss(args, models, batch, monitor: HealthMonitor):
     """The denoising loss of one batch (epsilon or v target; min-SNR, offset noise, input perturbation, DREAM)."""
     from diffusers.training_utils import compute_dream_and_update_latents, compute_snr
+
+    unet, text_encoder, vae, noise_scheduler = (models[k] for k in ("unet", "text_encoder", "vae", "noise_scheduler"))
 
     vae_loss = None
     if args.train_vae and args.vae_training_mode == "joint":  # VAE learns from its own loss only
         vae_loss, reconstruction, kl, raw_latents = vae_losses(vae, batch["pixel_values"], args.vae_kl_weight, return_latents=True)
-        latents = raw_latents.detach() * vae.config.scaling_factor
+        latents = scale_latents(raw_latents.detach(), vae.config)
         monitor.add(vae_reconstruction_loss=reconstruction, vae_kl=kl)
     else:
         latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
@@ -274,97 +224,35 @@ def diffusion_loss(args, unet, text_encoder, vae, noise_scheduler, batch, monito
     return loss if vae_loss is None else loss + vae_loss
 
 
-@torch.no_grad()
-def log_validation(args, accelerator, models, ema, step, weight_dtype):
-    """Sample the validation prompts with the training modules themselves (no second copy)."""
-    from utils.sd.schedulers import make_scheduler
-    from utils.sd.builder import assemble_pipeline
-    from utils.images import save_and_log_images
-
-    prompts = args.validation_prompts or ([args.validation_prompt] if args.validation_prompt else [])
-    if not prompts:
-        return None
-    unet = accelerator.unwrap_model(models["unet"])
-    if ema is not None:  # sample with the EMA weights, then put the training weights back
-        ema.store(unet.parameters())
-        ema.copy_to(unet.parameters())
-    pipeline = assemble_pipeline(dict(
-        unet=unet, vae=models["vae"], text_encoder=accelerator.unwrap_model(models["text_encoder"]),
-        tokenizer=models["tokenizer"],
-        scheduler=make_scheduler("dpm++", models["noise_scheduler"].config)))
-    pipeline.to(accelerator.device)  # the VAE/text encoder are off the device when cached
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-    images, captions = [], []
-    was_training = unet.training
-    unet.eval()
-    for prompt in prompts:
-        for _ in range(args.num_validation_images):
-            with accelerator.autocast():
-                image = pipeline(prompt, num_inference_steps=args.validation_inference_steps, generator=generator,
-                                 guidance_scale=args.validation_guidance_scale, height=args.resolution, width=args.resolution).images[0]
-            images.append(image)
-            captions.append(prompt)
-    unet.train(was_training)
-    if ema is not None:
-        ema.restore(unet.parameters())
-    path = save_and_log_images(accelerator, images, args.output_dir, "validation", step, captions,
-                               columns=args.num_validation_images if args.num_validation_images > 1 else None)
-    del pipeline
-    offload_cached_encoders(models, args)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-
-def main(args):
-    from accelerate.utils import DataLoaderConfiguration
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-
-    accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    weight_dtype = weight_dtype_of(accelerator)
-
-    # Data first: a from-scratch tokenizer learns its vocabulary from the captions.
-    rows = load_text_image_dataset(args)
-    captions = [c if isinstance(c, str) else " ".join(map(str, c)) for c in rows[args.caption_column] if c is not None] \
-        if args.model_preset and not args.text_encoder_name_or_path else None
-    with accelerator.main_process_first():
-        models = load_models(args, captions)
-    unet, vae, text_encoder, tokenizer = models["unet"], models["vae"], models["text_encoder"], models["tokenizer"]
+def check_resolution(args, vae) -> None:
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % vae_scale_factor:  # else the pipeline refuses it at the first validation, hours in
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_scale_factor} (the VAE downsamples by {vae_scale_factor}).")
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_scale_factor} "
+                         f"(the VAE downsamples by {vae_scale_factor}).")
 
-    @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (ids are only read)
-    def tokenize(caption: str) -> torch.Tensor:
-        return tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                         return_tensors="pt").input_ids[0]
 
-    dataset = TextImageDataset(rows, args.image_column, args.caption_column,
-                               ImageTransform(args.resolution, args.image_interpolation_mode, args.center_crop, args.random_flip),
-                               tokenize, seed=args.seed, caption_dropout_prob=args.caption_dropout_prob,
-                               skip_bad_samples=args.skip_bad_samples,
-                               source_name=args.dataset_name or args.train_data_dir or args.train_data_file)
-    train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
-                                             args.dataloader_num_workers, collate_text_image)
+def joint_vae(args) -> bool:
+    return args.train_vae and args.vae_training_mode == "joint"
 
-    if accelerator.is_main_process:  # before the VAE stage, so its losses are logged too
-        accelerator.init_trackers(args.tracker_project_name, tracker_config(args))
 
-    # From scratch: fit the VAE first (or reuse a finished stage), then freeze it.
-    joint_vae = args.train_vae and args.vae_training_mode == "joint"
-    if args.train_vae and not joint_vae:
+def prepare_vae(args, accelerator, models, train_dataloader) -> None:
+    """From scratch: fit the VAE first (or reuse a finished stage), then freeze it; or, joint, fix the latent
+    scale from the initial VAE's statistics for the whole run."""
+    if args.train_vae and not joint_vae(args):
         finished = load_finished_stage(args.output_dir)
-        vae = finished if finished is not None else train_vae_stage(accelerator, vae, train_dataloader, args)
-        models["vae"] = vae
-    elif joint_vae:  # the UNet sees latents scaled by the initial VAE's statistics, fixed for the run
-        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, [b for _, b in zip(range(4), train_dataloader)], "cpu"))
+        models["vae"] = finished if finished is not None else train_vae_stage(accelerator, models["vae"],
+                                                                              train_dataloader, args)
+    elif joint_vae(args):
+        first_batches = [batch for _, batch in zip(range(4), train_dataloader)]
+        models["vae"].register_to_config(scaling_factor=latent_scaling_factor(models["vae"], first_batches, "cpu"))
 
-    # Which weights train.
-    vae.requires_grad_(joint_vae)
+
+def configure_training(args, accelerator, models, weight_dtype) -> None:
+    """Which weights train (full, LoRA, text encoder, joint VAE), their devices and dtypes, memory savers."""
+    from diffusers.training_utils import cast_training_params
+
+    unet, vae, text_encoder = models["unet"], models["vae"], models["text_encoder"]
+    vae.requires_grad_(joint_vae(args))
     train_text_encoder_fully = args.train_text_encoder and not args.use_lora
     text_encoder.requires_grad_(train_text_encoder_fully)
     unet.requires_grad_(not args.use_lora)
@@ -388,77 +276,133 @@ def main(args):
         if args.train_text_encoder:
             text_encoder.gradient_checkpointing_enable()
 
-    # Speed: train from cached latents/embeddings, size the batch (--train_batch_size auto), compile.
-    dataset = cache_text_image_dataset(dataset, vae, text_encoder, args, accelerator)
-    offload_cached_encoders(models, args)
-    collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_text_image
-    resolve_auto_batch_size_for(args, accelerator, lambda batch: diffusion_loss(args, unet, text_encoder, vae, models["noise_scheduler"],
-                                                                                batch, HealthMonitor(1)),
-                                dataset, collate, [unet] + ([text_encoder] if args.train_text_encoder else []))
-    train_dataloader = make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, collate)
-    apply_speedups(unet, args)
 
-    ema = None
-    if args.use_ema:
-        ema = create_ema(unet, args)
-        ema.to("cpu" if args.offload_ema else accelerator.device)
-        if args.offload_ema and torch.cuda.is_available():
-            ema.pin_memory()
+def trained_modules(args, models) -> list:
+    """The modules the optimizer updates, in `accelerator.prepare` order: UNet, text encoder, joint VAE."""
+    return [models["unet"]] + ([models["text_encoder"]] if args.train_text_encoder else []) + \
+        ([models["vae"]] if joint_vae(args) else [])
 
-    # Checkpoints store each trained module in diffusers format (checkpoint-N/unet, unet_ema, ...).
-    trained = {"unet": unet, **({"text_encoder": text_encoder} if args.train_text_encoder else {}), **({"vae": vae} if joint_vae else {})}
+
+def register_hooks(args, accelerator, models, ema) -> None:
+    """Checkpoints store each trained module in diffusers format (checkpoint-N/unet, unet_ema, ...), LoRA as
+    the adapter weights only."""
+    trained = {"unet": models["unet"], **({"text_encoder": models["text_encoder"]} if args.train_text_encoder else {}),
+               **({"vae": models["vae"]} if joint_vae(args) else {})}
+    save_fns = load_fns = None
     if args.use_lora:
-        lora_te = text_encoder if args.train_text_encoder else None
+        lora_te = models["text_encoder"] if args.train_text_encoder else None
         save_fns = {"unet": lambda m, d: save_lora(os.path.dirname(d), m, lora_te), "text_encoder": lambda m, d: None}
-        load_fns = {"unet": lambda m, d: load_lora_into(os.path.dirname(d), m, lora_te), "text_encoder": lambda m, d: None}
-    else:
-        save_fns = load_fns = None
+        load_fns = {"unet": lambda m, d: load_lora_into(os.path.dirname(d), m, lora_te),
+                    "text_encoder": lambda m, d: None}
     register_checkpoint_hooks(accelerator, trained, save_fns=save_fns, load_fns=load_fns,
                               extra_savers={"unet_ema": lambda d: save_ema(ema, d)} if ema else None,
                               extra_loaders={"unet_ema": lambda d: load_ema(ema, d)} if ema else None)
 
-    # Optimizer and schedule.
+
+def build_optimizer(args, accelerator, models):
+    """AdamW (or 8-bit AdamW) over the trained weights, a param group per module; returns it and the groups'
+    learning rates from this run's flags (what --resume_override_lr restarts at)."""
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    param_groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": args.learning_rate}]
+    param_groups = [{"params": [p for p in models["unet"].parameters() if p.requires_grad], "lr": args.learning_rate}]
     if args.train_text_encoder:
-        param_groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+        param_groups.append({"params": [p for p in models["text_encoder"].parameters() if p.requires_grad],
                              "lr": args.text_encoder_learning_rate or args.learning_rate})
-    if joint_vae:
-        param_groups.append({"params": list(vae.parameters()), "lr": args.vae_learning_rate, "weight_decay": 0.0})
-    initial_lrs = [group["lr"] for group in param_groups]  # from this run's flags (what --resume_override_lr restarts at)
+    if joint_vae(args):
+        param_groups.append({"params": list(models["vae"].parameters()), "lr": args.vae_learning_rate, "weight_decay": 0.0})
     optimizer = make_optimizer(args, param_groups, accelerator.device)
-    num_update_steps_per_epoch = steps_per_epoch(math.ceil(len(dataset) / (args.train_batch_size * accelerator.num_processes)),
-                                                 args.gradient_accumulation_steps)
+    return optimizer, [group["lr"] for group in param_groups]
+
+
+def make_optimizer(args, param_groups, device):
+    return create_optimizer("adamw8bit" if args.use_8bit_adam else "adamw", param_groups, device,
+                            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                            eps=args.adam_epsilon)
+
+
+def prepare(accelerator, args, models, optimizer, train_dataloader, lr_scheduler):
+    """`accelerator.prepare` the trained modules with the optimizer, data and schedule; `models` gets the
+    prepared (wrapped) UNet / text encoder. Returns the prepared trained modules (they accumulate gradients)."""
+    trained = trained_modules(args, models)
+    prepared = accelerator.prepare(*trained, optimizer, train_dataloader, lr_scheduler)
+    models["unet"] = prepared[0]
+    if args.train_text_encoder:
+        models["text_encoder"] = prepared[1]
+    return list(prepared[:len(trained)]), *prepared[-3:]
+
+
+def log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, step) -> None:
+    logs = monitor.collect()
+    logs.update(lr=lr_scheduler.get_last_lr()[0], param_norm=global_norm(trainable).item(),
+                skipped_nonfinite_steps=guard.total_skipped)
+    accelerator.log({f"train/{k}" if k != "loss" else "train_loss": v for k, v in logs.items()}, step=step)
+    progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
+
+
+def validation_due(args, step: int, epoch: int | None = None) -> bool:
+    """Step validations every --validation_steps, else epoch ones every --validation_epochs; never at the last
+    step (save_final validates there, once)."""
+    if not (args.validation_prompts or args.validation_prompt) or step >= args.max_train_steps:
+        return False
+    if epoch is None:
+        return bool(args.validation_steps) and step % args.validation_steps == 0
+    return not args.validation_steps and epoch % args.validation_epochs == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def main(args):
+    from accelerate.utils import DataLoaderConfiguration
+    from diffusers.optimization import get_scheduler
+
+    accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    dtype = weight_dtype(accelerator)
+
+    # Data first: a from-scratch tokenizer learns its vocabulary from the captions.
+    rows = load_text_image_dataset(args)
+    with accelerator.main_process_first():
+        models = load_models(args, captions_for_new_tokenizer(args, rows))
+    check_resolution(args, models["vae"])
+    dataset = build_text_image_dataset(args, rows, models["tokenizer"])
+    train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
+                                             args.dataloader_num_workers, collate_text_image)
+    if accelerator.is_main_process:  # before the VAE stage, so its losses are logged too
+        accelerator.init_trackers(args.tracker_project_name, tracker_config(args))
+    prepare_vae(args, accelerator, models, train_dataloader)
+    configure_training(args, accelerator, models, dtype)
+
+    # Speed: train from cached latents/embeddings, size the batch (--train_batch_size auto), compile.
+    dataset = cache_text_image_dataset(dataset, models["vae"], models["text_encoder"], args, accelerator)
+    offload_cached_encoders(models, args)
+    collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_text_image
+    resolve_auto_batch_size_for(args, accelerator, lambda batch: diffusion_loss(args, models, batch, HealthMonitor(1)),
+                                dataset, collate, trained_modules(args, models)[:1 + args.train_text_encoder])
+    train_dataloader = make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, collate)
+    apply_speedups(models["unet"], args)
+    ema = place_ema(create_ema(models["unet"], args) if args.use_ema else None, accelerator.device, args.offload_ema)
+    register_hooks(args, accelerator, models, ema)
+
+    # Optimizer and schedule (the prepared scheduler steps once per process, hence the factors).
+    optimizer, initial_lrs = build_optimizer(args, accelerator, models)
+    updates_per_epoch = steps_per_epoch(math.ceil(len(dataset) / (args.train_batch_size * accelerator.num_processes)),
+                                        args.gradient_accumulation_steps)
     if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-
-    to_prepare = [unet] + ([text_encoder] if args.train_text_encoder else []) + ([vae] if joint_vae else [])
-    prepared = accelerator.prepare(*to_prepare, optimizer, train_dataloader, lr_scheduler)
-    unet = prepared[0]
-    text_encoder = prepared[1] if args.train_text_encoder else text_encoder
-    optimizer, train_dataloader, lr_scheduler = prepared[-3:]
-    models.update(unet=unet, text_encoder=text_encoder)
-    to_prepare = list(prepared[:len(to_prepare)])  # the prepared (wrapped) modules accumulate gradients
-    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-
+    trained, optimizer, train_dataloader, lr_scheduler = prepare(accelerator, args, models, optimizer,
+                                                                  train_dataloader, lr_scheduler)
+    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     if accelerator.is_main_process:
         save_run_args(args)
 
-    global_step, first_epoch, resume_batches = 0, 0, 0
-    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if resume_path:
-        accelerator.print(f"Resuming from checkpoint {resume_path}")
-        accelerator.load_state(resume_path)
-        global_step = read_training_state(resume_path)["global_step"]
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-        if args.resume_override_lr:
-            restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
-
+    position = resume_position(accelerator, args, updates_per_epoch)
+    if position.path and args.resume_override_lr:
+        restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
+    global_step = position.global_step
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training *****  examples={len(dataset)} epochs={args.num_train_epochs} "
                 f"batch/device={args.train_batch_size} total batch={total_batch_size} "
@@ -473,98 +417,45 @@ def main(args):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
                         {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped})
 
-    epoch = first_epoch
+    epoch = position.first_epoch
     with oom_hint():
-        for epoch in range(first_epoch, args.num_train_epochs):
-            unet.train()
-            if args.train_text_encoder:
-                text_encoder.train()
-            train_dataloader.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            loader = train_dataloader
-            if epoch == first_epoch and resume_batches:
-                loader = accelerator.skip_first_batches(train_dataloader, resume_batches)
-            for batch in loader:
-                with accelerator.accumulate(*to_prepare):
-                    loss = diffusion_loss(args, unet, text_encoder, models["vae"], models["noise_scheduler"], batch, monitor)
+        for epoch in range(position.first_epoch, args.num_train_epochs):
+            for module in trained[:1 + args.train_text_encoder]:
+                module.train()
+            for batch in epoch_batches(accelerator, train_dataloader, dataset, epoch, position):
+                with accelerator.accumulate(*trained):
+                    loss = diffusion_loss(args, models, batch, monitor)
                     accelerator.backward(loss)
                     grad_norm = apply_update(accelerator, optimizer, lr_scheduler, trainable, loss, args.max_grad_norm, guard)
                     if grad_norm is not None:
                         monitor.add(loss=loss, grad_norm=grad_norm)
                 if not accelerator.sync_gradients:
                     continue
-                if ema is not None:
-                    if args.offload_ema:
-                        ema.to(accelerator.device, non_blocking=True)
-                    ema.step(accelerator.unwrap_model(unet).parameters())
-                    if args.offload_ema:
-                        ema.to("cpu", non_blocking=True)
+                ema_step(ema, accelerator.unwrap_model(models["unet"]).parameters(), accelerator.device, args.offload_ema)
                 global_step += 1
                 progress.update(1)
                 monitor.step_done()
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                    logs = monitor.collect()
-                    logs.update(lr=lr_scheduler.get_last_lr()[0], param_norm=global_norm(trainable).item(),
-                                skipped_nonfinite_steps=guard.total_skipped)
-                    accelerator.log({f"train/{k}" if k != "loss" else "train_loss": v for k, v in logs.items()}, step=global_step)
-                    progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
+                    log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, global_step)
                 if global_step % args.checkpointing_steps == 0:
                     checkpoint()
-                # The last step's validation is the final one, made by save_final: not twice.
-                if args.validation_steps and global_step % args.validation_steps == 0 and global_step < args.max_train_steps \
-                        and accelerator.is_main_process:
-                    log_validation(args, accelerator, models, ema, global_step, weight_dtype)
+                if validation_due(args, global_step) and accelerator.is_main_process:
+                    log_validation(args, accelerator, models, ema, global_step, dtype)
                 if stop.should_stop(accelerator):
                     checkpoint()
-                    accelerator.print(f"Stopped by {stop.signal_name or 'a signal'} at step {global_step}. Resume with: "
-                                      f"--resume_from_checkpoint latest --output_dir {args.output_dir}")
+                    stop.announce(accelerator, global_step, args.output_dir)
                     accelerator.end_training()
                     return
                 if global_step >= args.max_train_steps:
                     break
-            if accelerator.is_main_process and (args.validation_prompts or args.validation_prompt) \
-                    and epoch % args.validation_epochs == 0 and not args.validation_steps and global_step < args.max_train_steps:
-                log_validation(args, accelerator, models, ema, global_step, weight_dtype)
+            if validation_due(args, global_step, epoch) and accelerator.is_main_process:
+                log_validation(args, accelerator, models, ema, global_step, dtype)
             if global_step >= args.max_train_steps:
                 break
     progress.close()
-    write_rank_checksums(accelerator, unet)  # debug hook for the multi-process tests (no-op unless its env var is set)
+    write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
     save_final(args, accelerator, models, ema)
     accelerator.end_training()
-
-
-def make_optimizer(args, param_groups, device):
-    kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
-        return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    # The fused kernel is the fastest AdamW on CUDA and on CPU (measured on CPU for the 'small' UNet:
-    # 11 ms a step against 31 ms for the for-loop and 40 ms for the foreach implementation).
-    return torch.optim.AdamW(param_groups, **fused_kwargs(device), **kwargs)
-
-
-def restart_lr_schedule(lr_scheduler, optimizer, learning_rates) -> None:
-    """--resume_override_lr: base LRs from the current flags and the schedule back at step 0."""
-    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-    for group, lr in zip(optimizer.param_groups, learning_rates):
-        group["initial_lr"] = lr
-    scheduler.base_lrs = list(learning_rates)
-    scheduler.last_epoch = -1
-    if hasattr(scheduler, "_initial_step"):
-        scheduler._initial_step()
-    else:
-        scheduler.step()
-    logger.info(f"--resume_override_lr: LR schedule restarted at {learning_rates}")
-
-
-def save_run_args(args) -> None:
-    """The run's arguments (without secrets) next to its outputs, for reproducibility."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
-        json.dump(redact_args(args), handle, indent=2, default=str)
 
 
 def save_final(args, accelerator, models, ema) -> None:
@@ -578,7 +469,7 @@ def save_final(args, accelerator, models, ema) -> None:
         return
     unet = accelerator.unwrap_model(models["unet"])
     text_encoder = accelerator.unwrap_model(models["text_encoder"])
-    grid = log_validation(args, accelerator, models, ema, args.max_train_steps, weight_dtype_of(accelerator))
+    grid = log_validation(args, accelerator, models, ema, args.max_train_steps, weight_dtype(accelerator))
     if args.use_lora:
         save_lora(args.output_dir, unet, text_encoder if args.train_text_encoder else None)
     else:

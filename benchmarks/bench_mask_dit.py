@@ -28,7 +28,14 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks.harness import (  # noqa: E402  (after the sys.path line, for `python benchmarks/...`)
-    add_harness_args, check_harness_args, flops_of, make_workdir, reference_variants, run_benchmark, script_accepts, variant,
+    add_harness_args,
+    check_harness_args,
+    flops_of,
+    make_workdir,
+    reference_variants,
+    run_benchmark,
+    script_accepts,
+    variant,
 )
 from utils.mask_dit.nextdit import MODEL_PRESETS  # noqa: E402
 

@@ -28,7 +28,13 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks.harness import (  # noqa: E402  (after the sys.path line, for `python benchmarks/...`)
-    add_harness_args, check_harness_args, flops_of, make_workdir, reference_variants, run_benchmark, variant,
+    add_harness_args,
+    check_harness_args,
+    flops_of,
+    make_workdir,
+    reference_variants,
+    run_benchmark,
+    variant,
 )
 
 OUR_SCRIPT = os.path.join(REPO_ROOT, "train_segmentation_tpu.py")

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, launch_env, write_captioned_folder
 
 CONFIG_DIR = os.path.join(REPO_ROOT, "accelerate_configs")

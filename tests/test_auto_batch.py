@@ -8,8 +8,8 @@ import types
 
 import pytest
 import torch
-
 from conftest import accelerate_launch
+
 from utils.auto_batch import (PeakMemory, batch_size_arg, find_max_batch_size, make_probe_step, optimizer_state_bytes,
                               parse_bytes, plan_accumulation)
 

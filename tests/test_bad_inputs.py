@@ -11,9 +11,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import run_main_in_process
 from PIL import Image
 
-from conftest import run_main_in_process
 from utils.data import BadSampleError
 
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from utils.checkpointing import (STATE_FILE, TEMP_PREFIX, list_checkpoints, partial_checkpoints, read_training_state,
-                                 register_checkpoint_hooks, resolve_resume_checkpoint, rotate_checkpoints, save_checkpoint)
+                                 register_checkpoint_hooks, resolve_resume_checkpoint, rotate_checkpoints,
+                                 save_checkpoint)
 
 
 @pytest.fixture
@@ -240,3 +241,37 @@ def test_saving_does_not_move_the_global_rng(accelerator, tmp_path):
     with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
         saved = torch.load(os.path.join(path, "random_states_0.pkl"), weights_only=True)
     assert torch.equal(saved["torch_manual_seed"], before)
+
+
+def test_atomic_directory_publishes_whole_or_leaves_the_old_one(tmp_path):
+    from utils.checkpointing import atomic_directory
+
+    target = tmp_path / "best"
+    with atomic_directory(str(target)) as temp:
+        (tmp_path / temp / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(str(target)) as temp:
+            (tmp_path / temp / "a.txt").write_text("second, half written")
+            raise RuntimeError("killed mid-write")
+    assert (target / "a.txt").read_text() == "first" and sorted(os.listdir(tmp_path)) == ["best"]
+    with atomic_directory(str(target)) as temp:
+        (tmp_path / temp / "b.txt").write_text("second")
+    assert sorted(os.listdir(target)) == ["b.txt"] and sorted(os.listdir(tmp_path)) == ["best"]
+
+
+def test_resume_position_counts_steps_epochs_and_batches_to_skip(accelerator, tmp_path):
+    """7 optimizer steps of 3 per epoch with accumulation 2: epoch 2, 1 step in, so 2 batches to skip."""
+    from types import SimpleNamespace
+
+    from utils.checkpointing import resume_position
+
+    model, optimizer, scheduler = prepared_run(accelerator)
+    save_checkpoint(accelerator, str(tmp_path), 7, training_state={"best_miou": 0.5})
+    args = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path), gradient_accumulation_steps=2)
+    position = resume_position(accelerator, args, updates_per_epoch=3)
+    assert (position.global_step, position.first_epoch, position.batches_to_skip) == (7, 2, 2)
+    assert position.state["best_miou"] == 0.5 and position.path.endswith("checkpoint-7")
+    fresh = resume_position(accelerator, SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path),
+                                                         gradient_accumulation_steps=2), updates_per_epoch=3)
+    assert (fresh.global_step, fresh.first_epoch, fresh.batches_to_skip, fresh.path) == (0, 0, 0, None)

@@ -9,15 +9,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from utils.data import BadSampleError, sample_rng
-from utils.sd.data import ImageTransform, TextImageDataset, _safe_join, pick_caption
 from utils.images import load_image
+from utils.sd.data import ImageTransform, TextImageDataset, _safe_join, pick_caption
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -176,7 +175,7 @@ def test_dataset_items_are_well_formed_or_a_bad_sample_error(tmp_path, rows, ind
        seed=st.integers(0, 1000), resolution=st.integers(2, 16), flip=st.booleans(), crop=st.booleans())
 def test_paired_masks_are_binary_aligned_or_a_named_error(tmp_path, height, width, channels, max_value, seed, resolution,
                                                           flip, crop):
-    from utils.mask_dit.data import PairRecord, PairedImageMaskDataset
+    from utils.mask_dit.data import PairedImageMaskDataset, PairRecord
 
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

@@ -220,8 +220,8 @@ def test_command_line(tiny_pipeline_dir, tmp_path):
 @pytest.fixture(scope="module")
 def mask_dit_dir(tmp_path_factory):
     """A random pixel-space mask DiT (2 mask channels, 16 px) saved the way train_mask_dit.py saves it, and 2 masks."""
-    from utils.mask_dit.pipeline import MaskDiTPipeline, save_mask_dit_pipeline
     from utils.mask_dit.nextdit import build_mask_nextdit
+    from utils.mask_dit.pipeline import MaskDiTPipeline, save_mask_dit_pipeline
 
     root = tmp_path_factory.mktemp("mask-dit")
     torch.manual_seed(0)

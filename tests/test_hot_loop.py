@@ -8,13 +8,11 @@ host tensors only (on a GPU the loader runs before the batch is moved to the dev
 """
 
 import os
-import sys
 import traceback
 
 import pytest
 import torch
-
-from conftest import REPO_ROOT, run_main_in_process, write_captioned_folder
+from conftest import run_main_in_process, write_captioned_folder
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 DATA_LOADING = os.path.join("torch", "utils", "data")

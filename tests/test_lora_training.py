@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import accelerate_launch, write_captioned_folder
 
 SCRIPT = "train_text_to_image.py"

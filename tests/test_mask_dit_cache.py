@@ -11,14 +11,14 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import accelerate_launch, count_builds, run_main_in_process
 from PIL import Image
 
-from conftest import accelerate_launch, count_builds, run_main_in_process
 from utils import cache
 from utils.mask_dit.cache import CachedPairedDataset, cache_paired_datasets
-from utils.sd.cache import collate_cached
 from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, scan_paired_folder,
                                  write_synthetic_fundus_dataset)
+from utils.cache import collate_cached
 
 CPU_ACCELERATOR = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
 
@@ -42,7 +42,8 @@ def write_pairs(root, sizes=((40, 32), (32, 46), (36, 36), (50, 34), (32, 32), (
 
 @pytest.fixture(scope="module")
 def encoders(tiny_pipeline_dir):
-    from utils.mask_dit.pipeline import load_text_encoder, load_vae
+    from utils.mask_dit.pipeline import load_vae
+    from utils.text_encoders import load_text_encoder
 
     tokenizer, text_encoder = load_text_encoder(tiny_pipeline_dir)
     return load_vae(tiny_pipeline_dir), tokenizer, text_encoder
@@ -245,8 +246,9 @@ def test_encoders_leave_the_device_and_resume_from_cache_is_exact(fundus_dir, ti
     """After caching, the VAE and text encoder are moved to the CPU and never run during training
     (validation sampling brings them back and moves them off again); a resumed cached run equals
     the uninterrupted one bitwise."""
-    import train_mask_dit
     from safetensors.torch import load_file
+
+    import train_mask_dit
 
     offloaded = []
     real_offload = train_mask_dit.offload_cached_encoders

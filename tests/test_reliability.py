@@ -18,9 +18,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO_ROOT, launch_env, run_main_in_process, write_captioned_folder
+from safetensors.torch import load_file
 
 CONFIGS = os.path.join(REPO_ROOT, "accelerate_configs")
 TEXT_TO_IMAGE = os.path.join(REPO_ROOT, "train_text_to_image.py")
@@ -297,7 +296,6 @@ def test_t2i_nonfinite_steps_are_skipped_then_abort(tiny_pipeline_dir, t2i_data,
 def test_t2i_out_of_memory_prints_what_to_try(tiny_pipeline_dir, t2i_data, tmp_path, monkeypatch):
     """An OOM inside the loop becomes the hint list (in-process: an OOM cannot be forced on a CPU)."""
     import train_text_to_image as script
-
     from utils.errors import OOM_HINT
 
     def out_of_memory(*args, **kwargs):
@@ -612,8 +610,8 @@ class _Accelerator:
 def test_nonfinite_steps_skip_on_the_device_and_are_read_every_check_every_steps(optimizer_class, monkeypatch):
     """Fused optimizers skip a bad step through `found_inf` (no host read); the counters are read
     every `check_every` steps only, and the abort comes at such a read."""
-    from utils.telemetry import NonFiniteGuard
     from utils.optim import apply_update
+    from utils.telemetry import NonFiniteGuard
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = optimizer_class([weight], lr=0.1, fused=True)
@@ -649,8 +647,8 @@ def test_nonfinite_steps_skip_on_the_device_and_are_read_every_check_every_steps
 def test_gradscaler_steps_are_never_skipped_by_the_guard():
     """Under fp16's GradScaler the scaler skips overflowing steps and lowers its scale; the guard
     must still call optimizer.step() (else the scale would never come down) and only count."""
-    from utils.telemetry import NonFiniteGuard
     from utils.optim import apply_update
+    from utils.telemetry import NonFiniteGuard
 
     weight = torch.nn.Parameter(torch.ones(2))
     calls = []

@@ -96,8 +96,8 @@ def test_resume_mid_epoch_equals_one_run_and_pipeline_api(fundus_dir, tmp_path):
         assert metric in log
 
     # The generate.py-facing API.
-    from utils.mask_dit.pipeline import generate_from_mask, load_mask_dit_pipeline
     from utils.mask_dit.nextdit import is_mask_dit_dir
+    from utils.mask_dit.pipeline import generate_from_mask, load_mask_dit_pipeline
 
     assert is_mask_dit_dir(full)
     pipeline = load_mask_dit_pipeline(full, device="cpu")

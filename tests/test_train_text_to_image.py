@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import accelerate_launch, write_captioned_folder
 
 SCRIPT = "train_text_to_image.py"

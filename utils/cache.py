@@ -7,6 +7,7 @@ and `utils.mask_dit.cache` (image-mask pairs).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,6 +18,8 @@ import uuid
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from utils.latents import scale_latents
 
 logger = logging.getLogger(__name__)
 
@@ -205,3 +208,44 @@ def is_channels_last(tensor: torch.Tensor) -> bool:
     """The VAE's output layout (channels_last from oneDNN on CPU) decides how `randn_like` fills the
     noise; the caches keep it so cached training draws the very same noise."""
     return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
+def offload_cached_encoders(models: dict, args) -> None:
+    """Move the encoders the caches replace off the training device (validation moves them back)."""
+    if args.cache_latents and models.get("vae") is not None:
+        models["vae"].to("cpu")
+    if args.cache_text_embeddings and models.get("text_encoder") is not None:
+        models["text_encoder"].to("cpu")
+
+
+@contextlib.contextmanager
+def cached_encoders_on(device, models: dict, args):
+    """The encoders the caches replaced on `device` for the block (e.g. sampling), then off it again."""
+    for name, cached in (("vae", args.cache_latents), ("text_encoder", args.cache_text_embeddings)):
+        if cached and models.get(name) is not None:
+            models[name].to(device)
+    try:
+        yield
+    finally:
+        offload_cached_encoders(models, args)
+
+
+def collate_cached(examples: list[dict]) -> dict:
+    """Stack every tensor field; captions become a list, flags are taken from the first item."""
+    batch = {key: torch.stack([e[key] for e in examples]) if torch.is_tensor(value) else value
+             for key, value in examples[0].items() if key != "caption"}
+    batch["captions"] = [e["caption"] for e in examples]
+    return batch
+
+
+def sample_cached_latents(batch: dict, vae_config, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents [B, C, h, w] drawn from the cached distribution, like `latent_dist.sample(generator)`.
+
+    Same dtype, shape and random-number use as the uncached path, hence the same values.
+    """
+    mean, std = batch["latent_mean"], batch["latent_std"]
+    if batch.get("latent_channels_last"):
+        mean, std = mean.contiguous(memory_format=torch.channels_last), std.contiguous(memory_format=torch.channels_last)
+    noise_device = generator.device if generator is not None else mean.device  # as diffusers' randn_tensor
+    latents = mean + std * torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
+    return scale_latents(latents, vae_config)

@@ -14,11 +14,13 @@ weights are safetensors and our own state is JSON, so nothing untrusted is unpic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -82,6 +84,38 @@ def write_json_atomic(path: str, data: dict) -> None:
     os.replace(temp, path)
 
 
+def replace_directory(temp: str, final: str) -> None:
+    """Publish the finished folder `temp` as `final` by renames only: a kill at any moment leaves either
+    the old `final` or the new one, never a mixture (the old one is moved aside first, then deleted)."""
+    parent, name = os.path.split(os.path.abspath(final))
+    if os.path.exists(final):  # (a checkpoint's trash is named so that `partial_checkpoints` cleans it up)
+        trash = f"{TEMP_PREFIX}{name}.deleting" if name.startswith(CHECKPOINT_PREFIX) else f".old-{name}"
+        old = os.path.join(parent, trash)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(temp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temp, final)
+    _fsync_dir(parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str):
+    """`with atomic_directory(d) as temp:` write everything into `temp`; on success it becomes `d` at once
+    (`replace_directory`). On an error `d` is untouched and the partial `temp` is removed."""
+    parent, name = os.path.split(os.path.abspath(directory))
+    temp = os.path.join(parent, f".tmp-{name}")
+    shutil.rmtree(temp, ignore_errors=True)
+    os.makedirs(temp)
+    try:
+        yield temp
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    replace_directory(temp, directory)
+
+
 def _remove_atomically(path: str) -> None:
     """Delete a checkpoint so that no half-deleted `checkpoint-N` is ever visible.
 
@@ -134,10 +168,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         state = {"global_step": int(global_step), **(training_state or {})}
         write_json_atomic(os.path.join(temp_path, STATE_FILE), state)
-        if os.path.exists(final_path):  # saving the same step twice (e.g. final save == last periodic save)
-            _remove_atomically(final_path)
-        os.replace(temp_path, final_path)
-        _fsync_dir(output_dir)
+        replace_directory(temp_path, final_path)  # the same step twice (final save == last periodic one) is fine
         rotate_checkpoints(output_dir, total_limit)
         logger.info(f"Saved state to {final_path}")
     accelerator.wait_for_everyone()
@@ -167,6 +198,34 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
         f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint directory "
         f"(checkpoints in {output_dir}: {available or 'none'}). Use 'latest' to pick the newest one."
     )
+
+
+@dataclass
+class ResumePosition:
+    """Where a run continues: `global_step` optimizer steps done, in epoch `first_epoch`, whose first
+    `batches_to_skip` batches were already trained on; `state` is the checkpoint's training_state.json."""
+
+    global_step: int = 0
+    first_epoch: int = 0
+    batches_to_skip: int = 0
+    state: dict = field(default_factory=dict)
+    path: str | None = None
+
+
+def resume_position(accelerator, args, updates_per_epoch: int) -> ResumePosition:
+    """Load `--resume_from_checkpoint` (a folder or "latest") into the prepared objects, if any, and say
+    where in the data the run continues. A fresh run gets ResumePosition()."""
+    path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if not path:
+        return ResumePosition()
+    accelerator.print(f"Resuming from checkpoint {path}")
+    accelerator.load_state(path)
+    state = read_training_state(path)
+    step = state["global_step"]
+    position = ResumePosition(step, step // updates_per_epoch,
+                              (step % updates_per_epoch) * args.gradient_accumulation_steps, state, path)
+    logger.info(f"Resumed from {path} at step {step} (epoch {position.first_epoch})")
+    return position
 
 
 def read_training_state(checkpoint_path: str) -> dict:

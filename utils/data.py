@@ -58,3 +58,20 @@ def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn
     # accelerate's seedable sampler, which reseeds this generator every epoch.
     return torch.utils.data.DataLoader(dataset, shuffle=shuffle, collate_fn=collate_fn, batch_size=batch_size,
                                        num_workers=num_workers, drop_last=drop_last, generator=torch.Generator(), **kwargs)
+
+
+def epoch_batches(accelerator, dataloader, dataset, epoch: int, position=None):
+    """The batches of `epoch`: dataset and sampler moved to the epoch (the per-sample randomness and the
+    shuffle depend on it), and on the resumed epoch without the batches already trained on
+    (`position`: a `utils.checkpointing.ResumePosition`)."""
+    if hasattr(dataloader, "set_epoch"):
+        dataloader.set_epoch(epoch)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    if position is None or epoch != position.first_epoch or not position.batches_to_skip:
+        return dataloader
+    batches = accelerator.skip_first_batches(dataloader, position.batches_to_skip)
+    if hasattr(batches, "set_epoch"):
+        batches.set_epoch(epoch)
+    return batches
+

@@ -8,6 +8,7 @@ EMA counters to `ema_state.json`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -51,6 +52,43 @@ def create_ema(model: torch.nn.Module, args) -> EMAModel:
         model_config=model.config if diffusers_model else None,
     )
     return ema
+
+
+def place_ema(ema: EMAModel | None, device, offload: bool = False) -> EMAModel | None:
+    """Put the shadow weights on `device`, or on the CPU with --offload_ema (pinned when CUDA can use that)."""
+    if ema is None:
+        return None
+    ema.to("cpu" if offload else device)
+    if offload and torch.cuda.is_available():
+        ema.pin_memory()
+    return ema
+
+
+def ema_step(ema: EMAModel | None, parameters, device, offload: bool = False) -> None:
+    """One EMA update after an optimizer step (an offloaded EMA visits `device` for it)."""
+    if ema is None:
+        return
+    if offload:
+        ema.to(device, non_blocking=True)
+    ema.step(parameters)
+    if offload:
+        ema.to("cpu", non_blocking=True)
+
+
+@contextlib.contextmanager
+def ema_weights(ema: EMAModel | None, parameters):
+    """Inside the block the model holds the EMA weights (for validation); the trained ones come back after.
+    A no-op without an EMA."""
+    if ema is None:
+        yield
+        return
+    parameters = list(parameters)
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
 
 
 def save_ema(ema: EMAModel, directory: str) -> None:

@@ -4,11 +4,14 @@ trackers and seeding, the progress bar, steps-per-epoch arithmetic and the rank-
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 
 import torch
+
+from utils.hub import redact_args
 
 
 def add_run_args(parser, output_dir_default: str) -> None:
@@ -130,6 +133,11 @@ def create_accelerator(args, **accelerator_kwargs):
     return accelerator
 
 
+def weight_dtype(accelerator) -> torch.dtype:
+    """The dtype of frozen weights under the run's mixed precision (fp16/bf16; float32 without)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
 def tracker_config(args, secret_keys=("hub_token",)) -> dict:
     """Args as tracker hyperparameters: scalars only (TensorBoard's hparams limit), never secrets."""
     config = {}
@@ -181,3 +189,10 @@ def write_rank_checksums(accelerator, *models) -> None:
     with open(os.path.join(directory, f"rank{accelerator.process_index}.json"), "w", encoding="utf-8") as handle:
         json.dump({"process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
                    "all": total.hexdigest(), "parameters": digests}, handle, indent=1)
+
+
+def save_run_args(args) -> None:
+    """The run's arguments (without secrets) next to its outputs, for reproducibility."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+        json.dump(redact_args(args), handle, indent=2, default=str)

@@ -63,3 +63,9 @@ class StopSignal:
             return False
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def announce(self, accelerator, step: int, output_dir: str) -> None:
+        """After the stop checkpoint: say where the run stopped and how to continue it."""
+        accelerator.print(f"Stopped by {self.signal_name or 'a signal'} at step {step}. Resume with: "
+                          f"--resume_from_checkpoint latest --output_dir {output_dir}")
+

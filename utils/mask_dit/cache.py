@@ -10,14 +10,8 @@ import logging
 
 import torch
 
-from utils.cache import (
-    ShardedTensors,
-    is_channels_last,
-    fingerprint,
-    image_reference,
-    load_or_build,
-    module_fingerprint,
-)
+from utils.cache import (ShardedTensors, fingerprint, image_reference, is_channels_last, load_or_build,
+                         module_fingerprint)
 from utils.data import sample_rng
 from utils.images import crop_origin
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from utils.mask_dit.nextdit import MASK_DIT_CONFIG_NAME, MaskNextDiT2DModel, is_mask_dit_dir  # noqa: F401  (re-exported)
-
-
-def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image for [B, C, H, W] in [0, 1]."""
-    mse = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+from utils.mask_dit.nextdit import (  # noqa: F401  (re-exported)
+    MASK_DIT_CONFIG_NAME,
+    MaskNextDiT2DModel,
+    is_mask_dit_dir,
+)
 
 
 def ssim(prediction: torch.Tensor, target: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:

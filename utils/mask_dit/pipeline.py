@@ -13,30 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from utils.latents import decode_latents
 from utils.mask_dit.flow_matching import guided_velocity, sample_ode
 from utils.mask_dit.nextdit import MASK_DIT_CONFIG_NAME, MaskNextDiT2DModel, is_mask_dit_dir  # noqa: F401  (re-exported)
-
-
-def load_text_encoder(path: str):
-    """(tokenizer, encoder) from a folder or Hub id: CLIP text towers, T5 encoders, or any AutoModel (Gemma...).
-
-    Accepts a pipeline folder with tokenizer/ and text_encoder/ subfolders too.
-    """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-    tokenizer_path = encoder_path = path
-    if os.path.isdir(os.path.join(path, "text_encoder")):
-        tokenizer_path, encoder_path = os.path.join(path, "tokenizer"), os.path.join(path, "text_encoder")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    model_type = AutoConfig.from_pretrained(encoder_path).model_type
-    if model_type in ("clip", "clip_text_model"):
-        encoder = CLIPTextModel.from_pretrained(encoder_path)
-    elif model_type in ("t5", "umt5", "mt5"):
-        encoder = T5EncoderModel.from_pretrained(encoder_path)
-    else:
-        encoder = AutoModel.from_pretrained(encoder_path)
-    encoder.requires_grad_(False).eval()
-    return tokenizer, encoder
+from utils.text_encoders import load_text_encoder
 
 
 def caption_width(text_encoder) -> int:
@@ -68,25 +48,6 @@ def load_vae(path: str):
     vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder)
     vae.requires_grad_(False).eval()
     return vae
-
-
-def vae_scale_and_shift(vae) -> tuple[float, float]:
-    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-
-@torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
-    """Pixels [B, 3, H, W] in [-1, 1] -> model-space latents (shifted and scaled by the VAE's config)."""
-    scale, shift = vae_scale_and_shift(vae)
-    distribution = vae.encode(pixel_values.to(vae.dtype)).latent_dist
-    latents = distribution.sample() if sample else distribution.mode()
-    return ((latents - shift) * scale).float()
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    scale, shift = vae_scale_and_shift(vae)
-    return vae.decode((latents / scale + shift).to(vae.dtype)).sample.float()
 
 
 @dataclass

@@ -29,21 +29,14 @@ the caption embeddings come with their attention mask from `encode_captions`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 
 import torch
 
-from utils.cache import (
-    ShardedTensors,
-    is_channels_last,
-    fingerprint,
-    image_reference,
-    load_or_build,
-    module_fingerprint,
-)
+from utils.cache import (ShardedTensors, fingerprint, image_reference, is_channels_last, load_or_build,
+                         module_fingerprint)
 from utils.data import BadSampleError, sample_rng
 from utils.images import crop_origin, load_image, pil_to_tensor, resize_short_side
 from utils.sd.data import pick_caption
@@ -66,7 +59,7 @@ def draw_augmentation(caption_value, rng, caption_dropout_prob: float, resized_s
     """(caption, (top, left), flip) with the random draws of `TextImageDataset.load` in the same order.
 
     The order (caption choice, caption dropout, crop, flip) must match `TextImageDataset.load` and
-    `ImageTransform.__call__`; tests/test_latent_cache.py checks the loss sequences are equal.
+    `ImageTransform.__call__`; tests/test_sd_cache.py checks the loss sequences are equal.
     """
     caption = pick_caption(caption_value, rng, where)
     if caption_dropout_prob > 0 and rng.random() < caption_dropout_prob:
@@ -192,28 +185,6 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
         raise BadSampleError(f"{base.source_name}: every sample is unreadable")
 
 
-def collate_cached(examples: list[dict]) -> dict:
-    """Stack every tensor field; captions become a list, flags are taken from the first item."""
-    batch = {key: torch.stack([e[key] for e in examples]) if torch.is_tensor(value) else value
-             for key, value in examples[0].items() if key != "caption"}
-    batch["captions"] = [e["caption"] for e in examples]
-    return batch
-
-
-def sample_cached_latents(batch: dict, vae_config, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents [B, C, h, w] drawn from the cached distribution, like `latent_dist.sample(generator)`.
-
-    Same dtype, shape and random-number use as the uncached path, hence the same values.
-    """
-    mean, std = batch["latent_mean"], batch["latent_std"]
-    if batch.get("latent_channels_last"):
-        mean, std = mean.contiguous(memory_format=torch.channels_last), std.contiguous(memory_format=torch.channels_last)
-    noise_device = generator.device if generator is not None else mean.device  # as diffusers' randn_tensor
-    latents = mean + std * torch.randn(mean.shape, generator=generator, device=noise_device, dtype=mean.dtype).to(mean.device)
-    shift = getattr(vae_config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae_config.scaling_factor
-
-
 def cache_text_image_dataset(dataset, vae, text_encoder, args, accelerator):
     """Wrap a `TextImageDataset` with the caches that --cache_latents/--cache_text_embeddings ask for.
 
@@ -248,23 +219,3 @@ def cache_text_image_dataset(dataset, vae, text_encoder, args, accelerator):
                                  lambda: encode_text_batches(captions, dataset.tokenize, text_encoder, device, args.cache_batch_size),
                                  extra_fn=lambda: {"captions": captions})
     return CachedTextImageDataset(dataset, latents, text)
-
-
-def offload_cached_encoders(models: dict, args) -> None:
-    """Move the encoders the caches replace off the training device (validation moves them back)."""
-    if args.cache_latents and models.get("vae") is not None:
-        models["vae"].to("cpu")
-    if args.cache_text_embeddings and models.get("text_encoder") is not None:
-        models["text_encoder"].to("cpu")
-
-
-@contextlib.contextmanager
-def cached_encoders_on(device, models: dict, args):
-    """The encoders the caches replaced on `device` for the block (e.g. sampling), then off it again."""
-    for name, cached in (("vae", args.cache_latents), ("text_encoder", args.cache_text_embeddings)):
-        if cached and models.get(name) is not None:
-            models[name].to(device)
-    try:
-        yield
-    finally:
-        offload_cached_encoders(models, args)

@@ -14,6 +14,7 @@ any number of workers and after a resume (see `sample_rng`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,8 @@ import torch
 from PIL import Image
 
 from utils.data import BadSampleError, EpochDataset, sample_rng
-from utils.images import IMAGE_EXTENSIONS, INTERPOLATION_MODES, crop_origin, load_image, pil_to_tensor, resize_short_side
+from utils.images import (IMAGE_EXTENSIONS, INTERPOLATION_MODES, crop_origin, load_image, pil_to_tensor,
+                          resize_short_side)
 
 logger = logging.getLogger(__name__)
 
@@ -252,3 +254,23 @@ def write_metadata_jsonl(folder: str, records: list[dict]) -> str:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
+
+
+def captions_for_new_tokenizer(args, rows):
+    """The captions a from-scratch tokenizer learns its vocabulary from (None when a tokenizer is loaded)."""
+    if not args.model_preset or args.text_encoder_name_or_path:
+        return None
+    return [c if isinstance(c, str) else " ".join(map(str, c)) for c in rows[args.caption_column] if c is not None]
+
+
+def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
+    """`TextImageDataset` of the rows as the --resolution/--center_crop/--random_flip/... flags say."""
+    @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (ids are only read)
+    def tokenize(caption: str) -> torch.Tensor:
+        return tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                         return_tensors="pt").input_ids[0]
+
+    transform = ImageTransform(args.resolution, args.image_interpolation_mode, args.center_crop, args.random_flip)
+    return TextImageDataset(rows, args.image_column, args.caption_column, transform, tokenize, seed=args.seed,
+                            caption_dropout_prob=args.caption_dropout_prob, skip_bad_samples=args.skip_bad_samples,
+                            source_name=args.dataset_name or args.train_data_dir or args.train_data_file)

@@ -7,16 +7,8 @@ a sampler never disagrees with how the model was trained; only the sampling algo
 
 from __future__ import annotations
 
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
 # name -> (scheduler class, config overrides). Overrides are explicit both ways (e.g.
 # use_karras_sigmas=False for plain "dpm++") so a pipeline saved with a Karras scheduler

@@ -53,12 +53,6 @@ def vae_losses(vae, pixel_values: torch.Tensor, kl_weight: float, generator=None
     return losses + (latents,) if return_latents else losses
 
 
-def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for tensors [B, C, H, W] in [-1, 1] (peak-to-peak range 2)."""
-    mse = (reconstruction.float().clamp(-1, 1) - target.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(4.0 / mse)
-
-
 @torch.no_grad()
 def latent_scaling_factor(vae, batches, device) -> float:
     """1 / std of the latents over `batches`, so scaled latents have unit variance (as SD's 0.18215 does)."""

@@ -9,13 +9,14 @@ import types
 
 import pytest
 import torch
+from conftest import accelerate_launch, count_builds
 from PIL import Image
 
-from conftest import accelerate_launch, count_builds
 from utils import cache as cache_module
-from utils.sd.data import ImageTransform, TextImageDataset, write_metadata_jsonl
-from utils.sd.cache import CachedTextImageDataset, cache_text_image_dataset, collate_cached, sample_cached_latents
 from utils.cache import ShardedTensors, load_or_build, read_manifest
+from utils.sd.cache import CachedTextImageDataset, cache_text_image_dataset
+from utils.cache import collate_cached, sample_cached_latents
+from utils.sd.data import ImageTransform, TextImageDataset, write_metadata_jsonl
 
 
 def make_folder(path, sizes=((40, 32), (32, 48), (36, 36), (50, 34), (32, 32), (44, 40))):

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from utils import images
-from utils.sd import data as sd_data
 from utils.data import BadSampleError, sample_rng
-from utils.sd.data import ImageTransform, TextImageDataset, collate_text_image, load_text_image_dataset, pick_caption
 from utils.images import load_image, pil_to_tensor, tensor_to_pil
+from utils.sd import data as sd_data
+from utils.sd.data import ImageTransform, TextImageDataset, collate_text_image, load_text_image_dataset, pick_caption
 
 
 def data_args(**overrides):
