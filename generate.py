@@ -27,6 +27,9 @@ import random
 import re
 from dataclasses import dataclass
 
+import utils  # noqa: F401  (first: its log filter must be in place before diffusers/peft import bitsandbytes)
+# isort: split
+
 import numpy as np
 import torch
 from PIL.PngImagePlugin import PngInfo
@@ -46,51 +49,69 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Generate images with a trained Stable Diffusion model (full pipeline, base + LoRA, or checkpoint-N).",
+        description="Generate images with a trained Stable Diffusion model (full pipeline, base "
+                    "+ LoRA, or checkpoint-N).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model", type=str, default=None,
-                       help="Pipeline folder (train_text_to_image.py's --output_dir) or Hub id. With --checkpoint it is the base "
-                            "the checkpoint's weights go on; it may then be omitted if the checkpoint's parent holds a full pipeline.")
+                       help="Pipeline folder (train_text_to_image.py's --output_dir) or Hub id. With "
+                            "--checkpoint it is the base "
+                            "the checkpoint's weights go on; it may then be omitted if the checkpoint's "
+                            "parent holds a full pipeline.")
     model.add_argument("--checkpoint", type=str, default=None,
-                       help="A training checkpoint (output_dir/checkpoint-N): its unet/ (or unet_ema/ with --ema), plus vae/ and "
-                            "text_encoder/ when present, replace the base model's; a LoRA checkpoint's adapter is loaded instead.")
-    model.add_argument("--ema", action="store_true", help="With --checkpoint: use the EMA UNet (checkpoint-N/unet_ema, written with --use_ema).")
+                       help="A training checkpoint (output_dir/checkpoint-N): its unet/ (or unet_ema/ "
+                            "with --ema), plus vae/ and "
+                            "text_encoder/ when present, replace the base model's; a LoRA checkpoint's "
+                            "adapter is loaded instead.")
+    model.add_argument("--ema", action="store_true",
+                       help="With --checkpoint: use the EMA UNet (checkpoint-N/unet_ema, written with --use_ema).")
     model.add_argument("--lora", type=str, default=None,
-                       help="LoRA weights to load on top of --model: a folder with pytorch_lora_weights.safetensors, or the file.")
+                       help="LoRA weights to load on top of --model: a folder with "
+                            "pytorch_lora_weights.safetensors, or the file.")
     model.add_argument("--lora_scale", type=float, default=1.0, help="Strength of the LoRA (0 = base model only).")
     model.add_argument("--mask", type=str, default=None,
-                       help="For a mask-conditioned DiT (train_mask_dit.py's output as --model): a mask image or a folder of "
-                            "them (index maps: 0 = background, k = channel k; or 0/255 for one channel). --prompt is optional.")
+                       help="For a mask-conditioned DiT (train_mask_dit.py's output as --model): a "
+                            "mask image or a folder of "
+                            "them (index maps: 0 = background, k = channel k; or 0/255 for one "
+                            "channel). --prompt is optional.")
     model.add_argument("--mask_guidance_scale", type=float, default=1.0, help="Mask DiT only: mask guidance (1 = off).")
 
     prompts = parser.add_argument_group("prompts")
     prompts.add_argument("--prompt", type=str, default=None, help="The text prompt.")
-    prompts.add_argument("--prompts_file", type=str, default=None, help="A text file with one prompt per line (blank lines and # comments skipped).")
-    prompts.add_argument("--negative_prompt", type=str, default=None, help="What the images should not show (used for every prompt).")
+    prompts.add_argument("--prompts_file", type=str, default=None,
+                         help="A text file with one prompt per line (blank lines and # comments skipped).")
+    prompts.add_argument("--negative_prompt", type=str, default=None,
+                         help="What the images should not show (used for every prompt).")
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--num_images", type=int, default=4, help="Images per prompt.")
-    sampling.add_argument("--batch_size", type=int, default=4, help="Images per pipeline call (lower it if memory runs out).")
+    sampling.add_argument("--batch_size", type=int, default=4,
+                          help="Images per pipeline call (lower it if memory runs out).")
     sampling.add_argument("--preset", type=str, default="fast", choices=sorted(STEP_PRESETS),
                           help="Number of denoising steps: fast = 25, quality = 75 (guide 001). --steps overrides it.")
     sampling.add_argument("--steps", type=int, default=None, help="Denoising steps (default: from --preset).")
     sampling.add_argument("--guidance_scale", type=float, default=None,
-                          help=f"Classifier-free guidance (1 = off). Default {SD_GUIDANCE}: 7-12 works for the kanji model "
+                          help=f"Classifier-free guidance (1 = off). Default {SD_GUIDANCE}: 7-12 "
+                               "works for the kanji model "
                                f"(guide 001); mask DiT default {MASK_DIT_GUIDANCE}.")
     sampling.add_argument("--scheduler", type=str, default=None, choices=list(SCHEDULERS) + list(MASK_DIT_SAMPLERS),
-                          help="Sampler. Stable Diffusion (default dpm++): the noise schedule comes from the model's own "
+                          help="Sampler. Stable Diffusion (default dpm++): the noise schedule "
+                               "comes from the model's own "
                                f"scheduler config. Mask DiT: {' or '.join(MASK_DIT_SAMPLERS)} (default euler).")
-    sampling.add_argument("--height", type=int, default=None, help="Image height in pixels (default: the model's training size).")
-    sampling.add_argument("--width", type=int, default=None, help="Image width in pixels (default: the model's training size).")
+    sampling.add_argument("--height", type=int, default=None,
+                          help="Image height in pixels (default: the model's training size).")
+    sampling.add_argument("--width", type=int, default=None,
+                          help="Image width in pixels (default: the model's training size).")
     sampling.add_argument("--seed", type=int, default=None,
-                          help="Image i of each prompt uses seed + i (default: a random seed, printed and stored in the PNGs).")
+                          help="Image i of each prompt uses seed + i (default: a random seed, "
+                               "printed and stored in the PNGs).")
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--dtype", type=str, default=None, choices=sorted(DTYPES),
                          help="Weights dtype (default: fp16 on CUDA/MPS, fp32 on CPU; fp16 does not run on CPU).")
-    runtime.add_argument("--device", type=str, default=None, help="cuda, cuda:1, mps or cpu (default: cuda > mps > cpu).")
+    runtime.add_argument("--device", type=str, default=None,
+                         help="cuda, cuda:1, mps or cpu (default: cuda > mps > cpu).")
     runtime.add_argument("--output_dir", type=str, default="generated", help="Where the PNGs and grid.png are written.")
     args = parse_args_with_config(parser, argv)
     validate_args(args)
@@ -103,10 +124,12 @@ def validate_args(args) -> None:
     if args.mask is None and (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("Pass exactly one of --prompt or --prompts_file.")
     if args.mask is not None and (args.checkpoint or args.lora or args.prompts_file):
-        raise ValueError("--mask (mask DiT) takes --model and an optional --prompt; --checkpoint, --lora and --prompts_file are "
+        raise ValueError("--mask (mask DiT) takes --model and an optional --prompt; --checkpoint, --lora and "
+                         "--prompts_file are "
                          "Stable Diffusion options.")
     if args.ema and args.checkpoint is None:
-        raise ValueError("--ema picks checkpoint-N/unet_ema, so it needs --checkpoint (a final pipeline already holds the EMA weights).")
+        raise ValueError("--ema picks checkpoint-N/unet_ema, so it needs --checkpoint (a final pipeline "
+                         "already holds the EMA weights).")
     for flag in ("num_images", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -174,13 +197,15 @@ def resolve_base_model(args) -> str:
             if os.path.isfile(os.path.join(args.model, LORA_WEIGHT_NAME)):
                 hint = f" It holds LoRA weights: use --model BASE_MODEL --lora {args.model}."
             elif found:
-                hint = f" It holds checkpoints ({', '.join(found)}): use --model BASE_MODEL --checkpoint {os.path.join(args.model, found[-1])}."
+                hint = (f" It holds checkpoints ({', '.join(found)}): use --model BASE_MODEL --checkpoint "
+                        f"{os.path.join(args.model, found[-1])}.")
             raise ValueError(f"--model {args.model}: no model_index.json, so not a diffusers pipeline folder.{hint}")
         return args.model
     parent = os.path.dirname(os.path.abspath(args.checkpoint))
     if is_pipeline_dir(parent):
         return parent
-    raise ValueError(f"--checkpoint {args.checkpoint}: its parent folder {parent} holds no full pipeline (training has not "
+    raise ValueError(f"--checkpoint {args.checkpoint}: its parent folder {parent} holds no full "
+                     "pipeline (training has not "
                      "finished there); pass the base model the run started from with --model.")
 
 
@@ -220,7 +245,9 @@ def load_checkpoint_into(pipe, checkpoint: str, ema: bool, dtype: torch.dtype) -
     unet_path = os.path.join(checkpoint, unet_folder)
     if not os.path.isfile(os.path.join(unet_path, "config.json")):
         hint = " (the run was trained without --use_ema; drop --ema)" if ema else ""
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no {unet_folder}/ with a diffusers UNet{hint}; found {present}")
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint}: no {unet_folder}/ with a diffusers UNet{hint}; found {present}"
+        )
     pipe.unet = UNet2DConditionModel.from_pretrained(unet_path).to(dtype)
     loaded = [unet_folder]
     for name in ("vae", "text_encoder"):
@@ -288,7 +315,9 @@ def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir:
                 cross_attention_kwargs=cross_attention_kwargs,
             ).images
             for job, image in zip(batch, images):
-                path = os.path.join(output_dir, f"{job.prompt_index:03d}_{job.image_index:03d}_{slugify(job.prompt)}_seed{job.seed}.png")
+                path = os.path.join(
+                    output_dir, f"{job.prompt_index:03d}_{job.image_index:03d}_{slugify(job.prompt)}_seed{job.seed}.png"
+                )
                 image.save(path, pnginfo=png_metadata({"prompt": job.prompt, **settings, "seed": job.seed}))
                 results.append((job, path, image))
             progress.update(len(batch))
@@ -305,7 +334,8 @@ def sd_main(args, device, dtype) -> list[str]:
     pipe, model_description, lora_source = load_pipeline(args, device, dtype)
     scheduler = args.scheduler or "dpm++"
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"--scheduler {scheduler} is for mask DiTs; Stable Diffusion takes one of {', '.join(SCHEDULERS)}")
+        raise ValueError(f"--scheduler {scheduler} is for mask DiTs; Stable Diffusion takes one of "
+                         f"{', '.join(SCHEDULERS)}")
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
@@ -324,7 +354,8 @@ def sd_main(args, device, dtype) -> list[str]:
     }
     jobs = [Job(p, i, prompt, seed + i) for p, prompt in enumerate(prompts) for i in range(args.num_images)]
     print(f"Generating {len(jobs)} image(s) of {settings['height']}x{settings['width']} with {model_description}: "
-          f"{settings['steps']} {scheduler} steps, guidance {settings['guidance_scale']}, seed {seed}, on {device} ({settings['dtype']}).")
+          f"{settings['steps']} {scheduler} steps, guidance {settings['guidance_scale']}, seed {seed}, on {device} "
+          f"({settings['dtype']}).")
 
     results = generate(pipe, jobs, settings, args.batch_size, args.output_dir)
     grid_path = os.path.join(args.output_dir, "grid.png")
@@ -387,13 +418,16 @@ def mask_dit_main(args, device, dtype) -> list[str]:
             samples = []
             for image_index in range(args.num_images):  # one call per image: image i always comes from seed + i
                 sample = generate_from_mask(pipeline, mask, prompt=args.prompt, steps=settings["steps"],
-                                            guidance_scale=settings["guidance_scale"], mask_guidance_scale=args.mask_guidance_scale,
-                                            seed=seed + image_index, sampler=sampler, height=args.height, width=args.width)
+                                            guidance_scale=settings["guidance_scale"],
+                                            mask_guidance_scale=args.mask_guidance_scale, seed=seed + image_index,
+                                            sampler=sampler, height=args.height, width=args.width)
                 samples.append(tensor_to_pil(sample * 2 - 1)[0])  # [1, 3, H, W] in [0, 1]
                 progress.update(1)
             stem = os.path.splitext(os.path.basename(mask_file))[0]
             for image_index, image in enumerate(samples):
-                path = os.path.join(args.output_dir, f"{mask_index:03d}_{image_index:03d}_{slugify(stem)}_seed{seed + image_index}.png")
+                path = os.path.join(
+                    args.output_dir, f"{mask_index:03d}_{image_index:03d}_{slugify(stem)}_seed{seed + image_index}.png"
+                )
                 image.save(path, pnginfo=png_metadata({**settings, "mask": mask_file, "seed": seed + image_index}))
                 paths.append(path)
             mask_rgb = torch.nn.functional.interpolate(mask_to_rgb(mask), size=samples[0].size[::-1], mode="nearest")

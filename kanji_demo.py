@@ -33,17 +33,18 @@ EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 MODES = {
     "demo": dict(preset="small", resolution=64, subset="joyo", fonts=["gothic"], batch=16, vae_steps=160, vae_lr=2e-3,
                  unet_steps=260, unet_lr=1e-3, warmup=20, checkpointing_steps=100),
-    "quality": dict(preset="small", resolution=64, subset="all", fonts=["gothic", "mincho", "seto"], batch=64, vae_steps=4000,
-                    vae_lr=1e-3, unet_steps=30000, unet_lr=2e-4, warmup=500, checkpointing_steps=2000),
-    "smoke": dict(preset="tiny", resolution=32, subset="frequent:48", fonts=["gothic"], batch=8, vae_steps=4, vae_lr=1e-3,
-                  unet_steps=4, unet_lr=1e-3, warmup=0, checkpointing_steps=4),
+    "quality": dict(preset="small", resolution=64, subset="all", fonts=["gothic", "mincho", "seto"], batch=64,
+                    vae_steps=4000, vae_lr=1e-3, unet_steps=30000, unet_lr=2e-4, warmup=500, checkpointing_steps=2000),
+    "smoke": dict(preset="tiny", resolution=32, subset="frequent:48", fonts=["gothic"], batch=8, vae_steps=4,
+                  vae_lr=1e-3, unet_steps=4, unet_lr=1e-3, warmup=0, checkpointing_steps=4),
 }
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo_output")
-    parser.add_argument("--mode", default="demo", choices=sorted(MODES), help="demo: ~10 min CPU; quality: GPU hours; smoke: tests")
+    parser.add_argument("--mode", default="demo", choices=sorted(MODES),
+                        help="demo: ~10 min CPU; quality: GPU hours; smoke: tests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_inference_steps", type=int, default=25, help="guide 001: 25 fast, 75 quality")
     parser.add_argument("--guidance_scale", type=float, default=9.0, help="guide 001: 7-12 for the kanji model")
@@ -56,9 +57,10 @@ def build_data(args, mode) -> str:
 
     data_dir = os.path.join(args.output_dir, "data")
     if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
-        summary = build_kanji_dataset(data_dir, resolution=mode["resolution"], subset=mode["subset"], fonts=tuple(mode["fonts"]),
-                                      seed=args.seed, overwrite=True)
-        print(f"[data] {summary['num_train_images']} training / {summary['num_validation_images']} held-out glyph images in {data_dir}")
+        summary = build_kanji_dataset(data_dir, resolution=mode["resolution"], subset=mode["subset"],
+                                      fonts=tuple(mode["fonts"]), seed=args.seed, overwrite=True)
+        print(f"[data] {summary['num_train_images']} training / {summary['num_validation_images']} held-out glyph "
+              f"images in {data_dir}")
     return data_dir
 
 
@@ -66,7 +68,8 @@ def train(args, mode, data_dir) -> str:
     model_dir = os.path.join(args.output_dir, "model")
     command = [sys.executable, "-m", "accelerate.commands.launch", os.path.join(REPO_ROOT, "train_text_to_image.py"),
                "--model_preset", mode["preset"], "--train_data_dir", data_dir, "--resolution", str(mode["resolution"]),
-               "--center_crop", "--train_vae", "--vae_train_steps", str(mode["vae_steps"]), "--vae_learning_rate", str(mode["vae_lr"]),
+               "--center_crop", "--train_vae", "--vae_train_steps", str(mode["vae_steps"]),
+               "--vae_learning_rate", str(mode["vae_lr"]),
                "--train_text_encoder", "--caption_dropout_prob", "0.1", "--train_batch_size", str(mode["batch"]),
                "--max_train_steps", str(mode["unet_steps"]), "--learning_rate", str(mode["unet_lr"]),
                "--lr_scheduler", "cosine", "--lr_warmup_steps", str(mode["warmup"]), "--adam_weight_decay", "0.0",
@@ -87,7 +90,8 @@ def load_split(data_dir: str, split: str, resolution: int, limit: int | None = N
 
     rows = [json.loads(line) for line in open(os.path.join(data_dir, split, "metadata.jsonl"), encoding="utf-8")]
     rows = rows[:limit] if limit else rows
-    images = torch.stack([pil_to_tensor(load_image(os.path.join(data_dir, split, r["file_name"])).resize((resolution, resolution)))
+    size = (resolution, resolution)
+    images = torch.stack([pil_to_tensor(load_image(os.path.join(data_dir, split, r["file_name"])).resize(size))
                           for r in rows])
     return images, [r["text"] for r in rows]
 
@@ -108,13 +112,19 @@ def diffusion_loss_at(unet, text_encoder, tokenizer, vae, scheduler, images, cap
 
     generator = torch.Generator().manual_seed(seed)
     latents = encode_latents(vae, images, sample=False)
-    ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+    ).input_ids
     hidden = text_encoder(ids)[0]
     losses = []
     for t in EVAL_TIMESTEPS:
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.full((latents.shape[0],), t, dtype=torch.long)
-        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        target = (
+            noise
+            if scheduler.config.prediction_type == "epsilon"
+            else scheduler.get_velocity(latents, noise, timesteps)
+        )
         prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
         losses.append(torch.mean((prediction - target) ** 2).item())
     return float(np.mean(losses))
@@ -132,13 +142,18 @@ def glyph_metrics(samples: np.ndarray, train_glyphs: np.ndarray, real_coverage: 
     def nearest(images):
         a = (images.reshape(len(images), -1) < 128).astype(np.float32)
         b = (train_glyphs.reshape(len(train_glyphs), -1) < 128).astype(np.float32)
-        distances = (a[:, None, :] != b[None, :, :]).mean(-1) if len(a) * len(b) < 4e6 else np.stack([(x != b).mean(-1) for x in a])
+        distances = (
+            (a[:, None, :] != b[None, :, :]).mean(-1)
+            if len(a) * len(b) < 4e6
+            else np.stack([(x != b).mean(-1) for x in a])
+        )
         return distances.min(axis=1)
 
     coverage = (samples < 128).mean(axis=(1, 2))
     return {
         "ink_coverage_mean": float(coverage.mean()),
-        "ink_coverage_in_real_range": float(((coverage >= real_coverage["min"]) & (coverage <= real_coverage["max"])).mean()),
+        "ink_coverage_in_real_range": float(((coverage >= real_coverage["min"])
+                                             & (coverage <= real_coverage["max"])).mean()),
         "real_ink_coverage_range": [real_coverage["min"], real_coverage["max"]],
         "binary_fraction": float(((samples < 64) | (samples > 192)).mean()),
         "heldout_real_binary_fraction": float(((heldout < 64) | (heldout > 192)).mean()),
@@ -196,12 +211,14 @@ def evaluate(args, mode, data_dir, model_dir) -> dict:
 
     metrics = {"vae_psnr_db": vae_psnr(pipe.vae, heldout)}
     run_args = json.load(open(os.path.join(model_dir, "training_args.json"), encoding="utf-8"))
-    initial = build_components(run_args["model_preset"], resolution=resolution, seed=run_args["seed"] or 0, tokenizer=pipe.tokenizer)
+    initial = build_components(
+        run_args["model_preset"], resolution=resolution, seed=run_args["seed"] or 0, tokenizer=pipe.tokenizer
+    )
     from diffusers import DDPMScheduler
 
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
-    metrics["diffusion_loss_initial"] = diffusion_loss_at(initial["unet"], initial["text_encoder"], pipe.tokenizer, pipe.vae, ddpm,
-                                                          heldout, heldout_captions, args.seed)
+    metrics["diffusion_loss_initial"] = diffusion_loss_at(initial["unet"], initial["text_encoder"], pipe.tokenizer,
+                                                          pipe.vae, ddpm, heldout, heldout_captions, args.seed)
     metrics["diffusion_loss_trained"] = diffusion_loss_at(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, ddpm,
                                                           heldout, heldout_captions, args.seed)
 
@@ -214,10 +231,12 @@ def evaluate(args, mode, data_dir, model_dir) -> dict:
     make_grid([im.resize((128, 128)) for im in images], columns=4).save(grid_path)
     samples = np.stack([np.asarray(im.convert("L")) for im in images]).astype(np.float32)
     to_gray = lambda t: ((t.mean(1) + 1) * 127.5).numpy()  # noqa: E731
-    metrics.update(glyph_metrics(samples, to_gray(train_images), glyph_stats(data_dir), to_gray(heldout[: len(images)])))
+    metrics.update(
+        glyph_metrics(samples, to_gray(train_images), glyph_stats(data_dir), to_gray(heldout[: len(images)]))
+    )
     metrics["curves"] = plot_curves(model_dir, os.path.join(args.output_dir, "training_curves.png"))
-    metrics["paths"] = {"pipeline": model_dir, "samples": grid_path, "curves": os.path.join(args.output_dir, "training_curves.png"),
-                        "dataset": data_dir}
+    metrics["paths"] = {"pipeline": model_dir, "samples": grid_path,
+                        "curves": os.path.join(args.output_dir, "training_curves.png"), "dataset": data_dir}
     metrics["prompts"] = UNSEEN_PROMPTS
     return metrics
 
@@ -231,11 +250,15 @@ def print_summary(metrics: dict, seconds: float) -> None:
         f"  pipeline          {metrics['paths']['pipeline']}",
         f"  samples           {metrics['paths']['samples']}",
         f"  training curves   {metrics['paths']['curves']}",
-        f"  VAE PSNR (held-out)            {metrics['vae_psnr_db']:.2f} dB  (target >= 22: {ok(metrics['vae_psnr_db'] >= 22)})",
-        f"  diffusion loss (held-out, fixed t)  {metrics['diffusion_loss_initial']:.4f} -> {metrics['diffusion_loss_trained']:.4f}"
+        f"  VAE PSNR (held-out)            {metrics['vae_psnr_db']:.2f} dB  (target >= 22: "
+        f"{ok(metrics['vae_psnr_db'] >= 22)})",
+        f"  diffusion loss (held-out, fixed t)  {metrics['diffusion_loss_initial']:.4f} -> "
+        f"{metrics['diffusion_loss_trained']:.4f}"
         f"  ({ok(fell)})",
-        f"  samples' ink coverage          {metrics['ink_coverage_mean']:.3f} (real kanji {metrics['real_ink_coverage_range'][0]:.3f}"
-        f"-{metrics['real_ink_coverage_range'][1]:.3f}; {100 * metrics['ink_coverage_in_real_range']:.0f}% of samples in range)",
+        f"  samples' ink coverage          {metrics['ink_coverage_mean']:.3f} (real kanji "
+        f"{metrics['real_ink_coverage_range'][0]:.3f}"
+        f"-{metrics['real_ink_coverage_range'][1]:.3f}; "
+        f"{100 * metrics['ink_coverage_in_real_range']:.0f}% of samples in range)",
         f"  near-black/white pixels        {100 * metrics['binary_fraction']:.1f}% (real glyphs "
         f"{100 * metrics['heldout_real_binary_fraction']:.1f}%)",
         f"  distance to nearest training glyph  {metrics['nearest_train_distance']:.3f} "

@@ -20,28 +20,31 @@ import logging
 import math
 import os
 
+import utils  # noqa: F401  (first: its log filter must be in place before diffusers/peft import bitsandbytes)
+# isort: split
+
+import datasets
 import torch
 from accelerate.utils import DataLoaderConfiguration
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
-from utils.cache import (add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders,
-                         resolve_cache_args, sample_cached_latents)
+from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
 from utils.checkpointing import register_checkpoint_hooks, resume_position, save_checkpoint
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
-from utils.ema import add_ema_args, create_ema, ema_step, ema_weights, load_ema, place_ema, save_ema
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
 from utils.errors import oom_hint
 from utils.images import save_and_log_images
-from utils.latents import encode_latents
 from utils.mask_dit.cache import cache_paired_datasets
+from utils.mask_dit.conditioning import Conditioner
 from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder,
                                  select_fraction, split_train_validation)
 from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
                                           loss_weights, sample_timesteps)
 from utils.mask_dit.metrics import mask_iou, segment_structures, ssim
 from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
-from utils.mask_dit.pipeline import (MaskDiTPipeline, caption_width, comparison_tiles, encode_captions,
-                                     generate_from_mask, load_vae, save_mask_dit_pipeline)
+from utils.mask_dit.pipeline import (MaskDiTPipeline, caption_width, comparison_tiles, generate_from_mask, load_vae,
+                                     save_mask_dit_pipeline)
 from utils.metrics import psnr
 from utils.optim import apply_update, create_optimizer, warmup_cosine
 from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config, weight_dtype,
@@ -59,15 +62,19 @@ def parse_args(argv=None):
     model = parser.add_argument_group("model")
     model.add_argument("--model_size", default="ultrafast", choices=sorted(MODEL_PRESETS),
                        help="Size preset (docs/MASK_DIT.md lists real parameter counts).")
-    model.add_argument("--model_config", default=None, help="JSON of MaskNextDiT2DModel config keys; overrides the preset.")
+    model.add_argument("--model_config", default=None,
+                       help="JSON of MaskNextDiT2DModel config keys; overrides the preset.")
     model.add_argument("--pretrained_model_name_or_path", default=None,
-                       help="Fine-tune from NextDiT weights: a diffusers LuminaNextDiT2DModel folder, a folder of ours, "
+                       help="Fine-tune from NextDiT weights: a diffusers LuminaNextDiT2DModel "
+                            "folder, a folder of ours, "
                             "or an original Lumina-Next consolidated.pth. Mask columns start at zero.")
     model.add_argument("--pretrained_subfolder", default=None, help='e.g. "transformer" for a whole Lumina pipeline.')
     model.add_argument("--mask_channels", type=int, default=1, help="1 for binary masks, K for K-class index masks.")
-    model.add_argument("--vae_model_name_or_path", default=None, help="Train in this VAE's latent space (folder or Hub id).")
+    model.add_argument("--vae_model_name_or_path", default=None,
+                       help="Train in this VAE's latent space (folder or Hub id).")
     model.add_argument("--text_encoder_name_or_path", default=None,
-                       help="Caption conditioning: a folder/Hub id with a tokenizer and a CLIP / T5 / Gemma-style encoder.")
+                       help="Caption conditioning: a folder/Hub id with a tokenizer and a CLIP / "
+                            "T5 / Gemma-style encoder.")
     model.add_argument("--max_caption_length", type=int, default=77)
     model.add_argument("--caption_hidden_layer", type=int, default=-1,
                        help="-1: the encoder's last hidden state; e.g. -2 for Lumina-Next's Gemma features.")
@@ -78,12 +85,15 @@ def parse_args(argv=None):
     data.add_argument("--image_column", default="image")
     data.add_argument("--mask_column", default="mask")
     data.add_argument("--caption_column", default="text")
-    data.add_argument("--validation_data_dir", default=None, help="Held-out pairs; default: --validation_split of the data.")
+    data.add_argument("--validation_data_dir", default=None,
+                      help="Held-out pairs; default: --validation_split of the data.")
     data.add_argument("--validation_split", type=float, default=0.05,
                       help="Fraction held out (seeded) for validation loss, metrics and early stopping.")
-    data.add_argument("--sample_ratio", type=float, default=1.0, help="Train on this seeded random fraction of the pairs.")
+    data.add_argument("--sample_ratio", type=float, default=1.0,
+                      help="Train on this seeded random fraction of the pairs.")
     data.add_argument("--resolution", type=int, default=256)
-    data.add_argument("--random_crop", action="store_true", help="Random instead of centre crops (same for image and mask).")
+    data.add_argument("--random_crop", action="store_true",
+                      help="Random instead of centre crops (same for image and mask).")
     data.add_argument("--random_flip", action="store_true")
     data.add_argument("--train_batch_size", type=batch_size_arg, default=16,
                       help="Per-device batch, or 'auto': the largest that fits (see docs/PERFORMANCE.md).")
@@ -95,8 +105,10 @@ def parse_args(argv=None):
     flow.add_argument("--logit_std", type=float, default=1.0)
     flow.add_argument("--mode_scale", type=float, default=1.29)
     flow.add_argument("--loss_weighting", default="uniform", choices=LOSS_WEIGHTING)
-    flow.add_argument("--caption_dropout_prob", type=float, default=0.1, help="Captions replaced by '' (for caption CFG).")
-    flow.add_argument("--mask_dropout_prob", type=float, default=0.1, help="Masks replaced by 'no mask' (for mask CFG).")
+    flow.add_argument("--caption_dropout_prob", type=float, default=0.1,
+                      help="Captions replaced by '' (for caption CFG).")
+    flow.add_argument("--mask_dropout_prob", type=float, default=0.1,
+                      help="Masks replaced by 'no mask' (for mask CFG).")
     optim = parser.add_argument_group("optimizer")
     optim.add_argument("--learning_rate", type=float, default=1e-4)
     optim.add_argument("--adam_beta1", type=float, default=0.9)
@@ -110,7 +122,8 @@ def parse_args(argv=None):
     schedule = parser.add_argument_group("intervals and validation")
     schedule.add_argument("--checkpointing_epochs", type=int, default=None,
                           help="Also save a checkpoint every N epochs (guide 003's save_every).")
-    schedule.add_argument("--validation_epochs", type=int, default=1, help="Validate every N epochs (0: never by epoch).")
+    schedule.add_argument("--validation_epochs", type=int, default=1,
+                          help="Validate every N epochs (0: never by epoch).")
     schedule.add_argument("--validation_steps", type=int, default=None, help="Also validate every N optimizer steps.")
     schedule.add_argument("--early_stopping_patience", type=int, default=None,
                           help="Stop after this many validations without a lower held-out loss.")
@@ -118,7 +131,8 @@ def parse_args(argv=None):
     schedule.add_argument("--num_validation_images", type=int, default=4)
     schedule.add_argument("--num_inference_steps", type=int, default=30)
     schedule.add_argument("--sampler", default="euler", choices=SAMPLERS)
-    schedule.add_argument("--time_shift", type=float, default=1.0, help="Sampling time shift (>1: more steps near noise).")
+    schedule.add_argument("--time_shift", type=float, default=1.0,
+                          help="Sampling time shift (>1: more steps near noise).")
     schedule.add_argument("--guidance_scale", type=float, default=4.0, help="Caption CFG scale.")
     schedule.add_argument("--mask_guidance_scale", type=float, default=1.0, help="Mask CFG scale (1 = no mask CFG).")
     add_run_args(parser, output_dir_default="mask-dit-model")
@@ -129,7 +143,9 @@ def parse_args(argv=None):
     args = parse_args_with_config(parser, argv)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --train_data_dir or --dataset_name")
-    resolve_cache_args(args, has_vae=bool(args.vae_model_name_or_path), has_text_encoder=bool(args.text_encoder_name_or_path))
+    resolve_cache_args(
+        args, has_vae=bool(args.vae_model_name_or_path), has_text_encoder=bool(args.text_encoder_name_or_path)
+    )
     return args
 
 
@@ -139,7 +155,6 @@ def parse_args(argv=None):
 def build_records(args, folder=None):
     if folder or args.train_data_dir:
         return scan_paired_folder(folder or args.train_data_dir, args.caption_column)
-    import datasets
 
     if os.path.isdir(args.dataset_name) and os.path.isfile(os.path.join(args.dataset_name, "dataset_info.json")):
         dataset = datasets.load_from_disk(args.dataset_name)
@@ -182,7 +197,8 @@ def build_transformer(args, in_channels: int, vae_downsample: int, caption_dim: 
         model = build_mask_nextdit(args.model_size, args.model_config, in_channels=in_channels,
                                    mask_channels=args.mask_channels, caption_dim=caption_dim, sample_size=sample_size)
     if args.resolution % (vae_downsample * model.config.patch_size):
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_downsample * model.config.patch_size}")
+        raise ValueError(f"--resolution {args.resolution} must be a multiple of "
+                         f"{vae_downsample * model.config.patch_size}")
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -191,50 +207,6 @@ def build_transformer(args, in_channels: int, vae_downsample: int, caption_dim: 
 
 
 # ---------------------------------------------------------------------------------------------- training
-
-
-class Conditioner:
-    """Turns a batch into model inputs: latents (or pixels), masks and caption tokens, with CFG dropout.
-
-    Batches from the caches (--cache_latents / --cache_text_embeddings) carry the latent distribution
-    and the caption embeddings instead; they use the same random numbers, so the inputs are the same.
-    `empty_caption`: the cached (embedding [S, D], attention mask [S]) of "" for caption dropout.
-    """
-
-    def __init__(self, args, vae, tokenizer, text_encoder, empty_caption=None):
-        self.args, self.vae, self.tokenizer, self.text_encoder = args, vae, tokenizer, text_encoder
-        self.empty_caption = empty_caption
-
-    def __call__(self, batch, generator, train: bool = True):
-        mask, captions = batch["mask"], list(batch["captions"])
-        batch_size, device = mask.shape[0], mask.device
-        if "latent_mean" in batch:
-            target = sample_cached_latents(batch, self.vae.config, generator).float()
-        elif self.vae is not None:
-            target = encode_latents(self.vae, batch["pixel_values"], generator).float()
-        else:
-            target = batch["pixel_values"].float()
-        mask_keep = torch.ones(batch_size, device=device)
-        if train and self.args.mask_dropout_prob > 0:
-            mask_keep = (torch.rand(batch_size, generator=generator, device=device) >= self.args.mask_dropout_prob).float()
-        caption = caption_mask = None
-        if self.text_encoder is not None:
-            drop = None
-            if train and self.args.caption_dropout_prob > 0:
-                drop = torch.rand(batch_size, generator=generator, device=device) < self.args.caption_dropout_prob
-            if "caption_embedding" in batch:
-                caption, caption_mask = batch["caption_embedding"], batch["caption_mask"]
-                if drop is not None:
-                    empty, empty_mask = self.empty_caption
-                    caption = torch.where(drop[:, None, None], empty, caption)
-                    caption_mask = torch.where(drop[:, None], empty_mask, caption_mask)
-            else:
-                if drop is not None:
-                    captions = ["" if d else c for d, c in zip(drop.tolist(), captions)]
-                caption, caption_mask = encode_captions(self.tokenizer, self.text_encoder, captions,
-                                                        self.args.max_caption_length, self.args.caption_hidden_layer)
-            caption = caption.float()
-        return target, mask, mask_keep, caption, caption_mask
 
 
 def flow_step_loss(model, conditioner, batch, generator, args, timesteps=None, train=True):
@@ -254,7 +226,9 @@ def flow_step_loss(model, conditioner, batch, generator, args, timesteps=None, t
 
 def step_generator(seed, step, micro_step, process_index, device):
     """The randomness of one micro-batch as a pure function of the step: resumes replay it exactly."""
-    return torch.Generator(device=device).manual_seed(((seed or 0) * 1_000_003 + step * 1009 + micro_step * 31 + process_index) % (2**63))
+    return torch.Generator(device=device).manual_seed(
+        ((seed or 0) * 1_000_003 + step * 1009 + micro_step * 31 + process_index) % (2**63)
+    )
 
 
 @torch.no_grad()
@@ -323,10 +297,12 @@ class Validator:
     --early_stopping_patience says to stop."""
 
     def __init__(self, args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
-                 state: dict):
+                 resumed_state: dict):
         self.args, self.accelerator, self.model, self.pipeline = args, accelerator, model, pipeline
         self.conditioner, self.held_out, self.held_out_dataloader = conditioner, held_out, held_out_dataloader
-        self.ema, self.encoders, self.state = ema, encoders, state
+        self.ema, self.encoders = ema, encoders
+        self.state = {"best_validation_loss": None, "validations_without_improvement": 0}
+        self.state.update({k: resumed_state[k] for k in self.state if k in resumed_state})
         self.last_step = -1
 
     def __call__(self, step: int) -> bool:
@@ -336,7 +312,9 @@ class Validator:
         self.last_step = step
         logs = {}
         if self.held_out_dataloader is not None:
-            logs["val/loss"] = validation_loss(accelerator, self.model, self.conditioner, self.held_out_dataloader, args)
+            logs["val/loss"] = validation_loss(
+                accelerator, self.model, self.conditioner, self.held_out_dataloader, args
+            )
             best = self.state["best_validation_loss"]
             if best is None or logs["val/loss"] < best - args.early_stopping_min_delta:
                 self.state.update(best_validation_loss=logs["val/loss"], validations_without_improvement=0)
@@ -411,31 +389,26 @@ def main(args):
         args.lr_warmup_steps * accelerator.num_processes, max_train_steps * accelerator.num_processes,
         args.min_lr / args.learning_rate, cosine=args.lr_scheduler == "cosine"))
 
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, train_dataloader, lr_scheduler)
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, train_dataloader,
+                                                                           lr_scheduler)
     if held_out_dataloader is not None:
         held_out_dataloader = accelerator.prepare(held_out_dataloader)
-    register_checkpoint_hooks(
-        accelerator, {"transformer": transformer},
-        extra_savers={"transformer_ema": lambda path: save_ema(ema, path)} if ema else None,
-        extra_loaders={"transformer_ema": lambda path: load_ema(ema, path)} if ema else None,
-    )
+    register_checkpoint_hooks(accelerator, {"transformer": transformer}, **ema_checkpoint_hooks(ema, "transformer_ema"))
     place_ema(ema, accelerator.device)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name or "train_mask_dit", config=tracker_config(args))
 
     position = resume_position(accelerator, args, updates_per_epoch)
     global_step = position.global_step
-    early_stopping = {"best_validation_loss": None, "validations_without_improvement": 0}
-    early_stopping.update({k: position.state[k] for k in early_stopping if k in position.state})
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
     validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
-                         early_stopping)
+                         position.state)
     monitor = HealthMonitor(args.train_batch_size * accelerator.num_processes)
     guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
     stop = StopSignal(check_every=args.logging_steps)
 
     def checkpoint_now():
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(early_stopping))
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(validate.state))
 
     logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
     progress = progress_bar(accelerator, max_train_steps, global_step)
@@ -445,7 +418,9 @@ def main(args):
         micro_step, early_stop = 0, False
         for batch in epoch_batches(accelerator, train_dataloader, train_dataset, epoch, position):
             with accelerator.accumulate(model):
-                generator = step_generator(args.seed, global_step, micro_step, accelerator.process_index, accelerator.device)
+                generator = step_generator(
+                    args.seed, global_step, micro_step, accelerator.process_index, accelerator.device
+                )
                 micro_step = (micro_step + 1) % args.gradient_accumulation_steps
                 with oom_hint():
                     loss = flow_step_loss(model, conditioner, batch, generator, args)
@@ -463,7 +438,9 @@ def main(args):
                 log_health(accelerator, monitor, lr_scheduler, progress, global_step, epoch)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 checkpoint_now()
-            early_stop = bool(args.validation_steps and global_step % args.validation_steps == 0 and validate(global_step))
+            early_stop = bool(
+                args.validation_steps and global_step % args.validation_steps == 0 and validate(global_step)
+            )
             stopping = stop.should_stop(accelerator)  # every rank, every step (a collective every --logging_steps)
             if early_stop:
                 logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")

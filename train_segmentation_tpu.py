@@ -29,9 +29,15 @@ import logging
 import math
 import os
 
+import utils  # noqa: F401  (first: its log filter must be in place before diffusers/peft import bitsandbytes)
+# isort: split
+
 import numpy as np
 import torch
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, PrepareForLaunch
+from diffusers.optimization import get_scheduler
 from PIL import Image
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, default_collate
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
@@ -39,7 +45,7 @@ from utils.checkpointing import (atomic_directory, register_checkpoint_hooks, re
                                  save_module, write_json_atomic)
 from utils.config import add_hyphen_aliases, parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
-from utils.ema import add_ema_args, create_ema, ema_step, ema_weights, load_ema, place_ema, save_ema
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema, save_ema
 from utils.errors import oom_hint
 from utils.optim import apply_update, create_optimizer
 from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config,
@@ -58,9 +64,11 @@ logger = logging.getLogger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train or evaluate MSHNet on an IRSTD-1k-layout data set.")
     parser.add_argument("--dataset_dir", type=str, required=True,
-                        help="Folder with images/, masks/, trainval.txt, test.txt (IRSTD-1k, NUDT-SIRST, SIRST layout).")
+                        help="Folder with images/, masks/, trainval.txt, test.txt (IRSTD-1k, "
+                             "NUDT-SIRST, SIRST layout).")
     parser.add_argument("--mode", type=str, default="train", choices=["train", "test"],
-                        help="train: train and evaluate every epoch. test: evaluate --weight_path, write metrics and masks.")
+                        help="train: train and evaluate every epoch. test: evaluate "
+                             "--weight_path, write metrics and masks.")
     parser.add_argument("--weight_path", type=str, default=None,
                         help="Weights to evaluate (--mode test) or start from: a best/ or checkpoint-N/ folder, a "
                              ".safetensors file, or a reference MSHNet .pkl/.tar state dict.")
@@ -70,24 +78,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache_images", action="store_true",
                         help="Decode every image and mask once and keep them in (shared) memory: about half of a "
                              "sample's loading time (IRSTD-1k: ~1 GB). Same augmentation, same results.")
-    parser.add_argument("--eval_batch_size", type=int, default=None, help="Evaluation batch size per device (default: --batch_size).")
+    parser.add_argument("--eval_batch_size", type=int, default=None,
+                        help="Evaluation batch size per device (default: --batch_size).")
     parser.add_argument("--epochs", type=int, default=400, help="Training epochs.")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Stop after this many optimizer steps (overrides --epochs).")
+    parser.add_argument("--max_train_steps", type=int, default=None,
+                        help="Stop after this many optimizer steps (overrides --epochs).")
     parser.add_argument("--warm_epoch", type=int, default=5,
                         help="Epochs 0..warm_epoch train only the main head with the soft-IoU loss (as the reference).")
-    parser.add_argument("--base_size", type=int, default=256, help="Evaluation size, and the centre of the training rescale range.")
+    parser.add_argument("--base_size", type=int, default=256,
+                        help="Evaluation size, and the centre of the training rescale range.")
     parser.add_argument("--crop_size", type=int, default=256, help="Training crop size (a multiple of 16).")
     parser.add_argument("--lr", "--learning_rate", dest="lr", type=float, default=0.05, help="Initial learning rate.")
-    parser.add_argument("--optimizer", type=str, default="adagrad", choices=["adagrad", "adamw"], help="Adagrad is the reference's.")
+    parser.add_argument("--optimizer", type=str, default="adagrad", choices=["adagrad", "adamw"],
+                        help="Adagrad is the reference's.")
     parser.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay (AdamW: decoupled).")
     parser.add_argument("--lr_scheduler", type=str, default="constant",
-                        help='diffusers scheduler: "constant", "constant_with_warmup", "cosine", "linear", "polynomial", ...')
+                        help='diffusers scheduler: "constant", "constant_with_warmup", "cosine", '
+                             '"linear", "polynomial", ...')
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Scheduler warm-up steps.")
     parser.add_argument("--eval_epochs", type=int, default=1, help="Evaluate every N epochs (and after the last).")
-    parser.add_argument("--num_grid_images", type=int, default=8, help="Test images in the TensorBoard prediction grid.")
+    parser.add_argument("--num_grid_images", type=int, default=8,
+                        help="Test images in the TensorBoard prediction grid.")
     parser.add_argument("--use_tpu", action="store_true",
-                        help="Run on TPU. With `python`, spawns --num_cores processes; with `accelerate launch` the config decides.")
-    parser.add_argument("--num_cores", type=int, default=8, help="TPU cores to use with --use_tpu when started with `python`.")
+                        help="Run on TPU. With `python`, spawns --num_cores processes; with `accelerate "
+                             "launch` the config decides.")
+    parser.add_argument("--num_cores", type=int, default=8,
+                        help="TPU cores to use with --use_tpu when started with `python`.")
     add_run_args(parser, output_dir_default="outputs/mshnet")
     add_ema_args(parser)
     add_speed_args(parser)
@@ -102,7 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mode == "test" and not args.weight_path:
         raise ValueError("--mode test needs --weight_path (e.g. outputs/mshnet/best)")
     if args.batch_size == "auto" and args.mode == "test" and not args.eval_batch_size:
-        raise ValueError("--mode test with --batch_size auto: give --eval_batch_size (nothing is trained to size it on)")
+        raise ValueError(
+            "--mode test with --batch_size auto: give --eval_batch_size (nothing is trained to size it on)"
+        )
     if args.batch_size != "auto":
         args.eval_batch_size = args.eval_batch_size or args.batch_size
     return args
@@ -120,8 +138,6 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--weight_path {path}: no such file or folder")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         state = load_file(path)
     else:  # the reference saves plain state dicts (weight.pkl) or {"state_dict"/"net": ...}
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -139,7 +155,10 @@ def build_datasets(args):
     eval_set = IRSTDDataset(args.dataset_dir, "test", train=False, base_size=args.base_size, crop_size=args.crop_size,
                             cache_in_memory=args.cache_images)
     if args.cache_images:
-        logger.info(f"--cache_images: {(train_set.frames.nbytes + eval_set.frames.nbytes) / 2**20:.0f} MiB of decoded frames in memory")
+        logger.info(
+            f"--cache_images: {(train_set.frames.nbytes + eval_set.frames.nbytes) / 2**20:.0f} MiB "
+            "of decoded frames in memory"
+        )
     return train_set, eval_set
 
 
@@ -171,7 +190,9 @@ def evaluate(accelerator, model, eval_loader, names, warm_flag: bool, prediction
         metrics.update(pred, target.cpu().numpy()[:, 0])
         for sample, sample_index in zip(pred, index.cpu().tolist()):
             if predictions_dir is not None and accelerator.is_main_process:
-                Image.fromarray(sample * 255, mode="L").save(os.path.join(predictions_dir, f"{names[sample_index]}.png"))
+                Image.fromarray(sample * 255, mode="L").save(
+                    os.path.join(predictions_dir, f"{names[sample_index]}.png")
+                )
             elif predictions_dir is None and len(kept) < 64:
                 kept[sample_index] = sample
     model.train()
@@ -197,28 +218,55 @@ def save_best(model, directory: str, metrics: dict, epoch: int, global_step: int
         write_json_atomic(os.path.join(temp, "metrics.json"), {**metrics, "epoch": epoch, "global_step": global_step})
 
 
+def build_model(args, device) -> MSHNet:
+    model = MSHNet(input_channels=3)
+    if args.weight_path:
+        load_weights(model, args.weight_path)
+    return model.to(device)
+
+
+def check_one_batch(args, accelerator, train_set) -> None:
+    if len(train_set) < args.batch_size * accelerator.num_processes:
+        raise ValueError(
+            f"{args.dataset_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
+            f"({args.batch_size} x {accelerator.num_processes} processes); lower --batch_size."
+        )
+
+
+def save_final(args, accelerator, raw_model, ema) -> None:
+    """output_dir/last (the trained weights) and output_dir/last_ema."""
+    if accelerator.is_main_process:
+        save_module(raw_model, os.path.join(args.output_dir, "last"))
+        if ema is not None:
+            save_ema(ema, os.path.join(args.output_dir, "last_ema"))
+
+
 def run_test(args, accelerator, model, eval_loader, eval_set):
+    """--mode test: evaluate --weight_path with the fused output; test_metrics.json and the masks."""
+    model, eval_loader = accelerator.prepare(model, eval_loader)
     predictions_dir = os.path.join(args.output_dir, "predictions")
     if accelerator.is_main_process:
         os.makedirs(predictions_dir, exist_ok=True)
     # The reference evaluates trained models with the fused multi-scale output.
-    metrics, _ = evaluate(accelerator, model, eval_loader, eval_set.names, warm_flag=True, predictions_dir=predictions_dir)
+    metrics, _ = evaluate(
+        accelerator, model, eval_loader, eval_set.names, warm_flag=True, predictions_dir=predictions_dir
+    )
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "test_metrics.json"), "w", encoding="utf-8") as handle:
             json.dump({**metrics, "weight_path": args.weight_path}, handle, indent=2)
         logger.info(f"Test metrics: {metrics}; masks in {predictions_dir}")
+    accelerator.end_training()
     return metrics
 
 
 def select_xla(args, accelerator) -> bool:
     """Whether Accelerate chose XLA; --use_tpu without it is an error. Fixes accelerate's XLA loader wrapper."""
-    from accelerate.utils import DistributedType
-
     on_xla = accelerator.distributed_type == DistributedType.XLA
     if args.use_tpu and not on_xla:
         raise RuntimeError(
             "--use_tpu given but Accelerate did not select XLA (torch_xla missing or no TPU). Install torch-xla "
-            "matching your torch and launch with `accelerate launch --config_file accelerate_configs/tpu.yaml` (docs/TPU.md)."
+            "matching your torch and launch with `accelerate launch --config_file "
+            "accelerate_configs/tpu.yaml` (docs/TPU.md)."
         )
     if on_xla:
         patch_accelerate_xla_loader()
@@ -266,8 +314,6 @@ def evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_fl
 def main(args=None):
     """Entry point for `python` and for `accelerate launch` (whose TPU launcher calls main() with no arguments)."""
     args = parse_args() if args is None else args
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
-    from diffusers.optimization import get_scheduler
 
     accelerator = create_accelerator(
         args,
@@ -276,10 +322,7 @@ def main(args=None):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     on_xla = select_xla(args, accelerator)
-    model = MSHNet(input_channels=3)
-    if args.weight_path:
-        load_weights(model, args.weight_path)
-    model.to(accelerator.device)
+    model = build_model(args, accelerator.device)
     train_set, eval_set = build_datasets(args)
     if args.mode == "train":  # --batch_size auto: probe the full multi-scale loss (all heads: the most memory)
         resolve_auto_batch_size_for(args, accelerator, lambda batch: multiscale_sls_loss(
@@ -289,16 +332,8 @@ def main(args=None):
     train_loader, eval_loader = build_dataloaders(args, train_set, eval_set)
 
     if args.mode == "test":
-        model, eval_loader = accelerator.prepare(model, eval_loader)
-        metrics = run_test(args, accelerator, model, eval_loader, eval_set)
-        accelerator.end_training()
-        return metrics
-
-    if len(train_set) < args.batch_size * accelerator.num_processes:
-        raise ValueError(
-            f"{args.dataset_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
-            f"({args.batch_size} x {accelerator.num_processes} processes); lower --batch_size."
-        )
+        return run_test(args, accelerator, model, eval_loader, eval_set)
+    check_one_batch(args, accelerator, train_set)
     apply_speedups(model, args)
     # Built after the model is on its device (see create_optimizer); the prepared scheduler steps per process.
     optimizer = create_optimizer(args.optimizer, model.parameters(), accelerator.device, lr=args.lr,
@@ -315,11 +350,7 @@ def main(args=None):
         model, optimizer, train_loader, eval_loader, lr_scheduler)
     raw_model = accelerator.unwrap_model(model)
     ema = place_ema(create_ema(raw_model, args) if args.use_ema else None, accelerator.device)
-    register_checkpoint_hooks(
-        accelerator, {"mshnet": raw_model},
-        extra_savers={"mshnet_ema": lambda path: save_ema(ema, path)} if ema else None,
-        extra_loaders={"mshnet_ema": lambda path: load_ema(ema, path)} if ema else None,
-    )
+    register_checkpoint_hooks(accelerator, {"mshnet": raw_model}, **ema_checkpoint_hooks(ema, "mshnet_ema"))
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name or "mshnet", config=tracker_config(args))
 
@@ -328,7 +359,7 @@ def main(args=None):
     logger.info(f"{len(train_set)} training / {len(eval_set)} test samples, {updates_per_epoch} steps per epoch, "
                 f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}, "
                 f"best mIoU so far {best_miou:.4f}")
-    monitor = HealthMonitor(samples_per_step=args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+    monitor = HealthMonitor(args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
     # On XLA no fused optimizer can take the guard's device-side verdict, so it would read the loss on
     # the host every step and stall the device: no guard there.
     guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
@@ -349,7 +380,9 @@ def main(args=None):
                     side_masks, mask = model(batch["pixel_values"], warm_flag)
                     loss = multiscale_sls_loss(side_masks, mask, batch["mask"], in_warmup=not warm_flag)
                     accelerator.backward(loss)
-                grad_norm = apply_update(accelerator, optimizer, lr_scheduler, model.parameters(), loss, args.max_grad_norm, guard)
+                grad_norm = apply_update(
+                    accelerator, optimizer, lr_scheduler, model.parameters(), loss, args.max_grad_norm, guard
+                )
             monitor.add(loss=loss.detach(), grad_norm=grad_norm)
             if not accelerator.sync_gradients:
                 continue
@@ -379,10 +412,7 @@ def main(args=None):
     if global_step % args.checkpointing_steps:
         checkpoint_now(epoch)
     write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless set)
-    if accelerator.is_main_process:
-        save_module(raw_model, os.path.join(args.output_dir, "last"))
-        if ema is not None:
-            save_ema(ema, os.path.join(args.output_dir, "last_ema"))
+    save_final(args, accelerator, raw_model, ema)
     log_xla_metrics(on_xla, args.output_dir, accelerator)
     accelerator.end_training()
     return best_miou
@@ -402,8 +432,9 @@ def launch_on_tpu(args) -> None:
     try:
         import torch_xla.distributed.xla_multiprocessing as xmp
     except ImportError as error:
-        raise RuntimeError("--use_tpu needs torch_xla: pip install torch-xla==<your torch version> (docs/TPU.md)") from error
-    from accelerate.utils import PrepareForLaunch
+        raise RuntimeError(
+            "--use_tpu needs torch_xla: pip install torch-xla==<your torch version> (docs/TPU.md)"
+        ) from error
 
     if args.mixed_precision == "bf16":  # what `accelerate launch` does for a bf16 TPU config
         os.environ.setdefault("XLA_USE_BF16", "1")

@@ -19,22 +19,32 @@ import logging
 import math
 import os
 
+import utils  # noqa: F401  (first: its log filter must be in place before diffusers/peft import bitsandbytes)
+# isort: split
+
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DataLoaderConfiguration
+from diffusers import StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_dream_and_update_latents, compute_snr
+from diffusers.utils.import_utils import is_xformers_available
 
-from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
+from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
                          sample_cached_latents)
 from utils.checkpointing import register_checkpoint_hooks, resume_position, save_checkpoint
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
-from utils.ema import add_ema_args, create_ema, ema_step, load_ema, place_ema, save_ema
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, place_ema
 from utils.errors import oom_hint
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latents import encode_latents, scale_latents
 from utils.optim import apply_update, create_optimizer, restart_lr_schedule
 from utils.run import (add_run_args, create_accelerator, progress_bar, save_run_args, steps_per_epoch, tracker_config,
                        weight_dtype, write_rank_checksums)
+from utils.sd.args import add_model_args, add_training_args, add_validation_args
+from utils.sd.builder import assemble_pipeline
 from utils.sd.cache import cache_text_image_dataset
 from utils.sd.data import (add_image_data_args, build_text_image_dataset, captions_for_new_tokenizer,
                            collate_text_image, load_text_image_dataset)
@@ -51,73 +61,15 @@ logger = logging.getLogger("train_text_to_image")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                       help="Path to pretrained model or model identifier from huggingface.co/models. Omit with --model_preset to train from scratch.")
-    model.add_argument("--revision", type=str, default=None, help="Revision of pretrained model identifier from huggingface.co/models.")
-    model.add_argument("--variant", type=str, default=None, help="Variant of the model files of the pretrained model identifier, e.g. fp16")
-    model.add_argument("--non_ema_revision", type=str, default=None,
-                       help="Revision of pretrained non-ema model identifier. Must be a branch, tag or git identifier of the local or remote repository specified with --pretrained_model_name_or_path.")
-    model.add_argument("--model_preset", type=str, default=None, choices=["tiny", "small", "base"],
-                       help="Build fresh (random) models of this size instead of loading a pretrained pipeline.")
-    model.add_argument("--unet_config", type=str, default=None, help="JSON file of UNet2DConditionModel config overrides (from scratch).")
-    model.add_argument("--vae_config", type=str, default=None, help="JSON file of AutoencoderKL config overrides (from scratch).")
-    model.add_argument("--text_encoder_name_or_path", type=str, default=None,
-                       help="Load the tokenizer and CLIP text encoder from this path/Hub id (subfolders tokenizer/ and text_encoder/ if present).")
-    model.add_argument("--prediction_type", type=str, default=None,
-                       help="The prediction_type that shall be used for training. Choose between 'epsilon' or 'v_prediction' or leave `None`. If left to `None` the default prediction type of the scheduler: `noise_scheduler.config.prediction_type` is chosen.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    add_model_args(parser)
     add_vae_args(parser)
     add_lora_args(parser)
     add_image_data_args(parser)
-
-    train = parser.add_argument_group("training")
-    train.add_argument("--train_batch_size", type=batch_size_arg, default=16,
-                       help="Batch size (per device) for the training dataloader, or 'auto': the largest that fits (see --effective_batch_size).")
-    train.add_argument("--num_train_epochs", type=int, default=100)
-    train.add_argument("--max_train_steps", type=int, default=None,
-                       help="Total number of training steps to perform.  If provided, overrides num_train_epochs.")
-    train.add_argument("--gradient_checkpointing", action="store_true",
-                       help="Whether or not to use gradient checkpointing to save memory at the expense of slower backward pass.")
-    train.add_argument("--learning_rate", type=float, default=1e-4, help="Initial learning rate (after the potential warmup period) to use.")
-    train.add_argument("--scale_lr", action="store_true", default=False,
-                       help="Scale the learning rate by the number of GPUs, gradient accumulation steps, and batch size.")
-    train.add_argument("--lr_scheduler", type=str, default="constant",
-                       help='The scheduler type to use. Choose between ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]')
-    train.add_argument("--lr_warmup_steps", type=int, default=500, help="Number of steps for the warmup in the lr scheduler.")
-    train.add_argument("--resume_override_lr", action="store_true",
-                       help="After --resume_from_checkpoint, restart the LR schedule (warmup included) at the current --learning_rate.")
-    train.add_argument("--snr_gamma", type=float, default=None,
-                       help="SNR weighting gamma to be used if rebalancing the loss. Recommended value is 5.0. More details here: https://huggingface.co/papers/2303.09556.")
-    train.add_argument("--dream_training", action="store_true",
-                       help="Use the DREAM training method, which makes training more efficient and accurate at the expense of doing an extra forward pass. See: https://huggingface.co/papers/2312.00210")
-    train.add_argument("--dream_detail_preservation", type=float, default=1.0, help="Dream detail preservation factor p (should be greater than 0; default=1.0, as suggested in the paper)")
-    train.add_argument("--use_8bit_adam", action="store_true", help="Whether or not to use 8-bit Adam from bitsandbytes.")
-    train.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
-    train.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
-    train.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer")
-    train.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
-    train.add_argument("--input_perturbation", type=float, default=0, help="The scale of input perturbation. Recommended 0.1.")
-    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Whether or not to use xformers.")
-    train.add_argument("--train_text_encoder", action="store_true",
-                       help="Train the text encoder too (fully when training from scratch or fine-tuning; its LoRA with --use_lora).")
-    train.add_argument("--text_encoder_learning_rate", type=float, default=None, help="Text encoder LR (default: --learning_rate).")
-    train.add_argument("--caption_dropout_prob", type=float, default=0.0,
-                       help="Replace a caption by the empty prompt with this probability, so classifier-free guidance works.")
-
-    val = parser.add_argument_group("validation")
-    val.add_argument("--validation_prompts", type=str, default=None, nargs="+",
-                     help="A set of prompts evaluated every `--validation_epochs` and logged to `--report_to`.")
-    val.add_argument("--validation_prompt", type=str, default=None,
-                     help="A prompt that is sampled --num_validation_images times during validation (LoRA script's flag).")
-    val.add_argument("--num_validation_images", type=int, default=None,
-                     help="Images per validation prompt (default: 1 per prompt for full training, 4 with --use_lora).")
-    val.add_argument("--validation_epochs", type=int, default=None,
-                     help="Run validation every X epochs (default 5; 1 with --use_lora, as in diffusers).")
-    val.add_argument("--validation_steps", type=int, default=None, help="Also run validation every X optimizer steps.")
-    val.add_argument("--validation_inference_steps", type=int, default=20, help="DPM-Solver++ steps for validation images.")
-    val.add_argument("--validation_guidance_scale", type=float, default=7.5, help="Classifier-free guidance for validation images.")
+    add_training_args(parser)
+    add_validation_args(parser)
     add_run_args(parser, output_dir_default=None)
     add_ema_args(parser)
     add_hub_args(parser)
@@ -147,31 +99,42 @@ def parse_args(argv=None):
 
 def validate_args(args) -> None:
     if not args.pretrained_model_name_or_path and not args.model_preset:
-        raise ValueError("Give --pretrained_model_name_or_path (fine-tune) or --model_preset tiny|small|base (train from scratch).")
+        raise ValueError(
+            "Give --pretrained_model_name_or_path (fine-tune) or --model_preset tiny|small|base (train from scratch)."
+        )
     if args.pretrained_model_name_or_path and args.model_preset:
-        raise ValueError("--pretrained_model_name_or_path and --model_preset are exclusive: load a model or build a fresh one.")
+        raise ValueError(
+            "--pretrained_model_name_or_path and --model_preset are exclusive: load a model or build a fresh one."
+        )
     if args.dataset_name is None and args.train_data_dir is None and args.train_data_file is None:
-        raise ValueError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir or --train_data_file).")
+        raise ValueError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir or "
+                         "--train_data_file).")
     if args.dream_training and args.prediction_type == "v_prediction":
-        raise ValueError("--dream_training is only implemented for epsilon prediction; drop --prediction_type v_prediction.")
+        raise ValueError(
+            "--dream_training is only implemented for epsilon prediction; drop --prediction_type v_prediction."
+        )
     if args.prediction_type not in (None, "epsilon", "v_prediction"):
         raise ValueError(f"--prediction_type {args.prediction_type}: choose 'epsilon' or 'v_prediction'.")
     if args.use_lora and args.use_ema:
-        raise ValueError("--use_ema with --use_lora is not supported: EMA of LoRA adapters is not what diffusers' scripts do.")
+        raise ValueError(
+            "--use_ema with --use_lora is not supported: EMA of LoRA adapters is not what diffusers' scripts do."
+        )
     if args.use_lora and args.train_text_encoder:
         check_text_encoder_lora_support()
     if args.use_lora and args.train_vae:
         raise ValueError("--train_vae trains a VAE from scratch; it cannot be combined with --use_lora.")
-    if args.train_vae and args.vae_training_mode == "joint" and (args.cache_latents or int(os.environ.get("WORLD_SIZE", 1)) > 1):
-        raise ValueError("--vae_training_mode joint runs in one process without --cache_latents; use the default 'stage' mode.")
+    multi_process = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if args.train_vae and args.vae_training_mode == "joint" and (args.cache_latents or multi_process):
+        raise ValueError(
+            "--vae_training_mode joint runs in one process without --cache_latents; use the default 'stage' mode."
+        )
     if not 0.0 <= args.caption_dropout_prob < 1.0:
         raise ValueError("--caption_dropout_prob must be in [0, 1).")
     if args.enable_xformers_memory_efficient_attention:
-        from diffusers.utils.import_utils import is_xformers_available
-
         if not is_xformers_available():
             raise ValueError("--enable_xformers_memory_efficient_attention: xformers is not installed "
-                             "(pip install xformers, CUDA only). PyTorch's SDPA attention is used by default and needs nothing.")
+                             "(pip install xformers, CUDA only). PyTorch's SDPA attention is used by "
+                             "default and needs nothing.")
     check_hub_args(args)
 
 
@@ -181,13 +144,13 @@ def validate_args(args) -> None:
 
 def diffusion_loss(args, models, batch, monitor: HealthMonitor):
     """The denoising loss of one batch (epsilon or v target; min-SNR, offset noise, input perturbation, DREAM)."""
-    from diffusers.training_utils import compute_dream_and_update_latents, compute_snr
-
     unet, text_encoder, vae, noise_scheduler = (models[k] for k in ("unet", "text_encoder", "vae", "noise_scheduler"))
 
     vae_loss = None
     if args.train_vae and args.vae_training_mode == "joint":  # VAE learns from its own loss only
-        vae_loss, reconstruction, kl, raw_latents = vae_losses(vae, batch["pixel_values"], args.vae_kl_weight, return_latents=True)
+        vae_loss, reconstruction, kl, raw_latents = vae_losses(
+            vae, batch["pixel_values"], args.vae_kl_weight, return_latents=True
+        )
         latents = scale_latents(raw_latents.detach(), vae.config)
         monitor.add(vae_reconstruction_loss=reconstruction, vae_kl=kl)
     else:
@@ -197,7 +160,9 @@ def diffusion_loss(args, models, batch, monitor: HealthMonitor):
     if args.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
         noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
     model_noise = noise + args.input_perturbation * torch.randn_like(noise) if args.input_perturbation else noise
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device).long()
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+    ).long()
     noisy_latents = noise_scheduler.add_noise(latents, model_noise, timesteps)
     encoder_hidden_states = batch["encoder_hidden_states"] if "encoder_hidden_states" in batch \
         else text_encoder(batch["input_ids"], return_dict=False)[0]
@@ -209,7 +174,8 @@ def diffusion_loss(args, models, batch, monitor: HealthMonitor):
         raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
     if args.dream_training:
         noisy_latents, target = compute_dream_and_update_latents(
-            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states, args.dream_detail_preservation)
+            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
+            args.dream_detail_preservation)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     if args.snr_gamma is None:
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
@@ -219,7 +185,8 @@ def diffusion_loss(args, models, batch, monitor: HealthMonitor):
         weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         loss = (loss * weights).mean()
-    monitor.add(timestep_mean=timesteps.float().mean(), timestep_std=timesteps.float().std(correction=0),  # (batch 1: 0, not NaN)
+    monitor.add(timestep_mean=timesteps.float().mean(),
+                timestep_std=timesteps.float().std(correction=0),  # (batch 1: 0, not NaN)
                 latent_std=latents.std(), noise_std=noise.std())
     return loss if vae_loss is None else loss + vae_loss
 
@@ -249,8 +216,6 @@ def prepare_vae(args, accelerator, models, train_dataloader) -> None:
 
 def configure_training(args, accelerator, models, weight_dtype) -> None:
     """Which weights train (full, LoRA, text encoder, joint VAE), their devices and dtypes, memory savers."""
-    from diffusers.training_utils import cast_training_params
-
     unet, vae, text_encoder = models["unet"], models["vae"], models["text_encoder"]
     vae.requires_grad_(joint_vae(args))
     train_text_encoder_fully = args.train_text_encoder and not args.use_lora
@@ -295,8 +260,7 @@ def register_hooks(args, accelerator, models, ema) -> None:
         load_fns = {"unet": lambda m, d: load_lora_into(os.path.dirname(d), m, lora_te),
                     "text_encoder": lambda m, d: None}
     register_checkpoint_hooks(accelerator, trained, save_fns=save_fns, load_fns=load_fns,
-                              extra_savers={"unet_ema": lambda d: save_ema(ema, d)} if ema else None,
-                              extra_loaders={"unet_ema": lambda d: load_ema(ema, d)} if ema else None)
+                              **ema_checkpoint_hooks(ema, "unet_ema"))
 
 
 def build_optimizer(args, accelerator, models):
@@ -309,7 +273,9 @@ def build_optimizer(args, accelerator, models):
         param_groups.append({"params": [p for p in models["text_encoder"].parameters() if p.requires_grad],
                              "lr": args.text_encoder_learning_rate or args.learning_rate})
     if joint_vae(args):
-        param_groups.append({"params": list(models["vae"].parameters()), "lr": args.vae_learning_rate, "weight_decay": 0.0})
+        param_groups.append(
+            {"params": list(models["vae"].parameters()), "lr": args.vae_learning_rate, "weight_decay": 0.0}
+        )
     optimizer = make_optimizer(args, param_groups, accelerator.device)
     return optimizer, [group["lr"] for group in param_groups]
 
@@ -354,9 +320,6 @@ def validation_due(args, step: int, epoch: int | None = None) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 def main(args):
-    from accelerate.utils import DataLoaderConfiguration
-    from diffusers.optimization import get_scheduler
-
     accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     dtype = weight_dtype(accelerator)
 
@@ -426,12 +389,16 @@ def main(args):
                 with accelerator.accumulate(*trained):
                     loss = diffusion_loss(args, models, batch, monitor)
                     accelerator.backward(loss)
-                    grad_norm = apply_update(accelerator, optimizer, lr_scheduler, trainable, loss, args.max_grad_norm, guard)
+                    grad_norm = apply_update(
+                        accelerator, optimizer, lr_scheduler, trainable, loss, args.max_grad_norm, guard
+                    )
                     if grad_norm is not None:
                         monitor.add(loss=loss, grad_norm=grad_norm)
                 if not accelerator.sync_gradients:
                     continue
-                ema_step(ema, accelerator.unwrap_model(models["unet"]).parameters(), accelerator.device, args.offload_ema)
+                ema_step(
+                    ema, accelerator.unwrap_model(models["unet"]).parameters(), accelerator.device, args.offload_ema
+                )
                 global_step += 1
                 progress.update(1)
                 monitor.step_done()
@@ -460,10 +427,6 @@ def main(args):
 
 def save_final(args, accelerator, models, ema) -> None:
     """Final pipeline (or LoRA weights) in --output_dir, EMA weights copied in; model card; Hub push."""
-    from diffusers import StableDiffusionPipeline
-
-    from utils.sd.builder import assemble_pipeline
-
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
@@ -477,14 +440,17 @@ def save_final(args, accelerator, models, ema) -> None:
             ema.copy_to(unet.parameters())
         trained = dict(unet=unet, text_encoder=text_encoder, vae=models["vae"])
         if args.pretrained_model_name_or_path:
-            pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                               variant=args.variant, **trained)
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **trained)
             # Inference must use the target the UNet was trained for (diffusers' script keeps the base's).
             pipeline.scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
         else:
-            pipeline = assemble_pipeline(dict(trained, tokenizer=models["tokenizer"], scheduler=models["noise_scheduler"]))
+            pipeline = assemble_pipeline(
+                dict(trained, tokenizer=models["tokenizer"], scheduler=models["noise_scheduler"])
+            )
         pipeline.save_pretrained(args.output_dir)
-    write_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path or f"from scratch ({args.model_preset} preset)",
+    write_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path or "from scratch "
+                                                                                       f"({args.model_preset} preset)",
                      datasets=[args.dataset_name] if args.dataset_name else None, hyperparameters=redact_args(args),
                      validation_grid=grid, lora=args.use_lora)
     logger.info(f"Saved the final {'LoRA weights' if args.use_lora else 'pipeline'} to {args.output_dir}")

@@ -91,6 +91,14 @@ def ema_weights(ema: EMAModel | None, parameters):
         ema.restore(parameters)
 
 
+def ema_checkpoint_hooks(ema: EMAModel | None, name: str) -> dict:
+    """`register_checkpoint_hooks` keyword arguments that save/load the EMA as checkpoint-N/<name>."""
+    if ema is None:
+        return {}
+    return {"extra_savers": {name: lambda path: save_ema(ema, path)},
+            "extra_loaders": {name: lambda path: load_ema(ema, path)}}
+
+
 def save_ema(ema: EMAModel, directory: str) -> None:
     if ema.model_cls is not None:
         ema.save_pretrained(directory)

@@ -9,11 +9,11 @@ import json
 import logging
 
 import torch
+from PIL import Image
 
 from utils.cache import (ShardedTensors, fingerprint, image_reference, is_channels_last, load_or_build,
                          module_fingerprint)
-from utils.data import sample_rng
-from utils.images import crop_origin
+from utils.mask_dit.data import PairedImageMaskDataset
 
 logger = logging.getLogger(__name__)
 
@@ -30,27 +30,9 @@ def paired_rows_fingerprint(dataset) -> str:
     return digest.hexdigest()[:20]
 
 
-def _resized_size(image_size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """The (width, height) `PairedImageMaskDataset` resizes an image of `image_size` to."""
-    width, height = image_size
-    scale = resolution / min(width, height)
-    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
-
-
-def draw_pair_flip(dataset, index: int, resized_size: tuple[int, int], epoch: int) -> bool:
-    """Whether `PairedImageMaskDataset` flips item `index` in `epoch`: its draws (crop, then flip) replayed."""
-    rng = sample_rng(dataset.seed, epoch, index)
-    crop_origin(resized_size, dataset.resolution, not dataset.random_crop, rng)
-    return dataset.random_flip and rng.random() < 0.5
-
-
 def encode_pair_batches(dataset, vae, device, batch_size: int):
     """Yield {"mean", "std" [B, C, h, w] (+ "mean_flipped", "std_flipped"), "mask" uint8 [B, K, R, R],
     "size" [B, 2], "channels_last" [B]} for the epoch-0 crops of a `PairedImageMaskDataset`."""
-    from PIL import Image
-
-    from utils.mask_dit.data import PairedImageMaskDataset
-
     # The same pairs without the flip: the crop is drawn before the flip, so it is the epoch-0 crop.
     unflipped = PairedImageMaskDataset(dataset.records, dataset.resolution, dataset.mask_channels, dataset.random_crop,
                                        False, dataset.indices, dataset.seed)
@@ -64,7 +46,7 @@ def encode_pair_batches(dataset, vae, device, batch_size: int):
                     image_size = opened.size
             else:
                 image_size = image.size
-            sizes.append(_resized_size(image_size, dataset.resolution))
+            sizes.append(dataset.resized_size(image_size))
         pixel_values = torch.stack([item["pixel_values"] for item in items])
         if dataset.random_flip:
             pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
@@ -116,7 +98,7 @@ class CachedPairedDataset(torch.utils.data.Dataset):
         if self.latents is None:
             item = dict(self.base[index])
         else:
-            flip = draw_pair_flip(self.base, index, tuple(self.sizes[index]), self.base.epoch)
+            _, flip = self.base.plan(index, self.base.epoch, tuple(self.sizes[index]))
             suffix = "_flipped" if flip else ""
             mask = self.latents.get("mask", index).float()
             item = {"latent_mean": self.latents.get("mean" + suffix, index), "latent_std": self.latents.get("std" + suffix, index),

@@ -188,22 +188,32 @@ class PairedImageMaskDataset(EpochDataset):
             )
         return image.convert("RGB"), mask.convert("L"), record
 
+    def resized_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) an image of `image_size` is resized to: short side `resolution`."""
+        width, height = image_size
+        scale = self.resolution / min(width, height)
+        return max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale))
+
+    def plan(self, index: int, epoch: int, resized_size: tuple[int, int]) -> tuple[tuple[int, int], bool]:
+        """Item `index`'s random choices in `epoch`, made here only: the crop's (top, left), then the flip.
+        `__getitem__` and the latent cache (`utils.mask_dit.cache`) both call this."""
+        rng = sample_rng(self.seed, epoch, index)
+        crop = crop_origin(resized_size, self.resolution, not self.random_crop, rng)
+        return crop, bool(self.random_flip and rng.random() < 0.5)
+
     def __getitem__(self, index: int) -> dict:
         image, mask, record = self.load_pair(index)
-        width, height = image.size
-        scale = self.resolution / min(width, height)
-        size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
+        size = self.resized_size(image.size)
         if size != image.size:
             image = image.resize(size, Image.BICUBIC)
             mask = mask.resize(size, Image.NEAREST)
-        rng = sample_rng(self.seed, self.epoch, index)
-        top, left = crop_origin(size, self.resolution, not self.random_crop, rng)
+        (top, left), flip = self.plan(index, self.epoch, size)
         box = (left, top, left + self.resolution, top + self.resolution)
         image_array = np.asarray(image.crop(box), dtype=np.float32) / 127.5 - 1.0
         mask_array = mask_to_channels(np.asarray(mask.crop(box)), self.mask_channels, record.name)
         image_tensor = torch.from_numpy(image_array).permute(2, 0, 1).contiguous()
         mask_tensor = torch.from_numpy(mask_array)
-        if self.random_flip and rng.random() < 0.5:
+        if flip:
             image_tensor, mask_tensor = image_tensor.flip(-1), mask_tensor.flip(-1)
         return {"pixel_values": image_tensor, "mask": mask_tensor, "caption": record.caption}
 

@@ -37,9 +37,8 @@ import torch
 
 from utils.cache import (ShardedTensors, fingerprint, image_reference, is_channels_last, load_or_build,
                          module_fingerprint)
-from utils.data import BadSampleError, sample_rng
-from utils.images import crop_origin, load_image, pil_to_tensor, resize_short_side
-from utils.sd.data import pick_caption
+from utils.data import BadSampleError
+from utils.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -52,21 +51,6 @@ def rows_fingerprint(rows, image_column: str, caption_column: str, chunk: int = 
         for image, caption in zip(part[image_column], part[caption_column]):
             digest.update(json.dumps([image_reference(image), caption], default=str).encode("utf-8"))
     return digest.hexdigest()[:20]
-
-
-def draw_augmentation(caption_value, rng, caption_dropout_prob: float, resized_size: tuple[int, int], resolution: int,
-                      center_crop: bool, random_flip: bool, where: str):
-    """(caption, (top, left), flip) with the random draws of `TextImageDataset.load` in the same order.
-
-    The order (caption choice, caption dropout, crop, flip) must match `TextImageDataset.load` and
-    `ImageTransform.__call__`; tests/test_sd_cache.py checks the loss sequences are equal.
-    """
-    caption = pick_caption(caption_value, rng, where)
-    if caption_dropout_prob > 0 and rng.random() < caption_dropout_prob:
-        caption = ""
-    top, left = crop_origin(resized_size, resolution, center_crop, rng)
-    flip = random_flip and rng.random() < 0.5
-    return caption, (top, left), flip
 
 
 def all_captions(rows, caption_column: str, caption_dropout_prob: float) -> list[str]:
@@ -94,12 +78,9 @@ def encode_latent_batches(dataset, vae, device, batch_size: int):
             try:
                 image = load_image(row[dataset.image_column], name=where if not isinstance(row[dataset.image_column], str)
                                    else row[dataset.image_column])
-                image = resize_short_side(image, transform.resolution, transform.interpolation)
-                _, (top, left), _ = draw_augmentation(row[dataset.caption_column], sample_rng(dataset.seed, 0, index),
-                                                      dataset.caption_dropout_prob, image.size, transform.resolution,
-                                                      transform.center_crop, transform.random_flip, where)
-                crop = image.crop((left, top, left + transform.resolution, top + transform.resolution))
-                pixels.append(pil_to_tensor(crop))
+                image = transform.resize(image)
+                plan = dataset.plan(index, 0, image.size)  # the epoch-0 crop, kept (see the module docstring)
+                pixels.append(transform.apply(image, plan.crop, flip=False))
                 sizes.append(image.size)
                 valid.append(True)
             except BadSampleError as error:
@@ -169,11 +150,8 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
             if not self.valid[current]:
                 self.num_skipped += 1
                 continue
-            where = f"{base.source_name} row {current}"
-            caption, _, flip = draw_augmentation(base.rows[current][base.caption_column], sample_rng(base.seed, base.epoch, current),
-                                                 base.caption_dropout_prob, tuple(self.sizes[current]), base.transform.resolution,
-                                                 base.transform.center_crop, base.transform.random_flip, where)
-            suffix = "_flipped" if flip else ""
+            plan = base.plan(current, base.epoch, tuple(self.sizes[current]))
+            caption, suffix = plan.caption, "_flipped" if plan.flip else ""
             item = {"latent_mean": self.latents.get("mean" + suffix, current),
                     "latent_std": self.latents.get("std" + suffix, current), "caption": caption,
                     "latent_channels_last": self.channels_last}

@@ -76,13 +76,26 @@ class ImageTransform:
     center_crop: bool = False
     random_flip: bool = False
 
-    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
-        image = resize_short_side(image, self.resolution, self.interpolation)
-        top, left = crop_origin(image.size, self.resolution, self.center_crop, rng)
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if self.random_flip and rng.random() < 0.5:
+    def resize(self, image: Image.Image) -> Image.Image:
+        """The short side to `resolution` (the size the crop is drawn in)."""
+        return resize_short_side(image, self.resolution, self.interpolation)
+
+    def draw(self, resized_size: tuple[int, int], rng: random.Random) -> tuple[tuple[int, int], bool]:
+        """The crop's (top, left) in an image of `resized_size`, then whether to flip: two draws from `rng`."""
+        crop = crop_origin(resized_size, self.resolution, self.center_crop, rng)
+        return crop, bool(self.random_flip and rng.random() < 0.5)
+
+    def apply(self, resized: Image.Image, crop: tuple[int, int], flip: bool) -> torch.Tensor:
+        top, left = crop
+        image = resized.crop((left, top, left + self.resolution, top + self.resolution))
+        if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return pil_to_tensor(image), (top, left)
+        return pil_to_tensor(image)
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
+        resized = self.resize(image)
+        crop, flip = self.draw(resized.size, rng)
+        return self.apply(resized, crop, flip), crop
 
 
 def _safe_join(root: str, relative: str, where: str) -> str:
@@ -192,6 +205,15 @@ def pick_caption(caption, rng: random.Random | None, where: str) -> str:
     return caption
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """One sample's random choices for one epoch (see `TextImageDataset.plan`)."""
+
+    caption: str
+    crop: tuple[int, int]  # (top, left) in the short-side-resized image
+    flip: bool
+
+
 class TextImageDataset(EpochDataset):
     """Decoded, augmented, tokenized samples: {"pixel_values": [3, R, R] in [-1, 1], "input_ids": [L]}.
 
@@ -209,22 +231,34 @@ class TextImageDataset(EpochDataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def load(self, index: int, rng: random.Random) -> dict:
-        row = self.rows[index]
-        image_name = _row_name(row[self.image_column])
-        where = f"{self.source_name} row {index}" + (f" ({image_name})" if image_name else "")
-        image = load_image(row[self.image_column], name=image_name or where)
-        caption = pick_caption(row[self.caption_column], rng, where)
+    def where(self, index: int) -> str:
+        image_name = _row_name(self.rows[index][self.image_column])
+        return f"{self.source_name} row {index}" + (f" ({image_name})" if image_name else "")
+
+    def plan(self, index: int, epoch: int, resized_size: tuple[int, int]) -> Augmentation:
+        """Every random choice for sample `index` in `epoch`, made here only: the caption (one of several),
+        its dropout, the crop in the resized image, the flip. `__getitem__` and the latent cache
+        (`utils.sd.cache`) both call this, so a cached run cannot drift from the image path."""
+        rng = sample_rng(self.seed, epoch, index)
+        caption = pick_caption(self.rows[index][self.caption_column], rng, self.where(index))
         if self.caption_dropout_prob > 0 and rng.random() < self.caption_dropout_prob:
             caption = ""
-        pixel_values, _ = self.transform(image, rng)
-        return {"pixel_values": pixel_values, "input_ids": self.tokenize(caption), "caption": caption}
+        crop, flip = self.transform.draw(resized_size, rng)
+        return Augmentation(caption, crop, flip)
+
+    def load(self, index: int, epoch: int) -> dict:
+        row = self.rows[index]
+        image = load_image(row[self.image_column], name=_row_name(row[self.image_column]) or self.where(index))
+        resized = self.transform.resize(image)
+        plan = self.plan(index, epoch, resized.size)
+        return {"pixel_values": self.transform.apply(resized, plan.crop, plan.flip),
+                "input_ids": self.tokenize(plan.caption), "caption": plan.caption}
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(len(self.rows)):
             current = (index + attempt) % len(self.rows)
             try:
-                return self.load(current, sample_rng(self.seed, self.epoch, current))
+                return self.load(current, self.epoch)
             except BadSampleError as error:
                 if not self.skip_bad_samples:
                     raise

@@ -1,0 +1,106 @@
+"""The command-line flags of train_text_to_image.py that are Stable Diffusion's own (model, training,
+validation), with diffusers' `train_text_to_image*.py` names, defaults and help texts."""
+
+from __future__ import annotations
+
+from utils.auto_batch import batch_size_arg
+
+
+def add_model_args(parser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                       help="Path to pretrained model or model identifier from huggingface.co/models. Omit with "
+                            "--model_preset to train from scratch.")
+    model.add_argument("--revision", type=str, default=None,
+                       help="Revision of pretrained model identifier from huggingface.co/models.")
+    model.add_argument("--variant", type=str, default=None,
+                       help="Variant of the model files of the pretrained model identifier, e.g. fp16")
+    model.add_argument("--non_ema_revision", type=str, default=None,
+                       help="Revision of pretrained non-ema model identifier. Must be a branch, tag or git identifier "
+                            "of the local or remote repository specified with --pretrained_model_name_or_path.")
+    model.add_argument("--model_preset", type=str, default=None, choices=["tiny", "small", "base"],
+                       help="Build fresh (random) models of this size instead of loading a pretrained pipeline.")
+    model.add_argument("--unet_config", type=str, default=None,
+                       help="JSON file of UNet2DConditionModel config overrides (from scratch).")
+    model.add_argument("--vae_config", type=str, default=None,
+                       help="JSON file of AutoencoderKL config overrides (from scratch).")
+    model.add_argument("--text_encoder_name_or_path", type=str, default=None,
+                       help="Load the tokenizer and CLIP text encoder from this path/Hub id (subfolders tokenizer/ and "
+                            "text_encoder/ if present).")
+    model.add_argument("--prediction_type", type=str, default=None,
+                       help="The prediction_type that shall be used for training. Choose between 'epsilon' or "
+                            "'v_prediction' or leave `None`. If left to `None` the default prediction type of the "
+                            "scheduler: `noise_scheduler.config.prediction_type` is chosen.")
+
+
+def add_training_args(parser) -> None:
+    train = parser.add_argument_group("training")
+    train.add_argument("--train_batch_size", type=batch_size_arg, default=16,
+                       help="Batch size (per device) for the training dataloader, or 'auto': the largest that fits "
+                            "(see --effective_batch_size).")
+    train.add_argument("--num_train_epochs", type=int, default=100)
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Total number of training steps to perform.  If provided, overrides num_train_epochs.")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Whether or not to use gradient checkpointing to save memory at the "
+                            "expense of slower backward pass.")
+    train.add_argument("--learning_rate", type=float, default=1e-4,
+                       help="Initial learning rate (after the potential warmup period) to use.")
+    train.add_argument("--scale_lr", action="store_true", default=False,
+                       help="Scale the learning rate by the number of GPUs, gradient "
+                            "accumulation steps, and batch size.")
+    train.add_argument("--lr_scheduler", type=str, default="constant",
+                       help='The scheduler type to use. Choose between ["linear", "cosine", "cosine_with_restarts", '
+                            '"polynomial", "constant", "constant_with_warmup"]')
+    train.add_argument("--lr_warmup_steps", type=int, default=500,
+                       help="Number of steps for the warmup in the lr scheduler.")
+    train.add_argument("--resume_override_lr", action="store_true",
+                       help="After --resume_from_checkpoint, restart the LR schedule (warmup included) at "
+                            "the current --learning_rate.")
+    train.add_argument("--snr_gamma", type=float, default=None,
+                       help="SNR weighting gamma to be used if rebalancing the loss. Recommended value is 5.0. More "
+                            "details here: https://huggingface.co/papers/2303.09556.")
+    train.add_argument("--dream_training", action="store_true",
+                       help="Use the DREAM training method, which makes training more efficient and accurate at the "
+                            "expense of doing an extra forward pass. See: https://huggingface.co/papers/2312.00210")
+    train.add_argument("--dream_detail_preservation", type=float, default=1.0,
+                       help="Dream detail preservation factor p (should be greater than 0; default=1.0, "
+                            "as suggested in the paper)")
+    train.add_argument("--use_8bit_adam", action="store_true",
+                       help="Whether or not to use 8-bit Adam from bitsandbytes.")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer")
+    train.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
+    train.add_argument("--input_perturbation", type=float, default=0,
+                       help="The scale of input perturbation. Recommended 0.1.")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Whether or not to use xformers.")
+    train.add_argument("--train_text_encoder", action="store_true",
+                       help="Train the text encoder too (fully when training from scratch or fine-tuning; "
+                            "its LoRA with --use_lora).")
+    train.add_argument("--text_encoder_learning_rate", type=float, default=None,
+                       help="Text encoder LR (default: --learning_rate).")
+    train.add_argument("--caption_dropout_prob", type=float, default=0.0,
+                       help="Replace a caption by the empty prompt with this probability, so "
+                            "classifier-free guidance works.")
+
+
+
+def add_validation_args(parser) -> None:
+    val = parser.add_argument_group("validation")
+    val.add_argument("--validation_prompts", type=str, default=None, nargs="+",
+                     help="A set of prompts evaluated every `--validation_epochs` and logged to `--report_to`.")
+    val.add_argument("--validation_prompt", type=str, default=None,
+                     help="A prompt that is sampled --num_validation_images times during "
+                          "validation (LoRA script's flag).")
+    val.add_argument("--num_validation_images", type=int, default=None,
+                     help="Images per validation prompt (default: 1 per prompt for full training, 4 with --use_lora).")
+    val.add_argument("--validation_epochs", type=int, default=None,
+                     help="Run validation every X epochs (default 5; 1 with --use_lora, as in diffusers).")
+    val.add_argument("--validation_steps", type=int, default=None, help="Also run validation every X optimizer steps.")
+    val.add_argument("--validation_inference_steps", type=int, default=20,
+                     help="DPM-Solver++ steps for validation images.")
+    val.add_argument("--validation_guidance_scale", type=float, default=7.5,
+                     help="Classifier-free guidance for validation images.")
