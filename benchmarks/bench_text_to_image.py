@@ -27,15 +27,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from benchmarks.harness import (  # noqa: E402  (after the sys.path line, for `python benchmarks/...`)
-    add_harness_args,
-    check_harness_args,
-    flops_of,
-    make_workdir,
-    reference_variants,
-    run_benchmark,
-    variant,
-)
+from benchmarks.harness import (add_harness_args,  # noqa: E402  (after the sys.path line, for `python benchmarks/...`)
+                                check_harness_args, flops_of, make_workdir, reference_variants, run_benchmark, variant)
 
 OUR_SCRIPT = os.path.join(REPO_ROOT, "train_text_to_image.py")
 
