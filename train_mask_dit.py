@@ -21,6 +21,7 @@ import math
 import os
 
 import utils  # noqa: F401  (first: its log filter must be in place before diffusers/peft import bitsandbytes)
+
 # isort: split
 
 import datasets
@@ -35,7 +36,7 @@ from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
 from utils.errors import oom_hint
 from utils.images import save_and_log_images
-from utils.mask_dit.cache import cache_paired_datasets
+from utils.mask_dit.cache import cache_paired_datasets, paired_rows_fingerprint
 from utils.mask_dit.conditioning import Conditioner
 from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder,
                                  select_fraction, split_train_validation)
@@ -47,11 +48,13 @@ from utils.mask_dit.pipeline import (MaskDiTPipeline, caption_width, comparison_
                                      save_mask_dit_pipeline)
 from utils.metrics import psnr
 from utils.optim import apply_update, create_optimizer, warmup_cosine
+from utils.report import log_metrics
 from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config, weight_dtype,
                        write_rank_checksums)
+from utils.run_record import RunRecord
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import StopSignal
-from utils.telemetry import HealthMonitor, NonFiniteGuard
+from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of
 from utils.text_encoders import load_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -328,14 +331,14 @@ class Validator:
                 transformer.train()
         if logs:
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-            accelerator.log(logs, step=step)
+            log_metrics(accelerator, logs, step)
         patience = args.early_stopping_patience
         return bool(patience and self.state["validations_without_improvement"] >= patience)
 
 
 def log_health(accelerator, monitor, lr_scheduler, progress, step: int, epoch: int) -> None:
-    logs = {**monitor.collect(), "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
-    accelerator.log(logs, step=step)
+    logs = {**monitor.collect(accelerator), "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
+    log_metrics(accelerator, {f"train/{k}": v for k, v in logs.items()}, step)
     progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
     logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
 
@@ -399,16 +402,18 @@ def main(args):
         accelerator.init_trackers(args.tracker_project_name or "train_mask_dit", config=tracker_config(args))
 
     position = resume_position(accelerator, args, updates_per_epoch)
+    record = RunRecord(args, accelerator, "train_mask_dit.py",
+                       paired_rows_fingerprint(getattr(train_dataset, "base", train_dataset)), position)
     global_step = position.global_step
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
     validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
                          position.state)
-    monitor = HealthMonitor(args.train_batch_size * accelerator.num_processes)
+    monitor, stop = HealthMonitor(), StopSignal(check_every=args.logging_steps)
     guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
-    stop = StopSignal(check_every=args.logging_steps)
 
     def checkpoint_now():
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(validate.state))
+        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(validate.state),
+                        before_publish=lambda directory: record.save_into(directory, global_step))
 
     logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
     progress = progress_bar(accelerator, max_train_steps, global_step)
@@ -427,7 +432,8 @@ def main(args):
                     accelerator.backward(loss)
                 grad_norm = apply_update(accelerator, optimizer, lr_scheduler, model.parameters(), loss.detach(),
                                          args.max_grad_norm, guard)
-            monitor.add(loss=loss.detach(), grad_norm=grad_norm)
+            monitor.add(loss=loss.detach(), grad_norm=grad_norm)  # grad_norm: once per optimizer step
+            monitor.count_samples(batch_size_of(batch))
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -465,6 +471,7 @@ def main(args):
     progress.close()
     write_rank_checksums(accelerator, transformer)  # debug hook for the multi-process tests (no-op unless set)
     save_final(args, accelerator, pipeline, ema)
+    record.finish(global_step)
     accelerator.end_training()
 
 

@@ -30,6 +30,7 @@ import math
 import os
 
 import utils  # noqa: F401  (first: its log filter must be in place before diffusers/peft import bitsandbytes)
+
 # isort: split
 
 import numpy as np
@@ -41,6 +42,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, default_collate
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
+from utils.cache import fingerprint
 from utils.checkpointing import (atomic_directory, register_checkpoint_hooks, resume_position, save_checkpoint,
                                  save_module, write_json_atomic)
 from utils.config import add_hyphen_aliases, parse_args_with_config
@@ -48,14 +50,16 @@ from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema, save_ema
 from utils.errors import oom_hint
 from utils.optim import apply_update, create_optimizer
+from utils.report import log_metrics
 from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config,
                        write_rank_checksums)
+from utils.run_record import RunRecord
 from utils.segmentation.data import IRSTDDataset, tensor_to_image
 from utils.segmentation.metrics import SegmentationMetrics
 from utils.segmentation.mshnet import MSHNet, multiscale_sls_loss
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import StopSignal
-from utils.telemetry import HealthMonitor, NonFiniteGuard
+from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of
 from utils.xla import log_xla_metrics, patch_accelerate_xla_loader, xla_compilation_count
 
 logger = logging.getLogger(__name__)
@@ -276,13 +280,13 @@ def select_xla(args, accelerator) -> bool:
 
 
 def log_health(args, accelerator, monitor, lr_scheduler, progress, step, epoch, warm_flag, on_xla) -> None:
-    logs = monitor.collect()  # the only host read in the loop
+    logs = monitor.collect(accelerator)  # the only host read in the loop
     if not math.isfinite(logs.get("loss", 0.0)):
         raise FloatingPointError(f"Non-finite mean loss at step {step}; try a lower --lr.")
     logs.update(lr=lr_scheduler.get_last_lr()[0], epoch=epoch, warm=float(not warm_flag))
     if on_xla:
         logs["xla_compilations"] = xla_compilation_count()
-    accelerator.log({f"train/{k}": v for k, v in logs.items()}, step=step)
+    log_metrics(accelerator, {f"train/{k}": v for k, v in logs.items()}, step)
     progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as handle:
@@ -302,7 +306,7 @@ def evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_fl
             record = {"epoch": epoch, "global_step": step, **metrics, "best_mIoU": best_miou}
             with open(os.path.join(args.output_dir, "eval_metrics.jsonl"), "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            accelerator.log({f"eval/{k}": v for k, v in metrics.items() if v is not None}, step=step)
+            log_metrics(accelerator, {f"eval/{k}": v for k, v in metrics.items() if v is not None}, step)
             log_prediction_grid(accelerator, eval_set, predictions, args.num_grid_images, step)
             logger.info(f"epoch {epoch} eval: {metrics}")
             if improved:
@@ -355,11 +359,12 @@ def main(args=None):
         accelerator.init_trackers(args.tracker_project_name or "mshnet", config=tracker_config(args))
 
     position = resume_position(accelerator, args, updates_per_epoch)
+    record = RunRecord(args, accelerator, "train_segmentation_tpu.py", fingerprint(train_set.names), position)
     global_step, best_miou = position.global_step, position.state.get("best_miou", -1.0)
     logger.info(f"{len(train_set)} training / {len(eval_set)} test samples, {updates_per_epoch} steps per epoch, "
                 f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}, "
                 f"best mIoU so far {best_miou:.4f}")
-    monitor = HealthMonitor(args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps)
+    monitor = HealthMonitor()
     # On XLA no fused optimizer can take the guard's device-side verdict, so it would read the loss on
     # the host every step and stall the device: no guard there.
     guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
@@ -367,7 +372,8 @@ def main(args=None):
 
     def checkpoint_now(epoch):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                        training_state={"epoch": epoch, "best_miou": best_miou})
+                        training_state={"epoch": epoch, "best_miou": best_miou},
+                        before_publish=lambda directory: record.save_into(directory, global_step))
 
     epoch = position.first_epoch
     progress = progress_bar(accelerator, args.max_train_steps, global_step)
@@ -383,7 +389,8 @@ def main(args=None):
                 grad_norm = apply_update(
                     accelerator, optimizer, lr_scheduler, model.parameters(), loss, args.max_grad_norm, guard
                 )
-            monitor.add(loss=loss.detach(), grad_norm=grad_norm)
+            monitor.add(loss=loss.detach(), grad_norm=grad_norm)  # grad_norm: once per optimizer step
+            monitor.count_samples(batch_size_of(batch))
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -413,6 +420,7 @@ def main(args=None):
         checkpoint_now(epoch)
     write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless set)
     save_final(args, accelerator, raw_model, ema)
+    record.finish(global_step)
     log_xla_metrics(on_xla, args.output_dir, accelerator)
     accelerator.end_training()
     return best_miou

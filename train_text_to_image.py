@@ -20,6 +20,7 @@ import math
 import os
 
 import utils  # noqa: F401  (first: its log filter must be in place before diffusers/peft import bitsandbytes)
+
 # isort: split
 
 import torch
@@ -41,11 +42,13 @@ from utils.errors import oom_hint
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latents import encode_latents, scale_latents
 from utils.optim import apply_update, create_optimizer, restart_lr_schedule
+from utils.report import log_metrics
 from utils.run import (add_run_args, create_accelerator, progress_bar, save_run_args, steps_per_epoch, tracker_config,
                        weight_dtype, write_rank_checksums)
+from utils.run_record import RunRecord
 from utils.sd.args import add_model_args, add_training_args, add_validation_args
 from utils.sd.builder import assemble_pipeline
-from utils.sd.cache import cache_text_image_dataset
+from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
 from utils.sd.data import (add_image_data_args, build_text_image_dataset, captions_for_new_tokenizer,
                            collate_text_image, load_text_image_dataset)
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
@@ -55,7 +58,7 @@ from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_fini
 from utils.sd.validation import log_validation
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import StopSignal
-from utils.telemetry import HealthMonitor, NonFiniteGuard, global_norm
+from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, global_norm
 
 logger = logging.getLogger("train_text_to_image")
 
@@ -298,10 +301,13 @@ def prepare(accelerator, args, models, optimizer, train_dataloader, lr_scheduler
 
 
 def log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, step) -> None:
-    logs = monitor.collect()
+    logs = monitor.collect(accelerator)
     logs.update(lr=lr_scheduler.get_last_lr()[0], param_norm=global_norm(trainable).item(),
                 skipped_nonfinite_steps=guard.total_skipped)
-    accelerator.log({f"train/{k}" if k != "loss" else "train_loss": v for k, v in logs.items()}, step=step)
+    tracked = {f"train/{k}": v for k, v in logs.items()}
+    if "loss" in logs:
+        tracked["train_loss"] = logs["loss"]  # diffusers' key, for dashboards made with its script
+    log_metrics(accelerator, tracked, step)
     progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
 
 
@@ -340,7 +346,7 @@ def main(args):
     dataset = cache_text_image_dataset(dataset, models["vae"], models["text_encoder"], args, accelerator)
     offload_cached_encoders(models, args)
     collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_text_image
-    resolve_auto_batch_size_for(args, accelerator, lambda batch: diffusion_loss(args, models, batch, HealthMonitor(1)),
+    resolve_auto_batch_size_for(args, accelerator, lambda batch: diffusion_loss(args, models, batch, HealthMonitor()),
                                 dataset, collate, trained_modules(args, models)[:1 + args.train_text_encoder])
     train_dataloader = make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, collate)
     apply_speedups(models["unet"], args)
@@ -363,6 +369,8 @@ def main(args):
         save_run_args(args)
 
     position = resume_position(accelerator, args, updates_per_epoch)
+    record = RunRecord(args, accelerator, "train_text_to_image.py",
+                       rows_fingerprint(rows, args.image_column, args.caption_column), position)
     if position.path and args.resume_override_lr:
         restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
     global_step = position.global_step
@@ -370,7 +378,7 @@ def main(args):
     logger.info(f"***** Running training *****  examples={len(dataset)} epochs={args.num_train_epochs} "
                 f"batch/device={args.train_batch_size} total batch={total_batch_size} "
                 f"accumulation={args.gradient_accumulation_steps} steps={args.max_train_steps} (from {global_step})")
-    monitor = HealthMonitor(samples_per_step=total_batch_size)
+    monitor = HealthMonitor()
     guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
     stop = StopSignal(check_every=args.logging_steps)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
@@ -378,7 +386,8 @@ def main(args):
 
     def checkpoint():
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                        {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped})
+                        {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped},
+                        before_publish=lambda directory: record.save_into(directory, global_step))
 
     epoch = position.first_epoch
     with oom_hint():
@@ -389,11 +398,10 @@ def main(args):
                 with accelerator.accumulate(*trained):
                     loss = diffusion_loss(args, models, batch, monitor)
                     accelerator.backward(loss)
-                    grad_norm = apply_update(
-                        accelerator, optimizer, lr_scheduler, trainable, loss, args.max_grad_norm, guard
-                    )
-                    if grad_norm is not None:
-                        monitor.add(loss=loss, grad_norm=grad_norm)
+                    grad_norm = apply_update(accelerator, optimizer, lr_scheduler, trainable, loss, args.max_grad_norm,
+                                             guard)
+                monitor.add(loss=loss, grad_norm=grad_norm)  # grad_norm: once per optimizer step (None otherwise)
+                monitor.count_samples(batch_size_of(batch))
                 if not accelerator.sync_gradients:
                     continue
                 ema_step(
@@ -422,6 +430,7 @@ def main(args):
     progress.close()
     write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
     save_final(args, accelerator, models, ema)
+    record.finish(global_step)
     accelerator.end_training()
 
 

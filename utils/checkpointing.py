@@ -149,6 +149,7 @@ def save_checkpoint(
     global_step: int,
     total_limit: int | None = None,
     training_state: dict | None = None,
+    before_publish: Callable[[str], None] | None = None,
 ) -> str:
     """Save the full training state as `output_dir/checkpoint-{global_step}`, atomically.
 
@@ -168,6 +169,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         state = {"global_step": int(global_step), **(training_state or {})}
         write_json_atomic(os.path.join(temp_path, STATE_FILE), state)
+        if before_publish is not None:  # more files for the checkpoint (e.g. the run record), still atomic
+            before_publish(temp_path)
         replace_directory(temp_path, final_path)  # the same step twice (final save == last periodic one) is fine
         rotate_checkpoints(output_dir, total_limit)
         logger.info(f"Saved state to {final_path}")

@@ -4,7 +4,9 @@ device between logging steps) and `NonFiniteGuard` (skip non-finite updates, abo
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 
 import torch
@@ -20,39 +22,88 @@ def global_norm(tensors) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
 
 
-class HealthMonitor:
-    """Accumulates per-step health values on the device and turns them into logs every N steps.
+def batch_size_of(batch: dict) -> int:
+    """Samples in a batch dict, from its first tensor's (or list's) length: host metadata, no device sync."""
+    for value in batch.values():
+        if torch.is_tensor(value) and value.dim() > 0:
+            return int(value.shape[0])
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    raise ValueError(f"no tensor or list in the batch (keys {sorted(batch)})")
 
-    Values are kept as tensors between logging steps so the hot loop never waits on the host.
+
+class HealthMonitor:
+    """Training-health values kept on the device between logging steps, turned into logs every N steps.
+
+    The protocol, the same in every loop:
+      * `add(key=value, ...)` for each micro-batch (None is skipped): every key keeps its own sum and
+        count, so a key added once per micro-batch (loss) and one added once per optimizer step
+        (grad_norm) both come out as plain means, however the calls interleave;
+      * `count_samples(n)` for each micro-batch, with the samples it really held;
+      * `step_done()` once per optimizer step;
+      * `collect(accelerator)` on every process at a logging step: the means over the window *and*
+        over all processes (one all-reduce of sums and counts), step_time_ms, samples_per_sec from
+        the samples really seen by all processes, and on CUDA the window's peak allocated/reserved
+        memory. The only host sync; nothing is read between logging steps.
     """
 
-    def __init__(self, samples_per_step: int):
-        self.samples_per_step = samples_per_step
+    RECORD_ENV = "TRAIN_DEBUG_MONITOR_DIR"  # tests: every value given to add(), per rank (costs a host read each)
+
+    def __init__(self):
+        record_dir = os.environ.get(self.RECORD_ENV)
+        self._record_path = (os.path.join(record_dir, f"rank{os.environ.get('RANK', '0')}.jsonl")
+                             if record_dir else None)
         self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
-        self._last_time = time.perf_counter()
+        self._counts: dict[str, int] = {}
+        self._samples = 0
         self._steps_since = 0
+        self._last_time = time.perf_counter()
 
     def add(self, **values) -> None:
         for key, value in values.items():
             if value is None:
                 continue
-            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
-        self._count += 1
+            value = value.detach().float().reshape(()) if torch.is_tensor(value) else torch.tensor(float(value))
+            self._sums[key] = self._sums[key] + value.to(self._sums[key].device) if key in self._sums else value
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if self._record_path is not None:
+                self._record({key: value.item()})
+
+    def _record(self, entry: dict) -> None:
+        if self._record_path is not None:
+            with open(self._record_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry) + "\n")
+
+    def count_samples(self, num_samples: int) -> None:
+        self._samples += int(num_samples)
 
     def step_done(self) -> None:
         self._steps_since += 1
+        self._record({"step_done": True})
 
-    def collect(self) -> dict[str, float]:
-        """Means since the last call, plus step_time_ms and samples_per_sec. One host sync."""
+    def collect(self, accelerator=None) -> dict[str, float]:
+        """Means since the last call over all processes, plus step_time_ms, samples_per_sec and peak memory."""
         now = time.perf_counter()
-        elapsed = now - self._last_time
-        logs = {key: (value / max(self._count, 1)).item() for key, value in self._sums.items()}
+        elapsed = max(now - self._last_time, 1e-9)
+        keys = sorted(self._sums)
+        device = accelerator.device if accelerator is not None else (
+            self._sums[keys[0]].device if keys else torch.device("cpu"))
+        sums = [self._sums[key].to(device) for key in keys]
+        counts = torch.tensor([float(self._counts[key]) for key in keys] + [float(self._samples)], device=device)
+        packed = torch.cat([torch.stack(sums), counts]) if sums else counts
+        if accelerator is not None and accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+        values = packed.tolist()
+        total_sums, total_counts, total_samples = values[:len(keys)], values[len(keys):-1], values[-1]
+        logs = {key: total / max(count, 1.0) for key, total, count in zip(keys, total_sums, total_counts)}
         if self._steps_since:
             logs["step_time_ms"] = 1000.0 * elapsed / self._steps_since
-            logs["samples_per_sec"] = self.samples_per_step * self._steps_since / max(elapsed, 1e-9)
-        self._sums, self._count, self._steps_since, self._last_time = {}, 0, 0, now
+            logs["samples_per_sec"] = total_samples / elapsed
+        if torch.device(device).type == "cuda":
+            logs["gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            logs["gpu_peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        self._sums, self._counts, self._samples, self._steps_since, self._last_time = {}, {}, 0, 0, now
         return logs
 
 

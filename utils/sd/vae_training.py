@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils.checkpointing import own_memory
+from utils.report import log_metrics
 
 logger = logging.getLogger(__name__)
 STAGE_DIR = "vae_stage"
@@ -101,7 +102,7 @@ def train_vae_stage(accelerator, vae, dataloader, args):
                 logs = {"vae/loss": loss.item(), "vae/reconstruction_loss": reconstruction.item(), "vae/kl": kl.item()}
                 history.append({"step": step, **logs})
                 progress.set_postfix(rec=f"{logs['vae/reconstruction_loss']:.4f}")
-                accelerator.log(logs, step=step)
+                log_metrics(accelerator, logs, step)
             if step >= args.vae_train_steps:
                 break
     progress.close()
