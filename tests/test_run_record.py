@@ -59,6 +59,10 @@ def test_run_info_and_report_for_a_run_and_its_resume(case, tmp_path, tiny_pipel
     assert "train/loss" in info["final_metrics"]
     in_checkpoint = json.load(open(os.path.join(output_dir, "checkpoint-2", "run_info.json")))
     assert in_checkpoint["steps_done"] == 2 and in_checkpoint["data_fingerprint"] == info["data_fingerprint"]
+    if script.__name__ == "train_text_to_image":  # the model card carries the run's key facts
+        card = open(os.path.join(output_dir, "README.md")).read()
+        assert info["git"]["commit"] in card if info["git"]["commit"] else "| code | unknown |" in card
+        assert "training data fingerprint" in card and info["data_fingerprint"] in card
     report = os.path.join(output_dir, "report", "training_curves.png")
     assert Image.open(report).size[0] > 300
 

@@ -15,6 +15,7 @@ Log in once with `hf auth login` instead of passing a token on the command line.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -131,6 +132,9 @@ def write_model_card(
             shutil.copyfile(validation_grid, target)
         sections.append(f"## Validation images\n\n![validation images]({VALIDATION_GRID_NAME})")
     sections.append(_usage_section(model_ref, base_model, lora))
+    run_facts = _run_facts(output_dir)
+    if run_facts:
+        sections.append("## Run\n\n| fact | value |\n| --- | --- |\n" + "\n".join(run_facts))
     if hyperparameters:
         rows = [f"| {key} | {_table_value(value)} |" for key, value in hyperparameters.items()
                 if not is_secret_key(key) and value is not None]
@@ -139,6 +143,28 @@ def write_model_card(
     path = os.path.join(output_dir, "README.md")
     ModelCard(content).save(path)
     return path
+
+
+def _run_facts(output_dir: str) -> list[str]:
+    """Table rows from output_dir/run_info.json (utils.run_record): what a reader needs to trace the model."""
+    path = os.path.join(output_dir, "run_info.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        info = json.load(handle)
+    versions = info.get("versions", {})
+    git = info.get("git") or {}
+    facts = {
+        "code": f"{git.get('commit') or 'unknown'}" + (" (uncommitted changes)" if git.get("dirty") else ""),
+        "devices": f"{info.get('world_size')} x {info.get('device')} {', '.join(info.get('cuda_devices') or [])}".strip(),
+        "mixed precision": info.get("mixed_precision"),
+        "seed": info.get("seed"),
+        "training data fingerprint": info.get("data_fingerprint"),
+        "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+        "started": info.get("started"),
+        "resumed": len(info.get("resumes") or []),
+    }
+    return [f"| {key} | {_table_value(value)} |" for key, value in facts.items() if value not in (None, "")]
 
 
 def _usage_section(model_ref: str, base_model: str | None, lora: bool) -> str:
