@@ -79,7 +79,7 @@ def encode_latent_batches(dataset, vae, device, batch_size: int):
                 image = load_image(row[dataset.image_column], name=where if not isinstance(row[dataset.image_column], str)
                                    else row[dataset.image_column])
                 image = transform.resize(image)
-                plan = dataset.plan(index, 0, image.size)  # the epoch-0 crop, kept (see the module docstring)
+                plan = dataset.plan(index, 0, image.size, row)  # the epoch-0 crop, kept (see the module docstring)
                 pixels.append(transform.apply(image, plan.crop, flip=False))
                 sizes.append(image.size)
                 valid.append(True)

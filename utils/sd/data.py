@@ -231,16 +231,18 @@ class TextImageDataset(EpochDataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def where(self, index: int) -> str:
-        image_name = _row_name(self.rows[index][self.image_column])
+    def where(self, index: int, row=None) -> str:
+        image_name = _row_name((self.rows[index] if row is None else row)[self.image_column])
         return f"{self.source_name} row {index}" + (f" ({image_name})" if image_name else "")
 
-    def plan(self, index: int, epoch: int, resized_size: tuple[int, int]) -> Augmentation:
+    def plan(self, index: int, epoch: int, resized_size: tuple[int, int], row=None) -> Augmentation:
         """Every random choice for sample `index` in `epoch`, made here only: the caption (one of several),
         its dropout, the crop in the resized image, the flip. `__getitem__` and the latent cache
-        (`utils.sd.cache`) both call this, so a cached run cannot drift from the image path."""
+        (`utils.sd.cache`) both call this, so a cached run cannot drift from the image path.
+        `row`: `self.rows[index]` when the caller has it (a Hub dataset decodes a row on every access)."""
+        row = self.rows[index] if row is None else row
         rng = sample_rng(self.seed, epoch, index)
-        caption = pick_caption(self.rows[index][self.caption_column], rng, self.where(index))
+        caption = pick_caption(row[self.caption_column], rng, self.where(index, row))
         if self.caption_dropout_prob > 0 and rng.random() < self.caption_dropout_prob:
             caption = ""
         crop, flip = self.transform.draw(resized_size, rng)
@@ -248,9 +250,9 @@ class TextImageDataset(EpochDataset):
 
     def load(self, index: int, epoch: int) -> dict:
         row = self.rows[index]
-        image = load_image(row[self.image_column], name=_row_name(row[self.image_column]) or self.where(index))
+        image = load_image(row[self.image_column], name=_row_name(row[self.image_column]) or self.where(index, row))
         resized = self.transform.resize(image)
-        plan = self.plan(index, epoch, resized.size)
+        plan = self.plan(index, epoch, resized.size, row)
         return {"pixel_values": self.transform.apply(resized, plan.crop, plan.flip),
                 "input_ids": self.tokenize(plan.caption), "caption": plan.caption}
 
