@@ -190,24 +190,49 @@ def test_segmentation_logs_the_true_loss_and_grad_norm(accumulation, tmp_path, m
     assert_logged_means(scalars, losses, norms, accumulation, steps)
 
 
+def two_process_text_to_image(tmp_path, tiny_pipeline_dir):
+    (tmp_path / "data").mkdir()
+    data = write_captioned_folder(tmp_path / "data", count=8, size=(32, 32))
+    return "train_text_to_image.py", ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", data,
+                                      "--resolution", "32", "--train_batch_size", "1", "--lr_warmup_steps", "0"]
+
+
+def two_process_mask_dit(tmp_path, _):
+    from utils.mask_dit.data import write_synthetic_fundus_dataset
+
+    data = write_synthetic_fundus_dataset(str(tmp_path / "fundus"), 8, size=32, seed=0)
+    return "train_mask_dit.py", ["--train_data_dir", data, "--model_size", "tiny", "--resolution", "32",
+                                 "--mask_channels", "2", "--train_batch_size", "1", "--validation_steps", "0",
+                                 "--validation_epochs", "0", "--num_validation_images", "0", "--validation_split", "0"]
+
+
+def two_process_segmentation(tmp_path, _):
+    from utils.segmentation.data import write_synthetic_irstd
+
+    data = write_synthetic_irstd(str(tmp_path / "irstd"), num_train=8, num_test=2, size=32, seed=0)
+    return "train_segmentation_tpu.py", ["--dataset_dir", data, "--batch_size", "1", "--crop_size", "32",
+                                         "--base_size", "32", "--warm_epoch", "0"]
+
+
 @pytest.mark.slow
-def test_two_processes_log_the_mean_over_ranks_and_micro_batches(tiny_pipeline_dir, tmp_path):
-    """A real 2-process gloo run (accumulation 2): the logged loss of a step is the mean over both ranks and
-    both micro-batches of what each rank's monitor was given (dumped per rank by its debug hook)."""
+@pytest.mark.parametrize("case", [two_process_text_to_image, two_process_mask_dit, two_process_segmentation],
+                         ids=["train_text_to_image", "train_mask_dit", "train_segmentation_tpu"])
+def test_two_processes_log_the_mean_over_ranks_and_micro_batches(case, tiny_pipeline_dir, tmp_path):
+    """A real 2-process gloo run under `accelerate launch` (accumulation 2): the logged loss of a step is the
+    mean over both ranks and both micro-batches of what each rank's monitor was given (dumped per rank by
+    its debug hook), grad_norm the mean of the ranks' (equal) norms."""
     from conftest import accelerate_launch, launch_env
     from utils.telemetry import HealthMonitor
 
-    (tmp_path / "data").mkdir()
-    data = write_captioned_folder(tmp_path / "data", count=8, size=(32, 32))
+    script, argv = case(tmp_path, tiny_pipeline_dir)
     record_dir, output_dir = tmp_path / "monitor", str(tmp_path / "out")
     record_dir.mkdir()
     env = dict(launch_env(), **{HealthMonitor.RECORD_ENV: str(record_dir)})
     steps = 2
-    accelerate_launch("train_text_to_image.py", [
-        "--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", data, "--resolution", "32",
-        "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", str(steps),
-        "--logging_steps", "1", "--seed", "0", "--lr_warmup_steps", "0", "--checkpointing_steps", "1000",
-        "--report_to", "tensorboard", "--output_dir", output_dir], num_processes=2, env=env)
+    accelerate_launch(script, argv + [
+        "--gradient_accumulation_steps", "2", "--max_train_steps", str(steps), "--logging_steps", "1", "--seed", "0",
+        "--checkpointing_steps", "1000", "--report_to", "tensorboard", "--output_dir", output_dir],
+        num_processes=2, env=env)
     per_rank = []
     for rank in (0, 1):
         lines = [__import__("json").loads(line) for line in open(record_dir / f"rank{rank}.jsonl")]
