@@ -21,6 +21,7 @@ Shared mechanics sit at the top level, one concern per module; domain code in `u
 | `utils/metrics.py` | `psnr` (one implementation, any value range) | mask DiT, demo |
 | `utils/auto_batch.py` | `--train_batch_size auto`: probe real steps for the largest batch that fits | all three trainers |
 | `utils/hub.py` | model cards, `--push_to_hub`, secrets redaction | all three trainers |
+| `utils/report.py`, `utils/run_record.py` | `report/metrics.jsonl` + `report/training_curves.png`; `run_info.json` | all three trainers |
 | `utils/xla.py` | accelerate XLA loader fix, torch_xla compilation counters | segmentation |
 | `utils/sd/` | Stable Diffusion: `models.py` (load or build the components), `builder.py` (tiny/small/base presets, BPE tokenizer), `data.py` (text-image sources, `ImageTransform`, `TextImageDataset`), `cache.py` (latent/text caches for SD), `lora.py`, `vae_training.py` (VAE stage), `validation.py` (validation images), `schedulers.py`, `kanji_dataset.py` | train_text_to_image.py, generate.py, kanji_demo.py |
 | `utils/mask_dit/` | the mask DiT: `nextdit.py` (model, presets, Lumina-Next weights), `flow_matching.py`, `data.py` (image-mask pairs, synthetic fundus), `cache.py`, `pipeline.py` (pipeline folder, sampling, tiles), `metrics.py` (SSIM, mask IoU) | train_mask_dit.py, generate.py |
