@@ -413,7 +413,7 @@ def main(args):
 
     def checkpoint_now():
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(validate.state),
-                        before_publish=lambda directory: record.save_into(directory, global_step))
+                        **record.checkpoint_hooks(global_step))
 
     logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
     progress = progress_bar(accelerator, max_train_steps, global_step)

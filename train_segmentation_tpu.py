@@ -373,7 +373,7 @@ def main(args=None):
     def checkpoint_now(epoch):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
                         training_state={"epoch": epoch, "best_miou": best_miou},
-                        before_publish=lambda directory: record.save_into(directory, global_step))
+                        **record.checkpoint_hooks(global_step))
 
     epoch = position.first_epoch
     progress = progress_bar(accelerator, args.max_train_steps, global_step)

@@ -387,7 +387,7 @@ def main(args):
     def checkpoint():
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
                         {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped},
-                        before_publish=lambda directory: record.save_into(directory, global_step))
+                        **record.checkpoint_hooks(global_step))
 
     epoch = position.first_epoch
     with oom_hint():

@@ -275,3 +275,22 @@ def test_resume_position_counts_steps_epochs_and_batches_to_skip(accelerator, tm
     fresh = resume_position(accelerator, SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path),
                                                          gradient_accumulation_steps=2), updates_per_epoch=3)
     assert (fresh.global_step, fresh.first_epoch, fresh.batches_to_skip, fresh.path) == (0, 0, 0, None)
+
+
+def test_before_publish_writes_into_the_checkpoint_after_publish_runs_once_it_is_complete(accelerator, tmp_path):
+    """The run record goes in before the rename (so it is part of the atomic checkpoint); the optional report
+    comes after it (so it can never delay or endanger the checkpoint)."""
+    prepared_run(accelerator)
+    seen = {}
+
+    def before(directory):
+        seen["before"] = os.path.basename(directory)
+        with open(os.path.join(directory, "extra.json"), "w") as handle:
+            handle.write("{}")
+
+    def after():
+        seen["after_complete"] = [step for step, _ in list_checkpoints(str(tmp_path))]
+
+    save_checkpoint(accelerator, str(tmp_path), 3, before_publish=before, after_publish=after)
+    assert seen["before"] == f"{TEMP_PREFIX}3" and seen["after_complete"] == [3]
+    assert os.path.isfile(tmp_path / "checkpoint-3" / "extra.json")

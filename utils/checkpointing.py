@@ -150,6 +150,7 @@ def save_checkpoint(
     total_limit: int | None = None,
     training_state: dict | None = None,
     before_publish: Callable[[str], None] | None = None,
+    after_publish: Callable[[], None] | None = None,
 ) -> str:
     """Save the full training state as `output_dir/checkpoint-{global_step}`, atomically.
 
@@ -174,6 +175,8 @@ def save_checkpoint(
         replace_directory(temp_path, final_path)  # the same step twice (final save == last periodic one) is fine
         rotate_checkpoints(output_dir, total_limit)
         logger.info(f"Saved state to {final_path}")
+        if after_publish is not None:  # optional extras (e.g. the report): never delay or endanger the checkpoint
+            after_publish()
     accelerator.wait_for_everyone()
     return final_path
 

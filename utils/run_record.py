@@ -65,9 +65,10 @@ def environment(accelerator) -> dict:
 class RunRecord:
     """`output_dir/run_info.json` and the training report (`utils.report`), written by the main process only.
 
-    Made once the resume point is known (a resume appends to `resumes`); `save_into` goes to
-    `save_checkpoint(..., before_publish=...)`, so every checkpoint carries the record as of its step
-    and the report is redrawn; `finish(step)` after the final weights are saved.
+    Made once the resume point is known (a resume appends to `resumes`); `save_checkpoint(...,
+    **record.checkpoint_hooks(step))` puts the record as of that step into the checkpoint before it is
+    published and redraws the report after (so the optional report never delays or endangers a
+    checkpoint, e.g. the one a SIGTERM asks for); `finish(step)` after the final weights are saved.
     """
 
     def __init__(self, args, accelerator, script: str, data_fingerprint: str | None = None, position=None):
@@ -90,11 +91,15 @@ class RunRecord:
         self._write(self.path)
 
     def save_into(self, directory: str, step: int) -> None:
-        """The record as of `step` into a checkpoint folder being written; output_dir's copy and the report too."""
+        """The record as of `step` into a checkpoint folder being written, and output_dir's copy."""
         self.info["steps_done"] = step
         self._write(os.path.join(directory, RUN_INFO))
         self._write(self.path)
-        try_write_report(self.accelerator, self.script)
+
+    def checkpoint_hooks(self, step: int) -> dict:
+        """`save_checkpoint` keyword arguments: the record into the checkpoint, the report after publishing."""
+        return {"before_publish": lambda directory: self.save_into(directory, step),
+                "after_publish": lambda: try_write_report(self.accelerator, self.script)}
 
     def finish(self, steps_done: int) -> None:
         """After the final save: end time, steps, the last logged value of every metric, the final report."""
