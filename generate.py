@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 
 import utils  # noqa: F401  (first: its log filter must be in place before diffusers/peft import bitsandbytes)
+
 # isort: split
 
 import numpy as np
@@ -36,8 +37,9 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from utils.config import parse_args_with_config
-from utils.sd.schedulers import SCHEDULERS, make_scheduler
+from utils.errors import UserError, UserFileNotFoundError, run_script
 from utils.images import make_grid
+from utils.sd.schedulers import SCHEDULERS, make_scheduler
 
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}
@@ -120,32 +122,37 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def validate_args(args) -> None:
     if args.model is None and args.checkpoint is None:
-        raise ValueError("Pass --model (a pipeline folder or Hub id) and/or --checkpoint output_dir/checkpoint-N.")
+        raise UserError("Pass --model (a pipeline folder or Hub id) and/or --checkpoint output_dir/checkpoint-N.")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output_dir {args.output_dir} is a file; give a folder for the images (it is created).")
+    if args.mask is None and args.model is not None and os.path.isdir(args.model) and is_mask_dit_dir(args.model):
+        raise UserError(f"--model {args.model} is a mask DiT (train_mask_dit.py's output): pass --mask "
+                        "MASK_IMAGE_OR_FOLDER (and optionally --prompt).")
     if args.mask is None and (args.prompt is None) == (args.prompts_file is None):
-        raise ValueError("Pass exactly one of --prompt or --prompts_file.")
+        raise UserError("Pass exactly one of --prompt or --prompts_file.")
     if args.mask is not None and (args.checkpoint or args.lora or args.prompts_file):
-        raise ValueError("--mask (mask DiT) takes --model and an optional --prompt; --checkpoint, --lora and "
-                         "--prompts_file are "
-                         "Stable Diffusion options.")
+        raise UserError("--mask (mask DiT) takes --model and an optional --prompt; --checkpoint, --lora and "
+                        "--prompts_file are "
+                        "Stable Diffusion options.")
     if args.ema and args.checkpoint is None:
-        raise ValueError("--ema picks checkpoint-N/unet_ema, so it needs --checkpoint (a final pipeline "
-                         "already holds the EMA weights).")
+        raise UserError("--ema picks checkpoint-N/unet_ema, so it needs --checkpoint (a final pipeline "
+                        "already holds the EMA weights).")
     for flag in ("num_images", "batch_size"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
 
 
 def read_prompts(args) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     if not os.path.isfile(args.prompts_file):
-        raise FileNotFoundError(f"--prompts_file {args.prompts_file}: no such file")
+        raise UserFileNotFoundError(f"--prompts_file {args.prompts_file}: no such file")
     with open(args.prompts_file, encoding="utf-8") as handle:
         prompts = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"--prompts_file {args.prompts_file}: no prompts in it (one per line)")
+        raise UserError(f"--prompts_file {args.prompts_file}: no prompts in it (one per line)")
     return prompts
 
 
@@ -162,8 +169,8 @@ def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.
     if dtype is None:
         dtype = "fp32" if device.type == "cpu" else "fp16"
     if dtype == "fp16" and device.type == "cpu":
-        raise ValueError("--dtype fp16 does not run on CPU (half-precision convolutions are missing there); "
-                         "use --dtype bf16 or --dtype fp32, or a GPU with --device cuda.")
+        raise UserError("--dtype fp16 does not run on CPU (half-precision convolutions are missing there); "
+                        "use --dtype bf16 or --dtype fp32, or a GPU with --device cuda.")
     return device, DTYPES[dtype]
 
 
@@ -199,14 +206,14 @@ def resolve_base_model(args) -> str:
             elif found:
                 hint = (f" It holds checkpoints ({', '.join(found)}): use --model BASE_MODEL --checkpoint "
                         f"{os.path.join(args.model, found[-1])}.")
-            raise ValueError(f"--model {args.model}: no model_index.json, so not a diffusers pipeline folder.{hint}")
+            raise UserError(f"--model {args.model}: no model_index.json, so not a diffusers pipeline folder.{hint}")
         return args.model
     parent = os.path.dirname(os.path.abspath(args.checkpoint))
     if is_pipeline_dir(parent):
         return parent
-    raise ValueError(f"--checkpoint {args.checkpoint}: its parent folder {parent} holds no full "
-                     "pipeline (training has not "
-                     "finished there); pass the base model the run started from with --model.")
+    raise UserError(f"--checkpoint {args.checkpoint}: its parent folder {parent} holds no full "
+                    "pipeline (training has not "
+                    "finished there); pass the base model the run started from with --model.")
 
 
 def load_pipeline(args, device: torch.device, dtype: torch.dtype):
@@ -234,18 +241,18 @@ def load_checkpoint_into(pipe, checkpoint: str, ema: bool, dtype: torch.dtype) -
     from diffusers import UNet2DConditionModel
 
     if not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
+        raise UserFileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
     present = sorted(os.listdir(checkpoint))
     if LORA_WEIGHT_NAME in present and "unet" not in present:
         if ema:
-            raise ValueError(f"--checkpoint {checkpoint} is a LoRA checkpoint; it has no EMA UNet, drop --ema.")
+            raise UserError(f"--checkpoint {checkpoint} is a LoRA checkpoint; it has no EMA UNet, drop --ema.")
         load_lora(pipe, checkpoint)
         return f"{checkpoint} (LoRA)", checkpoint
     unet_folder = "unet_ema" if ema else "unet"
     unet_path = os.path.join(checkpoint, unet_folder)
     if not os.path.isfile(os.path.join(unet_path, "config.json")):
         hint = " (the run was trained without --use_ema; drop --ema)" if ema else ""
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"--checkpoint {checkpoint}: no {unet_folder}/ with a diffusers UNet{hint}; found {present}"
         )
     pipe.unet = UNet2DConditionModel.from_pretrained(unet_path).to(dtype)
@@ -265,7 +272,7 @@ def load_lora(pipe, path: str) -> None:
     elif os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
         pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
     elif os.path.isdir(path):
-        raise FileNotFoundError(f"--lora {path}: no {LORA_WEIGHT_NAME} in it; pass the weights file itself")
+        raise UserFileNotFoundError(f"--lora {path}: no {LORA_WEIGHT_NAME} in it; pass the weights file itself")
     else:
         pipe.load_lora_weights(path)  # a Hub id
 
@@ -334,8 +341,8 @@ def sd_main(args, device, dtype) -> list[str]:
     pipe, model_description, lora_source = load_pipeline(args, device, dtype)
     scheduler = args.scheduler or "dpm++"
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"--scheduler {scheduler} is for mask DiTs; Stable Diffusion takes one of "
-                         f"{', '.join(SCHEDULERS)}")
+        raise UserError(f"--scheduler {scheduler} is for mask DiTs; Stable Diffusion takes one of "
+                        f"{', '.join(SCHEDULERS)}")
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
@@ -377,11 +384,11 @@ def read_masks(path: str, mask_channels: int) -> list[tuple[str, torch.Tensor]]:
     if os.path.isdir(path):
         files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise ValueError(f"--mask {path}: no mask images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+            raise UserError(f"--mask {path}: no mask images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
     elif os.path.isfile(path):
         files = [path]
     else:
-        raise FileNotFoundError(f"--mask {path}: no such file or folder")
+        raise UserFileNotFoundError(f"--mask {path}: no such file or folder")
     masks = []
     for file in files:
         with Image.open(file) as image:
@@ -397,7 +404,7 @@ def mask_dit_main(args, device, dtype) -> list[str]:
 
     sampler = args.scheduler or "euler"
     if sampler not in MASK_DIT_SAMPLERS:
-        raise ValueError(f"--scheduler {sampler}: a mask DiT samples with {' or '.join(MASK_DIT_SAMPLERS)}")
+        raise UserError(f"--scheduler {sampler}: a mask DiT samples with {' or '.join(MASK_DIT_SAMPLERS)}")
     pipeline = load_mask_dit_pipeline(args.model, device=device, dtype=dtype)
     masks = read_masks(args.mask, pipeline.transformer.config.mask_channels)
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
@@ -444,13 +451,11 @@ def main(argv=None) -> list[str]:
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.model is not None and os.path.isdir(args.model) and is_mask_dit_dir(args.model):
-        if args.mask is None:
-            raise ValueError(f"--model {args.model} is a mask DiT: pass --mask MASK_IMAGE_OR_FOLDER")
         return mask_dit_main(args, device, dtype)
     if args.mask is not None:
-        raise ValueError(f"--mask needs a mask DiT as --model (train_mask_dit.py's output); {args.model} is not one")
+        raise UserError(f"--mask needs a mask DiT as --model (train_mask_dit.py's output); {args.model} is not one")
     return sd_main(args, device, dtype)
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

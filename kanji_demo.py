@@ -30,13 +30,23 @@ EVAL_TIMESTEPS = (100, 300, 500, 700, 900)
 
 # Hyperparameters per mode. The demo's learning rates are higher than guide 001's fine-tuning values
 # (VAE 1e-4, UNet 1e-5): from scratch in a few hundred steps those barely move the weights.
+# How the prompt reaches the UNet (issue 17; README "What made the prompt matter" has the measurements): the
+# kanji preset's text encoder (16 positions, token embeddings at std 1) stays frozen at its random init, a
+# fixed, distinct code per caption; v-prediction makes the loss at high noise depend on which glyph is
+# drawn (with epsilon the UNet learned to ignore the caption); caption dropout 10% for guidance; the frozen
+# encoder's outputs and the VAE latents are cached, so a step costs only the UNet.
+CONDITIONING = ["--prediction_type", "v_prediction", "--caption_dropout_prob", "0.1", "--cache_latents",
+                "--cache_text_embeddings"]
 MODES = {
-    "demo": dict(preset="small", resolution=64, subset="joyo", fonts=["gothic"], batch=16, vae_steps=160, vae_lr=2e-3,
-                 unet_steps=260, unet_lr=1e-3, warmup=20, checkpointing_steps=100),
-    "quality": dict(preset="small", resolution=64, subset="all", fonts=["gothic", "mincho", "seto"], batch=64,
-                    vae_steps=4000, vae_lr=1e-3, unet_steps=30000, unet_lr=2e-4, warmup=500, checkpointing_steps=2000),
+    "demo": dict(preset="kanji", resolution=64, subset="frequent:120", fonts=["gothic"], batch=16, vae_steps=160,
+                 vae_lr=2e-3, unet_steps=1200, unet_lr=1e-3, warmup=20, checkpointing_steps=300, seen_prompts=None,
+                 extra=CONDITIONING),
+    "quality": dict(preset="kanji", resolution=64, subset="all", fonts=["gothic", "mincho", "seto"], batch=64,
+                    vae_steps=4000, vae_lr=1e-3, unet_steps=30000, unet_lr=2e-4, warmup=500, checkpointing_steps=2000,
+                    seen_prompts=500, extra=CONDITIONING),
     "smoke": dict(preset="tiny", resolution=32, subset="frequent:48", fonts=["gothic"], batch=8, vae_steps=4,
-                  vae_lr=1e-3, unet_steps=4, unet_lr=1e-3, warmup=0, checkpointing_steps=4),
+                  vae_lr=1e-3, unet_steps=4, unet_lr=1e-3, warmup=0, checkpointing_steps=4, seen_prompts=8,
+                  extra=CONDITIONING),
 }
 
 
@@ -47,7 +57,8 @@ def parse_args(argv=None):
                         help="demo: ~10 min CPU; quality: GPU hours; smoke: tests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_inference_steps", type=int, default=25, help="guide 001: 25 fast, 75 quality")
-    parser.add_argument("--guidance_scale", type=float, default=9.0, help="guide 001: 7-12 for the kanji model")
+    parser.add_argument("--guidance_scale", type=float, default=7.0,
+                        help="guide 001: 7-12 for the kanji model; 7 measured crispest (README table)")
     parser.add_argument("--skip_training", action="store_true", help="Only evaluate an existing --output_dir/model")
     return parser.parse_args(argv)
 
@@ -70,7 +81,7 @@ def train(args, mode, data_dir) -> str:
                "--model_preset", mode["preset"], "--train_data_dir", data_dir, "--resolution", str(mode["resolution"]),
                "--center_crop", "--train_vae", "--vae_train_steps", str(mode["vae_steps"]),
                "--vae_learning_rate", str(mode["vae_lr"]),
-               "--train_text_encoder", "--caption_dropout_prob", "0.1", "--train_batch_size", str(mode["batch"]),
+               *mode["extra"], "--train_batch_size", str(mode["batch"]),
                "--max_train_steps", str(mode["unet_steps"]), "--learning_rate", str(mode["unet_lr"]),
                "--lr_scheduler", "cosine", "--lr_warmup_steps", str(mode["warmup"]), "--adam_weight_decay", "0.0",
                "--checkpointing_steps", str(mode["checkpointing_steps"]), "--checkpoints_total_limit", "2",
@@ -84,11 +95,17 @@ def train(args, mode, data_dir) -> str:
     return model_dir
 
 
-def load_split(data_dir: str, split: str, resolution: int, limit: int | None = None):
-    """Images [N, 3, R, R] in [-1, 1] and captions of one split of the kanji imagefolder."""
+def load_split(data_dir: str, split: str, resolution: int, limit: int | None = None, one_per_character=False):
+    """Images [N, 3, R, R] in [-1, 1] and captions of one split of the kanji imagefolder (with
+    `one_per_character`, each character's first font only)."""
     from utils.images import load_image, pil_to_tensor
 
     rows = [json.loads(line) for line in open(os.path.join(data_dir, split, "metadata.jsonl"), encoding="utf-8")]
+    if one_per_character:
+        first = {}
+        for row in rows:
+            first.setdefault(row["literal"], row)
+        rows = list(first.values())
     rows = rows[:limit] if limit else rows
     size = (resolution, resolution)
     images = torch.stack([pil_to_tensor(load_image(os.path.join(data_dir, split, r["file_name"])).resize(size))
@@ -162,6 +179,48 @@ def glyph_metrics(samples: np.ndarray, train_glyphs: np.ndarray, real_coverage: 
     }
 
 
+def binarise(images: np.ndarray) -> np.ndarray:
+    """Grayscale glyphs [N, H, W] in [0, 255] -> ink masks [N, H*W] (dark pixels, < 128)."""
+    return (images.reshape(len(images), -1) < 128).astype(np.float32)
+
+
+def classify_by_nearest_glyph(samples: np.ndarray, glyphs: np.ndarray) -> np.ndarray:
+    """For each sample [H, W], the indices of the training glyphs ordered from nearest to farthest, by the
+    fraction of pixels whose ink differs (Hamming distance of the binarised 64 px images)."""
+    a, b = binarise(samples), binarise(glyphs)
+    distances = a @ (1 - b).T + (1 - a) @ b.T  # differing pixels: ink in one, not in the other
+    return np.argsort(distances, axis=1, kind="stable")
+
+
+def seen_prompt_accuracy(samples: np.ndarray, glyphs: np.ndarray) -> dict:
+    """Sample i was generated from training character i's own caption: top-1/top-5 of its nearest glyphs."""
+    order = classify_by_nearest_glyph(samples, glyphs)
+    truth = np.arange(len(samples))[:, None]
+    return {"seen_prompt_top1": float((order[:, :1] == truth).any(1).mean()),
+            "seen_prompt_top5": float((order[:, :5] == truth).any(1).mean()),
+            "num_seen_prompts": int(len(samples)), "chance_top1": 1.0 / len(glyphs)}
+
+
+def shuffled(captions: list[str], seed: int) -> list[str]:
+    """The captions permuted so that none stays in place (a derangement, fixed by `seed`)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(captions))
+        if len(captions) < 2 or not (order == np.arange(len(captions))).any():
+            return [captions[i] for i in order]
+
+
+def sample(pipe, prompts: list[str], args, resolution: int, first_seed: int, batch: int = 32) -> list:
+    """One image per prompt, prompt i with seed first_seed + i, the demo's sampler and guidance."""
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        generators = [torch.Generator().manual_seed(first_seed + start + i) for i in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                       height=resolution, width=resolution, generator=generators).images
+    return images
+
+
 def plot_curves(model_dir: str, path: str) -> dict:
     """Loss-vs-step PNG from the run's TensorBoard events; returns the first/last values per curve."""
     import matplotlib
@@ -222,18 +281,30 @@ def evaluate(args, mode, data_dir, model_dir) -> dict:
     metrics["diffusion_loss_trained"] = diffusion_loss_at(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, ddpm,
                                                           heldout, heldout_captions, args.seed)
 
-    images = []
-    for index, prompt in enumerate(UNSEEN_PROMPTS):
-        generator = torch.Generator().manual_seed(args.seed + index)
-        images.append(pipe(prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                           height=resolution, width=resolution, generator=generator).images[0])
+    to_gray = lambda t: ((t.mean(1) + 1) * 127.5).numpy()  # noqa: E731
+    gray = lambda images: np.stack([np.asarray(im.convert("L")) for im in images]).astype(np.float32)  # noqa: E731
+
+    # Seen prompts: one image from each training character's own caption, classified by its nearest glyph.
+    seen, seen_captions = load_split(data_dir, "train", resolution, limit=mode["seen_prompts"], one_per_character=True)
+    seen_samples = sample(pipe, seen_captions, args, resolution, first_seed=args.seed + 1000)
+    metrics.update(seen_prompt_accuracy(gray(seen_samples), to_gray(seen)))
+    # Does the caption matter? The same held-out-timestep loss with true and with shuffled captions.
+    metrics["loss_true_caption"] = diffusion_loss_at(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, ddpm,
+                                                     seen, seen_captions, args.seed)
+    metrics["loss_shuffled_caption"] = diffusion_loss_at(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, ddpm,
+                                                         seen, shuffled(seen_captions, args.seed), args.seed)
+    make_grid([im.resize((96, 96)) for im in seen_samples[:32]], columns=8).save(
+        os.path.join(args.output_dir, "samples_seen_prompts.png"))
+
+    images = sample(pipe, UNSEEN_PROMPTS, args, resolution, first_seed=args.seed)
     grid_path = os.path.join(args.output_dir, "samples_unseen_prompts.png")
     make_grid([im.resize((128, 128)) for im in images], columns=4).save(grid_path)
-    samples = np.stack([np.asarray(im.convert("L")) for im in images]).astype(np.float32)
-    to_gray = lambda t: ((t.mean(1) + 1) * 127.5).numpy()  # noqa: E731
+    samples = gray(images)
     metrics.update(
         glyph_metrics(samples, to_gray(train_images), glyph_stats(data_dir), to_gray(heldout[: len(images)]))
     )
+    metrics["binary_pixel_fraction"] = float(np.mean([((s < 64) | (s > 192)).mean()
+                                                      for s in np.concatenate([gray(seen_samples), samples])]))
     metrics["curves"] = plot_curves(model_dir, os.path.join(args.output_dir, "training_curves.png"))
     metrics["paths"] = {"pipeline": model_dir, "samples": grid_path,
                         "curves": os.path.join(args.output_dir, "training_curves.png"), "dataset": data_dir}
@@ -255,12 +326,20 @@ def print_summary(metrics: dict, seconds: float) -> None:
         f"  diffusion loss (held-out, fixed t)  {metrics['diffusion_loss_initial']:.4f} -> "
         f"{metrics['diffusion_loss_trained']:.4f}"
         f"  ({ok(fell)})",
+        f"  seen prompts -> their kanji    top-1 {100 * metrics['seen_prompt_top1']:.1f}%, top-5 "
+        f"{100 * metrics['seen_prompt_top5']:.1f}% of {metrics['num_seen_prompts']} (chance "
+        f"{100 * metrics['chance_top1']:.1f}%; target top-1 >= 40%: {ok(metrics['seen_prompt_top1'] >= 0.4)})",
+        f"  loss, true vs shuffled caption {metrics['loss_true_caption']:.4f} vs "
+        f"{metrics['loss_shuffled_caption']:.4f} "
+        f"({100 * (1 - metrics['loss_true_caption'] / metrics['loss_shuffled_caption']):.1f}% lower; target >= 5%: "
+        f"{ok(metrics['loss_true_caption'] <= 0.95 * metrics['loss_shuffled_caption'])})",
         f"  samples' ink coverage          {metrics['ink_coverage_mean']:.3f} (real kanji "
         f"{metrics['real_ink_coverage_range'][0]:.3f}"
         f"-{metrics['real_ink_coverage_range'][1]:.3f}; "
         f"{100 * metrics['ink_coverage_in_real_range']:.0f}% of samples in range)",
-        f"  near-black/white pixels        {100 * metrics['binary_fraction']:.1f}% (real glyphs "
-        f"{100 * metrics['heldout_real_binary_fraction']:.1f}%)",
+        f"  near-black/white pixels        {100 * metrics['binary_pixel_fraction']:.1f}% of all samples' pixels (real "
+        f"glyphs {100 * metrics['heldout_real_binary_fraction']:.1f}%; target >= 93%: "
+        f"{ok(metrics['binary_pixel_fraction'] >= 0.93)})",
         f"  distance to nearest training glyph  {metrics['nearest_train_distance']:.3f} "
         f"(held-out real glyphs: {metrics['heldout_real_nearest_train_distance']:.3f})",
         "  try: python generate.py --model " + metrics["paths"]["pipeline"] + ' --prompt "fire mountain" --seed 0',
@@ -278,6 +357,7 @@ def main(argv=None) -> dict:
     model_dir = os.path.join(args.output_dir, "model") if args.skip_training else train(args, mode, data_dir)
     metrics = evaluate(args, mode, data_dir, model_dir)
     metrics["seconds"] = time.time() - start
+    metrics["minutes"] = metrics["seconds"] / 60
     metrics["mode"] = args.mode
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)

@@ -30,16 +30,16 @@ from accelerate.utils import DataLoaderConfiguration
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
-from utils.checkpointing import register_checkpoint_hooks, resume_position, save_checkpoint
+from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_checkpoint
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
-from utils.errors import oom_hint
+from utils.errors import UserError, oom_hint, user_entry_point
 from utils.images import save_and_log_images
 from utils.mask_dit.cache import cache_paired_datasets, paired_rows_fingerprint
 from utils.mask_dit.conditioning import Conditioner
 from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder,
-                                 select_fraction, split_train_validation)
+                                 select_fraction, split_train_validation, usable_records)
 from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
                                           loss_weights, sample_timesteps)
 from utils.mask_dit.metrics import mask_iou, segment_structures, ssim
@@ -48,6 +48,7 @@ from utils.mask_dit.pipeline import (MaskDiTPipeline, caption_width, comparison_
                                      save_mask_dit_pipeline)
 from utils.metrics import psnr
 from utils.optim import apply_update, create_optimizer, warmup_cosine
+from utils.preflight import add_preflight_args
 from utils.report import log_metrics
 from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config, weight_dtype,
                        write_rank_checksums)
@@ -139,6 +140,7 @@ def parse_args(argv=None):
     schedule.add_argument("--guidance_scale", type=float, default=4.0, help="Caption CFG scale.")
     schedule.add_argument("--mask_guidance_scale", type=float, default=1.0, help="Mask CFG scale (1 = no mask CFG).")
     add_run_args(parser, output_dir_default="mask-dit-model")
+    add_preflight_args(parser)
     add_ema_args(parser)
     add_cache_args(parser)
     add_auto_batch_args(parser)
@@ -156,14 +158,16 @@ def parse_args(argv=None):
 
 
 def build_records(args, folder=None):
+    """The pairs of a folder (or --train_data_dir / --dataset_name), checked by the pre-flight scan."""
     if folder or args.train_data_dir:
-        return scan_paired_folder(folder or args.train_data_dir, args.caption_column)
-
+        return usable_records(args, scan_paired_folder(folder or args.train_data_dir, args.caption_column),
+                              folder or args.train_data_dir)
     if os.path.isdir(args.dataset_name) and os.path.isfile(os.path.join(args.dataset_name, "dataset_info.json")):
         dataset = datasets.load_from_disk(args.dataset_name)
     else:
         dataset = datasets.load_dataset(args.dataset_name, split="train")
-    return hub_records(dataset, args.image_column, args.mask_column, args.caption_column)
+    return usable_records(args, hub_records(dataset, args.image_column, args.mask_column, args.caption_column),
+                          args.dataset_name)
 
 
 def build_datasets(args):
@@ -178,7 +182,7 @@ def build_datasets(args):
     keep = select_fraction(len(train_indices), args.sample_ratio, args.seed)
     train_indices = [train_indices[i] for i in keep]
     train = PairedImageMaskDataset(records, args.resolution, args.mask_channels, args.random_crop, args.random_flip,
-                                   train_indices, args.seed)
+                                   train_indices, args.seed, skip_bad_samples=args.skip_bad_samples)
     held_out = (PairedImageMaskDataset(validation, args.resolution, args.mask_channels, indices=validation_indices)
                 if validation_indices else None)
     return train, held_out
@@ -191,17 +195,17 @@ def build_transformer(args, in_channels: int, vae_downsample: int, caption_dim: 
         model = load_pretrained_nextdit(args.pretrained_model_name_or_path, args.mask_channels,
                                         subfolder=args.pretrained_subfolder, sample_size=sample_size)
         if (model.config.caption_dim or None) != caption_dim:
-            raise ValueError(f"--pretrained_model_name_or_path has caption_dim {model.config.caption_dim} but the text "
-                             f"encoder gives {caption_dim}; use the text encoder the model was trained with")
+            raise UserError(f"--pretrained_model_name_or_path has caption_dim {model.config.caption_dim} but the text "
+                            f"encoder gives {caption_dim}; use the text encoder the model was trained with")
         if model.config.in_channels != in_channels:
-            raise ValueError(f"--pretrained_model_name_or_path takes {model.config.in_channels} input channels, the "
-                             f"data gives {in_channels} (pixel space: 3; latent: the VAE's latent_channels)")
+            raise UserError(f"--pretrained_model_name_or_path takes {model.config.in_channels} input channels, the "
+                            f"data gives {in_channels} (pixel space: 3; latent: the VAE's latent_channels)")
     else:
         model = build_mask_nextdit(args.model_size, args.model_config, in_channels=in_channels,
                                    mask_channels=args.mask_channels, caption_dim=caption_dim, sample_size=sample_size)
     if args.resolution % (vae_downsample * model.config.patch_size):
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of "
-                         f"{vae_downsample * model.config.patch_size}")
+        raise UserError(f"--resolution {args.resolution} must be a multiple of "
+                        f"{vae_downsample * model.config.patch_size}")
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -349,6 +353,8 @@ def save_final(args, accelerator, pipeline, ema) -> None:
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(pipeline.transformer.parameters())
+        check_finite_before_saving(accelerator, args.output_dir, f"the final model in {args.output_dir}",
+                                   [pipeline.transformer])
         save_mask_dit_pipeline(args.output_dir, pipeline)
         logger.info(f"Saved the mask DiT to {args.output_dir}")
 
@@ -476,4 +482,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    user_entry_point(main, parse_args)

@@ -39,23 +39,26 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors.torch import load_file
+from scipy.special import expit
 from torch.utils.data import DataLoader, default_collate
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.cache import fingerprint
-from utils.checkpointing import (atomic_directory, register_checkpoint_hooks, resume_position, save_checkpoint,
-                                 save_module, write_json_atomic)
+from utils.checkpointing import (STATE_FILE, atomic_directory, check_finite_before_saving, register_checkpoint_hooks,
+                                 resume_position, save_checkpoint, save_module, write_json_atomic)
 from utils.config import add_hyphen_aliases, parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema, save_ema
-from utils.errors import oom_hint
+from utils.errors import MissingPackageError, UserError, UserFileNotFoundError, oom_hint, run_script
 from utils.optim import apply_update, create_optimizer
+from utils.preflight import add_preflight_args
 from utils.report import log_metrics
 from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config,
                        write_rank_checksums)
 from utils.run_record import RunRecord
-from utils.segmentation.data import IRSTDDataset, tensor_to_image
-from utils.segmentation.metrics import SegmentationMetrics
+from utils.segmentation.data import (SPLIT_FILES, IRSTDDataset, canonical_dataset_name, list_split, native_eval_size, tensor_to_image,
+                                     usable_samples)
+from utils.segmentation.metrics import PdFaCurve, SegmentationMetrics
 from utils.segmentation.mshnet import MSHNet, multiscale_sls_loss
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import StopSignal
@@ -68,8 +71,26 @@ logger = logging.getLogger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train or evaluate MSHNet on an IRSTD-1k-layout data set.")
     parser.add_argument("--dataset_dir", type=str, required=True,
-                        help="Folder with images/, masks/, trainval.txt, test.txt (IRSTD-1k, "
-                             "NUDT-SIRST, SIRST layout).")
+                        help="Folder with images/, masks/ and trainval.txt + test.txt (MSHNet's IRSTD-1k layout) or "
+                             "img_idx/train_<name>.txt + test_<name>.txt (BasicIRSTD's), or the folder above it "
+                             "with --dataset_name (docs/SEGMENTATION.md).")
+    parser.add_argument("--dataset_name", type=str, default=None,
+                        help="IRSTD-1K, NUAA-SIRST, NUDT-SIRST, NUDT-SIRST-Sea, or SIRST3 (train on the union of "
+                             "the first three, score each one's test split). Default: the folder's name. A known "
+                             "data set without split files uses its standard split (utils/segmentation/splits).")
+    parser.add_argument("--eval_size", type=str, default="auto", choices=["auto", "base", "native"],
+                        help="Score at --base_size (frames resized, MSHNet's protocol) or at each frame's own size "
+                             "(BasicIRSTD's). auto: base for the MSHNet layout, native for BasicIRSTD/standard "
+                             "splits.")
+    parser.add_argument("--eval_head", type=str, default="auto", choices=["auto", "main", "fused"],
+                        help="--mode test: the output to score. auto: the one the weights were selected with "
+                             "(recorded next to them: main during warm-up, fused after), else fused (the "
+                             "reference's test mode, and what its released weights are scored with).")
+    parser.add_argument("--metric_compat", type=str, default="corrected", choices=["corrected", "mshnet"],
+                        help="mshnet: Fa as the MSHNet repository computes it (false alarms matched by area value; "
+                             "for comparison with its published numbers). Default: the corrected count.")
+    parser.add_argument("--roc_bins", type=int, default=10,
+                        help="--mode test: thresholds 0, 1/N, ..., 1 of the Pd-Fa curve (roc.csv, roc.png); 0: none.")
     parser.add_argument("--mode", type=str, default="train", choices=["train", "test"],
                         help="train: train and evaluate every epoch. test: evaluate "
                              "--weight_path, write metrics and masks.")
@@ -100,7 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='diffusers scheduler: "constant", "constant_with_warmup", "cosine", '
                              '"linear", "polynomial", ...')
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Scheduler warm-up steps.")
-    parser.add_argument("--eval_epochs", type=int, default=1, help="Evaluate every N epochs (and after the last).")
+    parser.add_argument("--eval_epochs", type=int, default=1,
+                        help="Evaluate every N epochs and after the last (0: after the last only).")
     parser.add_argument("--num_grid_images", type=int, default=8,
                         help="Test images in the TensorBoard prediction grid.")
     parser.add_argument("--use_tpu", action="store_true",
@@ -109,6 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_cores", type=int, default=8,
                         help="TPU cores to use with --use_tpu when started with `python`.")
     add_run_args(parser, output_dir_default="outputs/mshnet")
+    add_preflight_args(parser)
     add_ema_args(parser)
     add_speed_args(parser)
     add_auto_batch_args(parser)
@@ -117,12 +140,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_hyphen_aliases(parser)
     args = parse_args_with_config(parser, argv)
     for flag in ("base_size", "crop_size"):
-        if getattr(args, flag) % 16:
-            raise ValueError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (MSHNet pools four times)")
+        if getattr(args, flag) < 16 or getattr(args, flag) % 16:
+            raise UserError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (MSHNet pools four times)")
     if args.mode == "test" and not args.weight_path:
-        raise ValueError("--mode test needs --weight_path (e.g. outputs/mshnet/best)")
+        raise UserError("--mode test needs --weight_path (e.g. outputs/mshnet/best)")
     if args.batch_size == "auto" and args.mode == "test" and not args.eval_batch_size:
-        raise ValueError(
+        raise UserError(
             "--mode test with --batch_size auto: give --eval_batch_size (nothing is trained to size it on)"
         )
     if args.batch_size != "auto":
@@ -138,15 +161,24 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                 path = os.path.join(path, candidate)
                 break
         else:
-            raise FileNotFoundError(f"--weight_path {path}: no model.safetensors or mshnet/model.safetensors inside")
+            raise UserFileNotFoundError(f"--weight_path {path}: no model.safetensors or mshnet/model.safetensors inside")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--weight_path {path}: no such file or folder")
+        raise UserFileNotFoundError(f"--weight_path {path}: no such file or folder")
     if path.endswith(".safetensors"):
         state = load_file(path)
     else:  # the reference saves plain state dicts (weight.pkl) or {"state_dict"/"net": ...}
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("net", state))
         state = {key.removeprefix("module."): value for key, value in state.items()}
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong = [key for key in expected if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
+    if missing or unexpected or wrong:
+        raise UserError(f"--weight_path {path}: not MSHNet weights ({len(missing)} of {len(expected)} MSHNet tensors "
+                        f"missing, {len(unexpected)} unknown, e.g. '{(unexpected or missing or wrong)[0]}'; "
+                        f"{len(wrong)} of another shape). Give a best/, last/ or checkpoint-N/ folder of "
+                        "train_segmentation_tpu.py, or the original MSHNet release's weight file.")
     model.load_state_dict(state)
     logger.info(f"Loaded weights from {path}")
 
@@ -154,10 +186,23 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
 def build_datasets(args):
     # Without --seed, augmentation still needs one seed shared by all processes and kept on resume.
     augment_seed = args.seed if args.seed is not None else 0
+    listings = {}
+    for split in ("trainval", "test"):
+        listing = list_split(args.dataset_dir, split, args.dataset_name)
+        listings[split] = usable_samples(args, listing, " + ".join(listing.files))
+    native = args.eval_size == "native" or args.eval_size == "auto" and not listings["test"].files[0].endswith(
+        SPLIT_FILES["test"])
+    native_size = native_eval_size(listings["test"]) if native else None
     train_set = IRSTDDataset(args.dataset_dir, "trainval", train=True, base_size=args.base_size,
-                             crop_size=args.crop_size, augment_seed=augment_seed, cache_in_memory=args.cache_images)
+                             crop_size=args.crop_size, augment_seed=augment_seed, cache_in_memory=args.cache_images,
+                             listing=listings["trainval"], skip_bad_samples=args.skip_bad_samples)
     eval_set = IRSTDDataset(args.dataset_dir, "test", train=False, base_size=args.base_size, crop_size=args.crop_size,
-                            cache_in_memory=args.cache_images)
+                            cache_in_memory=args.cache_images, listing=listings["test"], native_size=native_size)
+    parts = sorted(set(eval_set.sources))
+    logger.info(f"Data: {len(train_set)} training frames from {', '.join(listings['trainval'].files)}; "
+                f"{len(eval_set)} test frames ({', '.join(parts)}) scored at "
+                + (f"their native size (padded to {native_size[1]}x{native_size[0]})" if native_size
+                   else f"{args.base_size}x{args.base_size}"))
     if args.cache_images:
         logger.info(
             f"--cache_images: {(train_set.frames.nbytes + eval_set.frames.nbytes) / 2**20:.0f} MiB "
@@ -174,33 +219,74 @@ def build_dataloaders(args, train_set, eval_set):
     return train_loader, eval_loader
 
 
-@torch.no_grad()
-def evaluate(accelerator, model, eval_loader, names, warm_flag: bool, predictions_dir: str | None = None):
-    """Segment the evaluation split; metrics are computed on the host from gathered masks.
+HEADS = {False: "main", True: "fused"}  # what model(x, warm_flag) scores: the full-resolution head, or the fusion
 
-    names: the evaluation set's sample names (PNG file names under `predictions_dir`).
-    Returns (metrics dict, {dataset index: binary prediction [H, W] uint8}) on every process;
-    without `predictions_dir`, up to 64 predictions are kept in memory for the prediction grid.
+
+class EvalResult:
+    """The metrics of one evaluation pass: overall, per part of the data set (SIRST3), and the Pd-Fa curve."""
+
+    def __init__(self, sources: list[str], compat: str | None, roc_bins: int | None):
+        self.parts = sorted(set(sources))
+        self.overall = SegmentationMetrics(compat=compat)
+        self.by_part = {part: SegmentationMetrics(compat=compat) for part in self.parts} if len(self.parts) > 1 else {}
+        self.curve = PdFaCurve(roc_bins, compat=compat) if roc_bins else None
+
+    def update(self, logits: np.ndarray, target: np.ndarray, source: str) -> np.ndarray:
+        """One sample's logits and mask [H, W]; returns its binary prediction (uint8)."""
+        pred = (logits > 0).astype(np.uint8)
+        self.overall.update(pred[None], target[None])
+        if self.by_part:
+            self.by_part[source].update(pred[None], target[None])
+        if self.curve is not None:
+            self.curve.update(expit(logits.astype(np.float64))[None], target[None])
+        return pred
+
+    def metrics(self, head: str, eval_size: str) -> dict:
+        result = {**self.overall.compute(), "head": head, "eval_size": eval_size}
+        if self.by_part:
+            result["per_dataset"] = {part: metrics.compute() for part, metrics in self.by_part.items()}
+        return result
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, eval_loader, eval_set, warm_flag: bool, args, predictions_dir: str | None = None,
+             roc_bins: int | None = None):
+    """Segment the evaluation split; metrics are computed on the host from gathered logits.
+
+    Scores `model(x, warm_flag)`, as the reference's main.py does: the main head during warm-up, the fused
+    output after it (and in --mode test); the metrics say which under "head". Frames evaluated at their
+    native size are cropped back from the padding before scoring. Returns (metrics, EvalResult, {dataset
+    index: binary prediction [H, W] uint8}) on every process; without `predictions_dir`, up to 64
+    predictions are kept in memory for the prediction grid; masks are written as PNGs under predictions_dir.
     """
     model.eval()
-    metrics = SegmentationMetrics()
+    result = EvalResult(eval_set.sources, None if args.metric_compat == "corrected" else args.metric_compat, roc_bins)
     kept = {}
     for batch in eval_loader:
         _, logits = model(batch["pixel_values"], warm_flag)
-        pred = (logits > 0).float()
+        sizes = batch.get("size", torch.tensor(logits.shape[-2:]).expand(len(logits), 2).to(logits.device))
         # gather_for_metrics drops the samples accelerate repeated to even out the last batch.
-        pred, target, index = accelerator.gather_for_metrics((pred, batch["mask"], batch["index"]))
-        pred = pred.cpu().numpy()[:, 0].astype(np.uint8)
-        metrics.update(pred, target.cpu().numpy()[:, 0])
-        for sample, sample_index in zip(pred, index.cpu().tolist()):
+        logits, target, index, sizes = accelerator.gather_for_metrics(
+            (logits.float(), batch["mask"], batch["index"], sizes))
+        logits, target = logits.cpu().numpy()[:, 0], target.cpu().numpy()[:, 0]
+        for sample_logits, sample_target, sample_index, (height, width) in zip(
+                logits, target, index.cpu().tolist(), sizes.cpu().tolist()):
+            pred = result.update(sample_logits[:height, :width], sample_target[:height, :width],
+                                 eval_set.sources[sample_index])
             if predictions_dir is not None and accelerator.is_main_process:
-                Image.fromarray(sample * 255, mode="L").save(
-                    os.path.join(predictions_dir, f"{names[sample_index]}.png")
-                )
+                path = os.path.join(predictions_dir, *prediction_subdir(eval_set, sample_index),
+                                    f"{eval_set.names[sample_index]}.png")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.fromarray(pred * 255, mode="L").save(path)
             elif predictions_dir is None and len(kept) < 64:
-                kept[sample_index] = sample
+                kept[sample_index] = pred
     model.train()
-    return metrics.compute(), kept
+    return result.metrics(HEADS[warm_flag], "native" if eval_set.native_size else f"{args.base_size}"), result, kept
+
+
+def prediction_subdir(eval_set, index: int) -> tuple[str, ...]:
+    """Masks of a multi-part set (SIRST3) go into one folder per part."""
+    return (eval_set.sources[index],) if len(set(eval_set.sources)) > 1 else ()
 
 
 def prediction_grid(eval_set, predictions: dict, num_images: int) -> np.ndarray | None:
@@ -208,10 +294,14 @@ def prediction_grid(eval_set, predictions: dict, num_images: int) -> np.ndarray 
     rows = []
     for index in sorted(predictions)[:num_images]:
         sample = eval_set[index]
-        image = tensor_to_image(sample["pixel_values"])
-        truth = np.repeat(sample["mask"][0].numpy()[..., None] * 255, 3, axis=2).astype(np.uint8)
+        height, width = predictions[index].shape
+        image = tensor_to_image(sample["pixel_values"])[:height, :width]
+        truth = np.repeat(sample["mask"][0, :height, :width].numpy()[..., None] * 255, 3, axis=2).astype(np.uint8)
         pred = np.repeat(predictions[index][..., None] * 255, 3, axis=2).astype(np.uint8)
         rows.append(np.concatenate([image, truth, pred], axis=1))
+    if rows and len({row.shape for row in rows}) > 1:  # native-size frames of several sizes: pad to the widest
+        height, width = max(row.shape[0] for row in rows), max(row.shape[1] for row in rows)
+        rows = [np.pad(row, ((0, height - row.shape[0]), (0, width - row.shape[1]), (0, 0))) for row in rows]
     return np.concatenate(rows, axis=0) if rows else None
 
 
@@ -231,34 +321,85 @@ def build_model(args, device) -> MSHNet:
 
 def check_one_batch(args, accelerator, train_set) -> None:
     if len(train_set) < args.batch_size * accelerator.num_processes:
-        raise ValueError(
+        raise UserError(
             f"{args.dataset_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
             f"({args.batch_size} x {accelerator.num_processes} processes); lower --batch_size."
         )
 
 
-def save_final(args, accelerator, raw_model, ema) -> None:
-    """output_dir/last (the trained weights) and output_dir/last_ema."""
+def save_final(args, accelerator, raw_model, ema, info: dict) -> None:
+    """output_dir/last (the trained weights) and output_dir/last_ema, each replaced atomically, with
+    model_info.json (epoch, step, and the head --mode test scores them with)."""
+    check_finite_before_saving(accelerator, args.output_dir, f"{args.output_dir}/last", [raw_model])
     if accelerator.is_main_process:
-        save_module(raw_model, os.path.join(args.output_dir, "last"))
+        with atomic_directory(os.path.join(args.output_dir, "last")) as temp:
+            save_module(raw_model, temp)
+            write_json_atomic(os.path.join(temp, "model_info.json"), info)
         if ema is not None:
-            save_ema(ema, os.path.join(args.output_dir, "last_ema"))
+            with atomic_directory(os.path.join(args.output_dir, "last_ema")) as temp:
+                save_ema(ema, temp)
+                write_json_atomic(os.path.join(temp, "model_info.json"), info)
+
+
+# The MSHNet README's results (mIoU x1e-2, Pd x1e-2, Fa x1e-6; scored at --base_size 256 with its own Fa),
+# to compare a --mode test of the released weights with.
+PUBLISHED = {"IRSTD-1K": (67.16, 93.88, 15.03), "NUDT-SIRST": (80.55, 97.99, 11.77)}
+
+
+def recorded_head(weight_path: str) -> str | None:
+    """The head the weights were evaluated/selected with, as this script records it next to them."""
+    folder = weight_path if os.path.isdir(weight_path) else os.path.dirname(weight_path)
+    for directory in (folder, os.path.dirname(os.path.normpath(folder))):
+        for name in ("metrics.json", "model_info.json", STATE_FILE):
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as handle:
+                    head = json.load(handle).get("head")
+                if head in HEADS.values():
+                    return head
+    return None
+
+
+def table_rows(metrics: dict, dataset: str) -> list[str]:
+    """The result as a row of the papers' tables (mIoU, nIoU, Pd, F1 x1e-2; Fa x1e-6), one per part of the set."""
+    def row(name, m):
+        cells = [f"{100 * m[k]:.2f}" if m[k] is not None else "-" for k in ("mIoU", "nIoU", "Pd")]
+        fa = f"{m['Fa_1e-6']:.2f}" if m["Fa_1e-6"] is not None else "-"
+        f1 = f"{100 * m['F1']:.2f}" if m["F1"] is not None else "-"
+        return f"| MSHNet (this run) | {name} | {' | '.join(cells)} | {fa} | {f1} |"
+
+    lines = ["| Method | Dataset | mIoU (x1e-2) | nIoU (x1e-2) | Pd (x1e-2) | Fa (x1e-6) | F1 (x1e-2) |",
+             "|---|---|---|---|---|---|---|", row(dataset, metrics)]
+    lines += [row(part, part_metrics) for part, part_metrics in metrics.get("per_dataset", {}).items()]
+    for name in [dataset, *metrics.get("per_dataset", {})]:
+        if name in PUBLISHED:
+            miou, pd, fa = PUBLISHED[name]
+            lines.append(f"| MSHNet (README, published) | {name} | {miou} | - | {pd} | {fa} | - |")
+    return lines
 
 
 def run_test(args, accelerator, model, eval_loader, eval_set):
-    """--mode test: evaluate --weight_path with the fused output; test_metrics.json and the masks."""
+    """--mode test: score --weight_path (the head it was selected with, else fused), test_metrics.json, the
+    predicted masks, the Pd-Fa curve and the result as a table row."""
     model, eval_loader = accelerator.prepare(model, eval_loader)
     predictions_dir = os.path.join(args.output_dir, "predictions")
     if accelerator.is_main_process:
         os.makedirs(predictions_dir, exist_ok=True)
-    # The reference evaluates trained models with the fused multi-scale output.
-    metrics, _ = evaluate(
-        accelerator, model, eval_loader, eval_set.names, warm_flag=True, predictions_dir=predictions_dir
-    )
+    head = args.eval_head if args.eval_head != "auto" else recorded_head(args.weight_path) or "fused"
+    metrics, result, _ = evaluate(accelerator, model, eval_loader, eval_set, head == "fused", args,
+                                  predictions_dir=predictions_dir, roc_bins=args.roc_bins or None)
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "test_metrics.json"), "w", encoding="utf-8") as handle:
-            json.dump({**metrics, "weight_path": args.weight_path}, handle, indent=2)
-        logger.info(f"Test metrics: {metrics}; masks in {predictions_dir}")
+        dataset = canonical_dataset_name(args.dataset_name or os.path.basename(os.path.normpath(args.dataset_dir)))
+        write_json_atomic(os.path.join(args.output_dir, "test_metrics.json"),
+                          {**metrics, "weight_path": args.weight_path, "dataset": dataset})
+        if result.curve is not None:
+            result.curve.write(args.output_dir, title=f"MSHNet on {dataset}")
+        rows = table_rows(metrics, dataset)
+        with open(os.path.join(args.output_dir, "table_row.md"), "w", encoding="utf-8") as handle:
+            handle.write("\n".join(rows) + "\n")
+        logger.info(f"Test metrics ({head} head, {metrics['metric_compat']} Fa): {metrics}; masks in "
+                    f"{predictions_dir}")
+        print("\n".join(rows))
     accelerator.end_training()
     return metrics
 
@@ -298,7 +439,7 @@ def evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_fl
     """Evaluate (with the EMA weights), append to eval_metrics.jsonl, log, keep output_dir/best; the new best."""
     raw_model = accelerator.unwrap_model(model)
     with ema_weights(ema, raw_model.parameters()):
-        metrics, predictions = evaluate(accelerator, model, eval_loader, eval_set.names, warm_flag)
+        metrics, _, predictions = evaluate(accelerator, model, eval_loader, eval_set, warm_flag, args)
         improved = metrics["mIoU"] is not None and metrics["mIoU"] > best_miou
         if improved:
             best_miou = metrics["mIoU"]
@@ -306,7 +447,7 @@ def evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_fl
             record = {"epoch": epoch, "global_step": step, **metrics, "best_mIoU": best_miou}
             with open(os.path.join(args.output_dir, "eval_metrics.jsonl"), "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
-            log_metrics(accelerator, {f"eval/{k}": v for k, v in metrics.items() if v is not None}, step)
+            log_metrics(accelerator, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
             log_prediction_grid(accelerator, eval_set, predictions, args.num_grid_images, step)
             logger.info(f"epoch {epoch} eval: {metrics}")
             if improved:
@@ -372,7 +513,8 @@ def main(args=None):
 
     def checkpoint_now(epoch):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                        training_state={"epoch": epoch, "best_miou": best_miou},
+                        training_state={"epoch": epoch, "best_miou": best_miou,
+                                        "head": HEADS[epoch > args.warm_epoch]},
                         **record.checkpoint_hooks(global_step))
 
     epoch = position.first_epoch
@@ -409,7 +551,7 @@ def main(args=None):
             if global_step >= args.max_train_steps:
                 break
         done = global_step >= args.max_train_steps
-        if done or (epoch + 1) % args.eval_epochs == 0:
+        if done or args.eval_epochs and (epoch + 1) % args.eval_epochs == 0:
             best_miou = evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_flag, epoch,
                                        global_step, best_miou)
         if done:
@@ -419,7 +561,8 @@ def main(args=None):
     if global_step % args.checkpointing_steps:
         checkpoint_now(epoch)
     write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless set)
-    save_final(args, accelerator, raw_model, ema)
+    save_final(args, accelerator, raw_model, ema,
+               {"epoch": epoch, "global_step": global_step, "head": HEADS[epoch > args.warm_epoch]})
     record.finish(global_step)
     log_xla_metrics(on_xla, args.output_dir, accelerator)
     accelerator.end_training()
@@ -440,7 +583,7 @@ def launch_on_tpu(args) -> None:
     try:
         import torch_xla.distributed.xla_multiprocessing as xmp
     except ImportError as error:
-        raise RuntimeError(
+        raise MissingPackageError(
             "--use_tpu needs torch_xla: pip install torch-xla==<your torch version> (docs/TPU.md)"
         ) from error
 
@@ -450,9 +593,10 @@ def launch_on_tpu(args) -> None:
     xmp.spawn(PrepareForLaunch(main, distributed_type="XLA"), args=(args,), nprocs=None if args.num_cores > 1 else 1)
 
 
+def cli() -> None:
+    args = parse_args()
+    return launch_on_tpu(args) if args.use_tpu else main(args)
+
+
 if __name__ == "__main__":
-    cli_args = parse_args()
-    if cli_args.use_tpu:
-        launch_on_tpu(cli_args)
-    else:
-        main(cli_args)
+    run_script(cli)

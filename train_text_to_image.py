@@ -34,11 +34,11 @@ from diffusers.utils.import_utils import is_xformers_available
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
                          sample_cached_latents)
-from utils.checkpointing import register_checkpoint_hooks, resume_position, save_checkpoint
+from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_checkpoint
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, place_ema
-from utils.errors import oom_hint
+from utils.errors import UserError, oom_hint, user_entry_point
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latents import encode_latents, scale_latents
 from utils.optim import apply_update, create_optimizer, restart_lr_schedule
@@ -50,9 +50,9 @@ from utils.sd.args import add_model_args, add_training_args, add_validation_args
 from utils.sd.builder import assemble_pipeline
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
 from utils.sd.data import (add_image_data_args, build_text_image_dataset, captions_for_new_tokenizer,
-                           collate_text_image, load_text_image_dataset)
+                           collate_text_image, load_text_image_dataset, usable_rows)
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
-                           check_text_encoder_lora_support, load_lora_into, save_lora)
+                           check_text_encoder_lora_support, load_lora_into, lora_checkpoint_check, save_lora)
 from utils.sd.models import load_models
 from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
 from utils.sd.validation import log_validation
@@ -102,42 +102,45 @@ def parse_args(argv=None):
 
 def validate_args(args) -> None:
     if not args.pretrained_model_name_or_path and not args.model_preset:
-        raise ValueError(
+        raise UserError(
             "Give --pretrained_model_name_or_path (fine-tune) or --model_preset tiny|small|base (train from scratch)."
         )
     if args.pretrained_model_name_or_path and args.model_preset:
-        raise ValueError(
+        raise UserError(
             "--pretrained_model_name_or_path and --model_preset are exclusive: load a model or build a fresh one."
         )
     if args.dataset_name is None and args.train_data_dir is None and args.train_data_file is None:
-        raise ValueError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir or "
-                         "--train_data_file).")
+        raise UserError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir or "
+                        "--train_data_file).")
     if args.dream_training and args.prediction_type == "v_prediction":
-        raise ValueError(
+        raise UserError(
             "--dream_training is only implemented for epsilon prediction; drop --prediction_type v_prediction."
         )
     if args.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise ValueError(f"--prediction_type {args.prediction_type}: choose 'epsilon' or 'v_prediction'.")
+        raise UserError(f"--prediction_type {args.prediction_type}: choose 'epsilon' or 'v_prediction'.")
     if args.use_lora and args.use_ema:
-        raise ValueError(
+        raise UserError(
             "--use_ema with --use_lora is not supported: EMA of LoRA adapters is not what diffusers' scripts do."
         )
     if args.use_lora and args.train_text_encoder:
         check_text_encoder_lora_support()
     if args.use_lora and args.train_vae:
-        raise ValueError("--train_vae trains a VAE from scratch; it cannot be combined with --use_lora.")
+        raise UserError("--train_vae trains a VAE from scratch; it cannot be combined with --use_lora.")
     multi_process = int(os.environ.get("WORLD_SIZE", 1)) > 1
     if args.train_vae and args.vae_training_mode == "joint" and (args.cache_latents or multi_process):
-        raise ValueError(
+        raise UserError(
             "--vae_training_mode joint runs in one process without --cache_latents; use the default 'stage' mode."
         )
+    if (args.validation_prompts or args.validation_prompt) and args.num_validation_images < 1:
+        raise UserError(f"--num_validation_images {args.num_validation_images}: give at least 1 image per validation "
+                        "prompt, or leave out --validation_prompt(s) to turn validation off.")
     if not 0.0 <= args.caption_dropout_prob < 1.0:
-        raise ValueError("--caption_dropout_prob must be in [0, 1).")
+        raise UserError("--caption_dropout_prob must be in [0, 1).")
     if args.enable_xformers_memory_efficient_attention:
         if not is_xformers_available():
-            raise ValueError("--enable_xformers_memory_efficient_attention: xformers is not installed "
-                             "(pip install xformers, CUDA only). PyTorch's SDPA attention is used by "
-                             "default and needs nothing.")
+            raise UserError("--enable_xformers_memory_efficient_attention: xformers is not installed "
+                            "(pip install xformers, CUDA only). PyTorch's SDPA attention is used by "
+                            "default and needs nothing.")
     check_hub_args(args)
 
 
@@ -197,8 +200,8 @@ def diffusion_loss(args, models, batch, monitor: HealthMonitor):
 def check_resolution(args, vae) -> None:
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % vae_scale_factor:  # else the pipeline refuses it at the first validation, hours in
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of {vae_scale_factor} "
-                         f"(the VAE downsamples by {vae_scale_factor}).")
+        raise UserError(f"--resolution {args.resolution} must be a multiple of {vae_scale_factor} "
+                        f"(the VAE downsamples by {vae_scale_factor}).")
 
 
 def joint_vae(args) -> bool:
@@ -318,7 +321,7 @@ def validation_due(args, step: int, epoch: int | None = None) -> bool:
         return False
     if epoch is None:
         return bool(args.validation_steps) and step % args.validation_steps == 0
-    return not args.validation_steps and epoch % args.validation_epochs == 0
+    return not args.validation_steps and bool(args.validation_epochs) and epoch % args.validation_epochs == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +333,7 @@ def main(args):
     dtype = weight_dtype(accelerator)
 
     # Data first: a from-scratch tokenizer learns its vocabulary from the captions.
-    rows = load_text_image_dataset(args)
+    rows = usable_rows(args, load_text_image_dataset(args))
     with accelerator.main_process_first():
         models = load_models(args, captions_for_new_tokenizer(args, rows))
     check_resolution(args, models["vae"])
@@ -365,10 +368,10 @@ def main(args):
     trained, optimizer, train_dataloader, lr_scheduler = prepare(accelerator, args, models, optimizer,
                                                                   train_dataloader, lr_scheduler)
     args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
-    if accelerator.is_main_process:
-        save_run_args(args)
 
-    position = resume_position(accelerator, args, updates_per_epoch)
+    position = resume_position(accelerator, args, updates_per_epoch, check=lora_checkpoint_check(args))
+    if accelerator.is_main_process:  # only once every check has passed: a refused run changes nothing
+        save_run_args(args)
     record = RunRecord(args, accelerator, "train_text_to_image.py",
                        rows_fingerprint(rows, args.image_column, args.caption_column), position)
     if position.path and args.resume_override_lr:
@@ -435,18 +438,20 @@ def main(args):
 
 
 def save_final(args, accelerator, models, ema) -> None:
-    """Final pipeline (or LoRA weights) in --output_dir, EMA weights copied in; model card; Hub push."""
+    """Final pipeline (or LoRA weights) in --output_dir, EMA weights copied in; then the optional extras
+    (validation images, model card, Hub push), so none of them can cost the trained weights."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     unet = accelerator.unwrap_model(models["unet"])
     text_encoder = accelerator.unwrap_model(models["text_encoder"])
-    grid = log_validation(args, accelerator, models, ema, args.max_train_steps, weight_dtype(accelerator))
+    if ema is not None:
+        ema.copy_to(unet.parameters())
+    check_finite_before_saving(accelerator, args.output_dir, f"the final model in {args.output_dir}",
+                               [unet] + ([text_encoder] if args.train_text_encoder else []))
     if args.use_lora:
         save_lora(args.output_dir, unet, text_encoder if args.train_text_encoder else None)
     else:
-        if ema is not None:
-            ema.copy_to(unet.parameters())
         trained = dict(unet=unet, text_encoder=text_encoder, vae=models["vae"])
         if args.pretrained_model_name_or_path:
             pipeline = StableDiffusionPipeline.from_pretrained(
@@ -458,15 +463,16 @@ def save_final(args, accelerator, models, ema) -> None:
                 dict(trained, tokenizer=models["tokenizer"], scheduler=models["noise_scheduler"])
             )
         pipeline.save_pretrained(args.output_dir)
+    logger.info(f"Saved the final {'LoRA weights' if args.use_lora else 'pipeline'} to {args.output_dir}")
+    grid = log_validation(args, accelerator, models, None, args.max_train_steps, weight_dtype(accelerator))
     write_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path or "from scratch "
                                                                                        f"({args.model_preset} preset)",
                      datasets=[args.dataset_name] if args.dataset_name else None, hyperparameters=redact_args(args),
                      validation_grid=grid, lora=args.use_lora)
-    logger.info(f"Saved the final {'LoRA weights' if args.use_lora else 'pipeline'} to {args.output_dir}")
     if args.push_to_hub:
         push_output_dir(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                         token=args.hub_token, private=args.hub_private_repo)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    user_entry_point(main, parse_args)

@@ -27,6 +27,8 @@ EXPECTED = {
     "bf16.yaml": dict(distributed_type="NO", mixed_precision="bf16", num_processes=1, use_cpu=False),
     "fsdp.yaml": dict(distributed_type="FSDP", mixed_precision="bf16", num_processes=8, use_cpu=False),
     "tpu.yaml": dict(distributed_type="XLA"),
+    "multi_node.yaml": dict(distributed_type="MULTI_GPU", mixed_precision="no", num_processes=16, use_cpu=False,
+                            num_machines=2, machine_rank=0),
 }
 
 

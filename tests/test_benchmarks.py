@@ -138,3 +138,13 @@ def test_unet_step_benchmark_times_each_mode(capsys):
     assert set(results) == {"eager", "channels_last"}
     assert all(r["median_ms"] > 0 and r["warmup_s"] > 0 for r in results.values())
     assert "| channels_last |" in capsys.readouterr().out
+
+
+def test_preflight_benchmark_measures_the_scan(tmp_path):
+    from benchmarks import bench_preflight
+
+    result = bench_preflight.main(["--num_images", "40", "--size", "16", "--workdir", str(tmp_path), "--repeats", "2",
+                                   "--results_dir", str(tmp_path / "results")])
+    assert result["num_images"] == 40 and len(result["scan_s"]) == 2 and result["scan_s_best"] > 0
+    assert result["files_per_s"] == round(40 / result["scan_s_best"])
+    assert json.load(open(tmp_path / "results" / "preflight.json")) == result

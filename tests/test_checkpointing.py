@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from utils.checkpointing import (STATE_FILE, TEMP_PREFIX, list_checkpoints, partial_checkpoints, read_training_state,
-                                 register_checkpoint_hooks, resolve_resume_checkpoint, rotate_checkpoints,
-                                 save_checkpoint)
+from utils.checkpointing import (STATE_FILE, TEMP_PREFIX, list_checkpoints, nonfinite_parameters, partial_checkpoints,
+                                 read_training_state, register_checkpoint_hooks, resolve_resume_checkpoint,
+                                 rotate_checkpoints, save_checkpoint)
 
 
 @pytest.fixture
@@ -294,3 +294,20 @@ def test_before_publish_writes_into_the_checkpoint_after_publish_runs_once_it_is
     save_checkpoint(accelerator, str(tmp_path), 3, before_publish=before, after_publish=after)
     assert seen["before"] == f"{TEMP_PREFIX}3" and seen["after_complete"] == [3]
     assert os.path.isfile(tmp_path / "checkpoint-3" / "extra.json")
+
+
+def test_nonfinite_parameters_names_bad_params_and_buffers_and_ignores_integer_ones():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = torch.nn.Linear(3, 3)
+            self.norm = torch.nn.BatchNorm1d(3)  # float running stats + an integer num_batches_tracked buffer
+            self.register_buffer("steps", torch.tensor([2**31 - 1], dtype=torch.int32))
+
+    clean, other = Net(), Net()
+    assert nonfinite_parameters([clean, other]) == []
+    with torch.no_grad():
+        clean.first.weight[1, 2] = float("nan")
+        other.norm.running_var[0] = float("inf")
+    assert nonfinite_parameters([clean, other]) == ["Net.first.weight", "1:norm.running_var"]
+    assert nonfinite_parameters([other]) == ["Net.norm.running_var"]

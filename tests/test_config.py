@@ -86,3 +86,28 @@ def test_hyphen_aliases():
     add_hyphen_aliases(parser)
     args = parser.parse_args(["--train-batch-size", "3", "--dataset-name", "d", "--learning_rate", "0.5"])
     assert (args.train_batch_size, args.dataset_name, args.learning_rate) == (3, "d", 0.5)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('use_ema: "false"\n', "'use_ema: 'false'' must be true or false"),   # quoted: a non-empty string, was "on"
+    ("use_ema: 0\n", "'use_ema: 0' must be true or false"),
+    ("use_ema: yes please\n", "must be true or false"),
+    ("train_batch_size: true\n", "'train_batch_size: True' is not a valid int"),
+    ("train_batch_size: 2.5\n", "'train_batch_size: 2.5' is not a valid int"),
+    ("learning_rate: [1, 2]\n", "'learning_rate' takes a single value, got list"),
+])
+def test_yaml_values_of_the_wrong_type_are_refused_by_key(tmp_path, text, fragment):
+    """A quoted "false" for a switch used to turn the switch on; every such value now names its key."""
+    from utils.errors import UserError
+
+    config = write(tmp_path, "dataset_name: d\n" + text)
+    with pytest.raises(UserError) as error:
+        parse_args_with_config(make_parser(), ["--config", config])
+    assert fragment in str(error.value) and config in str(error.value)
+
+
+def test_yaml_booleans_and_numbers_of_the_right_type_pass(tmp_path):
+    config = write(tmp_path, "dataset_name: d\nuse_ema: false\ntrain_batch_size: 4.0\nlearning_rate: 2\n")
+    args = parse_args_with_config(make_parser(), ["--config", config])
+    assert args.use_ema is False and args.train_batch_size == 4 and isinstance(args.train_batch_size, int)
+    assert args.learning_rate == 2.0

@@ -32,8 +32,48 @@ def test_kanji_demo_smoke(tmp_path):
         assert (out / name).stat().st_size > 1000
     assert (out / "model" / "model_index.json").exists()
     for key in ("vae_psnr_db", "diffusion_loss_initial", "diffusion_loss_trained", "ink_coverage_mean", "binary_fraction",
-                "nearest_train_distance", "heldout_real_nearest_train_distance"):
+                "nearest_train_distance", "heldout_real_nearest_train_distance",
+                # issue 17's keys: does the model follow its prompt?
+                "seen_prompt_top1", "seen_prompt_top5", "num_seen_prompts", "chance_top1", "loss_true_caption",
+                "loss_shuffled_caption", "binary_pixel_fraction", "minutes"):
         assert math.isfinite(summary[key]), key
+    assert summary["num_seen_prompts"] == 8 and summary["chance_top1"] == 1 / 8
+    assert 0 <= summary["seen_prompt_top1"] <= summary["seen_prompt_top5"] <= 1
+    assert (out / "samples_seen_prompts.png").stat().st_size > 1000
+    for line in ("seen prompts", "true vs shuffled caption", "near-black/white pixels"):
+        assert line in result.stdout, line
     # Even 4 steps of training must lower the held-out diffusion loss at fixed timesteps and noise.
     assert summary["diffusion_loss_trained"] < summary["diffusion_loss_initial"]
     assert summary["curves"]["vae/reconstruction_loss"]["last"] < summary["curves"]["vae/reconstruction_loss"]["first"]
+
+
+def test_seen_prompt_accuracy_matches_a_brute_force_count():
+    """top-1/top-5 by nearest binarised glyph, against a direct per-sample loop over all glyphs."""
+    import numpy as np
+
+    import kanji_demo
+
+    rng = np.random.default_rng(0)
+    glyphs = rng.integers(0, 2, (30, 16, 16)).astype(np.float32) * 255
+    samples = glyphs.copy()
+    samples[::3] = glyphs[rng.permutation(30)][::3]  # a third replaced by other glyphs
+    flip = rng.random(samples.shape) < 0.08  # and noise everywhere
+    samples = np.where(flip, 255 - samples, samples)
+    result = kanji_demo.seen_prompt_accuracy(samples, glyphs)
+    top1 = top5 = 0
+    for i, image in enumerate(samples):
+        distances = [((image < 128) != (glyph < 128)).sum() for glyph in glyphs]
+        ranked = sorted(range(len(glyphs)), key=lambda j: (distances[j], j))
+        top1 += ranked[0] == i
+        top5 += i in ranked[:5]
+    assert result["seen_prompt_top1"] == top1 / 30 and result["seen_prompt_top5"] == top5 / 30
+    assert 0.5 < result["seen_prompt_top1"] < 1 and result["chance_top1"] == 1 / 30
+
+
+def test_shuffled_captions_leave_none_in_place():
+    import kanji_demo
+
+    captions = [f"kanji meaning {i}" for i in range(20)]
+    mixed = kanji_demo.shuffled(captions, seed=0)
+    assert sorted(mixed) == sorted(captions) and all(a != b for a, b in zip(captions, mixed))
+    assert mixed == kanji_demo.shuffled(captions, seed=0)

@@ -20,7 +20,8 @@ from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, scan_pai
                                  write_synthetic_fundus_dataset)
 from utils.cache import collate_cached
 
-CPU_ACCELERATOR = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
+CPU_ACCELERATOR = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext,
+                                        local_main_process_first=contextlib.nullcontext)
 
 
 def write_pairs(root, sizes=((40, 32), (32, 46), (36, 36), (50, 34), (32, 32), (44, 40))):

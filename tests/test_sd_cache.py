@@ -64,7 +64,8 @@ def cache_args(cache_dir, latents=True, text=True):
                                  cache_batch_size=4)
 
 
-CPU_ACCELERATOR = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext)
+CPU_ACCELERATOR = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext,
+                                        local_main_process_first=contextlib.nullcontext)
 
 
 def test_cached_latent_sample_equals_vae_sample(tiny_components):

@@ -214,8 +214,8 @@ def test_table_file_paths_are_relative_to_the_file(tmp_path):
     assert rows[0]["image"] == str(tmp_path / "imgs" / "a.png")
 
 
-@pytest.mark.parametrize("escape", ["../outside.png", "/etc/passwd", "imgs/../../outside.png"])
-def test_table_paths_cannot_escape_the_dataset_root(tmp_path, escape):
+@pytest.mark.parametrize("escape", ["../outside.png", "imgs/../../outside.png", "./../ds2/x.png"])
+def test_relative_table_paths_cannot_climb_out_of_the_table_folder(tmp_path, escape):
     root = tmp_path / "ds"
     root.mkdir()
     table = root / "train.csv"
@@ -224,15 +224,19 @@ def test_table_paths_cannot_escape_the_dataset_root(tmp_path, escape):
         load_text_image_dataset(data_args(train_data_file=str(table)))
 
 
-def test_symlink_escaping_the_root_is_refused(tmp_path):
+def test_absolute_paths_and_symlinks_in_a_table_are_accepted(tmp_path):
+    """The user wrote the absolute path and placed the symlink: both are theirs to choose (issue 16)."""
     root = tmp_path / "ds"
     root.mkdir()
-    save(Image.new("RGB", (4, 4)), tmp_path / "secret.png")
-    os.symlink(tmp_path / "secret.png", root / "link.png")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "shared").mkdir()
+    save(Image.new("RGB", (4, 4)), tmp_path / "elsewhere" / "abs.png")
+    save(Image.new("RGB", (4, 4)), tmp_path / "shared" / "target.png")
+    os.symlink(tmp_path / "shared" / "target.png", root / "link.png")
     table = root / "train.csv"
-    table.write_text("image,text\nlink.png,x\n", encoding="utf-8")
-    with pytest.raises(BadSampleError, match="outside the dataset folder"):
-        load_text_image_dataset(data_args(train_data_file=str(table)))
+    table.write_text(f"image,text\n{tmp_path / 'elsewhere' / 'abs.png'},x\nlink.png,y\n", encoding="utf-8")
+    rows = load_text_image_dataset(data_args(train_data_file=str(table)))
+    assert rows["image"] == [str(tmp_path / "elsewhere" / "abs.png"), str(root / "link.png")]
 
 
 def test_source_errors(tmp_path):

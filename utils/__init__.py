@@ -43,3 +43,16 @@ class _DropBitsandbytesCpu4BitKernelWarning(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesCpu4BitKernelWarning())
+
+
+class _DropTorchvisionFallbackWarning(logging.Filter):
+    """transformers >= 5 warns, when diffusers' pipelines import CLIPImageProcessor (the safety checker's
+    feature extractor), that torchvision is missing and it uses the PIL image processor instead. This
+    project installs no torchvision on purpose (requirements.txt: no CPU build matches our torch) and uses
+    the PIL processor, which is what that fallback gives: drop exactly that record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in str(record.msg)
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallbackWarning())

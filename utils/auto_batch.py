@@ -21,7 +21,7 @@ import re
 import numpy as np
 import torch
 
-from utils.errors import is_oom_error
+from utils.errors import UserError, is_oom_error
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +35,9 @@ def batch_size_arg(value: str):
     try:
         size = int(value)
     except ValueError as error:
-        raise ValueError(f"--train_batch_size {value!r}: give a positive integer or 'auto'") from error
+        raise UserError(f"--train_batch_size {value!r}: give a positive integer or 'auto'") from error
     if size < 1:
-        raise ValueError(f"--train_batch_size {value}: must be >= 1")
+        raise UserError(f"--train_batch_size {value}: must be >= 1")
     return size
 
 
@@ -47,7 +47,7 @@ def parse_bytes(value) -> int | None:
         return value
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)i?B?\s*", str(value), flags=re.IGNORECASE)
     if not match:
-        raise ValueError(f"{value!r}: expected a memory size such as 12GB or 512MiB")
+        raise UserError(f"{value!r}: expected a memory size such as 12GB or 512MiB")
     scale = 1024 ** "_KMGT".index(match.group(2).upper() or "_")
     return int(float(match.group(1)) * scale)
 
@@ -248,7 +248,7 @@ def resolve_auto_batch_size(args, accelerator, try_step, trainable_parameters, d
     if getattr(args, attr) != "auto":
         return
     if accelerator.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--{attr} auto probes CUDA or CPU memory; on {accelerator.device.type} give a number.")
+        raise UserError(f"--{attr} auto probes CUDA or CPU memory; on {accelerator.device.type} give a number.")
     cap = parse_bytes(args.auto_batch_max_memory) if args.auto_batch_max_memory else default_memory_cap(accelerator.device)
     largest = min(args.auto_batch_max, max(1, dataset_size))
     fit = find_max_batch_size(try_step, largest, cap, accelerator.device,

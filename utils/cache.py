@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from utils.errors import UserError, UserFileNotFoundError
 from utils.latents import scale_latents
 
 logger = logging.getLogger(__name__)
@@ -48,16 +49,16 @@ def resolve_cache_args(args, train_text_encoder: bool = False, has_vae: bool = T
     """Apply --precompute (both caches, where the model has that encoder) and check the combinations;
     call after parsing."""
     if args.cache_latents and not has_vae:
-        raise ValueError("--cache_latents needs a VAE (--vae_model_name_or_path): a pixel-space model has no latents "
-                         "to cache. --cache_text_embeddings works without one.")
+        raise UserError("--cache_latents needs a VAE (--vae_model_name_or_path): a pixel-space model has no latents "
+                        "to cache. --cache_text_embeddings works without one.")
     if args.cache_text_embeddings and not has_text_encoder:
-        raise ValueError("--cache_text_embeddings needs a text encoder (--text_encoder_name_or_path).")
+        raise UserError("--cache_text_embeddings needs a text encoder (--text_encoder_name_or_path).")
     if args.precompute:
         args.cache_latents = has_vae
         args.cache_text_embeddings = has_text_encoder
     if args.cache_text_embeddings and train_text_encoder:
-        raise ValueError("--cache_text_embeddings (or --precompute) needs a frozen text encoder; "
-                         "drop --train_text_encoder or use --cache_latents alone.")
+        raise UserError("--cache_text_embeddings (or --precompute) needs a frozen text encoder; "
+                        "drop --train_text_encoder or use --cache_latents alone.")
     if args.latent_cache_dir is None:
         args.latent_cache_dir = os.path.join(args.output_dir, "latent_cache")
 
@@ -152,7 +153,7 @@ class ShardedTensors:
     def __init__(self, directory: str):
         manifest = read_manifest(directory)
         if manifest is None:
-            raise FileNotFoundError(f"{directory}: not a complete cache (no {MANIFEST}); delete it to rebuild")
+            raise UserFileNotFoundError(f"{directory}: not a complete cache (no {MANIFEST}); delete it to rebuild")
         self.directory, self.manifest = directory, manifest
         self.starts, start = [], 0
         for shard in manifest["shards"]:
@@ -185,6 +186,20 @@ class ShardedTensors:
             with safe_open(os.path.join(self.directory, shard["file"]), framework="pt") as handle:
                 parts.append(handle.get_tensor(name))
         return torch.cat(parts)
+
+
+@contextlib.contextmanager
+def builders_first(accelerator):
+    """Order the processes around building a cache: the global main process first, then the first process
+    of every other node (machine), then the rest, which only read.
+
+    Inside, `load_or_build` builds what it does not find: on storage all nodes share, only the main
+    process builds (everyone else then finds it); on node-local storage (--latent_cache_dir on a local
+    disk) each node builds it once. No two processes ever write one cache folder at the same time.
+    (Every barrier here is global, so every process passes the same two.)"""
+    with accelerator.main_process_first():
+        with accelerator.local_main_process_first():
+            yield
 
 
 def load_or_build(root: str, kind: str, key: dict, build_batches, extra_fn=None) -> ShardedTensors:

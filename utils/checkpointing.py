@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from utils.errors import UserError, UserFileNotFoundError
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -160,6 +162,8 @@ def save_checkpoint(
     """
     final_path = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
     temp_path = os.path.join(output_dir, f"{TEMP_PREFIX}{global_step}")
+    # Every rank holds the same weights, so every rank refuses together (no rank waits alone at a barrier).
+    check_finite_before_saving(accelerator, output_dir, f"checkpoint-{global_step}")
     if accelerator.is_main_process:
         for leftover in partial_checkpoints(output_dir):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -181,6 +185,110 @@ def save_checkpoint(
     return final_path
 
 
+def check_output_dir(args) -> None:
+    """Refuse a fresh run into an --output_dir that holds another run's checkpoints (the HF Trainer rule).
+
+    Its checkpoint-N would replace theirs step by step, rotation would delete by number across both runs,
+    and `--resume_from_checkpoint latest` would later continue the wrong one. Resume, or pass
+    --overwrite_output_dir to delete them and start over (done by `discard_old_checkpoints`)."""
+    if getattr(args, "resume_from_checkpoint", None) or getattr(args, "overwrite_output_dir", False):
+        return
+    existing = list_checkpoints(args.output_dir)
+    if existing:
+        names = ", ".join(os.path.basename(path) for _, path in existing[-3:])
+        raise UserError(
+            f"--output_dir {args.output_dir} already holds checkpoints of another run ({len(existing)}: ... {names}). "
+            "Continue that run with --resume_from_checkpoint latest, start over with --overwrite_output_dir "
+            "(deletes them), or choose a new --output_dir."
+        )
+
+
+def discard_old_checkpoints(args, accelerator) -> None:
+    """--overwrite_output_dir on a fresh run: delete the old run's checkpoints (main process), before any new one."""
+    if getattr(args, "overwrite_output_dir", False) and not getattr(args, "resume_from_checkpoint", None) \
+            and accelerator.is_main_process:
+        for _, path in list_checkpoints(args.output_dir):
+            logger.warning(f"--overwrite_output_dir: deleting {path} of an earlier run")
+            _remove_atomically(path)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Finite weights: a checkpoint (or final model) holding NaN/Inf is never written, resumed or rotated to.
+# ----------------------------------------------------------------------------------------------
+
+class NonFiniteWeightsError(UserError):
+    """Weights hold NaN/Inf: the checkpoint or final model is not written; the message names the newest good one."""
+
+
+def nonfinite_parameters(modules) -> list[str]:
+    """Names of the floating-point parameters/buffers of `modules` holding NaN or Inf (called only when saving).
+
+    One fused reduction and one host read per device, not one per tensor: on XLA a per-tensor read compiles a
+    graph per tensor (hundreds for MSHNet, until the CPU backend ran out of code memory in make test-xla); on
+    CUDA it is hundreds of syncs."""
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for index, module in enumerate(modules):
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if tensor is not None and tensor.is_floating_point():
+                label = f"{type(module).__name__}.{name}" if index == 0 else f"{index}:{name}"
+                by_device.setdefault(tensor.device, []).append((label, tensor.detach()))
+    bad = []
+    for named in by_device.values():
+        finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).cpu()
+        bad += [label for (label, _), ok in zip(named, finite.tolist()) if not ok]
+    return bad
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the weights in checkpoint folder `path` cannot be resumed (damaged or non-finite safetensors), or None.
+
+    Reads every tensor once (the load that follows reads them again from the page cache)."""
+    from safetensors import safe_open
+
+    for folder, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            if not name.endswith(".safetensors"):
+                continue
+            file = os.path.join(folder, name)
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    for key in handle.keys():
+                        tensor = handle.get_tensor(key)
+                        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                            return f"{os.path.relpath(file, path)}: tensor '{key}' holds NaN/Inf"
+            except Exception as error:  # safetensors raises its own error types for truncated / garbled files
+                return f"{os.path.relpath(file, path)} cannot be read ({type(error).__name__}: {error})"
+    return None
+
+
+def newest_good_checkpoint(output_dir: str, exclude: str | None = None) -> str | None:
+    """The newest complete checkpoint in `output_dir` whose weights are readable and finite."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        if exclude is None or os.path.abspath(path) != os.path.abspath(exclude):
+            if checkpoint_problem(path) is None:
+                return path
+    return None
+
+
+def _good_alternative(output_dir: str, exclude: str | None) -> str:
+    good = newest_good_checkpoint(output_dir, exclude)
+    return (f"The newest good checkpoint is {good}: resume it with --resume_from_checkpoint {good}"
+            if good else f"No other checkpoint in {output_dir} is usable: start over with --overwrite_output_dir")
+
+
+def check_finite_before_saving(accelerator, output_dir: str, what: str, modules=None) -> None:
+    """Refuse to write `what` (a checkpoint or the final model) from weights holding NaN/Inf."""
+    modules = [accelerator.unwrap_model(m) for m in (modules if modules is not None else accelerator._models)]
+    bad = nonfinite_parameters(modules)
+    if bad:
+        raise NonFiniteWeightsError(
+            f"Not saving {what}: the weights hold NaN/Inf ({len(bad)} tensors, first: {', '.join(bad[:3])}); existing "
+            f"checkpoints and models are left as they are. {_good_alternative(output_dir, None)}, with a lower "
+            "--learning_rate or --max_grad_norm, or --mixed_precision bf16 instead of fp16."
+        )
+
+
 def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
     """Turn `--resume_from_checkpoint` into a checkpoint directory, or None for a fresh run.
 
@@ -200,7 +308,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
         if os.path.isdir(candidate):
             return candidate
     available = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         f"--resume_from_checkpoint {resume_from_checkpoint}: no such checkpoint directory "
         f"(checkpoints in {output_dir}: {available or 'none'}). Use 'latest' to pick the newest one."
     )
@@ -218,14 +326,30 @@ class ResumePosition:
     path: str | None = None
 
 
-def resume_position(accelerator, args, updates_per_epoch: int) -> ResumePosition:
+def resume_position(accelerator, args, updates_per_epoch: int, check: Callable[[str], None] | None = None
+                    ) -> ResumePosition:
     """Load `--resume_from_checkpoint` (a folder or "latest") into the prepared objects, if any, and say
-    where in the data the run continues. A fresh run gets ResumePosition()."""
+    where in the data the run continues. A fresh run gets ResumePosition().
+
+    A checkpoint whose weights are damaged or non-finite, or that does not load, stops the run with a
+    UserError naming it and the newest good one; `check(path)` adds a script's own test (kind of run)."""
     path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if not path:
         return ResumePosition()
     accelerator.print(f"Resuming from checkpoint {path}")
-    accelerator.load_state(path)
+    if check is not None:
+        check(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"Cannot resume from {path}: {problem}. {_good_alternative(args.output_dir, path)}.")
+    try:
+        accelerator.load_state(path)
+    except Exception as error:  # a missing optimizer.bin, a checkpoint of another kind of run, ...
+        raise UserError(
+            f"Cannot resume from {path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''} "
+            f"(it holds: {', '.join(sorted(os.listdir(path)))}). It is damaged or was written by a different kind of "
+            f"run (model, LoRA or not, modules trained). {_good_alternative(args.output_dir, path)}."
+        ) from error
     state = read_training_state(path)
     step = state["global_step"]
     position = ResumePosition(step, step // updates_per_epoch,
@@ -242,7 +366,7 @@ def read_training_state(checkpoint_path: str) -> dict:
             return json.load(handle)
     match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(checkpoint_path)))
     if not match:
-        raise ValueError(f"{checkpoint_path}: no {STATE_FILE} and the name is not checkpoint-<step>")
+        raise UserError(f"{checkpoint_path}: no {STATE_FILE} and the name is not checkpoint-<step>")
     return {"global_step": int(match.group(1))}
 
 

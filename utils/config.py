@@ -9,6 +9,8 @@ from typing import Sequence
 
 import yaml
 
+from utils.errors import UserError, UserFileNotFoundError
+
 
 def _known_dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {action.dest: action for action in parser._actions if action.dest != argparse.SUPPRESS}
@@ -17,15 +19,45 @@ def _known_dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 def load_yaml_config(path: str) -> dict:
     """Read a YAML mapping of flag names to values. Hyphens in keys are read as underscores."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config {path}: no such file")
+        raise UserFileNotFoundError(f"--config {path}: no such file")
     with open(path, encoding="utf-8") as handle:
         try:
             data = yaml.safe_load(handle) or {}
         except yaml.YAMLError as error:
-            raise ValueError(f"--config {path}: not valid YAML ({error})") from error
+            raise UserError(f"--config {path}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+        raise UserError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
     return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def _is_switch(action: argparse.Action) -> bool:
+    """A flag without a value (`store_true`, `store_false`, `BooleanOptionalAction`)."""
+    return action.nargs == 0 and isinstance(action.const, bool) or isinstance(action, argparse.BooleanOptionalAction)
+
+
+def _check_type(action: argparse.Action, key: str, value, source: str):
+    """YAML gives typed values; refuse the ones argparse would never have produced for this flag.
+
+    A switch takes a YAML boolean only: `use_lora: "false"` is a non-empty string, and argparse-style
+    truthiness would have turned the flag on."""
+    if value is None:
+        return value
+    if _is_switch(action):
+        if not isinstance(value, bool):
+            raise UserError(f"--config {source}: '{key}: {value!r}' must be true or false (a YAML boolean, unquoted); "
+                            f"--{key} is a switch.")
+        return value
+    if isinstance(value, (list, dict)) and action.nargs is None:
+        raise UserError(f"--config {source}: '{key}' takes a single value, got {type(value).__name__} {value!r}.")
+    numeric = action.type in (int, float)
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        if numeric and (isinstance(item, bool) or not isinstance(item, (int, float, str))
+                        or action.type is int and isinstance(item, float) and not item.is_integer()):
+            raise UserError(f"--config {source}: '{key}: {item!r}' is not a valid {action.type.__name__}.")
+    if numeric and not isinstance(value, list) and not isinstance(value, str):
+        return action.type(value)
+    return value
 
 
 def apply_config_defaults(parser: argparse.ArgumentParser, config: dict, source: str) -> None:
@@ -37,20 +69,21 @@ def apply_config_defaults(parser: argparse.ArgumentParser, config: dict, source:
         if key not in actions:
             close = difflib.get_close_matches(key, actions.keys(), n=3)
             hint = f" Did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise ValueError(f"--config {source}: unknown key '{key}' (not a flag of this script).{hint}")
+            raise UserError(f"--config {source}: unknown key '{key}' (not a flag of this script).{hint}")
         action = actions[key]
+        value = _check_type(action, key, value, source)
         if isinstance(value, str) and action.type is not None and action.nargs is None:
             try:
                 value = action.type(value)
             except (TypeError, ValueError) as error:
-                raise ValueError(f"--config {source}: '{key}: {value}' is not a valid {getattr(action.type, '__name__', 'value')}") from error
+                raise UserError(f"--config {source}: '{key}: {value}' is not a valid {getattr(action.type, '__name__', 'value')}") from error
         if action.nargs in ("+", "*") and value is not None and not isinstance(value, list):
             value = [value]
         if action.choices is not None and value is not None:
             values = value if isinstance(value, list) else [value]
             for item in values:
                 if item not in action.choices:
-                    raise ValueError(
+                    raise UserError(
                         f"--config {source}: '{key}: {item}' is not one of {sorted(map(str, action.choices))}"
                     )
         # A required flag given by the file no longer has to be on the command line.

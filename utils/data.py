@@ -3,13 +3,41 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import torch
 
+from utils.errors import UserError
 
-class BadSampleError(ValueError):
+logger = logging.getLogger(__name__)
+_WARNED: set = set()  # (dataset size, batch size) pairs already warned about: a script builds its loader twice
+
+
+class BadSampleError(UserError):
     """A sample that cannot be used; the message names the file or row."""
+
+
+class SkipsBadSamples:
+    """For datasets: with `skip_bad_samples`, a sample whose files fail to decode (a truncated file whose
+    header the pre-flight scan could read) is replaced by the next good one and counted (`num_skipped`);
+    without, its BadSampleError (naming the file) stops the run."""
+
+    skip_bad_samples = False
+    num_skipped = 0
+    source_name = "dataset"
+
+    def first_good(self, index: int, load):
+        for attempt in range(len(self)):
+            current = (index + attempt) % len(self)
+            try:
+                return load(current)
+            except BadSampleError as error:
+                if not self.skip_bad_samples:
+                    raise
+                self.num_skipped += 1
+                logger.warning(f"Skipping bad sample ({error}); {self.num_skipped} skipped so far")
+        raise BadSampleError(f"{self.source_name}: every sample is unreadable")
 
 
 def sample_rng(seed: int | None, epoch: int, index: int) -> random.Random:
@@ -48,6 +76,12 @@ def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn
     """The training DataLoader with throughput settings: pinned host memory when a GPU is there;
     with workers, deeper prefetching and persistent workers (not restarted every epoch; the
     datasets keep the epoch in shared memory, see `EpochDataset`)."""
+    size = len(dataset) if hasattr(dataset, "__len__") else None
+    if size is not None and isinstance(batch_size, int) and batch_size > size and (size, batch_size) not in _WARNED:
+        _WARNED.add((size, batch_size))
+        logger.warning(f"The batch size {batch_size} (per process) is larger than the dataset ({size} samples): every "
+                       f"step trains on a batch of {size}" + (", and drop_last leaves no batch at all" if drop_last else "")
+                       + ". Lower --train_batch_size, or add data.")
     kwargs = dict(pin_memory=torch.cuda.is_available())
     if num_workers > 0:
         kwargs.update(prefetch_factor=4, persistent_workers=True)

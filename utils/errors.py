@@ -1,17 +1,42 @@
-"""Errors a user can act on: the out-of-memory hint.
+"""Errors a user can act on, and how every script reports them.
+
+`UserError` is the class of problems the user can fix: a bad flag, bad data, a damaged or
+mismatched checkpoint, a missing package. Every script's entry point (`run_script`) prints one
+`error: ...` block for them, naming the flag/file/row and the fix, and exits with
+`EXIT_USER_ERROR` (2, argparse's code for usage errors) without a traceback; `TRAIN_DEBUG=1`
+shows the traceback too. Anything else is an internal error and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import torch
+
+EXIT_USER_ERROR = 2
+DEBUG_ENV = "TRAIN_DEBUG"
 
 OOM_HINT = (
     "Out of memory. Try, in this order: a smaller --train_batch_size with a larger "
     "--gradient_accumulation_steps (same effective batch), --gradient_checkpointing, --use_8bit_adam, "
     "--mixed_precision bf16 (or fp16 on older GPUs), or a lower --resolution."
 )
+
+
+class UserError(ValueError):
+    """A problem the user can fix (flag, data, checkpoint, package); the message names it and the fix.
+
+    A ValueError, so code that caught the ValueErrors these used to be keeps working."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file or folder named by a flag or a dataset does not exist."""
+
+
+class MissingPackageError(UserError, ImportError):
+    """An optional package a flag needs is not installed; the message says what to install."""
 
 
 def is_oom_error(error: BaseException) -> bool:
@@ -27,3 +52,43 @@ def oom_hint():
         if is_oom_error(error):
             raise RuntimeError(OOM_HINT) from error
         raise
+
+
+def format_user_error(error: BaseException) -> str:
+    """The one block a user error prints: `error: <message>`, later lines of the message indented.
+    Not wrapped: paths and flags stay whole, for copying and grepping."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return "\n".join(("error: " if index == 0 else "       ") + line for index, line in enumerate(lines))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def report_user_error(error: BaseException, stream=None) -> None:
+    """Print `error` as one block on stderr (other ranks of a multi-process run: one line, tagged)."""
+    stream = stream or sys.stderr
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(error, file=stream)
+    if _rank() == 0:
+        print(format_user_error(error), file=stream, flush=True)
+    else:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error (rank {_rank()}): {first}", file=stream, flush=True)
+
+
+def run_script(main, *args, **kwargs):
+    """A script's entry point: `main(*args)`; a UserError becomes one `error:` block and exit code 2."""
+    try:
+        return main(*args, **kwargs)
+    except UserError as error:
+        report_user_error(error)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def user_entry_point(main, parse_args):
+    """`if __name__ == "__main__": user_entry_point(main, parse_args)`: arguments parsed and checked, then the run;
+    user errors from either print one block (exit 2), internal errors keep their traceback."""
+    return run_script(lambda: main(parse_args()))

@@ -21,6 +21,8 @@ import os
 import re
 import shutil
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IGNORE_PATTERNS = [
@@ -53,7 +55,7 @@ def check_hub_args(args) -> None:
     """Refuse combinations that would leak the token (diffusers' check, extended to --report_to all)."""
     report_to = getattr(args, "report_to", None) or ""
     if getattr(args, "hub_token", None) is not None and report_to in ("wandb", "all"):
-        raise ValueError(
+        raise UserError(
             f"You cannot use both --report_to={report_to} and --hub_token due to a security risk of exposing your token "
             "(the tracker records every argument). Please use `hf auth login` to authenticate with the Hub."
         )

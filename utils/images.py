@@ -33,6 +33,17 @@ INTERPOLATION_MODES = {
 MAX_IMAGE_PIXELS = 16384 * 16384
 
 
+def decode_image_file(path: str, mode: str | None = None) -> Image.Image:
+    """Decode an image file fully (converted to `mode` if given), or raise a BadSampleError naming it
+    (a truncated file whose header is intact fails here, not at the header check)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode) if mode else image.copy()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadSampleError(f"{path}: cannot read image ({type(error).__name__}: {error})") from error
+
+
 def load_image(source, name: str | None = None) -> Image.Image:
     """Decode any image source to an RGB PIL image, upright (EXIF orientation applied).
 

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from utils.errors import MissingPackageError, UserError
 from utils.telemetry import NonFiniteGuard, global_norm
 
 logger = logging.getLogger(__name__)
@@ -39,14 +40,14 @@ def create_optimizer(name: str, params, device, lr: float | None = None, weight_
         try:
             import bitsandbytes as bnb
         except ImportError as error:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+            raise MissingPackageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
         return bnb.optim.AdamW8bit(params, **lr_kwarg, betas=betas, weight_decay=weight_decay, eps=eps)
     if name == "adagrad":
         return torch.optim.Adagrad(params, **lr_kwarg, weight_decay=weight_decay, **fused_kwargs(device))
     if name == "adamw":
         return torch.optim.AdamW(params, **lr_kwarg, betas=betas, weight_decay=weight_decay, eps=eps,
                                  **fused_kwargs(device))
-    raise ValueError(f"unknown optimizer {name!r}: choose adamw, adamw8bit or adagrad")
+    raise UserError(f"unknown optimizer {name!r}: choose adamw, adamw8bit or adagrad")
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float, cosine: bool = True):

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from utils.checkpointing import check_output_dir, discard_old_checkpoints
+from utils.errors import UserError
 from utils.hub import redact_args
 
 
@@ -38,6 +40,9 @@ def add_run_args(parser, output_dir_default: str) -> None:
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints to store.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None,
                         help='Resume from a checkpoint folder, or "latest" for the newest complete one in --output_dir.')
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Start a new run in an --output_dir that holds another run's checkpoints, deleting them "
+                             "(without it such a run is refused: two runs' checkpoints would mix).")
     parser.add_argument("--logging_steps", type=int, default=10,
                         help="Log training-health scalars (loss, lr, grad_norm, ...) every N optimizer steps.")
     parser.add_argument("--max_nonfinite_steps", type=int, default=20,
@@ -47,12 +52,32 @@ def add_run_args(parser, output_dir_default: str) -> None:
 
 
 def validate_run_args(args) -> None:
+    """Checks of the run flags every script has, before anything is written."""
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise ValueError(f"--output_dir {args.output_dir} exists and is a file, not a directory")
+        raise UserError(f"--output_dir {args.output_dir} exists and is a file, not a directory")
     if args.gradient_accumulation_steps < 1:
-        raise ValueError("--gradient_accumulation_steps must be >= 1")
+        raise UserError("--gradient_accumulation_steps must be >= 1")
     if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
-        raise ValueError("--checkpointing_steps must be >= 1")
+        raise UserError("--checkpointing_steps must be >= 1")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UserError(f"--checkpoints_total_limit {args.checkpoints_total_limit}: keep at least 1 checkpoint "
+                        "(leave the flag out to keep them all).")
+    if getattr(args, "max_train_steps", None) is not None and args.max_train_steps < 1:
+        raise UserError(f"--max_train_steps {args.max_train_steps}: train at least 1 step (a run of 0 steps would "
+                        "write an untrained model as the final one).")
+    for flag in ("num_train_epochs", "epochs"):
+        if getattr(args, "max_train_steps", None) is None and getattr(args, flag, 1) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: train at least 1 epoch.")
+    for flag in ("validation_epochs", "validation_steps", "eval_epochs", "logging_steps", "checkpointing_epochs"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            raise UserError(f"--{flag} {value}: must be >= 0 (0 turns it off).")
+    if getattr(args, "resolution", None) is not None and args.resolution < 8:
+        raise UserError(f"--resolution {args.resolution}: give the training size in pixels (e.g. 512), at least 8.")
+    if getattr(args, "logging_steps", 1) == 0:
+        raise UserError("--logging_steps 0: log at least every N >= 1 steps.")
+    if getattr(args, "mode", "train") == "train":
+        check_output_dir(args)
 
 
 def _xla_available() -> bool:
@@ -96,7 +121,7 @@ def create_accelerator(args, **accelerator_kwargs):
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Checked here, not on the flag alone: fp16 can also come from the accelerate config.
-        raise ValueError(
+        raise UserError(
             "--mixed_precision fp16 needs a GPU, and this run is on the CPU (fp16 mixed precision can come from the "
             "flag or the accelerate config, e.g. accelerate_configs/fp16.yaml; a grad scaler does not run on CPU). "
             "Use bf16 (--mixed_precision bf16, accelerate_configs/bf16.yaml) or no mixed precision "
@@ -130,6 +155,7 @@ def create_accelerator(args, **accelerator_kwargs):
         torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+    discard_old_checkpoints(args, accelerator)
     return accelerator
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.errors import UserError
+
 
 def add_speed_args(parser) -> None:
     """--torch_compile and --channels_last (see docs/PERFORMANCE.md)."""
@@ -20,6 +22,6 @@ def apply_speedups(model: torch.nn.Module, args) -> torch.nn.Module:
         model.to(memory_format=torch.channels_last)
     if getattr(args, "torch_compile", False):
         if any(p.device.type == "xla" for p in model.parameters()):
-            raise ValueError("--torch_compile is for CUDA/CPU; on TPU (XLA) every step is already compiled as a graph: drop the flag.")
+            raise UserError("--torch_compile is for CUDA/CPU; on TPU (XLA) every step is already compiled as a graph: drop the flag.")
         model.compile()
     return model

@@ -11,7 +11,7 @@ import logging
 import torch
 from PIL import Image
 
-from utils.cache import (ShardedTensors, fingerprint, image_reference, is_channels_last, load_or_build,
+from utils.cache import (ShardedTensors, builders_first, fingerprint, image_reference, is_channels_last, load_or_build,
                          module_fingerprint)
 from utils.mask_dit.data import PairedImageMaskDataset
 
@@ -150,7 +150,7 @@ def cache_paired_datasets(datasets: list, vae, tokenizer, text_encoder, args, ac
         return datasets, None
     present = [d for d in datasets if d is not None]
     latents, text, empty_caption = [None] * len(datasets), None, None
-    with accelerator.main_process_first():
+    with builders_first(accelerator):
         if args.cache_latents:
             vae_fingerprint = module_fingerprint(vae)
             latents = [cache_pair_latents(d, vae, vae_fingerprint, args, accelerator.device) if d is not None else None

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.data import EpochDataset, sample_rng
-from utils.images import crop_origin
+from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng
+from utils.errors import UserError, UserFileNotFoundError
+from utils.images import crop_origin, decode_image_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -56,18 +57,18 @@ def scan_paired_folder(root: str, caption_column: str = "text") -> list[PairReco
     image_dir, mask_dir = os.path.join(root, "images"), os.path.join(root, "masks")
     for folder in (image_dir, mask_dir):
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"--train_data_dir {root}: missing folder {folder} (expected images/ and masks/)")
+            raise UserFileNotFoundError(f"--train_data_dir {root}: missing folder {folder} (expected images/ and masks/)")
     images, masks = _stems(image_dir), _stems(mask_dir)
     no_mask = sorted(set(images) - set(masks))
     no_image = sorted(set(masks) - set(images))
     if no_mask or no_image:
-        raise ValueError(
+        raise UserError(
             f"--train_data_dir {root}: unmatched pairs. Images without a mask: "
             f"{[os.path.basename(images[s]) for s in no_mask[:10]]}; masks without an image: "
             f"{[os.path.basename(masks[s]) for s in no_image[:10]]}. Give each image a mask with the same stem."
         )
     if not images:
-        raise ValueError(f"--train_data_dir {root}: no images in {image_dir}")
+        raise UserError(f"--train_data_dir {root}: no images in {image_dir}")
     captions = _read_captions(root, image_dir, caption_column)
     return [PairRecord(stem, images[stem], masks[stem], captions.get(stem, "")) for stem in images]
 
@@ -82,7 +83,7 @@ def _read_captions(root: str, image_dir: str, caption_column: str) -> dict[str, 
                     continue
                 row = json.loads(line)
                 if "file_name" not in row or caption_column not in row:
-                    raise ValueError(
+                    raise UserError(
                         f"{metadata}:{line_number}: needs 'file_name' and '{caption_column}' (--caption_column), "
                         f"got keys {sorted(row)}"
                     )
@@ -99,7 +100,7 @@ def hub_records(dataset, image_column: str = "image", mask_column: str = "mask",
     columns = dataset.column_names
     for flag, column in (("--image_column", image_column), ("--mask_column", mask_column)):
         if column not in columns:
-            raise ValueError(f"{flag} '{column}' not in dataset columns {columns}")
+            raise UserError(f"{flag} '{column}' not in dataset columns {columns}")
     if caption_column is not None and caption_column not in columns:
         caption_column = None
     return _HubRecords(dataset, image_column, mask_column, caption_column)
@@ -123,7 +124,7 @@ class _HubRecords:
 def select_fraction(num_items: int, ratio: float, seed: int | None) -> list[int]:
     """A seeded random subset of round(ratio * num_items) indices (at least 1), sorted."""
     if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"--sample_ratio must be in (0, 1], got {ratio}")
+        raise UserError(f"--sample_ratio must be in (0, 1], got {ratio}")
     if ratio == 1.0:
         return list(range(num_items))
     count = max(1, round(ratio * num_items))
@@ -136,7 +137,7 @@ def split_train_validation(num_items: int, validation_fraction: float, seed: int
     order = np.random.default_rng((seed if seed is not None else 0) + 1).permutation(num_items).tolist()
     held_out = max(1, round(validation_fraction * num_items)) if validation_fraction > 0 else 0
     if held_out >= num_items:
-        raise ValueError(f"--validation_split {validation_fraction} leaves no training data ({num_items} pairs)")
+        raise UserError(f"--validation_split {validation_fraction} leaves no training data ({num_items} pairs)")
     return sorted(order[held_out:]), sorted(order[:held_out])
 
 
@@ -145,14 +146,41 @@ def mask_to_channels(mask: np.ndarray, mask_channels: int, name: str) -> np.ndar
     if mask_channels == 1 and mask.max() > 1:
         return (mask >= 128).astype(np.float32)[None]
     if mask.max() > mask_channels:
-        raise ValueError(
+        raise UserError(
             f"mask {name}: value {int(mask.max())} but --mask_channels is {mask_channels}. Masks are index maps "
             f"(0 = background, k = class k <= mask_channels), or 0/255 images for a single channel."
         )
     return np.stack([(mask == k + 1) for k in range(mask_channels)]).astype(np.float32)
 
 
-class PairedImageMaskDataset(EpochDataset):
+
+
+def usable_records(args, records: list[PairRecord], what: str) -> list[PairRecord]:
+    """The pre-flight scan of the pairs (utils.preflight): image and mask headers decode, sizes match, captions
+    are text. With --skip_bad_samples the bad pairs are left out, otherwise the run stops listing them."""
+    from utils.preflight import caption_problem, image_header, preflight
+
+    def check(index):
+        record = records[index]
+        sizes = []
+        for kind, source in (("image", record.image), ("mask", record.mask)):
+            size, problem = image_header(source, record.name)
+            where = source if isinstance(source, str) else f"pair '{record.name}' {kind}"
+            if problem:
+                yield where, problem
+            sizes.append(size)
+        if None not in sizes and sizes[0] != sizes[1]:
+            yield (record.mask if isinstance(record.mask, str) else f"pair '{record.name}'",
+                   f"mask is {sizes[1][0]}x{sizes[1][1]} but its image is {sizes[0][0]}x{sizes[0][1]}")
+        problem = caption_problem(record.caption) if record.caption is not None else None
+        if problem:
+            yield f"pair '{record.name}'", problem
+
+    bad = preflight(args, len(records), check, what)
+    return [record for index, record in enumerate(records) if index not in bad]
+
+
+class PairedImageMaskDataset(SkipsBadSamples, EpochDataset):
     """Image [3, R, R] in [-1, 1], mask [C, R, R] in {0, 1} and caption, with identical crop / flip.
 
     The shorter side is resized to `resolution` (image: bicubic, mask: nearest), then both are
@@ -162,8 +190,9 @@ class PairedImageMaskDataset(EpochDataset):
     """
 
     def __init__(self, records, resolution: int, mask_channels: int, random_crop: bool = False,
-                 random_flip: bool = False, indices: list[int] | None = None, seed: int | None = None):
-        self.records = records
+                 random_flip: bool = False, indices: list[int] | None = None, seed: int | None = None,
+                 skip_bad_samples: bool = False):
+        self.records, self.skip_bad_samples = records, skip_bad_samples
         self.indices = list(range(len(records))) if indices is None else list(indices)
         self.resolution = resolution
         self.mask_channels = mask_channels
@@ -177,12 +206,12 @@ class PairedImageMaskDataset(EpochDataset):
 
     def load_pair(self, index: int) -> tuple[Image.Image, Image.Image, PairRecord]:
         record = self.records[self.indices[index]]
-        image = record.image if isinstance(record.image, Image.Image) else Image.open(record.image)
-        mask = record.mask if isinstance(record.mask, Image.Image) else Image.open(record.mask)
+        image, mask = (source if isinstance(source, Image.Image) else decode_image_file(source)
+                       for source in (record.image, record.mask))
         if image.size != mask.size:
             image_name = record.image if isinstance(record.image, str) else f"{record.name} image"
             mask_name = record.mask if isinstance(record.mask, str) else f"{record.name} mask"
-            raise ValueError(
+            raise BadSampleError(
                 f"{image_name} is {image.size[0]}x{image.size[1]} but {mask_name} is {mask.size[0]}x{mask.size[1]}; "
                 "an image and its mask must have the same size."
             )
@@ -202,6 +231,9 @@ class PairedImageMaskDataset(EpochDataset):
         return crop, bool(self.random_flip and rng.random() < 0.5)
 
     def __getitem__(self, index: int) -> dict:
+        return self.first_good(index, self.load_item)
+
+    def load_item(self, index: int) -> dict:
         image, mask, record = self.load_pair(index)
         size = self.resized_size(image.size)
         if size != image.size:

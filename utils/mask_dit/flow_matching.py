@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from utils.errors import UserError
+
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode")
 LOSS_WEIGHTING = ("uniform", "sigma_sqrt", "cosmap")
 SAMPLERS = ("euler", "midpoint")
@@ -47,7 +49,7 @@ def sample_timesteps(
         u = torch.rand(batch_size, device=device, generator=generator)
         sigma = 1.0 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1.0 + u)
         return (1.0 - sigma).clamp(0.0, 1.0)
-    raise ValueError(f"--timestep_sampling {scheme!r} is not one of {TIMESTEP_SAMPLING}")
+    raise UserError(f"--timestep_sampling {scheme!r} is not one of {TIMESTEP_SAMPLING}")
 
 
 def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +72,7 @@ def loss_weights(t: torch.Tensor, scheme: str = "uniform", max_weight: float = 1
         return sigma.clamp_min(1e-6).pow(-2.0).clamp_max(max_weight)
     if scheme == "cosmap":
         return 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma**2))
-    raise ValueError(f"--loss_weighting {scheme!r} is not one of {LOSS_WEIGHTING}")
+    raise UserError(f"--loss_weighting {scheme!r} is not one of {LOSS_WEIGHTING}")
 
 
 def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ def sample_ode(
     (second order: the velocity at the step's midpoint).
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
+        raise UserError(f"sampler {sampler!r} is not one of {SAMPLERS}")
     times = time_grid(num_steps, shift, device=noise.device)
     x = noise
     batch = noise.shape[0]

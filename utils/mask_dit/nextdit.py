@@ -39,6 +39,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from utils.checkpointing import own_memory
+from utils.errors import UserError, UserFileNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ class MaskNextDiT2DModel(ModelMixin, ConfigMixin):
         if mask is None:
             return like.new_zeros(batch, self.config.mask_channels, height, width)
         if mask.ndim != 4 or mask.shape[1] != self.config.mask_channels:
-            raise ValueError(
+            raise UserError(
                 f"mask must be [B, {self.config.mask_channels}, H, W] (the model's mask_channels), got {tuple(mask.shape)}"
             )
         mask = mask.to(device=like.device, dtype=torch.float32)
@@ -415,7 +416,7 @@ def build_mask_nextdit(
     config: dict = {}
     if preset is not None:
         if preset not in MODEL_PRESETS:
-            raise ValueError(f"--model_size {preset!r} is not one of {sorted(MODEL_PRESETS)}")
+            raise UserError(f"--model_size {preset!r} is not one of {sorted(MODEL_PRESETS)}")
         config.update(MODEL_PRESETS[preset])
     if isinstance(model_config, str):
         with open(model_config, encoding="utf-8") as handle:
@@ -424,7 +425,7 @@ def build_mask_nextdit(
         known = set(inspect.signature(MaskNextDiT2DModel.__init__).parameters) - {"self"}
         unknown = {k for k in model_config if not k.startswith("_")} - known
         if unknown:
-            raise ValueError(f"--model_config: unknown keys {sorted(unknown)}")
+            raise UserError(f"--model_config: unknown keys {sorted(unknown)}")
         config.update({k: v for k, v in model_config.items() if not k.startswith("_")})
     config.update({k: v for k, v in overrides.items() if v is not None})
     return MaskNextDiT2DModel(**config)
@@ -520,7 +521,7 @@ def _config_from_state_dict(state: dict[str, torch.Tensor], patch_size: int = 2)
     kv_dim = state["layers.0.attention.wk.weight"].shape[0]
     gate = state.get("layers.0.attention.gate")
     if gate is None:
-        raise ValueError("cannot infer num_attention_heads without cross-attention gates; pass --model_config")
+        raise UserError("cannot infer num_attention_heads without cross-attention gates; pass --model_config")
     num_heads = gate.shape[0]
     ffn_hidden = state["layers.0.feed_forward.w1.weight"].shape[0]
     multiple_of = 256 if ffn_hidden % 256 == 0 else (16 if ffn_hidden % 16 == 0 else 1)
@@ -551,7 +552,7 @@ def load_pretrained_nextdit(path: str, mask_channels: int, subfolder: str | None
         folder = os.path.join(path, subfolder) if subfolder else path
         config_file = os.path.join(folder, "config.json")
         if not os.path.isfile(config_file):
-            raise FileNotFoundError(
+            raise UserFileNotFoundError(
                 f"{folder}: no config.json. Pass a diffusers transformer folder (use --pretrained_subfolder "
                 "transformer for a whole pipeline) or an original consolidated.pth file."
             )
@@ -578,7 +579,7 @@ def load_pretrained_nextdit(path: str, mask_channels: int, subfolder: str | None
             if c.scaling_factor != 1.0:
                 logger.warning(f"{folder}: RoPE scaling_factor {c.scaling_factor} is ignored (we use 1.0).")
         else:
-            raise ValueError(f"{config_file}: _class_name {class_name!r} is neither LuminaNextDiT2DModel nor ours")
+            raise UserError(f"{config_file}: _class_name {class_name!r} is neither LuminaNextDiT2DModel nor ours")
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     config.update(overrides)
     config["mask_channels"] = mask_channels
@@ -587,7 +588,7 @@ def load_pretrained_nextdit(path: str, mask_channels: int, subfolder: str | None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "x_embedder.weight"]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit the model (missing {missing[:8]}, unexpected {unexpected[:8]})")
+        raise UserError(f"{path}: weights do not fit the model (missing {missing[:8]}, unexpected {unexpected[:8]})")
     with torch.no_grad():
         model.x_embedder.weight.zero_()
         model.x_embedder.weight[:, : model.num_image_columns] = image_columns

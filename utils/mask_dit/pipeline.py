@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from utils.errors import UserError
 from utils.latents import decode_latents
 from utils.mask_dit.flow_matching import guided_velocity, sample_ode
-from utils.mask_dit.nextdit import MASK_DIT_CONFIG_NAME, MaskNextDiT2DModel, is_mask_dit_dir  # noqa: F401  (re-exported)
+from utils.mask_dit.nextdit import (MASK_DIT_CONFIG_NAME, MaskNextDiT2DModel,  # noqa: F401  (re-exported)
+                                    is_mask_dit_dir)
 from utils.text_encoders import load_text_encoder
 
 
@@ -88,7 +90,7 @@ def load_mask_dit_pipeline(model_dir: str, device: str | torch.device | None = N
                            dtype: torch.dtype | None = None) -> MaskDiTPipeline:
     """Load a folder written by train_mask_dit.py (see `is_mask_dit_dir`)."""
     if not is_mask_dit_dir(model_dir):
-        raise ValueError(f"{model_dir} is not a mask DiT folder (no {MASK_DIT_CONFIG_NAME} or transformer/ of our class)")
+        raise UserError(f"{model_dir} is not a mask DiT folder (no {MASK_DIT_CONFIG_NAME} or transformer/ of our class)")
     settings_file = os.path.join(model_dir, MASK_DIT_CONFIG_NAME)
     settings = {}
     if os.path.isfile(settings_file):
@@ -138,7 +140,7 @@ def generate_from_mask(
     width = width or int(pipeline.settings.get("resolution", mask.shape[-1]))
     grid = config.patch_size * pipeline.downsample
     if height % grid or width % grid:
-        raise ValueError(f"height/width {height}x{width} must be multiples of {grid} (patch size x VAE factor)")
+        raise UserError(f"height/width {height}x{width} must be multiples of {grid} (patch size x VAE factor)")
     grid_h, grid_w = height // pipeline.downsample, width // pipeline.downsample
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     # The ODE state and the times stay float32 (bf16 would quantise t); only the model runs in `dtype`.
@@ -151,7 +153,7 @@ def generate_from_mask(
     if use_caption:
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt or [""] * batch)
         if len(prompts) != batch:
-            raise ValueError(f"{len(prompts)} prompts for {batch} masks; give one prompt per mask or a single string")
+            raise UserError(f"{len(prompts)} prompts for {batch} masks; give one prompt per mask or a single string")
         max_length = int(pipeline.settings.get("max_caption_length", 77))
         layer = int(pipeline.settings.get("caption_hidden_layer", -1))
         caption, caption_mask = encode_captions(pipeline.tokenizer, pipeline.text_encoder, prompts, max_length, layer)

@@ -18,8 +18,9 @@ def add_model_args(parser) -> None:
     model.add_argument("--non_ema_revision", type=str, default=None,
                        help="Revision of pretrained non-ema model identifier. Must be a branch, tag or git identifier "
                             "of the local or remote repository specified with --pretrained_model_name_or_path.")
-    model.add_argument("--model_preset", type=str, default=None, choices=["tiny", "small", "base"],
-                       help="Build fresh (random) models of this size instead of loading a pretrained pipeline.")
+    model.add_argument("--model_preset", type=str, default=None, choices=["tiny", "small", "kanji", "base"],
+                       help="Build fresh (random) models of this size instead of loading a pretrained pipeline "
+                            "(kanji: the small UNet/VAE with a short-caption text encoder, utils/sd/builder.py).")
     model.add_argument("--unet_config", type=str, default=None,
                        help="JSON file of UNet2DConditionModel config overrides (from scratch).")
     model.add_argument("--vae_config", type=str, default=None,
@@ -98,7 +99,7 @@ def add_validation_args(parser) -> None:
     val.add_argument("--num_validation_images", type=int, default=None,
                      help="Images per validation prompt (default: 1 per prompt for full training, 4 with --use_lora).")
     val.add_argument("--validation_epochs", type=int, default=None,
-                     help="Run validation every X epochs (default 5; 1 with --use_lora, as in diffusers).")
+                     help="Run validation every X epochs (default 5; 1 with --use_lora, as in diffusers; 0: never by epoch).")
     val.add_argument("--validation_steps", type=int, default=None, help="Also run validation every X optimizer steps.")
     val.add_argument("--validation_inference_steps", type=int, default=20,
                      help="DPM-Solver++ steps for validation images.")

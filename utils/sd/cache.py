@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from utils.cache import (ShardedTensors, fingerprint, image_reference, is_channels_last, load_or_build,
+from utils.cache import (ShardedTensors, builders_first, fingerprint, image_reference, is_channels_last, load_or_build,
                          module_fingerprint)
 from utils.data import BadSampleError
 from utils.images import load_image
@@ -173,7 +173,7 @@ def cache_text_image_dataset(dataset, vae, text_encoder, args, accelerator):
         return dataset
     device = accelerator.device
     latents = text = None
-    with accelerator.main_process_first():
+    with builders_first(accelerator):
         if args.cache_latents:
             transform = dataset.transform
             key = {"kind": "sd-latents", "rows": rows_fingerprint(dataset.rows, dataset.image_column, dataset.caption_column),

@@ -14,6 +14,7 @@ any number of workers and after a resume (see `sample_rng`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -25,9 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.data import BadSampleError, EpochDataset, sample_rng
+from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng
+from utils.errors import UserError, UserFileNotFoundError
 from utils.images import (IMAGE_EXTENSIONS, INTERPOLATION_MODES, crop_origin, load_image, pil_to_tensor,
                           resize_short_side)
+from utils.preflight import add_preflight_args
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ def add_image_data_args(parser) -> None:
                         help="The image interpolation method to use for resizing images.")
     parser.add_argument("--skip_bad_samples", action="store_true",
                         help="Skip (and count) unreadable images or missing captions instead of stopping with an error.")
+    add_preflight_args(parser, skip_bad_samples=False)
 
 
 @dataclass
@@ -99,11 +103,19 @@ class ImageTransform:
 
 
 def _safe_join(root: str, relative: str, where: str) -> str:
-    """Join a dataset-provided path to its root, refusing paths that escape the root."""
-    root_real = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(root_real, relative))
-    if os.path.commonpath([root_real, path]) != root_real:
-        raise BadSampleError(f"{where}: image path '{relative}' points outside the dataset folder {root}")
+    """Resolve an image path written in a table file.
+
+    The rule: an absolute path is taken as written (whoever wrote the table chose it); a relative one is
+    read from the table's folder and may not climb out of it with `..` (that folder is a root nobody gave
+    explicitly). Symlinks are followed wherever they point: placing one is a deliberate choice too."""
+    if os.path.isabs(relative):
+        return os.path.normpath(relative)
+    root_abs = os.path.abspath(root)
+    path = os.path.normpath(os.path.join(root_abs, relative))
+    if os.path.commonpath([root_abs, path]) != root_abs:
+        raise BadSampleError(f"{where}: image path '{relative}' points outside the dataset folder {root} (a relative "
+                             "path may not leave the table's folder with '..'; write an absolute path to use a file "
+                             "elsewhere)")
     return path
 
 
@@ -133,12 +145,46 @@ def _table_file(path: str, image_column: str) -> "datasets.Dataset":
 
     extension = os.path.splitext(path)[1].lower()
     if extension not in (".csv", ".jsonl", ".json"):
-        raise ValueError(f"--train_data_file {path}: expected a .csv or .jsonl file")
-    dataset = datasets.load_dataset("csv" if extension == ".csv" else "json", data_files=path, split="train")
+        raise UserError(f"--train_data_file {path}: expected a .csv or .jsonl file")
+    with explained_table_errors([path]):
+        dataset = datasets.load_dataset("csv" if extension == ".csv" else "json", data_files=path, split="train")
     if image_column not in dataset.column_names:
-        raise ValueError(f"--image_column '{image_column}' not in {path} columns {dataset.column_names}")
+        raise UserError(f"--image_column '{image_column}' not in {path} columns {dataset.column_names}")
     root = os.path.dirname(os.path.abspath(path))
     return dataset.map(lambda row: {image_column: _safe_join(root, str(row[image_column]), path)})
+
+
+def first_bad_json_line(path: str) -> str | None:
+    """`path:line: problem` for the first line of a JSON-lines file that is not one JSON object, else None."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                return f"{path}:{number}: not valid UTF-8 ({error})"
+            except json.JSONDecodeError as error:
+                return f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
+            if not isinstance(record, dict):
+                return f"{path}:{number}: a JSON {type(record).__name__}, not an object {{\"file_name\": ..., ...}}"
+    return None
+
+
+@contextlib.contextmanager
+def explained_table_errors(files: list[str]):
+    """Turn pyarrow's "Invalid encoding in string. in row 3" (no file named) into the file, line and problem."""
+    try:
+        yield
+    except Exception as error:
+        for path in files:
+            if path.endswith((".jsonl", ".json")):
+                bad = first_bad_json_line(path)
+                if bad:
+                    raise UserError(f"{bad}. Fix that line (one JSON object per line, UTF-8).") from error
+        if type(error).__module__.split(".")[0] in ("pyarrow", "datasets") or isinstance(error, ValueError):
+            raise UserError(f"Cannot read {', '.join(files)}: {type(error).__name__}: {error}") from error
+        raise
 
 
 def load_text_image_dataset(args, split: str = "train"):
@@ -147,31 +193,33 @@ def load_text_image_dataset(args, split: str = "train"):
 
     sources = [s for s in (args.dataset_name, args.train_data_dir, getattr(args, "train_data_file", None)) if s]
     if len(sources) != 1:
-        raise ValueError("Give exactly one of --dataset_name, --train_data_dir or --train_data_file "
-                         f"(got {len(sources)}).")
+        raise UserError("Give exactly one of --dataset_name, --train_data_dir or --train_data_file "
+                        f"(got {len(sources)}).")
     image_column, caption_column = args.image_column, args.caption_column
     if args.dataset_name:
         dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split=split)
     elif getattr(args, "train_data_file", None):
         if not os.path.isfile(args.train_data_file):
-            raise FileNotFoundError(f"--train_data_file {args.train_data_file}: no such file")
+            raise UserFileNotFoundError(f"--train_data_file {args.train_data_file}: no such file")
         dataset = _table_file(args.train_data_file, image_column)
     else:
         root = args.train_data_dir
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"--train_data_dir {root}: no such directory")
+            raise UserFileNotFoundError(f"--train_data_dir {root}: no such directory")
         has_metadata = any(name in ("metadata.jsonl", "metadata.csv", "metadata.parquet")
                            for _, _, files in os.walk(root) for name in files)
         if has_metadata:
-            dataset = datasets.load_dataset("imagefolder", data_dir=root, cache_dir=args.cache_dir, split=split)
+            with explained_table_errors([os.path.join(d, n) for d, _, files in os.walk(root) for n in files
+                                         if n in ("metadata.jsonl", "metadata.csv", "metadata.parquet")]):
+                dataset = datasets.load_dataset("imagefolder", data_dir=root, cache_dir=args.cache_dir, split=split)
         else:
             dataset = datasets.Dataset.from_dict(_captioned_folder(root, caption_column, image_column))
     where = args.dataset_name or args.train_data_dir or args.train_data_file
     if len(dataset) == 0:
-        raise ValueError(f"{where}: the dataset is empty (no images found for split '{split}')")
+        raise UserError(f"{where}: the dataset is empty (no images found for split '{split}')")
     for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
         if column not in dataset.column_names:
-            raise ValueError(f"{flag} '{column}' not in dataset columns {dataset.column_names} ({where})")
+            raise UserError(f"{flag} '{column}' not in dataset columns {dataset.column_names} ({where})")
     if isinstance(dataset.features.get(image_column), datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     warn_about_empty_captions(dataset, caption_column, image_column, where)
@@ -214,7 +262,7 @@ class Augmentation:
     flip: bool
 
 
-class TextImageDataset(EpochDataset):
+class TextImageDataset(SkipsBadSamples, EpochDataset):
     """Decoded, augmented, tokenized samples: {"pixel_values": [3, R, R] in [-1, 1], "input_ids": [L]}.
 
     With `skip_bad_samples`, an unreadable sample is replaced by the next good one and counted
@@ -257,16 +305,7 @@ class TextImageDataset(EpochDataset):
                 "input_ids": self.tokenize(plan.caption), "caption": plan.caption}
 
     def __getitem__(self, index: int) -> dict:
-        for attempt in range(len(self.rows)):
-            current = (index + attempt) % len(self.rows)
-            try:
-                return self.load(current, self.epoch)
-            except BadSampleError as error:
-                if not self.skip_bad_samples:
-                    raise
-                self.num_skipped += 1
-                logger.warning(f"Skipping bad sample ({error}); {self.num_skipped} skipped so far")
-        raise BadSampleError(f"{self.source_name}: every sample is unreadable")
+        return self.first_good(index, lambda current: self.load(current, self.epoch))
 
 
 def _row_name(value) -> str | None:
@@ -290,6 +329,27 @@ def write_metadata_jsonl(folder: str, records: list[dict]) -> str:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
+
+
+def usable_rows(args, rows):
+    """The pre-flight scan of the rows (utils.preflight): image headers decode with a sane size, captions are text.
+    With --skip_bad_samples the bad rows are left out, otherwise the run stops listing them."""
+    from utils.preflight import caption_problem, image_header, preflight
+
+    source = args.dataset_name or args.train_data_dir or args.train_data_file
+    images, captions = rows[args.image_column], rows[args.caption_column]
+
+    def check(index):
+        name = _row_name(images[index]) or (images[index] if isinstance(images[index], str) else None)
+        _, problem = image_header(images[index], name)
+        if problem:
+            yield name or f"{source} row {index}", problem
+        problem = caption_problem(captions[index])
+        if problem:
+            yield f"{source} row {index}" + (f" ({name})" if name else ""), problem
+
+    bad = preflight(args, len(rows), check, source)
+    return rows.select([index for index in range(len(rows)) if index not in bad]) if bad else rows
 
 
 def captions_for_new_tokenizer(args, rows):

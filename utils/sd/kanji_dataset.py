@@ -39,6 +39,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageFont
 
+from utils.errors import UserError, UserFileNotFoundError
+
 CREDITS = (
     "Kanji data: KANJIDIC2, Copyright (C) the Electronic Dictionary Research and "
     "Development Group (EDRDG), used under the Creative Commons Attribution-ShareAlike "
@@ -127,7 +129,7 @@ def find_kanjidic2(path: str | Path | None = None) -> Path:
         if candidate.is_file():
             return candidate
     searched = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(
+    raise UserFileNotFoundError(
         f"KANJIDIC2 dictionary not found (searched: {searched}). "
         "Install it with `apt-get install kanjidic-xml`, or pass --kanjidic PATH to a "
         "kanjidic2.xml[.gz] downloaded from https://www.edrdg.org/wiki/index.php/KANJIDIC_Project."
@@ -224,13 +226,13 @@ def select_subset(
         else:
             selected = [r for r in candidates if r.freq is not None][:limit]
     else:
-        raise ValueError(
+        raise UserError(
             f"Unknown subset {subset!r}: use 'joyo', 'all', 'grade:N' (e.g. 'grade:6') "
             "or 'frequent:N' (e.g. 'frequent:500') with N a positive integer."
         )
     if max_chars is not None:
         if max_chars <= 0:
-            raise ValueError(f"max_chars must be a positive integer, got {max_chars}.")
+            raise UserError(f"max_chars must be a positive integer, got {max_chars}.")
         selected = selected[:max_chars]
     return selected
 
@@ -263,7 +265,7 @@ def split_by_character(
     the smallest hash) and train keeps at least one.
     """
     if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+        raise UserError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
     train = [r for r in records if not is_validation_char(r.literal, seed, validation_fraction)]
     validation = [r for r in records if is_validation_char(r.literal, seed, validation_fraction)]
     if validation_fraction > 0 and not validation and len(train) > 1:
@@ -287,7 +289,7 @@ def resolve_fonts(fonts: Sequence[str]) -> list[tuple[str, Path]]:
             path = next((c for c in candidates if c.is_file()), None)
             if path is None:
                 searched = ", ".join(str(c) for c in candidates)
-                raise FileNotFoundError(
+                raise UserFileNotFoundError(
                     f"Font {font!r} not found (searched: {searched}). "
                     f"Install it with `apt-get install {package}`, or pass a .ttf/.otf path."
                 )
@@ -295,16 +297,16 @@ def resolve_fonts(fonts: Sequence[str]) -> list[tuple[str, Path]]:
         elif Path(font).suffix.lower() in (".ttf", ".otf", ".ttc"):
             path = Path(font)
             if not path.is_file():
-                raise FileNotFoundError(f"Font file {font!r} does not exist; check the path.")
+                raise UserFileNotFoundError(f"Font file {font!r} does not exist; check the path.")
             resolved.append((re.sub(r"[^A-Za-z0-9_-]+", "-", path.stem), path))
         else:
-            raise ValueError(
+            raise UserError(
                 f"Unknown font {font!r}: use one of {sorted(FONT_SEARCH_PATHS)} "
                 "or a path to a .ttf/.otf/.ttc file."
             )
     names = [name for name, _ in resolved]
     if len(set(names)) != len(names):
-        raise ValueError(f"Fonts must have distinct names, got {names}.")
+        raise UserError(f"Fonts must have distinct names, got {names}.")
     return resolved
 
 
@@ -318,7 +320,7 @@ class GlyphRenderer:
 
     def __init__(self, font_path: str | Path, resolution: int = 64, margin_fraction: float = MARGIN_FRACTION):
         if resolution < 8:
-            raise ValueError(f"resolution must be >= 8 pixels, got {resolution}.")
+            raise UserError(f"resolution must be >= 8 pixels, got {resolution}.")
         self.font_path = str(font_path)
         self.resolution = resolution
         self.box = resolution - 2 * round(resolution * margin_fraction)
@@ -444,7 +446,7 @@ def build_kanji_dataset(
     kanjidic = find_kanjidic2(kanjidic_path)
     records = select_subset(parse_kanjidic2(kanjidic), subset, max_chars)
     if not records:
-        raise ValueError(f"Subset {subset!r} (max_chars={max_chars}) selects no kanji.")
+        raise UserError(f"Subset {subset!r} (max_chars={max_chars}) selects no kanji.")
     train, validation = split_by_character(records, validation_fraction, seed)
     renderers = [(name, GlyphRenderer(path, resolution)) for name, path in font_files]
     _prepare_output_dir(output_dir, overwrite)
@@ -529,7 +531,7 @@ def glyph_stats(dataset_dir: str | Path, splits: Sequence[str] = ("train", "vali
                 with Image.open(dataset_dir / split / json.loads(line)["file_name"]) as image:
                     coverages.append(ink_coverage(image))
     if not coverages:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"No glyph images found under {dataset_dir} (looked for {'/'.join(splits)}/{METADATA_FILE}); "
             "build one with `python -m utils.sd.kanji_dataset --output_dir DIR`."
         )

@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from utils.errors import MissingPackageError, UserError
+
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 DEFAULT_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -37,7 +39,7 @@ def check_text_encoder_lora_support() -> None:
         return
     installed_peft, installed_transformers = version("peft"), version("transformers")
     if Version(installed_peft) < Version(MIN_PEFT_VERSION):
-        raise ImportError(
+        raise MissingPackageError(
             f"--use_lora --train_text_encoder: transformers {installed_transformers} needs peft >= {MIN_PEFT_VERSION} "
             f"for text-encoder LoRA, but peft {installed_peft} is installed. Install the tested versions with "
             f"`make setup` (requirements.lock), or `pip install 'transformers<5.24'`, or a newer peft when one exists."
@@ -89,6 +91,21 @@ def load_lora_into(directory: str, unet, text_encoder=None) -> None:
     result = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"{directory}: LoRA weights do not match the UNet adapter (unexpected keys: {unexpected[:5]})")
+        raise UserError(f"{directory}: LoRA weights do not match the UNet adapter (unexpected keys: {unexpected[:5]})")
     if text_encoder is not None:
         _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.", text_encoder=text_encoder)
+
+
+def lora_checkpoint_check(args):
+    """`resume_position`'s check: a LoRA run resumes LoRA checkpoints only, a full fine-tune full ones."""
+    def check(path: str) -> None:
+        has_lora = os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME))
+        has_unet = os.path.isdir(os.path.join(path, "unet"))
+        if args.use_lora and not has_lora and has_unet:
+            raise UserError(f"--resume_from_checkpoint {path} is a full fine-tune checkpoint (unet/, no {LORA_WEIGHT_NAME}) "
+                            "and this run has --use_lora: drop --use_lora to continue it, or start the LoRA run in "
+                            "a new --output_dir.")
+        if not args.use_lora and has_lora and not has_unet:
+            raise UserError(f"--resume_from_checkpoint {path} is a LoRA checkpoint ({LORA_WEIGHT_NAME}): add --use_lora "
+                            "(with the same --rank) to continue it.")
+    return check

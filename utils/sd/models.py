@@ -7,7 +7,28 @@ import json
 import os
 
 from utils.checkpointing import own_memory
+from utils.errors import UserError, UserFileNotFoundError
 from utils.text_encoders import load_text_encoder
+
+
+def check_pipeline_folder(path: str) -> None:
+    """A local --pretrained_model_name_or_path must be a Stable Diffusion pipeline folder (a Hub id is left to the Hub)."""
+    if not os.path.isdir(path):
+        if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:
+            raise UserFileNotFoundError(f"--pretrained_model_name_or_path {path}: no such pipeline folder (give a "
+                                        "folder with model_index.json, or a Hub id such as "
+                                        "stable-diffusion-v1-5/stable-diffusion-v1-5)")
+        return
+    from utils.mask_dit.nextdit import is_mask_dit_dir
+
+    if is_mask_dit_dir(path):
+        raise UserError(f"--pretrained_model_name_or_path {path} is a mask DiT (train_mask_dit.py's output), not a "
+                        "Stable Diffusion pipeline: fine-tune it with train_mask_dit.py --pretrained_model_name_or_path.")
+    missing = [name for name in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if not os.path.exists(os.path.join(path, name))]
+    if missing:
+        raise UserError(f"--pretrained_model_name_or_path {path}: not a Stable Diffusion pipeline folder (missing "
+                        f"{', '.join(missing)}); give the folder a pipeline's save_pretrained wrote, or a Hub id.")
 
 
 def load_models(args, captions_for_tokenizer):
@@ -17,6 +38,7 @@ def load_models(args, captions_for_tokenizer):
 
     if args.pretrained_model_name_or_path:
         path, rev = args.pretrained_model_name_or_path, args.revision
+        check_pipeline_folder(path)
         models = dict(
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),

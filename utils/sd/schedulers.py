@@ -10,6 +10,8 @@ from __future__ import annotations
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
+from utils.errors import UserError
+
 # name -> (scheduler class, config overrides). Overrides are explicit both ways (e.g.
 # use_karras_sigmas=False for plain "dpm++") so a pipeline saved with a Karras scheduler
 # still gives the plain schedule when asked for it.
@@ -35,7 +37,7 @@ def make_scheduler(name: str, base_config, **overrides):
     overrides: extra config values, applied last.
     """
     if name not in SCHEDULERS:
-        raise ValueError(f"--scheduler {name!r}: unknown scheduler; choose one of {', '.join(SCHEDULERS)}")
+        raise UserError(f"--scheduler {name!r}: unknown scheduler; choose one of {', '.join(SCHEDULERS)}")
     scheduler_class, defaults = SCHEDULERS[name]
     config = getattr(base_config, "config", base_config)
     return scheduler_class.from_config(dict(config), **{**defaults, **overrides})

@@ -1,11 +1,19 @@
-"""Infrared small-target datasets in the IRSTD-1k layout, their augmentation, and a synthetic generator.
+"""Infrared small-target datasets (MSHNet's and BasicIRSTD's layouts), their augmentation, a synthetic generator.
 
-Layout (IRSTD-1k, and NUDT-SIRST / SIRST prepared the same way)::
+Layouts of one data set folder `root` (`--dataset_dir`)::
 
     root/images/<name>.png     # infrared frame (grayscale or RGB; read as RGB)
-    root/masks/<name>.png      # binary mask, target pixels > 127 (SIRST's <name>_pixels0.png also accepted)
-    root/trainval.txt          # one <name> per line: the training split
-    root/test.txt              # one <name> per line: the evaluation split
+    root/masks/<name>.png      # binary mask, target pixels > 127, or 0/1-valued with 1 = target
+                               # (SIRST's <name>_pixels0.png also accepted)
+    # the split lists, the first of these that exists:
+    root/trainval.txt, root/test.txt                             # MSHNet / IRSTD-1k download layout
+    root/img_idx/train_<dataset>.txt, root/img_idx/test_<dataset>.txt  # BasicIRSTD layout
+    utils/segmentation/splits/<dataset>/{train,test}_<dataset>.txt     # the standard split, shipped
+
+<dataset> is `--dataset_name`, or the folder's name. With BasicIRSTD's command line, `--dataset_dir`
+is the folder above: `--dataset_dir datasets --dataset_name NUDT-SIRST` reads datasets/NUDT-SIRST/.
+`--dataset_name SIRST3` trains on NUAA-SIRST + NUDT-SIRST + IRSTD-1K and scores each part's test
+split separately: from a merged SIRST3/ folder (BasicIRSTD) or from the three folders side by side.
 
 Every sample has a fixed shape so XLA compiles the step once: training samples are random
 crops of `crop_size`, evaluation samples are resized to `base_size` x `base_size`.
@@ -18,6 +26,7 @@ and the CPU demo: `python -m utils.segmentation.data --output_dir data/synthetic
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 
@@ -26,30 +35,150 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from scipy import ndimage
 
-from utils.data import EpochDataset, sample_rng
+from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng
+from utils.errors import UserError, UserFileNotFoundError
+from utils.images import decode_image_file
+
+logger = logging.getLogger(__name__)
 
 # ImageNet statistics, as the reference implementation normalizes its RGB-converted IR frames.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 SPLIT_FILES = {"trainval": "trainval.txt", "test": "test.txt"}
+BASICIRSTD_SPLIT = {"trainval": "train", "test": "test"}
+SHIPPED_SPLITS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits")
+KNOWN_DATASETS = ("IRSTD-1K", "NUAA-SIRST", "NUDT-SIRST", "NUDT-SIRST-Sea", "SIRST3")
+ALIASES = {"SIRST": "NUAA-SIRST", "NUAA": "NUAA-SIRST", "NUDT": "NUDT-SIRST"}
+SIRST3_PARTS = ("NUAA-SIRST", "NUDT-SIRST", "IRSTD-1K")
 
 
-def read_split(root: str, split: str) -> list[str]:
-    """Sample names listed in `root/<split>.txt` (blank lines skipped, a trailing .png tolerated)."""
+def canonical_dataset_name(name: str) -> str:
+    """IRSTD-1k -> IRSTD-1K, SIRST -> NUAA-SIRST, ...; unknown names are returned unchanged."""
+    upper = name.upper()
+    for known in KNOWN_DATASETS:
+        if known.upper() == upper:
+            return known
+    return ALIASES.get(upper, name)
+
+
+def split_file(root: str, split: str, dataset_name: str | None = None) -> tuple[str, str]:
+    """(path of the list of `split`, layout): MSHNet's file, BasicIRSTD's img_idx/ file, or the shipped standard."""
     if split not in SPLIT_FILES:
         raise ValueError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
-    path = os.path.join(root, SPLIT_FILES[split])
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found. --dataset_dir must hold images/, masks/, trainval.txt and test.txt "
-            "(the IRSTD-1k layout); `python -m utils.segmentation.data --output_dir DIR` writes a synthetic one."
-        )
+    name = dataset_name or os.path.basename(os.path.normpath(root))
+    canonical, kind = canonical_dataset_name(name), BASICIRSTD_SPLIT[split]
+    candidates = [(os.path.join(root, SPLIT_FILES[split]), "mshnet"),
+                  (os.path.join(root, "img_idx", f"{kind}_{name}.txt"), "basicirstd"),
+                  (os.path.join(root, "img_idx", f"{kind}_{canonical}.txt"), "basicirstd"),
+                  (os.path.join(SHIPPED_SPLITS, canonical, f"{kind}_{canonical}.txt"), "standard")]
+    candidates = list(dict.fromkeys(candidates))
+    for path, layout in candidates:
+        if os.path.isfile(path):
+            return path, layout
+    tried = [path for path, layout in candidates if layout != "standard"]
+    raise UserFileNotFoundError(
+        f"{tried[0]} not found (no {split} list for --dataset_dir {root}; tried {', '.join(tried)}). "
+        "Give images/, masks/ and trainval.txt + test.txt (the IRSTD-1k layout) or img_idx/train_<name>.txt + "
+        f"test_<name>.txt (BasicIRSTD), or --dataset_name one of {', '.join(KNOWN_DATASETS)} to use its standard "
+        "split; `python -m utils.segmentation.data --output_dir DIR` writes a synthetic data set."
+    )
+
+
+class SplitListing:
+    """One split of a data set: sample names, the folder each sample lives in, the part (data set) it belongs to."""
+
+    def __init__(self, names: list[str], roots: list[str], sources: list[str], files: list[str]):
+        self.names, self.roots, self.sources, self.files = names, roots, sources, files
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def keep(self, indices) -> SplitListing:
+        indices = list(indices)
+        return SplitListing([self.names[i] for i in indices], [self.roots[i] for i in indices],
+                            [self.sources[i] for i in indices], self.files)
+
+
+def dataset_root(dataset_dir: str, dataset_name: str | None) -> str:
+    """--dataset_dir itself, or --dataset_dir/--dataset_name when that folder exists (BasicIRSTD's command line)."""
+    if dataset_name and os.path.isdir(os.path.join(dataset_dir, dataset_name)):
+        return os.path.join(dataset_dir, dataset_name)
+    return dataset_dir
+
+
+def list_split(dataset_dir: str, split: str, dataset_name: str | None = None) -> SplitListing:
+    """The samples of `split` in any supported layout (module docstring), SIRST3 included."""
+    root = dataset_root(dataset_dir, dataset_name)
+    name = dataset_name or os.path.basename(os.path.normpath(root))
+    canonical = canonical_dataset_name(name)
+    if canonical == "SIRST3" and not os.path.isdir(os.path.join(root, "images")):  # the three folders side by side
+        parts = [(part, dataset_root(root, part)) for part in SIRST3_PARTS]
+        missing = [folder for _, folder in parts if not os.path.isdir(os.path.join(folder, "images"))]
+        if missing:
+            raise UserFileNotFoundError(f"--dataset_name SIRST3: {', '.join(missing)} not found; give a merged "
+                                        f"SIRST3 folder or {', '.join(SIRST3_PARTS)} side by side in {root}")
+        listings = [list_split(folder, split, part) for part, folder in parts]
+        return SplitListing(sum((l.names for l in listings), []), sum((l.roots for l in listings), []),
+                            sum((l.sources for l in listings), []), sum((l.files for l in listings), []))
+    path, _ = split_file(root, split, name)
+    names = read_split_file(root, path)
+    if canonical == "SIRST3":  # a merged folder: each name's part from the parts' standard lists
+        part_of = {}
+        for part in SIRST3_PARTS:
+            kind = BASICIRSTD_SPLIT[split]
+            for listed in read_split_file(root, os.path.join(SHIPPED_SPLITS, part, f"{kind}_{part}.txt")):
+                part_of.setdefault(listed, part)
+        sources = [part_of.get(sample, "SIRST3") for sample in names]
+    else:
+        sources = [canonical] * len(names)
+    return SplitListing(names, [root] * len(names), sources, [path])
+
+
+def read_split(root: str, split: str, dataset_name: str | None = None) -> list[str]:
+    """Sample names of `split` in `root` (see `split_file` for where the list comes from)."""
+    return read_split_file(root, split_file(root, split, dataset_name)[0])
+
+
+def read_split_file(root: str, path: str) -> list[str]:
+    """Names listed in `path` (blank lines skipped, a trailing .png tolerated), none leaving `root`."""
     with open(path, encoding="utf-8") as handle:
         names = [line.strip() for line in handle if line.strip()]
     names = [name[: -len(".png")] if name.endswith(".png") else name for name in names]
     if not names:
-        raise ValueError(f"{path} lists no samples")
+        raise UserError(f"{path} lists no samples")
+    root_real = os.path.realpath(root)
+    for line, name in enumerate(names, 1):  # (blank lines were dropped: the number counts listed names)
+        for folder in ("images", "masks"):
+            target = os.path.realpath(os.path.join(root_real, folder, name))
+            if os.path.isabs(name) or os.path.commonpath([root_real, target]) != root_real:
+                raise UserError(f"{path}, name {line} '{name}': points outside --dataset_dir {root}; list sample "
+                                "names relative to images/ and masks/ (no '..', no absolute paths).")
     return names
+
+
+def usable_samples(args, listing: SplitListing, what: str) -> SplitListing:
+    """The pre-flight scan of a split (utils.preflight): image and mask exist, headers decode, sizes match."""
+    from utils.preflight import image_header, preflight
+
+    def check(index):
+        root, name = listing.roots[index], listing.names[index]
+        image_path = os.path.join(root, "images", f"{name}.png")
+        image_size, problem = image_header(image_path, name)
+        if problem:
+            yield image_path, problem
+        try:
+            mask_path = _mask_path(root, name)
+        except UserFileNotFoundError as error:
+            yield f"sample '{name}'", str(error).split(": ", 1)[-1]
+            return
+        mask_size, problem = image_header(mask_path, name)
+        if problem:
+            yield mask_path, problem
+        elif image_size is not None and image_size != mask_size:
+            yield mask_path, f"mask is {mask_size[0]}x{mask_size[1]} but its image is {image_size[0]}x{image_size[1]}"
+
+    bad = preflight(args, len(listing), check, what)
+    return listing.keep(index for index in range(len(listing)) if index not in bad)
 
 
 def _mask_path(root: str, name: str) -> str:
@@ -57,7 +186,7 @@ def _mask_path(root: str, name: str) -> str:
         path = os.path.join(root, "masks", candidate)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"no mask for sample '{name}': expected {os.path.join(root, 'masks', name + '.png')}")
+    raise UserFileNotFoundError(f"no mask for sample '{name}': expected {os.path.join(root, 'masks', name + '.png')}")
 
 
 def random_scale_crop(
@@ -148,11 +277,14 @@ class DecodedFrames:
         return self.offsets[-1]
 
 
-class IRSTDDataset(EpochDataset):
+class IRSTDDataset(SkipsBadSamples, EpochDataset):
     """One split of an IRSTD-1k-layout data set.
 
     Items are dicts: `pixel_values` [3, S, S] normalized float, `mask` [1, S, S] in {0, 1},
     `index` (int, position in `names`), with S = crop_size when `train` else base_size.
+    With `native_size=(H, W)` (evaluation at the frames' own resolution, as BasicIRSTD scores) frames are
+    not resized but zero-padded at the bottom/right (after normalisation, as BasicIRSTD pads) to one fixed
+    H x W for the whole set, and `size` holds the frame's (height, width) to crop predictions back to.
 
     Training augmentation draws from an RNG seeded by (augment_seed, epoch, index), not from a
     global RNG: a sample's crop does not depend on prefetching, worker count or process, so a
@@ -161,12 +293,21 @@ class IRSTDDataset(EpochDataset):
 
     def __init__(
         self, root: str, split: str, train: bool, base_size: int = 256, crop_size: int = 256, augment_seed: int = 0,
-        cache_in_memory: bool = False,
+        cache_in_memory: bool = False, names: list[str] | None = None, skip_bad_samples: bool = False,
+        listing: SplitListing | None = None, native_size: tuple[int, int] | None = None,
     ):
-        if not os.path.isdir(os.path.join(root, "images")):
-            raise FileNotFoundError(f"{os.path.join(root, 'images')} not found (--dataset_dir {root})")
+        self.skip_bad_samples, self.source_name = skip_bad_samples, root
+        if listing is None:
+            if not os.path.isdir(os.path.join(root, "images")):
+                raise UserFileNotFoundError(f"{os.path.join(root, 'images')} not found (--dataset_dir {root})")
+            names = read_split(root, split) if names is None else names
+            listing = SplitListing(names, [root] * len(names), [os.path.basename(root)] * len(names), [])
+        for folder in sorted(set(listing.roots)):
+            if not os.path.isdir(os.path.join(folder, "images")):
+                raise UserFileNotFoundError(f"{os.path.join(folder, 'images')} not found (--dataset_dir {root})")
         self.root = root
-        self.names = read_split(root, split)
+        self.names, self.roots, self.sources = listing.names, listing.roots, listing.sources
+        self.native_size = native_size
         self.train = train
         self.base_size = base_size
         self.crop_size = crop_size
@@ -175,9 +316,9 @@ class IRSTDDataset(EpochDataset):
         self.frames = None
         if cache_in_memory:  # each distinct frame once, however often the split lists it
             first = {}
-            for index, name in enumerate(self.names):
-                first.setdefault(name, index)
-            self._frame_of = {name: k for k, name in enumerate(first)}
+            for index, key in enumerate(zip(self.roots, self.names)):
+                first.setdefault(key, index)
+            self._frame_of = {key: k for k, key in enumerate(first)}
             self.frames = DecodedFrames(self._decode(index) for index in first.values())
 
     def __len__(self) -> int:
@@ -185,31 +326,61 @@ class IRSTDDataset(EpochDataset):
 
     def load(self, index: int) -> tuple[Image.Image, Image.Image]:
         if self.frames is not None:
-            image, mask = self.frames[self._frame_of[self.names[index]]]
+            image, mask = self.frames[self._frame_of[self.roots[index], self.names[index]]]
             return Image.fromarray(image, "RGB"), Image.fromarray(mask, "L")
         return self._decode(index)
 
     def _decode(self, index: int) -> tuple[Image.Image, Image.Image]:
-        name = self.names[index]
-        image_path = os.path.join(self.root, "images", f"{name}.png")
+        name, root = self.names[index], self.roots[index]
+        image_path = os.path.join(root, "images", f"{name}.png")
         if not os.path.isfile(image_path):
-            raise FileNotFoundError(f"image for sample '{name}' not found: {image_path}")
-        image = Image.open(image_path).convert("RGB")
-        mask = Image.open(_mask_path(self.root, name)).convert("L")
+            raise UserFileNotFoundError(f"image for sample '{name}' not found: {image_path}")
+        mask_path = _mask_path(root, name)
+        image, mask = decode_image_file(image_path, "RGB"), decode_image_file(mask_path, "L")
         if image.size != mask.size:
-            raise ValueError(f"sample '{name}': image is {image.size} but mask is {mask.size} (width, height)")
+            raise BadSampleError(f"sample '{name}': image is {image.size} but mask is {mask.size} (width, height)")
+        if mask.getextrema()[1] == 1:  # a 0/1-valued mask: 1 is the target (the usual rule, > 127, would see none)
+            if not getattr(IRSTDDataset, "_told_01", False):
+                IRSTDDataset._told_01 = True
+                logger.info(f"{mask_path}: a mask with values 0/1; such masks are read as 1 = target")
+            mask = mask.point(lambda value: 255 if value else 0)
         return image, mask
 
     def __getitem__(self, index: int) -> dict:
+        return self.first_good(index, self.load_item)
+
+    def load_item(self, index: int) -> dict:
         image, mask = self.load(index)
         if self.train:
             image, mask = random_scale_crop(
                 image, mask, self.base_size, self.crop_size, sample_rng(self.augment_seed, self.epoch, index)
             )
+        elif self.native_size is not None:
+            return self.padded_item(image, mask, index)
         else:
             image = image.resize((self.base_size, self.base_size), Image.Resampling.BILINEAR)
             mask = mask.resize((self.base_size, self.base_size), Image.Resampling.NEAREST)
         return {"pixel_values": image_to_tensor(image), "mask": mask_to_tensor(mask), "index": index}
+
+    def padded_item(self, image: Image.Image, mask: Image.Image, index: int) -> dict:
+        height, width = self.native_size
+        if image.height > height or image.width > width:
+            raise ValueError(f"sample '{self.names[index]}' is {image.width}x{image.height}, larger than the "
+                             f"evaluation size {width}x{height}")
+        pixels, target = image_to_tensor(image), mask_to_tensor(mask)
+        pad = (0, width - image.width, 0, height - image.height)
+        return {"pixel_values": torch.nn.functional.pad(pixels, pad), "mask": torch.nn.functional.pad(target, pad),
+                "index": index, "size": torch.tensor([image.height, image.width])}
+
+
+def native_eval_size(listing: SplitListing, multiple: int = 32) -> tuple[int, int]:
+    """The largest frame height and width of a split (from the PNG headers), rounded up to `multiple`."""
+    heights, widths = [], []
+    for root, name in zip(listing.roots, listing.names):
+        with Image.open(os.path.join(root, "images", f"{name}.png")) as image:
+            widths.append(image.width)
+            heights.append(image.height)
+    return -(-max(heights) // multiple) * multiple, -(-max(widths) // multiple) * multiple
 
 
 # ----------------------------------------------------------------------------------------------
