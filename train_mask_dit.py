@@ -50,8 +50,8 @@ from utils.metrics import psnr
 from utils.optim import apply_update, create_optimizer, warmup_cosine
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config, weight_dtype,
-                       write_rank_checksums)
+from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, steps_per_epoch, tracker_config,
+                       weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import StopSignal
@@ -460,7 +460,7 @@ def main(args):
                 checkpoint_now()
             if stopping:
                 stop.announce(accelerator, global_step, args.output_dir)
-                accelerator.end_training()
+                end_training(accelerator)
                 return
             if early_stop or global_step >= max_train_steps:
                 break
@@ -478,7 +478,7 @@ def main(args):
     write_rank_checksums(accelerator, transformer)  # debug hook for the multi-process tests (no-op unless set)
     save_final(args, accelerator, pipeline, ema)
     record.finish(global_step)
-    accelerator.end_training()
+    end_training(accelerator)
 
 
 if __name__ == "__main__":

@@ -53,11 +53,11 @@ from utils.errors import MissingPackageError, UserError, UserFileNotFoundError, 
 from utils.optim import apply_update, create_optimizer
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, progress_bar, steps_per_epoch, tracker_config,
-                       write_rank_checksums)
+from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, steps_per_epoch,
+                       tracker_config, write_rank_checksums)
 from utils.run_record import RunRecord
-from utils.segmentation.data import (SPLIT_FILES, IRSTDDataset, canonical_dataset_name, list_split, native_eval_size, tensor_to_image,
-                                     usable_samples)
+from utils.segmentation.data import (SPLIT_FILES, IRSTDDataset, canonical_dataset_name, list_split, native_eval_size,
+                                     tensor_to_image, usable_samples)
 from utils.segmentation.metrics import PdFaCurve, SegmentationMetrics
 from utils.segmentation.mshnet import MSHNet, multiscale_sls_loss
 from utils.speed import add_speed_args, apply_speedups
@@ -153,6 +153,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def read_weight_file(path: str) -> dict:
+    """A state dict from a .safetensors file or a reference MSHNet file: a plain state dict (weight.pkl) or
+    {"state_dict"/"net": ...} (its .tar releases), `module.` prefixes (DataParallel) removed. Torch files are
+    read with weights_only=True: anything but tensors and plain containers is refused, never unpickled."""
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, not a weight file, or a pickle of arbitrary objects
+        raise UserError(f"--weight_path {path}: cannot be read as weights ({type(error).__name__}: "
+                        f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}). Give a "
+                        ".safetensors file, a folder of this script, or the MSHNet release's .pkl/.tar.") from error
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("net", state))
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise UserError(f"--weight_path {path}: holds a {type(state).__name__}, not a state dict of tensors "
+                        "(expected a plain state dict or {'state_dict': ...}, as MSHNet's releases).")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
 def load_weights(model: torch.nn.Module, path: str) -> None:
     """Load MSHNet weights from our folders/safetensors or from a reference checkpoint (`.pkl`/`.tar`)."""
     if os.path.isdir(path):
@@ -161,15 +181,11 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
                 path = os.path.join(path, candidate)
                 break
         else:
-            raise UserFileNotFoundError(f"--weight_path {path}: no model.safetensors or mshnet/model.safetensors inside")
+            raise UserFileNotFoundError(
+                f"--weight_path {path}: no model.safetensors or mshnet/model.safetensors inside")
     if not os.path.isfile(path):
         raise UserFileNotFoundError(f"--weight_path {path}: no such file or folder")
-    if path.endswith(".safetensors"):
-        state = load_file(path)
-    else:  # the reference saves plain state dicts (weight.pkl) or {"state_dict"/"net": ...}
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("net", state))
-        state = {key.removeprefix("module."): value for key, value in state.items()}
+    state = read_weight_file(path)
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
@@ -400,7 +416,7 @@ def run_test(args, accelerator, model, eval_loader, eval_set):
         logger.info(f"Test metrics ({head} head, {metrics['metric_compat']} Fa): {metrics}; masks in "
                     f"{predictions_dir}")
         print("\n".join(rows))
-    accelerator.end_training()
+    end_training(accelerator)
     return metrics
 
 
@@ -546,7 +562,7 @@ def main(args=None):
             if stop.should_stop(accelerator):
                 checkpoint_now(epoch)
                 stop.announce(accelerator, global_step, args.output_dir)
-                accelerator.end_training()
+                end_training(accelerator)
                 return None
             if global_step >= args.max_train_steps:
                 break
@@ -565,7 +581,7 @@ def main(args=None):
                {"epoch": epoch, "global_step": global_step, "head": HEADS[epoch > args.warm_epoch]})
     record.finish(global_step)
     log_xla_metrics(on_xla, args.output_dir, accelerator)
-    accelerator.end_training()
+    end_training(accelerator)
     return best_miou
 
 

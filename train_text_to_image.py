@@ -43,8 +43,8 @@ from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args
 from utils.latents import encode_latents, scale_latents
 from utils.optim import apply_update, create_optimizer, restart_lr_schedule
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, progress_bar, save_run_args, steps_per_epoch, tracker_config,
-                       weight_dtype, write_rank_checksums)
+from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, save_run_args, steps_per_epoch,
+                       tracker_config, weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.sd.args import add_model_args, add_training_args, add_validation_args
 from utils.sd.builder import assemble_pipeline
@@ -422,7 +422,7 @@ def main(args):
                 if stop.should_stop(accelerator):
                     checkpoint()
                     stop.announce(accelerator, global_step, args.output_dir)
-                    accelerator.end_training()
+                    end_training(accelerator)
                     return
                 if global_step >= args.max_train_steps:
                     break
@@ -434,7 +434,7 @@ def main(args):
     write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
     save_final(args, accelerator, models, ema)
     record.finish(global_step)
-    accelerator.end_training()
+    end_training(accelerator)
 
 
 def save_final(args, accelerator, models, ema) -> None:

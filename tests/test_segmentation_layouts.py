@@ -171,3 +171,38 @@ def test_test_mode_scores_the_head_the_best_weights_were_selected_with(tmp_path)
                                             out / "best", "--eval_head", "fused", "--metric_compat", "mshnet"))
     fused = json.load(open(test_out / "fused" / "test_metrics.json"))
     assert fused["head"] == "fused" and fused["metric_compat"] == "mshnet"
+
+
+def test_weight_path_reads_the_reference_release_layouts_safely(tmp_path):
+    """MSHNet's main.py saves a plain state dict (weight.pkl); its releases hold {"state_dict": ...} (.tar), some with
+    DataParallel's `module.` prefix. All load to the same weights; a pickled object is refused, never executed."""
+    import pickle
+
+    import torch
+
+    from utils.errors import UserError
+    from utils.segmentation.mshnet import MSHNet
+
+    torch.manual_seed(0)
+    source = MSHNet(input_channels=3).state_dict()
+    torch.save(source, tmp_path / "weight.pkl")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.items()}, "epoch": 399}, tmp_path / "release.tar")
+    torch.save({"net": source, "mean_IOU": 0.67}, tmp_path / "net.tar")
+    for name in ("weight.pkl", "release.tar", "net.tar"):
+        model = MSHNet(input_channels=3)
+        script.load_weights(model, str(tmp_path / name))
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[key], source[key]) for key in source), name
+
+    class Payload:  # what an unsafe torch.load would run on unpickling
+        def __reduce__(self):
+            return (open, (str(tmp_path / "executed"), "w"))
+
+    with open(tmp_path / "evil.pkl", "wb") as handle:
+        pickle.dump({"state_dict": Payload()}, handle)
+    (tmp_path / "truncated.tar").write_bytes((tmp_path / "release.tar").read_bytes()[:1000])
+    torch.save([1, 2, 3], tmp_path / "list.pkl")
+    for name in ("evil.pkl", "truncated.tar", "list.pkl"):
+        with pytest.raises(UserError, match=rf"--weight_path .*{name}"):
+            script.load_weights(MSHNet(input_channels=3), str(tmp_path / name))
+    assert not (tmp_path / "executed").exists()

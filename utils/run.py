@@ -159,6 +159,24 @@ def create_accelerator(args, **accelerator_kwargs):
     return accelerator
 
 
+def end_training(accelerator) -> None:
+    """`accelerator.end_training()` (trackers closed, process group destroyed), DDP's reducers released first.
+
+    A DDP Reducer holds a reference to the process group. Destroyed after `destroy_process_group`, it holds
+    the last one, and the group's destructor then joins gloo's worker threads from the Reducer's deallocation,
+    which keeps the GIL, while a worker may still need the GIL to release the tensors of its last work: a
+    deadlock at exit, seen in 2-process CPU runs (torch 2.13, gloo: one rank hung in ~ProcessGroupGloo after
+    its last barrier). Released while the group is still registered, the Reducer drops a reference that is
+    not the last, and destroy_process_group (which joins without the GIL) ends the group. The wrapped model
+    cannot run DDP afterwards; this is called when training is over.
+    """
+    for model in getattr(accelerator, "_models", []):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            for name in ("logger", "reducer"):  # the Logger holds the Reducer too
+                model.__dict__.pop(name, None)
+    accelerator.end_training()
+
+
 def weight_dtype(accelerator) -> torch.dtype:
     """The dtype of frozen weights under the run's mixed precision (fp16/bf16; float32 without)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
