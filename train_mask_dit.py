@@ -47,7 +47,8 @@ from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretr
 from utils.mask_dit.pipeline import (MaskDiTPipeline, caption_width, comparison_tiles, generate_from_mask, load_vae,
                                      save_mask_dit_pipeline)
 from utils.metrics import psnr
-from utils.optim import apply_update, create_optimizer, warmup_cosine
+from utils.optim import (add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
+                         warmup_cosine)
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
 from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, steps_per_epoch, tracker_config,
@@ -115,6 +116,7 @@ def parse_args(argv=None):
                       help="Masks replaced by 'no mask' (for mask CFG).")
     optim = parser.add_argument_group("optimizer")
     optim.add_argument("--learning_rate", type=float, default=1e-4)
+    add_optimizer_args(optim, default="adamw")
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.999)
     optim.add_argument("--adam_weight_decay", type=float, default=0.0)
@@ -148,6 +150,7 @@ def parse_args(argv=None):
     args = parse_args_with_config(parser, argv)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --train_data_dir or --dataset_name")
+    parse_optimizer_args(args.optimizer_args)  # a malformed KEY=VALUE is refused before anything runs
     resolve_cache_args(
         args, has_vae=bool(args.vae_model_name_or_path), has_text_encoder=bool(args.text_encoder_name_or_path)
     )
@@ -304,8 +307,9 @@ class Validator:
     --early_stopping_patience says to stop."""
 
     def __init__(self, args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
-                 resumed_state: dict):
+                 resumed_state: dict, optimizer=None):
         self.args, self.accelerator, self.model, self.pipeline = args, accelerator, model, pipeline
+        self.optimizer = optimizer  # schedule-free: validate the averaged weights
         self.conditioner, self.held_out, self.held_out_dataloader = conditioner, held_out, held_out_dataloader
         self.ema, self.encoders = ema, encoders
         self.state = {"best_validation_loss": None, "validations_without_improvement": 0}
@@ -313,10 +317,21 @@ class Validator:
         self.last_step = -1
 
     def __call__(self, step: int) -> bool:
-        args, accelerator, transformer = self.args, self.accelerator, self.pipeline.transformer
+        args = self.args
         if self.last_step == step:
             return False
         self.last_step = step
+        with evaluation_weights(self.optimizer):
+            logs = self.evaluate(step)
+        if logs:
+            logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+            log_metrics(self.accelerator, logs, step)
+        patience = args.early_stopping_patience
+        return bool(patience and self.state["validations_without_improvement"] >= patience)
+
+    def evaluate(self, step: int) -> dict:
+        """The held-out loss (early-stopping bookkeeping updated) and, on the main process, the sample metrics."""
+        args, accelerator, transformer = self.args, self.accelerator, self.pipeline.transformer
         logs = {}
         if self.held_out_dataloader is not None:
             logs["val/loss"] = validation_loss(
@@ -333,11 +348,7 @@ class Validator:
                 with cached_encoders_on(accelerator.device, self.encoders, args):
                     logs.update(log_samples(accelerator, self.pipeline, self.held_out, args, step))
                 transformer.train()
-        if logs:
-            logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-            log_metrics(accelerator, logs, step)
-        patience = args.early_stopping_patience
-        return bool(patience and self.state["validations_without_improvement"] >= patience)
+        return logs
 
 
 def log_health(accelerator, monitor, lr_scheduler, progress, step: int, epoch: int) -> None:
@@ -387,9 +398,9 @@ def main(args):
     logger.info(f"{len(train_dataset)} training pairs, {len(held_out) if held_out else 0} held out")
 
     # Optimizer and schedule (per process: accelerate.prepare shards the batches; the scheduler steps per process).
-    optimizer = create_optimizer("adamw", transformer.parameters(), accelerator.device, lr=args.learning_rate,
+    optimizer = create_optimizer(args.optimizer, transformer.parameters(), accelerator.device, lr=args.learning_rate,
                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                                 eps=args.adam_epsilon)
+                                 eps=args.adam_epsilon, extra=parse_optimizer_args(args.optimizer_args))
     updates_per_epoch = steps_per_epoch(math.ceil(len(train_dataloader) / accelerator.num_processes),
                                         args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
@@ -413,7 +424,7 @@ def main(args):
     global_step = position.global_step
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
     validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
-                         position.state)
+                         position.state, optimizer)
     monitor, stop = HealthMonitor(), StopSignal(check_every=args.logging_steps)
     guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
 
@@ -476,7 +487,8 @@ def main(args):
 
     progress.close()
     write_rank_checksums(accelerator, transformer)  # debug hook for the multi-process tests (no-op unless set)
-    save_final(args, accelerator, pipeline, ema)
+    with evaluation_weights(optimizer):  # schedule-free: save the averaged weights
+        save_final(args, accelerator, pipeline, ema)
     record.finish(global_step)
     end_training(accelerator)
 

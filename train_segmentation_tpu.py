@@ -50,7 +50,7 @@ from utils.config import add_hyphen_aliases, parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema, save_ema
 from utils.errors import MissingPackageError, UserError, UserFileNotFoundError, oom_hint, run_script
-from utils.optim import apply_update, create_optimizer
+from utils.optim import add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
 from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, steps_per_epoch,
@@ -114,8 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Evaluation size, and the centre of the training rescale range.")
     parser.add_argument("--crop_size", type=int, default=256, help="Training crop size (a multiple of 16).")
     parser.add_argument("--lr", "--learning_rate", dest="lr", type=float, default=0.05, help="Initial learning rate.")
-    parser.add_argument("--optimizer", type=str, default="adagrad", choices=["adagrad", "adamw"],
-                        help="Adagrad is the reference's.")
+    add_optimizer_args(parser, default="adagrad")  # Adagrad is the reference's
     parser.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay (AdamW: decoupled).")
     parser.add_argument("--lr_scheduler", type=str, default="constant",
                         help='diffusers scheduler: "constant", "constant_with_warmup", "cosine", '
@@ -144,6 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UserError(f"--{flag} {getattr(args, flag)} must be a multiple of 16 (MSHNet pools four times)")
     if args.mode == "test" and not args.weight_path:
         raise UserError("--mode test needs --weight_path (e.g. outputs/mshnet/best)")
+    parse_optimizer_args(args.optimizer_args)  # a malformed KEY=VALUE is refused before anything runs
     if args.batch_size == "auto" and args.mode == "test" and not args.eval_batch_size:
         raise UserError(
             "--mode test with --batch_size auto: give --eval_batch_size (nothing is trained to size it on)"
@@ -498,7 +498,7 @@ def main(args=None):
     apply_speedups(model, args)
     # Built after the model is on its device (see create_optimizer); the prepared scheduler steps per process.
     optimizer = create_optimizer(args.optimizer, model.parameters(), accelerator.device, lr=args.lr,
-                                 weight_decay=args.weight_decay)
+                                 weight_decay=args.weight_decay, extra=parse_optimizer_args(args.optimizer_args))
     updates_per_epoch = steps_per_epoch(len(train_set) // (args.batch_size * accelerator.num_processes),
                                         args.gradient_accumulation_steps)
     if args.max_train_steps is None:
@@ -568,8 +568,9 @@ def main(args=None):
                 break
         done = global_step >= args.max_train_steps
         if done or args.eval_epochs and (epoch + 1) % args.eval_epochs == 0:
-            best_miou = evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_flag, epoch,
-                                       global_step, best_miou)
+            with evaluation_weights(optimizer):  # schedule-free: score the averaged weights
+                best_miou = evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_flag, epoch,
+                                           global_step, best_miou)
         if done:
             break
 
@@ -577,8 +578,9 @@ def main(args=None):
     if global_step % args.checkpointing_steps:
         checkpoint_now(epoch)
     write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless set)
-    save_final(args, accelerator, raw_model, ema,
-               {"epoch": epoch, "global_step": global_step, "head": HEADS[epoch > args.warm_epoch]})
+    with evaluation_weights(optimizer):
+        save_final(args, accelerator, raw_model, ema,
+                   {"epoch": epoch, "global_step": global_step, "head": HEADS[epoch > args.warm_epoch]})
     record.finish(global_step)
     log_xla_metrics(on_xla, args.output_dir, accelerator)
     end_training(accelerator)

@@ -41,7 +41,8 @@ from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, 
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latents import encode_latents, scale_latents
-from utils.optim import apply_update, create_optimizer, restart_lr_schedule
+from utils.optim import (apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
+                         restart_lr_schedule)
 from utils.report import log_metrics
 from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, save_run_args, steps_per_epoch,
                        tracker_config, weight_dtype, write_rank_checksums)
@@ -101,6 +102,10 @@ def parse_args(argv=None):
 
 
 def validate_args(args) -> None:
+    if args.use_8bit_adam and args.optimizer not in ("adamw", "adamw8bit"):
+        raise UserError(f"--use_8bit_adam means --optimizer adamw8bit; it cannot go with --optimizer {args.optimizer}.")
+    args.optimizer = "adamw8bit" if args.use_8bit_adam else args.optimizer
+    parse_optimizer_args(args.optimizer_args)  # a malformed KEY=VALUE is refused before anything runs
     if not args.pretrained_model_name_or_path and not args.model_preset:
         raise UserError(
             "Give --pretrained_model_name_or_path (fine-tune) or --model_preset tiny|small|base (train from scratch)."
@@ -287,9 +292,9 @@ def build_optimizer(args, accelerator, models):
 
 
 def make_optimizer(args, param_groups, device):
-    return create_optimizer("adamw8bit" if args.use_8bit_adam else "adamw", param_groups, device,
-                            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                            eps=args.adam_epsilon)
+    return create_optimizer(args.optimizer, param_groups, device, betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                            extra=parse_optimizer_args(args.optimizer_args))
 
 
 def prepare(accelerator, args, models, optimizer, train_dataloader, lr_scheduler):
@@ -417,8 +422,8 @@ def main(args):
                     log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, global_step)
                 if global_step % args.checkpointing_steps == 0:
                     checkpoint()
-                if validation_due(args, global_step) and accelerator.is_main_process:
-                    log_validation(args, accelerator, models, ema, global_step, dtype)
+                if validation_due(args, global_step):
+                    validate(args, accelerator, models, ema, global_step, dtype, optimizer)
                 if stop.should_stop(accelerator):
                     checkpoint()
                     stop.announce(accelerator, global_step, args.output_dir)
@@ -426,15 +431,23 @@ def main(args):
                     return
                 if global_step >= args.max_train_steps:
                     break
-            if validation_due(args, global_step, epoch) and accelerator.is_main_process:
-                log_validation(args, accelerator, models, ema, global_step, dtype)
+            if validation_due(args, global_step, epoch):
+                validate(args, accelerator, models, ema, global_step, dtype, optimizer)
             if global_step >= args.max_train_steps:
                 break
     progress.close()
     write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
-    save_final(args, accelerator, models, ema)
+    with evaluation_weights(optimizer):  # schedule-free: save the averaged weights
+        save_final(args, accelerator, models, ema)
     record.finish(global_step)
     end_training(accelerator)
+
+
+def validate(args, accelerator, models, ema, step, dtype, optimizer) -> None:
+    """Validation images from the weights to evaluate (every rank switches, so the ranks' weights stay equal)."""
+    with evaluation_weights(optimizer):
+        if accelerator.is_main_process:
+            log_validation(args, accelerator, models, ema, step, dtype)
 
 
 def save_final(args, accelerator, models, ema) -> None:

@@ -4,6 +4,7 @@ schedule on resume, and the guarded update (clip, skip non-finite, step) every l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -25,29 +26,131 @@ def fused_kwargs(device) -> dict:
     return {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {}
 
 
+# name -> (what it is, the package it comes from, the learning rate its authors recommend as a start)
+OPTIMIZERS = {
+    "adamw": ("torch AdamW (fused where it exists)", "torch", "1e-4 (fine-tune), 1e-3 (from scratch)"),
+    "adamw8bit": ("8-bit AdamW", "bitsandbytes", "as adamw"),
+    "adagrad": ("torch Adagrad (fused where it exists)", "torch", "0.05 (MSHNet's recipe)"),
+    "prodigy": ("Prodigy: Adam that estimates its own step size", "prodigyopt", "1.0 (it scales itself)"),
+    "adafactor": ("Adafactor (transformers), factored second moments", "transformers", "1e-4 to 1e-3 with a fixed lr"),
+    "lion": ("Lion: sign of an interpolated momentum", "lion-pytorch",
+             "3-10x smaller than AdamW's, weight decay 3-10x larger"),
+    "schedulefree_adamw": ("schedule-free AdamW (no LR decay needed)", "schedulefree",
+                           "1e-3 to 2.5e-3, --lr_scheduler constant"),
+    "came": ("CAME: confidence-guided Adafactor", "came-pytorch", "2e-4 (as Adafactor/AdamW)"),
+}
+
+
+def add_optimizer_args(parser, default: str = "adamw") -> None:
+    """--optimizer and --optimizer_args, the same in every script (one builder: create_optimizer)."""
+    parser.add_argument("--optimizer", type=str, default=default, choices=sorted(OPTIMIZERS),
+                        help="; ".join(f"{name}: {what} [{package}; lr {lr}]"
+                                       for name, (what, package, lr) in OPTIMIZERS.items()))
+    parser.add_argument("--optimizer_args", type=str, nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Further keyword arguments of the optimizer, e.g. d_coef=2 use_bias_correction=True "
+                             "(Prodigy) or decoupled_weight_decay=True (Lion); values are Python literals.")
+
+
+def parse_optimizer_args(items) -> dict:
+    """['d_coef=2', 'betas=(0.9,0.99)', 'safeguard_warmup=True'] -> {'d_coef': 2, ...}; a bad item is a UserError."""
+    import ast
+
+    parsed = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UserError(f"--optimizer_args {item!r}: expected KEY=VALUE, e.g. d_coef=2")
+        try:
+            parsed[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = value.strip()  # a bare word: a string
+    return parsed
+
+
+def _package(module: str, name: str, pip_name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise MissingPackageError(f"--optimizer {name} needs the {pip_name} package: pip install {pip_name}") from error
+
+
 def create_optimizer(name: str, params, device, lr: float | None = None, weight_decay: float = 0.0,
-                     betas=(0.9, 0.999), eps: float = 1e-8):
-    """'adamw' (torch, fused where it exists), 'adamw8bit' (bitsandbytes) or 'adagrad' (torch, fused).
+                     betas=(0.9, 0.999), eps: float = 1e-8, extra: dict | None = None):
+    """One of OPTIMIZERS, built from its own package; `extra` (--optimizer_args) overrides any keyword.
 
     `params`: parameters or param groups (groups may carry their own lr). Create it after the model
     is on its device: on TPU an optimizer built around CPU parameters would update tensors the
     prepared model no longer uses. The fused kernels are the fastest AdamW/Adagrad on CUDA and on CPU
     (measured on CPU for the 'small' UNet: 11 ms a step against 31 ms for the for-loop and 40 ms for
-    foreach) and let non-finite steps skip on the device.
+    foreach) and let non-finite steps skip on the device; the other optimizers skip on a host check.
+    Schedule-free AdamW is returned in train mode (see `evaluation_weights`).
     """
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(sorted(OPTIMIZERS))}")
+    params = list(params)
+    if lr is None and params and isinstance(params[0], dict):  # groups with their own lr: the first as default
+        lr = params[0].get("lr")  # (CAME, for one, requires a default lr)
     lr_kwarg = {} if lr is None else {"lr": lr}
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise MissingPackageError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
-        return bnb.optim.AdamW8bit(params, **lr_kwarg, betas=betas, weight_decay=weight_decay, eps=eps)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, **lr_kwarg, weight_decay=weight_decay, **fused_kwargs(device))
+    adam = dict(lr_kwarg, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
     if name == "adamw":
-        return torch.optim.AdamW(params, **lr_kwarg, betas=betas, weight_decay=weight_decay, eps=eps,
-                                 **fused_kwargs(device))
-    raise UserError(f"unknown optimizer {name!r}: choose adamw, adamw8bit or adagrad")
+        kwargs, make = dict(adam, **fused_kwargs(device)), torch.optim.AdamW
+    elif name == "adagrad":
+        kwargs, make = dict(lr_kwarg, weight_decay=weight_decay, **fused_kwargs(device)), torch.optim.Adagrad
+    elif name == "adamw8bit":
+        kwargs, make = adam, _package("bitsandbytes", name, "bitsandbytes").optim.AdamW8bit
+    elif name == "prodigy":
+        kwargs, make = adam, _package("prodigyopt", name, "prodigyopt").Prodigy
+    elif name == "adafactor":  # a fixed learning rate (ours), not Adafactor's relative step sizes
+        kwargs = dict(lr_kwarg, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                      warmup_init=False)
+        make = _package("transformers.optimization", name, "transformers").Adafactor
+    elif name == "lion":
+        kwargs = dict(lr_kwarg, betas=(0.9, 0.99), weight_decay=weight_decay)  # Lion's own betas
+        make = _package("lion_pytorch", name, "lion-pytorch").Lion
+    elif name == "schedulefree_adamw":
+        kwargs, make = adam, _package("schedulefree", name, "schedulefree").AdamWScheduleFree
+    else:  # came
+        kwargs = dict(lr_kwarg, weight_decay=weight_decay)  # CAME's own betas (three) and eps pair
+        make = _package("came_pytorch", name, "came-pytorch").CAME
+    kwargs.update(extra or {})
+    try:
+        optimizer = make(params, **kwargs)
+    except TypeError as error:  # an --optimizer_args key the optimizer does not take
+        raise UserError(f"--optimizer {name} --optimizer_args: {error}") from error
+    if is_schedule_free(optimizer):
+        optimizer.train()
+    return optimizer
+
+
+def is_schedule_free(optimizer) -> bool:
+    """Schedule-free optimizers keep two weight sequences and must be told which one the model holds."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    return bool(optimizer.param_groups) and "train_mode" in optimizer.param_groups[0] and hasattr(optimizer, "eval")
+
+
+@contextlib.contextmanager
+def evaluation_weights(optimizer):
+    """Within the block the model holds the weights to evaluate and save: for schedule-free optimizers, the
+    averaged sequence (optimizer.eval()), back to the training sequence after; a no-op for the others.
+
+    The training weights are restored from a copy, not recomputed by optimizer.train(): eval() then train()
+    is the identity only up to rounding, and a run resumed from a checkpoint written before a validation
+    would then differ from the run that validated. Checkpoints are written outside such a block."""
+    if optimizer is None or not is_schedule_free(optimizer):
+        yield
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    training = [p.detach().clone() for p in params]
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+        with torch.no_grad():
+            for param, saved in zip(params, training):
+                param.copy_(saved)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float, cosine: bool = True):

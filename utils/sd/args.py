@@ -4,6 +4,7 @@ validation), with diffusers' `train_text_to_image*.py` names, defaults and help 
 from __future__ import annotations
 
 from utils.auto_batch import batch_size_arg
+from utils.optim import add_optimizer_args
 
 
 def add_model_args(parser) -> None:
@@ -68,7 +69,8 @@ def add_training_args(parser) -> None:
                        help="Dream detail preservation factor p (should be greater than 0; default=1.0, "
                             "as suggested in the paper)")
     train.add_argument("--use_8bit_adam", action="store_true",
-                       help="Whether or not to use 8-bit Adam from bitsandbytes.")
+                       help="Whether or not to use 8-bit Adam from bitsandbytes (= --optimizer adamw8bit).")
+    add_optimizer_args(train, default="adamw")
     train.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
     train.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
     train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
