@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from accelerate.utils import DataLoaderConfiguration
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, compute_dream_and_update_latents, compute_snr
+from diffusers.training_utils import cast_training_params, compute_dream_and_update_latents
 from diffusers.utils.import_utils import is_xformers_available
 
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
@@ -52,6 +52,7 @@ from utils.sd.builder import assemble_pipeline
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
 from utils.sd.data import (add_image_data_args, build_text_image_dataset, captions_for_new_tokenizer,
                            collate_text_image, load_text_image_dataset, usable_rows)
+from utils.sd.losses import add_loss_args, check_loss_args, uses_loss_options, weighted_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
                            check_text_encoder_lora_support, load_lora_into, lora_checkpoint_check, save_lora)
 from utils.sd.models import load_models
@@ -73,6 +74,7 @@ def parse_args(argv=None):
     add_lora_args(parser)
     add_image_data_args(parser)
     add_training_args(parser)
+    add_loss_args(parser)
     add_validation_args(parser)
     add_run_args(parser, output_dir_default=None)
     add_ema_args(parser)
@@ -102,6 +104,7 @@ def parse_args(argv=None):
 
 
 def validate_args(args) -> None:
+    check_loss_args(args)
     if args.use_8bit_adam and args.optimizer not in ("adamw", "adamw8bit"):
         raise UserError(f"--use_8bit_adam means --optimizer adamw8bit; it cannot go with --optimizer {args.optimizer}.")
     args.optimizer = "adamw8bit" if args.use_8bit_adam else args.optimizer
@@ -188,14 +191,10 @@ def diffusion_loss(args, models, batch, monitor: HealthMonitor):
             unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
             args.dream_detail_preservation)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    if args.snr_gamma is None:
+    if args.snr_gamma is None and not uses_loss_options(args):
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    else:  # Min-SNR weighting, https://huggingface.co/papers/2303.09556 (Section 3.4)
-        snr = compute_snr(noise_scheduler, timesteps)
-        weights = torch.stack([snr, args.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-        weights = weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (loss * weights).mean()
+    else:  # min-SNR, Huber/L1, debiased estimation (utils/sd/losses.py)
+        loss = weighted_loss(args, model_pred, target, timesteps, noise_scheduler)
     monitor.add(timestep_mean=timesteps.float().mean(),
                 timestep_std=timesteps.float().std(correction=0),  # (batch 1: 0, not NaN)
                 latent_std=latents.std(), noise_std=noise.std())

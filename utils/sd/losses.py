@@ -1,0 +1,102 @@
+"""Loss options for the denoising objective, with kohya-ss/sd-scripts' flag names and formulas.
+
+- `--loss_type l2|l1|huber|smooth_l1`: per element, with c the Huber threshold,
+      huber:     2c (sqrt((pred - target)^2 + c^2) - c)      (pseudo-Huber: ~(pred - target)^2 near 0, ~2c|.| far)
+      smooth_l1: 2  (sqrt((pred - target)^2 + c^2) - c)
+  (Khrapov & Popov, "Improving Diffusion Models's Data-Corruption Resistance using Scheduled Pseudo-Huber Loss",
+  2024; the scheduled Huber loss of diffusers' research project and kohya's `conditional_loss`).
+- `--huber_schedule constant|exponential|snr` (kohya's default: snr) gives c per sample from its timestep t:
+      constant:    c = huber_c
+      exponential: c = exp(-a t) with a = -ln(huber_c) / T           (1 at t = 0, huber_c at t = T)
+      snr:         c = (1 - huber_c) / (1 + sigma_t)^2 + huber_c,  sigma_t = sqrt((1 - alphabar_t) / alphabar_t)
+- `--debiased_estimation_loss`: weights each sample by 1/sqrt(SNR_t) (epsilon) or 1/(SNR_t + 1)
+  (v-prediction), SNR clamped at 1000 (Yu et al., "Debias the Training of Diffusion Models", 2023; kohya's
+  `apply_debiased_estimation`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+
+
+def add_loss_args(parser) -> None:
+    parser.add_argument("--loss_type", type=str, default="l2", choices=LOSS_TYPES,
+                        help="l2 (MSE, diffusers' default), l1, huber or smooth_l1 (pseudo-Huber with --huber_c).")
+    parser.add_argument("--huber_schedule", type=str, default="snr", choices=HUBER_SCHEDULES,
+                        help="How the Huber threshold follows the timestep (kohya's names; snr is its default).")
+    parser.add_argument("--huber_c", type=float, default=0.1,
+                        help="The Huber threshold (constant), or its value at the noisiest timestep (exponential, "
+                             "snr). In (0, 1].")
+    parser.add_argument("--debiased_estimation_loss", action="store_true",
+                        help="Weight each sample by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), SNR clamped at 1000.")
+
+
+def uses_loss_options(args) -> bool:
+    return args.loss_type != "l2" or args.debiased_estimation_loss
+
+
+def huber_threshold(schedule: str, huber_c: float, timesteps: torch.Tensor, noise_scheduler) -> torch.Tensor:
+    """c per sample [B] (float32, on the timesteps' device)."""
+    t = timesteps.float()
+    if schedule == "constant":
+        return torch.full_like(t, huber_c)
+    if schedule == "exponential":
+        alpha = -math.log(huber_c) / noise_scheduler.config.num_train_timesteps
+        return torch.exp(-alpha * t)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return (1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, c: torch.Tensor | None) -> torch.Tensor:
+    """The element loss averaged over all but the batch dimension: [B]."""
+    pred, target = pred.float(), target.float()
+    if loss_type == "l2":
+        element = F.mse_loss(pred, target, reduction="none")
+    elif loss_type == "l1":
+        element = F.l1_loss(pred, target, reduction="none")
+    else:
+        c = c.view(-1, *([1] * (pred.ndim - 1)))
+        element = torch.sqrt((pred - target) ** 2 + c ** 2) - c
+        element = 2 * c * element if loss_type == "huber" else 2 * element
+    return element.mean(dim=tuple(range(1, pred.ndim)))
+
+
+def debiased_weights(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    snr = compute_snr(noise_scheduler, timesteps).clamp(max=1000.0)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return 1.0 / (snr + 1.0)
+    return 1.0 / snr.sqrt()
+
+
+def check_loss_args(args) -> None:
+    from utils.errors import UserError
+
+    if not 0.0 < args.huber_c <= 1.0:
+        raise UserError(f"--huber_c {args.huber_c} must be in (0, 1] (the exponential schedule takes its log).")
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights (https://huggingface.co/papers/2303.09556, Section 3.4), as diffusers' scripts."""
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.stack([snr, gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+    return weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
+
+
+def weighted_loss(args, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler):
+    """The batch loss under --loss_type/--huber_*, --snr_gamma and --debiased_estimation_loss."""
+    c = (huber_threshold(args.huber_schedule, args.huber_c, timesteps, noise_scheduler)
+         if args.loss_type in ("huber", "smooth_l1") else None)
+    loss = per_sample_loss(pred, target, args.loss_type, c)
+    if args.snr_gamma is not None:
+        loss = loss * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
+    if args.debiased_estimation_loss:
+        loss = loss * debiased_weights(noise_scheduler, timesteps)
+    return loss.mean()
