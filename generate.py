@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from utils.config import parse_args_with_config
 from utils.errors import UserError, UserFileNotFoundError, run_script
 from utils.images import make_grid
+from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
 from utils.sd.schedulers import SCHEDULERS, make_scheduler
 
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
@@ -46,7 +47,6 @@ STEP_PRESETS = {"fast": 25, "quality": 75}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SD_GUIDANCE, MASK_DIT_GUIDANCE = 9.0, 4.0
 MASK_DIT_SAMPLERS = ("euler", "midpoint")  # flow-matching ODE steppers (utils/mask_dit/flow_matching.py)
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -266,11 +266,14 @@ def load_checkpoint_into(pipe, checkpoint: str, ema: bool, dtype: torch.dtype) -
 
 
 def load_lora(pipe, path: str) -> None:
-    """Load diffusers-format LoRA weights (a folder with pytorch_lora_weights.safetensors, or a file)."""
+    """Load LoRA weights: a folder with pytorch_lora_weights.safetensors (or our kohya file), or a file in the
+    diffusers or kohya/A1111 layout (diffusers' load_lora_weights reads both)."""
     if os.path.isfile(path):
         pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path))
     elif os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
         pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
+    elif os.path.isfile(os.path.join(path, KOHYA_WEIGHT_NAME)):  # --lora_format kohya
+        pipe.load_lora_weights(path, weight_name=KOHYA_WEIGHT_NAME)
     elif os.path.isdir(path):
         raise UserFileNotFoundError(f"--lora {path}: no {LORA_WEIGHT_NAME} in it; pass the weights file itself")
     else:

@@ -50,7 +50,7 @@ from utils.run_record import RunRecord
 from utils.sd.args import add_model_args, add_training_args, add_validation_args
 from utils.sd.builder import assemble_pipeline
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
-from utils.sd.data import (add_image_data_args, build_text_image_dataset, captions_for_new_tokenizer,
+from utils.sd.data import (add_image_data_args, build_text_image_dataset, caption_tags, captions_for_new_tokenizer,
                            collate_text_image, load_text_image_dataset, usable_rows)
 from utils.sd.losses import add_loss_args, check_loss_args, uses_loss_options, weighted_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
@@ -100,6 +100,7 @@ def parse_args(argv=None):
         args.non_ema_revision = args.revision
     validate_args(args)
     resolve_cache_args(args, train_text_encoder=args.train_text_encoder)
+    caption_tags(args)  # refused with --cache_text_embeddings (resolved just above), before anything runs
     return args
 
 
@@ -462,7 +463,11 @@ def save_final(args, accelerator, models, ema) -> None:
     check_finite_before_saving(accelerator, args.output_dir, f"the final model in {args.output_dir}",
                                [unet] + ([text_encoder] if args.train_text_encoder else []))
     if args.use_lora:
-        save_lora(args.output_dir, unet, text_encoder if args.train_text_encoder else None)
+        save_lora(args.output_dir, unet, text_encoder if args.train_text_encoder else None, args.lora_format,
+                  {"ss_sd_model_name": args.pretrained_model_name_or_path or args.model_preset,
+                   "ss_resolution": f"({args.resolution}, {args.resolution})",
+                   "ss_max_train_steps": args.max_train_steps,
+                   "ss_v2": getattr(unet.config, "cross_attention_dim", 768) == 1024})
     else:
         trained = dict(unet=unet, text_encoder=text_encoder, vae=models["vae"])
         if args.pretrained_model_name_or_path:

@@ -381,3 +381,41 @@ def test_persistent_workers_see_every_epoch(captioned_folder):
     for epoch_a, epoch_b in zip(in_process, with_workers):
         for (pixels_a, captions_a), (pixels_b, captions_b) in zip(epoch_a, epoch_b):
             assert torch.equal(pixels_a, pixels_b) and captions_a == captions_b
+
+
+def test_caption_tags_keep_shuffle_and_drop_per_sample_and_epoch():
+    from utils.sd.data import CaptionTags
+
+    caption = "sks person, red hair, smile, outdoors, night, hat"
+    tags = CaptionTags(shuffle=True, keep_tokens=1, dropout_rate=0.3)
+    variants = [tags.apply(caption, sample_rng(0, epoch, 0)) for epoch in range(30)]
+    for variant in variants:
+        parts = variant.split(", ")
+        assert parts[0] == "sks person"  # kept in place, never dropped
+        assert set(parts[1:]) <= {"red hair", "smile", "outdoors", "night", "hat"} and len(set(parts)) == len(parts)
+    assert len(set(variants)) > 10  # shuffled and dropped differently per epoch
+    assert any(len(v.split(", ")) < 6 for v in variants) and any(len(v.split(", ")) == 6 for v in variants)
+    assert variants == [tags.apply(caption, sample_rng(0, epoch, 0)) for epoch in range(30)]  # (seed, epoch, index)
+    only_shuffle = CaptionTags(shuffle=True, keep_tokens=2, separator="|")
+    assert sorted(only_shuffle.apply("a|b|c|d", random.Random(1)).split("| ")[2:]) == ["c", "d"]
+    assert CaptionTags().apply(caption, random.Random(0)) == caption and not CaptionTags().enabled
+
+
+def test_caption_tags_reach_the_samples_and_are_refused_with_cached_embeddings(captioned_folder, tmp_path):
+    import train_text_to_image
+    from utils.errors import UserError
+    from utils.sd.data import CaptionTags
+
+    rows = load_text_image_dataset(data_args(train_data_dir=str(captioned_folder)))
+    rows = rows.map(lambda row, i: {"text": f"tag{i}, a, b, c, d"}, with_indices=True)
+    dataset = TextImageDataset(rows, "image", "text", ImageTransform(8), fake_tokenize, seed=0,
+                               tags=CaptionTags(shuffle=True, keep_tokens=1))
+    seen = set()
+    for epoch in range(6):
+        dataset.set_epoch(epoch)
+        seen.add(dataset[0]["caption"])
+    assert len(seen) > 1 and all(caption.startswith("tag0, ") for caption in seen)
+    common = ["--model_preset", "tiny", "--train_data_dir", str(captioned_folder), "--output_dir", str(tmp_path / "o")]
+    assert train_text_to_image.parse_args(common + ["--shuffle_caption", "--cache_latents"]).shuffle_caption
+    with pytest.raises(UserError, match="--cache_text_embeddings"):
+        train_text_to_image.parse_args(common + ["--shuffle_caption", "--precompute"])

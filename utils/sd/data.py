@@ -66,6 +66,7 @@ def add_image_data_args(parser) -> None:
     parser.add_argument("--skip_bad_samples", action="store_true",
                         help="Skip (and count) unreadable images or missing captions instead of stopping with an error.")
     add_preflight_args(parser, skip_bad_samples=False)
+    add_caption_tag_args(parser)
 
 
 @dataclass
@@ -254,6 +255,55 @@ def pick_caption(caption, rng: random.Random | None, where: str) -> str:
 
 
 @dataclass(frozen=True)
+class CaptionTags:
+    """kohya's caption options for tag-style captions ("1girl, red hair, smile"): split at `separator`, keep the
+    first `keep_tokens` tags in place, shuffle the others (`shuffle`), drop each of them with probability
+    `dropout_rate`; joined with `separator` and a space. Draws from the sample's rng only when enabled."""
+
+    shuffle: bool = False
+    keep_tokens: int = 0
+    separator: str = ","
+    dropout_rate: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.shuffle or self.dropout_rate > 0
+
+    def apply(self, caption: str, rng: random.Random) -> str:
+        tags = [tag.strip() for tag in caption.split(self.separator)]
+        kept, rest = tags[:self.keep_tokens], tags[self.keep_tokens:]
+        if self.dropout_rate > 0:
+            rest = [tag for tag in rest if rng.random() >= self.dropout_rate]
+        if self.shuffle:
+            rng.shuffle(rest)
+        return f"{self.separator} ".join(tag for tag in kept + rest if tag)
+
+
+def add_caption_tag_args(parser) -> None:
+    parser.add_argument("--shuffle_caption", action="store_true",
+                        help="Shuffle the tags of each caption (split at --caption_separator) every epoch (kohya).")
+    parser.add_argument("--keep_tokens", type=int, default=0,
+                        help="Keep the first N tags of each caption in place (not shuffled, never dropped).")
+    parser.add_argument("--caption_separator", type=str, default=",", help="What separates the tags of a caption.")
+    parser.add_argument("--caption_tag_dropout_rate", type=float, default=0.0,
+                        help="Drop each tag (after --keep_tokens) with this probability every epoch (kohya).")
+
+
+def caption_tags(args) -> CaptionTags:
+    from utils.errors import UserError
+
+    tags = CaptionTags(args.shuffle_caption, args.keep_tokens, args.caption_separator, args.caption_tag_dropout_rate)
+    if args.keep_tokens < 0 or not 0.0 <= args.caption_tag_dropout_rate < 1.0 or not args.caption_separator:
+        raise UserError("--keep_tokens must be >= 0, --caption_tag_dropout_rate in [0, 1) and --caption_separator "
+                        "not empty.")
+    if tags.enabled and args.cache_text_embeddings:
+        raise UserError("--shuffle_caption / --caption_tag_dropout_rate change each caption every epoch, but "
+                        "--cache_text_embeddings (or --precompute) encodes every caption once. Drop "
+                        "--cache_text_embeddings (--cache_latents still works), or the caption options.")
+    return tags
+
+
+@dataclass(frozen=True)
 class Augmentation:
     """One sample's random choices for one epoch (see `TextImageDataset.plan`)."""
 
@@ -270,8 +320,10 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
     """
 
     def __init__(self, rows, image_column, caption_column, transform: ImageTransform, tokenize,
-                 seed=None, caption_dropout_prob=0.0, skip_bad_samples=False, source_name="dataset"):
+                 seed=None, caption_dropout_prob=0.0, skip_bad_samples=False, source_name="dataset",
+                 tags: CaptionTags | None = None):
         self.rows, self.image_column, self.caption_column = rows, image_column, caption_column
+        self.tags = tags or CaptionTags()
         self.transform, self.tokenize = transform, tokenize
         self.seed, self.caption_dropout_prob, self.skip_bad_samples = seed, caption_dropout_prob, skip_bad_samples
         self.source_name, self.epoch, self.num_skipped = source_name, 0, 0
@@ -291,6 +343,8 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
         row = self.rows[index] if row is None else row
         rng = sample_rng(self.seed, epoch, index)
         caption = pick_caption(row[self.caption_column], rng, self.where(index, row))
+        if self.tags.enabled:
+            caption = self.tags.apply(caption, rng)
         if self.caption_dropout_prob > 0 and rng.random() < self.caption_dropout_prob:
             caption = ""
         crop, flip = self.transform.draw(resized_size, rng)
@@ -369,4 +423,5 @@ def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
     transform = ImageTransform(args.resolution, args.image_interpolation_mode, args.center_crop, args.random_flip)
     return TextImageDataset(rows, args.image_column, args.caption_column, transform, tokenize, seed=args.seed,
                             caption_dropout_prob=args.caption_dropout_prob, skip_bad_samples=args.skip_bad_samples,
-                            source_name=args.dataset_name or args.train_data_dir or args.train_data_file)
+                            source_name=args.dataset_name or args.train_data_dir or args.train_data_file,
+                            tags=caption_tags(args))

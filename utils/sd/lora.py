@@ -1,4 +1,5 @@
-"""LoRA adapters with peft, saved in the diffusers format `load_lora_weights` reads."""
+"""LoRA adapters with peft, saved in the diffusers format `load_lora_weights` reads and, with
+`--lora_format kohya|both`, in the kohya/AUTOMATIC1111 layout ComfyUI, A1111 and Forge load."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 from utils.errors import MissingPackageError, UserError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
+LORA_FORMATS = ("diffusers", "kohya", "both")
 DEFAULT_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -21,6 +24,10 @@ def add_lora_args(parser) -> None:
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch.")
     parser.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
                         help=f"Module names to adapt in the UNet (default: {' '.join(DEFAULT_UNET_TARGETS)}).")
+    parser.add_argument("--lora_format", type=str, default="diffusers", choices=LORA_FORMATS,
+                        help=f"The final LoRA weights: diffusers ({LORA_WEIGHT_NAME}, for load_lora_weights), kohya "
+                             f"({KOHYA_WEIGHT_NAME}: lora_unet_*/lora_te_* keys with .alpha, for ComfyUI, "
+                             "AUTOMATIC1111, Forge; diffusers' load_lora_weights reads it too) or both.")
 
 
 def check_text_encoder_lora_support() -> None:
@@ -65,18 +72,72 @@ def lora_state_dicts(unet, text_encoder=None) -> dict:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    import inspect
+
+    from diffusers import StableDiffusionPipeline
+
     layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
     if text_encoder is not None:
         layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+    # The adapter config (lora_alpha above all: without it a loader assumes alpha = rank, a wrong scale) goes into
+    # the file's metadata where diffusers can write it (0.34+).
+    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+        for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+            if model is not None:
+                layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
     return layers
 
 
-def save_lora(directory: str, unet, text_encoder=None) -> str:
+def save_lora(directory: str, unet, text_encoder=None, lora_format: str = "diffusers", metadata: dict | None = None):
+    """The adapter weights in `directory`: the diffusers file and/or the kohya one (`lora_format`)."""
     from diffusers import StableDiffusionPipeline
 
     os.makedirs(directory, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(directory, **lora_state_dicts(unet, text_encoder), safe_serialization=True)
-    return os.path.join(directory, LORA_WEIGHT_NAME)
+    if lora_format in ("diffusers", "both"):
+        StableDiffusionPipeline.save_lora_weights(directory, **lora_state_dicts(unet, text_encoder),
+                                                  safe_serialization=True)
+    if lora_format in ("kohya", "both"):
+        save_kohya_lora(os.path.join(directory, KOHYA_WEIGHT_NAME), unet, text_encoder, metadata)
+    return os.path.join(directory, LORA_WEIGHT_NAME if lora_format != "kohya" else KOHYA_WEIGHT_NAME)
+
+
+def kohya_state_dict(unet, text_encoder=None) -> dict:
+    """kohya/A1111 keys (`lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`; the SD 1.x
+    text encoder as `lora_te_...`) from the peft adapters, by diffusers' own converter. Its `.alpha` is the rank;
+    ours is each adapter's real lora_alpha, so the kohya scale alpha/rank equals peft's."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    if text_encoder is not None:
+        peft_state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(text_encoder).items()})
+    kohya = {}
+    for key, value in convert_state_dict_to_kohya(peft_state).items():
+        key = key.replace("lora_te1_", "lora_te_", 1)  # SD 1.x/2.x has one text encoder: kohya calls it lora_te
+        if key.startswith("lora_te_") and not key.startswith("lora_te_text_model_"):  # transformers 5 dropped the
+            key = "lora_te_text_model_" + key[len("lora_te_"):]  # CLIPTextModel.text_model level the layout names
+        kohya[key] = value.detach().to("cpu").contiguous()
+    alphas = {"lora_unet_": _lora_alpha(unet), "lora_te_": _lora_alpha(text_encoder)}
+    for key in kohya:
+        if key.endswith(".alpha"):
+            prefix = "lora_unet_" if key.startswith("lora_unet_") else "lora_te_"
+            kohya[key] = torch.tensor(float(alphas[prefix]))
+    return kohya
+
+
+def _lora_alpha(model):
+    return None if model is None else model.peft_config["default"].lora_alpha
+
+
+def save_kohya_lora(path: str, unet, text_encoder=None, metadata: dict | None = None) -> None:
+    """The kohya file with kohya's `ss_*` metadata (all strings, as safetensors requires)."""
+    from safetensors.torch import save_file
+
+    config = unet.peft_config["default"]
+    info = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+            "ss_network_alpha": str(config.lora_alpha), "ss_training_comment": "train_text_to_image.py"}
+    info.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
+    save_file(kohya_state_dict(unet, text_encoder), path, metadata=info)
 
 
 def load_lora_into(directory: str, unet, text_encoder=None) -> None:

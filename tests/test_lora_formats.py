@@ -1,0 +1,56 @@
+"""--lora_format kohya|both: the kohya/A1111 file loads in diffusers' load_lora_weights (which reads kohya files)
+and gives the same images as our diffusers-format file, with lora_alpha != rank so a lost alpha would show."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import train_text_to_image
+from tests.conftest import run_main_in_process, write_captioned_folder
+from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+
+
+def images(pipeline_dir, lora_file=None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None)
+    if lora_file is not None:
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(["a thing"], num_inference_steps=3, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+@pytest.mark.slow
+def test_kohya_file_loads_and_matches_the_diffusers_file(tiny_pipeline_dir, tmp_path):
+    (tmp_path / "data").mkdir()
+    data = write_captioned_folder(tmp_path / "data", count=4, size=(32, 32))
+    out = tmp_path / "lora"
+    run_main_in_process(train_text_to_image, [
+        "--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", data, "--resolution", "32",
+        "--train_batch_size", "2", "--max_train_steps", "3", "--learning_rate", "5e-2", "--lr_warmup_steps", "0",
+        "--use_lora", "--rank", "4", "--lora_alpha", "8", "--train_text_encoder", "--lora_format", "both",
+        "--report_to", "none", "--seed", "0", "--output_dir", str(out)])
+
+    with safe_open(str(out / KOHYA_WEIGHT_NAME), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+        alphas = {k: handle.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys), keys[:5]
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)  # A1111/ComfyUI's SD 1.x name
+    downs = [k for k in keys if k.endswith(".lora_down.weight")]
+    assert len(alphas) == len(downs) and set(alphas.values()) == {8.0}  # the real alpha, not the rank
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "8.0"
+    assert metadata["ss_resolution"] == "(32, 32)" and metadata["ss_max_train_steps"] == "3"
+
+    with safe_open(str(out / LORA_WEIGHT_NAME), "pt") as handle:  # the diffusers file keeps the alpha too
+        adapter = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert adapter["unet.lora_alpha"] == 8 and adapter["text_encoder.lora_alpha"] == 8
+
+    base = images(tiny_pipeline_dir)
+    from_diffusers = images(tiny_pipeline_dir, out / LORA_WEIGHT_NAME)
+    from_kohya = images(tiny_pipeline_dir, out / KOHYA_WEIGHT_NAME)
+    assert np.abs(from_diffusers - base).max() > 1e-3  # the LoRA does something
+    np.testing.assert_allclose(from_kohya, from_diffusers, atol=1e-5)
