@@ -132,12 +132,12 @@ def test_text_to_image_trains_and_resumes_bitwise_with_each_optimizer(name, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["prodigy", "schedulefree_adamw"])
-def test_mask_dit_and_segmentation_resume_bitwise_with_stateful_optimizers(name, tmp_path):
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_mask_dit_and_segmentation_resume_bitwise_with_each_optimizer(name, tmp_path):
     from utils.mask_dit.data import write_synthetic_fundus_dataset
     from utils.segmentation.data import write_synthetic_irstd
 
-    lr = LR[name]
+    lr = LR.get(name, "1e-4")
     fundus = write_synthetic_fundus_dataset(str(tmp_path / "fundus"), 8, size=32, seed=0)
 
     def mask_dit_args(out, steps):
