@@ -290,8 +290,6 @@ def add_caption_tag_args(parser) -> None:
 
 
 def caption_tags(args) -> CaptionTags:
-    from utils.errors import UserError
-
     tags = CaptionTags(args.shuffle_caption, args.keep_tokens, args.caption_separator, args.caption_tag_dropout_rate)
     if args.keep_tokens < 0 or not 0.0 <= args.caption_tag_dropout_rate < 1.0 or not args.caption_separator:
         raise UserError("--keep_tokens must be >= 0, --caption_tag_dropout_rate in [0, 1) and --caption_separator "

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
+from utils.errors import UserError
+
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
@@ -77,8 +79,6 @@ def debiased_weights(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def check_loss_args(args) -> None:
-    from utils.errors import UserError
-
     if not 0.0 < args.huber_c <= 1.0:
         raise UserError(f"--huber_c {args.huber_c} must be in (0, 1] (the exponential schedule takes its log).")
 
