@@ -32,14 +32,14 @@ from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_b
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
 from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_checkpoint
 from utils.config import parse_args_with_config
-from utils.data import epoch_batches, make_train_dataloader
+from utils.data import epoch_batches, make_train_dataloader, split_train_validation
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.images import save_and_log_images
 from utils.mask_dit.cache import cache_paired_datasets, paired_rows_fingerprint
 from utils.mask_dit.conditioning import Conditioner
 from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder,
-                                 select_fraction, split_train_validation, usable_records)
+                                 select_fraction, usable_records)
 from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
                                           loss_weights, sample_timesteps)
 from utils.mask_dit.metrics import mask_iou, segment_structures, ssim
@@ -55,7 +55,7 @@ from utils.run import (add_run_args, create_accelerator, end_training, progress_
                        weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.speed import add_speed_args, apply_speedups
-from utils.stopping import StopSignal
+from utils.stopping import EarlyStopping, StopSignal
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of
 from utils.text_encoders import load_text_encoder
 
@@ -312,12 +312,11 @@ class Validator:
         self.optimizer = optimizer  # schedule-free: validate the averaged weights
         self.conditioner, self.held_out, self.held_out_dataloader = conditioner, held_out, held_out_dataloader
         self.ema, self.encoders = ema, encoders
-        self.state = {"best_validation_loss": None, "validations_without_improvement": 0}
-        self.state.update({k: resumed_state[k] for k in self.state if k in resumed_state})
+        self.stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, resumed_state)
+        self.state = self.stopping.state
         self.last_step = -1
 
     def __call__(self, step: int) -> bool:
-        args = self.args
         if self.last_step == step:
             return False
         self.last_step = step
@@ -326,8 +325,7 @@ class Validator:
         if logs:
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
             log_metrics(self.accelerator, logs, step)
-        patience = args.early_stopping_patience
-        return bool(patience and self.state["validations_without_improvement"] >= patience)
+        return self.stopping.should_stop
 
     def evaluate(self, step: int) -> dict:
         """The held-out loss (early-stopping bookkeeping updated) and, on the main process, the sample metrics."""
@@ -337,11 +335,7 @@ class Validator:
             logs["val/loss"] = validation_loss(
                 accelerator, self.model, self.conditioner, self.held_out_dataloader, args
             )
-            best = self.state["best_validation_loss"]
-            if best is None or logs["val/loss"] < best - args.early_stopping_min_delta:
-                self.state.update(best_validation_loss=logs["val/loss"], validations_without_improvement=0)
-            else:
-                self.state["validations_without_improvement"] += 1
+            self.stopping.update(logs["val/loss"])
         if accelerator.is_main_process and self.held_out is not None and args.num_validation_images > 0:
             with ema_weights(self.ema, transformer.parameters()):
                 transformer.eval()
@@ -459,15 +453,14 @@ def main(args):
             ema_step(ema, transformer.parameters(), accelerator.device)
             if global_step % args.logging_steps == 0:
                 log_health(accelerator, monitor, lr_scheduler, progress, global_step, epoch)
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                checkpoint_now()
-            early_stop = bool(
+            early_stop = bool(  # validated before the checkpoint, which then holds its outcome
                 args.validation_steps and global_step % args.validation_steps == 0 and validate(global_step)
             )
             stopping = stop.should_stop(accelerator)  # every rank, every step (a collective every --logging_steps)
             if early_stop:
-                logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")
-            if early_stop or stopping:  # (not stop.requested: only the signalled rank has that set)
+                validate.stopping.announce()
+            # (not stop.requested: only the signalled rank has that set)
+            if early_stop or stopping or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
                 checkpoint_now()
             if stopping:
                 stop.announce(accelerator, global_step, args.output_dir)
@@ -478,11 +471,13 @@ def main(args):
         if early_stop and global_step < max_train_steps:
             break
         epoch_end = global_step % updates_per_epoch == 0 or global_step >= max_train_steps
-        if epoch_end and args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0:
+        early_stop = bool(epoch_end and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0
+                          and validate(global_step))
+        if early_stop:
+            validate.stopping.announce()
+        if early_stop or (epoch_end and args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0):
             checkpoint_now()
-        if epoch_end and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and validate(global_step):
-            logger.info(f"Early stopping: no lower validation loss in {args.early_stopping_patience} validations.")
-            checkpoint_now()
+        if early_stop:
             break
 
     progress.close()

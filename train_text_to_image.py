@@ -34,10 +34,11 @@ from diffusers.utils.import_utils import is_xformers_available
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
                          sample_cached_latents)
-from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_checkpoint
+from utils.checkpointing import (atomic_directory, check_finite_before_saving, register_checkpoint_hooks, resume_position,
+                                 save_checkpoint)
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
-from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, place_ema
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latents import encode_latents, scale_latents
@@ -50,16 +51,17 @@ from utils.run_record import RunRecord
 from utils.sd.args import add_model_args, add_training_args, add_validation_args
 from utils.sd.builder import assemble_pipeline
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
-from utils.sd.data import (add_image_data_args, build_text_image_dataset, caption_tags, captions_for_new_tokenizer,
-                           collate_text_image, load_text_image_dataset, usable_rows)
+from utils.sd.data import (add_image_data_args, build_held_out_dataset, build_text_image_dataset, caption_tags,
+                           captions_for_new_tokenizer, collate_text_image, load_text_image_dataset, split_held_out,
+                           usable_rows)
 from utils.sd.losses import add_loss_args, check_loss_args, uses_loss_options, weighted_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
                            check_text_encoder_lora_support, load_lora_into, lora_checkpoint_check, save_lora)
 from utils.sd.models import load_models
 from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
-from utils.sd.validation import log_validation
+from utils.sd.validation import held_out_loss, log_validation
 from utils.speed import add_speed_args, apply_speedups
-from utils.stopping import StopSignal
+from utils.stopping import EarlyStopping, StopSignal
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, global_norm
 
 logger = logging.getLogger("train_text_to_image")
@@ -143,6 +145,9 @@ def validate_args(args) -> None:
     if (args.validation_prompts or args.validation_prompt) and args.num_validation_images < 1:
         raise UserError(f"--num_validation_images {args.num_validation_images}: give at least 1 image per validation "
                         "prompt, or leave out --validation_prompt(s) to turn validation off.")
+    if args.early_stopping_patience is not None and (args.validation_split is None or args.early_stopping_patience < 1):
+        raise UserError("--early_stopping_patience needs --validation_split (held-out data for val/loss) and a "
+                        "patience of at least 1 validation.")
     if not 0.0 <= args.caption_dropout_prob < 1.0:
         raise UserError("--caption_dropout_prob must be in [0, 1).")
     if args.enable_xformers_memory_efficient_attention:
@@ -321,8 +326,8 @@ def log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, s
 
 def validation_due(args, step: int, epoch: int | None = None) -> bool:
     """Step validations every --validation_steps, else epoch ones every --validation_epochs; never at the last
-    step (save_final validates there, once)."""
-    if not (args.validation_prompts or args.validation_prompt) or step >= args.max_train_steps:
+    step (the end of training validates there, once)."""
+    if not (args.validation_prompts or args.validation_prompt or args.validation_split) or step >= args.max_train_steps:
         return False
     if epoch is None:
         return bool(args.validation_steps) and step % args.validation_steps == 0
@@ -338,11 +343,12 @@ def main(args):
     dtype = weight_dtype(accelerator)
 
     # Data first: a from-scratch tokenizer learns its vocabulary from the captions.
-    rows = usable_rows(args, load_text_image_dataset(args))
+    rows, held_out_rows = split_held_out(args, usable_rows(args, load_text_image_dataset(args)))
     with accelerator.main_process_first():
         models = load_models(args, captions_for_new_tokenizer(args, rows))
     check_resolution(args, models["vae"])
     dataset = build_text_image_dataset(args, rows, models["tokenizer"])
+    held_out = build_held_out_dataset(args, held_out_rows, models["tokenizer"]) if held_out_rows is not None else None
     train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
                                              args.dataloader_num_workers, collate_text_image)
     if accelerator.is_main_process:  # before the VAE stage, so its losses are logged too
@@ -351,7 +357,8 @@ def main(args):
     configure_training(args, accelerator, models, dtype)
 
     # Speed: train from cached latents/embeddings, size the batch (--train_batch_size auto), compile.
-    dataset = cache_text_image_dataset(dataset, models["vae"], models["text_encoder"], args, accelerator)
+    dataset, held_out = (cache_text_image_dataset(data, models["vae"], models["text_encoder"], args, accelerator)
+                         if data is not None else None for data in (dataset, held_out))
     offload_cached_encoders(models, args)
     collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_text_image
     resolve_auto_batch_size_for(args, accelerator, lambda batch: diffusion_loss(args, models, batch, HealthMonitor()),
@@ -379,6 +386,7 @@ def main(args):
         save_run_args(args)
     record = RunRecord(args, accelerator, "train_text_to_image.py",
                        rows_fingerprint(rows, args.image_column, args.caption_column), position)
+    held_out_scores = HeldOutScores(args, accelerator, models, ema, held_out, collate, position.state)
     if position.path and args.resume_override_lr:
         restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
     global_step = position.global_step
@@ -394,10 +402,10 @@ def main(args):
 
     def checkpoint():
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                        {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped},
+                        {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped, **held_out_scores.state},
                         **record.checkpoint_hooks(global_step))
 
-    epoch = position.first_epoch
+    epoch, early_stop = position.first_epoch, False
     with oom_hint():
         for epoch in range(position.first_epoch, args.num_train_epochs):
             for module in trained[:1 + args.train_text_encoder]:
@@ -420,10 +428,13 @@ def main(args):
                 monitor.step_done()
                 if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
                     log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, global_step)
-                if global_step % args.checkpointing_steps == 0:
+                if validation_due(args, global_step):  # before the checkpoint, which then holds its outcome
+                    early_stop = validate(args, accelerator, models, ema, global_step, dtype, optimizer,
+                                          held_out_scores)
+                if global_step % args.checkpointing_steps == 0 or early_stop:
                     checkpoint()
-                if validation_due(args, global_step):
-                    validate(args, accelerator, models, ema, global_step, dtype, optimizer)
+                if early_stop:
+                    break
                 if stop.should_stop(accelerator):
                     checkpoint()
                     stop.announce(accelerator, global_step, args.output_dir)
@@ -431,39 +442,106 @@ def main(args):
                     return
                 if global_step >= args.max_train_steps:
                     break
-            if validation_due(args, global_step, epoch):
-                validate(args, accelerator, models, ema, global_step, dtype, optimizer)
-            if global_step >= args.max_train_steps:
+            if not early_stop and validation_due(args, global_step, epoch):
+                early_stop = validate(args, accelerator, models, ema, global_step, dtype, optimizer, held_out_scores)
+                if early_stop:
+                    checkpoint()
+            if early_stop or global_step >= args.max_train_steps:
                 break
     progress.close()
     write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
-    with evaluation_weights(optimizer):  # schedule-free: save the averaged weights
-        save_final(args, accelerator, models, ema)
+    with evaluation_weights(optimizer):  # schedule-free: save (and score) the averaged weights
+        final_is_best = held_out_scores.score(global_step, save_best=False)
+        save_final(args, accelerator, models, ema, final_is_best)
     record.finish(global_step)
     end_training(accelerator)
 
 
-def validate(args, accelerator, models, ema, step, dtype, optimizer) -> None:
-    """Validation images from the weights to evaluate (every rank switches, so the ranks' weights stay equal)."""
+def validate(args, accelerator, models, ema, step, dtype, optimizer, held_out_scores) -> bool:
+    """The held-out loss (every rank), then validation images (main process), from the weights to evaluate (every
+    rank switches, so the ranks' weights stay equal). Returns True when --early_stopping_patience says stop."""
     with evaluation_weights(optimizer):
+        held_out_scores.score(step)
         if accelerator.is_main_process:
             log_validation(args, accelerator, models, ema, step, dtype)
+    if held_out_scores.stopping.should_stop:
+        held_out_scores.stopping.announce()
+    return held_out_scores.stopping.should_stop
 
 
-def save_final(args, accelerator, models, ema) -> None:
-    """Final pipeline (or LoRA weights) in --output_dir, EMA weights copied in; then the optional extras
-    (validation images, model card, Hub push), so none of them can cost the trained weights."""
+class HeldOutScores:
+    """val/loss on the --validation_split data with the weights that would be saved (EMA ones with --use_ema), at
+    most once per step; the early-stopping count (saved in checkpoints); the lowest-loss weights in
+    <output_dir>/best/."""
+
+    def __init__(self, args, accelerator, models, ema, held_out, collate, resumed_state):
+        self.args, self.accelerator, self.models, self.ema = args, accelerator, models, ema
+        self.held_out, self.collate, self.last_step = held_out, collate, None
+        self.stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, resumed_state)
+        self.state = self.stopping.state
+
+    def score(self, step: int, save_best: bool = True) -> bool:
+        """Score the current weights; True when they are the best so far (then saved to best/ if `save_best`)."""
+        args, accelerator = self.args, self.accelerator
+        if self.held_out is None or self.last_step == step:
+            return False
+        self.last_step = step
+        with ema_weights(self.ema, accelerator.unwrap_model(self.models["unet"]).parameters()):
+            loss = held_out_loss(accelerator, self.models, self.held_out, self.collate, args.train_batch_size,
+                                 args.seed)
+            improved = self.stopping.update(loss)
+            log_metrics(accelerator, {"val/loss": loss, "val/best_loss": self.state["best_validation_loss"]}, step)
+            logger.info(f"step {step}: val/loss {loss:.6f}" + (" (best so far)" if improved else ""))
+            if improved and save_best and accelerator.is_main_process:
+                save_weights(args, accelerator, self.models, best_dir(args))
+        accelerator.wait_for_everyone()
+        return improved
+
+
+def best_dir(args) -> str:
+    return os.path.join(args.output_dir, "best")
+
+
+def save_final(args, accelerator, models, ema, final_is_best: bool = False) -> None:
+    """Final pipeline (or LoRA weights) in --output_dir, EMA weights copied in (and in best/ too when they scored
+    the lowest val/loss); then the optional extras (validation images, model card, Hub push), so none of them can
+    cost the trained weights."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
+    if ema is not None:
+        ema.copy_to(accelerator.unwrap_model(models["unet"]).parameters())
+    save_weights(args, accelerator, models, args.output_dir)
+    if final_is_best:
+        save_weights(args, accelerator, models, best_dir(args))
+    grid = log_validation(args, accelerator, models, None, args.max_train_steps, weight_dtype(accelerator))
+    write_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path or "from scratch "
+                                                                                       f"({args.model_preset} preset)",
+                     datasets=[args.dataset_name] if args.dataset_name else None, hyperparameters=redact_args(args),
+                     validation_grid=grid, lora=args.use_lora)
+    if args.push_to_hub:
+        push_output_dir(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                        token=args.hub_token, private=args.hub_private_repo)
+
+
+def save_weights(args, accelerator, models, directory: str) -> None:
+    """The model's current weights in `directory` (main process): the pipeline, or the LoRA weights. --output_dir
+    itself is written in place, like diffusers' scripts; any other folder (best/) atomically."""
     unet = accelerator.unwrap_model(models["unet"])
     text_encoder = accelerator.unwrap_model(models["text_encoder"])
-    if ema is not None:
-        ema.copy_to(unet.parameters())
-    check_finite_before_saving(accelerator, args.output_dir, f"the final model in {args.output_dir}",
+    check_finite_before_saving(accelerator, args.output_dir, f"the model in {directory}",
                                [unet] + ([text_encoder] if args.train_text_encoder else []))
+    if directory == args.output_dir:
+        write_weights(args, models, unet, text_encoder, directory)
+    else:
+        with atomic_directory(directory) as temp:
+            write_weights(args, models, unet, text_encoder, temp)
+    logger.info(f"Saved the {'LoRA weights' if args.use_lora else 'pipeline'} to {directory}")
+
+
+def write_weights(args, models, unet, text_encoder, directory: str) -> None:
     if args.use_lora:
-        save_lora(args.output_dir, unet, text_encoder if args.train_text_encoder else None, args.lora_format,
+        save_lora(directory, unet, text_encoder if args.train_text_encoder else None, args.lora_format,
                   {"ss_sd_model_name": args.pretrained_model_name_or_path or args.model_preset,
                    "ss_resolution": f"({args.resolution}, {args.resolution})",
                    "ss_max_train_steps": args.max_train_steps,
@@ -479,16 +557,7 @@ def save_final(args, accelerator, models, ema) -> None:
             pipeline = assemble_pipeline(
                 dict(trained, tokenizer=models["tokenizer"], scheduler=models["noise_scheduler"])
             )
-        pipeline.save_pretrained(args.output_dir)
-    logger.info(f"Saved the final {'LoRA weights' if args.use_lora else 'pipeline'} to {args.output_dir}")
-    grid = log_validation(args, accelerator, models, None, args.max_train_steps, weight_dtype(accelerator))
-    write_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path or "from scratch "
-                                                                                       f"({args.model_preset} preset)",
-                     datasets=[args.dataset_name] if args.dataset_name else None, hyperparameters=redact_args(args),
-                     validation_grid=grid, lora=args.use_lora)
-    if args.push_to_hub:
-        push_output_dir(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                        token=args.hub_token, private=args.hub_private_repo)
+        pipeline.save_pretrained(directory)
 
 
 if __name__ == "__main__":

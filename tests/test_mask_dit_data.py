@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from utils.data import split_train_validation
 from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, make_synthetic_fundus,
-                                 mask_to_channels, scan_paired_folder, select_fraction, split_train_validation,
+                                 mask_to_channels, scan_paired_folder, select_fraction,
                                  write_synthetic_fundus_dataset)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import random
 
+import numpy as np
 import torch
 
 from utils.errors import UserError
@@ -109,3 +110,12 @@ def epoch_batches(accelerator, dataloader, dataset, epoch: int, position=None):
         batches.set_epoch(epoch)
     return batches
 
+
+def split_train_validation(num_items: int, validation_fraction: float, seed: int | None) -> tuple[list[int], list[int]]:
+    """Seeded (train indices, held-out indices); at least one held-out item when validation_fraction > 0.
+    The held-out set of train_mask_dit.py and of train_text_to_image.py --validation_split."""
+    order = np.random.default_rng((seed if seed is not None else 0) + 1).permutation(num_items).tolist()
+    held_out = max(1, round(validation_fraction * num_items)) if validation_fraction > 0 else 0
+    if held_out >= num_items:
+        raise UserError(f"--validation_split {validation_fraction} leaves no training data ({num_items} samples)")
+    return sorted(order[held_out:]), sorted(order[:held_out])

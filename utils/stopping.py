@@ -69,3 +69,31 @@ class StopSignal:
         accelerator.print(f"Stopped by {self.signal_name or 'a signal'} at step {step}. Resume with: "
                           f"--resume_from_checkpoint latest --output_dir {output_dir}")
 
+
+
+class EarlyStopping:
+    """The held-out loss bookkeeping behind --early_stopping_patience / --early_stopping_min_delta: the best loss so
+    far and how many validations in a row failed to beat it by more than `min_delta`. `state` goes into every
+    checkpoint (its keys are the training-state names) so a resumed run continues the count."""
+
+    def __init__(self, patience: int | None, min_delta: float = 0.0, resumed_state: dict | None = None):
+        self.patience, self.min_delta = patience, float(min_delta)
+        self.state = {"best_validation_loss": None, "validations_without_improvement": 0}
+        self.state.update({k: v for k, v in (resumed_state or {}).items() if k in self.state})
+
+    def update(self, loss: float) -> bool:
+        """Record one validation's loss; True when it is the best so far (by more than min_delta)."""
+        best = self.state["best_validation_loss"]
+        if best is None or loss < best - self.min_delta:
+            self.state.update(best_validation_loss=float(loss), validations_without_improvement=0)
+            return True
+        self.state["validations_without_improvement"] += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience and self.state["validations_without_improvement"] >= self.patience)
+
+    def announce(self) -> None:
+        logger.info(f"Early stopping: no lower validation loss in {self.patience} validations "
+                    f"(best {self.state['best_validation_loss']:.6g}).")

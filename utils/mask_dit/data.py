@@ -132,15 +132,6 @@ def select_fraction(num_items: int, ratio: float, seed: int | None) -> list[int]
     return sorted(generator.permutation(num_items)[:count].tolist())
 
 
-def split_train_validation(num_items: int, validation_fraction: float, seed: int | None) -> tuple[list[int], list[int]]:
-    """Seeded (train indices, held-out indices); at least one held-out item when validation_fraction > 0."""
-    order = np.random.default_rng((seed if seed is not None else 0) + 1).permutation(num_items).tolist()
-    held_out = max(1, round(validation_fraction * num_items)) if validation_fraction > 0 else 0
-    if held_out >= num_items:
-        raise UserError(f"--validation_split {validation_fraction} leaves no training data ({num_items} pairs)")
-    return sorted(order[held_out:]), sorted(order[:held_out])
-
-
 def mask_to_channels(mask: np.ndarray, mask_channels: int, name: str) -> np.ndarray:
     """uint8 mask [H, W] -> float32 [mask_channels, H, W] in {0, 1} (see module docstring)."""
     if mask_channels == 1 and mask.max() > 1:

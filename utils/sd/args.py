@@ -107,3 +107,26 @@ def add_validation_args(parser) -> None:
                      help="DPM-Solver++ steps for validation images.")
     val.add_argument("--validation_guidance_scale", type=float, default=7.5,
                      help="Classifier-free guidance for validation images.")
+    val.add_argument("--validation_split", type=fraction_or_path, default=None,
+                     help="Held-out data for a validation loss (val/loss) at every validation: a fraction of the "
+                          "training rows (seeded, e.g. 0.05; they leave the training set), or a folder / CSV / "
+                          "JSONL file in the --train_data_dir / --train_data_file layouts. Each held-out sample is "
+                          "scored at its own fixed timestep and noise, so successive values compare. The weights "
+                          "with the lowest val/loss are kept in <output_dir>/best/.")
+    val.add_argument("--early_stopping_patience", type=int, default=None,
+                     help="With --validation_split: stop after this many validations without a lower val/loss.")
+    val.add_argument("--early_stopping_min_delta", type=float, default=0.0,
+                     help="How much lower val/loss must be to count as better.")
+
+
+def fraction_or_path(value: str):
+    """--validation_split: a float in (0, 1) or a path (checked when the data is loaded)."""
+    try:
+        fraction = float(value)
+    except ValueError:
+        return value
+    if not 0.0 < fraction < 1.0:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1) or a folder/file of held-out data, got {value}")
+    return fraction

@@ -14,6 +14,7 @@ any number of workers and after a resume (see `sample_rng`).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng
+from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng, split_train_validation
 from utils.errors import UserError, UserFileNotFoundError
 from utils.images import (IMAGE_EXTENSIONS, INTERPOLATION_MODES, crop_origin, load_image, pil_to_tensor,
                           resize_short_side)
@@ -317,6 +318,8 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
     (`num_skipped`); otherwise it raises a BadSampleError naming the file.
     """
 
+    first_caption = False  # of a caption list, always the first (held-out data) instead of a random one
+
     def __init__(self, rows, image_column, caption_column, transform: ImageTransform, tokenize,
                  seed=None, caption_dropout_prob=0.0, skip_bad_samples=False, source_name="dataset",
                  tags: CaptionTags | None = None):
@@ -340,7 +343,7 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
         `row`: `self.rows[index]` when the caller has it (a Hub dataset decodes a row on every access)."""
         row = self.rows[index] if row is None else row
         rng = sample_rng(self.seed, epoch, index)
-        caption = pick_caption(row[self.caption_column], rng, self.where(index, row))
+        caption = pick_caption(row[self.caption_column], None if self.first_caption else rng, self.where(index, row))
         if self.tags.enabled:
             caption = self.tags.apply(caption, rng)
         if self.caption_dropout_prob > 0 and rng.random() < self.caption_dropout_prob:
@@ -423,3 +426,31 @@ def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
                             caption_dropout_prob=args.caption_dropout_prob, skip_bad_samples=args.skip_bad_samples,
                             source_name=args.dataset_name or args.train_data_dir or args.train_data_file,
                             tags=caption_tags(args))
+
+
+def split_held_out(args, rows):
+    """(training rows, held-out rows or None) for --validation_split: a seeded fraction of `rows` (removed from
+    training), or every usable row of a held-out folder / CSV / JSONL file (same layouts as the training data)."""
+    split = getattr(args, "validation_split", None)
+    if split is None:
+        return rows, None
+    if isinstance(split, float):
+        train, held_out = split_train_validation(len(rows), split, args.seed)
+        return rows.select(train), rows.select(held_out)
+    if not os.path.exists(split):
+        raise UserFileNotFoundError(f"--validation_split {split}: no such folder or file (give a fraction such as "
+                                    "0.05, or held-out data laid out like --train_data_dir / --train_data_file)")
+    source = argparse.Namespace(**{**vars(args), "dataset_name": None, "max_train_samples": None,
+                                   "train_data_dir": split if os.path.isdir(split) else None,
+                                   "train_data_file": None if os.path.isdir(split) else split})
+    return rows, usable_rows(source, load_text_image_dataset(source))
+
+
+def build_held_out_dataset(args, rows, tokenizer) -> TextImageDataset:
+    """The held-out samples as the model sees them, never augmented: centre crop, no flip, the first caption of a
+    list, no caption dropout or tag options."""
+    plain = argparse.Namespace(**{**vars(args), "center_crop": True, "random_flip": False, "caption_dropout_prob": 0.0,
+                                  "shuffle_caption": False, "caption_tag_dropout_rate": 0.0})
+    dataset = build_text_image_dataset(plain, rows, tokenizer)
+    dataset.first_caption, dataset.source_name = True, f"held-out data (--validation_split {args.validation_split})"
+    return dataset

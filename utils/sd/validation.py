@@ -1,5 +1,5 @@
-"""Validation images for text-to-image runs: the training modules themselves sample the prompts (no second
-copy of the UNet), with the EMA weights when there is an EMA."""
+"""Validation for text-to-image runs: images (the training modules themselves sample the prompts, no second copy
+of the UNet, with the EMA weights when there is an EMA) and the held-out loss of --validation_split."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from utils.cache import offload_cached_encoders
 from utils.ema import ema_weights
 from utils.images import save_and_log_images
+from utils.latents import scale_latents
 from utils.sd.builder import assemble_pipeline
 from utils.sd.schedulers import make_scheduler
 
@@ -48,3 +49,57 @@ def log_validation(args, accelerator, models, ema, step, weight_dtype):
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
+
+
+def held_out_timestep(index: int, num_train_timesteps: int) -> int:
+    """Held-out sample `index`'s fixed timestep: a low-discrepancy (golden-ratio) spread over [0, T)."""
+    return int(((index * 0.6180339887498949 + 0.5) % 1.0) * num_train_timesteps)
+
+
+def held_out_noise(seed: int | None, index: int, shape) -> torch.Tensor:
+    """Held-out sample `index`'s fixed noise (float32, CPU): from its own generator, never the global one."""
+    generator = torch.Generator().manual_seed(((seed or 0) * 1_000_003 + index) % 2**63)
+    return torch.randn(tuple(shape), generator=generator)
+
+
+@torch.no_grad()
+def held_out_loss(accelerator, models, held_out, collate, batch_size: int, seed: int | None) -> float:
+    """val/loss: the mean squared error of the prediction target (epsilon or v) over the held-out samples, each
+    scored at its fixed timestep with its fixed noise on the VAE posterior mean (no caption dropout, no weighting).
+    Every rank scores the samples index = rank (mod processes) and the sums are all-reduced, so the value does not
+    depend on the number of processes or the batch size, and no global random state is used (a resume stays
+    bitwise). Call it on every rank."""
+    unet = accelerator.unwrap_model(models["unet"])
+    text_encoder = accelerator.unwrap_model(models["text_encoder"])
+    vae, scheduler = models["vae"], models["noise_scheduler"]
+    device = accelerator.device
+    indices = list(range(accelerator.process_index, len(held_out), accelerator.num_processes))
+    total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device)
+    was_training = unet.training
+    unet.eval()
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        batch = collate([held_out[index] for index in chunk])
+        if "latent_mean" in batch:
+            latents = scale_latents(batch["latent_mean"].to(device), vae.config)
+        else:
+            latents = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.mode()
+            latents = scale_latents(latents, vae.config)
+        latents = latents.float()
+        noise = torch.stack([held_out_noise(seed, index, latents.shape[1:]) for index in chunk]).to(device)
+        timesteps = torch.tensor([held_out_timestep(index, scheduler.config.num_train_timesteps) for index in chunk],
+                                 device=device, dtype=torch.long)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        if "encoder_hidden_states" in batch:
+            encoder_hidden_states = batch["encoder_hidden_states"].to(device)
+        else:
+            encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+        target = noise if scheduler.config.prediction_type == "epsilon" \
+            else scheduler.get_velocity(latents, noise, timesteps)
+        with accelerator.autocast():
+            prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        total, count = total + per_sample.double().sum(), count + len(chunk)
+    unet.train(was_training)
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return (total / count.clamp_min(1)).item()
