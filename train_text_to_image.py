@@ -58,6 +58,7 @@ from utils.sd.losses import add_loss_args, check_loss_args, uses_loss_options, w
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
                            check_text_encoder_lora_support, load_lora_into, lora_checkpoint_check, save_lora)
 from utils.sd.models import load_models
+from utils.sd.single_file import SINGLE_FILE_NAME, add_single_file_args, is_single_file, save_single_file
 from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
 from utils.sd.validation import held_out_loss, log_validation
 from utils.speed import add_speed_args, apply_speedups
@@ -80,6 +81,7 @@ def parse_args(argv=None):
     add_validation_args(parser)
     add_run_args(parser, output_dir_default=None)
     add_ema_args(parser)
+    add_single_file_args(parser)
     add_hub_args(parser)
     add_cache_args(parser)
     add_auto_batch_args(parser)
@@ -120,6 +122,12 @@ def validate_args(args) -> None:
         raise UserError(
             "--pretrained_model_name_or_path and --model_preset are exclusive: load a model or build a fresh one."
         )
+    if args.save_single_file and args.use_lora:
+        raise UserError("--save_single_file writes a whole model; a LoRA run's weights for ComfyUI / AUTOMATIC1111 / "
+                        "Forge are --lora_format kohya (or both).")
+    if (args.model_config or args.original_config) and not is_single_file(args.pretrained_model_name_or_path):
+        raise UserError("--model_config / --original_config describe a single-file checkpoint: give "
+                        "--pretrained_model_name_or_path model.safetensors (or .ckpt) with them.")
     if args.dataset_name is None and args.train_data_dir is None and args.train_data_file is None:
         raise UserError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir or "
                         "--train_data_file).")
@@ -548,16 +556,21 @@ def write_weights(args, models, unet, text_encoder, directory: str) -> None:
                    "ss_v2": getattr(unet.config, "cross_attention_dim", 768) == 1024})
     else:
         trained = dict(unet=unet, text_encoder=text_encoder, vae=models["vae"])
-        if args.pretrained_model_name_or_path:
+        if args.pretrained_model_name_or_path and not is_single_file(args.pretrained_model_name_or_path):
             pipeline = StableDiffusionPipeline.from_pretrained(
                 args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **trained)
             # Inference must use the target the UNet was trained for (diffusers' script keeps the base's).
             pipeline.scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
         else:
-            pipeline = assemble_pipeline(
-                dict(trained, tokenizer=models["tokenizer"], scheduler=models["noise_scheduler"])
-            )
+            scheduler = models.get("inference_scheduler", models["noise_scheduler"])  # a single file's own one
+            scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
+            pipeline = assemble_pipeline(dict(trained, tokenizer=models["tokenizer"], scheduler=scheduler))
         pipeline.save_pretrained(directory)
+        if args.save_single_file:  # the same weights in the LDM layout (round-trip checked before writing)
+            save_single_file(os.path.join(directory, SINGLE_FILE_NAME), unet, models["vae"], text_encoder,
+                             args.single_file_dtype, {"modelspec.title": os.path.basename(args.output_dir),
+                                                      "base_model": args.pretrained_model_name_or_path
+                                                      or args.model_preset, "steps": args.max_train_steps})
 
 
 if __name__ == "__main__":

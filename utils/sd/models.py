@@ -8,6 +8,7 @@ import os
 
 from utils.checkpointing import own_memory
 from utils.errors import UserError, UserFileNotFoundError
+from utils.sd.single_file import is_single_file, load_single_file_pipeline
 from utils.text_encoders import load_text_encoder
 
 
@@ -32,11 +33,20 @@ def check_pipeline_folder(path: str) -> None:
 
 
 def load_models(args, captions_for_tokenizer):
-    """tokenizer, text_encoder, vae, unet and noise_scheduler: loaded, or built fresh from a preset."""
+    """tokenizer, text_encoder, vae, unet and noise_scheduler: loaded (a pipeline folder, a Hub id or one
+    single-file checkpoint, whose own inference scheduler is kept as inference_scheduler), or built fresh from a
+    preset."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    if args.pretrained_model_name_or_path:
+    if is_single_file(args.pretrained_model_name_or_path):  # one LDM-layout file, as model-sharing sites give them
+        pipeline = load_single_file_pipeline(args.pretrained_model_name_or_path, args.model_config,
+                                             args.original_config)
+        models = dict(noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+                      inference_scheduler=pipeline.scheduler, tokenizer=pipeline.tokenizer,
+                      text_encoder=own_memory(pipeline.text_encoder), vae=own_memory(pipeline.vae),
+                      unet=own_memory(pipeline.unet))
+    elif args.pretrained_model_name_or_path:
         path, rev = args.pretrained_model_name_or_path, args.revision
         check_pipeline_folder(path)
         models = dict(
