@@ -11,6 +11,11 @@ Loads any of what train_text_to_image.py writes and samples with diffusers' Stab
     python generate.py --checkpoint sd-model-finetuned/checkpoint-500 --ema --prompt "..."
     # a mask-conditioned DiT (train_mask_dit.py): one image set per mask file
     python generate.py --model mask-dit-out --mask masks/ --num_images 2
+    # a single-file checkpoint (AUTOMATIC1111 / ComfyUI layout), configs from a pipeline folder
+    python generate.py --model model.safetensors --model_config sd-model-finetuned --prompt "..."
+    # export instead of generating: a LoRA as a kohya/A1111 file, or a model (or checkpoint-N) as one file
+    python generate.py --lora sd-lora-out --export kohya --export_path my_lora.safetensors
+    python generate.py --checkpoint sd-model-finetuned/checkpoint-500 --ema --export single_file
 
 Every image is a PNG carrying its prompt, negative prompt, seed, steps, scheduler, guidance
 scale and model in the PNG text metadata; a grid of all of them is saved as grid.png.
@@ -39,7 +44,9 @@ from tqdm.auto import tqdm
 from utils.config import parse_args_with_config
 from utils.errors import UserError, UserFileNotFoundError, run_script
 from utils.images import make_grid
-from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME
+from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya
+from utils.sd.single_file import DTYPES as SINGLE_FILE_DTYPES
+from utils.sd.single_file import SINGLE_FILE_NAME, is_single_file, load_single_file_pipeline, save_single_file
 from utils.sd.schedulers import SCHEDULERS, make_scheduler
 
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
@@ -78,6 +85,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "them (index maps: 0 = background, k = channel k; or 0/255 for one "
                             "channel). --prompt is optional.")
     model.add_argument("--mask_guidance_scale", type=float, default=1.0, help="Mask DiT only: mask guidance (1 = off).")
+    model.add_argument("--model_config", type=str, default=None,
+                       help="With --model model.safetensors (a single-file checkpoint): a diffusers pipeline folder or "
+                            "Hub id with the component configs, tokenizer and scheduler (needed offline).")
+    model.add_argument("--original_config", type=str, default=None,
+                       help="With --model model.safetensors: the original LDM YAML instead of --model_config.")
+    export = parser.add_argument_group("export (instead of generating images)")
+    export.add_argument("--export", type=str, default=None, choices=["kohya", "single_file"],
+                        help="kohya: the --lora (or LoRA --checkpoint) as a kohya/A1111 file for ComfyUI, "
+                             "AUTOMATIC1111, Forge; single_file: the model the flags load (--model, --checkpoint, "
+                             "--ema) as one LDM-layout model.safetensors.")
+    export.add_argument("--export_path", type=str, default=None,
+                        help=f"The exported file (default: {KOHYA_WEIGHT_NAME} next to the LoRA weights, or "
+                             f"{SINGLE_FILE_NAME} in --output_dir).")
+    export.add_argument("--single_file_dtype", type=str, default="fp16", choices=sorted(SINGLE_FILE_DTYPES),
+                        help="--export single_file: the precision of the tensors.")
 
     prompts = parser.add_argument_group("prompts")
     prompts.add_argument("--prompt", type=str, default=None, help="The text prompt.")
@@ -121,14 +143,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validate_args(args) -> None:
-    if args.model is None and args.checkpoint is None:
+    if args.model is None and args.checkpoint is None and args.export != "kohya":
         raise UserError("Pass --model (a pipeline folder or Hub id) and/or --checkpoint output_dir/checkpoint-N.")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise UserError(f"--output_dir {args.output_dir} is a file; give a folder for the images (it is created).")
     if args.mask is None and args.model is not None and os.path.isdir(args.model) and is_mask_dit_dir(args.model):
         raise UserError(f"--model {args.model} is a mask DiT (train_mask_dit.py's output): pass --mask "
                         "MASK_IMAGE_OR_FOLDER (and optionally --prompt).")
-    if args.mask is None and (args.prompt is None) == (args.prompts_file is None):
+    if args.export == "kohya" and args.lora is None and args.checkpoint is None:
+        raise UserError("--export kohya converts LoRA weights: give --lora FOLDER_OR_FILE (or a LoRA --checkpoint).")
+    if args.export is None and args.mask is None and (args.prompt is None) == (args.prompts_file is None):
         raise UserError("Pass exactly one of --prompt or --prompts_file.")
     if args.mask is not None and (args.checkpoint or args.lora or args.prompts_file):
         raise UserError("--mask (mask DiT) takes --model and an optional --prompt; --checkpoint, --lora and "
@@ -198,6 +222,8 @@ def is_pipeline_dir(path: str) -> bool:
 def resolve_base_model(args) -> str:
     """The pipeline to load: --model, or the folder a --checkpoint was saved in if it holds a full pipeline."""
     if args.model is not None:
+        if is_single_file(args.model):
+            return args.model
         if os.path.isdir(args.model) and not is_pipeline_dir(args.model):
             found = sorted(n for n in os.listdir(args.model) if n.startswith("checkpoint-"))
             hint = ""
@@ -224,7 +250,10 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
     base = resolve_base_model(args)
-    pipe = StableDiffusionPipeline.from_pretrained(base, **dtype_kwarg(dtype))
+    if is_single_file(base):
+        pipe = load_single_file_pipeline(base, args.model_config, args.original_config, **dtype_kwarg(dtype))
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(base, **dtype_kwarg(dtype))
     description, lora_source = base, None
     if args.checkpoint is not None:
         description, lora_source = load_checkpoint_into(pipe, args.checkpoint, args.ema, dtype)
@@ -457,7 +486,25 @@ def main(argv=None) -> list[str]:
         return mask_dit_main(args, device, dtype)
     if args.mask is not None:
         raise UserError(f"--mask needs a mask DiT as --model (train_mask_dit.py's output); {args.model} is not one")
+    if args.export is not None:
+        return [export_main(args, device)]
     return sd_main(args, device, dtype)
+
+
+def export_main(args, device) -> str:
+    """--export kohya: the LoRA weights converted (no base model needed); --export single_file: the loaded model."""
+    if args.export == "kohya":
+        source = args.lora or args.checkpoint
+        folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+        path = export_kohya(source, args.export_path or os.path.join(folder, KOHYA_WEIGHT_NAME))
+    else:
+        pipe, description, lora_source = load_pipeline(args, device, torch.float32)
+        if lora_source is not None:
+            raise UserError("--export single_file writes a whole model; a LoRA exports with --export kohya.")
+        path = save_single_file(args.export_path or os.path.join(args.output_dir, SINGLE_FILE_NAME), pipe.unet,
+                                pipe.vae, pipe.text_encoder, args.single_file_dtype, {"base_model": description})
+    print(f"Exported {path}")
+    return path
 
 
 if __name__ == "__main__":

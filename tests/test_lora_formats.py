@@ -54,3 +54,40 @@ def test_kohya_file_loads_and_matches_the_diffusers_file(tiny_pipeline_dir, tmp_
     from_kohya = images(tiny_pipeline_dir, out / KOHYA_WEIGHT_NAME)
     assert np.abs(from_diffusers - base).max() > 1e-3  # the LoRA does something
     np.testing.assert_allclose(from_kohya, from_diffusers, atol=1e-5)
+
+    # generate.py --export kohya converts the diffusers file (no base model) into the same kohya file.
+    import generate
+    from safetensors.torch import load_file
+
+    exported = generate.main(["--lora", str(out), "--export", "kohya", "--export_path", str(tmp_path / "x.safetensors"),
+                              "--device", "cpu"])[0]
+    written, converted = load_file(str(out / KOHYA_WEIGHT_NAME)), load_file(exported)
+    assert written.keys() == converted.keys()
+    assert all(torch.equal(written[k], converted[k]) for k in written)
+
+
+@pytest.mark.slow
+def test_kohya_only_folder_generates_like_its_file(tiny_pipeline_dir, tmp_path):
+    import generate
+
+    (tmp_path / "data").mkdir()
+    data = write_captioned_folder(tmp_path / "data", count=4, size=(32, 32))
+    out = tmp_path / "lora"
+    run_main_in_process(train_text_to_image, [
+        "--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", data, "--resolution", "32",
+        "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "5e-2", "--lr_warmup_steps", "0",
+        "--use_lora", "--rank", "4", "--lora_alpha", "2", "--lora_format", "kohya", "--report_to", "none",
+        "--seed", "0", "--output_dir", str(out)])
+    assert (out / KOHYA_WEIGHT_NAME).is_file() and not (out / LORA_WEIGHT_NAME).exists()
+    common = ["--prompt", "a thing", "--num_images", "1", "--steps", "3", "--seed", "0", "--device", "cpu",
+              "--height", "32", "--width", "32"]
+    from_folder = generate.main(["--model", tiny_pipeline_dir, "--lora", str(out), "--output_dir",
+                                 str(tmp_path / "g1"), *common])
+    from_file = generate.main(["--model", tiny_pipeline_dir, "--lora", str(out / KOHYA_WEIGHT_NAME), "--output_dir",
+                               str(tmp_path / "g2"), *common])
+    base = generate.main(["--model", tiny_pipeline_dir, "--output_dir", str(tmp_path / "g3"), *common])
+    from PIL import Image
+
+    pixels = [np.asarray(Image.open(paths[0]), dtype=np.int16) for paths in (from_folder, from_file, base)]
+    np.testing.assert_array_equal(pixels[0], pixels[1])
+    assert np.abs(pixels[0] - pixels[2]).max() > 0  # the LoRA was applied

@@ -94,6 +94,22 @@ def test_trained_model_as_one_file_and_back_as_the_base(tiny_pipeline_dir, tmp_p
     assert_same_models(folder, loaded)
     np.testing.assert_array_equal(images(loaded), images(folder))
 
+    # generate.py: the single file as --model, and --export single_file of the folder (the same file's tensors).
+    import generate
+    from safetensors.torch import load_file
+
+    common = ["--prompt", "a thing", "--num_images", "1", "--steps", "3", "--seed", "0", "--device", "cpu"]
+    from_file = generate.main(["--model", f"{out}/{SINGLE_FILE_NAME}", "--model_config", out,
+                               "--output_dir", str(tmp_path / "g1"), *common])
+    from_folder = generate.main(["--model", out, "--output_dir", str(tmp_path / "g2"), *common])
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(from_file[0])), np.asarray(Image.open(from_folder[0])))
+    exported = generate.main(["--model", out, "--export", "single_file", "--single_file_dtype", "fp32",
+                              "--output_dir", str(tmp_path / "export"), "--device", "cpu"])[0]
+    written, again = load_file(f"{out}/{SINGLE_FILE_NAME}"), load_file(exported)
+    assert written.keys() == again.keys() and all(torch.equal(written[k], again[k]) for k in written)
+
     # The file as the base of a new run trains exactly like its folder.
     from_folder = train(tiny_pipeline_dir, tmp_path, "from_folder", out)
     from_file = train(tiny_pipeline_dir, tmp_path, "from_file", f"{out}/{SINGLE_FILE_NAME}", "--model_config", out,

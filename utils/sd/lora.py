@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from utils.errors import MissingPackageError, UserError
+from utils.errors import MissingPackageError, UserError, UserFileNotFoundError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
@@ -102,27 +102,67 @@ def save_lora(directory: str, unet, text_encoder=None, lora_format: str = "diffu
 
 
 def kohya_state_dict(unet, text_encoder=None) -> dict:
-    """kohya/A1111 keys (`lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`; the SD 1.x
-    text encoder as `lora_te_...`) from the peft adapters, by diffusers' own converter. Its `.alpha` is the rank;
-    ours is each adapter's real lora_alpha, so the kohya scale alpha/rank equals peft's."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    """kohya/A1111 keys from the peft adapters of the models (see `kohya_from_peft`)."""
     from peft.utils import get_peft_model_state_dict
 
     peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
     if text_encoder is not None:
         peft_state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(text_encoder).items()})
+    return kohya_from_peft(peft_state, _lora_alpha(unet), _lora_alpha(text_encoder))
+
+
+def kohya_from_peft(peft_state: dict, unet_alpha, text_encoder_alpha) -> dict:
+    """kohya/A1111 keys (`lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`; the SD 1.x
+    text encoder as `lora_te_...`) from peft-format keys prefixed unet./text_encoder., by diffusers' own converter.
+    Its `.alpha` is the rank; ours is each adapter's real lora_alpha, so the kohya scale alpha/rank equals peft's."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
     kohya = {}
     for key, value in convert_state_dict_to_kohya(peft_state).items():
         key = key.replace("lora_te1_", "lora_te_", 1)  # SD 1.x/2.x has one text encoder: kohya calls it lora_te
         if key.startswith("lora_te_") and not key.startswith("lora_te_text_model_"):  # transformers 5 dropped the
             key = "lora_te_text_model_" + key[len("lora_te_"):]  # CLIPTextModel.text_model level the layout names
         kohya[key] = value.detach().to("cpu").contiguous()
-    alphas = {"lora_unet_": _lora_alpha(unet), "lora_te_": _lora_alpha(text_encoder)}
+    alphas = {"lora_unet_": unet_alpha, "lora_te_": text_encoder_alpha}
     for key in kohya:
         if key.endswith(".alpha"):
             prefix = "lora_unet_" if key.startswith("lora_unet_") else "lora_te_"
-            kohya[key] = torch.tensor(float(alphas[prefix]))
+            if alphas[prefix] is not None:
+                kohya[key] = torch.tensor(float(alphas[prefix]))
     return kohya
+
+
+def export_kohya(source: str, path: str) -> str:
+    """Convert a diffusers-format LoRA (our folder or its pytorch_lora_weights.safetensors) into the kohya file at
+    `path`, with the lora_alpha its metadata records (none recorded: alpha = rank, what every loader then
+    assumes). No base model is needed."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    file = os.path.join(source, LORA_WEIGHT_NAME) if os.path.isdir(source) else source
+    if not os.path.isfile(file):
+        raise UserFileNotFoundError(f"--lora {source}: no {LORA_WEIGHT_NAME} to export (a diffusers-format LoRA "
+                                    "folder or file)")
+    with safe_open(file, "pt") as handle:
+        metadata = handle.metadata() or {}
+    adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(os.path.dirname(os.path.abspath(file)),
+                                                            weight_name=os.path.basename(file))
+    peft_state = {}
+    for prefix, convert in (("unet.", convert_unet_state_dict_to_peft), ("text_encoder.", convert_state_dict_to_peft)):
+        part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        peft_state.update({prefix + k: v for k, v in (convert(part) if part else {}).items()})
+    kohya = kohya_from_peft(peft_state, adapter.get("unet.lora_alpha"), adapter.get("text_encoder.lora_alpha"))
+    info = {"ss_network_module": "networks.lora", "ss_training_comment": f"exported from {os.path.basename(file)}"}
+    if "unet.r" in adapter:
+        info.update(ss_network_dim=str(adapter["unet.r"]), ss_network_alpha=str(adapter.get("unet.lora_alpha")))
+    save_file(kohya, path + ".tmp", metadata=info)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def _lora_alpha(model):
