@@ -156,3 +156,40 @@ def test_bad_validation_flags_are_refused(tiny_pipeline_dir, tmp_path):
 
     with pytest.raises(UserError, match="--validation_split .*missing: no such folder or file"):
         split_held_out(args, load_text_image_dataset(args))
+
+
+def test_val_loss_is_the_same_for_any_process_count_and_batch_size(tiny_pipeline_dir, tmp_path):
+    """held_out_loss on 2 ranks (the all-reduce simulated by adding the ranks' sums) = on 1 rank, batch 1 = 3."""
+    import types
+
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from utils.sd.data import build_held_out_dataset, collate_text_image, load_text_image_dataset
+    from utils.sd.validation import held_out_loss
+
+    data = write_captioned_folder(tmp_path, count=5, size=(32, 32), seed=4)
+    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir",
+                                           data, "--resolution", "32", "--validation_split", data, "--output_dir",
+                                           str(tmp_path / "o")])
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    models = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                  noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+    held_out = build_held_out_dataset(args, load_text_image_dataset(args), pipe.tokenizer)
+
+    def loss(rank, processes, batch_size, sums):
+        def reduce(tensor, reduction):
+            sums.append(tensor.item())
+            return tensor
+        accelerator = types.SimpleNamespace(process_index=rank, num_processes=processes, device=torch.device("cpu"),
+                                            unwrap_model=lambda m: m, reduce=reduce,
+                                            autocast=lambda: torch.autocast("cpu", enabled=False))
+        return held_out_loss(accelerator, models, held_out, collate_text_image, batch_size, seed=3)
+
+    one_rank = loss(0, 1, 3, [])
+    assert one_rank == pytest.approx(loss(0, 1, 1, []), rel=1e-6)
+    sums = []
+    for rank in (0, 1):  # each rank's (total, count), as the all-reduce would receive them
+        loss(rank, 2, 2, sums)
+    (total0, count0), (total1, count1) = sums[:2], sums[2:]
+    assert count0 + count1 == 5 and (count0, count1) == (3, 2)
+    assert (total0 + total1) / (count0 + count1) == pytest.approx(one_rank, rel=1e-6)
