@@ -48,6 +48,7 @@ from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya
 from utils.sd.single_file import DTYPES as SINGLE_FILE_DTYPES
 from utils.sd.single_file import SINGLE_FILE_NAME, is_single_file, load_single_file_pipeline, save_single_file
 from utils.sd.schedulers import SCHEDULERS, make_scheduler
+from utils.sd.sdxl import SDXL_PIPELINE, pipeline_class_name
 
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}
@@ -247,13 +248,15 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
 
     Returns (pipe, model description for the metadata, path of the LoRA loaded or None).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     base = resolve_base_model(args)
     if is_single_file(base):
         pipe = load_single_file_pipeline(base, args.model_config, args.original_config, **dtype_kwarg(dtype))
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(base, **dtype_kwarg(dtype))
+    else:  # StableDiffusionPipeline or StableDiffusionXLPipeline, as the folder's model_index.json says
+        pipeline_class = StableDiffusionXLPipeline if pipeline_class_name(base) == SDXL_PIPELINE \
+            else StableDiffusionPipeline
+        pipe = pipeline_class.from_pretrained(base, **dtype_kwarg(dtype))
     description, lora_source = base, None
     if args.checkpoint is not None:
         description, lora_source = load_checkpoint_into(pipe, args.checkpoint, args.ema, dtype)

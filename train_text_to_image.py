@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Fine-tune (full or LoRA) or train from scratch a Stable Diffusion text-to-image model.
+"""Fine-tune (full or LoRA) or train from scratch a Stable Diffusion (1.x/2.x or XL) text-to-image model.
 
-A drop-in for diffusers' examples/text_to_image/train_text_to_image.py and
-train_text_to_image_lora.py: every flag of both, same names, defaults and output layout
-(`checkpoint-N/`, the final pipeline or `pytorch_lora_weights.safetensors` in --output_dir).
+A drop-in for diffusers' examples/text_to_image/train_text_to_image.py, train_text_to_image_lora.py,
+train_text_to_image_sdxl.py and train_text_to_image_lora_sdxl.py: every flag of the four, same names, defaults
+and output layout (`checkpoint-N/`, the final pipeline or `pytorch_lora_weights.safetensors` in --output_dir).
+An SDXL pipeline (model_index.json: StableDiffusionXLPipeline) is detected and trained with both text encoders,
+the pooled prompt and the time ids.
 Adds: from-scratch models (--model_preset / --unet_config / --vae_config, a VAE stage,
 text-encoder training, caption dropout), --config YAML, step-based validation with
 DPM-Solver++, training-health logs, atomic checkpoints, SIGTERM-safe stops.
@@ -26,7 +28,7 @@ import utils  # noqa: F401  (first: its log filter must be in place before diffu
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DataLoaderConfiguration
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_dream_and_update_latents
 from diffusers.utils.import_utils import is_xformers_available
@@ -54,10 +56,11 @@ from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
 from utils.sd.data import (add_image_data_args, build_held_out_dataset, build_text_image_dataset, caption_tags,
                            captions_for_new_tokenizer, collate_text_image, load_text_image_dataset, split_held_out,
                            usable_rows)
-from utils.sd.losses import add_loss_args, check_loss_args, uses_loss_options, weighted_loss
+from utils.sd.losses import add_loss_args, check_loss_args, sample_timesteps, uses_loss_options, weighted_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
                            check_text_encoder_lora_support, load_lora_into, lora_checkpoint_check, save_lora)
 from utils.sd.models import load_models
+from utils.sd.sdxl import is_sdxl_run, unet_conditioning
 from utils.sd.single_file import SINGLE_FILE_NAME, add_single_file_args, is_single_file, save_single_file
 from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
 from utils.sd.validation import held_out_loss, log_validation
@@ -91,15 +94,24 @@ def parse_args(argv=None):
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
-    # The two diffusers scripts differ in these defaults; we follow whichever one the run is.
+    # The four diffusers scripts differ in these defaults; we follow whichever one the run is.
+    args.sdxl = is_sdxl_run(args) if args.pretrained_model_name_or_path or args.model_preset else False
+    if args.resolution is None:
+        args.resolution = 1024 if args.sdxl else 512
     if args.output_dir is None:
-        args.output_dir = "sd-model-finetuned-lora" if args.use_lora else "sd-model-finetuned"
+        args.output_dir = "sd-model-finetuned-lora" if args.use_lora else \
+            ("sdxl-model-finetuned" if args.sdxl else "sd-model-finetuned")
     if args.validation_epochs is None:
-        args.validation_epochs = 1 if args.use_lora else 5
+        args.validation_epochs = 1 if args.use_lora or args.sdxl else 5
     if args.num_validation_images is None:
-        args.num_validation_images = 4 if args.use_lora else 1
+        args.num_validation_images = 4 if args.use_lora or args.sdxl else 1
     if args.tracker_project_name is None:
-        args.tracker_project_name = "text2image-fine-tune"
+        args.tracker_project_name = "text2image-fine-tune-sdxl" if args.sdxl and not args.use_lora \
+            else "text2image-fine-tune"
+    if args.proportion_empty_prompts is not None:  # the SDXL scripts' name for caption dropout
+        if args.caption_dropout_prob not in (0.0, args.proportion_empty_prompts):
+            raise UserError("--proportion_empty_prompts and --caption_dropout_prob are the same setting; give one.")
+        args.caption_dropout_prob = args.proportion_empty_prompts
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     validate_args(args)
@@ -122,6 +134,18 @@ def validate_args(args) -> None:
         raise UserError(
             "--pretrained_model_name_or_path and --model_preset are exclusive: load a model or build a fresh one."
         )
+    if args.sdxl:
+        check_sdxl_args(args)
+    if args.timestep_bias_strategy != "none" and args.timestep_bias_multiplier <= 0:
+        raise UserError("--timestep_bias_multiplier must be > 0 (to turn the bias off use --timestep_bias_strategy "
+                        "none).")
+    if args.timestep_bias_strategy == "range" and not 0 <= args.timestep_bias_begin < args.timestep_bias_end:
+        raise UserError("--timestep_bias_strategy range needs 0 <= --timestep_bias_begin < --timestep_bias_end.")
+    if args.enable_npu_flash_attention:
+        import importlib.util
+
+        if importlib.util.find_spec("torch_npu") is None:
+            raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu installed.")
     if args.save_single_file and args.use_lora:
         raise UserError("--save_single_file writes a whole model; a LoRA run's weights for ComfyUI / AUTOMATIC1111 / "
                         "Forge are --lora_format kohya (or both).")
@@ -166,13 +190,25 @@ def validate_args(args) -> None:
     check_hub_args(args)
 
 
+def check_sdxl_args(args) -> None:
+    """What the SDXL path does not do (each refused with the reason)."""
+    refused = {"--train_text_encoder without --use_lora": args.train_text_encoder and not args.use_lora,
+               "--train_vae": args.train_vae, "--dream_training": args.dream_training,
+               "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path),
+               "--save_single_file": args.save_single_file}
+    for flag, given in refused.items():
+        if given:
+            raise UserError(f"{flag} is not available for SDXL pipelines (diffusers' SDXL scripts train the UNet, "
+                            "or LoRA on the UNet and optionally both text encoders).")
+
+
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
 
 def diffusion_loss(args, models, batch, monitor: HealthMonitor):
     """The denoising loss of one batch (epsilon or v target; min-SNR, offset noise, input perturbation, DREAM)."""
-    unet, text_encoder, vae, noise_scheduler = (models[k] for k in ("unet", "text_encoder", "vae", "noise_scheduler"))
+    unet, vae, noise_scheduler = (models[k] for k in ("unet", "vae", "noise_scheduler"))
 
     vae_loss = None
     if args.train_vae and args.vae_training_mode == "joint":  # VAE learns from its own loss only
@@ -188,12 +224,9 @@ def diffusion_loss(args, models, batch, monitor: HealthMonitor):
     if args.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
         noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
     model_noise = noise + args.input_perturbation * torch.randn_like(noise) if args.input_perturbation else noise
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
-    ).long()
+    timesteps = sample_timesteps(args, noise_scheduler.config.num_train_timesteps, latents.shape[0], latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, model_noise, timesteps)
-    encoder_hidden_states = batch["encoder_hidden_states"] if "encoder_hidden_states" in batch \
-        else text_encoder(batch["input_ids"], return_dict=False)[0]
+    encoder_hidden_states, added_conditions = unet_conditioning(models, batch, latents, latents.device)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
@@ -204,7 +237,8 @@ def diffusion_loss(args, models, batch, monitor: HealthMonitor):
         noisy_latents, target = compute_dream_and_update_latents(
             unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
             args.dream_detail_preservation)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions,
+                      return_dict=False)[0]
     if args.snr_gamma is None and not uses_loss_options(args):
         loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
     else:  # min-SNR, Huber/L1, debiased estimation (utils/sd/losses.py)
@@ -238,63 +272,84 @@ def prepare_vae(args, accelerator, models, train_dataloader) -> None:
         models["vae"].register_to_config(scaling_factor=latent_scaling_factor(models["vae"], first_batches, "cpu"))
 
 
+def text_encoder_names(models) -> list[str]:
+    """The pipeline's text encoders: text_encoder (and SDXL's text_encoder_2)."""
+    return ["text_encoder"] + (["text_encoder_2"] if models.get("text_encoder_2") is not None else [])
+
+
+def trained_text_encoders(args, models) -> list[str]:
+    return text_encoder_names(models) if args.train_text_encoder else []
+
+
 def configure_training(args, accelerator, models, weight_dtype) -> None:
-    """Which weights train (full, LoRA, text encoder, joint VAE), their devices and dtypes, memory savers."""
-    unet, vae, text_encoder = models["unet"], models["vae"], models["text_encoder"]
+    """Which weights train (full, LoRA, text encoders, joint VAE), their devices and dtypes, memory savers."""
+    unet, vae = models["unet"], models["vae"]
+    text_encoders = [models[name] for name in text_encoder_names(models)]
+    trained_encoders = [models[name] for name in trained_text_encoders(args, models)]
     vae.requires_grad_(joint_vae(args))
     train_text_encoder_fully = args.train_text_encoder and not args.use_lora
-    text_encoder.requires_grad_(train_text_encoder_fully)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(train_text_encoder_fully)
     unet.requires_grad_(not args.use_lora)
-    vae.to(accelerator.device, dtype=torch.float32 if args.train_vae else weight_dtype)
+    # SDXL's VAE overflows in fp16: fp32 unless a fixed VAE is given (diffusers' SDXL LoRA script's rule).
+    vae_fp32 = args.train_vae or (args.sdxl and args.pretrained_vae_model_name_or_path is None)
+    vae.to(accelerator.device, dtype=torch.float32 if vae_fp32 else weight_dtype)
     if args.use_lora:
         unet.to(accelerator.device, dtype=weight_dtype)
         add_lora_adapter(unet, args, args.lora_target_modules or DEFAULT_UNET_TARGETS)
-        if args.train_text_encoder:
-            text_encoder.requires_grad_(False)
+        for text_encoder in trained_encoders:
             add_lora_adapter(text_encoder, args, DEFAULT_TEXT_ENCODER_TARGETS)
     if not train_text_encoder_fully:
-        text_encoder.to(accelerator.device, dtype=weight_dtype if not args.train_text_encoder else torch.float32)
+        for text_encoder in text_encoders:
+            text_encoder.to(accelerator.device, dtype=weight_dtype if not args.train_text_encoder else torch.float32)
     if args.use_lora and accelerator.mixed_precision == "fp16":
         # Trainable LoRA weights must be fp32 for the grad scaler, however fp16 was chosen
         # (flag or accelerate config): otherwise "Attempting to unscale FP16 gradients".
-        cast_training_params([unet] + ([text_encoder] if args.train_text_encoder else []), dtype=torch.float32)
+        cast_training_params([unet] + trained_encoders, dtype=torch.float32)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
+    if args.enable_npu_flash_attention:
+        unet.enable_npu_flash_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
+        for text_encoder in trained_encoders:
             text_encoder.gradient_checkpointing_enable()
 
 
 def trained_modules(args, models) -> list:
-    """The modules the optimizer updates, in `accelerator.prepare` order: UNet, text encoder, joint VAE."""
-    return [models["unet"]] + ([models["text_encoder"]] if args.train_text_encoder else []) + \
+    """The modules the optimizer updates, in `accelerator.prepare` order: UNet, text encoder(s), joint VAE."""
+    return [models["unet"]] + [models[name] for name in trained_text_encoders(args, models)] + \
         ([models["vae"]] if joint_vae(args) else [])
+
+
+def trained_networks(args, models) -> list:
+    """The UNet and the trained text encoders (what --train_batch_size auto probes)."""
+    return [models["unet"]] + [models[name] for name in trained_text_encoders(args, models)]
 
 
 def register_hooks(args, accelerator, models, ema) -> None:
     """Checkpoints store each trained module in diffusers format (checkpoint-N/unet, unet_ema, ...), LoRA as
     the adapter weights only."""
-    trained = {"unet": models["unet"], **({"text_encoder": models["text_encoder"]} if args.train_text_encoder else {}),
-               **({"vae": models["vae"]} if joint_vae(args) else {})}
+    encoders = {name: models[name] for name in trained_text_encoders(args, models)}
+    trained = {"unet": models["unet"], **encoders, **({"vae": models["vae"]} if joint_vae(args) else {})}
     save_fns = load_fns = None
-    if args.use_lora:
-        lora_te = models["text_encoder"] if args.train_text_encoder else None
-        save_fns = {"unet": lambda m, d: save_lora(os.path.dirname(d), m, lora_te), "text_encoder": lambda m, d: None}
-        load_fns = {"unet": lambda m, d: load_lora_into(os.path.dirname(d), m, lora_te),
-                    "text_encoder": lambda m, d: None}
+    if args.use_lora:  # one file holds the UNet's and the text encoders' adapters
+        save_fns = {"unet": lambda m, d: save_lora(os.path.dirname(d), m, **encoders),
+                    **{name: lambda m, d: None for name in encoders}}
+        load_fns = {"unet": lambda m, d: load_lora_into(os.path.dirname(d), m, **encoders),
+                    **{name: lambda m, d: None for name in encoders}}
     register_checkpoint_hooks(accelerator, trained, save_fns=save_fns, load_fns=load_fns,
                               **ema_checkpoint_hooks(ema, "unet_ema"))
 
 
 def build_optimizer(args, accelerator, models):
-    """AdamW (or 8-bit AdamW) over the trained weights, a param group per module; returns it and the groups'
+    """The --optimizer over the trained weights, a param group per module; returns it and the groups'
     learning rates from this run's flags (what --resume_override_lr restarts at)."""
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     param_groups = [{"params": [p for p in models["unet"].parameters() if p.requires_grad], "lr": args.learning_rate}]
-    if args.train_text_encoder:
-        param_groups.append({"params": [p for p in models["text_encoder"].parameters() if p.requires_grad],
+    for name in trained_text_encoders(args, models):
+        param_groups.append({"params": [p for p in models[name].parameters() if p.requires_grad],
                              "lr": args.text_encoder_learning_rate or args.learning_rate})
     if joint_vae(args):
         param_groups.append(
@@ -316,8 +371,8 @@ def prepare(accelerator, args, models, optimizer, train_dataloader, lr_scheduler
     trained = trained_modules(args, models)
     prepared = accelerator.prepare(*trained, optimizer, train_dataloader, lr_scheduler)
     models["unet"] = prepared[0]
-    if args.train_text_encoder:
-        models["text_encoder"] = prepared[1]
+    for index, name in enumerate(trained_text_encoders(args, models), start=1):
+        models[name] = prepared[index]
     return list(prepared[:len(trained)]), *prepared[-3:]
 
 
@@ -354,9 +409,10 @@ def main(args):
     rows, held_out_rows = split_held_out(args, usable_rows(args, load_text_image_dataset(args)))
     with accelerator.main_process_first():
         models = load_models(args, captions_for_new_tokenizer(args, rows))
+    tokenizers = [models["tokenizer"]] + ([models["tokenizer_2"]] if args.sdxl else [])
     check_resolution(args, models["vae"])
-    dataset = build_text_image_dataset(args, rows, models["tokenizer"])
-    held_out = build_held_out_dataset(args, held_out_rows, models["tokenizer"]) if held_out_rows is not None else None
+    dataset = build_text_image_dataset(args, rows, tokenizers)
+    held_out = build_held_out_dataset(args, held_out_rows, tokenizers) if held_out_rows is not None else None
     train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
                                              args.dataloader_num_workers, collate_text_image)
     if accelerator.is_main_process:  # before the VAE stage, so its losses are logged too
@@ -365,12 +421,13 @@ def main(args):
     configure_training(args, accelerator, models, dtype)
 
     # Speed: train from cached latents/embeddings, size the batch (--train_batch_size auto), compile.
-    dataset, held_out = (cache_text_image_dataset(data, models["vae"], models["text_encoder"], args, accelerator)
+    text_encoders = [models[name] for name in text_encoder_names(models)]
+    dataset, held_out = (cache_text_image_dataset(data, models["vae"], text_encoders, args, accelerator)
                          if data is not None else None for data in (dataset, held_out))
     offload_cached_encoders(models, args)
     collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_text_image
     resolve_auto_batch_size_for(args, accelerator, lambda batch: diffusion_loss(args, models, batch, HealthMonitor()),
-                                dataset, collate, trained_modules(args, models)[:1 + args.train_text_encoder])
+                                dataset, collate, trained_networks(args, models))
     train_dataloader = make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, collate)
     apply_speedups(models["unet"], args)
     ema = place_ema(create_ema(models["unet"], args) if args.use_ema else None, accelerator.device, args.offload_ema)
@@ -416,7 +473,7 @@ def main(args):
     epoch, early_stop = position.first_epoch, False
     with oom_hint():
         for epoch in range(position.first_epoch, args.num_train_epochs):
-            for module in trained[:1 + args.train_text_encoder]:
+            for module in trained[:len(trained) - joint_vae(args)]:  # (the joint VAE's mode is its own)
                 module.train()
             for batch in epoch_batches(accelerator, train_dataloader, dataset, epoch, position):
                 with accelerator.accumulate(*trained):
@@ -425,6 +482,8 @@ def main(args):
                     grad_norm = apply_update(accelerator, optimizer, lr_scheduler, trainable, loss, args.max_grad_norm,
                                              guard)
                 monitor.add(loss=loss, grad_norm=grad_norm)  # grad_norm: once per optimizer step (None otherwise)
+                if args.debug_loss:  # diffusers' SDXL LoRA script: the batch's loss under each of its file names
+                    log_metrics(accelerator, {f"loss_for_{name}": loss.item() for name in batch["names"]}, global_step)
                 monitor.count_samples(batch_size_of(batch))
                 if not accelerator.sync_gradients:
                     continue
@@ -535,42 +594,46 @@ def save_final(args, accelerator, models, ema, final_is_best: bool = False) -> N
 def save_weights(args, accelerator, models, directory: str) -> None:
     """The model's current weights in `directory` (main process): the pipeline, or the LoRA weights. --output_dir
     itself is written in place, like diffusers' scripts; any other folder (best/) atomically."""
-    unet = accelerator.unwrap_model(models["unet"])
-    text_encoder = accelerator.unwrap_model(models["text_encoder"])
+    unwrapped = {name: accelerator.unwrap_model(models[name]) for name in ["unet"] + text_encoder_names(models)}
     check_finite_before_saving(accelerator, args.output_dir, f"the model in {directory}",
-                               [unet] + ([text_encoder] if args.train_text_encoder else []))
+                               [unwrapped["unet"]] + [unwrapped[name] for name in trained_text_encoders(args, models)])
     if directory == args.output_dir:
-        write_weights(args, models, unet, text_encoder, directory)
+        write_weights(args, models, unwrapped, directory)
     else:
         with atomic_directory(directory) as temp:
-            write_weights(args, models, unet, text_encoder, temp)
+            write_weights(args, models, unwrapped, temp)
     logger.info(f"Saved the {'LoRA weights' if args.use_lora else 'pipeline'} to {directory}")
 
 
-def write_weights(args, models, unet, text_encoder, directory: str) -> None:
+def write_weights(args, models, unwrapped: dict, directory: str) -> None:
+    unet, text_encoder = unwrapped["unet"], unwrapped["text_encoder"]
     if args.use_lora:
-        save_lora(directory, unet, text_encoder if args.train_text_encoder else None, args.lora_format,
-                  {"ss_sd_model_name": args.pretrained_model_name_or_path or args.model_preset,
-                   "ss_resolution": f"({args.resolution}, {args.resolution})",
-                   "ss_max_train_steps": args.max_train_steps,
-                   "ss_v2": getattr(unet.config, "cross_attention_dim", 768) == 1024})
+        save_lora(directory, unet, **{name: unwrapped[name] for name in trained_text_encoders(args, models)},
+                  lora_format=args.lora_format,
+                  metadata={"ss_sd_model_name": args.pretrained_model_name_or_path or args.model_preset,
+                            "ss_resolution": f"({args.resolution}, {args.resolution})",
+                            "ss_max_train_steps": args.max_train_steps,
+                            "ss_base_model_version": "sdxl_base_v1-0" if args.sdxl else None,
+                            "ss_v2": getattr(unet.config, "cross_attention_dim", 768) == 1024})
+        return
+    trained = dict(unwrapped, vae=models["vae"])
+    if args.pretrained_model_name_or_path and not is_single_file(args.pretrained_model_name_or_path):
+        pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
+        pipeline = pipeline_class.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **trained)
+        # Inference must use the target the UNet was trained for (diffusers' script keeps the base's).
+        pipeline.scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
     else:
-        trained = dict(unet=unet, text_encoder=text_encoder, vae=models["vae"])
-        if args.pretrained_model_name_or_path and not is_single_file(args.pretrained_model_name_or_path):
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **trained)
-            # Inference must use the target the UNet was trained for (diffusers' script keeps the base's).
-            pipeline.scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
-        else:
-            scheduler = models.get("inference_scheduler", models["noise_scheduler"])  # a single file's own one
-            scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
-            pipeline = assemble_pipeline(dict(trained, tokenizer=models["tokenizer"], scheduler=scheduler))
-        pipeline.save_pretrained(directory)
-        if args.save_single_file:  # the same weights in the LDM layout (round-trip checked before writing)
-            save_single_file(os.path.join(directory, SINGLE_FILE_NAME), unet, models["vae"], text_encoder,
-                             args.single_file_dtype, {"modelspec.title": os.path.basename(args.output_dir),
-                                                      "base_model": args.pretrained_model_name_or_path
-                                                      or args.model_preset, "steps": args.max_train_steps})
+        scheduler = models.get("inference_scheduler", models["noise_scheduler"])  # a single file's own one
+        scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
+        tokenizers = {name: models[name] for name in ("tokenizer", "tokenizer_2") if models.get(name) is not None}
+        pipeline = assemble_pipeline(dict(trained, **tokenizers, scheduler=scheduler))
+    pipeline.save_pretrained(directory)
+    if args.save_single_file:  # the same weights in the LDM layout (round-trip checked before writing)
+        save_single_file(os.path.join(directory, SINGLE_FILE_NAME), unet, models["vae"], text_encoder,
+                         args.single_file_dtype, {"modelspec.title": os.path.basename(args.output_dir),
+                                                  "base_model": args.pretrained_model_name_or_path
+                                                  or args.model_preset, "steps": args.max_train_steps})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,15 @@ def tiny_pipeline_dir(tmp_path_factory):
     return build_pipeline(str(path), preset="tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+    """A randomly initialised 'tiny-sdxl' StableDiffusionXLPipeline folder (two text encoders), built offline."""
+    from utils.sd.builder import build_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    return build_pipeline(str(path), preset="tiny-sdxl")
+
+
 def launch_env():
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)

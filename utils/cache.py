@@ -179,6 +179,12 @@ class ShardedTensors:
             self._handles[shard] = safe_open(path, framework="pt")
         return self._handles[shard].get_slice(name)[row:row + 1][0]
 
+    def has(self, name: str) -> bool:
+        if not self.manifest["shards"]:
+            return False
+        with safe_open(os.path.join(self.directory, self.manifest["shards"][0]["file"]), framework="pt") as handle:
+            return name in handle.keys()
+
     def column(self, name: str) -> torch.Tensor:
         """The whole column [rows, ...] (small columns: flags, sizes)."""
         parts = []
@@ -229,14 +235,16 @@ def offload_cached_encoders(models: dict, args) -> None:
     """Move the encoders the caches replace off the training device (validation moves them back)."""
     if args.cache_latents and models.get("vae") is not None:
         models["vae"].to("cpu")
-    if args.cache_text_embeddings and models.get("text_encoder") is not None:
-        models["text_encoder"].to("cpu")
+    for name in ("text_encoder", "text_encoder_2"):
+        if args.cache_text_embeddings and models.get(name) is not None:
+            models[name].to("cpu")
 
 
 @contextlib.contextmanager
 def cached_encoders_on(device, models: dict, args):
     """The encoders the caches replaced on `device` for the block (e.g. sampling), then off it again."""
-    for name, cached in (("vae", args.cache_latents), ("text_encoder", args.cache_text_embeddings)):
+    for name, cached in (("vae", args.cache_latents), ("text_encoder", args.cache_text_embeddings),
+                         ("text_encoder_2", args.cache_text_embeddings)):
         if cached and models.get(name) is not None:
             models[name].to(device)
     try:
@@ -248,8 +256,10 @@ def cached_encoders_on(device, models: dict, args):
 def collate_cached(examples: list[dict]) -> dict:
     """Stack every tensor field; captions become a list, flags are taken from the first item."""
     batch = {key: torch.stack([e[key] for e in examples]) if torch.is_tensor(value) else value
-             for key, value in examples[0].items() if key != "caption"}
+             for key, value in examples[0].items() if key not in ("caption", "name")}
     batch["captions"] = [e["caption"] for e in examples]
+    if "name" in examples[0]:
+        batch["names"] = [e["name"] for e in examples]
     return batch
 
 

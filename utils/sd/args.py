@@ -10,8 +10,12 @@ from utils.optim import add_optimizer_args
 def add_model_args(parser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                       help="Path to pretrained model or model identifier from huggingface.co/models. Omit with "
-                            "--model_preset to train from scratch.")
+                       help="Path to pretrained model or model identifier from huggingface.co/models (Stable "
+                            "Diffusion 1.x/2.x or SDXL: told apart by model_index.json), or one model.safetensors. "
+                            "Omit with --model_preset to train from scratch.")
+    model.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="Path to pretrained VAE model with better numerical stability (e.g. "
+                            "madebyollin/sdxl-vae-fp16-fix). More details: https://github.com/huggingface/diffusers/pull/4038.")
     model.add_argument("--revision", type=str, default=None,
                        help="Revision of pretrained model identifier from huggingface.co/models.")
     model.add_argument("--variant", type=str, default=None,
@@ -19,7 +23,7 @@ def add_model_args(parser) -> None:
     model.add_argument("--non_ema_revision", type=str, default=None,
                        help="Revision of pretrained non-ema model identifier. Must be a branch, tag or git identifier "
                             "of the local or remote repository specified with --pretrained_model_name_or_path.")
-    model.add_argument("--model_preset", type=str, default=None, choices=["tiny", "small", "kanji", "base"],
+    model.add_argument("--model_preset", type=str, default=None, choices=["tiny", "tiny-sdxl", "small", "kanji", "base"],
                        help="Build fresh (random) models of this size instead of loading a pretrained pipeline "
                             "(kanji: the small UNet/VAE with a short-caption text encoder, utils/sd/builder.py).")
     model.add_argument("--unet_config", type=str, default=None,
@@ -85,6 +89,24 @@ def add_training_args(parser) -> None:
                             "its LoRA with --use_lora).")
     train.add_argument("--text_encoder_learning_rate", type=float, default=None,
                        help="Text encoder LR (default: --learning_rate).")
+    train.add_argument("--proportion_empty_prompts", type=float, default=None,
+                       help="Proportion of image prompts to be replaced with empty strings (diffusers' SDXL scripts' "
+                            "name for --caption_dropout_prob).")
+    train.add_argument("--timestep_bias_strategy", type=str, default="none", choices=["earlier", "later", "range", "none"],
+                       help="Sample training timesteps with a bias: more of the earlier (low-noise, detail) or later "
+                            "(high-noise, composition) ones, or of a range (diffusers' SDXL scripts).")
+    train.add_argument("--timestep_bias_multiplier", type=float, default=1.0,
+                       help="How much more often the biased timesteps are drawn (2.0: twice as often).")
+    train.add_argument("--timestep_bias_begin", type=int, default=0,
+                       help="--timestep_bias_strategy range: the first timestep (inclusive) to bias.")
+    train.add_argument("--timestep_bias_end", type=int, default=1000,
+                       help="--timestep_bias_strategy range: the last timestep to bias (exclusive, as diffusers' slice).")
+    train.add_argument("--timestep_bias_portion", type=float, default=0.25,
+                       help="earlier/later: the fraction of the timesteps that is biased.")
+    train.add_argument("--debug_loss", action="store_true",
+                       help="Also log each training image's loss under loss_for_<file name> (diffusers' SDXL LoRA script).")
+    train.add_argument("--enable_npu_flash_attention", action="store_true",
+                       help="Use NPU flash attention (Ascend NPUs with torch_npu only).")
     train.add_argument("--caption_dropout_prob", type=float, default=0.0,
                        help="Replace a caption by the empty prompt with this probability, so "
                             "classifier-free guidance works.")

@@ -36,6 +36,20 @@ PRESETS: dict[str, dict] = {
         "num_merges": 300,
         "resolution": 32,
     },
+    # SDXL-shaped at test size: two text encoders (CLIP + CLIP with projection, hidden states concatenated for
+    # cross-attention: 32 + 32), the pooled prompt and the 6 time ids as added conditions ("text_time").
+    "tiny-sdxl": {
+        "unet": dict(block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=16,
+                     addition_embed_type="text_time", addition_time_embed_dim=8, use_linear_projection=True),
+        "vae_from": "tiny",
+        "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77),
+        "text_2": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                       max_position_embeddings=77, projection_dim=32, hidden_act="gelu"),
+        "num_merges": 300,
+        "resolution": 32,
+    },
     # Trains in minutes on a 2-core CPU at 64px (the kanji demo's model before issue 17). VAE downsamples by 4.
     "small": {
         "unet": _small_unet(64),
@@ -191,6 +205,14 @@ def build_components(preset: str = "tiny", texts=None, resolution: int | None = 
     text_config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec["text"])
     text_encoder = CLIPTextModel(text_config)
+    extra = {}
+    if "text_2" in spec:  # SDXL: a second encoder (with projection, for the pooled prompt) and its tokenizer
+        from transformers import CLIPTextModelWithProjection
+
+        extra["tokenizer_2"] = tokenizer
+        extra["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **spec["text_2"]))
     if "token_embedding_std" in spec:
         with torch.no_grad():
             text_encoder.embeddings.token_embedding.weight.normal_(0.0, spec["token_embedding_std"])
@@ -198,15 +220,22 @@ def build_components(preset: str = "tiny", texts=None, resolution: int | None = 
                        sample_size=latent_size)
     unet_kwargs.update(unet_config or {})
     unet_kwargs["cross_attention_dim"] = text_config.hidden_size if unet_config is None or "cross_attention_dim" not in unet_config else unet_kwargs["cross_attention_dim"]
+    if "text_2" in spec:  # SDXL: cross-attention over both encoders' hidden states; pooled prompt + 6 time ids
+        unet_kwargs["cross_attention_dim"] = text_config.hidden_size + spec["text_2"]["hidden_size"]
+        unet_kwargs["projection_class_embeddings_input_dim"] = (6 * spec["unet"]["addition_time_embed_dim"]
+                                                                + spec["text_2"]["projection_dim"])
     unet = UNet2DConditionModel(**unet_kwargs)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, steps_offset=1, prediction_type=prediction_type)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, **extra)
 
 
 def assemble_pipeline(components: dict):
-    from diffusers import StableDiffusionPipeline
+    """A StableDiffusionPipeline, or a StableDiffusionXLPipeline when there is a text_encoder_2."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if components.get("text_encoder_2") is not None:
+        return StableDiffusionXLPipeline(**components, add_watermarker=False)
     return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 

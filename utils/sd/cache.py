@@ -67,17 +67,19 @@ def all_captions(rows, caption_column: str, caption_dropout_prob: float) -> list
 
 
 def encode_latent_batches(dataset, vae, device, batch_size: int):
-    """Yield {"mean", "std" [B, C, h, w] (+ "mean_flipped", "std_flipped"), "size" [B, 2], "valid" [B]}."""
+    """Yield {"mean", "std" [B, C, h, w] (+ "mean_flipped", "std_flipped"), "size" [B, 2] (the resized image's
+    width, height), "original_size" [B, 2] (height, width: SDXL's time ids), "valid" [B]}."""
     transform = dataset.transform
     rows = dataset.rows
     for start in range(0, len(rows), batch_size):
-        pixels, sizes, valid = [], [], []
+        pixels, sizes, original_sizes, valid = [], [], [], []
         for index in range(start, min(start + batch_size, len(rows))):
             row = rows[index]
             where = f"{dataset.source_name} row {index}"
             try:
                 image = load_image(row[dataset.image_column], name=where if not isinstance(row[dataset.image_column], str)
                                    else row[dataset.image_column])
+                original_sizes.append((image.height, image.width))
                 image = transform.resize(image)
                 plan = dataset.plan(index, 0, image.size, row)  # the epoch-0 crop, kept (see the module docstring)
                 pixels.append(transform.apply(image, plan.crop, flip=False))
@@ -89,6 +91,7 @@ def encode_latent_batches(dataset, vae, device, batch_size: int):
                 logger.warning(f"Not caching bad sample ({error})")
                 pixels.append(torch.zeros(3, transform.resolution, transform.resolution))
                 sizes.append((transform.resolution, transform.resolution))
+                original_sizes.append((transform.resolution, transform.resolution))
                 valid.append(False)
         pixel_values = torch.stack(pixels)
         if transform.random_flip:
@@ -102,16 +105,23 @@ def encode_latent_batches(dataset, vae, device, batch_size: int):
                      "mean_flipped": dist.mean[half:], "std_flipped": dist.std[half:]}
         channels_last = is_channels_last(dist.parameters)
         batch.update(size=torch.tensor(sizes, dtype=torch.int64), valid=torch.tensor(valid, dtype=torch.bool),
+                     original_size=torch.tensor(original_sizes, dtype=torch.int64),
                      channels_last=torch.full((len(pixels),), channels_last, dtype=torch.bool))
         yield batch
 
 
-def encode_text_batches(captions: list[str], tokenize, text_encoder, device, batch_size: int):
-    """Yield {"embeddings": [B, L, D]} for `captions` in order."""
+def encode_text_batches(captions: list[str], tokenize, text_encoders, device, batch_size: int):
+    """Yield {"embeddings": [B, L, D]} for `captions` in order; with SDXL's two encoders also {"pooled": [B, P]}."""
+    from utils.sd.sdxl import encode_prompt
+
     for start in range(0, len(captions), batch_size):
         input_ids = torch.stack([tokenize(c) for c in captions[start:start + batch_size]]).to(device)
         with torch.no_grad():
-            yield {"embeddings": text_encoder(input_ids, return_dict=False)[0]}
+            if len(text_encoders) == 2:
+                embeddings, pooled = encode_prompt(text_encoders, input_ids)
+                yield {"embeddings": embeddings, "pooled": pooled}
+            else:
+                yield {"embeddings": text_encoders[0](input_ids, return_dict=False)[0]}
 
 
 class CachedTextImageDataset(torch.utils.data.Dataset):
@@ -126,6 +136,8 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
         self.caption_index = {c: i for i, c in enumerate(text.manifest["captions"])} if text is not None else None
         self.valid = latents.column("valid").tolist() if latents is not None else None
         self.sizes = latents.column("size").tolist() if latents is not None else None
+        self.original_sizes = latents.column("original_size") if latents is not None else None
+        self.pooled = text is not None and text.has("pooled")
         self.channels_last = bool(latents.column("channels_last").any()) if latents is not None else False
         self.num_skipped = 0
 
@@ -135,14 +147,18 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def _embedding(self, caption: str) -> torch.Tensor:
-        return self.text.get("embeddings", self.caption_index[caption])
+    def _embeddings(self, caption: str) -> dict:
+        index = self.caption_index[caption]
+        item = {"encoder_hidden_states": self.text.get("embeddings", index)}
+        if self.pooled:
+            item["pooled_prompt_embeds"] = self.text.get("pooled", index)
+        return item
 
     def __getitem__(self, index: int) -> dict:
         base = self.base
         if self.latents is None:  # images as usual, embeddings from the cache
             item = dict(base[index])
-            item["encoder_hidden_states"] = self._embedding(item["caption"])
+            item.update(self._embeddings(item["caption"]))
             del item["input_ids"]
             return item
         for attempt in range(len(base)):
@@ -152,31 +168,35 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
                 continue
             plan = base.plan(current, base.epoch, tuple(self.sizes[current]))
             caption, suffix = plan.caption, "_flipped" if plan.flip else ""
+            size = tuple(self.sizes[current])
             item = {"latent_mean": self.latents.get("mean" + suffix, current),
                     "latent_std": self.latents.get("std" + suffix, current), "caption": caption,
-                    "latent_channels_last": self.channels_last}
+                    "latent_channels_last": self.channels_last, "original_size": self.original_sizes[current],
+                    "crop_top_left": torch.tensor(base.transform.crop_top_left(size, plan.crop, plan.flip)),
+                    "name": base.file_name(current)}
             if self.text is not None:
-                item["encoder_hidden_states"] = self._embedding(caption)
+                item.update(self._embeddings(caption))
             else:
                 item["input_ids"] = base.tokenize(caption)
             return item
         raise BadSampleError(f"{base.source_name}: every sample is unreadable")
 
 
-def cache_text_image_dataset(dataset, vae, text_encoder, args, accelerator):
+def cache_text_image_dataset(dataset, vae, text_encoders, args, accelerator):
     """Wrap a `TextImageDataset` with the caches that --cache_latents/--cache_text_embeddings ask for.
 
     Builds missing caches on the main process (others wait and then read them). Returns the
-    dataset unchanged when no caching is asked for.
+    dataset unchanged when no caching is asked for. `text_encoders`: the list of text encoders (SDXL: two).
     """
     if not (args.cache_latents or args.cache_text_embeddings):
         return dataset
+    text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
     device = accelerator.device
     latents = text = None
     with builders_first(accelerator):
         if args.cache_latents:
             transform = dataset.transform
-            key = {"kind": "sd-latents", "rows": rows_fingerprint(dataset.rows, dataset.image_column, dataset.caption_column),
+            key = {"kind": "sd-latents", "columns": "original_size", "rows": rows_fingerprint(dataset.rows, dataset.image_column, dataset.caption_column),
                    "vae": module_fingerprint(vae), "dtype": str(vae.dtype), "resolution": transform.resolution,
                    "interpolation": transform.interpolation, "center_crop": transform.center_crop,
                    "random_flip": transform.random_flip}
@@ -192,8 +212,10 @@ def cache_text_image_dataset(dataset, vae, text_encoder, args, accelerator):
             input_ids = torch.stack([dataset.tokenize(c) for c in captions]) if captions else torch.zeros(0)
             key = {"kind": "clip-text", "captions": fingerprint(captions),
                    "input_ids": hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:20],
-                   "text_encoder": module_fingerprint(text_encoder), "dtype": str(text_encoder.dtype)}
+                   "text_encoder": [module_fingerprint(t) for t in text_encoders] if len(text_encoders) > 1
+                   else module_fingerprint(text_encoders[0]), "dtype": str(text_encoders[0].dtype)}
             text = load_or_build(args.latent_cache_dir, "text", key,
-                                 lambda: encode_text_batches(captions, dataset.tokenize, text_encoder, device, args.cache_batch_size),
+                                 lambda: encode_text_batches(captions, dataset.tokenize, text_encoders, device,
+                                                             args.cache_batch_size),
                                  extra_fn=lambda: {"captions": captions})
     return CachedTextImageDataset(dataset, latents, text)

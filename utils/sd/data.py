@@ -57,8 +57,9 @@ def add_image_data_args(parser) -> None:
                         help="For debugging purposes or quicker training, truncate the number of training examples to this value if set.")
     parser.add_argument("--cache_dir", type=str, default=None,
                         help="The directory where the downloaded models and datasets will be stored.")
-    parser.add_argument("--resolution", type=int, default=512,
-                        help="The resolution for input images, all the images in the train/validation dataset will be resized to this resolution")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="The resolution for input images, all the images in the train/validation dataset will be "
+                             "resized to this resolution (default: 512; 1024 for SDXL, as diffusers' SDXL scripts)")
     parser.add_argument("--center_crop", default=False, action="store_true",
                         help="Whether to center crop the input images to the resolution. If not set, the images will be randomly cropped.")
     parser.add_argument("--random_flip", action="store_true", help="whether to randomly flip images horizontally")
@@ -97,6 +98,12 @@ class ImageTransform:
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_tensor(image)
+
+    def crop_top_left(self, resized_size: tuple[int, int], crop: tuple[int, int], flip: bool) -> tuple[int, int]:
+        """The crop's (top, left) in the image as the model sees it (flipped, when flipped): SDXL's crop
+        coordinates, as diffusers' SDXL scripts compute them (they flip the resized image, then crop it)."""
+        top, left = crop
+        return (top, resized_size[0] - left - self.resolution) if flip else (top, left)
 
     def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
         resized = self.resize(image)
@@ -357,7 +364,15 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
         resized = self.transform.resize(image)
         plan = self.plan(index, epoch, resized.size, row)
         return {"pixel_values": self.transform.apply(resized, plan.crop, plan.flip),
-                "input_ids": self.tokenize(plan.caption), "caption": plan.caption}
+                "input_ids": self.tokenize(plan.caption), "caption": plan.caption,
+                "original_size": torch.tensor([image.height, image.width]),  # SDXL's time ids (h, w)
+                "crop_top_left": torch.tensor(self.transform.crop_top_left(resized.size, plan.crop, plan.flip)),
+                "name": self.file_name(index, row)}
+
+    def file_name(self, index: int, row=None) -> str:
+        """The image's file name (--debug_loss logs under it), or "row N"."""
+        name = _row_name((self.rows[index] if row is None else row)[self.image_column])
+        return os.path.basename(name) if name else f"row {index}"
 
     def __getitem__(self, index: int) -> dict:
         return self.first_good(index, lambda current: self.load(current, self.epoch))
@@ -373,7 +388,10 @@ def collate_text_image(examples: list[dict]) -> dict:
     return {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
         "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "original_size": torch.stack([e["original_size"] for e in examples]),
+        "crop_top_left": torch.stack([e["crop_top_left"] for e in examples]),
         "captions": [e["caption"] for e in examples],
+        "names": [e["name"] for e in examples],
     }
 
 
@@ -415,11 +433,15 @@ def captions_for_new_tokenizer(args, rows):
 
 
 def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
-    """`TextImageDataset` of the rows as the --resolution/--center_crop/--random_flip/... flags say."""
+    """`TextImageDataset` of the rows as the --resolution/--center_crop/--random_flip/... flags say. `tokenizer`:
+    one, or SDXL's two (then input_ids are [2, L], a row per tokenizer)."""
+    tokenizers = tokenizer if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+
     @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (ids are only read)
     def tokenize(caption: str) -> torch.Tensor:
-        return tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                         return_tensors="pt").input_ids[0]
+        ids = [t(caption, max_length=t.model_max_length, padding="max_length", truncation=True,
+                 return_tensors="pt").input_ids[0] for t in tokenizers]
+        return ids[0] if len(ids) == 1 else torch.stack(ids)
 
     transform = ImageTransform(args.resolution, args.image_interpolation_mode, args.center_crop, args.random_flip)
     return TextImageDataset(rows, args.image_column, args.caption_column, transform, tokenize, seed=args.seed,

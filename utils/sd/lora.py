@@ -67,7 +67,7 @@ def add_lora_adapter(model: torch.nn.Module, args, targets) -> None:
     model.add_adapter(config)
 
 
-def lora_state_dicts(unet, text_encoder=None) -> dict:
+def lora_state_dicts(unet, text_encoder=None, text_encoder_2=None) -> dict:
     """Adapter weights only, as `save_lora_weights` keyword arguments (diffusers key names)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -77,58 +77,71 @@ def lora_state_dicts(unet, text_encoder=None) -> dict:
     from diffusers import StableDiffusionPipeline
 
     layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
-    if text_encoder is not None:
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+    for name, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None:
+            layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
     # The adapter config (lora_alpha above all: without it a loader assumes alpha = rank, a wrong scale) goes into
     # the file's metadata where diffusers can write it (0.34+).
     if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-        for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+        for name, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
             if model is not None:
                 layers[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
     return layers
 
 
-def save_lora(directory: str, unet, text_encoder=None, lora_format: str = "diffusers", metadata: dict | None = None):
-    """The adapter weights in `directory`: the diffusers file and/or the kohya one (`lora_format`)."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(directory: str, unet, text_encoder=None, text_encoder_2=None, lora_format: str = "diffusers",
+              metadata: dict | None = None):
+    """The adapter weights in `directory`: the diffusers file and/or the kohya one (`lora_format`). SDXL: its second
+    text encoder as text_encoder_2 (StableDiffusionXLPipeline.load_lora_weights reads the file)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     os.makedirs(directory, exist_ok=True)
+    sdxl = unet.config.get("addition_embed_type") == "text_time"
     if lora_format in ("diffusers", "both"):
-        StableDiffusionPipeline.save_lora_weights(directory, **lora_state_dicts(unet, text_encoder),
-                                                  safe_serialization=True)
+        pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        pipeline_class.save_lora_weights(directory, **lora_state_dicts(unet, text_encoder, text_encoder_2),
+                                         safe_serialization=True)
     if lora_format in ("kohya", "both"):
-        save_kohya_lora(os.path.join(directory, KOHYA_WEIGHT_NAME), unet, text_encoder, metadata)
+        save_kohya_lora(os.path.join(directory, KOHYA_WEIGHT_NAME), unet, text_encoder, text_encoder_2, metadata)
     return os.path.join(directory, LORA_WEIGHT_NAME if lora_format != "kohya" else KOHYA_WEIGHT_NAME)
 
 
-def kohya_state_dict(unet, text_encoder=None) -> dict:
+def kohya_state_dict(unet, text_encoder=None, text_encoder_2=None) -> dict:
     """kohya/A1111 keys from the peft adapters of the models (see `kohya_from_peft`)."""
     from peft.utils import get_peft_model_state_dict
 
-    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
-    if text_encoder is not None:
-        peft_state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(text_encoder).items()})
-    return kohya_from_peft(peft_state, _lora_alpha(unet), _lora_alpha(text_encoder))
+    peft_state = {}
+    for name, model in (("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None:
+            peft_state.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(model).items()})
+    return kohya_from_peft(peft_state, {"unet": _lora_alpha(unet), "text_encoder": _lora_alpha(text_encoder),
+                                        "text_encoder_2": _lora_alpha(text_encoder_2)})
 
 
-def kohya_from_peft(peft_state: dict, unet_alpha, text_encoder_alpha) -> dict:
+def kohya_from_peft(peft_state: dict, alphas: dict) -> dict:
     """kohya/A1111 keys (`lora_unet_<module path with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`; the SD 1.x
-    text encoder as `lora_te_...`) from peft-format keys prefixed unet./text_encoder., by diffusers' own converter.
-    Its `.alpha` is the rank; ours is each adapter's real lora_alpha, so the kohya scale alpha/rank equals peft's."""
+    text encoder as `lora_te_...`, SDXL's two as `lora_te1_...`/`lora_te2_...`) from peft-format keys prefixed
+    unet./text_encoder./text_encoder_2., by diffusers' own converter. Its `.alpha` is the rank; ours is each
+    adapter's real lora_alpha (`alphas` by model name; None: keep the rank), so the kohya scale alpha/rank equals
+    peft's."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
+    sdxl = any(key.startswith("text_encoder_2.") for key in peft_state)
+    prefixes = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+                "lora_te_": "text_encoder"}
     kohya = {}
     for key, value in convert_state_dict_to_kohya(peft_state).items():
-        key = key.replace("lora_te1_", "lora_te_", 1)  # SD 1.x/2.x has one text encoder: kohya calls it lora_te
-        if key.startswith("lora_te_") and not key.startswith("lora_te_text_model_"):  # transformers 5 dropped the
-            key = "lora_te_text_model_" + key[len("lora_te_"):]  # CLIPTextModel.text_model level the layout names
+        if not sdxl:
+            key = key.replace("lora_te1_", "lora_te_", 1)  # SD 1.x/2.x has one text encoder: kohya calls it lora_te
+        for prefix in ("lora_te_", "lora_te1_", "lora_te2_"):  # transformers 5 dropped the CLIPTextModel
+            if key.startswith(prefix) and not key.startswith(prefix + "text_model_"):  # .text_model level kohya names
+                key = prefix + "text_model_" + key[len(prefix):]
         kohya[key] = value.detach().to("cpu").contiguous()
-    alphas = {"lora_unet_": unet_alpha, "lora_te_": text_encoder_alpha}
     for key in kohya:
         if key.endswith(".alpha"):
-            prefix = "lora_unet_" if key.startswith("lora_unet_") else "lora_te_"
-            if alphas[prefix] is not None:
-                kohya[key] = torch.tensor(float(alphas[prefix]))
+            model = next(name for prefix, name in prefixes.items() if key.startswith(prefix))
+            if alphas.get(model) is not None:
+                kohya[key] = torch.tensor(float(alphas[model]))
     return kohya
 
 
@@ -153,10 +166,12 @@ def export_kohya(source: str, path: str) -> str:
     state_dict, _ = StableDiffusionPipeline.lora_state_dict(os.path.dirname(os.path.abspath(file)),
                                                             weight_name=os.path.basename(file))
     peft_state = {}
-    for prefix, convert in (("unet.", convert_unet_state_dict_to_peft), ("text_encoder.", convert_state_dict_to_peft)):
+    for prefix, convert in (("unet.", convert_unet_state_dict_to_peft), ("text_encoder.", convert_state_dict_to_peft),
+                            ("text_encoder_2.", convert_state_dict_to_peft)):
         part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         peft_state.update({prefix + k: v for k, v in (convert(part) if part else {}).items()})
-    kohya = kohya_from_peft(peft_state, adapter.get("unet.lora_alpha"), adapter.get("text_encoder.lora_alpha"))
+    kohya = kohya_from_peft(peft_state, {name: adapter.get(f"{name}.lora_alpha")
+                                         for name in ("unet", "text_encoder", "text_encoder_2")})
     info = {"ss_network_module": "networks.lora", "ss_training_comment": f"exported from {os.path.basename(file)}"}
     if "unet.r" in adapter:
         info.update(ss_network_dim=str(adapter["unet.r"]), ss_network_alpha=str(adapter.get("unet.lora_alpha")))
@@ -169,7 +184,7 @@ def _lora_alpha(model):
     return None if model is None else model.peft_config["default"].lora_alpha
 
 
-def save_kohya_lora(path: str, unet, text_encoder=None, metadata: dict | None = None) -> None:
+def save_kohya_lora(path: str, unet, text_encoder=None, text_encoder_2=None, metadata: dict | None = None) -> None:
     """The kohya file with kohya's `ss_*` metadata (all strings, as safetensors requires)."""
     from safetensors.torch import save_file
 
@@ -177,10 +192,10 @@ def save_kohya_lora(path: str, unet, text_encoder=None, metadata: dict | None = 
     info = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
             "ss_network_alpha": str(config.lora_alpha), "ss_training_comment": "train_text_to_image.py"}
     info.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
-    save_file(kohya_state_dict(unet, text_encoder), path, metadata=info)
+    save_file(kohya_state_dict(unet, text_encoder, text_encoder_2), path, metadata=info)
 
 
-def load_lora_into(directory: str, unet, text_encoder=None) -> None:
+def load_lora_into(directory: str, unet, text_encoder=None, text_encoder_2=None) -> None:
     """Load adapter weights saved by `save_lora` into models that already carry an adapter."""
     from diffusers import StableDiffusionPipeline
     from diffusers.training_utils import _set_state_dict_into_text_encoder
@@ -193,8 +208,9 @@ def load_lora_into(directory: str, unet, text_encoder=None) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise UserError(f"{directory}: LoRA weights do not match the UNet adapter (unexpected keys: {unexpected[:5]})")
-    if text_encoder is not None:
-        _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.", text_encoder=text_encoder)
+    for prefix, model in (("text_encoder.", text_encoder), ("text_encoder_2.", text_encoder_2)):
+        if model is not None:
+            _set_state_dict_into_text_encoder(state_dict, prefix=prefix, text_encoder=model)
 
 
 def lora_checkpoint_check(args):

@@ -100,3 +100,34 @@ def weighted_loss(args, pred: torch.Tensor, target: torch.Tensor, timesteps: tor
     if args.debiased_estimation_loss:
         loss = loss * debiased_weights(noise_scheduler, timesteps)
     return loss.mean()
+
+
+def timestep_weights(args, num_timesteps: int) -> torch.Tensor | None:
+    """--timestep_bias_*: each training timestep's sampling probability (None: uniform), as diffusers' SDXL
+    scripts define it: the biased timesteps' weight multiplied by --timestep_bias_multiplier, then normalised.
+    earlier/later: the first/last int(portion * T) timesteps; range: [begin, end)."""
+    strategy = args.timestep_bias_strategy
+    if strategy == "none":
+        return None
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    count = int(args.timestep_bias_portion * num_timesteps)
+    if strategy == "range":
+        if args.timestep_bias_end > num_timesteps:
+            raise UserError(f"--timestep_bias_end {args.timestep_bias_end} is past the scheduler's {num_timesteps} "
+                            "timesteps.")
+        biased = slice(args.timestep_bias_begin, args.timestep_bias_end)
+    elif count == 0:  # diffusers' slice(-0, None) would bias every timestep, i.e. none relative to the others
+        return None
+    else:
+        biased = slice(0, count) if strategy == "earlier" else slice(num_timesteps - count, None)
+    weights[biased] *= args.timestep_bias_multiplier
+    return (weights / weights.sum()).float()
+
+
+def sample_timesteps(args, num_timesteps: int, batch_size: int, device) -> torch.Tensor:
+    """Training timesteps: uniform (torch.randint, as diffusers' scripts), or drawn with --timestep_bias_* weights."""
+    weights = timestep_weights(args, num_timesteps) if getattr(args, "timestep_bias_strategy", "none") != "none" \
+        else None
+    if weights is None:
+        return torch.randint(0, num_timesteps, (batch_size,), device=device).long()
+    return torch.multinomial(weights.to(device), batch_size, replacement=True).long()

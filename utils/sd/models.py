@@ -12,7 +12,7 @@ from utils.sd.single_file import is_single_file, load_single_file_pipeline
 from utils.text_encoders import load_text_encoder
 
 
-def check_pipeline_folder(path: str) -> None:
+def check_pipeline_folder(path: str, sdxl: bool = False) -> None:
     """A local --pretrained_model_name_or_path must be a Stable Diffusion pipeline folder (a Hub id is left to the Hub)."""
     if not os.path.isdir(path):
         if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:
@@ -25,7 +25,8 @@ def check_pipeline_folder(path: str) -> None:
     if is_mask_dit_dir(path):
         raise UserError(f"--pretrained_model_name_or_path {path} is a mask DiT (train_mask_dit.py's output), not a "
                         "Stable Diffusion pipeline: fine-tune it with train_mask_dit.py --pretrained_model_name_or_path.")
-    missing = [name for name in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    names = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    missing = [name for name in names + (("text_encoder_2", "tokenizer_2") if sdxl else ())
                if not os.path.exists(os.path.join(path, name))]
     if missing:
         raise UserError(f"--pretrained_model_name_or_path {path}: not a Stable Diffusion pipeline folder (missing "
@@ -46,9 +47,11 @@ def load_models(args, captions_for_tokenizer):
                       inference_scheduler=pipeline.scheduler, tokenizer=pipeline.tokenizer,
                       text_encoder=own_memory(pipeline.text_encoder), vae=own_memory(pipeline.vae),
                       unet=own_memory(pipeline.unet))
+        if args.sdxl:
+            models.update(tokenizer_2=pipeline.tokenizer_2, text_encoder_2=own_memory(pipeline.text_encoder_2))
     elif args.pretrained_model_name_or_path:
         path, rev = args.pretrained_model_name_or_path, args.revision
-        check_pipeline_folder(path)
+        check_pipeline_folder(path, args.sdxl)
         models = dict(
             noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
@@ -57,6 +60,12 @@ def load_models(args, captions_for_tokenizer):
             vae=own_memory(AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=args.variant)),
             unet=own_memory(UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=args.non_ema_revision)),
         )
+        if args.sdxl:  # the second tokenizer and text encoder (with projection: the pooled prompt)
+            from transformers import CLIPTextModelWithProjection
+
+            models.update(tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev),
+                          text_encoder_2=own_memory(CLIPTextModelWithProjection.from_pretrained(
+                              path, subfolder="text_encoder_2", revision=rev, variant=args.variant)))
     else:
         from utils.sd.builder import build_components
 
@@ -71,6 +80,9 @@ def load_models(args, captions_for_tokenizer):
         if text_encoder is not None:
             components["text_encoder"] = text_encoder
         models = dict(noise_scheduler=components.pop("scheduler"), **components)
+    if args.pretrained_vae_model_name_or_path:  # e.g. madebyollin/sdxl-vae-fp16-fix (diffusers' SDXL scripts)
+        models["vae"] = own_memory(AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
+                                                                 revision=args.revision, variant=args.variant))
     if args.prediction_type is not None:
         models["noise_scheduler"].register_to_config(prediction_type=args.prediction_type)
     return models

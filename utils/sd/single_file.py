@@ -242,8 +242,11 @@ def save_single_file(path: str, unet, vae, text_encoder, dtype: str = "fp16", me
 
 
 def load_single_file_pipeline(path: str, model_config: str | None, original_config: str | None, **kwargs):
-    """A StableDiffusionPipeline from one checkpoint file, by diffusers' `from_single_file`."""
-    from diffusers import StableDiffusionPipeline
+    """A StableDiffusionPipeline (or StableDiffusionXLPipeline for an SDXL file) from one checkpoint file, by
+    diffusers' `from_single_file`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from utils.sd.sdxl import SDXL_PIPELINE, pipeline_class_name
 
     if not os.path.isfile(path):
         raise UserFileNotFoundError(f"--pretrained_model_name_or_path {path}: no such file")
@@ -256,5 +259,7 @@ def load_single_file_pipeline(path: str, model_config: str | None, original_conf
     options = {"config": model_config} if model_config else {"original_config": original_config}
     if model_config is None and original_config is None:
         options = {}
+    if pipeline_class_name(path) == SDXL_PIPELINE:
+        return StableDiffusionXLPipeline.from_single_file(path, add_watermarker=False, **options, **kwargs)
     return StableDiffusionPipeline.from_single_file(path, safety_checker=None, requires_safety_checker=False,
                                                     **options, **kwargs)

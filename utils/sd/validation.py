@@ -9,6 +9,7 @@ from utils.cache import offload_cached_encoders
 from utils.ema import ema_weights
 from utils.images import save_and_log_images
 from utils.latents import scale_latents
+from utils.sd.sdxl import unet_conditioning
 from utils.sd.builder import assemble_pipeline
 from utils.sd.schedulers import make_scheduler
 
@@ -21,9 +22,13 @@ def log_validation(args, accelerator, models, ema, step, weight_dtype):
         return None
     unet = accelerator.unwrap_model(models["unet"])
     with ema_weights(ema, unet.parameters()):  # sample with the EMA weights, then put the training weights back
-        pipeline = assemble_pipeline(dict(
-            unet=unet, vae=models["vae"], text_encoder=accelerator.unwrap_model(models["text_encoder"]),
-            tokenizer=models["tokenizer"], scheduler=make_scheduler("dpm++", models["noise_scheduler"].config)))
+        components = dict(unet=unet, vae=models["vae"], text_encoder=accelerator.unwrap_model(models["text_encoder"]),
+                          tokenizer=models["tokenizer"],
+                          scheduler=make_scheduler("dpm++", models["noise_scheduler"].config))
+        if models.get("text_encoder_2") is not None:  # SDXL
+            components.update(text_encoder_2=accelerator.unwrap_model(models["text_encoder_2"]),
+                              tokenizer_2=models["tokenizer_2"])
+        pipeline = assemble_pipeline(components)
         pipeline.to(accelerator.device)  # the VAE/text encoder are off the device when cached
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
@@ -70,8 +75,10 @@ def held_out_loss(accelerator, models, held_out, collate, batch_size: int, seed:
     depend on the number of processes or the batch size, and no global random state is used (a resume stays
     bitwise). Call it on every rank."""
     unet = accelerator.unwrap_model(models["unet"])
-    text_encoder = accelerator.unwrap_model(models["text_encoder"])
-    vae, scheduler = models["vae"], models["noise_scheduler"]
+    unwrapped = {name: accelerator.unwrap_model(models[name]) if models.get(name) is not None else None
+                 for name in ("text_encoder", "text_encoder_2")}
+    unwrapped["vae"] = vae = models["vae"]
+    scheduler = models["noise_scheduler"]
     device = accelerator.device
     indices = list(range(accelerator.process_index, len(held_out), accelerator.num_processes))
     total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device)
@@ -90,14 +97,12 @@ def held_out_loss(accelerator, models, held_out, collate, batch_size: int, seed:
         timesteps = torch.tensor([held_out_timestep(index, scheduler.config.num_train_timesteps) for index in chunk],
                                  device=device, dtype=torch.long)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        if "encoder_hidden_states" in batch:
-            encoder_hidden_states = batch["encoder_hidden_states"].to(device)
-        else:
-            encoder_hidden_states = text_encoder(batch["input_ids"].to(device), return_dict=False)[0]
+        encoder_hidden_states, added = unet_conditioning(unwrapped, batch, latents, device)
         target = noise if scheduler.config.prediction_type == "epsilon" \
             else scheduler.get_velocity(latents, noise, timesteps)
         with accelerator.autocast():
-            prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            prediction = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added,
+                              return_dict=False)[0]
         per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         total, count = total + per_sample.double().sum(), count + len(chunk)
     unet.train(was_training)

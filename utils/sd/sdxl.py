@@ -1,0 +1,92 @@
+"""Stable Diffusion XL in train_text_to_image.py: telling an SDXL pipeline from an SD one, the prompt embeddings of
+its two text encoders, and the added time ids (original size, crop top-left, target size), as diffusers'
+`StableDiffusionXLPipeline` and `examples/text_to_image/train_text_to_image*_sdxl.py` compute them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.ln_final.weight"  # OpenCLIP bigG, SDXL's second encoder
+
+
+def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
+    """model_index.json's _class_name of a pipeline folder or Hub id (None when it cannot be read); a single
+    file is SDXL when it holds SDXL's second text encoder."""
+    from utils.sd.single_file import is_single_file
+
+    if is_single_file(path):
+        if not os.path.isfile(path):
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt") as handle:
+                return SDXL_PIPELINE if SDXL_SINGLE_FILE_KEY in handle.keys() else "StableDiffusionPipeline"
+        except Exception:  # a .ckpt (pickle) or a damaged file: the loader says what is wrong
+            return None
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isdir(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = hf_hub_download(path, "model_index.json", revision=revision)
+        except Exception:  # offline, private or not a pipeline: the model loader gives the real error
+            return None
+    if not os.path.isfile(index):
+        return None
+    with open(index, encoding="utf-8") as handle:
+        return json.load(handle).get("_class_name")
+
+
+def is_sdxl_run(args) -> bool:
+    if getattr(args, "model_preset", None):
+        return args.model_preset.endswith("sdxl")
+    return pipeline_class_name(args.pretrained_model_name_or_path, getattr(args, "revision", None)) == SDXL_PIPELINE
+
+
+def encode_prompt(text_encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [B, 2, L] (one row per tokenizer, on the encoders' device) -> (prompt_embeds [B, L, D1 + D2]: both encoders' penultimate
+    hidden states, pooled_prompt_embeds [B, P]: the second encoder's projected output), as SDXL's pipeline does."""
+    hidden, pooled = [], None
+    for index, text_encoder in enumerate(text_encoders):
+        output = text_encoder(input_ids[:, index], output_hidden_states=True)
+        pooled = output[0]
+        hidden.append(output.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def add_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int],
+                 dtype, device) -> torch.Tensor:
+    """[B, 6]: (original height, width, crop top, left, target height, width) per sample."""
+    target = torch.tensor(target_size, dtype=torch.long).expand(original_size.shape[0], 2)
+    ids = torch.cat([original_size.long().cpu(), crop_top_left.long().cpu(), target], dim=1)
+    return ids.to(device=device, dtype=dtype)
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def unet_conditioning(models: dict, batch: dict, latents: torch.Tensor, device) -> tuple[torch.Tensor, dict | None]:
+    """The UNet's text conditioning for a batch: (encoder_hidden_states, added_cond_kwargs). SD: the text encoder's
+    last hidden state, no added conditions. SDXL: both encoders' penultimate hidden states and the pooled prompt
+    (from the batch when the text cache supplied them) plus the time ids, whose target size is the batch's own
+    (latent size x the VAE factor)."""
+    sdxl = models.get("text_encoder_2") is not None
+    pooled = batch.get("pooled_prompt_embeds")
+    if "encoder_hidden_states" in batch:
+        hidden = batch["encoder_hidden_states"].to(device)
+    elif sdxl:
+        hidden, pooled = encode_prompt([models["text_encoder"], models["text_encoder_2"]], batch["input_ids"].to(device))
+    else:
+        hidden = models["text_encoder"](batch["input_ids"].to(device), return_dict=False)[0]
+    if not sdxl:
+        return hidden, None
+    factor = vae_scale_factor(models["vae"])
+    time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"],
+                            (latents.shape[-2] * factor, latents.shape[-1] * factor), hidden.dtype, device)
+    return hidden, {"text_embeds": pooled.to(device), "time_ids": time_ids}
