@@ -505,7 +505,8 @@ def export_main(args, device) -> str:
         if lora_source is not None:
             raise UserError("--export single_file writes a whole model; a LoRA exports with --export kohya.")
         path = save_single_file(args.export_path or os.path.join(args.output_dir, SINGLE_FILE_NAME), pipe.unet,
-                                pipe.vae, pipe.text_encoder, args.single_file_dtype, {"base_model": description})
+                                pipe.vae, pipe.text_encoder, args.single_file_dtype, {"base_model": description},
+                                text_encoder_2=getattr(pipe, "text_encoder_2", None))
     print(f"Exported {path}")
     return path
 

@@ -194,8 +194,7 @@ def check_sdxl_args(args) -> None:
     """What the SDXL path does not do (each refused with the reason)."""
     refused = {"--train_text_encoder without --use_lora": args.train_text_encoder and not args.use_lora,
                "--train_vae": args.train_vae, "--dream_training": args.dream_training,
-               "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path),
-               "--save_single_file": args.save_single_file}
+               "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path)}
     for flag, given in refused.items():
         if given:
             raise UserError(f"{flag} is not available for SDXL pipelines (diffusers' SDXL scripts train the UNet, "
@@ -633,7 +632,8 @@ def write_weights(args, models, unwrapped: dict, directory: str) -> None:
         save_single_file(os.path.join(directory, SINGLE_FILE_NAME), unet, models["vae"], text_encoder,
                          args.single_file_dtype, {"modelspec.title": os.path.basename(args.output_dir),
                                                   "base_model": args.pretrained_model_name_or_path
-                                                  or args.model_preset, "steps": args.max_train_steps})
+                                                  or args.model_preset, "steps": args.max_train_steps},
+                         text_encoder_2=unwrapped.get("text_encoder_2"))
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ def test_full_ema_resume_rotation_and_generate(tiny_sdxl_pipeline_dir, data, tmp
              "--noise_offset", "0.05", "--validation_prompt", "a thing", "--num_validation_images", "1",
              "--validation_epochs", "100")
     straight = tmp_path / "straight"
-    run_main_in_process(train_text_to_image, args_for(tiny_sdxl_pipeline_dir, data, straight, 4, *flags))
+    run_main_in_process(train_text_to_image, args_for(tiny_sdxl_pipeline_dir, data, straight, 4, *flags,
+                                                      "--save_single_file", "--single_file_dtype", "fp32"))
     assert {"checkpoint-3", "checkpoint-4"} <= set(os.listdir(straight))
     assert not (straight / "checkpoint-2").exists()  # --checkpoints_total_limit 2
     pipe = StableDiffusionXLPipeline.from_pretrained(straight)
@@ -173,6 +174,14 @@ def test_full_ema_resume_rotation_and_generate(tiny_sdxl_pipeline_dir, data, tmp
     for relative in ("unet/diffusion_pytorch_model.safetensors", "checkpoint-4/unet_ema/diffusion_pytorch_model.safetensors"):
         a, b = load_file(straight / relative), load_file(resumed / relative)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), relative
+
+    # The same weights as one SGM-layout file (--save_single_file): from_single_file gives them back exactly.
+    from utils.sd.single_file import SINGLE_FILE_NAME, load_single_file_pipeline
+
+    from_file = load_single_file_pipeline(str(straight / SINGLE_FILE_NAME), str(straight), None)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(pipe, name).state_dict(), getattr(from_file, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("position_ids")), name
 
     paths = generate.main(["--model", str(straight), "--prompt", "a thing", "--num_images", "1", "--steps", "2",
                            "--device", "cpu", "--output_dir", str(tmp_path / "g")])

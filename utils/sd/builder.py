@@ -37,7 +37,7 @@ PRESETS: dict[str, dict] = {
         "resolution": 32,
     },
     # SDXL-shaped at test size: two text encoders (CLIP + CLIP with projection, hidden states concatenated for
-    # cross-attention: 32 + 32), the pooled prompt and the 6 time ids as added conditions ("text_time").
+    # cross-attention: 32 + 48), the pooled prompt and the 6 time ids as added conditions ("text_time").
     "tiny-sdxl": {
         "unet": dict(block_out_channels=(32, 64), layers_per_block=1,
                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -45,8 +45,10 @@ PRESETS: dict[str, dict] = {
                      addition_embed_type="text_time", addition_time_embed_dim=8, use_linear_projection=True),
         "vae_from": "tiny",
         "text": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77),
-        "text_2": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                       max_position_embeddings=77, projection_dim=32, hidden_act="gelu"),
+        # A different width from the first encoder, as in SDXL (768 / 1280): diffusers' single-file loader tells
+        # the two apart by it.
+        "text_2": dict(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_hidden_layers=2,
+                       max_position_embeddings=77, projection_dim=48, hidden_act="gelu"),
         "num_merges": 300,
         "resolution": 32,
     },

@@ -15,7 +15,9 @@ LDM -> diffusers), so the layout is written here, as the inverse of diffusers' c
   Text    SD 1.x: cond_stage_model.transformer.text_model.* (transformers' CLIPTextModel keys). SD 2.x (OpenCLIP,
           gelu): cond_stage_model.model.{token_embedding, positional_embedding, ln_final,
           transformer.resblocks.{i}.{ln_1, ln_2, attn.in_proj_weight (q, k, v stacked), attn.out_proj, mlp.c_fc,
-          mlp.c_proj}}.
+          mlp.c_proj}}. SDXL: conditioner.embedders.0.transformer.text_model.* (CLIP ViT-L) and
+          conditioner.embedders.1.model.* (OpenCLIP bigG, as SD 2.x, plus text_projection = the projection's
+          weight transposed).
 Every file is checked before it is written: diffusers' own LDM -> diffusers converters must give back every tensor
 of every model, unchanged, or nothing is written (an internal error with the first differing key).
 
@@ -37,6 +39,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP_PREFIX, OPEN_CLIP_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."
+SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 RESNET_NAMES = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
                 ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
 UNET_TOP_LEVEL = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -51,8 +54,8 @@ def is_single_file(path: str | None) -> bool:
 def add_single_file_args(parser) -> None:
     group = parser.add_argument_group("single-file checkpoints (AUTOMATIC1111 / ComfyUI / Forge)")
     group.add_argument("--save_single_file", action="store_true",
-                       help=f"Also save the final model as one {SINGLE_FILE_NAME} in the original LDM key layout "
-                            "(SD 1.x/2.x; the EMA weights with --use_ema), for ComfyUI, AUTOMATIC1111 and Forge.")
+                       help=f"Also save the final model as one {SINGLE_FILE_NAME} in the original LDM/SGM key layout "
+                            "(SD 1.x/2.x, SDXL; the EMA weights with --use_ema), for ComfyUI, AUTOMATIC1111 and Forge.")
     group.add_argument("--single_file_dtype", type=str, default="fp16", choices=sorted(DTYPES),
                        help="The precision of --save_single_file's tensors.")
     group.add_argument("--model_config", type=str, default=None,
@@ -159,14 +162,19 @@ def uses_open_clip(text_encoder) -> bool:
     return text_encoder.config.hidden_act == "gelu"
 
 
-def text_encoder_to_ldm(text_encoder) -> dict:
-    """The text encoder in the LDM layout, prefix included: CLIP (SD 1.x) or OpenCLIP (SD 2.x)."""
-    state = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text_encoder.state_dict().items()
-             if not k.endswith("position_ids")}
-    if not uses_open_clip(text_encoder):
-        return {CLIP_PREFIX + k: v for k, v in state.items()}
+def text_encoder_to_ldm(text_encoder, clip_prefix: str = CLIP_PREFIX, open_clip_prefix: str = OPEN_CLIP_PREFIX,
+                        open_clip: bool | None = None) -> dict:
+    """The text encoder in the LDM layout, prefix included: CLIP (SD 1.x; SDXL's first) or OpenCLIP (SD 2.x;
+    SDXL's second, with its text_projection)."""
+    state = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+             for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    if not (uses_open_clip(text_encoder) if open_clip is None else open_clip):
+        return {clip_prefix + k: v for k, v in state.items()}
     out, attention = {}, {}
     for key, value in state.items():
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T
+            continue
         key = key[len("text_model."):]
         if key == "embeddings.token_embedding.weight":
             out["token_embedding.weight"] = value
@@ -189,7 +197,7 @@ def text_encoder_to_ldm(text_encoder) -> dict:
     for (layer, kind), qkv in attention.items():
         out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([qkv["q_proj"], qkv["k_proj"],
                                                                                qkv["v_proj"]])
-    return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+    return {open_clip_prefix + k: v for k, v in out.items()}
 
 
 def _check_round_trip(name: str, original: dict, converted: dict) -> None:
@@ -205,34 +213,53 @@ def _check_round_trip(name: str, original: dict, converted: dict) -> None:
             raise RuntimeError(f"single-file {name}: {key} does not round-trip through diffusers' converter")
 
 
-def single_file_state_dict(unet, vae, text_encoder) -> dict:
-    """The whole model in the LDM layout, each part checked against diffusers' LDM -> diffusers converters."""
+def _text_state(text_encoder) -> dict:
+    return {k: v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+
+
+def _as_model_keys(converted: dict, text_encoder) -> dict:
+    """diffusers' converted text-encoder keys as the model names them (transformers >= 5.6 flattened
+    CLIPTextModel: no text_model. level)."""
+    converted = {k: v for k, v in converted.items() if not k.endswith("position_ids")}
+    if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    return converted
+
+
+def single_file_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict:
+    """The whole model in the LDM layout (SDXL: the SGM layout), each part checked against diffusers' own
+    LDM -> diffusers converters."""
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 
     unet_state, vae_state = unet.state_dict(), vae.state_dict()
     unet_ldm = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet_state, unet.config).items()}
     vae_ldm = {VAE_PREFIX + k: v for k, v in vae_to_ldm(vae_state, vae.config).items()}
-    text_ldm = text_encoder_to_ldm(text_encoder)
     _check_round_trip("UNet", unet_state, convert_ldm_unet_checkpoint(unet_ldm, unet.config))
     _check_round_trip("VAE", vae_state, convert_ldm_vae_checkpoint(vae_ldm, vae.config))
-    text_state = {k: v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    if text_encoder_2 is not None:  # SDXL
+        text_ldm = text_encoder_to_ldm(text_encoder, clip_prefix=SDXL_CLIP_PREFIX, open_clip=False)
+        text_ldm_2 = text_encoder_to_ldm(text_encoder_2, open_clip_prefix=SDXL_OPEN_CLIP_PREFIX, open_clip=True)
+        _check_round_trip("text encoder", _text_state(text_encoder),
+                          _as_model_keys(convert_ldm_clip_checkpoint(text_ldm), text_encoder))
+        back = convert_open_clip_checkpoint(text_encoder_2, text_ldm_2, prefix=SDXL_OPEN_CLIP_PREFIX)
+        _check_round_trip("text encoder 2", _text_state(text_encoder_2), _as_model_keys(back, text_encoder_2))
+        return {**unet_ldm, **vae_ldm, **text_ldm, **text_ldm_2}
+    text_ldm = text_encoder_to_ldm(text_encoder)
     if uses_open_clip(text_encoder):
         back = convert_open_clip_checkpoint(text_encoder, text_ldm, prefix=OPEN_CLIP_PREFIX)
     else:
         back = convert_ldm_clip_checkpoint(text_ldm)
-    back = {k: v for k, v in back.items() if not k.endswith("position_ids")}
-    if not any(k.startswith("text_model.") for k in text_state):  # transformers >= 5.6 flattened CLIPTextModel
-        back = {k.removeprefix("text_model."): v for k, v in back.items()}
-    _check_round_trip("text encoder", text_state, back)
+    _check_round_trip("text encoder", _text_state(text_encoder), _as_model_keys(back, text_encoder))
     return {**unet_ldm, **vae_ldm, **text_ldm}
 
 
-def save_single_file(path: str, unet, vae, text_encoder, dtype: str = "fp16", metadata: dict | None = None) -> str:
+def save_single_file(path: str, unet, vae, text_encoder, dtype: str = "fp16", metadata: dict | None = None,
+                     text_encoder_2=None) -> str:
     """Write `path` (atomically: a temporary file renamed into place) in the LDM layout at `dtype`."""
     from safetensors.torch import save_file
 
-    state = single_file_state_dict(unet, vae, text_encoder)
+    state = single_file_state_dict(unet, vae, text_encoder, text_encoder_2)
     target = DTYPES[dtype]
     tensors = {k: (v.to(target) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
     temp = path + ".tmp"
