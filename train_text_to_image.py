@@ -34,9 +34,10 @@ from diffusers.training_utils import cast_training_params, compute_dream_and_upd
 from diffusers.utils.import_utils import is_xformers_available
 
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
+from utils.buckets import add_bucket_args, check_bucket_args
 from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
                          sample_cached_latents)
-from utils.checkpointing import (atomic_directory, check_finite_before_saving, register_checkpoint_hooks, resume_position,
+from utils.checkpointing import (atomic_directory, check_finite_before_saving, write_json_atomic, register_checkpoint_hooks, resume_position,
                                  save_checkpoint)
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
@@ -53,7 +54,8 @@ from utils.run_record import RunRecord
 from utils.sd.args import add_model_args, add_training_args, add_validation_args
 from utils.sd.builder import assemble_pipeline
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
-from utils.sd.data import (add_image_data_args, build_held_out_dataset, build_text_image_dataset, caption_tags,
+from utils.sd.data import (add_image_data_args, assign_dataset_buckets, build_held_out_dataset, build_text_image_dataset,
+                           caption_tags,
                            captions_for_new_tokenizer, collate_text_image, load_text_image_dataset, split_held_out,
                            usable_rows)
 from utils.sd.losses import add_loss_args, check_loss_args, sample_timesteps, uses_loss_options, weighted_loss
@@ -79,6 +81,7 @@ def parse_args(argv=None):
     add_vae_args(parser)
     add_lora_args(parser)
     add_image_data_args(parser)
+    add_bucket_args(parser)
     add_training_args(parser)
     add_loss_args(parser)
     add_validation_args(parser)
@@ -146,6 +149,9 @@ def validate_args(args) -> None:
 
         if importlib.util.find_spec("torch_npu") is None:
             raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu installed.")
+    if args.enable_bucket and (args.train_vae or args.train_batch_size == "auto"):
+        raise UserError("--enable_bucket trains on batches of different shapes: it does not go with --train_vae or "
+                        "--train_batch_size auto (give a number).")
     if args.save_single_file and args.use_lora:
         raise UserError("--save_single_file writes a whole model; a LoRA run's weights for ComfyUI / AUTOMATIC1111 / "
                         "Forge are --lora_format kohya (or both).")
@@ -248,11 +254,12 @@ def diffusion_loss(args, models, batch, monitor: HealthMonitor):
     return loss if vae_loss is None else loss + vae_loss
 
 
-def check_resolution(args, vae) -> None:
+def check_resolution(args, vae, unet) -> None:
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % vae_scale_factor:  # else the pipeline refuses it at the first validation, hours in
         raise UserError(f"--resolution {args.resolution} must be a multiple of {vae_scale_factor} "
                         f"(the VAE downsamples by {vae_scale_factor}).")
+    check_bucket_args(args, vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1))
 
 
 def joint_vae(args) -> bool:
@@ -409,11 +416,13 @@ def main(args):
     with accelerator.main_process_first():
         models = load_models(args, captions_for_new_tokenizer(args, rows))
     tokenizers = [models["tokenizer"]] + ([models["tokenizer_2"]] if args.sdxl else [])
-    check_resolution(args, models["vae"])
+    check_resolution(args, models["vae"], models["unet"])
     dataset = build_text_image_dataset(args, rows, tokenizers)
     held_out = build_held_out_dataset(args, held_out_rows, tokenizers) if held_out_rows is not None else None
+    buckets = assign_dataset_buckets(args, dataset)  # --enable_bucket (from the image headers)
     train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
-                                             args.dataloader_num_workers, collate_text_image)
+                                             args.dataloader_num_workers, collate_text_image, buckets=dataset.buckets,
+                                             seed=args.seed)
     if accelerator.is_main_process:  # before the VAE stage, so its losses are logged too
         accelerator.init_trackers(args.tracker_project_name, tracker_config(args))
     prepare_vae(args, accelerator, models, train_dataloader)
@@ -427,14 +436,15 @@ def main(args):
     collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_text_image
     resolve_auto_batch_size_for(args, accelerator, lambda batch: diffusion_loss(args, models, batch, HealthMonitor()),
                                 dataset, collate, trained_networks(args, models))
-    train_dataloader = make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, collate)
+    train_dataloader = make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, collate,
+                                             buckets=getattr(dataset, "base", dataset).buckets, seed=args.seed)
     apply_speedups(models["unet"], args)
     ema = place_ema(create_ema(models["unet"], args) if args.use_ema else None, accelerator.device, args.offload_ema)
     register_hooks(args, accelerator, models, ema)
 
     # Optimizer and schedule (the prepared scheduler steps once per process, hence the factors).
     optimizer, initial_lrs = build_optimizer(args, accelerator, models)
-    updates_per_epoch = steps_per_epoch(math.ceil(len(dataset) / (args.train_batch_size * accelerator.num_processes)),
+    updates_per_epoch = steps_per_epoch(math.ceil(len(train_dataloader) / accelerator.num_processes),
                                         args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * updates_per_epoch
@@ -450,6 +460,13 @@ def main(args):
         save_run_args(args)
     record = RunRecord(args, accelerator, "train_text_to_image.py",
                        rows_fingerprint(rows, args.image_column, args.caption_column), position)
+    if buckets is not None:  # images per bucket in the record; every image's bucket in buckets.json
+        record.note("buckets", {"images_per_bucket": buckets["buckets"], "far_outside": len(buckets["far_outside"])})
+        if accelerator.is_main_process:
+            write_json_atomic(os.path.join(args.output_dir, "buckets.json"), dict(buckets, assignment={
+                dataset_name: f"{w}x{h}" for dataset_name, (w, h) in zip(
+                    (getattr(dataset, "base", dataset).file_name(i) for i in range(len(dataset))),
+                    getattr(dataset, "base", dataset).buckets)}))
     held_out_scores = HeldOutScores(args, accelerator, models, ema, held_out, collate, position.state)
     if position.path and args.resume_override_lr:
         restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)

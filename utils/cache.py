@@ -258,6 +258,10 @@ def collate_cached(examples: list[dict]) -> dict:
     batch = {key: torch.stack([e[key] for e in examples]) if torch.is_tensor(value) else value
              for key, value in examples[0].items() if key not in ("caption", "name")}
     batch["captions"] = [e["caption"] for e in examples]
+    if "latent_channels_last_single" in batch:  # the layout vae.encode gives a batch of this size
+        single = batch.pop("latent_channels_last_single")
+        if len(examples) == 1:
+            batch["latent_channels_last"] = single
     if "name" in examples[0]:
         batch["names"] = [e["name"] for e in examples]
     return batch

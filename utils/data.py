@@ -28,9 +28,15 @@ class SkipsBadSamples:
     num_skipped = 0
     source_name = "dataset"
 
+    def interchangeable(self, index: int, other: int) -> bool:
+        """Whether sample `other` may stand in for `index` in a batch (e.g. the same aspect-ratio bucket)."""
+        return True
+
     def first_good(self, index: int, load):
         for attempt in range(len(self)):
             current = (index + attempt) % len(self)
+            if not self.interchangeable(index, current):
+                continue
             try:
                 return load(current)
             except BadSampleError as error:
@@ -73,7 +79,7 @@ class EpochDataset(torch.utils.data.Dataset):
 
 
 def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn=None, shuffle: bool = True,
-                          drop_last: bool = False):
+                          drop_last: bool = False, buckets: list | None = None, seed: int | None = None):
     """The training DataLoader with throughput settings: pinned host memory when a GPU is there;
     with workers, deeper prefetching and persistent workers (not restarted every epoch; the
     datasets keep the epoch in shared memory, see `EpochDataset`)."""
@@ -91,6 +97,12 @@ def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn
     # checkpoint; a run resumed from that checkpoint would draw it after restoring the RNG and
     # then sample different noise (no longer bitwise identical). The order comes from
     # accelerate's seedable sampler, which reseeds this generator every epoch.
+    if buckets is not None:  # --enable_bucket: every batch from one aspect-ratio bucket (utils.buckets)
+        from utils.buckets import BucketBatchSampler
+
+        sampler = BucketBatchSampler(buckets, batch_size, seed, dataset=getattr(dataset, "base", dataset))
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
+                                           generator=torch.Generator(), **kwargs)
     return torch.utils.data.DataLoader(dataset, shuffle=shuffle, collate_fn=collate_fn, batch_size=batch_size,
                                        num_workers=num_workers, drop_last=drop_last, generator=torch.Generator(), **kwargs)
 

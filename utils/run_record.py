@@ -90,6 +90,11 @@ class RunRecord:
         self.info["steps_done"] = step
         self._write(self.path)
 
+    def note(self, key: str, value) -> None:
+        """Add a fact about the run (e.g. its aspect-ratio buckets) to the record."""
+        self.info[key] = value
+        self._write(self.path)
+
     def save_into(self, directory: str, step: int) -> None:
         """The record as of `step` into a checkpoint folder being written, and output_dir's copy."""
         self.info["steps_done"] = step

@@ -66,31 +66,36 @@ def all_captions(rows, caption_column: str, caption_dropout_prob: float) -> list
     return sorted(captions)
 
 
-def encode_latent_batches(dataset, vae, device, batch_size: int):
+def encode_latent_batches(dataset, vae, device, batch_size: int, indices: list[int] | None = None):
     """Yield {"mean", "std" [B, C, h, w] (+ "mean_flipped", "std_flipped"), "size" [B, 2] (the resized image's
-    width, height), "original_size" [B, 2] (height, width: SDXL's time ids), "valid" [B]}."""
+    width, height), "original_size" [B, 2] (height, width: SDXL's time ids), "valid" [B]}, for `indices` (default:
+    all; with buckets, the samples of one bucket)."""
     transform = dataset.transform
     rows = dataset.rows
-    for start in range(0, len(rows), batch_size):
+    indices = list(range(len(rows))) if indices is None else indices
+    single_layout = None  # the VAE's output layout for a batch of one (oneDNN: contiguous; larger: channels_last)
+    for start in range(0, len(indices), batch_size):
         pixels, sizes, original_sizes, valid = [], [], [], []
-        for index in range(start, min(start + batch_size, len(rows))):
+        for index in indices[start:start + batch_size]:
             row = rows[index]
+            target = dataset.target(index)
             where = f"{dataset.source_name} row {index}"
             try:
                 image = load_image(row[dataset.image_column], name=where if not isinstance(row[dataset.image_column], str)
                                    else row[dataset.image_column])
                 original_sizes.append((image.height, image.width))
-                image = transform.resize(image)
+                image = transform.resize(image, target)
                 plan = dataset.plan(index, 0, image.size, row)  # the epoch-0 crop, kept (see the module docstring)
-                pixels.append(transform.apply(image, plan.crop, flip=False))
+                pixels.append(transform.apply(image, plan.crop, flip=False, target=target))
                 sizes.append(image.size)
                 valid.append(True)
             except BadSampleError as error:
                 if not dataset.skip_bad_samples:
                     raise
                 logger.warning(f"Not caching bad sample ({error})")
-                pixels.append(torch.zeros(3, transform.resolution, transform.resolution))
-                sizes.append((transform.resolution, transform.resolution))
+                width, height = transform.target(target)
+                pixels.append(torch.zeros(3, height, width))
+                sizes.append((width, height))
                 original_sizes.append((transform.resolution, transform.resolution))
                 valid.append(False)
         pixel_values = torch.stack(pixels)
@@ -104,9 +109,13 @@ def encode_latent_batches(dataset, vae, device, batch_size: int):
             batch = {"mean": dist.mean[:half], "std": dist.std[:half],
                      "mean_flipped": dist.mean[half:], "std_flipped": dist.std[half:]}
         channels_last = is_channels_last(dist.parameters)
+        if single_layout is None:
+            with torch.no_grad():
+                single_layout = is_channels_last(vae.encode(pixel_values[:1].to(device, vae.dtype)).latent_dist.parameters)
         batch.update(size=torch.tensor(sizes, dtype=torch.int64), valid=torch.tensor(valid, dtype=torch.bool),
                      original_size=torch.tensor(original_sizes, dtype=torch.int64),
-                     channels_last=torch.full((len(pixels),), channels_last, dtype=torch.bool))
+                     channels_last=torch.full((len(pixels),), channels_last, dtype=torch.bool),
+                     channels_last_single=torch.full((len(pixels),), single_layout, dtype=torch.bool))
         yield batch
 
 
@@ -124,6 +133,29 @@ def encode_text_batches(captions: list[str], tokenize, text_encoders, device, ba
                 yield {"embeddings": text_encoders[0](input_ids, return_dict=False)[0]}
 
 
+class BucketedLatents:
+    """One latent cache per aspect-ratio bucket (their latents differ in shape), read as one: `get(name, index)`
+    and `column(name)` by dataset index, like `ShardedTensors`."""
+
+    def __init__(self, parts: list[tuple[list[int], ShardedTensors]], rows: int):
+        self.parts, self.rows = parts, rows
+        self.where = {index: (part, row) for part, (indices, _) in enumerate(parts) for row, index in enumerate(indices)}
+
+    def get(self, name: str, index: int) -> torch.Tensor:
+        part, row = self.where[index]
+        return self.parts[part][1].get(name, row)
+
+    def column(self, name: str) -> torch.Tensor:
+        values = [None] * self.rows
+        for indices, tensors in self.parts:
+            for index, value in zip(indices, tensors.column(name)):
+                values[index] = value
+        return torch.stack(values)
+
+    def has(self, name: str) -> bool:
+        return self.parts[0][1].has(name)
+
+
 class CachedTextImageDataset(torch.utils.data.Dataset):
     """A `TextImageDataset` whose latents and/or caption embeddings come from the cache.
 
@@ -139,6 +171,7 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
         self.original_sizes = latents.column("original_size") if latents is not None else None
         self.pooled = text is not None and text.has("pooled")
         self.channels_last = bool(latents.column("channels_last").any()) if latents is not None else False
+        self.channels_last_single = bool(latents.column("channels_last_single").any()) if latents is not None else False
         self.num_skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -163,16 +196,19 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
             return item
         for attempt in range(len(base)):
             current = (index + attempt) % len(base)
+            if not base.interchangeable(index, current):
+                continue
             if not self.valid[current]:
                 self.num_skipped += 1
                 continue
             plan = base.plan(current, base.epoch, tuple(self.sizes[current]))
             caption, suffix = plan.caption, "_flipped" if plan.flip else ""
-            size = tuple(self.sizes[current])
+            size, target = tuple(self.sizes[current]), base.target(current)
             item = {"latent_mean": self.latents.get("mean" + suffix, current),
                     "latent_std": self.latents.get("std" + suffix, current), "caption": caption,
                     "latent_channels_last": self.channels_last, "original_size": self.original_sizes[current],
-                    "crop_top_left": torch.tensor(base.transform.crop_top_left(size, plan.crop, plan.flip)),
+                    "latent_channels_last_single": self.channels_last_single,
+                    "crop_top_left": torch.tensor(base.transform.crop_top_left(size, plan.crop, plan.flip, target)),
                     "name": base.file_name(current)}
             if self.text is not None:
                 item.update(self._embeddings(caption))
@@ -196,14 +232,23 @@ def cache_text_image_dataset(dataset, vae, text_encoders, args, accelerator):
     with builders_first(accelerator):
         if args.cache_latents:
             transform = dataset.transform
-            key = {"kind": "sd-latents", "columns": "original_size", "rows": rows_fingerprint(dataset.rows, dataset.image_column, dataset.caption_column),
+            key = {"kind": "sd-latents", "columns": "original_size,channels_last_single", "rows": rows_fingerprint(dataset.rows, dataset.image_column, dataset.caption_column),
                    "vae": module_fingerprint(vae), "dtype": str(vae.dtype), "resolution": transform.resolution,
                    "interpolation": transform.interpolation, "center_crop": transform.center_crop,
                    "random_flip": transform.random_flip}
             if not transform.center_crop:  # the epoch-0 crop depends on the random draws before it
                 key.update(seed=dataset.seed, caption_dropout_prob=dataset.caption_dropout_prob)
-            latents = load_or_build(args.latent_cache_dir, "latents", key,
-                                    lambda: encode_latent_batches(dataset, vae, device, args.cache_batch_size))
+            if dataset.buckets is None:
+                latents = load_or_build(args.latent_cache_dir, "latents", key,
+                                        lambda: encode_latent_batches(dataset, vae, device, args.cache_batch_size))
+            else:  # a cache per bucket
+                members = {}
+                for index, bucket in enumerate(dataset.buckets):
+                    members.setdefault(tuple(bucket), []).append(index)
+                latents = BucketedLatents([(indices, load_or_build(
+                    args.latent_cache_dir, "latents", dict(key, bucket=list(bucket), indices=fingerprint(indices)),
+                    lambda indices=indices: encode_latent_batches(dataset, vae, device, args.cache_batch_size, indices)))
+                    for bucket, indices in sorted(members.items())], len(dataset))
             if not transform.center_crop:
                 logger.warning("--cache_latents with random crops: each image keeps the crop drawn for epoch 0 "
                                "(no effect for images already square at --resolution; use --center_crop to silence).")

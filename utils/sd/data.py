@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.buckets import assign_buckets, bucket_summary, log_bucket_summary
 from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng, split_train_validation
 from utils.errors import UserError, UserFileNotFoundError
 from utils.images import (IMAGE_EXTENSIONS, INTERPOLATION_MODES, crop_origin, load_image, pil_to_tensor,
@@ -83,27 +84,45 @@ class ImageTransform:
     center_crop: bool = False
     random_flip: bool = False
 
-    def resize(self, image: Image.Image) -> Image.Image:
-        """The short side to `resolution` (the size the crop is drawn in)."""
-        return resize_short_side(image, self.resolution, self.interpolation)
+    def target(self, target: tuple[int, int] | None) -> tuple[int, int]:
+        """(width, height) of the crop: an aspect-ratio bucket, or the --resolution square."""
+        return target or (self.resolution, self.resolution)
 
-    def draw(self, resized_size: tuple[int, int], rng: random.Random) -> tuple[tuple[int, int], bool]:
+    def resize(self, image: Image.Image, target: tuple[int, int] | None = None) -> Image.Image:
+        """The short side to `resolution` (the size the crop is drawn in); for a bucket, the smallest size that
+        covers it at the image's aspect ratio."""
+        if target is None:
+            return resize_short_side(image, self.resolution, self.interpolation)
+        width, height = image.size
+        scale = max(target[0] / width, target[1] / height)
+        size = (max(target[0], round(width * scale)), max(target[1], round(height * scale)))
+        return image if size == image.size else image.resize(size, INTERPOLATION_MODES[self.interpolation])
+
+    def draw(self, resized_size: tuple[int, int], rng: random.Random,
+             target: tuple[int, int] | None = None) -> tuple[tuple[int, int], bool]:
         """The crop's (top, left) in an image of `resized_size`, then whether to flip: two draws from `rng`."""
-        crop = crop_origin(resized_size, self.resolution, self.center_crop, rng)
+        if target is None:
+            crop = crop_origin(resized_size, self.resolution, self.center_crop, rng)
+        else:
+            (width, height), (crop_width, crop_height) = resized_size, target
+            crop = ((height - crop_height) // 2, (width - crop_width) // 2) if self.center_crop else \
+                (rng.randint(0, height - crop_height), rng.randint(0, width - crop_width))
         return crop, bool(self.random_flip and rng.random() < 0.5)
 
-    def apply(self, resized: Image.Image, crop: tuple[int, int], flip: bool) -> torch.Tensor:
-        top, left = crop
-        image = resized.crop((left, top, left + self.resolution, top + self.resolution))
+    def apply(self, resized: Image.Image, crop: tuple[int, int], flip: bool,
+              target: tuple[int, int] | None = None) -> torch.Tensor:
+        (top, left), (width, height) = crop, self.target(target)
+        image = resized.crop((left, top, left + width, top + height))
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return pil_to_tensor(image)
 
-    def crop_top_left(self, resized_size: tuple[int, int], crop: tuple[int, int], flip: bool) -> tuple[int, int]:
+    def crop_top_left(self, resized_size: tuple[int, int], crop: tuple[int, int], flip: bool,
+                      target: tuple[int, int] | None = None) -> tuple[int, int]:
         """The crop's (top, left) in the image as the model sees it (flipped, when flipped): SDXL's crop
         coordinates, as diffusers' SDXL scripts compute them (they flip the resized image, then crop it)."""
         top, left = crop
-        return (top, resized_size[0] - left - self.resolution) if flip else (top, left)
+        return (top, resized_size[0] - left - self.target(target)[0]) if flip else (top, left)
 
     def __call__(self, image: Image.Image, rng: random.Random) -> tuple[torch.Tensor, tuple[int, int]]:
         resized = self.resize(image)
@@ -326,6 +345,13 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
     """
 
     first_caption = False  # of a caption list, always the first (held-out data) instead of a random one
+    buckets = None  # --enable_bucket: each sample's (width, height) bucket
+
+    def target(self, index: int) -> tuple[int, int] | None:
+        return tuple(self.buckets[index]) if self.buckets is not None else None
+
+    def interchangeable(self, index: int, other: int) -> bool:  # a skipped sample's stand-in: the same bucket
+        return self.buckets is None or tuple(self.buckets[index]) == tuple(self.buckets[other])
 
     def __init__(self, rows, image_column, caption_column, transform: ImageTransform, tokenize,
                  seed=None, caption_dropout_prob=0.0, skip_bad_samples=False, source_name="dataset",
@@ -355,18 +381,19 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
             caption = self.tags.apply(caption, rng)
         if self.caption_dropout_prob > 0 and rng.random() < self.caption_dropout_prob:
             caption = ""
-        crop, flip = self.transform.draw(resized_size, rng)
+        crop, flip = self.transform.draw(resized_size, rng, self.target(index))
         return Augmentation(caption, crop, flip)
 
     def load(self, index: int, epoch: int) -> dict:
         row = self.rows[index]
         image = load_image(row[self.image_column], name=_row_name(row[self.image_column]) or self.where(index, row))
-        resized = self.transform.resize(image)
+        target = self.target(index)
+        resized = self.transform.resize(image, target)
         plan = self.plan(index, epoch, resized.size, row)
-        return {"pixel_values": self.transform.apply(resized, plan.crop, plan.flip),
+        return {"pixel_values": self.transform.apply(resized, plan.crop, plan.flip, target),
                 "input_ids": self.tokenize(plan.caption), "caption": plan.caption,
                 "original_size": torch.tensor([image.height, image.width]),  # SDXL's time ids (h, w)
-                "crop_top_left": torch.tensor(self.transform.crop_top_left(resized.size, plan.crop, plan.flip)),
+                "crop_top_left": torch.tensor(self.transform.crop_top_left(resized.size, plan.crop, plan.flip, target)),
                 "name": self.file_name(index, row)}
 
     def file_name(self, index: int, row=None) -> str:
@@ -476,3 +503,21 @@ def build_held_out_dataset(args, rows, tokenizer) -> TextImageDataset:
     dataset = build_text_image_dataset(plain, rows, tokenizer)
     dataset.first_caption, dataset.source_name = True, f"held-out data (--validation_split {args.validation_split})"
     return dataset
+
+
+def assign_dataset_buckets(args, dataset: TextImageDataset) -> dict | None:
+    """--enable_bucket: give every sample its bucket (from the image headers, no decode); returns the summary
+    (images per bucket, the ones far outside) for the log, run_info.json and <output_dir>/buckets.json."""
+    if not getattr(args, "enable_bucket", False):
+        return None
+    from utils.preflight import image_header
+
+    images, sizes, names = dataset.rows[dataset.image_column], [], []
+    for index, image in enumerate(images):
+        size, problem = image_header(image, dataset.where(index))
+        sizes.append(size or (args.resolution, args.resolution))  # an unreadable one is skipped when drawn
+        names.append(dataset.file_name(index))
+    dataset.buckets = assign_buckets(sizes, args)
+    summary = bucket_summary(sizes, dataset.buckets, names)
+    log_bucket_summary(summary)
+    return summary
