@@ -261,3 +261,49 @@ def test_two_processes(tiny_sdxl_pipeline_dir, data, tmp_path):
                                                          "--checkpointing_steps", "2"), num_processes=2)
     assert (out / "checkpoint-2" / "unet_ema").is_dir() and (out / "unet").is_dir()
     shutil.rmtree(out)
+
+
+# diffusers' examples/text_to_image/README_sdxl.md commands, verbatim (main, 2026-08-23).
+README_FULL = """--pretrained_model_name_or_path=$MODEL_NAME --pretrained_vae_model_name_or_path=$VAE_NAME
+  --dataset_name=$DATASET_NAME --enable_xformers_memory_efficient_attention --resolution=512 --center_crop
+  --random_flip --proportion_empty_prompts=0.2 --train_batch_size=1 --gradient_accumulation_steps=4
+  --gradient_checkpointing --max_train_steps=10000 --use_8bit_adam --learning_rate=1e-06 --lr_scheduler="constant"
+  --lr_warmup_steps=0 --mixed_precision="fp16" --report_to="wandb"
+  --validation_prompt="a cute Sundar Pichai creature" --validation_epochs 5 --checkpointing_steps=5000
+  --output_dir="sdxl-naruto-model" --push_to_hub"""
+README_LORA = """--pretrained_model_name_or_path=$MODEL_NAME --pretrained_vae_model_name_or_path=$VAE_NAME
+  --dataset_name=$DATASET_NAME --caption_column="text" --resolution=1024 --random_flip --train_batch_size=1
+  --num_train_epochs=2 --checkpointing_steps=500 --learning_rate=1e-04 --lr_scheduler="constant"
+  --lr_warmup_steps=0 --mixed_precision="fp16" --seed=42 --output_dir="sd-naruto-model-lora-sdxl"
+  --validation_prompt="cute dragon creature" --report_to="wandb" --push_to_hub"""
+# What a 2-core CPU without network changes (flags as shlex splits them): no CUDA (xformers, fp16), no wandb or Hub, and test sizes.
+CPU_OFFLINE = {"--enable_xformers_memory_efficient_attention": None, "--push_to_hub": None,
+               "--mixed_precision=fp16": "--mixed_precision=no", "--report_to=wandb": "--report_to=none",
+               "--resolution=512": "--resolution=32", "--resolution=1024": "--resolution=32",
+               "--max_train_steps=10000": "--max_train_steps=2", "--num_train_epochs=2": "--max_train_steps=2"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [README_FULL, README_LORA], ids=["full", "lora"])
+def test_diffusers_readme_sdxl_command_runs(command, tiny_sdxl_pipeline_dir, tmp_path):
+    import shlex
+
+    from PIL import Image
+
+    from utils.sd.data import write_metadata_jsonl
+
+    lora = command is README_LORA  # (our script: the same flags plus --use_lora)
+    dataset = tmp_path / "dataset"  # an imagefolder dataset, what --dataset_name loads from a folder
+    dataset.mkdir()
+    for i in range(3):
+        Image.new("RGB", (48, 40), (40 * i, 90, 160)).save(dataset / f"{i}.png")
+    write_metadata_jsonl(str(dataset), [{"file_name": f"{i}.png", "text": f"a creature {i}"} for i in range(3)])
+    command = (command.replace("$MODEL_NAME", tiny_sdxl_pipeline_dir)
+               .replace("$VAE_NAME", os.path.join(tiny_sdxl_pipeline_dir, "vae")).replace("$DATASET_NAME", str(dataset)))
+    argv = []
+    for flag in shlex.split(command):
+        argv += [] if CPU_OFFLINE.get(flag, flag) is None else [CPU_OFFLINE.get(flag, flag)]
+    argv = [a.replace("--output_dir=", f"--output_dir={tmp_path}/") for a in argv]
+    accelerate_launch("train_text_to_image.py", ["--use_lora"] * lora + argv)
+    out = tmp_path / ("sd-naruto-model-lora-sdxl" if lora else "sdxl-naruto-model")
+    assert (out / ("pytorch_lora_weights.safetensors" if lora else "model_index.json")).is_file()
