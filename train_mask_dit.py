@@ -29,6 +29,7 @@ import torch
 from accelerate.utils import DataLoaderConfiguration
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
+from utils.buckets import add_bucket_args, check_bucket_args
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
 from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_checkpoint
 from utils.config import parse_args_with_config
@@ -38,8 +39,8 @@ from utils.errors import UserError, oom_hint, user_entry_point
 from utils.images import save_and_log_images
 from utils.mask_dit.cache import cache_paired_datasets, paired_rows_fingerprint
 from utils.mask_dit.conditioning import Conditioner
-from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, hub_records, scan_paired_folder,
-                                 select_fraction, usable_records)
+from utils.mask_dit.data import (PairedImageMaskDataset, assign_pair_buckets, collate_pairs, hub_records,
+                                 scan_paired_folder, select_fraction, usable_records)
 from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
                                           loss_weights, sample_timesteps)
 from utils.mask_dit.metrics import mask_iou, segment_structures, ssim
@@ -147,6 +148,7 @@ def parse_args(argv=None):
     add_cache_args(parser)
     add_auto_batch_args(parser)
     add_speed_args(parser)
+    add_bucket_args(parser)
     args = parse_args_with_config(parser, argv)
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --train_data_dir or --dataset_name")
@@ -154,6 +156,9 @@ def parse_args(argv=None):
     resolve_cache_args(
         args, has_vae=bool(args.vae_model_name_or_path), has_text_encoder=bool(args.text_encoder_name_or_path)
     )
+    if args.enable_bucket and (args.cache_latents or args.train_batch_size == "auto"):
+        raise UserError("--enable_bucket in train_mask_dit.py does not go with --cache_latents (its latent cache "
+                        "holds one size) or --train_batch_size auto (give a number); --cache_text_embeddings works.")
     return args
 
 
@@ -209,6 +214,8 @@ def build_transformer(args, in_channels: int, vae_downsample: int, caption_dim: 
     if args.resolution % (vae_downsample * model.config.patch_size):
         raise UserError(f"--resolution {args.resolution} must be a multiple of "
                         f"{vae_downsample * model.config.patch_size}")
+    # Buckets of about --resolution² pixels = a token budget of (resolution / (VAE factor x patch))² tokens.
+    check_bucket_args(args, vae_downsample * model.config.patch_size)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -375,6 +382,7 @@ def main(args):
 
     # Data: images, or the VAE latents / caption embeddings cached on disk (then the encoders leave the device).
     train_dataset, held_out = build_datasets(args)
+    buckets = assign_pair_buckets(args, train_dataset)  # --enable_bucket (held-out pairs stay square)
     (train_dataset, held_out_for_loss), empty_caption = cache_paired_datasets(
         [train_dataset, held_out], vae, tokenizer, text_encoder, args, accelerator)
     encoders = {"vae": vae, "text_encoder": text_encoder}
@@ -386,7 +394,8 @@ def main(args):
     resolve_auto_batch_size_for(args, accelerator, lambda batch: flow_step_loss(
         transformer, conditioner, batch, probe_generator.manual_seed(0), args), train_dataset, collate, [transformer])
     apply_speedups(transformer, args)
-    train_dataloader = make_train_dataloader(train_dataset, args.train_batch_size, args.dataloader_num_workers, collate)
+    train_dataloader = make_train_dataloader(train_dataset, args.train_batch_size, args.dataloader_num_workers, collate,
+                                             buckets=getattr(train_dataset, "base", train_dataset).buckets, seed=args.seed)
     held_out_dataloader = (torch.utils.data.DataLoader(held_out_for_loss, batch_size=args.train_batch_size,
                                                        collate_fn=collate) if held_out else None)
     logger.info(f"{len(train_dataset)} training pairs, {len(held_out) if held_out else 0} held out")
@@ -415,6 +424,8 @@ def main(args):
     position = resume_position(accelerator, args, updates_per_epoch)
     record = RunRecord(args, accelerator, "train_mask_dit.py",
                        paired_rows_fingerprint(getattr(train_dataset, "base", train_dataset)), position)
+    if buckets is not None:
+        record.note("buckets", {"images_per_bucket": buckets["buckets"], "far_outside": len(buckets["far_outside"])})
     global_step = position.global_step
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
     validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,

@@ -144,3 +144,66 @@ def test_bucket_flags_are_checked(tiny_pipeline_dir, mixed, tmp_path):
 
     with pytest.raises(UserError, match="multiple of 4"):
         check_bucket_args(args, 4)
+
+
+@pytest.mark.slow
+def test_mask_dit_buckets_crop_image_and_mask_together(tmp_path, monkeypatch):
+    """Pairs of three shapes: every step's batch has one shape (tokens per side follow the bucket), the mask
+    is cropped with its image, the run record lists the buckets, and a resume is exact."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    import train_mask_dit
+    from utils.mask_dit.data import PairedImageMaskDataset
+    from utils.mask_dit.nextdit import MaskNextDiT2DModel
+
+    root = tmp_path / "pairs"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i, (height, width) in enumerate([(32, 64)] * 4 + [(64, 32)] * 4 + [(48, 48)] * 4):
+        picture = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+        split = int(rng.integers(width // 4, 3 * width // 4))
+        picture[:, :split, 0] = 255  # a bright red left part whose edge the mask follows: checkable after crops
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[:, :split] = 1
+        Image.fromarray(picture).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / "masks" / f"{i}.png")
+
+    original_item = PairedImageMaskDataset.load_item
+
+    def checked_item(self, index):
+        item = original_item(self, index)
+        if self.buckets is not None:
+            width, height = self.target(index)
+            assert item["pixel_values"].shape[-2:] == item["mask"].shape[-2:] == (height, width)
+            red, mask = item["pixel_values"][0] > 0.5, item["mask"][0] > 0.5  # same crop and flip: they agree
+            assert (red == mask).float().mean() > 0.9
+        return item
+    monkeypatch.setattr(PairedImageMaskDataset, "load_item", checked_item)
+    shapes = []
+    original_forward = MaskNextDiT2DModel.forward
+
+    def recording_forward(self, sample, *args, **kwargs):
+        shapes.append(tuple(sample.shape))
+        return original_forward(self, sample, *args, **kwargs)
+    monkeypatch.setattr(MaskNextDiT2DModel, "forward", recording_forward)
+
+    def args(out, steps, *extra):
+        return ["--train_data_dir", str(root), "--output_dir", str(out), "--model_size", "tiny", "--resolution", "32",
+                "--mask_channels", "1", "--train_batch_size", "2", "--seed", "0", "--report_to", "none",
+                "--max_train_steps", str(steps), "--validation_split", "0", "--validation_epochs", "0",
+                "--num_validation_images", "0", "--enable_bucket", "--min_bucket_reso", "16",
+                "--max_bucket_reso", "64", "--bucket_reso_steps", "8", "--random_crop", "--random_flip",
+                "--checkpointing_steps", "2", "--lr_warmup_steps", "0", "--lr_scheduler", "constant", *extra]
+
+    straight = tmp_path / "straight"
+    run_main_in_process(train_mask_dit, args(straight, 5))
+    assert len({s[-2:] for s in shapes}) >= 2 and len(shapes) == 5  # different buckets, one shape per batch
+    info = json.load(open(straight / "run_info.json"))
+    assert info["buckets"]["images_per_bucket"] == {"24x40": 4, "40x24": 4, "32x32": 4}
+    resumed = tmp_path / "resumed"
+    run_main_in_process(train_mask_dit, args(resumed, 2))
+    run_main_in_process(train_mask_dit, args(resumed, 5, "--resume_from_checkpoint", "latest"))
+    weights = [load_file(next(p for p in (d / "transformer").glob("*.safetensors"))) for d in (straight, resumed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -191,9 +191,17 @@ class PairedImageMaskDataset(SkipsBadSamples, EpochDataset):
         self.random_flip = random_flip
         self.seed = seed
         self.epoch = 0
+        self.buckets = None  # --enable_bucket: each item's (width, height) bucket (utils.buckets)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def target(self, index: int) -> tuple[int, int]:
+        """(width, height) of item `index`'s crop: its bucket, or the --resolution square."""
+        return tuple(self.buckets[index]) if self.buckets is not None else (self.resolution, self.resolution)
+
+    def interchangeable(self, index: int, other: int) -> bool:  # a skipped item's stand-in: the same bucket
+        return self.buckets is None or tuple(self.buckets[index]) == tuple(self.buckets[other])
 
     def load_pair(self, index: int) -> tuple[Image.Image, Image.Image, PairRecord]:
         record = self.records[self.indices[index]]
@@ -208,17 +216,24 @@ class PairedImageMaskDataset(SkipsBadSamples, EpochDataset):
             )
         return image.convert("RGB"), mask.convert("L"), record
 
-    def resized_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """The (width, height) an image of `image_size` is resized to: short side `resolution`."""
+    def resized_size(self, image_size: tuple[int, int], target: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The (width, height) an image of `image_size` is resized to: short side `resolution`, or (a bucket)
+        the smallest size covering the target at the image's aspect ratio."""
         width, height = image_size
-        scale = self.resolution / min(width, height)
-        return max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale))
+        target_width, target_height = target or (self.resolution, self.resolution)
+        scale = max(target_width / width, target_height / height)
+        return max(target_width, round(width * scale)), max(target_height, round(height * scale))
 
     def plan(self, index: int, epoch: int, resized_size: tuple[int, int]) -> tuple[tuple[int, int], bool]:
         """Item `index`'s random choices in `epoch`, made here only: the crop's (top, left), then the flip.
         `__getitem__` and the latent cache (`utils.mask_dit.cache`) both call this."""
         rng = sample_rng(self.seed, epoch, index)
-        crop = crop_origin(resized_size, self.resolution, not self.random_crop, rng)
+        if self.buckets is None:
+            crop = crop_origin(resized_size, self.resolution, not self.random_crop, rng)
+        else:
+            (width, height), (crop_width, crop_height) = resized_size, self.target(index)
+            crop = (rng.randint(0, height - crop_height), rng.randint(0, width - crop_width)) if self.random_crop \
+                else ((height - crop_height) // 2, (width - crop_width) // 2)
         return crop, bool(self.random_flip and rng.random() < 0.5)
 
     def __getitem__(self, index: int) -> dict:
@@ -226,12 +241,13 @@ class PairedImageMaskDataset(SkipsBadSamples, EpochDataset):
 
     def load_item(self, index: int) -> dict:
         image, mask, record = self.load_pair(index)
-        size = self.resized_size(image.size)
+        target = self.target(index)
+        size = self.resized_size(image.size, target)
         if size != image.size:
             image = image.resize(size, Image.BICUBIC)
             mask = mask.resize(size, Image.NEAREST)
         (top, left), flip = self.plan(index, self.epoch, size)
-        box = (left, top, left + self.resolution, top + self.resolution)
+        box = (left, top, left + target[0], top + target[1])  # image and mask cropped together
         image_array = np.asarray(image.crop(box), dtype=np.float32) / 127.5 - 1.0
         mask_array = mask_to_channels(np.asarray(mask.crop(box)), self.mask_channels, record.name)
         image_tensor = torch.from_numpy(image_array).permute(2, 0, 1).contiguous()
@@ -373,3 +389,19 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def assign_pair_buckets(args, dataset: PairedImageMaskDataset) -> dict | None:
+    """--enable_bucket: each pair's bucket from its image header (no decode), the mask cropped with it; returns the
+    summary (pairs per bucket, the ones far outside) for the log and run_info.json."""
+    if not getattr(args, "enable_bucket", False):
+        return None
+    from utils.buckets import assign_buckets, bucket_summary, log_bucket_summary
+    from utils.preflight import image_header
+
+    records = [dataset.records[i] for i in dataset.indices]
+    sizes = [image_header(record.image, record.name)[0] or (args.resolution, args.resolution) for record in records]
+    dataset.buckets = assign_buckets(sizes, args)
+    summary = bucket_summary(sizes, dataset.buckets, [record.name for record in records])
+    log_bucket_summary(summary)
+    return summary
