@@ -156,9 +156,9 @@ def parse_args(argv=None):
     resolve_cache_args(
         args, has_vae=bool(args.vae_model_name_or_path), has_text_encoder=bool(args.text_encoder_name_or_path)
     )
-    if args.enable_bucket and (args.cache_latents or args.train_batch_size == "auto"):
-        raise UserError("--enable_bucket in train_mask_dit.py does not go with --cache_latents (its latent cache "
-                        "holds one size) or --train_batch_size auto (give a number); --cache_text_embeddings works.")
+    if args.enable_bucket and args.train_batch_size == "auto":
+        raise UserError("--enable_bucket trains on batches of different shapes: give --train_batch_size a number "
+                        "(not auto).")
     return args
 
 

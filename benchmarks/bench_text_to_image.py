@@ -47,8 +47,9 @@ SHAPES = ("circle", "square", "triangle")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "small", "sd-small", "base"],
-                        help="utils.sd.builder presets, or sd-small: SD 1.x's UNet and VAE layout at 1/5 and 1/4 width.")
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "tiny-sdxl", "small", "sd-small", "base"],
+                        help="utils.sd.builder presets (tiny-sdxl: an SDXL-shaped pipeline), or sd-small: SD 1.x's "
+                             "UNet and VAE layout at 1/5 and 1/4 width.")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--num_images", type=int, default=64, help="Images in the synthetic dataset.")
@@ -160,8 +161,13 @@ def count_flops(pipeline_dir: str, batch_size: int, resolution: int) -> dict:
             unet, vae, text_config = load()
             latent = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
             sample = torch.randn(batch_size, unet.config.in_channels, latent, latent)
-            states = torch.randn(batch_size, text_config.max_position_embeddings, text_config.hidden_size)
-            unet(sample, torch.randint(0, 1000, (batch_size,)), states, return_dict=False)[0].float().pow(2).mean().backward()
+            states = torch.randn(batch_size, text_config.max_position_embeddings, unet.config.cross_attention_dim)
+            added = None
+            if unet.config.addition_embed_type == "text_time":  # SDXL: the pooled prompt and the 6 time ids
+                pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+                added = {"text_embeds": torch.randn(batch_size, pooled), "time_ids": torch.randn(batch_size, 6)}
+            unet(sample, torch.randint(0, 1000, (batch_size,)), states, added_cond_kwargs=added,
+                 return_dict=False)[0].float().pow(2).mean().backward()
 
     def vae_encode():
         with torch.device("meta"), torch.no_grad():

@@ -15,6 +15,11 @@ from tests.conftest import accelerate_launch, run_main_in_process, write_caption
 from utils.buckets import BucketBatchSampler, assign_buckets, make_buckets
 
 
+def losses(out):
+    with open(os.path.join(out, "report", "metrics.jsonl"), encoding="utf-8") as handle:
+        return [r["train/loss"] for r in map(json.loads, handle) if "train/loss" in r]
+
+
 def bucket_args(**overrides):
     values = dict(resolution=32, min_bucket_reso=16, max_bucket_reso=64, bucket_reso_steps=8, bucket_no_upscale=False)
     return types.SimpleNamespace(**{**values, **overrides})
@@ -119,9 +124,6 @@ def test_bucketed_resume_is_exact_and_cache_equals_images(tiny_pipeline_dir, mix
     cached = tmp_path / "cached"
     run_main_in_process(train_text_to_image, run_args(tiny_pipeline_dir, mixed, cached, 5, *flags, "--precompute"))
 
-    def losses(out):
-        with open(os.path.join(out, "report", "metrics.jsonl"), encoding="utf-8") as handle:
-            return [r["train/loss"] for r in map(json.loads, handle) if "train/loss" in r]
     assert len(losses(straight)) == 5
     np.testing.assert_allclose(losses(cached), losses(straight), rtol=1e-5)
     assert len([d for d in os.listdir(cached / "latent_cache") if d.startswith("latents-")]) == 3  # one per bucket
@@ -147,7 +149,7 @@ def test_bucket_flags_are_checked(tiny_pipeline_dir, mixed, tmp_path):
 
 
 @pytest.mark.slow
-def test_mask_dit_buckets_crop_image_and_mask_together(tmp_path, monkeypatch):
+def test_mask_dit_buckets_crop_image_and_mask_together(tiny_pipeline_dir, tmp_path, monkeypatch):
     """Pairs of three shapes: every step's batch has one shape (tokens per side follow the bucket), the mask
     is cropped with its image, the run record lists the buckets, and a resume is exact."""
     from PIL import Image
@@ -202,6 +204,13 @@ def test_mask_dit_buckets_crop_image_and_mask_together(tmp_path, monkeypatch):
     assert len({s[-2:] for s in shapes}) >= 2 and len(shapes) == 5  # different buckets, one shape per batch
     info = json.load(open(straight / "run_info.json"))
     assert info["buckets"]["images_per_bucket"] == {"24x40": 4, "40x24": 4, "32x32": 4}
+    cached = tmp_path / "cached"  # a latent cache per bucket trains exactly as the images
+    vae = ("--vae_model_name_or_path", tiny_pipeline_dir, "--logging_steps", "1")
+    run_main_in_process(train_mask_dit, args(cached, 5, "--cache_latents", *vae))
+    assert len([d for d in os.listdir(cached / "latent_cache") if d.startswith("latents-")]) == 3
+    run_main_in_process(train_mask_dit, args(tmp_path / "plain", 5, *vae))
+    np.testing.assert_allclose(losses(cached), losses(tmp_path / "plain"), rtol=1e-5)
+
     resumed = tmp_path / "resumed"
     run_main_in_process(train_mask_dit, args(resumed, 2))
     run_main_in_process(train_mask_dit, args(resumed, 5, "--resume_from_checkpoint", "latest"))

@@ -194,6 +194,41 @@ class ShardedTensors:
         return torch.cat(parts)
 
 
+class BucketedLatents:
+    """One latent cache per aspect-ratio bucket (their latents differ in shape), read as one: `get(name, index)`
+    and `column(name)` by dataset index, like `ShardedTensors`."""
+
+    def __init__(self, parts: list[tuple[list[int], ShardedTensors]], rows: int):
+        self.parts, self.rows = parts, rows
+        self.where = {index: (part, row) for part, (indices, _) in enumerate(parts) for row, index in enumerate(indices)}
+
+    def get(self, name: str, index: int) -> torch.Tensor:
+        part, row = self.where[index]
+        return self.parts[part][1].get(name, row)
+
+    def column(self, name: str) -> torch.Tensor:
+        values = [None] * self.rows
+        for indices, tensors in self.parts:
+            for index, value in zip(indices, tensors.column(name)):
+                values[index] = value
+        return torch.stack(values)
+
+    def has(self, name: str) -> bool:
+        return self.parts[0][1].has(name)
+
+    @property
+    def manifest(self) -> dict:
+        """The parts' per-row manifest lists (e.g. "captions") put back in dataset order."""
+        merged = {}
+        for indices, tensors in self.parts:
+            for key, values in tensors.manifest.items():
+                if isinstance(values, list) and len(values) == len(indices) and key != "shards":
+                    merged.setdefault(key, [None] * self.rows)
+                    for index, value in zip(indices, values):
+                        merged[key][index] = value
+        return merged
+
+
 @contextlib.contextmanager
 def builders_first(accelerator):
     """Order the processes around building a cache: the global main process first, then the first process

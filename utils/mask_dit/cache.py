@@ -11,8 +11,8 @@ import logging
 import torch
 from PIL import Image
 
-from utils.cache import (ShardedTensors, builders_first, fingerprint, image_reference, is_channels_last, load_or_build,
-                         module_fingerprint)
+from utils.cache import (BucketedLatents, ShardedTensors, builders_first, fingerprint, image_reference,
+                         is_channels_last, load_or_build, module_fingerprint)
 from utils.mask_dit.data import PairedImageMaskDataset
 
 logger = logging.getLogger(__name__)
@@ -30,23 +30,27 @@ def paired_rows_fingerprint(dataset) -> str:
     return digest.hexdigest()[:20]
 
 
-def encode_pair_batches(dataset, vae, device, batch_size: int):
+def encode_pair_batches(dataset, vae, device, batch_size: int, indices: list[int] | None = None):
     """Yield {"mean", "std" [B, C, h, w] (+ "mean_flipped", "std_flipped"), "mask" uint8 [B, K, R, R],
-    "size" [B, 2], "channels_last" [B]} for the epoch-0 crops of a `PairedImageMaskDataset`."""
+    "size" [B, 2], "channels_last" [B]} for the epoch-0 crops of a `PairedImageMaskDataset` (`indices`: default all;
+    with buckets, one bucket's items)."""
     # The same pairs without the flip: the crop is drawn before the flip, so it is the epoch-0 crop.
     unflipped = PairedImageMaskDataset(dataset.records, dataset.resolution, dataset.mask_channels, dataset.random_crop,
                                        False, dataset.indices, dataset.seed)
-    for start in range(0, len(dataset), batch_size):
-        items = [unflipped[index] for index in range(start, min(start + batch_size, len(dataset)))]
+    unflipped.buckets = dataset.buckets
+    indices = list(range(len(dataset))) if indices is None else indices
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        items = [unflipped[index] for index in chunk]
         sizes = []
-        for index in range(start, start + len(items)):
+        for index in chunk:
             image = dataset.records[dataset.indices[index]].image
             if isinstance(image, str):
                 with Image.open(image) as opened:  # the header only
                     image_size = opened.size
             else:
                 image_size = image.size
-            sizes.append(dataset.resized_size(image_size))
+            sizes.append(dataset.resized_size(image_size, dataset.target(index)))
         pixel_values = torch.stack([item["pixel_values"] for item in items])
         if dataset.random_flip:
             pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
@@ -119,9 +123,18 @@ def cache_pair_latents(dataset, vae, vae_fingerprint: str, args, device) -> Shar
     if dataset.random_crop:  # the epoch-0 crop is drawn from the seed
         key["seed"] = dataset.seed
     captions = [dataset.records[i].caption for i in dataset.indices]
-    return load_or_build(args.latent_cache_dir, "latents", key,
-                         lambda: encode_pair_batches(dataset, vae, device, args.cache_batch_size),
-                         extra_fn=lambda: {"captions": captions})
+    if dataset.buckets is None:
+        return load_or_build(args.latent_cache_dir, "latents", key,
+                             lambda: encode_pair_batches(dataset, vae, device, args.cache_batch_size),
+                             extra_fn=lambda: {"captions": captions})
+    members = {}  # --enable_bucket: a cache per bucket (their latents differ in shape)
+    for index, bucket in enumerate(dataset.buckets):
+        members.setdefault(tuple(bucket), []).append(index)
+    return BucketedLatents([(indices, load_or_build(
+        args.latent_cache_dir, "latents", dict(key, bucket=list(bucket), indices=fingerprint(indices)),
+        lambda indices=indices: encode_pair_batches(dataset, vae, device, args.cache_batch_size, indices),
+        extra_fn=lambda indices=indices: {"captions": [captions[i] for i in indices]}))
+        for bucket, indices in sorted(members.items())], len(dataset))
 
 
 def cache_caption_embeddings(captions: list[str], tokenizer, text_encoder, args) -> ShardedTensors:

@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from utils.cache import (ShardedTensors, builders_first, fingerprint, image_reference, is_channels_last, load_or_build,
+from utils.cache import (BucketedLatents, ShardedTensors, builders_first, fingerprint, image_reference, is_channels_last, load_or_build,
                          module_fingerprint)
 from utils.data import BadSampleError
 from utils.images import load_image
@@ -131,29 +131,6 @@ def encode_text_batches(captions: list[str], tokenize, text_encoders, device, ba
                 yield {"embeddings": embeddings, "pooled": pooled}
             else:
                 yield {"embeddings": text_encoders[0](input_ids, return_dict=False)[0]}
-
-
-class BucketedLatents:
-    """One latent cache per aspect-ratio bucket (their latents differ in shape), read as one: `get(name, index)`
-    and `column(name)` by dataset index, like `ShardedTensors`."""
-
-    def __init__(self, parts: list[tuple[list[int], ShardedTensors]], rows: int):
-        self.parts, self.rows = parts, rows
-        self.where = {index: (part, row) for part, (indices, _) in enumerate(parts) for row, index in enumerate(indices)}
-
-    def get(self, name: str, index: int) -> torch.Tensor:
-        part, row = self.where[index]
-        return self.parts[part][1].get(name, row)
-
-    def column(self, name: str) -> torch.Tensor:
-        values = [None] * self.rows
-        for indices, tensors in self.parts:
-            for index, value in zip(indices, tensors.column(name)):
-                values[index] = value
-        return torch.stack(values)
-
-    def has(self, name: str) -> bool:
-        return self.parts[0][1].has(name)
 
 
 class CachedTextImageDataset(torch.utils.data.Dataset):
