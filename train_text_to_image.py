@@ -601,7 +601,8 @@ def save_final(args, accelerator, models, ema, final_is_best: bool = False) -> N
     write_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path or "from scratch "
                                                                                        f"({args.model_preset} preset)",
                      datasets=[args.dataset_name] if args.dataset_name else None, hyperparameters=redact_args(args),
-                     validation_grid=grid, lora=args.use_lora)
+                     validation_grid=grid, lora=args.use_lora,
+                     tags=["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image"] if args.sdxl else None)
     if args.push_to_hub:
         push_output_dir(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                         token=args.hub_token, private=args.hub_private_repo)

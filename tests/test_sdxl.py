@@ -166,6 +166,7 @@ def test_full_ema_resume_rotation_and_generate(tiny_sdxl_pipeline_dir, data, tmp
     assert not (straight / "checkpoint-2").exists()  # --checkpoints_total_limit 2
     pipe = StableDiffusionXLPipeline.from_pretrained(straight)
     assert pipe.text_encoder_2 is not None
+    assert "stable-diffusion-xl" in (straight / "README.md").read_text()  # the model card's tags
 
     resumed = tmp_path / "resumed"
     run_main_in_process(train_text_to_image, args_for(tiny_sdxl_pipeline_dir, data, resumed, 2, *flags))
