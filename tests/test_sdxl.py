@@ -308,3 +308,13 @@ def test_diffusers_readme_sdxl_command_runs(command, tiny_sdxl_pipeline_dir, tmp
     accelerate_launch("train_text_to_image.py", ["--use_lora"] * lora + argv)
     out = tmp_path / ("sd-naruto-model-lora-sdxl" if lora else "sdxl-naruto-model")
     assert (out / ("pytorch_lora_weights.safetensors" if lora else "model_index.json")).is_file()
+
+
+@pytest.mark.slow
+def test_auto_batch_size_probes_the_sdxl_step(tiny_sdxl_pipeline_dir, data, tmp_path):
+    out = tmp_path / "auto"
+    argv = args_for(tiny_sdxl_pipeline_dir, data, out, 1)
+    argv[argv.index("--train_batch_size") + 1] = "auto"
+    run_main_in_process(train_text_to_image, argv)
+    chosen = json.load(open(out / "training_args.json"))["train_batch_size"]
+    assert isinstance(chosen, int) and chosen >= 1 and (out / "unet").is_dir()
