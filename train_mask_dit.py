@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import DataLoaderConfiguration
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
-from utils.buckets import add_bucket_args, check_bucket_args
+from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
 from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_checkpoint
 from utils.config import parse_args_with_config
@@ -395,7 +395,8 @@ def main(args):
         transformer, conditioner, batch, probe_generator.manual_seed(0), args), train_dataset, collate, [transformer])
     apply_speedups(transformer, args)
     train_dataloader = make_train_dataloader(train_dataset, args.train_batch_size, args.dataloader_num_workers, collate,
-                                             buckets=getattr(train_dataset, "base", train_dataset).buckets, seed=args.seed)
+                                             buckets=getattr(train_dataset, "base", train_dataset).buckets,
+                                             seed=args.seed)
     held_out_dataloader = (torch.utils.data.DataLoader(held_out_for_loss, batch_size=args.train_batch_size,
                                                        collate_fn=collate) if held_out else None)
     logger.info(f"{len(train_dataset)} training pairs, {len(held_out) if held_out else 0} held out")
@@ -425,7 +426,9 @@ def main(args):
     record = RunRecord(args, accelerator, "train_mask_dit.py",
                        paired_rows_fingerprint(getattr(train_dataset, "base", train_dataset)), position)
     if buckets is not None:
-        record.note("buckets", {"images_per_bucket": buckets["buckets"], "far_outside": len(buckets["far_outside"])})
+        base = getattr(train_dataset, "base", train_dataset)
+        record_buckets(record, buckets, accelerator, args.output_dir,
+                       [base.records[i].name for i in base.indices], base.buckets)
     global_step = position.global_step
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
     validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,

@@ -34,11 +34,11 @@ from diffusers.training_utils import cast_training_params, compute_dream_and_upd
 from diffusers.utils.import_utils import is_xformers_available
 
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
-from utils.buckets import add_bucket_args, check_bucket_args
+from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
                          sample_cached_latents)
-from utils.checkpointing import (atomic_directory, check_finite_before_saving, write_json_atomic, register_checkpoint_hooks, resume_position,
-                                 save_checkpoint)
+from utils.checkpointing import (atomic_directory, check_finite_before_saving, register_checkpoint_hooks,
+                                 resume_position, save_checkpoint)
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
@@ -71,6 +71,7 @@ from utils.stopping import EarlyStopping, StopSignal
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, global_norm
 
 logger = logging.getLogger("train_text_to_image")
+SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image"]  # diffusers' SDXL model cards
 
 
 def parse_args(argv=None):
@@ -460,13 +461,10 @@ def main(args):
         save_run_args(args)
     record = RunRecord(args, accelerator, "train_text_to_image.py",
                        rows_fingerprint(rows, args.image_column, args.caption_column), position)
-    if buckets is not None:  # images per bucket in the record; every image's bucket in buckets.json
-        record.note("buckets", {"images_per_bucket": buckets["buckets"], "far_outside": len(buckets["far_outside"])})
-        if accelerator.is_main_process:
-            write_json_atomic(os.path.join(args.output_dir, "buckets.json"), dict(buckets, assignment={
-                dataset_name: f"{w}x{h}" for dataset_name, (w, h) in zip(
-                    (getattr(dataset, "base", dataset).file_name(i) for i in range(len(dataset))),
-                    getattr(dataset, "base", dataset).buckets)}))
+    if buckets is not None:
+        base = getattr(dataset, "base", dataset)
+        record_buckets(record, buckets, accelerator, args.output_dir,
+                       [base.file_name(i) for i in range(len(base))], base.buckets)
     held_out_scores = HeldOutScores(args, accelerator, models, ema, held_out, collate, position.state)
     if position.path and args.resume_override_lr:
         restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
@@ -602,7 +600,7 @@ def save_final(args, accelerator, models, ema, final_is_best: bool = False) -> N
                                                                                        f"({args.model_preset} preset)",
                      datasets=[args.dataset_name] if args.dataset_name else None, hyperparameters=redact_args(args),
                      validation_grid=grid, lora=args.use_lora,
-                     tags=["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image"] if args.sdxl else None)
+                     tags=SDXL_TAGS if args.sdxl else None)
     if args.push_to_hub:
         push_output_dir(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                         token=args.hub_token, private=args.hub_private_repo)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import random
 
 from utils.errors import UserError
@@ -110,6 +111,16 @@ def log_bucket_summary(summary: dict) -> None:
                        f"1.5x off their bucket's, or upscaled more than 2x), e.g. "
                        + "; ".join(f"{o['image']} {o['size']} -> {o['bucket']}" for o in first)
                        + ". Widen --min_bucket_reso/--max_bucket_reso, or crop them beforehand.")
+
+
+def record_buckets(record, summary: dict, accelerator, output_dir: str, names: list[str], buckets: list) -> None:
+    """Images per bucket into the run record (run_info.json), every image's bucket into <output_dir>/buckets.json."""
+    from utils.checkpointing import write_json_atomic
+
+    record.note("buckets", {"images_per_bucket": summary["buckets"], "far_outside": len(summary["far_outside"])})
+    if accelerator.is_main_process:
+        write_json_atomic(os.path.join(output_dir, "buckets.json"),
+                          dict(summary, assignment={name: f"{w}x{h}" for name, (w, h) in zip(names, buckets)}))
 
 
 class BucketBatchSampler:

@@ -101,8 +101,8 @@ def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn
         from utils.buckets import BucketBatchSampler
 
         sampler = BucketBatchSampler(buckets, batch_size, seed, dataset=getattr(dataset, "base", dataset))
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
-                                           generator=torch.Generator(), **kwargs)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                                           num_workers=num_workers, generator=torch.Generator(), **kwargs)
     return torch.utils.data.DataLoader(dataset, shuffle=shuffle, collate_fn=collate_fn, batch_size=batch_size,
                                        num_workers=num_workers, drop_last=drop_last, generator=torch.Generator(), **kwargs)
 

@@ -92,7 +92,8 @@ def add_training_args(parser) -> None:
     train.add_argument("--proportion_empty_prompts", type=float, default=None,
                        help="Proportion of image prompts to be replaced with empty strings (diffusers' SDXL scripts' "
                             "name for --caption_dropout_prob).")
-    train.add_argument("--timestep_bias_strategy", type=str, default="none", choices=["earlier", "later", "range", "none"],
+    train.add_argument("--timestep_bias_strategy", type=str, default="none",
+                       choices=["earlier", "later", "range", "none"],
                        help="Sample training timesteps with a bias: more of the earlier (low-noise, detail) or later "
                             "(high-noise, composition) ones, or of a range (diffusers' SDXL scripts).")
     train.add_argument("--timestep_bias_multiplier", type=float, default=1.0,
