@@ -37,6 +37,7 @@ from utils.data import epoch_batches, make_train_dataloader, split_train_validat
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.images import save_and_log_images
+from utils.latents import vae_scale_factor
 from utils.mask_dit.cache import cache_paired_datasets, paired_rows_fingerprint
 from utils.mask_dit.conditioning import Conditioner
 from utils.mask_dit.data import (PairedImageMaskDataset, assign_pair_buckets, collate_pairs, hub_records,
@@ -296,7 +297,7 @@ def build_encoders(args, accelerator, dtype):
     vae_downsample = 1
     if args.vae_model_name_or_path:
         vae = load_vae(args.vae_model_name_or_path).to(accelerator.device, dtype=torch.float32)
-        vae_downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae_downsample = vae_scale_factor(vae)
     return tokenizer, text_encoder, vae, vae_downsample
 
 

@@ -44,7 +44,7 @@ from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
-from utils.latents import encode_latents, scale_latents
+from utils.latents import encode_latents, scale_latents, vae_scale_factor
 from utils.optim import (apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
                          restart_lr_schedule)
 from utils.report import log_metrics
@@ -256,11 +256,11 @@ def diffusion_loss(args, models, batch, monitor: HealthMonitor):
 
 
 def check_resolution(args, vae, unet) -> None:
-    vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if args.resolution % vae_scale_factor:  # else the pipeline refuses it at the first validation, hours in
-        raise UserError(f"--resolution {args.resolution} must be a multiple of {vae_scale_factor} "
-                        f"(the VAE downsamples by {vae_scale_factor}).")
-    check_bucket_args(args, vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1))
+    factor = vae_scale_factor(vae)
+    if args.resolution % factor:  # else the pipeline refuses it at the first validation, hours in
+        raise UserError(f"--resolution {args.resolution} must be a multiple of {factor} "
+                        f"(the VAE downsamples by {factor}).")
+    check_bucket_args(args, factor * 2 ** (len(unet.config.block_out_channels) - 1))
 
 
 def joint_vae(args) -> bool:

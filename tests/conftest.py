@@ -42,6 +42,24 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory):
     return build_pipeline(str(path), preset="tiny-sdxl")
 
 
+def parse_and_list_flags(parse_args, argv):
+    """(the parsed args, every option string the script's parser accepts)."""
+    import argparse
+
+    seen = set()
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, args=None, namespace=None):
+        seen.update(self._option_string_actions)
+        return original(self, args, namespace)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        return parse_args(argv), seen
+    finally:
+        argparse.ArgumentParser.parse_args = original
+
+
 def launch_env():
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)

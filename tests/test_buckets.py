@@ -16,8 +16,10 @@ from utils.buckets import BucketBatchSampler, assign_buckets, make_buckets
 
 
 def losses(out):
-    with open(os.path.join(out, "report", "metrics.jsonl"), encoding="utf-8") as handle:
-        return [r["train/loss"] for r in map(json.loads, handle) if "train/loss" in r]
+    from utils.report import read_metrics
+
+    values = read_metrics(str(out)).get("train/loss", {})
+    return [values[step] for step in sorted(values)]
 
 
 def bucket_args(**overrides):

@@ -21,13 +21,10 @@ GOLDEN = 0.6180339887498949
 
 
 def metric_series(output_dir, key):
-    series = {}
-    with open(os.path.join(output_dir, "report", "metrics.jsonl"), encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            if key in record:
-                series[record["step"]] = record[key]
-    return series
+    """{step: value} of a logged key, from report/metrics.jsonl."""
+    from utils.report import read_metrics
+
+    return read_metrics(output_dir).get(key, {})
 
 
 def unet_weights(folder):

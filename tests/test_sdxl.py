@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_text_to_image
-from tests.conftest import accelerate_launch, run_main_in_process, write_captioned_folder
+from tests.conftest import accelerate_launch, parse_and_list_flags, run_main_in_process, write_captioned_folder
 
 # Every flag of diffusers' examples/text_to_image/train_text_to_image_sdxl.py and train_text_to_image_lora_sdxl.py
 # (diffusers main, 2026-08-23), by name.
@@ -47,21 +47,8 @@ def args_for(pipeline, data, out, steps=2, *extra):
 
 
 def test_every_diffusers_sdxl_flag_and_default(tiny_sdxl_pipeline_dir):
-    import argparse
-
-    seen = set()
-    original = argparse.ArgumentParser.parse_args
-
-    def capture(self, args=None, namespace=None):
-        seen.update(self._option_string_actions)
-        return original(self, args, namespace)
-
-    argparse.ArgumentParser.parse_args = capture
-    try:
-        args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", tiny_sdxl_pipeline_dir,
-                                               "--dataset_name", "d"])
-    finally:
-        argparse.ArgumentParser.parse_args = original
+    args, seen = parse_and_list_flags(train_text_to_image.parse_args, ["--pretrained_model_name_or_path",
+                                                                      tiny_sdxl_pipeline_dir, "--dataset_name", "d"])
     assert not [flag for flag in DIFFUSERS_SDXL_FLAGS if flag not in seen]
     assert args.sdxl and (args.resolution, args.output_dir, args.validation_epochs, args.num_validation_images) == (
         1024, "sdxl-model-finetuned", 1, 4)
@@ -233,12 +220,9 @@ def test_lora_with_both_text_encoders_loads_in_diffusers_and_as_kohya(tiny_sdxl_
 
 
 def metric(output_dir, key):
-    values = {}
-    with open(os.path.join(output_dir, "report", "metrics.jsonl"), encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            if key in record:
-                values[record["step"]] = record[key]
+    from utils.report import read_metrics
+
+    values = read_metrics(output_dir).get(key, {})
     return [values[step] for step in sorted(values)]
 
 

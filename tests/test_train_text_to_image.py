@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, write_captioned_folder
+from conftest import accelerate_launch, parse_and_list_flags, write_captioned_folder
 
 SCRIPT = "train_text_to_image.py"
 
@@ -43,20 +43,7 @@ def base_args(pipeline, data, out, steps=2, extra=""):
 def test_every_diffusers_flag_is_accepted():
     import train_text_to_image as script
 
-    parser_flags = set()
-    import argparse
-
-    original = argparse.ArgumentParser.parse_args
-
-    def capture(self, args=None, namespace=None):
-        parser_flags.update(self._option_string_actions)
-        return original(self, args, namespace)
-
-    argparse.ArgumentParser.parse_args = capture
-    try:
-        script.parse_args(["--model_preset", "tiny", "--train_data_dir", "x"])
-    finally:
-        argparse.ArgumentParser.parse_args = original
+    _, parser_flags = parse_and_list_flags(script.parse_args, ["--model_preset", "tiny", "--train_data_dir", "x"])
     missing = [flag for flag in DIFFUSERS_FLAGS if flag not in parser_flags]
     assert not missing, f"flags of diffusers' scripts we do not accept: {missing}"
 

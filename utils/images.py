@@ -95,20 +95,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def cover_size(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) an image of `size` is resized to so that it covers `target` (width, height) at its own
+    aspect ratio: a square target is the short side to that size; an aspect-ratio bucket the smallest cover."""
+    (width, height), (target_width, target_height) = size, target
+    scale = max(target_width / width, target_height / height)
+    return max(target_width, round(width * scale)), max(target_height, round(height * scale))
+
+
 def resize_short_side(image: Image.Image, size: int, interpolation: str = "lanczos") -> Image.Image:
-    width, height = image.size
-    scale = size / min(width, height)
-    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    new_size = cover_size(image.size, (size, size))
     if new_size == image.size:
         return image
     return image.resize(new_size, INTERPOLATION_MODES[interpolation])
 
 
-def crop_origin(size: tuple[int, int], crop: int, center: bool, rng: random.Random) -> tuple[int, int]:
-    width, height = size
+def crop_origin(size: tuple[int, int], crop, center: bool, rng: random.Random) -> tuple[int, int]:
+    """(top, left) of a `crop` (a side, or (width, height)) in an image of `size` (width, height): centred, or
+    drawn from `rng` (top, then left)."""
+    (width, height), (crop_width, crop_height) = size, (crop, crop) if isinstance(crop, int) else crop
     if center:
-        return (height - crop) // 2, (width - crop) // 2
-    return rng.randint(0, height - crop), rng.randint(0, width - crop)
+        return (height - crop_height) // 2, (width - crop_width) // 2
+    return rng.randint(0, height - crop_height), rng.randint(0, width - crop_width)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -15,6 +15,11 @@ def vae_scale_and_shift(vae_config) -> tuple[float, float]:
     return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
 
 
+def vae_scale_factor(vae_config) -> int:
+    """How much the VAE downsamples each side: 2 per down block after the first."""
+    return 2 ** (len(getattr(vae_config, "config", vae_config).block_out_channels) - 1)
+
+
 def scale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """Raw VAE latents -> model-space latents."""
     scale, shift = vae_scale_and_shift(vae_config)

@@ -29,7 +29,7 @@ from PIL import Image
 
 from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng
 from utils.errors import UserError, UserFileNotFoundError
-from utils.images import crop_origin, decode_image_file
+from utils.images import cover_size, crop_origin, decode_image_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -219,21 +219,13 @@ class PairedImageMaskDataset(SkipsBadSamples, EpochDataset):
     def resized_size(self, image_size: tuple[int, int], target: tuple[int, int] | None = None) -> tuple[int, int]:
         """The (width, height) an image of `image_size` is resized to: short side `resolution`, or (a bucket)
         the smallest size covering the target at the image's aspect ratio."""
-        width, height = image_size
-        target_width, target_height = target or (self.resolution, self.resolution)
-        scale = max(target_width / width, target_height / height)
-        return max(target_width, round(width * scale)), max(target_height, round(height * scale))
+        return cover_size(image_size, target or (self.resolution, self.resolution))
 
     def plan(self, index: int, epoch: int, resized_size: tuple[int, int]) -> tuple[tuple[int, int], bool]:
         """Item `index`'s random choices in `epoch`, made here only: the crop's (top, left), then the flip.
         `__getitem__` and the latent cache (`utils.mask_dit.cache`) both call this."""
         rng = sample_rng(self.seed, epoch, index)
-        if self.buckets is None:
-            crop = crop_origin(resized_size, self.resolution, not self.random_crop, rng)
-        else:
-            (width, height), (crop_width, crop_height) = resized_size, self.target(index)
-            crop = (rng.randint(0, height - crop_height), rng.randint(0, width - crop_width)) if self.random_crop \
-                else ((height - crop_height) // 2, (width - crop_width) // 2)
+        crop = crop_origin(resized_size, self.target(index), not self.random_crop, rng)
         return crop, bool(self.random_flip and rng.random() < 0.5)
 
     def __getitem__(self, index: int) -> dict:

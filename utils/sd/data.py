@@ -30,8 +30,7 @@ from PIL import Image
 from utils.buckets import assign_buckets, bucket_summary, log_bucket_summary
 from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng, split_train_validation
 from utils.errors import UserError, UserFileNotFoundError
-from utils.images import (IMAGE_EXTENSIONS, INTERPOLATION_MODES, crop_origin, load_image, pil_to_tensor,
-                          resize_short_side)
+from utils.images import IMAGE_EXTENSIONS, INTERPOLATION_MODES, cover_size, crop_origin, load_image, pil_to_tensor
 from utils.preflight import add_preflight_args
 
 logger = logging.getLogger(__name__)
@@ -91,22 +90,13 @@ class ImageTransform:
     def resize(self, image: Image.Image, target: tuple[int, int] | None = None) -> Image.Image:
         """The short side to `resolution` (the size the crop is drawn in); for a bucket, the smallest size that
         covers it at the image's aspect ratio."""
-        if target is None:
-            return resize_short_side(image, self.resolution, self.interpolation)
-        width, height = image.size
-        scale = max(target[0] / width, target[1] / height)
-        size = (max(target[0], round(width * scale)), max(target[1], round(height * scale)))
+        size = cover_size(image.size, self.target(target))
         return image if size == image.size else image.resize(size, INTERPOLATION_MODES[self.interpolation])
 
     def draw(self, resized_size: tuple[int, int], rng: random.Random,
              target: tuple[int, int] | None = None) -> tuple[tuple[int, int], bool]:
         """The crop's (top, left) in an image of `resized_size`, then whether to flip: two draws from `rng`."""
-        if target is None:
-            crop = crop_origin(resized_size, self.resolution, self.center_crop, rng)
-        else:
-            (width, height), (crop_width, crop_height) = resized_size, target
-            crop = ((height - crop_height) // 2, (width - crop_width) // 2) if self.center_crop else \
-                (rng.randint(0, height - crop_height), rng.randint(0, width - crop_width))
+        crop = crop_origin(resized_size, self.target(target), self.center_crop, rng)
         return crop, bool(self.random_flip and rng.random() < 0.5)
 
     def apply(self, resized: Image.Image, crop: tuple[int, int], flip: bool,

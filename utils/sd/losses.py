@@ -126,8 +126,7 @@ def timestep_weights(args, num_timesteps: int) -> torch.Tensor | None:
 
 def sample_timesteps(args, num_timesteps: int, batch_size: int, device) -> torch.Tensor:
     """Training timesteps: uniform (torch.randint, as diffusers' scripts), or drawn with --timestep_bias_* weights."""
-    weights = timestep_weights(args, num_timesteps) if getattr(args, "timestep_bias_strategy", "none") != "none" \
-        else None
+    weights = timestep_weights(args, num_timesteps)
     if weights is None:
         return torch.randint(0, num_timesteps, (batch_size,), device=device).long()
     return torch.multinomial(weights.to(device), batch_size, replacement=True).long()

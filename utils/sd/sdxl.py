@@ -9,6 +9,8 @@ import os
 
 import torch
 
+from utils.latents import vae_scale_factor
+
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.ln_final.weight"  # OpenCLIP bigG, SDXL's second encoder
 
@@ -67,10 +69,6 @@ def add_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, targe
     return ids.to(device=device, dtype=dtype)
 
 
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def unet_conditioning(models: dict, batch: dict, latents: torch.Tensor, device) -> tuple[torch.Tensor, dict | None]:
     """The UNet's text conditioning for a batch: (encoder_hidden_states, added_cond_kwargs). SD: the text encoder's
     last hidden state, no added conditions. SDXL: both encoders' penultimate hidden states and the pooled prompt
@@ -86,7 +84,7 @@ def unet_conditioning(models: dict, batch: dict, latents: torch.Tensor, device) 
         hidden = models["text_encoder"](batch["input_ids"].to(device), return_dict=False)[0]
     if not sdxl:
         return hidden, None
-    factor = vae_scale_factor(models["vae"])
+    factor = vae_scale_factor(models["vae"].config)
     time_ids = add_time_ids(batch["original_size"], batch["crop_top_left"],
                             (latents.shape[-2] * factor, latents.shape[-1] * factor), hidden.dtype, device)
     return hidden, {"text_embeds": pooled.to(device), "time_ids": time_ids}

@@ -8,7 +8,7 @@ import torch
 from utils.cache import offload_cached_encoders
 from utils.ema import ema_weights
 from utils.images import save_and_log_images
-from utils.latents import scale_latents
+from utils.latents import encode_latents, scale_latents
 from utils.sd.sdxl import unet_conditioning
 from utils.sd.builder import assemble_pipeline
 from utils.sd.schedulers import make_scheduler
@@ -87,12 +87,8 @@ def held_out_loss(accelerator, models, held_out, collate, batch_size: int, seed:
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         batch = collate([held_out[index] for index in chunk])
-        if "latent_mean" in batch:
-            latents = scale_latents(batch["latent_mean"].to(device), vae.config)
-        else:
-            latents = vae.encode(batch["pixel_values"].to(device, vae.dtype)).latent_dist.mode()
-            latents = scale_latents(latents, vae.config)
-        latents = latents.float()
+        latents = (scale_latents(batch["latent_mean"].to(device), vae.config) if "latent_mean" in batch
+                   else encode_latents(vae, batch["pixel_values"].to(device), sample=False)).float()
         noise = torch.stack([held_out_noise(seed, index, latents.shape[1:]) for index in chunk]).to(device)
         timesteps = torch.tensor([held_out_timestep(index, scheduler.config.num_train_timesteps) for index in chunk],
                                  device=device, dtype=torch.long)
