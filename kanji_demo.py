@@ -77,7 +77,12 @@ def build_data(args, mode) -> str:
 
 def train(args, mode, data_dir) -> str:
     model_dir = os.path.join(args.output_dir, "model")
-    command = [sys.executable, "-m", "accelerate.commands.launch", os.path.join(REPO_ROOT, "train_text_to_image.py"),
+    from utils.cpu_threads import available_cores
+
+    # Every core for the one training process: `accelerate launch` without a config would give it one thread.
+    launch = [] if torch.cuda.is_available() else ["--num_cpu_threads_per_process", str(available_cores())]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch,
+               os.path.join(REPO_ROOT, "train_text_to_image.py"),
                "--model_preset", mode["preset"], "--train_data_dir", data_dir, "--resolution", str(mode["resolution"]),
                "--center_crop", "--train_vae", "--vae_train_steps", str(mode["vae_steps"]),
                "--vae_learning_rate", str(mode["vae_lr"]),

@@ -62,7 +62,8 @@ def parse_and_list_flags(parse_args, argv):
 
 def launch_env():
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", TRAIN_CPU_THREADS="1",
+               PYTHONPATH=REPO_ROOT)
     return env
 
 

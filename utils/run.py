@@ -12,6 +12,7 @@ import os
 import torch
 
 from utils.checkpointing import check_output_dir, discard_old_checkpoints
+from utils.cpu_threads import use_available_cpu_threads
 from utils.errors import UserError
 from utils.hub import redact_args
 
@@ -132,6 +133,7 @@ def create_accelerator(args, **accelerator_kwargs):
         datefmt="%m/%d/%Y %H:%M:%S",
         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR,
     )
+    use_available_cpu_threads(accelerator)
     if not accelerator.is_local_main_process:
         import importlib
 

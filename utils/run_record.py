@@ -59,7 +59,8 @@ def environment(accelerator) -> dict:
                if torch.cuda.is_available() else [])
     return {"versions": versions, "device": str(accelerator.device), "cuda_devices": devices,
             "distributed_type": str(accelerator.distributed_type), "world_size": accelerator.num_processes,
-            "mixed_precision": accelerator.mixed_precision, "host": platform.node()}
+            "mixed_precision": accelerator.mixed_precision, "host": platform.node(),
+            "cpu_threads": torch.get_num_threads()}
 
 
 class RunRecord:
