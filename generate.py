@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from utils.config import parse_args_with_config
 from utils.errors import UserError, UserFileNotFoundError, run_script
+from utils.run import quiet_empty_notices
 from utils.images import make_grid
 from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya
 from utils.sd.single_file import DTYPES as SINGLE_FILE_DTYPES
@@ -120,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help=f"Classifier-free guidance (1 = off). Default {SD_GUIDANCE}: 7-12 "
                                "works for the kanji model "
                                f"(guide 001); mask DiT default {MASK_DIT_GUIDANCE}.")
-    sampling.add_argument("--scheduler", type=str, default=None, choices=list(SCHEDULERS) + list(MASK_DIT_SAMPLERS),
+    sampling.add_argument("--scheduler", type=str, default=None, choices=list(dict.fromkeys([*SCHEDULERS, *MASK_DIT_SAMPLERS])),
                           help="Sampler. Stable Diffusion (default dpm++): the noise schedule "
                                "comes from the model's own "
                                f"scheduler config. Mask DiT: {' or '.join(MASK_DIT_SAMPLERS)} (default euler).")
@@ -167,6 +168,11 @@ def validate_args(args) -> None:
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.steps is not None and args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    for flag in ("height", "width"):  # the VAE downsamples by 8 (SD, SDXL, the mask DiT's latent models)
+        value = getattr(args, flag)
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"--{flag} {value}: give a multiple of 8 pixels (e.g. {max(8, round((value or 8) / 8) * 8)}); "
+                            "the VAE works on 8x8 pixel blocks.")
 
 
 def read_prompts(args) -> list[str]:
@@ -301,15 +307,29 @@ def load_lora(pipe, path: str) -> None:
     """Load LoRA weights: a folder with pytorch_lora_weights.safetensors (or our kohya file), or a file in the
     diffusers or kohya/A1111 layout (diffusers' load_lora_weights reads both)."""
     if os.path.isfile(path):
-        pipe.load_lora_weights(os.path.dirname(os.path.abspath(path)), weight_name=os.path.basename(path))
+        folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     elif os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):
-        pipe.load_lora_weights(path, weight_name=LORA_WEIGHT_NAME)
+        folder, name = path, LORA_WEIGHT_NAME
     elif os.path.isfile(os.path.join(path, KOHYA_WEIGHT_NAME)):  # --lora_format kohya
-        pipe.load_lora_weights(path, weight_name=KOHYA_WEIGHT_NAME)
+        folder, name = path, KOHYA_WEIGHT_NAME
     elif os.path.isdir(path):
         raise UserFileNotFoundError(f"--lora {path}: no {LORA_WEIGHT_NAME} in it; pass the weights file itself")
     else:
-        pipe.load_lora_weights(path)  # a Hub id
+        return pipe.load_lora_weights(path)  # a Hub id
+    try:
+        pipe.load_lora_weights(folder, weight_name=name)
+    except (RuntimeError, ValueError) as error:
+        if "size mismatch" not in str(error) and "shape" not in str(error):
+            raise
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(folder, name), "pt") as handle:
+            metadata = handle.metadata() or {}
+        trained_for = metadata.get("modelspec.architecture") or metadata.get("ss_base_model_version") or "unrecorded"
+        base = "SDXL" if type(pipe).__name__ == "StableDiffusionXLPipeline" else "SD 1.x/2.x"
+        raise UserError(f"--lora {path} does not fit --model ({base} {pipe.unet.config.cross_attention_dim}-wide "
+                        f"cross-attention): its weights have other shapes; the file says it was trained for "
+                        f"{trained_for}. Give the base model it was trained on.") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,6 +503,7 @@ def mask_dit_main(args, device, dtype) -> list[str]:
 def main(argv=None) -> list[str]:
     """Generate the images; returns the saved paths (the per-image PNGs, then grid.png)."""
     args = parse_args(argv)
+    quiet_empty_notices()
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.model is not None and os.path.isdir(args.model) and is_mask_dit_dir(args.model):

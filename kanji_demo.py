@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=7.0,
                         help="guide 001: 7-12 for the kanji model; 7 measured crispest (README table)")
     parser.add_argument("--skip_training", action="store_true", help="Only evaluate an existing --output_dir/model")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
+                        help="Training precision (README: bf16 on this CPU measured slower, fp32 kept; fp16 needs a GPU)")
     return parser.parse_args(argv)
 
 
@@ -93,7 +95,7 @@ def train(args, mode, data_dir) -> str:
                "--resume_from_checkpoint", "latest", "--logging_steps", "10" if mode["unet_steps"] > 20 else "1",
                "--seed", str(args.seed), "--output_dir", model_dir, "--report_to", "tensorboard",
                "--validation_prompts", *UNSEEN_PROMPTS[:4], "--validation_steps", str(mode["unet_steps"] * 2),
-               "--validation_guidance_scale", str(args.guidance_scale)]
+               "--validation_guidance_scale", str(args.guidance_scale), "--mixed_precision", args.mixed_precision]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     print("[train] " + " ".join(command[2:]))
     subprocess.run(command, check=True, env=env, cwd=REPO_ROOT)
@@ -267,7 +269,7 @@ def evaluate(args, mode, data_dir, model_dir) -> dict:
     # Small-batch inference gains nothing from more threads, and on a busy machine OpenMP threads that
     # spin against each other made sampling ~30x slower (measured: 41 s vs 1.3 s for 5 steps).
     torch.set_num_threads(1)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
     pipe.set_progress_bar_config(disable=True)
     heldout, heldout_captions = load_split(data_dir, "validation", resolution, limit=64)
@@ -317,9 +319,12 @@ def evaluate(args, mode, data_dir, model_dir) -> dict:
     return metrics
 
 
-def print_summary(metrics: dict, seconds: float) -> None:
-    ok = lambda flag: "ok" if flag else "BELOW TARGET"  # noqa: E731
+def print_summary(metrics: dict, seconds: float, mode: str = "demo") -> None:
+    # The targets are the demo's (README); a smoke run's few steps only show that everything runs.
+    ok = lambda flag: "ok" if flag else ("BELOW TARGET" if mode != "smoke" else "below the demo's target")  # noqa: E731
     fell = metrics["diffusion_loss_trained"] < 0.8 * metrics["diffusion_loss_initial"]
+    if mode == "smoke":
+        fell = metrics["diffusion_loss_trained"] < metrics["diffusion_loss_initial"]
     lines = [
         "=" * 72,
         f" Kanji demo finished in {seconds / 60:.1f} min",
@@ -366,7 +371,7 @@ def main(argv=None) -> dict:
     metrics["mode"] = args.mode
     with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(metrics, handle, indent=2)
-    print_summary(metrics, metrics["seconds"])
+    print_summary(metrics, metrics["seconds"], args.mode)
     return metrics
 
 

@@ -53,7 +53,7 @@ from utils.optim import (add_optimizer_args, apply_update, create_optimizer, eva
                          warmup_cosine)
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, steps_per_epoch, tracker_config,
+from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar, steps_per_epoch, tracker_config,
                        weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.speed import add_speed_args, apply_speedups
@@ -434,12 +434,12 @@ def main(args):
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
     validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
                          position.state, optimizer)
-    monitor, stop = HealthMonitor(), StopSignal(check_every=args.logging_steps)
+    monitor, stop = HealthMonitor(), StopSignal()
     guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
 
-    def checkpoint_now():
+    def checkpoint_now(report=True):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(validate.state),
-                        **record.checkpoint_hooks(global_step))
+                        **record.checkpoint_hooks(global_step, report))
 
     logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
     progress = progress_bar(accelerator, max_train_steps, global_step)
@@ -471,12 +471,12 @@ def main(args):
             early_stop = bool(  # validated before the checkpoint, which then holds its outcome
                 args.validation_steps and global_step % args.validation_steps == 0 and validate(global_step)
             )
-            stopping = stop.should_stop(accelerator)  # every rank, every step (a collective every --logging_steps)
+            stopping = stop.should_stop(accelerator)  # every rank, every step
             if early_stop:
                 validate.stopping.announce()
             # (not stop.requested: only the signalled rank has that set)
-            if early_stop or stopping or (args.checkpointing_steps and global_step % args.checkpointing_steps == 0):
-                checkpoint_now()
+            if early_stop or stopping or is_due(global_step, args.checkpointing_steps):
+                checkpoint_now(report=not stopping)
             if stopping:
                 stop.announce(accelerator, global_step, args.output_dir)
                 end_training(accelerator)

@@ -53,7 +53,7 @@ from utils.errors import MissingPackageError, UserError, UserFileNotFoundError, 
 from utils.optim import add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, steps_per_epoch,
+from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar, steps_per_epoch,
                        tracker_config, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.segmentation.data import (SPLIT_FILES, IRSTDDataset, canonical_dataset_name, list_split, native_eval_size,
@@ -69,7 +69,8 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train or evaluate MSHNet on an IRSTD-1k-layout data set.")
+    parser = argparse.ArgumentParser(description="Train or evaluate MSHNet on an IRSTD-1k-layout data set.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--dataset_dir", type=str, required=True,
                         help="Folder with images/, masks/ and trainval.txt + test.txt (MSHNet's IRSTD-1k layout) or "
                              "img_idx/train_<name>.txt + test_<name>.txt (BasicIRSTD's), or the folder above it "
@@ -525,13 +526,13 @@ def main(args=None):
     # On XLA no fused optimizer can take the guard's device-side verdict, so it would read the loss on
     # the host every step and stall the device: no guard there.
     guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
-    stop = StopSignal(check_every=args.logging_steps)
+    stop = StopSignal()
 
-    def checkpoint_now(epoch):
+    def checkpoint_now(epoch, report=True):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
                         training_state={"epoch": epoch, "best_miou": best_miou,
                                         "head": HEADS[epoch > args.warm_epoch]},
-                        **record.checkpoint_hooks(global_step))
+                        **record.checkpoint_hooks(global_step, report))
 
     epoch = position.first_epoch
     progress = progress_bar(accelerator, args.max_train_steps, global_step)
@@ -540,7 +541,7 @@ def main(args=None):
         model.train()
         for batch in epoch_batches(accelerator, train_loader, train_set, epoch, position):
             with accelerator.accumulate(model):
-                with oom_hint():
+                with oom_hint("--batch_size"):
                     side_masks, mask = model(batch["pixel_values"], warm_flag)
                     loss = multiscale_sls_loss(side_masks, mask, batch["mask"], in_warmup=not warm_flag)
                     accelerator.backward(loss)
@@ -557,10 +558,10 @@ def main(args=None):
             ema_step(ema, raw_model.parameters(), accelerator.device)
             if global_step % args.logging_steps == 0:
                 log_health(args, accelerator, monitor, lr_scheduler, progress, global_step, epoch, warm_flag, on_xla)
-            if global_step % args.checkpointing_steps == 0:
-                checkpoint_now(epoch)
-            if stop.should_stop(accelerator):
-                checkpoint_now(epoch)
+            stopping = stop.should_stop(accelerator)  # every rank, every step
+            if is_due(global_step, args.checkpointing_steps) or stopping:
+                checkpoint_now(epoch, report=not stopping)  # one checkpoint, also when a stop lands on its step
+            if stopping:
                 stop.announce(accelerator, global_step, args.output_dir)
                 end_training(accelerator)
                 return None
@@ -575,7 +576,7 @@ def main(args=None):
             break
 
     progress.close()
-    if global_step % args.checkpointing_steps:
+    if args.checkpointing_steps and not is_due(global_step, args.checkpointing_steps):  # None: never
         checkpoint_now(epoch)
     write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless set)
     with evaluation_weights(optimizer):

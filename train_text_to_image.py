@@ -17,6 +17,7 @@ DPM-Solver++, training-health logs, atomic checkpoints, SIGTERM-safe stops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -48,7 +49,7 @@ from utils.latents import encode_latents, scale_latents, vae_scale_factor
 from utils.optim import (apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
                          restart_lr_schedule)
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, save_run_args, steps_per_epoch,
+from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar, save_run_args, steps_per_epoch,
                        tracker_config, weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.sd.args import add_model_args, add_training_args, add_validation_args
@@ -60,7 +61,8 @@ from utils.sd.data import (add_image_data_args, assign_dataset_buckets, build_he
                            usable_rows)
 from utils.sd.losses import add_loss_args, check_loss_args, sample_timesteps, uses_loss_options, weighted_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
-                           check_text_encoder_lora_support, load_lora_into, lora_checkpoint_check, save_lora)
+                           base_model_version, check_text_encoder_lora_support, load_lora_into,
+                           lora_checkpoint_check, lora_file_metadata, save_lora)
 from utils.sd.models import load_models
 from utils.sd.sdxl import is_sdxl_run, unet_conditioning
 from utils.sd.single_file import SINGLE_FILE_NAME, add_single_file_args, is_single_file, save_single_file
@@ -475,14 +477,14 @@ def main(args):
                 f"accumulation={args.gradient_accumulation_steps} steps={args.max_train_steps} (from {global_step})")
     monitor = HealthMonitor()
     guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
-    stop = StopSignal(check_every=args.logging_steps)
+    stop = StopSignal()
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     progress = progress_bar(accelerator, args.max_train_steps, global_step)
 
-    def checkpoint():
+    def checkpoint(report=True):
         save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
                         {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped, **held_out_scores.state},
-                        **record.checkpoint_hooks(global_step))
+                        **record.checkpoint_hooks(global_step, report))
 
     epoch, early_stop = position.first_epoch, False
     with oom_hint():
@@ -512,12 +514,12 @@ def main(args):
                 if validation_due(args, global_step):  # before the checkpoint, which then holds its outcome
                     early_stop = validate(args, accelerator, models, ema, global_step, dtype, optimizer,
                                           held_out_scores)
-                if global_step % args.checkpointing_steps == 0 or early_stop:
-                    checkpoint()
+                stopping = stop.should_stop(accelerator)  # every rank, every step
+                if is_due(global_step, args.checkpointing_steps) or early_stop or stopping:
+                    checkpoint(report=not stopping)  # one checkpoint, also when a stop lands on a checkpoint step
                 if early_stop:
                     break
-                if stop.should_stop(accelerator):
-                    checkpoint()
+                if stopping:
                     stop.announce(accelerator, global_step, args.output_dir)
                     end_training(accelerator)
                     return
@@ -620,16 +622,37 @@ def save_weights(args, accelerator, models, directory: str) -> None:
     logger.info(f"Saved the {'LoRA weights' if args.use_lora else 'pipeline'} to {directory}")
 
 
+def lora_metadata(args, unet, noise_scheduler) -> dict:
+    """ss_*/modelspec.* keys for both LoRA files: the base model family, resolution and training facts."""
+    prediction_type = noise_scheduler.config.prediction_type
+    version = base_model_version(args.sdxl, unet.config.cross_attention_dim, prediction_type)
+    base = args.pretrained_model_name_or_path or args.model_preset
+    return lora_file_metadata(version, args.resolution, f"{os.path.basename(os.path.normpath(args.output_dir))} (LoRA)",
+                              prediction_type, extra={"ss_sd_model_name": base, "ss_max_train_steps": args.max_train_steps})
+
+
+@contextlib.contextmanager
+def float32_components(pipeline):
+    """The pipeline's models in float32 inside the block, their own dtypes restored after (bf16/fp16 -> fp32 -> back
+    is exact). With --mixed_precision the frozen VAE/text encoders are held in the weight dtype while the trained
+    UNet stays float32; saved as they are, the pipeline mixes dtypes and fails on the CPU ("expected m1 and m2 to
+    have the same dtype", seen with the kanji demo under bf16)."""
+    models = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
+    dtypes = [m.dtype for m in models]
+    for model in models:
+        model.to(torch.float32)
+    try:
+        yield
+    finally:
+        for model, dtype in zip(models, dtypes):
+            model.to(dtype)
+
+
 def write_weights(args, models, unwrapped: dict, directory: str) -> None:
     unet, text_encoder = unwrapped["unet"], unwrapped["text_encoder"]
     if args.use_lora:
         save_lora(directory, unet, **{name: unwrapped[name] for name in trained_text_encoders(args, models)},
-                  lora_format=args.lora_format,
-                  metadata={"ss_sd_model_name": args.pretrained_model_name_or_path or args.model_preset,
-                            "ss_resolution": f"({args.resolution}, {args.resolution})",
-                            "ss_max_train_steps": args.max_train_steps,
-                            "ss_base_model_version": "sdxl_base_v1-0" if args.sdxl else None,
-                            "ss_v2": getattr(unet.config, "cross_attention_dim", 768) == 1024})
+                  lora_format=args.lora_format, metadata=lora_metadata(args, unet, models["noise_scheduler"]))
         return
     trained = dict(unwrapped, vae=models["vae"])
     if args.pretrained_model_name_or_path and not is_single_file(args.pretrained_model_name_or_path):
@@ -643,7 +666,8 @@ def write_weights(args, models, unwrapped: dict, directory: str) -> None:
         scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
         tokenizers = {name: models[name] for name in ("tokenizer", "tokenizer_2") if models.get(name) is not None}
         pipeline = assemble_pipeline(dict(trained, **tokenizers, scheduler=scheduler))
-    pipeline.save_pretrained(directory)
+    with float32_components(pipeline):  # mixed precision keeps the frozen parts in bf16/fp16: save one dtype
+        pipeline.save_pretrained(directory)
     if args.save_single_file:  # the same weights in the LDM layout (round-trip checked before writing)
         save_single_file(os.path.join(directory, SINGLE_FILE_NAME), unet, models["vae"], text_encoder,
                          args.single_file_dtype, {"modelspec.title": os.path.basename(args.output_dir),

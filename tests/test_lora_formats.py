@@ -32,7 +32,7 @@ def test_kohya_file_loads_and_matches_the_diffusers_file(tiny_pipeline_dir, tmp_
     run_main_in_process(train_text_to_image, [
         "--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", data, "--resolution", "32",
         "--train_batch_size", "2", "--max_train_steps", "3", "--learning_rate", "5e-2", "--lr_warmup_steps", "0",
-        "--use_lora", "--rank", "4", "--lora_alpha", "8", "--train_text_encoder", "--lora_format", "both",
+        "--use_lora", "--rank", "4", "--lora_alpha", "8", "--train_text_encoder",  # default --lora_format: both
         "--report_to", "none", "--seed", "0", "--output_dir", str(out)])
 
     with safe_open(str(out / KOHYA_WEIGHT_NAME), "pt") as handle:
@@ -45,9 +45,19 @@ def test_kohya_file_loads_and_matches_the_diffusers_file(tiny_pipeline_dir, tmp_
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "8.0"
     assert metadata["ss_resolution"] == "(32, 32)" and metadata["ss_max_train_steps"] == "3"
 
+    # What A1111/Forge/ComfyUI read to file the LoRA under its base model (kohya's and Stability's ModelSpec keys).
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.implementation"] == "diffusers" and metadata["modelspec.resolution"] == "32x32"
+    assert metadata["modelspec.sai_model_spec"] == "1.0.0" and metadata["modelspec.title"] == "lora (LoRA)"
+    assert metadata["modelspec.prediction_type"] == "epsilon" and len(metadata["modelspec.date"]) == 10
+
     with safe_open(str(out / LORA_WEIGHT_NAME), "pt") as handle:  # the diffusers file keeps the alpha too
-        adapter = json.loads(handle.metadata()["lora_adapter_metadata"])
+        diffusers_metadata = handle.metadata()
+        adapter = json.loads(diffusers_metadata["lora_adapter_metadata"])
     assert adapter["unet.lora_alpha"] == 8 and adapter["text_encoder.lora_alpha"] == 8
+    model_keys = [k for k in metadata if k.startswith(("modelspec.", "ss_base", "ss_v2", "ss_resolution"))]
+    assert {k: diffusers_metadata[k] for k in model_keys} == {k: metadata[k] for k in model_keys}
 
     base = images(tiny_pipeline_dir)
     from_diffusers = images(tiny_pipeline_dir, out / LORA_WEIGHT_NAME)
@@ -64,6 +74,29 @@ def test_kohya_file_loads_and_matches_the_diffusers_file(tiny_pipeline_dir, tmp_
     written, converted = load_file(str(out / KOHYA_WEIGHT_NAME)), load_file(exported)
     assert written.keys() == converted.keys()
     assert all(torch.equal(written[k], converted[k]) for k in written)
+    with safe_open(exported, "pt") as handle:  # the export keeps the model-version metadata training wrote
+        exported_metadata = handle.metadata()
+    assert {k: exported_metadata[k] for k in model_keys} == {k: metadata[k] for k in model_keys}
+
+
+def test_lora_metadata_names_each_base_model_family():
+    from utils.sd.lora import base_model_version, guess_base_model_version, lora_file_metadata
+
+    assert base_model_version(False, 768, "epsilon") == "sd_v1"
+    assert base_model_version(False, 1024, "v_prediction") == "sd_v2_v"
+    assert base_model_version(False, [1024], "epsilon") == "sd_v2"
+    assert base_model_version(True, 2048, "epsilon") == "sdxl_base_v1-0"
+    sdxl = lora_file_metadata("sdxl_base_v1-0", 1024, "x", "epsilon")
+    assert sdxl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert sdxl["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert sdxl["modelspec.resolution"] == "1024x1024" and sdxl["ss_v2"] == "False"
+    assert lora_file_metadata("sd_v2_v", 768, "x", "v_prediction")["modelspec.architecture"] == \
+        "stable-diffusion-v2-768-v/lora"
+    assert all(isinstance(v, str) for v in sdxl.values())
+    key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"
+    assert guess_base_model_version({key: torch.zeros(4, 1024)}) == "sd_v2"
+    assert guess_base_model_version({key: torch.zeros(4, 2048)}) == "sdxl_base_v1-0"
+    assert guess_base_model_version({key: torch.zeros(4, 32)}) is None
 
 
 @pytest.mark.slow

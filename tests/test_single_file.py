@@ -135,3 +135,36 @@ def test_single_file_flags_are_checked(tiny_pipeline_dir, tmp_path, monkeypatch)
         load_single_file_pipeline(str(tmp_path / "m.safetensors"), None, None)
     with pytest.raises(UserError, match="no such file"):
         load_single_file_pipeline(str(tmp_path / "missing.safetensors"), tiny_pipeline_dir, None)
+
+
+def _parts(blocks, context, widths, vocab=49408, positions=77, latent_channels=4):
+    from types import SimpleNamespace as NS
+
+    unet = NS(config=NS(block_out_channels=blocks, cross_attention_dim=context))
+    encoders = [NS(config=NS(hidden_size=w, vocab_size=vocab, max_position_embeddings=positions)) for w in widths]
+    return unet, NS(config=NS(latent_channels=latent_channels)), *encoders
+
+
+def test_ui_tools_warning_names_what_is_not_standard():
+    from utils.sd.single_file import ui_compatibility_problem
+
+    assert ui_compatibility_problem(*_parts([320, 640, 1280, 1280], 768, [768])) is None  # SD 1.x
+    assert ui_compatibility_problem(*_parts([320, 640, 1280, 1280], 1024, [1024])) is None  # SD 2.x
+    assert ui_compatibility_problem(*_parts([320, 640, 1280], 2048, [768, 1280])) is None  # SDXL
+    # The `base` preset and the kanji model: SD-1.5-shaped but with their own learned vocabulary.
+    assert "838 token embeddings" in ui_compatibility_problem(*_parts([320, 640, 1280, 1280], 768, [768], vocab=838))
+    assert "not a standard" in ui_compatibility_problem(*_parts([32, 64], 32, [32]))  # the tiny preset
+    assert "latent channels" in ui_compatibility_problem(*_parts([320, 640, 1280, 1280], 768, [768],
+                                                                 latent_channels=16))
+
+
+def test_a_non_standard_single_file_is_written_with_one_warning(tiny_pipeline_dir, tmp_path, caplog):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    with caplog.at_level("WARNING", logger="utils.sd.single_file"):
+        path = save_single_file(str(tmp_path / SINGLE_FILE_NAME), pipe.unet, pipe.vae, pipe.text_encoder, "fp32")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "ComfyUI / AUTOMATIC1111 / Forge will not load" in warnings[0]
+    with safe_open(path, "pt") as handle:
+        assert len(list(handle.keys())) > 0

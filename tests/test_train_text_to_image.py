@@ -222,3 +222,42 @@ def test_torch_compile_and_channels_last_train_and_save_plain_weights(tiny_pipel
     assert set(trained) == set(start)
     assert any(not torch.equal(trained[k], start[k]) for k in start)
     UNet2DConditionModel.from_pretrained(str(out), subfolder="unet")
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_vae_stage_saves_it_and_resumes_exactly(image_folder, tmp_path, monkeypatch):
+    """A stop request in the VAE stage of a from-scratch run (issue 28: it used to die with no checkpoint and
+    restart the stage from 0): the stage's state is saved, the run exits 0 with the resume command, and
+    --resume_from_checkpoint continues the stage to the very weights of an uninterrupted stage."""
+    import train_text_to_image
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_main_in_process
+    from utils.stopping import StopSignal
+
+    def argv(out):  # 8 images in batches of 2: the stop at step 5 lands mid-epoch 1; the resume replays its order
+        return ["--model_preset", "tiny", "--train_data_dir", image_folder, "--resolution", "32", "--train_batch_size",
+                "2", "--max_train_steps", "1", "--output_dir", out, "--seed", "0", "--report_to", "none", "--train_vae",
+                "--vae_train_steps", "6", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]
+
+    run_main_in_process(train_text_to_image, argv(tmp_path / "once"))
+    calls = []
+    original = StopSignal.should_stop
+
+    def stop_at_step_5(self, accelerator):
+        calls.append(1)
+        return original(self, accelerator) or len(calls) == 5
+    monkeypatch.setattr(StopSignal, "should_stop", stop_at_step_5)
+    with pytest.raises(SystemExit) as stopped:
+        run_main_in_process(train_text_to_image, argv(tmp_path / "twice"))
+    assert stopped.value.code == 0
+    saved = torch.load(tmp_path / "twice" / "vae_stage_checkpoint" / "state_0.pt", weights_only=True)
+    assert saved["step"] == 5 and saved["batches_in_epoch"] == 1 and not (tmp_path / "twice" / "vae_stage").exists()
+    monkeypatch.setattr(StopSignal, "should_stop", original)
+    run_main_in_process(train_text_to_image, argv(tmp_path / "twice"))
+    assert not (tmp_path / "twice" / "vae_stage_checkpoint").exists()  # the finished stage replaces it
+    once = load_file(tmp_path / "once" / "vae_stage" / "diffusion_pytorch_model.safetensors")
+    twice = load_file(tmp_path / "twice" / "vae_stage" / "diffusion_pytorch_model.safetensors")
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+    first, resumed = (json.loads((tmp_path / d / "vae_stage" / "stage.json").read_text()) for d in ("once", "twice"))
+    assert first == resumed  # the same losses and the same latent scale

@@ -557,3 +557,268 @@ def test_user_error_in_a_two_process_run_prints_one_block(tiny_pipeline_dir, tmp
     assert result.returncode != 0
     assert output.count("error: --train_data_dir") == 1 and output.count("error (rank 1): --train_data_dir") == 1
     assert "Traceback" not in output, output[-4000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 28: the second sweep's WRONG and UNCLEAR cases, each refused with one block or fixed.
+# ----------------------------------------------------------------------------------------------
+
+def copy_run(source, destination):
+    import shutil
+
+    shutil.copytree(source, destination)
+    return destination
+
+
+def test_negative_early_stopping_delta_is_refused(capsys, tiny_pipeline_dir, t2i_data, tmp_path):
+    import train_text_to_image as script
+
+    expect_user_error(capsys, script, t2i_cmd(tiny_pipeline_dir, t2i_data, tmp_path / "out", "--validation_split", "0.25",
+                                              "--early_stopping_patience", "2", "--early_stopping_min_delta", "-1"),
+                      "--early_stopping_min_delta -1", "must be >= 0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_replaced_random_state_file_is_refused_not_silently_resumed(capsys, tiny_pipeline_dir, t2i_data, t2i_run,
+                                                                      tmp_path):
+    import torch
+
+    import train_text_to_image as script
+
+    out = copy_run(t2i_run, tmp_path / "rng")
+    torch.save({"something": torch.zeros(2)}, out / "checkpoint-3" / "random_states_0.pkl")  # another (harmless) pickle
+    before = tree_digest(out)
+    expect_user_error(capsys, script, t2i_cmd(tiny_pipeline_dir, t2i_data, out, "--max_train_steps", "5",
+                                              "--resume_from_checkpoint", "latest"),
+                      "checkpoint-3", "random_states_0.pkl", "not accelerate's random-state file",
+                      f"The newest good checkpoint is {out / 'checkpoint-2'}")
+    assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize("optimizer", ["lion", "prodigy"])
+def test_a_resume_with_another_optimizer_is_refused_before_writing(capsys, tiny_pipeline_dir, t2i_data, t2i_run,
+                                                                   tmp_path, optimizer):
+    import train_text_to_image as script
+
+    out = copy_run(t2i_run, tmp_path / optimizer)
+    before = tree_digest(out)
+    expect_user_error(capsys, script, t2i_cmd(tiny_pipeline_dir, t2i_data, out, "--max_train_steps", "5",
+                                              "--resume_from_checkpoint", "latest", "--optimizer", optimizer),
+                      f"--optimizer {optimizer}", "trained with --optimizer adamw", "Nothing was written")
+    assert tree_digest(out) == before  # training_args.json and run_info.json included
+
+
+def test_a_resume_with_another_lora_rank_names_both_ranks(tmp_path):
+    from types import SimpleNamespace
+
+    from utils.checkpointing import check_resume_matches
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "run_info.json").write_text(json.dumps({"args": {"use_lora": True, "rank": 4, "optimizer": "adamw"}}))
+    args = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path), use_lora=True, rank=8,
+                           optimizer="adamw")
+    with pytest.raises(UserError, match="--rank 8: .*checkpoint-2 was trained with --rank 4"):
+        check_resume_matches(args)
+    check_resume_matches(SimpleNamespace(**{**vars(args), "rank": 4}))  # the same values resume
+
+
+def test_a_finished_model_without_checkpoints_is_not_overwritten(capsys, tiny_pipeline_dir, t2i_data, t2i_run,
+                                                                 tmp_path):
+    import shutil
+
+    import train_text_to_image as script
+
+    out = copy_run(t2i_run, tmp_path / "finished")
+    for name in os.listdir(out):
+        if name.startswith("checkpoint-"):
+            shutil.rmtree(out / name)  # a run shorter than --checkpointing_steps leaves none
+    before = tree_digest(out)
+    expect_user_error(capsys, script, t2i_cmd(tiny_pipeline_dir, t2i_data, out),
+                      "already holds another run's model", "model_index.json", "--overwrite_output_dir")
+    assert tree_digest(out) == before
+
+
+def test_overwrite_output_dir_reuses_nothing_of_the_old_run(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from utils.checkpointing import discard_old_checkpoints
+
+    for name in ("checkpoint-3", "vae_stage", "vae_stage_checkpoint"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    discard_old_checkpoints(SimpleNamespace(output_dir=str(tmp_path), overwrite_output_dir=True,
+                                            resume_from_checkpoint=None), Accelerator(cpu=True))
+    assert [n for n in os.listdir(tmp_path) if not n.startswith(".")] == []
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_a_crashed_ones_lock_is_stale(capsys, tiny_pipeline_dir,
+                                                                                          t2i_data, tmp_path):
+    """Two runs started at once both pass the used-output-dir check (no checkpoint yet): the lock refuses the
+    second. The holder here is a process holding the lock as a running trainer does; when it dies (a crash), the
+    OS drops the lock and the next run goes ahead."""
+    import time
+
+    import train_text_to_image as script
+    from utils.checkpointing import LOCK_FILE
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\nh = open(sys.argv[1], 'a')\n"
+                               "fcntl.flock(h, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(600)",
+                               str(out / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        expect_user_error(capsys, script, t2i_cmd(tiny_pipeline_dir, t2i_data, out), "is in use by another run",
+                          "--output_dir")
+        assert not any(name.startswith("checkpoint-") for name in os.listdir(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    run_cli(script, [str(a) for a in t2i_cmd(tiny_pipeline_dir, t2i_data, out)])  # the crashed holder's lock is gone
+    assert (out / "model_index.json").is_file()
+
+
+def test_optimizer_args_are_checked_against_the_optimizer(capsys, tiny_pipeline_dir, t2i_data, tmp_path):
+    import train_text_to_image as script
+
+    expect_user_error(capsys, script, t2i_cmd(tiny_pipeline_dir, t2i_data, tmp_path / "a", "--optimizer_args", "lr=abc"),
+                      "--optimizer_args lr='abc'", "expects a number")
+    expect_user_error(capsys, script, t2i_cmd(tiny_pipeline_dir, t2i_data, tmp_path / "b", "--optimizer", "lion",
+                                              "--optimizer_args", "betas=(1,2,3)"),
+                      "--optimizer_args betas=(1, 2, 3)", "a tuple of 2 numbers")
+
+
+def test_damaged_and_pickled_single_files_are_named(capsys, tiny_pipeline_dir, t2i_data, tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    import train_text_to_image as script
+    from utils.sd.single_file import save_single_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    whole = save_single_file(str(tmp_path / "model.safetensors"), pipe.unet, pipe.vae, pipe.text_encoder, "fp32")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(open(whole, "rb").read()[:5000])
+    expect_user_error(capsys, script, ["--pretrained_model_name_or_path", truncated, "--model_config",
+                                       tiny_pipeline_dir, "--train_data_dir", t2i_data, "--output_dir", tmp_path / "o1",
+                                       "--resolution", "16", "--report_to", "none"],
+                      str(truncated), "damaged or truncated")
+
+    import argparse
+
+    pickled = tmp_path / "model.ckpt"  # an object beside the tensors, as a malicious pickle carries (never run)
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": argparse.Namespace(run="code")}, pickled)
+    expect_user_error(capsys, script, ["--pretrained_model_name_or_path", pickled, "--model_config", tiny_pipeline_dir,
+                                       "--train_data_dir", t2i_data, "--output_dir", tmp_path / "o2", "--resolution",
+                                       "16", "--report_to", "none"],
+                      str(pickled), "refused as unsafe", "safetensors")
+    import generate
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(generate.main, ["--model", str(pickled), "--model_config", tiny_pipeline_dir, "--prompt", "x",
+                                   "--output_dir", str(tmp_path / "g"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and "refused as unsafe" in err and "Traceback" not in err
+
+
+def test_flag_values_checked_at_parse_time(capsys, tiny_pipeline_dir, t2i_data, tmp_path):
+    import train_text_to_image as script
+
+    expect_user_error(capsys, script, t2i_cmd(tiny_pipeline_dir, t2i_data, tmp_path / "a", "--lr_scheduler", "bogus"),
+                      "--lr_scheduler bogus", "cosine")
+    expect_user_error(capsys, script, t2i_cmd(tiny_pipeline_dir, t2i_data, tmp_path / "b",
+                                              "--pretrained_vae_model_name_or_path", tiny_pipeline_dir),
+                      "is a whole pipeline", os.path.join(tiny_pipeline_dir, "vae"))
+    import generate
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(generate.main, ["--model", tiny_pipeline_dir, "--prompt", "x", "--height", "33"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and "--height 33" in err and "multiple of 8" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # a refused run leaves no empty folder
+
+
+@pytest.mark.parametrize("code", ["EACCES", "ENOSPC"])
+def test_a_refused_write_is_one_block_saying_what_to_do(capsys, code):
+    import errno
+
+    def main():
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/out/checkpoint-4/optimizer.bin")
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and err.count("error: ") == 1 and "Traceback" not in err
+    assert "/out/checkpoint-4/optimizer.bin" in err
+    assert ("writable" if code == "EACCES" else "Existing checkpoints were not changed") in err
+
+
+def test_non_utf8_table_file_names_file_and_line(capsys, tiny_pipeline_dir, t2i_data, tmp_path):
+    import train_text_to_image as script
+
+    table = tmp_path / "rows.jsonl"
+    image = os.path.join(t2i_data, "img0.png")
+    table.write_bytes(f'{{"image": "{image}", "text": "ok"}}\n'.encode() + b'{"image": "x.png", "text": "caf\xe9"}\n')
+    expect_user_error(capsys, script, t2i_argv(tiny_pipeline_dir, "--train_data_file", table, tmp_path / "out"),
+                      f"{table}:2", "not valid UTF-8")
+
+
+def test_mask_dit_captions_and_metadata_name_file_and_line(tmp_path):
+    import shutil
+
+    from utils.mask_dit.data import _read_captions, write_synthetic_fundus_dataset
+
+    data = write_synthetic_fundus_dataset(str(tmp_path / "d"), num_images=2, size=32, seed=0)
+    lines = open(os.path.join(data, "metadata.jsonl")).read().splitlines()
+    with open(os.path.join(data, "metadata.jsonl"), "w") as handle:
+        handle.write("\n".join([lines[0], "", '{"file_name": "x.png", "text": broken}']) + "\n")
+    with pytest.raises(UserError, match=r"metadata\.jsonl:3: not valid JSON"):
+        _read_captions(data, os.path.join(data, "images"), "text")
+    os.remove(os.path.join(data, "metadata.jsonl"))
+    shutil.copy(os.path.join(data, "images", sorted(os.listdir(os.path.join(data, "images")))[0]),
+                os.path.join(data, "images", "extra.png"))
+    with open(os.path.join(data, "images", "extra.txt"), "wb") as handle:
+        handle.write("caf\xe9".encode("latin-1"))
+    with pytest.raises(UserError, match=r"extra\.txt: caption file is not valid UTF-8"):
+        _read_captions(data, os.path.join(data, "images"), "text")
+
+
+def test_grey_masks_are_thresholded_with_one_warning(caplog):
+    from utils.mask_dit import data
+
+    data._WARNED_MASKS.clear()
+    ramp = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))  # 16 x 16, values 0..240
+    with caplog.at_level("WARNING", logger="utils.mask_dit.data"):
+        first = data.mask_to_channels(ramp, 1, "ramp.png")
+        data.mask_to_channels(ramp, 1, "ramp2.png")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "ramp.png: 240 of 256 pixels are grey" in warnings[0]
+    assert first.sum() == 16 * 8  # >= 128: the upper half of the ramp
+
+
+def test_the_empty_float32_notice_is_dropped_and_a_real_one_kept(caplog):
+    import logging
+
+    from utils.run import quiet_empty_notices
+
+    quiet_empty_notices()
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    with caplog.at_level("WARNING", logger="diffusers.models.modeling_utils"):
+        log.warning("There are modules in AutoencoderKL that should be kept in float32: []. Casting ...")
+        log.warning("There are modules in X that should be kept in float32: ['norm']. Casting ...")
+    assert [r.getMessage()[-20:] for r in caplog.records] == ["float32: ['norm']. Casting ..."[-20:]]
+
+
+def test_help_and_choices_a_newcomer_reads():
+    import re
+
+    generate_help = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "generate.py"), "--help"],
+                                   capture_output=True, text=True, cwd=REPO_ROOT, timeout=120).stdout
+    choices = re.search(r"--scheduler \{([^}]*)\}", generate_help).group(1).split(",")
+    assert "euler" in choices and len(choices) == len(set(choices)), choices  # euler once
+    help_text = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_segmentation_tpu.py"), "--help"],
+                               capture_output=True, text=True, cwd=REPO_ROOT, timeout=120).stdout
+    assert help_text.count("(default:") >= 20  # every flag shows its default

@@ -201,6 +201,93 @@ def check_output_dir(args) -> None:
             "Continue that run with --resume_from_checkpoint latest, start over with --overwrite_output_dir "
             "(deletes them), or choose a new --output_dir."
         )
+    finished = [name for name in FINISHED_RUN_MARKERS if os.path.exists(os.path.join(args.output_dir, name))]
+    if finished:
+        raise UserError(
+            f"--output_dir {args.output_dir} already holds another run's model ({', '.join(finished[:3])}) and this new "
+            "run would overwrite it. Choose a new --output_dir, or pass --overwrite_output_dir to replace it."
+        )
+
+
+# What a finished run leaves in its output_dir besides checkpoints: the final pipeline or LoRA weights of each
+# script (a finished VAE stage alone is reused on purpose: README "Training from scratch").
+FINISHED_RUN_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
+                        "last")
+# Reused by a later run in the same output_dir unless --overwrite_output_dir removes them.
+REUSABLE_RUN_PARTS = ("vae_stage", "vae_stage_checkpoint")
+
+
+LOCK_FILE = ".lock"
+_held_locks: dict[str, object] = {}
+
+
+def lock_output_dir(output_dir: str) -> None:
+    """Hold an exclusive lock on `output_dir` for this run's life (main process): a second run started into it
+    at the same time, which would pass the used-output-dir check while neither has a checkpoint yet and then
+    overwrite and rotate the first run's checkpoints, is refused. The OS drops the lock when the process ends,
+    a crash included, so a stale lock never blocks a later run. Released by `release_output_dir`."""
+    key = os.path.realpath(output_dir)
+    if key in _held_locks:  # this process already holds it (an earlier run in the same process)
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the used-output-dir check alone
+        return
+    handle = open(os.path.join(output_dir, LOCK_FILE), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(
+            f"--output_dir {output_dir} is in use by another run that is still going (it holds {LOCK_FILE} there). "
+            "Two runs in one folder would overwrite and rotate each other's checkpoints: wait for it to end, stop it, "
+            "or choose another --output_dir."
+        ) from None
+    _held_locks[key] = handle
+
+
+def release_output_dir(output_dir: str) -> None:
+    handle = _held_locks.pop(os.path.realpath(output_dir), None)
+    if handle is not None:
+        handle.close()
+
+
+def remove_if_unused(output_dir: str) -> None:
+    """Delete `output_dir` if it holds nothing but this run's lock and empty folders (a refused run's)."""
+    release_output_dir(output_dir)
+    files = [os.path.join(d, f) for d, _, names in os.walk(output_dir) for f in names]
+    if all(os.path.basename(f) == LOCK_FILE for f in files):
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def check_resume_matches(args, flags=("optimizer", "rank")) -> None:
+    """Refuse, before anything is written, a resume whose `flags` differ from the checkpoint's run (its
+    run_info.json): the optimizer state or adapter shapes in it belong to the recorded values (an AdamW state
+    under Lion runs a silent hybrid; Prodigy fails later on a missing key; another LoRA rank does not load)."""
+    path = None
+    if getattr(args, "resume_from_checkpoint", None) == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        path = checkpoints[-1][1] if checkpoints else None
+    elif getattr(args, "resume_from_checkpoint", None):
+        for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
+            path = candidate if os.path.isdir(candidate) else path
+    record = os.path.join(path, "run_info.json") if path else None
+    if not record or not os.path.isfile(record):
+        return
+    try:
+        with open(record, encoding="utf-8") as handle:
+            recorded = json.load(handle).get("args", {})
+    except (OSError, ValueError):
+        return  # the damaged-checkpoint checks name it
+    if getattr(args, "use_lora", None) is False or not recorded.get("use_lora", True):
+        flags = tuple(flag for flag in flags if flag != "rank")
+    for flag in flags:
+        if flag in recorded and hasattr(args, flag) and recorded[flag] != getattr(args, flag):
+            raise UserError(
+                f"--{flag} {getattr(args, flag)}: {path} was trained with --{flag} {recorded[flag]}, and its saved "
+                f"state belongs to that value. Resume with --{flag} {recorded[flag]}, or start a new run (a new "
+                "--output_dir, or --overwrite_output_dir) to change it. Nothing was written."
+            )
 
 
 def discard_old_checkpoints(args, accelerator) -> None:
@@ -210,6 +297,10 @@ def discard_old_checkpoints(args, accelerator) -> None:
         for _, path in list_checkpoints(args.output_dir):
             logger.warning(f"--overwrite_output_dir: deleting {path} of an earlier run")
             _remove_atomically(path)
+        for name in REUSABLE_RUN_PARTS:  # nothing of the old run is reused (e.g. a VAE stage of another --vae_config)
+            if os.path.isdir(os.path.join(args.output_dir, name)):
+                logger.warning(f"--overwrite_output_dir: deleting {name}/ of an earlier run")
+                _remove_atomically(os.path.join(args.output_dir, name))
     accelerator.wait_for_everyone()
 
 
@@ -248,6 +339,10 @@ def checkpoint_problem(path: str) -> str | None:
 
     for folder, _, files in sorted(os.walk(path)):
         for name in sorted(files):
+            if name.startswith("random_states_") and name.endswith(".pkl"):
+                problem = random_states_problem(os.path.join(folder, name))
+                if problem:
+                    return f"{os.path.relpath(os.path.join(folder, name), path)} {problem}"
             if not name.endswith(".safetensors"):
                 continue
             file = os.path.join(folder, name)
@@ -259,6 +354,27 @@ def checkpoint_problem(path: str) -> str | None:
                             return f"{os.path.relpath(file, path)}: tensor '{key}' holds NaN/Inf"
             except Exception as error:  # safetensors raises its own error types for truncated / garbled files
                 return f"{os.path.relpath(file, path)} cannot be read ({type(error).__name__}: {error})"
+    return None
+
+
+_RANDOM_STATE_KEYS = {"random_state", "numpy_random_seed", "torch_manual_seed"}  # accelerate's save_state
+
+
+def random_states_problem(file: str) -> str | None:
+    """Why accelerate's RNG file cannot restore the run's random streams, or None. accelerate's `load_state`
+    only logs "Could not load random states" and goes on, so a damaged file would silently end the bitwise
+    resume. Read with weights_only (accelerate's allow-list): a pickle is never executed."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    try:
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            states = torch.load(file, weights_only=True)
+    except Exception as error:
+        return f"cannot be read safely ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+    if not isinstance(states, dict) or not _RANDOM_STATE_KEYS <= set(states):
+        found = sorted(map(str, states))[:5] if isinstance(states, dict) else type(states).__name__
+        return (f"is not accelerate's random-state file (needs {sorted(_RANDOM_STATE_KEYS)}, has {found}): the "
+                "resume would not continue the random streams exactly")
     return None
 
 

@@ -19,6 +19,46 @@ class BadSampleError(UserError):
     """A sample that cannot be used; the message names the file or row."""
 
 
+def read_caption_file(path: str) -> str:
+    """A caption `.txt` as text (UTF-8, a BOM allowed); another encoding names the file and the fix."""
+    raw = open(path, "rb").read()
+    try:
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise BadSampleError(f"{path}: caption file is not valid UTF-8 ({error}); re-save it as UTF-8") from error
+
+
+def first_bad_json_line(path: str) -> str | None:
+    """`path:line: problem` for the first line of a JSON-lines file that is not one JSON object, else None."""
+    import json
+
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                return f"{path}:{number}: not valid UTF-8 ({error})"
+            except json.JSONDecodeError as error:
+                return f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
+            if not isinstance(record, dict):
+                return f"{path}:{number}: a JSON {type(record).__name__}, not an object {{\"file_name\": ..., ...}}"
+    return None
+
+
+def read_json_lines(path: str) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a JSON-lines file; a bad line is a UserError naming
+    `path:line` and the problem."""
+    import json
+
+    bad = first_bad_json_line(path)
+    if bad:
+        raise UserError(f"{bad}. Fix that line (one JSON object per line, UTF-8).")
+    with open(path, encoding="utf-8") as handle:
+        return [(number, json.loads(line)) for number, line in enumerate(handle, 1) if line.strip()]
+
+
 class SkipsBadSamples:
     """For datasets: with `skip_bad_samples`, a sample whose files fail to decode (a truncated file whose
     header the pre-flight scan could read) is replaced by the next good one and counted (`num_skipped`);

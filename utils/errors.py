@@ -19,7 +19,7 @@ EXIT_USER_ERROR = 2
 DEBUG_ENV = "TRAIN_DEBUG"
 
 OOM_HINT = (
-    "Out of memory. Try, in this order: a smaller --train_batch_size with a larger "
+    "Out of memory. Try, in this order: a smaller {batch_flag} with a larger "
     "--gradient_accumulation_steps (same effective batch), --gradient_checkpointing, --use_8bit_adam, "
     "--mixed_precision bf16 (or fp16 on older GPUs), or a lower --resolution."
 )
@@ -44,13 +44,14 @@ def is_oom_error(error: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def oom_hint():
-    """Re-raise an out-of-memory error inside the block as one that says what to try (OOM_HINT)."""
+def oom_hint(batch_flag: str = "--train_batch_size"):
+    """Re-raise an out-of-memory error inside the block as one that says what to try (OOM_HINT), naming the
+    script's own batch-size flag."""
     try:
         yield
     except (RuntimeError, torch.OutOfMemoryError) as error:
         if is_oom_error(error):
-            raise RuntimeError(OOM_HINT) from error
+            raise RuntimeError(OOM_HINT.format(batch_flag=batch_flag)) from error
         raise
 
 
@@ -65,26 +66,73 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
-def report_user_error(error: BaseException, stream=None) -> None:
-    """Print `error` as one block on stderr (other ranks of a multi-process run: one line, tagged)."""
+def report_user_error(error: BaseException, stream=None, suffix: str = "") -> None:
+    """Print `error` (+ `suffix`) as one block on stderr (other ranks of a multi-process run: one line, tagged)."""
     stream = stream or sys.stderr
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         import traceback
 
         traceback.print_exception(error, file=stream)
     if _rank() == 0:
-        print(format_user_error(error), file=stream, flush=True)
+        print(format_user_error(str(error).strip() + suffix if str(error).strip() else error), file=stream, flush=True)
     else:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error (rank {_rank()}): {first}", file=stream, flush=True)
 
 
+def environment_error(error: OSError) -> UserError | None:
+    """A write refused by the machine (read-only folder or file, disk full) as a UserError saying what to do;
+    None for other OSErrors (they keep their traceback)."""
+    import errno
+
+    where = error.filename or "a file in --output_dir"
+    if isinstance(error, PermissionError) or error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"Cannot write {where}: {error.strerror or error}. Make that folder (and the files in it) "
+                         "writable by this user, or choose another --output_dir. Existing checkpoints are unchanged.")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"No space left on the device while writing {where}. Existing checkpoints were not changed (a "
+                         "checkpoint is written to a temporary folder and renamed only when complete). Free space, "
+                         "or lower --checkpoints_total_limit, then resume with --resume_from_checkpoint latest.")
+    return None
+
+
+def _launcher_hint() -> str:
+    """Under `accelerate launch`, the launcher prints its own traceback after a failed trainer unless -q."""
+    return ("\n(Under `accelerate launch` its own traceback follows this message and the exit code is 1: "
+            "`accelerate launch -q ...` shows this message alone.)" if "ACCELERATE_DYNAMO_BACKEND" in os.environ
+            else "")
+
+
+# Called (no arguments) when a run is refused with a UserError, e.g. to remove the output folder the refused run
+# created and left empty; registered by the code that made the thing.
+ON_REFUSAL: list = []
+
+
+def _after_refusal() -> None:
+    while ON_REFUSAL:
+        try:
+            ON_REFUSAL.pop()()
+        except Exception:  # tidying up must never hide the error message
+            pass
+
+
 def run_script(main, *args, **kwargs):
-    """A script's entry point: `main(*args)`; a UserError becomes one `error:` block and exit code 2."""
+    """A script's entry point: `main(*args)`; a UserError (or a write the machine refused: read-only, disk full)
+    becomes one `error:` block and exit code 2."""
+    ON_REFUSAL.clear()
     try:
         return main(*args, **kwargs)
     except UserError as error:
-        report_user_error(error)
+        report_user_error(error, suffix=_launcher_hint())
+        _after_refusal()
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except OSError as error:
+        explained = environment_error(error)
+        if explained is None:
+            raise
+        explained.__traceback__ = error.__traceback__
+        report_user_error(explained, suffix=_launcher_hint())
+        _after_refusal()
         raise SystemExit(EXIT_USER_ERROR) from None
 
 

@@ -67,6 +67,35 @@ def parse_optimizer_args(items) -> dict:
     return parsed
 
 
+def check_optimizer_args(name: str, make, extra: dict) -> None:
+    """Each --optimizer_args value against the optimizer's signature: a number where its default is a number, a
+    tuple of the default's length where it is a tuple, True/False where it is a bool (else a UserError naming the
+    key, the value and the expected kind), before any optimizer is built."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(make).parameters
+    except (TypeError, ValueError):
+        return
+    for key, value in extra.items():
+        default = parameters[key].default if key in parameters else inspect.Parameter.empty
+        if default is inspect.Parameter.empty or default is None:
+            continue
+        if isinstance(default, bool):
+            ok, expected = isinstance(value, bool), "True or False"
+        elif isinstance(default, (int, float)):
+            ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, tuple):
+            ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            expected = f"a tuple of {len(default)} numbers like {default}"
+        else:
+            continue
+        if not ok:
+            raise UserError(f"--optimizer_args {key}={value!r}: --optimizer {name} expects {expected} for {key} "
+                            f"(default {default!r}).")
+
+
 def _package(module: str, name: str, pip_name: str):
     import importlib
 
@@ -114,11 +143,16 @@ def create_optimizer(name: str, params, device, lr: float | None = None, weight_
     else:  # came
         kwargs = dict(lr_kwarg, weight_decay=weight_decay)  # CAME's own betas (three) and eps pair
         make = _package("came_pytorch", name, "came-pytorch").CAME
+    check_optimizer_args(name, make, extra or {})
     kwargs.update(extra or {})
     try:
         optimizer = make(params, **kwargs)
     except TypeError as error:  # an --optimizer_args key the optimizer does not take
         raise UserError(f"--optimizer {name} --optimizer_args: {error}") from error
+    except (AssertionError, ValueError) as error:  # the optimizer's own checks of a value (e.g. lion's betas)
+        given = " ".join(f"{k}={v!r}" for k, v in (extra or {}).items())
+        raise UserError(f"--optimizer {name} refused its arguments ({given or 'the defaults'}): "
+                        f"{type(error).__name__}: {error or 'a value out of range'}") from error
     if is_schedule_free(optimizer):
         optimizer.train()
     return optimizer

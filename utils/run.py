@@ -11,9 +11,10 @@ import os
 
 import torch
 
-from utils.checkpointing import check_output_dir, discard_old_checkpoints
+from utils.checkpointing import (check_output_dir, check_resume_matches, discard_old_checkpoints, lock_output_dir,
+                                 release_output_dir, remove_if_unused)
 from utils.cpu_threads import use_available_cpu_threads
-from utils.errors import UserError
+from utils.errors import ON_REFUSAL, UserError
 from utils.hub import redact_args
 
 
@@ -30,7 +31,7 @@ def add_run_args(parser, output_dir_default: str) -> None:
     parser.add_argument("--dataloader_num_workers", type=int, default=0,
                         help="Number of subprocesses to use for data loading. 0 means that the data will be loaded in the main process.")
     parser.add_argument("--logging_dir", type=str, default="logs",
-                        help="TensorBoard log directory. Will default to *output_dir/runs/**CURRENT_DATETIME_HOSTNAME***.")
+                        help="TensorBoard log directory, relative to --output_dir (default: output_dir/logs).")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                         help="Whether to use mixed precision. Default: the value of the accelerate config of the current system.")
     parser.add_argument("--report_to", type=str, default="tensorboard",
@@ -77,8 +78,32 @@ def validate_run_args(args) -> None:
         raise UserError(f"--resolution {args.resolution}: give the training size in pixels (e.g. 512), at least 8.")
     if getattr(args, "logging_steps", 1) == 0:
         raise UserError("--logging_steps 0: log at least every N >= 1 steps.")
+    scheduler = getattr(args, "lr_scheduler", None)
+    if scheduler is not None:
+        from diffusers.optimization import SchedulerType
+
+        names = [kind.value for kind in SchedulerType]
+        if scheduler not in names:
+            raise UserError(f"--lr_scheduler {scheduler}: not one of diffusers' schedules ({', '.join(names)}).")
+    if getattr(args, "early_stopping_min_delta", 0.0) < 0:
+        raise UserError(f"--early_stopping_min_delta {args.early_stopping_min_delta}: must be >= 0 (a negative delta "
+                        "counts a rising val/loss as an improvement, so best/ and early stopping would be wrong).")
     if getattr(args, "mode", "train") == "train":
         check_output_dir(args)
+        check_resume_matches(args)
+
+
+class _EmptyFloat32Notice(logging.Filter):
+    """diffusers (0.37) warns "There are modules in X that should be kept in float32: []" on every `.to(dtype)`,
+    also when the list is empty, i.e. when nothing is to be kept in float32: that record says nothing, so it is
+    dropped; a non-empty list is still shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+def quiet_empty_notices() -> None:
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32Notice())
 
 
 def _xla_available() -> bool:
@@ -134,6 +159,7 @@ def create_accelerator(args, **accelerator_kwargs):
         level=logging.INFO if accelerator.is_local_main_process else logging.ERROR,
     )
     use_available_cpu_threads(accelerator)
+    quiet_empty_notices()
     if not accelerator.is_local_main_process:
         import importlib
 
@@ -156,7 +182,10 @@ def create_accelerator(args, **accelerator_kwargs):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if accelerator.is_main_process:
+        if not os.path.isdir(args.output_dir):  # a run refused later leaves no empty folder behind
+            ON_REFUSAL.append(lambda: remove_if_unused(args.output_dir))
         os.makedirs(args.output_dir, exist_ok=True)
+        lock_output_dir(args.output_dir)
     discard_old_checkpoints(args, accelerator)
     return accelerator
 
@@ -177,6 +206,8 @@ def end_training(accelerator) -> None:
             for name in ("logger", "reducer"):  # the Logger holds the Reducer too
                 model.__dict__.pop(name, None)
     accelerator.end_training()
+    if accelerator.is_main_process:
+        release_output_dir(accelerator.project_dir)
 
 
 def weight_dtype(accelerator) -> torch.dtype:
@@ -203,6 +234,11 @@ def progress_bar(accelerator, total: int, initial: int = 0):
     from tqdm.auto import tqdm
 
     return tqdm(range(total), initial=initial, desc="Steps", disable=not accelerator.is_local_main_process)
+
+
+def is_due(step: int, every: int | None) -> bool:
+    """True when `step` is a multiple of the interval `every`; an interval of None or 0 is never due."""
+    return bool(every) and step % every == 0
 
 
 def steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:

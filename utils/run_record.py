@@ -102,10 +102,13 @@ class RunRecord:
         self._write(os.path.join(directory, RUN_INFO))
         self._write(self.path)
 
-    def checkpoint_hooks(self, step: int) -> dict:
-        """`save_checkpoint` keyword arguments: the record into the checkpoint, the report after publishing."""
-        return {"before_publish": lambda directory: self.save_into(directory, step),
-                "after_publish": lambda: try_write_report(self.accelerator, self.script)}
+    def checkpoint_hooks(self, step: int, report: bool = True) -> dict:
+        """`save_checkpoint` keyword arguments: the record into the checkpoint, the report after publishing
+        (`report=False` for the checkpoint a stop request asks for: only what a resume needs before exiting)."""
+        hooks = {"before_publish": lambda directory: self.save_into(directory, step)}
+        if report:
+            hooks["after_publish"] = lambda: try_write_report(self.accelerator, self.script)
+        return hooks
 
     def finish(self, steps_done: int) -> None:
         """After the final save: end time, steps, the last logged value of every metric, the final report."""

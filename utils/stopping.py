@@ -13,25 +13,25 @@ logger = logging.getLogger(__name__)
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks at step boundaries (save, then exit).
+    """Turns SIGTERM/SIGINT into a flag the loop checks at every step boundary (save, then exit).
 
     One stop request may arrive as several SIGTERMs: a preemption that signals the whole
     process group (Colab, SLURM, spot VMs) reaches the trainer directly *and* through
     `accelerate launch`, which since accelerate 1.16 forwards SIGTERM to its child and SIGKILLs
     it `launcher_grace_s` (5 s) later. So a SIGTERM within `repeat_window_s` of the first one is
     the same request; a second SIGINT (Ctrl-C twice), or any signal after the window, restores
-    the default handler and force-quits. With several processes the ranks agree through a
-    collective (a host sync), made every `check_every` calls (the scripts pass --logging_steps)
-    so the loop does not wait every step.
+    the default handler and force-quits. With several processes the ranks agree through one
+    small all-reduce at every step boundary (benchmarks/bench_stop.py measures its cost and the
+    stop latency), so at most the step in progress when the signal came runs before the save:
+    `steps_after_request` counts them and `announce` reports it.
     """
 
     launcher_grace_s = 5.0  # accelerate>=1.16 `_terminate_process_tree`: SIGTERM, then SIGKILL after 5 s
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), check_every: int = 1,
-                 repeat_window_s: float = 60.0):
-        self.check_every = max(1, int(check_every))
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), repeat_window_s: float = 60.0):
         self.repeat_window_s = float(repeat_window_s)
-        self._calls = 0
+        self._calls = 0  # step boundaries seen
+        self._requested_at_call = None
         self.requested = False
         self.signal_name = None
         self._requested_at = None
@@ -51,22 +51,29 @@ class StopSignal:
             raise KeyboardInterrupt
         self.requested = True
         self._requested_at = now
+        self._requested_at_call = self._calls
         self.signal_name = signal.Signals(signum).name
         logger.warning(f"{self.signal_name} received: saving a checkpoint at the next step boundary, then exiting.")
 
     def should_stop(self, accelerator) -> bool:
-        """Agree across processes, so every rank stops (and saves) at the same step."""
+        """Call once per optimizer step on every rank: True on all ranks when any rank was signalled."""
+        self._calls += 1
         if accelerator.num_processes == 1:
             return self.requested
-        self._calls += 1  # every rank calls once per step, so all make the collective at the same calls
-        if self._calls % self.check_every:
-            return False
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
-    def announce(self, accelerator, step: int, output_dir: str) -> None:
+    @property
+    def steps_after_request(self) -> int | None:
+        """Optimizer steps that ended after the signal came (the one in progress then included); None on a rank
+        that was not signalled itself."""
+        return None if self._requested_at_call is None else self._calls - self._requested_at_call
+
+    def announce(self, accelerator, step: int, output_dir: str, what: str = "training") -> None:
         """After the stop checkpoint: say where the run stopped and how to continue it."""
-        accelerator.print(f"Stopped by {self.signal_name or 'a signal'} at step {step}. Resume with: "
+        after = "" if self.steps_after_request is None else f" ({self.steps_after_request} step(s) after the signal)"
+        where = "" if what == "training" else f" of {what}"
+        accelerator.print(f"Stopped by {self.signal_name or 'a signal'} at step {step}{where}{after}. Resume with: "
                           f"--resume_from_checkpoint latest --output_dir {output_dir}")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -27,10 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng
+from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, read_caption_file, read_json_lines, sample_rng
 from utils.errors import UserError, UserFileNotFoundError
 from utils.images import cover_size, crop_origin, decode_image_file
 
+logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -77,21 +79,16 @@ def _read_captions(root: str, image_dir: str, caption_column: str) -> dict[str, 
     captions = {}
     metadata = os.path.join(root, "metadata.jsonl")
     if os.path.isfile(metadata):
-        with open(metadata, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if "file_name" not in row or caption_column not in row:
-                    raise UserError(
-                        f"{metadata}:{line_number}: needs 'file_name' and '{caption_column}' (--caption_column), "
-                        f"got keys {sorted(row)}"
-                    )
-                captions[os.path.splitext(os.path.basename(row["file_name"]))[0]] = str(row[caption_column])
-    for name in os.listdir(image_dir):
+        for line_number, row in read_json_lines(metadata):
+            if "file_name" not in row or caption_column not in row:
+                raise UserError(
+                    f"{metadata}:{line_number}: needs 'file_name' and '{caption_column}' (--caption_column), "
+                    f"got keys {sorted(row)}"
+                )
+            captions[os.path.splitext(os.path.basename(row["file_name"]))[0]] = str(row[caption_column])
+    for name in sorted(os.listdir(image_dir)):
         if name.endswith(".txt"):
-            with open(os.path.join(image_dir, name), encoding="utf-8") as handle:
-                captions.setdefault(os.path.splitext(name)[0], handle.read().strip())
+            captions.setdefault(os.path.splitext(name)[0], read_caption_file(os.path.join(image_dir, name)))
     return captions
 
 
@@ -132,9 +129,18 @@ def select_fraction(num_items: int, ratio: float, seed: int | None) -> list[int]
     return sorted(generator.permutation(num_items)[:count].tolist())
 
 
+_WARNED_MASKS: set = set()
+
+
 def mask_to_channels(mask: np.ndarray, mask_channels: int, name: str) -> np.ndarray:
     """uint8 mask [H, W] -> float32 [mask_channels, H, W] in {0, 1} (see module docstring)."""
     if mask_channels == 1 and mask.max() > 1:
+        grey = int(((mask > 1) & (mask < 255)).sum())
+        if grey and "grey" not in _WARNED_MASKS:
+            _WARNED_MASKS.add("grey")
+            logger.warning(f"mask {name}: {grey} of {mask.size} pixels are grey (neither 0 nor 255); a single-channel "
+                           "mask is thresholded at >= 128, so they become background or target by that rule. Save "
+                           "binary 0/255 masks to decide it yourself (further grey masks are not reported).")
         return (mask >= 128).astype(np.float32)[None]
     if mask.max() > mask_channels:
         raise UserError(

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from utils.buckets import assign_buckets, bucket_summary, log_bucket_summary
-from utils.data import BadSampleError, EpochDataset, SkipsBadSamples, sample_rng, split_train_validation
+from utils.data import (BadSampleError, EpochDataset, SkipsBadSamples, first_bad_json_line, read_caption_file, sample_rng,
+                        split_train_validation)
 from utils.errors import UserError, UserFileNotFoundError
 from utils.images import IMAGE_EXTENSIONS, INTERPOLATION_MODES, cover_size, crop_origin, load_image, pil_to_tensor
 from utils.preflight import add_preflight_args
@@ -137,14 +138,6 @@ def _safe_join(root: str, relative: str, where: str) -> str:
     return path
 
 
-def _read_caption_file(path: str) -> str:
-    raw = open(path, "rb").read()
-    try:
-        return raw.decode("utf-8-sig").strip()
-    except UnicodeDecodeError as error:
-        raise BadSampleError(f"{path}: caption file is not valid UTF-8 ({error}); re-save it as UTF-8") from error
-
-
 def _captioned_folder(root: str, caption_column: str, image_column: str) -> dict[str, list]:
     images, captions = [], []
     for directory, _, files in sorted(os.walk(root)):
@@ -154,7 +147,7 @@ def _captioned_folder(root: str, caption_column: str, image_column: str) -> dict
             path = os.path.join(directory, name)
             caption_path = os.path.splitext(path)[0] + ".txt"
             images.append(path)
-            captions.append(_read_caption_file(caption_path) if os.path.isfile(caption_path) else None)
+            captions.append(read_caption_file(caption_path) if os.path.isfile(caption_path) else None)
     return {image_column: images, caption_column: captions}
 
 
@@ -164,6 +157,11 @@ def _table_file(path: str, image_column: str) -> "datasets.Dataset":
     extension = os.path.splitext(path)[1].lower()
     if extension not in (".csv", ".jsonl", ".json"):
         raise UserError(f"--train_data_file {path}: expected a .csv or .jsonl file")
+    # pyarrow keeps undecodable bytes in its string arrays and fails only when a row is read, naming nothing:
+    # check the file's lines first (a table is small next to its images).
+    bad = first_bad_json_line(path) if extension != ".csv" else first_non_utf8_line(path)
+    if bad:
+        raise UserError(f"--train_data_file {bad}. Fix that line (UTF-8{', one JSON object per line' if extension != '.csv' else ''}).")
     with explained_table_errors([path]):
         dataset = datasets.load_dataset("csv" if extension == ".csv" else "json", data_files=path, split="train")
     if image_column not in dataset.column_names:
@@ -172,20 +170,14 @@ def _table_file(path: str, image_column: str) -> "datasets.Dataset":
     return dataset.map(lambda row: {image_column: _safe_join(root, str(row[image_column]), path)})
 
 
-def first_bad_json_line(path: str) -> str | None:
-    """`path:line: problem` for the first line of a JSON-lines file that is not one JSON object, else None."""
+def first_non_utf8_line(path: str) -> str | None:
+    """`path:line: not valid UTF-8 (...)` for the first line of a text file that does not decode, else None."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
-            if not raw.strip():
-                continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                raw.decode("utf-8")
             except UnicodeDecodeError as error:
                 return f"{path}:{number}: not valid UTF-8 ({error})"
-            except json.JSONDecodeError as error:
-                return f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
-            if not isinstance(record, dict):
-                return f"{path}:{number}: a JSON {type(record).__name__}, not an object {{\"file_name\": ..., ...}}"
     return None
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -12,6 +13,7 @@ from utils.errors import MissingPackageError, UserError, UserFileNotFoundError
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 LORA_FORMATS = ("diffusers", "kohya", "both")
+logger = logging.getLogger(__name__)
 DEFAULT_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -24,10 +26,11 @@ def add_lora_args(parser) -> None:
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch.")
     parser.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
                         help=f"Module names to adapt in the UNet (default: {' '.join(DEFAULT_UNET_TARGETS)}).")
-    parser.add_argument("--lora_format", type=str, default="diffusers", choices=LORA_FORMATS,
+    parser.add_argument("--lora_format", type=str, default="both", choices=LORA_FORMATS,
                         help=f"The final LoRA weights: diffusers ({LORA_WEIGHT_NAME}, for load_lora_weights), kohya "
                              f"({KOHYA_WEIGHT_NAME}: lora_unet_*/lora_te_* keys with .alpha, for ComfyUI, "
-                             "AUTOMATIC1111, Forge; diffusers' load_lora_weights reads it too) or both.")
+                             "AUTOMATIC1111, Forge, which ignore the diffusers file; diffusers' load_lora_weights reads "
+                             "it too) or both (default: every tool finds its file).")
 
 
 def check_text_encoder_lora_support() -> None:
@@ -101,9 +104,71 @@ def save_lora(directory: str, unet, text_encoder=None, text_encoder_2=None, lora
         pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
         pipeline_class.save_lora_weights(directory, **lora_state_dicts(unet, text_encoder, text_encoder_2),
                                          safe_serialization=True)
+        if metadata:  # the same ss_*/modelspec keys as the kohya file, so an export can copy them
+            add_file_metadata(os.path.join(directory, LORA_WEIGHT_NAME), {k: str(v) for k, v in metadata.items()})
     if lora_format in ("kohya", "both"):
         save_kohya_lora(os.path.join(directory, KOHYA_WEIGHT_NAME), unet, text_encoder, text_encoder_2, metadata)
     return os.path.join(directory, LORA_WEIGHT_NAME if lora_format != "kohya" else KOHYA_WEIGHT_NAME)
+
+
+# Stability's ModelSpec ids (github.com/Stability-AI/ModelSpec) and kohya's ss_base_model_version names
+# (sd-scripts library/sai_model_spec.py, model_util.get_model_version_str_for_sd1_sd2), which A1111, Forge and
+# ComfyUI's LoRA lists read to file a LoRA under its base model.
+_ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
+                  "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+_SDXL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+def base_model_version(sdxl: bool, cross_attention_dim, prediction_type: str | None) -> str:
+    """kohya's name of the base model family: sdxl_base_v1-0, or sd_v1 / sd_v2 (+ `_v` for v-prediction)."""
+    if isinstance(cross_attention_dim, (list, tuple)):
+        cross_attention_dim = cross_attention_dim[0]
+    if sdxl:
+        return "sdxl_base_v1-0"
+    version = "sd_v2" if cross_attention_dim == 1024 else "sd_v1"
+    return version + ("_v" if prediction_type == "v_prediction" and version == "sd_v2" else "")
+
+
+def lora_file_metadata(version: str, resolution: int | None, title: str, prediction_type: str | None = None,
+                       extra: dict | None = None) -> dict:
+    """The metadata both LoRA files carry (training and `generate.py --export kohya` write the same): kohya's
+    `ss_*` keys and Stability's `modelspec.*` keys, all strings (safetensors' rule)."""
+    import datetime
+
+    sdxl = version.startswith("sdxl")
+    info = {"ss_network_module": "networks.lora", "ss_base_model_version": version, "ss_v2": str(version.startswith("sd_v2")),
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{_ARCHITECTURES[version]}/lora",
+            "modelspec.implementation": _SDXL_IMPLEMENTATION if sdxl else "diffusers",
+            "modelspec.title": title, "modelspec.date": datetime.date.today().isoformat()}
+    if resolution:
+        info.update({"ss_resolution": f"({resolution}, {resolution})", "modelspec.resolution": f"{resolution}x{resolution}"})
+    if prediction_type:
+        info["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
+    info.update({k: str(v) for k, v in (extra or {}).items() if v is not None})
+    return info
+
+
+def guess_base_model_version(state_dict: dict) -> str | None:
+    """A LoRA written elsewhere (no metadata): the family from the cross-attention width its to_k/to_v adapters
+    read (768 SD1, 1024 SD2, 2048 SDXL) or a second text encoder; None when it matches none of them."""
+    if any(key.startswith("text_encoder_2.") for key in state_dict):
+        return "sdxl_base_v1-0"
+    for key, value in state_dict.items():
+        if "attn2" in key and ("to_k" in key or "to_v" in key) and ("lora_A" in key or "lora.down" in key):
+            return {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(int(value.shape[-1]))
+    return None
+
+
+def add_file_metadata(path: str, metadata: dict) -> None:
+    """Rewrite the safetensors file at `path` (atomically) with `metadata` added to what it has."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, "pt") as handle:
+        merged = dict(handle.metadata() or {})
+    merged.update(metadata)
+    save_file(load_file(path), path + ".tmp", metadata=merged)
+    os.replace(path + ".tmp", path)
 
 
 def kohya_state_dict(unet, text_encoder=None, text_encoder_2=None) -> dict:
@@ -172,7 +237,14 @@ def export_kohya(source: str, path: str) -> str:
         peft_state.update({prefix + k: v for k, v in (convert(part) if part else {}).items()})
     kohya = kohya_from_peft(peft_state, {name: adapter.get(f"{name}.lora_alpha")
                                          for name in ("unet", "text_encoder", "text_encoder_2")})
-    info = {"ss_network_module": "networks.lora", "ss_training_comment": f"exported from {os.path.basename(file)}"}
+    info = {k: v for k, v in metadata.items() if k.startswith(("ss_", "modelspec."))}  # what training recorded
+    version = info.get("ss_base_model_version") or guess_base_model_version(state_dict)
+    if "modelspec.architecture" not in info and version is not None:  # a diffusers LoRA written elsewhere
+        info.update(lora_file_metadata(version, None, os.path.splitext(os.path.basename(path))[0]))
+    elif version is None:
+        logger.warning(f"{file}: no recorded base model and an unknown cross-attention width; the exported file "
+                       "has no ss_base_model_version / modelspec.architecture, so UI tools may not list it.")
+    info.update(ss_network_module="networks.lora", ss_training_comment=f"exported from {os.path.basename(file)}")
     if "unet.r" in adapter:
         info.update(ss_network_dim=str(adapter["unet.r"]), ss_network_alpha=str(adapter.get("unet.lora_alpha")))
     save_file(kohya, path + ".tmp", metadata=info)
@@ -189,9 +261,9 @@ def save_kohya_lora(path: str, unet, text_encoder=None, text_encoder_2=None, met
     from safetensors.torch import save_file
 
     config = unet.peft_config["default"]
-    info = {"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
-            "ss_network_alpha": str(config.lora_alpha), "ss_training_comment": "train_text_to_image.py"}
-    info.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
+    info = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
+    info.update({"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+                 "ss_network_alpha": str(config.lora_alpha), "ss_training_comment": "train_text_to_image.py"})
     save_file(kohya_state_dict(unet, text_encoder, text_encoder_2), path, metadata=info)
 
 

@@ -81,6 +81,11 @@ def load_models(args, captions_for_tokenizer):
             components["text_encoder"] = text_encoder
         models = dict(noise_scheduler=components.pop("scheduler"), **components)
     if args.pretrained_vae_model_name_or_path:  # e.g. madebyollin/sdxl-vae-fp16-fix (diffusers' SDXL scripts)
+        vae_path = args.pretrained_vae_model_name_or_path
+        if os.path.isfile(os.path.join(vae_path, "model_index.json")) and not os.path.isfile(
+                os.path.join(vae_path, "config.json")):
+            raise UserError(f"--pretrained_vae_model_name_or_path {vae_path} is a whole pipeline: give its VAE folder, "
+                            f"{os.path.join(vae_path, 'vae')}.")
         models["vae"] = own_memory(AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
                                                                  revision=args.revision, variant=args.variant))
     if args.prediction_type is not None:

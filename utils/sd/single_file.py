@@ -28,11 +28,14 @@ YAML).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from utils.errors import UserError, UserFileNotFoundError
+
+logger = logging.getLogger(__name__)
 
 SINGLE_FILE_NAME = "model.safetensors"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -254,10 +257,44 @@ def single_file_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict
     return {**unet_ldm, **vae_ldm, **text_ldm}
 
 
+# The shapes by which ComfyUI, AUTOMATIC1111 and Forge recognise a checkpoint (ComfyUI's model_detection reads
+# the UNet's channels and context width; every UI builds the standard CLIP tokenizer of 49408 tokens, 77 positions).
+_STANDARD = {"SD 1.x": {"blocks": [320, 640, 1280, 1280], "context": 768, "text": [768]},
+             "SD 2.x": {"blocks": [320, 640, 1280, 1280], "context": 1024, "text": [1024]},
+             "SDXL": {"blocks": [320, 640, 1280], "context": 2048, "text": [768, 1280]}}
+_CLIP_VOCAB, _CLIP_POSITIONS = 49408, 77
+
+
+def ui_compatibility_problem(unet, vae, text_encoder, text_encoder_2=None) -> str | None:
+    """Why UI tools will not load this model as one file (None: it has a standard SD1/SD2/SDXL architecture
+    and tokenizer), e.g. a model built from scratch with its own small vocabulary."""
+    encoders = [e for e in (text_encoder, text_encoder_2) if e is not None]
+    context = unet.config.cross_attention_dim
+    kind = next((name for name, shape in _STANDARD.items() if list(unet.config.block_out_channels) == shape["blocks"]
+                 and context == shape["context"] and [e.config.hidden_size for e in encoders] == shape["text"]), None)
+    if kind is None:
+        return (f"the UNet (channels {list(unet.config.block_out_channels)}, context {context}) and text encoder(s) "
+                f"(width {[e.config.hidden_size for e in encoders]}) are not a standard SD 1.x / 2.x / SDXL architecture")
+    for encoder in encoders:
+        if (encoder.config.vocab_size, encoder.config.max_position_embeddings) != (_CLIP_VOCAB, _CLIP_POSITIONS):
+            return (f"its text encoder has {encoder.config.vocab_size} token embeddings and "
+                    f"{encoder.config.max_position_embeddings} positions, not CLIP's standard {_CLIP_VOCAB} and "
+                    f"{_CLIP_POSITIONS} (its own tokenizer)")
+    if vae.config.latent_channels != 4:
+        return f"its VAE has {vae.config.latent_channels} latent channels, not 4"
+    return None
+
+
 def save_single_file(path: str, unet, vae, text_encoder, dtype: str = "fp16", metadata: dict | None = None,
                      text_encoder_2=None) -> str:
-    """Write `path` (atomically: a temporary file renamed into place) in the LDM layout at `dtype`."""
+    """Write `path` (atomically: a temporary file renamed into place) in the LDM layout at `dtype`; says in one
+    line when UI tools will not load it (`ui_compatibility_problem`)."""
     from safetensors.torch import save_file
+
+    problem = ui_compatibility_problem(unet, vae, text_encoder, text_encoder_2)
+    if problem:
+        logger.warning(f"{path}: {problem}, so ComfyUI / AUTOMATIC1111 / Forge will not load this file; diffusers' "
+                       "from_single_file (and this project's --model_config) will.")
 
     state = single_file_state_dict(unet, vae, text_encoder, text_encoder_2)
     target = DTYPES[dtype]
@@ -286,7 +323,44 @@ def load_single_file_pipeline(path: str, model_config: str | None, original_conf
     options = {"config": model_config} if model_config else {"original_config": original_config}
     if model_config is None and original_config is None:
         options = {}
+    check_single_file_readable(path)
     if pipeline_class_name(path) == SDXL_PIPELINE:
         return StableDiffusionXLPipeline.from_single_file(path, add_watermarker=False, **options, **kwargs)
-    return StableDiffusionPipeline.from_single_file(path, safety_checker=None, requires_safety_checker=False,
-                                                    **options, **kwargs)
+    try:
+        return StableDiffusionPipeline.from_single_file(path, safety_checker=None, requires_safety_checker=False,
+                                                        **options, **kwargs)
+    except Exception as error:
+        if path.endswith(".safetensors") or not _is_unsafe_pickle_error(error):
+            raise
+        raise UserError(_UNSAFE_PICKLE.format(path=path)) from None
+
+
+_UNSAFE_PICKLE = ("{path} is a pickle (.ckpt) that holds more than plain tensors, so it is refused as unsafe: "
+                  "loading it could run code. Convert it once, where you trust its source, to safetensors (e.g. "
+                  "diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py --checkpoint_path {path} "
+                  "--to_safetensors, or ComfyUI's checkpoint save) and give that file.")
+
+
+def _is_unsafe_pickle_error(error: BaseException) -> bool:
+    import pickle
+
+    chain = [error]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return any(isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) for e in chain)
+
+
+def check_single_file_readable(path: str) -> None:
+    """A damaged or truncated .safetensors single file, named in one block before diffusers' loader reads it."""
+    if not path.endswith(".safetensors"):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as handle:
+            for key in list(handle.keys())[-1:]:  # the last tensor ends at the file's end: a truncation shows here
+                handle.get_tensor(key)
+    except Exception as error:
+        raise UserError(f"{path} cannot be read as safetensors ({type(error).__name__}: {error}; "
+                        f"{os.path.getsize(path)} bytes): the file is damaged or truncated. Copy or download it again."
+                        ) from None

@@ -22,6 +22,7 @@ from utils.report import log_metrics
 
 logger = logging.getLogger(__name__)
 STAGE_DIR = "vae_stage"
+STAGE_CHECKPOINT = "vae_stage_checkpoint"  # a stopped stage, resumable
 
 
 def add_vae_args(parser) -> None:
@@ -75,20 +76,39 @@ def train_vae_stage(accelerator, vae, dataloader, args):
     """Train `vae` for `args.vae_train_steps` steps on `dataloader`, save it, and return it (frozen).
 
     A separate Accelerator instance prepares the stage's model and optimizer, so the main
-    training state (what checkpoints save and resume) is not changed by the stage.
+    training state (what checkpoints save and resume) is not changed by the stage. A stop request
+    (SIGTERM/SIGINT) saves `output_dir/vae_stage_checkpoint/` at the step boundary and exits 0 with the
+    resume command; `--resume_from_checkpoint` continues the stage there exactly (same weights as an
+    uninterrupted stage: the data order is replayed from the epoch's start, the noise RNG restored).
     """
     from accelerate import Accelerator
+
+    from utils.stopping import StopSignal
 
     stage = Accelerator(mixed_precision=accelerator.mixed_precision)
     vae.requires_grad_(True)
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=0.0, eps=args.adam_epsilon)
+    resumed = load_stage_checkpoint(args.output_dir, vae, optimizer, stage) if args.resume_from_checkpoint else None
     vae_prepared, optimizer, loader = stage.prepare(vae, optimizer, dataloader)
-    progress = tqdm(total=args.vae_train_steps, desc="VAE stage", disable=not accelerator.is_local_main_process)
-    step, history = 0, []
+    order = getattr(dataloader, "generator", None)  # the shuffle's generator (the sampler shares it)
+    step, batches_done, history = (resumed["step"], resumed["batches_in_epoch"], resumed["history"]) if resumed \
+        else (0, 0, [])
+    progress = tqdm(total=args.vae_train_steps, initial=step, desc="VAE stage",
+                    disable=not accelerator.is_local_main_process)
+    stop = StopSignal()
     while step < args.vae_train_steps:
+        if resumed is not None and order is not None:
+            order.set_state(resumed["order_state"])  # this epoch's shuffle, as the interrupted stage drew it
+        epoch_order_state = order.get_state() if order is not None else None
         for batch in loader:
+            if batches_done and resumed is not None:
+                batches_done -= 1  # already trained on before the stop: replayed, not trained
+                if not batches_done:
+                    torch.set_rng_state(resumed["rng_state"])
+                continue
+            resumed = None
             with stage.autocast():
                 loss, reconstruction, kl = vae_losses(vae_prepared if stage.num_processes > 1 else vae,
                                                       batch["pixel_values"], args.vae_kl_weight)
@@ -97,14 +117,22 @@ def train_vae_stage(accelerator, vae, dataloader, args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            batches_done += 1
             progress.update(1)
             if step % args.logging_steps == 0 or step == args.vae_train_steps:
                 logs = {"vae/loss": loss.item(), "vae/reconstruction_loss": reconstruction.item(), "vae/kl": kl.item()}
                 history.append({"step": step, **logs})
                 progress.set_postfix(rec=f"{logs['vae/reconstruction_loss']:.4f}")
                 log_metrics(accelerator, logs, step)
+            if stop.should_stop(stage) and step < args.vae_train_steps:
+                save_stage_checkpoint(args.output_dir, stage, vae, optimizer, {
+                    "step": step, "batches_in_epoch": batches_done, "history": history,
+                    "order_state": epoch_order_state, "rng_state": torch.get_rng_state()})
+                stop.announce(accelerator, step, args.output_dir, what="the VAE stage")
+                raise SystemExit(0)
             if step >= args.vae_train_steps:
                 break
+        batches_done, resumed = 0, None
     progress.close()
     vae = stage.unwrap_model(vae_prepared)
     vae.requires_grad_(False)
@@ -113,10 +141,42 @@ def train_vae_stage(accelerator, vae, dataloader, args):
     vae.register_to_config(scaling_factor=scaling)
     if accelerator.is_main_process:
         save_stage(vae, args.output_dir, {"steps": step, "scaling_factor": scaling, "history": history})
+        shutil.rmtree(os.path.join(args.output_dir, STAGE_CHECKPOINT), ignore_errors=True)
     accelerator.wait_for_everyone()
     del optimizer
     stage.free_memory()
     return vae
+
+
+def save_stage_checkpoint(output_dir: str, stage, vae, optimizer, state: dict) -> None:
+    """The stage as far as it got (weights, optimizer, step, this epoch's shuffle state and each process's
+    noise RNG), atomically in `output_dir/vae_stage_checkpoint/`."""
+    from utils.checkpointing import atomic_directory
+
+    final = os.path.join(output_dir, STAGE_CHECKPOINT)
+    rank_states = stage.gather_for_metrics([state], use_gather_object=True) if stage.num_processes > 1 else [state]
+    if stage.is_main_process:
+        with atomic_directory(final) as temp:
+            stage.unwrap_model(vae).save_pretrained(os.path.join(temp, "vae"))
+            torch.save(optimizer.state_dict(), os.path.join(temp, "optimizer.pt"))
+            for rank, rank_state in enumerate(rank_states):
+                torch.save(rank_state, os.path.join(temp, f"state_{rank}.pt"))
+        logger.info(f"Saved the VAE stage at step {state['step']} to {final}")
+    stage.wait_for_everyone()
+
+
+def load_stage_checkpoint(output_dir: str, vae, optimizer, stage) -> dict | None:
+    """Load a stopped stage's checkpoint into `vae` and `optimizer` (before `prepare`); its state, or None."""
+    from diffusers import AutoencoderKL
+
+    path = os.path.join(output_dir, STAGE_CHECKPOINT)
+    if not os.path.isdir(path):
+        return None
+    vae.load_state_dict(AutoencoderKL.from_pretrained(os.path.join(path, "vae")).state_dict())
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    state = torch.load(os.path.join(path, f"state_{stage.process_index}.pt"), weights_only=True)
+    logger.info(f"Resuming the VAE stage from {path} at step {state['step']}")
+    return state
 
 
 def save_stage(vae, output_dir: str, info: dict) -> None:
