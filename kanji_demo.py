@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The embedded default job: "fake kanji" from English meanings, trained from scratch, offline.
 
-    python kanji_demo.py --output_dir demo_output            # ~10 min on a 2-core CPU
+    python kanji_demo.py --output_dir demo_output            # ~4 min on a 2-core CPU (README)
     python kanji_demo.py --output_dir kanji_hq --mode quality  # the longer GPU run
 
 1. renders KANJIDIC2 kanji with Debian's IPA fonts into an imagefolder (utils/sd/kanji_dataset.py);
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--mode", default="demo", choices=sorted(MODES),
-                        help="demo: ~10 min CPU; quality: GPU hours; smoke: tests")
+                        help="demo: ~4 min on a 2-core CPU; quality: GPU hours; smoke: tests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_inference_steps", type=int, default=25, help="guide 001: 25 fast, 75 quality")
     parser.add_argument("--guidance_scale", type=float, default=7.0,

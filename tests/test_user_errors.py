@@ -440,17 +440,22 @@ def test_user_error_as_a_real_process_prints_one_block(tiny_pipeline_dir, tmp_pa
     assert launched.returncode != 0
     assert "Traceback" not in launched.stderr + launched.stdout, launched.stderr[-3000:]
     assert launched.stderr.count("error: --train_data_dir") == 1
+    assert "`accelerate launch -q ...` shows this message alone" in launched.stderr  # the hint, under the launcher
+    assert "accelerate launch -q" not in direct.stderr  # and only there
     debug = subprocess.run([sys.executable, "train_text_to_image.py", *argv], cwd=REPO_ROOT,
                            env={**launch_env(), "TRAIN_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
     assert "Traceback" in debug.stderr and debug.returncode == EXIT_USER_ERROR  # TRAIN_DEBUG=1 shows where
 
 
 def readme_commands(script_name):
-    """Every `... <script_name> ...` command in the README's bash blocks, continuation lines joined."""
+    """Every `... <script_name> ...` command in the bash blocks of README.md and docs/*.md, continuation lines
+    joined."""
+    import glob
     import re
     import shlex
 
-    text = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    pages = [os.path.join(REPO_ROOT, "README.md")] + sorted(glob.glob(os.path.join(REPO_ROOT, "docs", "*.md")))
+    text = "\n".join(open(page, encoding="utf-8").read() for page in pages)
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -822,3 +827,19 @@ def test_help_and_choices_a_newcomer_reads():
     help_text = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_segmentation_tpu.py"), "--help"],
                                capture_output=True, text=True, cwd=REPO_ROOT, timeout=120).stdout
     assert help_text.count("(default:") >= 20  # every flag shows its default
+
+
+@pytest.mark.slow
+def test_an_sd_lora_on_an_sdxl_base_says_what_it_was_trained_for(capsys, tiny_pipeline_dir, tiny_sdxl_pipeline_dir,
+                                                                  t2i_data, tmp_path):
+    import generate
+    import train_text_to_image as script
+
+    lora = tmp_path / "lora"
+    run_main_in_process(script, t2i_cmd(tiny_pipeline_dir, t2i_data, lora, "--use_lora"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(generate.main, ["--model", tiny_sdxl_pipeline_dir, "--lora", str(lora), "--prompt", "x",
+                                   "--output_dir", str(tmp_path / "g"), "--device", "cpu", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_USER_ERROR and "Traceback" not in err and err.count("error: ") == 1, err
+    assert "does not fit --model (SDXL" in err and "trained for stable-diffusion-v1/lora" in err
