@@ -31,7 +31,8 @@ from accelerate.utils import DataLoaderConfiguration
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
-from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_checkpoint
+from utils.checkpointing import (atomic_directory, check_finite_before_saving, register_checkpoint_hooks, resume_position,
+                                 save_checkpoint)
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader, split_train_validation
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
@@ -53,8 +54,8 @@ from utils.optim import (add_optimizer_args, apply_update, create_optimizer, eva
                          warmup_cosine)
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar, steps_per_epoch, tracker_config,
-                       weight_dtype, write_rank_checksums)
+from utils.run import (add_run_args, create_accelerator, end_training, epoch_validation_due, is_due, progress_bar,
+                       steps_per_epoch, tracker_config, weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import EarlyStopping, StopSignal
@@ -339,11 +340,15 @@ class Validator:
         """The held-out loss (early-stopping bookkeeping updated) and, on the main process, the sample metrics."""
         args, accelerator, transformer = self.args, self.accelerator, self.pipeline.transformer
         logs = {}
-        if self.held_out_dataloader is not None:
-            logs["val/loss"] = validation_loss(
-                accelerator, self.model, self.conditioner, self.held_out_dataloader, args
-            )
-            self.stopping.update(logs["val/loss"])
+        if self.held_out_dataloader is not None:  # scored on the weights that would be saved (EMA with --use_ema)
+            with ema_weights(self.ema, transformer.parameters()):
+                logs["val/loss"] = validation_loss(
+                    accelerator, self.model, self.conditioner, self.held_out_dataloader, args
+                )
+                if self.stopping.update(logs["val/loss"]) and accelerator.is_main_process:
+                    with atomic_directory(os.path.join(args.output_dir, "best")) as temp:
+                        save_mask_dit_pipeline(temp, self.pipeline)  # the lowest val/loss so far
+            accelerator.wait_for_everyone()
         if accelerator.is_main_process and self.held_out is not None and args.num_validation_images > 0:
             with ema_weights(self.ema, transformer.parameters()):
                 transformer.eval()
@@ -419,7 +424,7 @@ def main(args):
     if held_out_dataloader is not None:
         held_out_dataloader = accelerator.prepare(held_out_dataloader)
     register_checkpoint_hooks(accelerator, {"transformer": transformer}, **ema_checkpoint_hooks(ema, "transformer_ema"))
-    place_ema(ema, accelerator.device)
+    place_ema(ema, accelerator.device, args.offload_ema)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name or "train_mask_dit", config=tracker_config(args))
 
@@ -465,7 +470,7 @@ def main(args):
             global_step += 1
             progress.update(1)
             monitor.step_done()
-            ema_step(ema, transformer.parameters(), accelerator.device)
+            ema_step(ema, transformer.parameters(), accelerator.device, args.offload_ema)
             if global_step % args.logging_steps == 0:
                 log_health(accelerator, monitor, lr_scheduler, progress, global_step, epoch)
             early_stop = bool(  # validated before the checkpoint, which then holds its outcome
@@ -486,8 +491,7 @@ def main(args):
         if early_stop and global_step < max_train_steps:
             break
         epoch_end = global_step % updates_per_epoch == 0 or global_step >= max_train_steps
-        early_stop = bool(epoch_end and args.validation_epochs and (epoch + 1) % args.validation_epochs == 0
-                          and validate(global_step))
+        early_stop = bool(epoch_end and epoch_validation_due(epoch, args.validation_epochs) and validate(global_step))
         if early_stop:
             validate.stopping.announce()
         if early_stop or (epoch_end and args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0):

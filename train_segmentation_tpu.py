@@ -511,7 +511,7 @@ def main(args=None):
     model, optimizer, train_loader, eval_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, lr_scheduler)
     raw_model = accelerator.unwrap_model(model)
-    ema = place_ema(create_ema(raw_model, args) if args.use_ema else None, accelerator.device)
+    ema = place_ema(create_ema(raw_model, args) if args.use_ema else None, accelerator.device, args.offload_ema)
     register_checkpoint_hooks(accelerator, {"mshnet": raw_model}, **ema_checkpoint_hooks(ema, "mshnet_ema"))
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name or "mshnet", config=tracker_config(args))
@@ -555,7 +555,7 @@ def main(args=None):
             global_step += 1
             progress.update(1)
             monitor.step_done()
-            ema_step(ema, raw_model.parameters(), accelerator.device)
+            ema_step(ema, raw_model.parameters(), accelerator.device, args.offload_ema)
             if global_step % args.logging_steps == 0:
                 log_health(args, accelerator, monitor, lr_scheduler, progress, global_step, epoch, warm_flag, on_xla)
             stopping = stop.should_stop(accelerator)  # every rank, every step

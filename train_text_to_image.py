@@ -49,8 +49,8 @@ from utils.latents import encode_latents, scale_latents, vae_scale_factor
 from utils.optim import (apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
                          restart_lr_schedule)
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar, save_run_args, steps_per_epoch,
-                       tracker_config, weight_dtype, write_rank_checksums)
+from utils.run import (add_run_args, create_accelerator, end_training, epoch_validation_due, is_due, progress_bar,
+                       save_run_args, steps_per_epoch, tracker_config, weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.sd.args import add_model_args, add_training_args, add_validation_args
 from utils.sd.builder import assemble_pipeline
@@ -403,7 +403,7 @@ def validation_due(args, step: int, epoch: int | None = None) -> bool:
         return False
     if epoch is None:
         return bool(args.validation_steps) and step % args.validation_steps == 0
-    return not args.validation_steps and bool(args.validation_epochs) and epoch % args.validation_epochs == 0
+    return not args.validation_steps and epoch_validation_due(epoch, args.validation_epochs)
 
 
 # ----------------------------------------------------------------------------------------------

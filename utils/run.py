@@ -236,6 +236,12 @@ def progress_bar(accelerator, total: int, initial: int = 0):
     return tqdm(range(total), initial=initial, desc="Steps", disable=not accelerator.is_local_main_process)
 
 
+def epoch_validation_due(epoch: int, every: int | None) -> bool:
+    """--validation_epochs N, one meaning in every trainer (diffusers' `epoch % N == 0`): after the 0-based epoch
+    `epoch` when it is a multiple of N, i.e. after the 1st, (N+1)-th, (2N+1)-th ... epoch; 0 or None: never."""
+    return bool(every) and epoch % every == 0
+
+
 def is_due(step: int, every: int | None) -> bool:
     """True when `step` is a multiple of the interval `every`; an interval of None or 0 is never due."""
     return bool(every) and step % every == 0
