@@ -31,11 +31,10 @@ from accelerate.utils import DataLoaderConfiguration
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
-from utils.checkpointing import (atomic_directory, check_finite_before_saving, register_checkpoint_hooks, resume_position,
-                                 save_checkpoint)
+from utils.checkpointing import atomic_directory, check_finite_before_saving, register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader, split_train_validation
-from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_weights, place_ema
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.images import save_and_log_images
 from utils.latents import vae_scale_factor
@@ -54,11 +53,12 @@ from utils.optim import (add_optimizer_args, apply_update, create_optimizer, eva
                          warmup_cosine)
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, epoch_validation_due, is_due, progress_bar,
-                       steps_per_epoch, tracker_config, weight_dtype, write_rank_checksums)
+from utils.loop import Checkpointing, StepBoundary
+from utils.run import (add_run_args, create_accelerator, epoch_validation_due, is_due, progress_bar, steps_per_epoch,
+                       tracker_config, weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.speed import add_speed_args, apply_speedups
-from utils.stopping import EarlyStopping, StopSignal
+from utils.stopping import EarlyStopping
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of
 from utils.text_encoders import load_text_encoder
 
@@ -334,6 +334,8 @@ class Validator:
         if logs:
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
             log_metrics(self.accelerator, logs, step)
+        if self.stopping.should_stop:
+            self.stopping.announce()
         return self.stopping.should_stop
 
     def evaluate(self, step: int) -> dict:
@@ -435,27 +437,28 @@ def main(args):
         base = getattr(train_dataset, "base", train_dataset)
         record_buckets(record, buckets, accelerator, args.output_dir,
                        [base.records[i].name for i in base.indices], base.buckets)
-    global_step = position.global_step
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
     validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
                          position.state, optimizer)
-    monitor, stop = HealthMonitor(), StopSignal()
-    guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
-
-    def checkpoint_now(report=True):
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, dict(validate.state),
-                        **record.checkpoint_hooks(global_step, report))
-
+    monitor, guard = HealthMonitor(), NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
     logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
-    progress = progress_bar(accelerator, max_train_steps, global_step)
+    progress = progress_bar(accelerator, max_train_steps, position.global_step)
+    boundary = StepBoundary(
+        accelerator, position.global_step, max_train_steps, Checkpointing(
+            args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, lambda: dict(validate.state),
+            record),
+        progress, monitor, args.logging_steps,
+        log_health=lambda step: log_health(accelerator, monitor, lr_scheduler, progress, step, epoch),
+        ema=ema, ema_parameters=transformer.parameters, offload_ema=args.offload_ema,
+        validate_step=lambda step: is_due(step, args.validation_steps) and validate(step))
     for epoch in range(position.first_epoch, num_epochs):
-        if global_step >= max_train_steps:
+        if boundary.step >= max_train_steps:  # resumed from the last step's checkpoint
             break
-        micro_step, early_stop = 0, False
+        micro_step = 0
         for batch in epoch_batches(accelerator, train_dataloader, train_dataset, epoch, position):
             with accelerator.accumulate(model):
                 generator = step_generator(
-                    args.seed, global_step, micro_step, accelerator.process_index, accelerator.device
+                    args.seed, boundary.step, micro_step, accelerator.process_index, accelerator.device
                 )
                 micro_step = (micro_step + 1) % args.gradient_accumulation_steps
                 with oom_hint():
@@ -465,46 +468,21 @@ def main(args):
                                          args.max_grad_norm, guard)
             monitor.add(loss=loss.detach(), grad_norm=grad_norm)  # grad_norm: once per optimizer step
             monitor.count_samples(batch_size_of(batch))
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            monitor.step_done()
-            ema_step(ema, transformer.parameters(), accelerator.device, args.offload_ema)
-            if global_step % args.logging_steps == 0:
-                log_health(accelerator, monitor, lr_scheduler, progress, global_step, epoch)
-            early_stop = bool(  # validated before the checkpoint, which then holds its outcome
-                args.validation_steps and global_step % args.validation_steps == 0 and validate(global_step)
-            )
-            stopping = stop.should_stop(accelerator)  # every rank, every step
-            if early_stop:
-                validate.stopping.announce()
-            # (not stop.requested: only the signalled rank has that set)
-            if early_stop or stopping or is_due(global_step, args.checkpointing_steps):
-                checkpoint_now(report=not stopping)
-            if stopping:
-                stop.announce(accelerator, global_step, args.output_dir)
-                end_training(accelerator)
-                return
-            if early_stop or global_step >= max_train_steps:
+            if accelerator.sync_gradients and boundary.step_done():
                 break
-        if early_stop and global_step < max_train_steps:
-            break
-        epoch_end = global_step % updates_per_epoch == 0 or global_step >= max_train_steps
-        early_stop = bool(epoch_end and epoch_validation_due(epoch, args.validation_epochs) and validate(global_step))
-        if early_stop:
-            validate.stopping.announce()
-        if early_stop or (epoch_end and args.checkpointing_epochs and (epoch + 1) % args.checkpointing_epochs == 0):
-            checkpoint_now()
-        if early_stop:
+        epoch_end = boundary.step % updates_per_epoch == 0 or boundary.step >= max_train_steps
+        if boundary.epoch_done(lambda: epoch_end and epoch_validation_due(epoch, args.validation_epochs)
+                               and validate(boundary.step),
+                               checkpoint=epoch_end and is_due(epoch + 1, args.checkpointing_epochs)):
             break
 
-    progress.close()
     write_rank_checksums(accelerator, transformer)  # debug hook for the multi-process tests (no-op unless set)
+    boundary.finish(lambda: finish_training(args, accelerator, pipeline, ema, optimizer))
+
+
+def finish_training(args, accelerator, pipeline, ema, optimizer) -> None:
     with evaluation_weights(optimizer):  # schedule-free: save the averaged weights
         save_final(args, accelerator, pipeline, ema)
-    record.finish(global_step)
-    end_training(accelerator)
 
 
 if __name__ == "__main__":

@@ -45,23 +45,23 @@ from torch.utils.data import DataLoader, default_collate
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.cache import fingerprint
 from utils.checkpointing import (STATE_FILE, atomic_directory, check_finite_before_saving, register_checkpoint_hooks,
-                                 resume_position, save_checkpoint, save_module, write_json_atomic)
+                                 resume_position, save_module, write_json_atomic)
 from utils.config import add_hyphen_aliases, parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
-from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema, save_ema
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_weights, place_ema, save_ema
 from utils.errors import MissingPackageError, UserError, UserFileNotFoundError, oom_hint, run_script
 from utils.optim import add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar, steps_per_epoch,
-                       tracker_config, write_rank_checksums)
+from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, steps_per_epoch, tracker_config,
+                       write_rank_checksums)
+from utils.loop import Checkpointing, StepBoundary
 from utils.run_record import RunRecord
 from utils.segmentation.data import (SPLIT_FILES, IRSTDDataset, canonical_dataset_name, list_split, native_eval_size,
                                      tensor_to_image, usable_samples)
 from utils.segmentation.metrics import PdFaCurve, SegmentationMetrics
 from utils.segmentation.mshnet import MSHNet, multiscale_sls_loss
 from utils.speed import add_speed_args, apply_speedups
-from utils.stopping import StopSignal
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of
 from utils.xla import log_xla_metrics, patch_accelerate_xla_loader, xla_compilation_count
 
@@ -518,7 +518,7 @@ def main(args=None):
 
     position = resume_position(accelerator, args, updates_per_epoch)
     record = RunRecord(args, accelerator, "train_segmentation_tpu.py", fingerprint(train_set.names), position)
-    global_step, best_miou = position.global_step, position.state.get("best_miou", -1.0)
+    best_miou = position.state.get("best_miou", -1.0)
     logger.info(f"{len(train_set)} training / {len(eval_set)} test samples, {updates_per_epoch} steps per epoch, "
                 f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}, "
                 f"best mIoU so far {best_miou:.4f}")
@@ -526,16 +526,15 @@ def main(args=None):
     # On XLA no fused optimizer can take the guard's device-side verdict, so it would read the loss on
     # the host every step and stall the device: no guard there.
     guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
-    stop = StopSignal()
-
-    def checkpoint_now(epoch, report=True):
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                        training_state={"epoch": epoch, "best_miou": best_miou,
-                                        "head": HEADS[epoch > args.warm_epoch]},
-                        **record.checkpoint_hooks(global_step, report))
-
     epoch = position.first_epoch
-    progress = progress_bar(accelerator, args.max_train_steps, global_step)
+    progress = progress_bar(accelerator, args.max_train_steps, position.global_step)
+    boundary = StepBoundary(
+        accelerator, position.global_step, args.max_train_steps, Checkpointing(
+            args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, record=record,
+            training_state=lambda: {"epoch": epoch, "best_miou": best_miou, "head": HEADS[epoch > args.warm_epoch]}),
+        progress, monitor, args.logging_steps, ema=ema, ema_parameters=raw_model.parameters,
+        offload_ema=args.offload_ema, log_health=lambda step: log_health(
+            args, accelerator, monitor, lr_scheduler, progress, step, epoch, epoch > args.warm_epoch, on_xla))
     for epoch in range(position.first_epoch, num_epochs):
         warm_flag = epoch > args.warm_epoch  # the reference's switch: multi-scale heads + SLS after warm-up
         model.train()
@@ -550,42 +549,28 @@ def main(args=None):
                 )
             monitor.add(loss=loss.detach(), grad_norm=grad_norm)  # grad_norm: once per optimizer step
             monitor.count_samples(batch_size_of(batch))
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            monitor.step_done()
-            ema_step(ema, raw_model.parameters(), accelerator.device, args.offload_ema)
-            if global_step % args.logging_steps == 0:
-                log_health(args, accelerator, monitor, lr_scheduler, progress, global_step, epoch, warm_flag, on_xla)
-            stopping = stop.should_stop(accelerator)  # every rank, every step
-            if is_due(global_step, args.checkpointing_steps) or stopping:
-                checkpoint_now(epoch, report=not stopping)  # one checkpoint, also when a stop lands on its step
-            if stopping:
-                stop.announce(accelerator, global_step, args.output_dir)
-                end_training(accelerator)
-                return None
-            if global_step >= args.max_train_steps:
+            if accelerator.sync_gradients and boundary.step_done():
                 break
-        done = global_step >= args.max_train_steps
-        if done or args.eval_epochs and (epoch + 1) % args.eval_epochs == 0:
+        done = boundary.step >= args.max_train_steps
+        if not boundary.stopped and (done or args.eval_epochs and (epoch + 1) % args.eval_epochs == 0):
             with evaluation_weights(optimizer):  # schedule-free: score the averaged weights
                 best_miou = evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_flag, epoch,
-                                           global_step, best_miou)
-        if done:
+                                           boundary.step, best_miou)
+        if boundary.epoch_done():
             break
 
-    progress.close()
-    if args.checkpointing_steps and not is_due(global_step, args.checkpointing_steps):  # None: never
-        checkpoint_now(epoch)
+    if args.checkpointing_steps and not boundary.stopped:  # the last step's checkpoint (None: never)
+        boundary.checkpoint()
     write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless set)
+    boundary.finish(lambda: finish_training(args, accelerator, raw_model, ema, optimizer, epoch, boundary.step, on_xla))
+    return None if boundary.stopped else best_miou
+
+
+def finish_training(args, accelerator, raw_model, ema, optimizer, epoch: int, step: int, on_xla: bool) -> None:
     with evaluation_weights(optimizer):
         save_final(args, accelerator, raw_model, ema,
-                   {"epoch": epoch, "global_step": global_step, "head": HEADS[epoch > args.warm_epoch]})
-    record.finish(global_step)
+                   {"epoch": epoch, "global_step": step, "head": HEADS[epoch > args.warm_epoch]})
     log_xla_metrics(on_xla, args.output_dir, accelerator)
-    end_training(accelerator)
-    return best_miou
 
 
 def log_prediction_grid(accelerator, eval_set, predictions, num_images, step):

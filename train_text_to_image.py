@@ -38,19 +38,19 @@ from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
                          sample_cached_latents)
-from utils.checkpointing import (atomic_directory, check_finite_before_saving, register_checkpoint_hooks,
-                                 resume_position, save_checkpoint)
+from utils.checkpointing import atomic_directory, check_finite_before_saving, register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
-from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_step, ema_weights, place_ema
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_weights, place_ema
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latents import encode_latents, scale_latents, vae_scale_factor
 from utils.optim import (apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
                          restart_lr_schedule)
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, epoch_validation_due, is_due, progress_bar,
-                       save_run_args, steps_per_epoch, tracker_config, weight_dtype, write_rank_checksums)
+from utils.loop import Checkpointing, StepBoundary
+from utils.run import (add_run_args, create_accelerator, epoch_validation_due, progress_bar, save_run_args,
+                       steps_per_epoch, tracker_config, weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.sd.args import add_model_args, add_training_args, add_validation_args
 from utils.sd.builder import assemble_pipeline
@@ -69,7 +69,7 @@ from utils.sd.single_file import SINGLE_FILE_NAME, add_single_file_args, is_sing
 from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
 from utils.sd.validation import held_out_loss, log_validation
 from utils.speed import add_speed_args, apply_speedups
-from utils.stopping import EarlyStopping, StopSignal
+from utils.stopping import EarlyStopping
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, global_norm
 
 logger = logging.getLogger("train_text_to_image")
@@ -470,23 +470,25 @@ def main(args):
     held_out_scores = HeldOutScores(args, accelerator, models, ema, held_out, collate, position.state)
     if position.path and args.resume_override_lr:
         restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
-    global_step = position.global_step
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training *****  examples={len(dataset)} epochs={args.num_train_epochs} "
-                f"batch/device={args.train_batch_size} total batch={total_batch_size} "
-                f"accumulation={args.gradient_accumulation_steps} steps={args.max_train_steps} (from {global_step})")
-    monitor = HealthMonitor()
-    guard = NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
-    stop = StopSignal()
+                f"batch/device={args.train_batch_size} total batch={total_batch_size} accumulation="
+                f"{args.gradient_accumulation_steps} steps={args.max_train_steps} (from {position.global_step})")
+    monitor, guard = HealthMonitor(), NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    progress = progress_bar(accelerator, args.max_train_steps, global_step)
+    progress = progress_bar(accelerator, args.max_train_steps, position.global_step)
+    epoch = position.first_epoch
+    boundary = StepBoundary(
+        accelerator, position.global_step, args.max_train_steps, Checkpointing(
+            args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, record=record,
+            training_state=lambda: {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped,
+                                    **held_out_scores.state}),
+        progress, monitor, args.logging_steps, health_at_last_step=True,
+        log_health=lambda step: log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, step),
+        ema=ema, ema_parameters=lambda: accelerator.unwrap_model(models["unet"]).parameters(),
+        offload_ema=args.offload_ema, validate_step=lambda step: validation_due(args, step) and validate(
+            args, accelerator, models, ema, step, dtype, optimizer, held_out_scores))
 
-    def checkpoint(report=True):
-        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit,
-                        {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped, **held_out_scores.state},
-                        **record.checkpoint_hooks(global_step, report))
-
-    epoch, early_stop = position.first_epoch, False
     with oom_hint():
         for epoch in range(position.first_epoch, args.num_train_epochs):
             for module in trained[:len(trained) - joint_vae(args)]:  # (the joint VAE's mode is its own)
@@ -499,45 +501,22 @@ def main(args):
                                              guard)
                 monitor.add(loss=loss, grad_norm=grad_norm)  # grad_norm: once per optimizer step (None otherwise)
                 if args.debug_loss:  # diffusers' SDXL LoRA script: the batch's loss under each of its file names
-                    log_metrics(accelerator, {f"loss_for_{name}": loss.item() for name in batch["names"]}, global_step)
+                    log_metrics(accelerator, {f"loss_for_{name}": loss.item() for name in batch["names"]}, boundary.step)
                 monitor.count_samples(batch_size_of(batch))
-                if not accelerator.sync_gradients:
-                    continue
-                ema_step(
-                    ema, accelerator.unwrap_model(models["unet"]).parameters(), accelerator.device, args.offload_ema
-                )
-                global_step += 1
-                progress.update(1)
-                monitor.step_done()
-                if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-                    log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, global_step)
-                if validation_due(args, global_step):  # before the checkpoint, which then holds its outcome
-                    early_stop = validate(args, accelerator, models, ema, global_step, dtype, optimizer,
-                                          held_out_scores)
-                stopping = stop.should_stop(accelerator)  # every rank, every step
-                if is_due(global_step, args.checkpointing_steps) or early_stop or stopping:
-                    checkpoint(report=not stopping)  # one checkpoint, also when a stop lands on a checkpoint step
-                if early_stop:
+                if accelerator.sync_gradients and boundary.step_done():
                     break
-                if stopping:
-                    stop.announce(accelerator, global_step, args.output_dir)
-                    end_training(accelerator)
-                    return
-                if global_step >= args.max_train_steps:
-                    break
-            if not early_stop and validation_due(args, global_step, epoch):
-                early_stop = validate(args, accelerator, models, ema, global_step, dtype, optimizer, held_out_scores)
-                if early_stop:
-                    checkpoint()
-            if early_stop or global_step >= args.max_train_steps:
+            if boundary.epoch_done(lambda: validation_due(args, boundary.step, epoch) and validate(
+                    args, accelerator, models, ema, boundary.step, dtype, optimizer, held_out_scores)):
                 break
-    progress.close()
     write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
+    boundary.finish(lambda: finish_training(args, accelerator, models, ema, optimizer, held_out_scores, boundary.step))
+
+
+def finish_training(args, accelerator, models, ema, optimizer, held_out_scores, step: int) -> None:
+    """The final weights (scored first: best/ too when they are the lowest val/loss), then the optional extras."""
     with evaluation_weights(optimizer):  # schedule-free: save (and score) the averaged weights
-        final_is_best = held_out_scores.score(global_step, save_best=False)
+        final_is_best = held_out_scores.score(step, save_best=False)
         save_final(args, accelerator, models, ema, final_is_best)
-    record.finish(global_step)
-    end_training(accelerator)
 
 
 def validate(args, accelerator, models, ema, step, dtype, optimizer, held_out_scores) -> bool:

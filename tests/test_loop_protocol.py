@@ -57,14 +57,16 @@ def test_offload_ema_is_honoured_by_every_trainer(script_name, tiny_pipeline_dir
     to every ema_step (on a CPU machine the two devices are the same, so the calls are what can be checked)."""
     import importlib
 
+    from utils import loop
+
     script = importlib.import_module(script_name)
     seen = {"place": [], "step": []}
-    place, step = script.place_ema, script.ema_step
+    place, step = script.place_ema, loop.ema_step
     monkeypatch.setattr(script, "place_ema", lambda ema, device, offload=False: (seen["place"].append(offload),
                                                                                  place(ema, device, offload))[1])
-    monkeypatch.setattr(script, "ema_step", lambda ema, params, device, offload=False: (seen["step"].append(offload),
-                                                                                        step(ema, params, device,
-                                                                                             offload))[1])
+    monkeypatch.setattr(loop, "ema_step", lambda ema, params, device, offload=False: (seen["step"].append(offload),
+                                                                                      step(ema, params, device,
+                                                                                           offload))[1])
     out = tmp_path / "out"
     flags = ["--use_ema", "--offload_ema", "--max_train_steps", "2"]
     argv = {"train_text_to_image": lambda: t2i_argv(tiny_pipeline_dir, write_captioned_folder(tmp_path, count=4,
@@ -113,7 +115,7 @@ def test_a_stop_on_a_checkpoint_step_writes_one_checkpoint(script_name, tiny_pip
                                                            monkeypatch):
     import importlib
 
-    from utils import checkpointing
+    from utils import checkpointing, loop
     from utils.stopping import StopSignal
 
     script = importlib.import_module(script_name)
@@ -123,7 +125,7 @@ def test_a_stop_on_a_checkpoint_step_writes_one_checkpoint(script_name, tiny_pip
     def counting_save(accelerator, output_dir, step, *args, **kwargs):
         saved.append(step)
         return save(accelerator, output_dir, step, *args, **kwargs)
-    monkeypatch.setattr(script, "save_checkpoint", counting_save)
+    monkeypatch.setattr(loop, "save_checkpoint", counting_save)
     monkeypatch.setattr(StopSignal, "should_stop", lambda self, accelerator: True)  # a stop request at step 1
     out = tmp_path / "out"
     flags = ["--max_train_steps", "4", "--checkpointing_steps", "1"]

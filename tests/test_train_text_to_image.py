@@ -252,7 +252,7 @@ def test_a_stop_during_the_vae_stage_saves_it_and_resumes_exactly(image_folder, 
         run_main_in_process(train_text_to_image, argv(tmp_path / "twice"))
     assert stopped.value.code == 0
     saved = torch.load(tmp_path / "twice" / "vae_stage_checkpoint" / "state_0.pt", weights_only=True)
-    assert saved["step"] == 5 and saved["batches_in_epoch"] == 1 and not (tmp_path / "twice" / "vae_stage").exists()
+    assert saved["step"] == 5 and (saved["epoch"], saved["batches_in_epoch"]) == (1, 1) and not (tmp_path / "twice" / "vae_stage").exists()
     monkeypatch.setattr(StopSignal, "should_stop", original)
     run_main_in_process(train_text_to_image, argv(tmp_path / "twice"))
     assert not (tmp_path / "twice" / "vae_stage_checkpoint").exists()  # the finished stage replaces it

@@ -460,8 +460,8 @@ def readme_commands(script_name):
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
-            if script_name in line and not line.startswith("#"):
-                words = shlex.split(line)
+            words = shlex.split(line) if script_name in line and not line.startswith("#") else []
+            if script_name in words:  # (not a path that merely ends with it, e.g. diffusers' own script)
                 commands.append(words[words.index(script_name) + 1:])
     return commands
 

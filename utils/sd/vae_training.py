@@ -79,7 +79,8 @@ def train_vae_stage(accelerator, vae, dataloader, args):
     training state (what checkpoints save and resume) is not changed by the stage. A stop request
     (SIGTERM/SIGINT) saves `output_dir/vae_stage_checkpoint/` at the step boundary and exits 0 with the
     resume command; `--resume_from_checkpoint` continues the stage there exactly (same weights as an
-    uninterrupted stage: the data order is replayed from the epoch's start, the noise RNG restored).
+    uninterrupted stage: the epoch's order comes from the epoch number, the batches already trained on are
+    replayed without training, the noise RNG is restored).
     """
     from accelerate import Accelerator
 
@@ -92,16 +93,13 @@ def train_vae_stage(accelerator, vae, dataloader, args):
                                   weight_decay=0.0, eps=args.adam_epsilon)
     resumed = load_stage_checkpoint(args.output_dir, vae, optimizer, stage) if args.resume_from_checkpoint else None
     vae_prepared, optimizer, loader = stage.prepare(vae, optimizer, dataloader)
-    order = getattr(dataloader, "generator", None)  # the shuffle's generator (the sampler shares it)
-    step, batches_done, history = (resumed["step"], resumed["batches_in_epoch"], resumed["history"]) if resumed \
-        else (0, 0, [])
+    step, epoch, batches_done, history = (resumed["step"], resumed["epoch"], resumed["batches_in_epoch"],
+                                          resumed["history"]) if resumed else (0, 0, 0, [])
     progress = tqdm(total=args.vae_train_steps, initial=step, desc="VAE stage",
                     disable=not accelerator.is_local_main_process)
     stop = StopSignal()
     while step < args.vae_train_steps:
-        if resumed is not None and order is not None:
-            order.set_state(resumed["order_state"])  # this epoch's shuffle, as the interrupted stage drew it
-        epoch_order_state = order.get_state() if order is not None else None
+        set_stage_epoch(loader, dataloader, args.seed, epoch)
         for batch in loader:
             if batches_done and resumed is not None:
                 batches_done -= 1  # already trained on before the stop: replayed, not trained
@@ -126,17 +124,18 @@ def train_vae_stage(accelerator, vae, dataloader, args):
                 log_metrics(accelerator, logs, step)
             if stop.should_stop(stage) and step < args.vae_train_steps:
                 save_stage_checkpoint(args.output_dir, stage, vae, optimizer, {
-                    "step": step, "batches_in_epoch": batches_done, "history": history,
-                    "order_state": epoch_order_state, "rng_state": torch.get_rng_state()})
+                    "step": step, "epoch": epoch, "batches_in_epoch": batches_done, "history": history,
+                    "rng_state": torch.get_rng_state()})
                 stop.announce(accelerator, step, args.output_dir, what="the VAE stage")
                 raise SystemExit(0)
             if step >= args.vae_train_steps:
                 break
-        batches_done, resumed = 0, None
+        batches_done, resumed, epoch = 0, None, epoch + 1
     progress.close()
     vae = stage.unwrap_model(vae_prepared)
     vae.requires_grad_(False)
     vae.eval()
+    set_stage_epoch(loader, dataloader, args.seed, 0)  # the scale from fixed batches
     scaling = latent_scaling_factor(vae, [b for _, b in zip(range(4), loader)], stage.device)
     vae.register_to_config(scaling_factor=scaling)
     if accelerator.is_main_process:
@@ -148,9 +147,20 @@ def train_vae_stage(accelerator, vae, dataloader, args):
     return vae
 
 
+def set_stage_epoch(loader, dataloader, seed: int | None, epoch: int) -> None:
+    """Make the stage's epoch `epoch` a function of (seed, epoch) alone: the shuffle's generator reseeded, the
+    per-sample randomness moved to the epoch. Otherwise the order depends on how many iterations the loader
+    object has made, which a resumed stage (a new loader) cannot replay."""
+    generator = getattr(dataloader, "generator", None)  # the shuffle's own generator (utils.data.make_train_dataloader)
+    if generator is not None:
+        generator.manual_seed(((seed or 0) * 1_000_003 + epoch) % 2**63)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+
+
 def save_stage_checkpoint(output_dir: str, stage, vae, optimizer, state: dict) -> None:
-    """The stage as far as it got (weights, optimizer, step, this epoch's shuffle state and each process's
-    noise RNG), atomically in `output_dir/vae_stage_checkpoint/`."""
+    """The stage as far as it got (weights, optimizer, step, epoch and position in it, each process's noise RNG),
+    atomically in `output_dir/vae_stage_checkpoint/`."""
     from utils.checkpointing import atomic_directory
 
     final = os.path.join(output_dir, STAGE_CHECKPOINT)
