@@ -47,9 +47,9 @@ from utils.run import quiet_empty_notices
 from utils.images import make_grid
 from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya
 from utils.sd.single_file import DTYPES as SINGLE_FILE_DTYPES
-from utils.sd.single_file import SINGLE_FILE_NAME, is_single_file, load_single_file_pipeline, save_single_file
+from utils.sd.single_file import SINGLE_FILE_NAME, load_single_file_pipeline, save_single_file
 from utils.sd.schedulers import SCHEDULERS, make_scheduler
-from utils.sd.sdxl import SDXL_PIPELINE, pipeline_class_name
+from utils.sd.model_kind import SDXL_PIPELINE, is_single_file, pipeline_class_name
 
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}

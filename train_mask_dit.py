@@ -31,9 +31,10 @@ from accelerate.utils import DataLoaderConfiguration
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
-from utils.checkpointing import atomic_directory, check_finite_before_saving, register_checkpoint_hooks, resume_position
+from utils.atomic import atomic_directory
+from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
-from utils.data import epoch_batches, make_train_dataloader, split_train_validation
+from utils.data import epoch_batches, held_out_position, make_train_dataloader, split_train_validation
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_weights, place_ema
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.images import save_and_log_images
@@ -259,7 +260,7 @@ def validation_loss(accelerator, model, conditioner, dataloader, args) -> float:
         generator = step_generator(args.seed, 10**6 + index, 0, accelerator.process_index, accelerator.device)
         size = batch["mask"].shape[0]
         positions = torch.arange(size, device=accelerator.device, dtype=torch.float64) + index * size
-        timesteps = ((positions * 0.6180339887 + 0.5) % 1.0).float()  # low-discrepancy spread over (0, 1)
+        timesteps = held_out_position(positions).float()  # each sample's fixed flow time
         loss = flow_step_loss(model, conditioner, batch, generator, args, timesteps, train=False)
         total, count = total + loss * size, count + size
     model.train()

@@ -44,8 +44,9 @@ from torch.utils.data import DataLoader, default_collate
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.cache import fingerprint
-from utils.checkpointing import (STATE_FILE, atomic_directory, check_finite_before_saving, register_checkpoint_hooks,
-                                 resume_position, save_module, write_json_atomic)
+from utils.atomic import atomic_directory, write_json_atomic
+from utils.checkpointing import (STATE_FILE, check_finite_before_saving, register_checkpoint_hooks, resume_position,
+                                 save_module)
 from utils.config import add_hyphen_aliases, parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_weights, place_ema, save_ema

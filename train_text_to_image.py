@@ -38,7 +38,8 @@ from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
                          sample_cached_latents)
-from utils.checkpointing import atomic_directory, check_finite_before_saving, register_checkpoint_hooks, resume_position
+from utils.atomic import atomic_directory
+from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_weights, place_ema
@@ -64,8 +65,9 @@ from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, a
                            base_model_version, check_text_encoder_lora_support, load_lora_into,
                            lora_checkpoint_check, lora_file_metadata, save_lora)
 from utils.sd.models import load_models
-from utils.sd.sdxl import is_sdxl_run, unet_conditioning
-from utils.sd.single_file import SINGLE_FILE_NAME, add_single_file_args, is_single_file, save_single_file
+from utils.sd.model_kind import is_sdxl_run, is_single_file
+from utils.sd.sdxl import unet_conditioning
+from utils.sd.single_file import SINGLE_FILE_NAME, add_single_file_args, save_single_file
 from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
 from utils.sd.validation import held_out_loss, log_validation
 from utils.speed import add_speed_args, apply_speedups

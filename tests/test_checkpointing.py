@@ -244,7 +244,7 @@ def test_saving_does_not_move_the_global_rng(accelerator, tmp_path):
 
 
 def test_atomic_directory_publishes_whole_or_leaves_the_old_one(tmp_path):
-    from utils.checkpointing import atomic_directory
+    from utils.atomic import atomic_directory
 
     target = tmp_path / "best"
     with atomic_directory(str(target)) as temp:

@@ -1,31 +1,8 @@
 """Shared mechanisms for the training scripts at the repository root.
 
 Shared mechanics sit at the top level, one concern per module; domain code in `utils/sd/`,
-`utils/mask_dit/` and `utils/segmentation/`. The scripts read top to bottom and call into these.
-
-| folder / module | what it holds | used by |
-| --- | --- | --- |
-| `utils/run.py` | run flags (`--output_dir`, `--mixed_precision`, ...), the Accelerator with trackers and seeding, weight dtype, progress bar, steps per epoch, `training_args.json`, rank checksums | all three trainers |
-| `utils/config.py` | `--config run.yaml` (YAML keys are flag names), hyphen aliases | all scripts |
-| `utils/telemetry.py` | `global_norm`, `HealthMonitor` (health scalars kept on the device), `NonFiniteGuard` | all three trainers |
-| `utils/stopping.py` | `StopSignal`: SIGTERM/SIGINT → save at the step boundary, the resume message | all three trainers |
-| `utils/errors.py` | the out-of-memory hint | all three trainers |
-| `utils/optim.py` | `create_optimizer` (fused AdamW / 8-bit AdamW / Adagrad), `warmup_cosine`, `restart_lr_schedule`, `apply_update` (clip, skip non-finite, step) | all three trainers |
-| `utils/ema.py` | EMA flags, `create_ema`, `place_ema`, `ema_step`, `ema_weights()` (swap in for validation), save/load | all three trainers |
-| `utils/checkpointing.py` | atomic `checkpoint-N` save, rotation, `resume_position()`, the one atomic directory writer (`atomic_directory`), module save/load, `own_memory` | all three trainers, generate.py |
-| `utils/data.py` | per-sample randomness `sample_rng(seed, epoch, index)`, `EpochDataset`, the train dataloader, `epoch_batches()` (set epoch, skip resumed batches) | every script |
-| `utils/images.py` | image decoding with clear errors, resize/crop, PIL ↔ tensor, grids, saving/logging sample images | t2i, mask DiT, generate.py, demo |
-| `utils/latents.py` | VAE latents in model space: `encode_latents`, `scale_latents`, `decode_latents` (scale + shift, once) | t2i, mask DiT, generate.py, demo |
-| `utils/text_encoders.py` | `load_text_encoder` (CLIP for SD; CLIP/T5/any AutoModel for the mask DiT) | t2i, mask DiT, generate.py |
-| `utils/cache.py` | the generic on-disk cache: fingerprints, sharded safetensors + atomic manifest, cache flags, encoders on/off the device | t2i, mask DiT |
-| `utils/metrics.py` | `psnr` (one implementation, any value range) | mask DiT, demo |
-| `utils/auto_batch.py` | `--train_batch_size auto`: probe real steps for the largest batch that fits | all three trainers |
-| `utils/hub.py` | model cards, `--push_to_hub`, secrets redaction | all three trainers |
-| `utils/report.py`, `utils/run_record.py` | `report/metrics.jsonl` + `report/training_curves.png`; `run_info.json` | all three trainers |
-| `utils/xla.py` | accelerate XLA loader fix, torch_xla compilation counters | segmentation |
-| `utils/sd/` | Stable Diffusion: `models.py` (load or build the components), `builder.py` (tiny/small/base presets, BPE tokenizer), `data.py` (text-image sources, `ImageTransform`, `TextImageDataset`), `cache.py` (latent/text caches for SD), `lora.py`, `vae_training.py` (VAE stage), `validation.py` (validation images), `schedulers.py`, `kanji_dataset.py` | train_text_to_image.py, generate.py, kanji_demo.py |
-| `utils/mask_dit/` | the mask DiT: `nextdit.py` (model, presets, Lumina-Next weights), `flow_matching.py`, `data.py` (image-mask pairs, synthetic fundus), `cache.py`, `pipeline.py` (pipeline folder, sampling, tiles), `metrics.py` (SSIM, mask IoU) | train_mask_dit.py, generate.py |
-| `utils/segmentation/` | MSHNet: `mshnet.py` (model + SLS loss), `data.py` (IRSTD-1k layout, synthetic frames), `metrics.py` (mIoU, nIoU, Pd, Fa) | train_segmentation_tpu.py |
+`utils/mask_dit/` and `utils/segmentation/`. The map of every module (what it holds, who uses it) is
+docs/LAYOUT.md, the one copy (tests/test_layout.py keeps it complete).
 """
 
 import logging

@@ -115,7 +115,7 @@ def log_bucket_summary(summary: dict) -> None:
 
 def record_buckets(record, summary: dict, accelerator, output_dir: str, names: list[str], buckets: list) -> None:
     """Images per bucket into the run record (run_info.json), every image's bucket into <output_dir>/buckets.json."""
-    from utils.checkpointing import write_json_atomic
+    from utils.atomic import write_json_atomic
 
     record.note("buckets", {"images_per_bucket": summary["buckets"], "far_outside": len(summary["far_outside"])})
     if accelerator.is_main_process:

@@ -12,13 +12,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from utils.atomic import atomic_directory
 from utils.errors import UserError, UserFileNotFoundError
 from utils.latents import scale_latents
 
@@ -100,10 +99,6 @@ def image_reference(value) -> list:
 
 def write_cache(directory: str, batches, key: dict, extra: dict | None = None, shard_size: int = 4096) -> None:
     """Write batches (dicts of tensors [B, ...]) as safetensors shards, then the manifest, atomically."""
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    temp = os.path.join(parent, f".tmp-{os.path.basename(directory)}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(temp)
     shards, pending, pending_rows, total = [], [], 0, 0
 
     def flush():
@@ -116,7 +111,7 @@ def write_cache(directory: str, batches, key: dict, extra: dict | None = None, s
         shards.append({"file": name, "rows": pending_rows})
         pending, pending_rows = [], 0
 
-    try:
+    with atomic_directory(directory, unique_temp=True) as temp:  # (an incomplete leftover without manifest: replaced)
         for batch in batches:
             batch = {name: tensor.detach().cpu() for name, tensor in batch.items()}
             pending.append(batch)
@@ -129,12 +124,6 @@ def write_cache(directory: str, batches, key: dict, extra: dict | None = None, s
         manifest = {"version": CACHE_VERSION, "key": key, "rows": total, "shards": shards, **(extra or {})}
         with open(os.path.join(temp, MANIFEST), "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, default=str)
-        if os.path.isdir(directory):  # an incomplete leftover (no manifest): replace it
-            shutil.rmtree(directory)
-        os.replace(temp, directory)
-    finally:
-        if os.path.isdir(temp):
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 def read_manifest(directory: str) -> dict | None:

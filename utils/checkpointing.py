@@ -14,7 +14,6 @@ weights are safetensors and our own state is JSON, so nothing untrusted is unpic
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from utils.atomic import replace_directory, write_json_atomic
 from utils.errors import UserError, UserFileNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -62,60 +62,6 @@ def warn_about_partial_checkpoints(output_dir: str) -> None:
             f"Ignoring incomplete checkpoint {path} (a previous run stopped while writing or deleting it). "
             "It is never resumed from; it is deleted when the next checkpoint is saved."
         )
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    temp = path + ".tmp"
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
-def replace_directory(temp: str, final: str) -> None:
-    """Publish the finished folder `temp` as `final` by renames only: a kill at any moment leaves either
-    the old `final` or the new one, never a mixture (the old one is moved aside first, then deleted)."""
-    parent, name = os.path.split(os.path.abspath(final))
-    if os.path.exists(final):  # (a checkpoint's trash is named so that `partial_checkpoints` cleans it up)
-        trash = f"{TEMP_PREFIX}{name}.deleting" if name.startswith(CHECKPOINT_PREFIX) else f".old-{name}"
-        old = os.path.join(parent, trash)
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(temp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(temp, final)
-    _fsync_dir(parent)
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str):
-    """`with atomic_directory(d) as temp:` write everything into `temp`; on success it becomes `d` at once
-    (`replace_directory`). On an error `d` is untouched and the partial `temp` is removed."""
-    parent, name = os.path.split(os.path.abspath(directory))
-    temp = os.path.join(parent, f".tmp-{name}")
-    shutil.rmtree(temp, ignore_errors=True)
-    os.makedirs(temp)
-    try:
-        yield temp
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    replace_directory(temp, directory)
 
 
 def _remove_atomically(path: str) -> None:
@@ -176,7 +122,8 @@ def save_checkpoint(
         write_json_atomic(os.path.join(temp_path, STATE_FILE), state)
         if before_publish is not None:  # more files for the checkpoint (e.g. the run record), still atomic
             before_publish(temp_path)
-        replace_directory(temp_path, final_path)  # the same step twice (final save == last periodic one) is fine
+        # (the old one's trash is named so that `partial_checkpoints` cleans it up after a kill)
+        replace_directory(temp_path, final_path, f"{TEMP_PREFIX}{os.path.basename(final_path)}.deleting")  # the same step twice (final save == last periodic one) is fine
         rotate_checkpoints(output_dir, total_limit)
         logger.info(f"Saved state to {final_path}")
         if after_publish is not None:  # optional extras (e.g. the report): never delay or endanger the checkpoint

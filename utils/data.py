@@ -163,6 +163,16 @@ def epoch_batches(accelerator, dataloader, dataset, epoch: int, position=None):
     return batches
 
 
+GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
+
+
+def held_out_position(index):
+    """Held-out sample `index`'s fixed place in [0, 1): a low-discrepancy (golden-ratio) spread, so any number of
+    samples covers the range evenly. The one rule behind every trainer's val/loss timesteps (text-to-image scales
+    it to [0, T) integer steps, the mask DiT uses it as its flow time). `index`: an int or a tensor of them."""
+    return (index * GOLDEN_RATIO_CONJUGATE + 0.5) % 1.0
+
+
 def split_train_validation(num_items: int, validation_fraction: float, seed: int | None) -> tuple[list[int], list[int]]:
     """Seeded (train indices, held-out indices); at least one held-out item when validation_fraction > 0.
     The held-out set of train_mask_dit.py and of train_text_to_image.py --validation_split."""

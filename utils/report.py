@@ -17,6 +17,8 @@ import math
 import os
 import shutil
 
+from utils.atomic import atomic_file
+
 logger = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
@@ -110,9 +112,9 @@ def write_report(output_dir: str, title: str) -> str | None:
     folder = os.path.join(output_dir, REPORT_DIR)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, CURVES_FILE)
-    figure.savefig(path + ".tmp.png", dpi=100)
+    with atomic_file(path, suffix=".png") as temp:  # (matplotlib picks the format from the extension)
+        figure.savefig(temp, dpi=100)
     plt.close(figure)
-    os.replace(path + ".tmp.png", path)
     grids = sorted(glob.glob(os.path.join(output_dir, "samples", "*.png")), key=os.path.getmtime)
     if grids:
         shutil.copyfile(grids[-1], os.path.join(folder, SAMPLES_FILE))

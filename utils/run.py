@@ -130,6 +130,8 @@ def create_accelerator(args, **accelerator_kwargs):
     from accelerate.utils import ProjectConfiguration, set_seed
 
     validate_run_args(args)
+    if args.local_rank != -1:  # `python -m torch.distributed.launch` (without --use_env) passes --local_rank only
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     project_config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir)
     report_to = None if args.report_to in (None, "none") else args.report_to

@@ -19,7 +19,7 @@ from importlib import metadata
 
 import torch
 
-from utils.checkpointing import write_json_atomic
+from utils.atomic import write_json_atomic
 from utils.hub import redact_args
 from utils.report import last_values, try_write_report
 

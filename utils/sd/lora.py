@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from utils.atomic import atomic_file
 from utils.errors import MissingPackageError, UserError, UserFileNotFoundError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -167,8 +168,9 @@ def add_file_metadata(path: str, metadata: dict) -> None:
     with safe_open(path, "pt") as handle:
         merged = dict(handle.metadata() or {})
     merged.update(metadata)
-    save_file(load_file(path), path + ".tmp", metadata=merged)
-    os.replace(path + ".tmp", path)
+    tensors = load_file(path)
+    with atomic_file(path) as temp:
+        save_file(tensors, temp, metadata=merged)
 
 
 def kohya_state_dict(unet, text_encoder=None, text_encoder_2=None) -> dict:
@@ -247,8 +249,8 @@ def export_kohya(source: str, path: str) -> str:
     info.update(ss_network_module="networks.lora", ss_training_comment=f"exported from {os.path.basename(file)}")
     if "unet.r" in adapter:
         info.update(ss_network_dim=str(adapter["unet.r"]), ss_network_alpha=str(adapter.get("unet.lora_alpha")))
-    save_file(kohya, path + ".tmp", metadata=info)
-    os.replace(path + ".tmp", path)
+    with atomic_file(path) as temp:
+        save_file(kohya, temp, metadata=info)
     return path
 
 

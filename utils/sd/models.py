@@ -8,7 +8,8 @@ import os
 
 from utils.checkpointing import own_memory
 from utils.errors import UserError, UserFileNotFoundError
-from utils.sd.single_file import is_single_file, load_single_file_pipeline
+from utils.sd.model_kind import is_single_file
+from utils.sd.single_file import load_single_file_pipeline
 from utils.text_encoders import load_text_encoder
 
 

@@ -1,53 +1,12 @@
-"""Stable Diffusion XL in train_text_to_image.py: telling an SDXL pipeline from an SD one, the prompt embeddings of
+"""Stable Diffusion XL in train_text_to_image.py (which model is SDXL: utils/sd/model_kind.py): the prompt embeddings of
 its two text encoders, and the added time ids (original size, crop top-left, target size), as diffusers'
 `StableDiffusionXLPipeline` and `examples/text_to_image/train_text_to_image*_sdxl.py` compute them."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from utils.latents import vae_scale_factor
-
-SDXL_PIPELINE = "StableDiffusionXLPipeline"
-SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.ln_final.weight"  # OpenCLIP bigG, SDXL's second encoder
-
-
-def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
-    """model_index.json's _class_name of a pipeline folder or Hub id (None when it cannot be read); a single
-    file is SDXL when it holds SDXL's second text encoder."""
-    from utils.sd.single_file import is_single_file
-
-    if is_single_file(path):
-        if not os.path.isfile(path):
-            return None
-        from safetensors import safe_open
-
-        try:
-            with safe_open(path, "pt") as handle:
-                return SDXL_PIPELINE if SDXL_SINGLE_FILE_KEY in handle.keys() else "StableDiffusionPipeline"
-        except Exception:  # a .ckpt (pickle) or a damaged file: the loader says what is wrong
-            return None
-    index = os.path.join(path, "model_index.json")
-    if not os.path.isdir(path):
-        try:
-            from huggingface_hub import hf_hub_download
-
-            index = hf_hub_download(path, "model_index.json", revision=revision)
-        except Exception:  # offline, private or not a pipeline: the model loader gives the real error
-            return None
-    if not os.path.isfile(index):
-        return None
-    with open(index, encoding="utf-8") as handle:
-        return json.load(handle).get("_class_name")
-
-
-def is_sdxl_run(args) -> bool:
-    if getattr(args, "model_preset", None):
-        return args.model_preset.endswith("sdxl")
-    return pipeline_class_name(args.pretrained_model_name_or_path, getattr(args, "revision", None)) == SDXL_PIPELINE
 
 
 def encode_prompt(text_encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

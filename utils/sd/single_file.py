@@ -33,12 +33,13 @@ import os
 
 import torch
 
+from utils.atomic import atomic_file
 from utils.errors import UserError, UserFileNotFoundError
+from utils.sd.model_kind import SDXL_PIPELINE, pipeline_class_name
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE_NAME = "model.safetensors"
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 CLIP_PREFIX, OPEN_CLIP_PREFIX = "cond_stage_model.transformer.", "cond_stage_model.model."
@@ -48,10 +49,6 @@ RESNET_NAMES = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "o
 UNET_TOP_LEVEL = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                   "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
                   "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-
-
-def is_single_file(path: str | None) -> bool:
-    return bool(path) and path.lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
 def add_single_file_args(parser) -> None:
@@ -299,9 +296,8 @@ def save_single_file(path: str, unet, vae, text_encoder, dtype: str = "fp16", me
     state = single_file_state_dict(unet, vae, text_encoder, text_encoder_2)
     target = DTYPES[dtype]
     tensors = {k: (v.to(target) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
-    temp = path + ".tmp"
-    save_file(tensors, temp, metadata={k: str(v) for k, v in (metadata or {}).items() if v is not None})
-    os.replace(temp, path)
+    with atomic_file(path) as temp:
+        save_file(tensors, temp, metadata={k: str(v) for k, v in (metadata or {}).items() if v is not None})
     return path
 
 
@@ -310,7 +306,6 @@ def load_single_file_pipeline(path: str, model_config: str | None, original_conf
     diffusers' `from_single_file`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from utils.sd.sdxl import SDXL_PIPELINE, pipeline_class_name
 
     if not os.path.isfile(path):
         raise UserFileNotFoundError(f"--pretrained_model_name_or_path {path}: no such file")

@@ -161,7 +161,7 @@ def set_stage_epoch(loader, dataloader, seed: int | None, epoch: int) -> None:
 def save_stage_checkpoint(output_dir: str, stage, vae, optimizer, state: dict) -> None:
     """The stage as far as it got (weights, optimizer, step, epoch and position in it, each process's noise RNG),
     atomically in `output_dir/vae_stage_checkpoint/`."""
-    from utils.checkpointing import atomic_directory
+    from utils.atomic import atomic_directory
 
     final = os.path.join(output_dir, STAGE_CHECKPOINT)
     rank_states = stage.gather_for_metrics([state], use_gather_object=True) if stage.num_processes > 1 else [state]
@@ -190,12 +190,11 @@ def load_stage_checkpoint(output_dir: str, vae, optimizer, stage) -> dict | None
 
 
 def save_stage(vae, output_dir: str, info: dict) -> None:
+    from utils.atomic import atomic_directory
+
     final = os.path.join(output_dir, STAGE_DIR)
-    temp = final + ".tmp"
-    shutil.rmtree(temp, ignore_errors=True)
-    vae.save_pretrained(temp)
-    with open(os.path.join(temp, "stage.json"), "w", encoding="utf-8") as handle:
-        json.dump(info, handle, indent=2)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(temp, final)
+    with atomic_directory(final) as temp:  # a kill while saving leaves the old stage or the new one
+        vae.save_pretrained(temp)
+        with open(os.path.join(temp, "stage.json"), "w", encoding="utf-8") as handle:
+            json.dump(info, handle, indent=2)
     logger.info(f"VAE stage finished: {final} (latent scaling factor {info['scaling_factor']:.4f})")

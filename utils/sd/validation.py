@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from utils.cache import offload_cached_encoders
+from utils.data import held_out_position
 from utils.ema import ema_weights
 from utils.images import save_and_log_images
 from utils.latents import encode_latents, scale_latents
@@ -58,7 +59,7 @@ def log_validation(args, accelerator, models, ema, step, weight_dtype):
 
 def held_out_timestep(index: int, num_train_timesteps: int) -> int:
     """Held-out sample `index`'s fixed timestep: a low-discrepancy (golden-ratio) spread over [0, T)."""
-    return int(((index * 0.6180339887498949 + 0.5) % 1.0) * num_train_timesteps)
+    return int(held_out_position(index) * num_train_timesteps)
 
 
 def held_out_noise(seed: int | None, index: int, shape) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""What kind of model a path holds, read without loading it: a single checkpoint file, an SDXL or SD pipeline
+(folder, Hub id or file). A leaf module (it imports nothing of ours), so the loaders and the SDXL and
+single-file code can all ask it without importing each other."""
+
+from __future__ import annotations
+
+import json
+import os
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def is_single_file(path: str | None) -> bool:
+    return bool(path) and path.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.ln_final.weight"  # OpenCLIP bigG, SDXL's second encoder
+
+
+def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
+    """model_index.json's _class_name of a pipeline folder or Hub id (None when it cannot be read); a single
+    file is SDXL when it holds SDXL's second text encoder."""
+    if is_single_file(path):
+        if not os.path.isfile(path):
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt") as handle:
+                return SDXL_PIPELINE if SDXL_SINGLE_FILE_KEY in handle.keys() else "StableDiffusionPipeline"
+        except Exception:  # a .ckpt (pickle) or a damaged file: the loader says what is wrong
+            return None
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isdir(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = hf_hub_download(path, "model_index.json", revision=revision)
+        except Exception:  # offline, private or not a pipeline: the model loader gives the real error
+            return None
+    if not os.path.isfile(index):
+        return None
+    with open(index, encoding="utf-8") as handle:
+        return json.load(handle).get("_class_name")
+
+
+def is_sdxl_run(args) -> bool:
+    if getattr(args, "model_preset", None):
+        return args.model_preset.endswith("sdxl")
+    return pipeline_class_name(args.pretrained_model_name_or_path, getattr(args, "revision", None)) == SDXL_PIPELINE
