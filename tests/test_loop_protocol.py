@@ -50,6 +50,16 @@ def t2i_argv(pipeline, data, out, *extra):
             "--lr_warmup_steps", "0", *extra]
 
 
+def tiny_run_argv(script_name, pipeline, fundus, irstd, tmp_path, *flags):
+    """A few-step run of `script_name` on tiny data into tmp_path/out."""
+    out = tmp_path / "out"
+    if script_name == "train_text_to_image":
+        return t2i_argv(pipeline, write_captioned_folder(tmp_path, count=4, size=(32, 32)), out, *flags)
+    if script_name == "train_mask_dit":
+        return mask_dit_argv(fundus, out, "--validation_epochs", "0", *flags)
+    return seg_argv(irstd, out, *flags)
+
+
 @pytest.mark.parametrize("script_name", ["train_text_to_image", "train_mask_dit", "train_segmentation_tpu"])
 def test_offload_ema_is_honoured_by_every_trainer(script_name, tiny_pipeline_dir, fundus, irstd, tmp_path,
                                                   monkeypatch):
@@ -67,13 +77,8 @@ def test_offload_ema_is_honoured_by_every_trainer(script_name, tiny_pipeline_dir
     monkeypatch.setattr(loop, "ema_step", lambda ema, params, device, offload=False: (seen["step"].append(offload),
                                                                                       step(ema, params, device,
                                                                                            offload))[1])
-    out = tmp_path / "out"
-    flags = ["--use_ema", "--offload_ema", "--max_train_steps", "2"]
-    argv = {"train_text_to_image": lambda: t2i_argv(tiny_pipeline_dir, write_captioned_folder(tmp_path, count=4,
-                                                                                              size=(32, 32)), out, *flags),
-            "train_mask_dit": lambda: mask_dit_argv(fundus, out, "--validation_epochs", "0", *flags),
-            "train_segmentation_tpu": lambda: seg_argv(irstd, out, *flags)}[script_name]()
-    run_main_in_process(script, argv)
+    run_main_in_process(script, tiny_run_argv(script_name, tiny_pipeline_dir, fundus, irstd, tmp_path,
+                                              "--use_ema", "--offload_ema", "--max_train_steps", "2"))
     assert seen["place"] == [True] and seen["step"] == [True, True], seen
 
 
@@ -127,13 +132,8 @@ def test_a_stop_on_a_checkpoint_step_writes_one_checkpoint(script_name, tiny_pip
         return save(accelerator, output_dir, step, *args, **kwargs)
     monkeypatch.setattr(loop, "save_checkpoint", counting_save)
     monkeypatch.setattr(StopSignal, "should_stop", lambda self, accelerator: True)  # a stop request at step 1
-    out = tmp_path / "out"
-    flags = ["--max_train_steps", "4", "--checkpointing_steps", "1"]
-    argv = {"train_text_to_image": lambda: t2i_argv(tiny_pipeline_dir, write_captioned_folder(tmp_path, count=4,
-                                                                                              size=(32, 32)), out, *flags),
-            "train_mask_dit": lambda: mask_dit_argv(fundus, out, "--validation_epochs", "0", *flags),
-            "train_segmentation_tpu": lambda: seg_argv(irstd, out, *flags)}[script_name]()
-    run_main_in_process(script, argv)
+    run_main_in_process(script, tiny_run_argv(script_name, tiny_pipeline_dir, fundus, irstd, tmp_path,
+                                              "--max_train_steps", "4", "--checkpointing_steps", "1"))
     assert saved == [1]
 
 
