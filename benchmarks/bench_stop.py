@@ -60,7 +60,8 @@ def stop_latency(case, workdir: str) -> dict:
     wait_group(process)
     latency = time.monotonic() - signalled
     log = open(os.path.join(workdir, "run.log")).read()
-    after = log.split("Stopped by SIGTERM at step ")[1].split("(")[1].split(" step")[0] if "Stopped by" in log else None
+    announced = log.split("Stopped by SIGTERM at step ")[1].split("\n")[0] if "Stopped by" in log else ""
+    after = announced.split("(")[1].split(" step")[0] if "(" in announced else None  # (older versions: not said)
     return {"latency_s": latency, "steps_after_signal": int(after) if after is not None else None,
             "exit_code": process.returncode}
 
