@@ -79,8 +79,8 @@ def train_vae_stage(accelerator, vae, dataloader, args):
     training state (what checkpoints save and resume) is not changed by the stage. A stop request
     (SIGTERM/SIGINT) saves `output_dir/vae_stage_checkpoint/` at the step boundary and exits 0 with the
     resume command; `--resume_from_checkpoint` continues the stage there exactly (same weights as an
-    uninterrupted stage: the epoch's order comes from the epoch number, the batches already trained on are
-    replayed without training, the noise RNG is restored).
+    uninterrupted stage: the stopped epoch's shuffle state and number are restored, the batches already trained
+    on are replayed without training, the noise RNG is restored; an uninterrupted stage draws exactly as before).
     """
     from accelerate import Accelerator
 
@@ -98,8 +98,12 @@ def train_vae_stage(accelerator, vae, dataloader, args):
     progress = tqdm(total=args.vae_train_steps, initial=step, desc="VAE stage",
                     disable=not accelerator.is_local_main_process)
     stop = StopSignal()
+    order = getattr(dataloader, "generator", None)  # the shuffle's own generator (utils.data.make_train_dataloader)
     while step < args.vae_train_steps:
-        set_stage_epoch(loader, dataloader, args.seed, epoch)
+        if resumed is not None and order is not None:
+            order.set_state(resumed["order_state"])  # the stopped epoch's shuffle, drawn again
+        epoch_order_state = order.get_state() if order is not None else None
+        loader.set_epoch(epoch)  # the per-sample randomness of epoch `epoch` (a new loader would start at 0)
         for batch in loader:
             if batches_done and resumed is not None:
                 batches_done -= 1  # already trained on before the stop: replayed, not trained
@@ -125,7 +129,7 @@ def train_vae_stage(accelerator, vae, dataloader, args):
             if stop.should_stop(stage) and step < args.vae_train_steps:
                 save_stage_checkpoint(args.output_dir, stage, vae, optimizer, {
                     "step": step, "epoch": epoch, "batches_in_epoch": batches_done, "history": history,
-                    "rng_state": torch.get_rng_state()})
+                    "order_state": epoch_order_state, "rng_state": torch.get_rng_state()})
                 stop.announce(accelerator, step, args.output_dir, what="the VAE stage")
                 raise SystemExit(0)
             if step >= args.vae_train_steps:
@@ -135,7 +139,6 @@ def train_vae_stage(accelerator, vae, dataloader, args):
     vae = stage.unwrap_model(vae_prepared)
     vae.requires_grad_(False)
     vae.eval()
-    set_stage_epoch(loader, dataloader, args.seed, 0)  # the scale from fixed batches
     scaling = latent_scaling_factor(vae, [b for _, b in zip(range(4), loader)], stage.device)
     vae.register_to_config(scaling_factor=scaling)
     if accelerator.is_main_process:
@@ -147,20 +150,9 @@ def train_vae_stage(accelerator, vae, dataloader, args):
     return vae
 
 
-def set_stage_epoch(loader, dataloader, seed: int | None, epoch: int) -> None:
-    """Make the stage's epoch `epoch` a function of (seed, epoch) alone: the shuffle's generator reseeded, the
-    per-sample randomness moved to the epoch. Otherwise the order depends on how many iterations the loader
-    object has made, which a resumed stage (a new loader) cannot replay."""
-    generator = getattr(dataloader, "generator", None)  # the shuffle's own generator (utils.data.make_train_dataloader)
-    if generator is not None:
-        generator.manual_seed(((seed or 0) * 1_000_003 + epoch) % 2**63)
-    if hasattr(loader, "set_epoch"):
-        loader.set_epoch(epoch)
-
-
 def save_stage_checkpoint(output_dir: str, stage, vae, optimizer, state: dict) -> None:
-    """The stage as far as it got (weights, optimizer, step, epoch and position in it, each process's noise RNG),
-    atomically in `output_dir/vae_stage_checkpoint/`."""
+    """The stage as far as it got (weights, optimizer, step, epoch and position in it, the epoch's shuffle state,
+    each process's noise RNG), atomically in `output_dir/vae_stage_checkpoint/`."""
     from utils.atomic import atomic_directory
 
     final = os.path.join(output_dir, STAGE_CHECKPOINT)
