@@ -105,6 +105,7 @@ def test_push_uploads_only_the_model_and_never_writes_the_token(output_dir, hub_
         json.dump(redact_args(args), handle)
     write_model_card(str(output_dir), base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", datasets=["lambdalabs/naruto-blip-captions"],
                      hyperparameters=redact_args(args), validation_grid=str(output_dir / "samples" / "validation_step_0000004.png"))
+    (output_dir / ".lock").write_text("")  # a running trainer's output-dir lock: never uploaded
     push_output_dir(str(output_dir), args.hub_model_id, token=args.hub_token, private=True)
 
     (_, repo_id, create_kwargs), (_, upload_repo, upload_kwargs) = hub_calls

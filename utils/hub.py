@@ -33,6 +33,7 @@ IGNORE_PATTERNS = [
     "logs/**",
     "samples/**",
     "*.tmp",
+    ".lock",  # the output-dir lock of a running trainer (utils/checkpointing.lock_output_dir)
 ]
 SECRET_KEYS = ("hub_token",)
 _SECRET_SUFFIXES = ("_token", "api_key", "_secret", "password")
