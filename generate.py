@@ -121,7 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help=f"Classifier-free guidance (1 = off). Default {SD_GUIDANCE}: 7-12 "
                                "works for the kanji model "
                                f"(guide 001); mask DiT default {MASK_DIT_GUIDANCE}.")
-    sampling.add_argument("--scheduler", type=str, default=None, choices=list(dict.fromkeys([*SCHEDULERS, *MASK_DIT_SAMPLERS])),
+    sampling.add_argument("--scheduler", type=str, default=None,
+                          choices=list(dict.fromkeys([*SCHEDULERS, *MASK_DIT_SAMPLERS])),  # euler is in both
                           help="Sampler. Stable Diffusion (default dpm++): the noise schedule "
                                "comes from the model's own "
                                f"scheduler config. Mask DiT: {' or '.join(MASK_DIT_SAMPLERS)} (default euler).")
@@ -171,8 +172,9 @@ def validate_args(args) -> None:
     for flag in ("height", "width"):  # the VAE downsamples by 8 (SD, SDXL, the mask DiT's latent models)
         value = getattr(args, flag)
         if value is not None and (value < 8 or value % 8):
-            raise UserError(f"--{flag} {value}: give a multiple of 8 pixels (e.g. {max(8, round((value or 8) / 8) * 8)}); "
-                            "the VAE works on 8x8 pixel blocks.")
+            nearest = max(8, round(value / 8) * 8)
+            raise UserError(f"--{flag} {value}: give a multiple of 8 pixels (e.g. {nearest}); the VAE works on 8x8 "
+                            "pixel blocks.")
 
 
 def read_prompts(args) -> list[str]:

@@ -61,7 +61,8 @@ def parse_args(argv=None):
                         help="guide 001: 7-12 for the kanji model; 7 measured crispest (README table)")
     parser.add_argument("--skip_training", action="store_true", help="Only evaluate an existing --output_dir/model")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"],
-                        help="Training precision (README: bf16 on this CPU measured slower, fp32 kept; fp16 needs a GPU)")
+                        help="Training precision (docs/PERFORMANCE.md: bf16 on this CPU measured slower, so fp32; "
+                             "fp16 needs a GPU)")
     return parser.parse_args(argv)
 
 

@@ -50,7 +50,7 @@ from utils.optim import (apply_update, create_optimizer, evaluation_weights, par
                          restart_lr_schedule)
 from utils.report import log_metrics
 from utils.loop import Checkpointing, StepBoundary
-from utils.run import (add_run_args, create_accelerator, epoch_validation_due, progress_bar, save_run_args,
+from utils.run import (add_run_args, create_accelerator, epoch_validation_due, is_due, progress_bar, save_run_args,
                        steps_per_epoch, tracker_config, weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
 from utils.sd.args import add_model_args, add_training_args, add_validation_args
@@ -404,7 +404,7 @@ def validation_due(args, step: int, epoch: int | None = None) -> bool:
     if not (args.validation_prompts or args.validation_prompt or args.validation_split) or step >= args.max_train_steps:
         return False
     if epoch is None:
-        return bool(args.validation_steps) and step % args.validation_steps == 0
+        return is_due(step, args.validation_steps)
     return not args.validation_steps and epoch_validation_due(epoch, args.validation_epochs)
 
 
@@ -503,7 +503,7 @@ def main(args):
                                              guard)
                 monitor.add(loss=loss, grad_norm=grad_norm)  # grad_norm: once per optimizer step (None otherwise)
                 if args.debug_loss:  # diffusers' SDXL LoRA script: the batch's loss under each of its file names
-                    log_metrics(accelerator, {f"loss_for_{name}": loss.item() for name in batch["names"]}, boundary.step)
+                    log_metrics(accelerator, {f"loss_for_{n}": loss.item() for n in batch["names"]}, boundary.step)
                 monitor.count_samples(batch_size_of(batch))
                 if accelerator.sync_gradients and boundary.step_done():
                     break
@@ -608,8 +608,9 @@ def lora_metadata(args, unet, noise_scheduler) -> dict:
     prediction_type = noise_scheduler.config.prediction_type
     version = base_model_version(args.sdxl, unet.config.cross_attention_dim, prediction_type)
     base = args.pretrained_model_name_or_path or args.model_preset
-    return lora_file_metadata(version, args.resolution, f"{os.path.basename(os.path.normpath(args.output_dir))} (LoRA)",
-                              prediction_type, extra={"ss_sd_model_name": base, "ss_max_train_steps": args.max_train_steps})
+    title = f"{os.path.basename(os.path.normpath(args.output_dir))} (LoRA)"
+    return lora_file_metadata(version, args.resolution, title, prediction_type,
+                              extra={"ss_sd_model_name": base, "ss_max_train_steps": args.max_train_steps})
 
 
 @contextlib.contextmanager

@@ -122,8 +122,9 @@ def save_checkpoint(
         write_json_atomic(os.path.join(temp_path, STATE_FILE), state)
         if before_publish is not None:  # more files for the checkpoint (e.g. the run record), still atomic
             before_publish(temp_path)
-        # (the old one's trash is named so that `partial_checkpoints` cleans it up after a kill)
-        replace_directory(temp_path, final_path, f"{TEMP_PREFIX}{os.path.basename(final_path)}.deleting")  # the same step twice (final save == last periodic one) is fine
+        # The same step twice (final save == last periodic one) is fine; the old one's trash is named so that
+        # `partial_checkpoints` cleans it up after a kill.
+        replace_directory(temp_path, final_path, f"{TEMP_PREFIX}{os.path.basename(final_path)}.deleting")
         rotate_checkpoints(output_dir, total_limit)
         logger.info(f"Saved state to {final_path}")
         if after_publish is not None:  # optional extras (e.g. the report): never delay or endanger the checkpoint
@@ -151,15 +152,15 @@ def check_output_dir(args) -> None:
     finished = [name for name in FINISHED_RUN_MARKERS if os.path.exists(os.path.join(args.output_dir, name))]
     if finished:
         raise UserError(
-            f"--output_dir {args.output_dir} already holds another run's model ({', '.join(finished[:3])}) and this new "
-            "run would overwrite it. Choose a new --output_dir, or pass --overwrite_output_dir to replace it."
+            f"--output_dir {args.output_dir} already holds another run's model ({', '.join(finished[:3])}) and this "
+            "new run would overwrite it. Choose a new --output_dir, or pass --overwrite_output_dir to replace it."
         )
 
 
 # What a finished run leaves in its output_dir besides checkpoints: the final pipeline or LoRA weights of each
 # script (a finished VAE stage alone is reused on purpose: README "Training from scratch").
-FINISHED_RUN_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
-                        "last")
+FINISHED_RUN_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors",
+                        "pytorch_lora_weights_kohya.safetensors", "last")
 # Reused by a later run in the same output_dir unless --overwrite_output_dir removes them.
 REUSABLE_RUN_PARTS = ("vae_stage", "vae_stage_checkpoint")
 
@@ -211,13 +212,8 @@ def check_resume_matches(args, flags=("optimizer", "rank")) -> None:
     """Refuse, before anything is written, a resume whose `flags` differ from the checkpoint's run (its
     run_info.json): the optimizer state or adapter shapes in it belong to the recorded values (an AdamW state
     under Lion runs a silent hybrid; Prodigy fails later on a missing key; another LoRA rank does not load)."""
-    path = None
-    if getattr(args, "resume_from_checkpoint", None) == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        path = checkpoints[-1][1] if checkpoints else None
-    elif getattr(args, "resume_from_checkpoint", None):
-        for candidate in (args.resume_from_checkpoint, os.path.join(args.output_dir, args.resume_from_checkpoint)):
-            path = candidate if os.path.isdir(candidate) else path
+    resume = getattr(args, "resume_from_checkpoint", None)
+    path = find_resume_checkpoint(resume, args.output_dir) if resume else None
     record = os.path.join(path, "run_info.json") if path else None
     if not record or not os.path.isfile(record):
         return
@@ -317,7 +313,8 @@ def random_states_problem(file: str) -> str | None:
         with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
             states = torch.load(file, weights_only=True)
     except Exception as error:
-        return f"cannot be read safely ({type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''})"
+        first_line = str(error).splitlines()[0][:200] if str(error) else ""
+        return f"cannot be read safely ({type(error).__name__}: {first_line})"
     if not isinstance(states, dict) or not _RANDOM_STATE_KEYS <= set(states):
         found = sorted(map(str, states))[:5] if isinstance(states, dict) else type(states).__name__
         return (f"is not accelerate's random-state file (needs {sorted(_RANDOM_STATE_KEYS)}, has {found}): the "
@@ -361,12 +358,19 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: st
     if not resume_from_checkpoint:
         return None
     warn_about_partial_checkpoints(output_dir)
+    path = find_resume_checkpoint(resume_from_checkpoint, output_dir)
+    if path is None:
+        logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
+    return path
+
+
+def find_resume_checkpoint(resume_from_checkpoint: str, output_dir: str) -> str | None:
+    """The checkpoint folder `--resume_from_checkpoint` names (`latest`: the newest complete one in `output_dir`,
+    None if there is none; else a path or a checkpoint name inside `output_dir`); a name that is no folder is a
+    UserFileNotFoundError listing the checkpoints there. Says nothing else (`resolve_resume_checkpoint` warns)."""
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting a new run.")
-            return None
-        return checkpoints[-1][1]
+        return checkpoints[-1][1] if checkpoints else None
     for candidate in (resume_from_checkpoint, os.path.join(output_dir, os.path.basename(resume_from_checkpoint))):
         if os.path.isdir(candidate):
             return candidate

@@ -16,10 +16,11 @@ import os
 
 import torch
 
+from utils.errors import UserError, launched_by_accelerate
+
 logger = logging.getLogger(__name__)
 
 PIN_VARIABLE = "TRAIN_CPU_THREADS"
-_LAUNCHER_MARK = "ACCELERATE_DYNAMO_BACKEND"  # set by every `accelerate launch` for the process it starts
 
 
 def available_cores() -> int:
@@ -40,11 +41,9 @@ def choose_cpu_threads(device_type: str, local_processes: int, env=os.environ) -
         except ValueError:
             pinned = 0
         if pinned < 1:
-            from utils.errors import UserError
-
             raise UserError(f"{PIN_VARIABLE}={env[PIN_VARIABLE]!r}: give a whole number of threads >= 1.")
         return pinned, None
-    if _LAUNCHER_MARK not in env or env.get("OMP_NUM_THREADS") != "1":
+    if not launched_by_accelerate(env) or env.get("OMP_NUM_THREADS") != "1":
         return None, None
     threads = max(1, available_cores() // max(1, local_processes))
     if threads <= 1:

@@ -96,11 +96,15 @@ def environment_error(error: OSError) -> UserError | None:
     return None
 
 
+def launched_by_accelerate(env=os.environ) -> bool:
+    """True in a process `accelerate launch` started (it sets ACCELERATE_DYNAMO_BACKEND for every one)."""
+    return "ACCELERATE_DYNAMO_BACKEND" in env
+
+
 def _launcher_hint() -> str:
     """Under `accelerate launch`, the launcher prints its own traceback after a failed trainer unless -q."""
     return ("\n(Under `accelerate launch` its own traceback follows this message and the exit code is 1: "
-            "`accelerate launch -q ...` shows this message alone.)" if "ACCELERATE_DYNAMO_BACKEND" in os.environ
-            else "")
+            "`accelerate launch -q ...` shows this message alone.)" if launched_by_accelerate() else "")
 
 
 # Called (no arguments) when a run is refused with a UserError, e.g. to remove the output folder the refused run

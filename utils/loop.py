@@ -11,15 +11,16 @@ checkpoint when a stop request landed on a checkpoint step):
             ...forward, backward, apply_update...
             if accelerator.sync_gradients and boundary.step_done():
                 break
-        if boundary.epoch_done(epoch, validate_epoch):
+        if boundary.epoch_done(validate_epoch):
             break
     boundary.finish(save_final)
 
 After each optimizer step, in this order: the EMA update (offloaded or not), the progress bar, health logging
-(every --logging_steps; text-to-image also at the last step, as diffusers' script), a step validation (before the checkpoint, so the checkpoint holds
-its outcome, e.g. the early-stopping count), the stop flag (all ranks agree at every step: at most the step in
-progress runs after a SIGTERM), one checkpoint when one is due for any reason (the interval, an early stop, a
-stop request: the last holds only what a resume needs), then the step limit.
+(every --logging_steps; text-to-image also at the last step, as diffusers' script), a step validation (before
+the checkpoint, so the checkpoint holds its outcome, e.g. the early-stopping count), the stop flag (all ranks
+agree at every step: at most the step in progress runs after a SIGTERM), one checkpoint when one is due for any
+reason (the interval, an early stop, a stop request: the last holds only what a resume needs), then the step
+limit.
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from utils.buckets import assign_buckets, bucket_summary, log_bucket_summary
-from utils.data import (BadSampleError, EpochDataset, SkipsBadSamples, first_bad_json_line, read_caption_file, sample_rng,
-                        split_train_validation)
+from utils.data import (BadSampleError, EpochDataset, SkipsBadSamples, first_bad_json_line, read_caption_file,
+                        sample_rng, split_train_validation)
 from utils.errors import UserError, UserFileNotFoundError
 from utils.images import IMAGE_EXTENSIONS, INTERPOLATION_MODES, cover_size, crop_origin, load_image, pil_to_tensor
 from utils.preflight import add_preflight_args
@@ -159,9 +159,10 @@ def _table_file(path: str, image_column: str) -> "datasets.Dataset":
         raise UserError(f"--train_data_file {path}: expected a .csv or .jsonl file")
     # pyarrow keeps undecodable bytes in its string arrays and fails only when a row is read, naming nothing:
     # check the file's lines first (a table is small next to its images).
-    bad = first_bad_json_line(path) if extension != ".csv" else first_non_utf8_line(path)
+    bad = first_non_utf8_line(path) if extension == ".csv" else first_bad_json_line(path)
     if bad:
-        raise UserError(f"--train_data_file {bad}. Fix that line (UTF-8{', one JSON object per line' if extension != '.csv' else ''}).")
+        rule = "UTF-8" if extension == ".csv" else "UTF-8, one JSON object per line"
+        raise UserError(f"--train_data_file {bad}. Fix that line ({rule}).")
     with explained_table_errors([path]):
         dataset = datasets.load_dataset("csv" if extension == ".csv" else "json", data_files=path, split="train")
     if image_column not in dataset.column_names:

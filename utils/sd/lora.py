@@ -30,8 +30,8 @@ def add_lora_args(parser) -> None:
     parser.add_argument("--lora_format", type=str, default="both", choices=LORA_FORMATS,
                         help=f"The final LoRA weights: diffusers ({LORA_WEIGHT_NAME}, for load_lora_weights), kohya "
                              f"({KOHYA_WEIGHT_NAME}: lora_unet_*/lora_te_* keys with .alpha, for ComfyUI, "
-                             "AUTOMATIC1111, Forge, which ignore the diffusers file; diffusers' load_lora_weights reads "
-                             "it too) or both (default: every tool finds its file).")
+                             "AUTOMATIC1111, Forge, which ignore the diffusers file; diffusers' "
+                             "load_lora_weights reads it too) or both (default: every tool finds its file).")
 
 
 def check_text_encoder_lora_support() -> None:
@@ -137,12 +137,14 @@ def lora_file_metadata(version: str, resolution: int | None, title: str, predict
     import datetime
 
     sdxl = version.startswith("sdxl")
-    info = {"ss_network_module": "networks.lora", "ss_base_model_version": version, "ss_v2": str(version.startswith("sd_v2")),
-            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{_ARCHITECTURES[version]}/lora",
+    info = {"ss_network_module": "networks.lora", "ss_base_model_version": version,
+            "ss_v2": str(version.startswith("sd_v2")), "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": f"{_ARCHITECTURES[version]}/lora",
             "modelspec.implementation": _SDXL_IMPLEMENTATION if sdxl else "diffusers",
             "modelspec.title": title, "modelspec.date": datetime.date.today().isoformat()}
     if resolution:
-        info.update({"ss_resolution": f"({resolution}, {resolution})", "modelspec.resolution": f"{resolution}x{resolution}"})
+        info.update({"ss_resolution": f"({resolution}, {resolution})",
+                     "modelspec.resolution": f"{resolution}x{resolution}"})
     if prediction_type:
         info["modelspec.prediction_type"] = "v" if prediction_type == "v_prediction" else "epsilon"
     info.update({k: str(v) for k, v in (extra or {}).items() if v is not None})

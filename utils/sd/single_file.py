@@ -271,7 +271,8 @@ def ui_compatibility_problem(unet, vae, text_encoder, text_encoder_2=None) -> st
                  and context == shape["context"] and [e.config.hidden_size for e in encoders] == shape["text"]), None)
     if kind is None:
         return (f"the UNet (channels {list(unet.config.block_out_channels)}, context {context}) and text encoder(s) "
-                f"(width {[e.config.hidden_size for e in encoders]}) are not a standard SD 1.x / 2.x / SDXL architecture")
+                f"(width {[e.config.hidden_size for e in encoders]}) are not a standard SD 1.x / 2.x / SDXL "
+                "architecture")
     for encoder in encoders:
         if (encoder.config.vocab_size, encoder.config.max_position_embeddings) != (_CLIP_VOCAB, _CLIP_POSITIONS):
             return (f"its text encoder has {encoder.config.vocab_size} token embeddings and "
@@ -305,7 +306,6 @@ def load_single_file_pipeline(path: str, model_config: str | None, original_conf
     """A StableDiffusionPipeline (or StableDiffusionXLPipeline for an SDXL file) from one checkpoint file, by
     diffusers' `from_single_file`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
 
     if not os.path.isfile(path):
         raise UserFileNotFoundError(f"--pretrained_model_name_or_path {path}: no such file")

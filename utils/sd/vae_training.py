@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from utils.atomic import atomic_directory
 from utils.checkpointing import own_memory
 from utils.report import log_metrics
 
@@ -153,8 +154,6 @@ def train_vae_stage(accelerator, vae, dataloader, args):
 def save_stage_checkpoint(output_dir: str, stage, vae, optimizer, state: dict) -> None:
     """The stage as far as it got (weights, optimizer, step, epoch and position in it, the epoch's shuffle state,
     each process's noise RNG), atomically in `output_dir/vae_stage_checkpoint/`."""
-    from utils.atomic import atomic_directory
-
     final = os.path.join(output_dir, STAGE_CHECKPOINT)
     rank_states = stage.gather_for_metrics([state], use_gather_object=True) if stage.num_processes > 1 else [state]
     if stage.is_main_process:
@@ -182,8 +181,6 @@ def load_stage_checkpoint(output_dir: str, vae, optimizer, stage) -> dict | None
 
 
 def save_stage(vae, output_dir: str, info: dict) -> None:
-    from utils.atomic import atomic_directory
-
     final = os.path.join(output_dir, STAGE_DIR)
     with atomic_directory(final) as temp:  # a kill while saving leaves the old stage or the new one
         vae.save_pretrained(temp)
