@@ -441,7 +441,7 @@ def main(args):
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
     validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
                          position.state, optimizer)
-    monitor, guard = HealthMonitor(), NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
+    monitor, guard = HealthMonitor(), NonFiniteGuard(args.max_nonfinite_steps)
     logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
     progress = progress_bar(accelerator, max_train_steps, position.global_step)
     boundary = StepBoundary(
@@ -451,7 +451,7 @@ def main(args):
         progress, monitor, args.logging_steps,
         log_health=lambda step: log_health(accelerator, monitor, lr_scheduler, progress, step, epoch),
         ema=ema, ema_parameters=transformer.parameters, offload_ema=args.offload_ema,
-        validate_step=lambda step: is_due(step, args.validation_steps) and validate(step))
+        validate_step=lambda step: is_due(step, args.validation_steps) and validate(step), guard=guard)
     for epoch in range(position.first_epoch, num_epochs):
         if boundary.step >= max_train_steps:  # resumed from the last step's checkpoint
             break

@@ -526,7 +526,7 @@ def main(args=None):
     monitor = HealthMonitor()
     # On XLA no fused optimizer can take the guard's device-side verdict, so it would read the loss on
     # the host every step and stall the device: no guard there.
-    guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
+    guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps)
     epoch = position.first_epoch
     progress = progress_bar(accelerator, args.max_train_steps, position.global_step)
     boundary = StepBoundary(
@@ -535,7 +535,8 @@ def main(args=None):
             training_state=lambda: {"epoch": epoch, "best_miou": best_miou, "head": HEADS[epoch > args.warm_epoch]}),
         progress, monitor, args.logging_steps, ema=ema, ema_parameters=raw_model.parameters,
         offload_ema=args.offload_ema, log_health=lambda step: log_health(
-            args, accelerator, monitor, lr_scheduler, progress, step, epoch, epoch > args.warm_epoch, on_xla))
+            args, accelerator, monitor, lr_scheduler, progress, step, epoch, epoch > args.warm_epoch, on_xla),
+        guard=guard)
     for epoch in range(position.first_epoch, num_epochs):
         warm_flag = epoch > args.warm_epoch  # the reference's switch: multi-scale heads + SLS after warm-up
         model.train()

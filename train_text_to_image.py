@@ -476,7 +476,7 @@ def main(args):
     logger.info(f"***** Running training *****  examples={len(dataset)} epochs={args.num_train_epochs} "
                 f"batch/device={args.train_batch_size} total batch={total_batch_size} accumulation="
                 f"{args.gradient_accumulation_steps} steps={args.max_train_steps} (from {position.global_step})")
-    monitor, guard = HealthMonitor(), NonFiniteGuard(args.max_nonfinite_steps, check_every=args.logging_steps)
+    monitor, guard = HealthMonitor(), NonFiniteGuard(args.max_nonfinite_steps)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     progress = progress_bar(accelerator, args.max_train_steps, position.global_step)
     epoch = position.first_epoch
@@ -489,7 +489,7 @@ def main(args):
         log_health=lambda step: log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, step),
         ema=ema, ema_parameters=lambda: accelerator.unwrap_model(models["unet"]).parameters(),
         offload_ema=args.offload_ema, validate_step=lambda step: validation_due(args, step) and validate(
-            args, accelerator, models, ema, step, dtype, optimizer, held_out_scores))
+            args, accelerator, models, ema, step, dtype, optimizer, held_out_scores), guard=guard)
 
     with oom_hint():
         for epoch in range(position.first_epoch, args.num_train_epochs):

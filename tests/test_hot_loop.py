@@ -3,7 +3,9 @@ checkpoint/validation) steps, the training loops never read a tensor's value on 
 
 On a GPU each such read (`.item()`, `bool(t)`, `.tolist()`, `float(t)`, `.cpu()`, ...) waits for the
 device to finish; on this CPU machine there is nothing to wait for, so the test counts the reads
-themselves. Reads made while loading data (inside torch.utils.data) are not counted: they touch
+themselves. One read per step is the protocol's: the non-finite guard's counters, polled at every step
+boundary (on CUDA it reads the step before from a non-blocking copy, so the queue never drains;
+tests/test_reliability.py tests that scheme). Every other read between logging steps fails. Reads made while loading data (inside torch.utils.data) are not counted: they touch
 host tensors only (on a GPU the loader runs before the batch is moved to the device).
 """
 
@@ -16,6 +18,20 @@ from conftest import run_main_in_process, write_captioned_folder
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
 DATA_LOADING = os.path.join("torch", "utils", "data")
+
+
+def _guard_poll_read() -> str:
+    """'telemetry.py:<line>' of the one host read in NonFiniteGuard.poll."""
+    import inspect
+
+    from utils.telemetry import NonFiniteGuard
+
+    lines, first = inspect.getsourcelines(NonFiniteGuard.poll)
+    (offset,) = [i for i, line in enumerate(lines) if ".tolist()" in line]
+    return f"telemetry.py:{first + offset}"
+
+
+GUARD_POLL = _guard_poll_read()
 
 
 class ReadCounter:
@@ -69,7 +85,9 @@ def assert_quiet_between_logging_steps(steps, logging_steps):
         step = index + 1
         if step % logging_steps == 0 or (step + 1) % logging_steps == 0:
             continue
-        assert count == 0, f"{count} host read(s) between the ends of steps {step} and {step + 1}: {where}"
+        others = [read for read in where if read[1] != GUARD_POLL]
+        assert count - len(others) == 1, f"the guard should be read once between steps {step} and {step + 1}: {where}"
+        assert not others, f"{len(others)} host read(s) between the ends of steps {step} and {step + 1}: {others}"
     assert sum(1 for index in range(len(steps)) if (index + 1) % logging_steps and (index + 2) % logging_steps) >= 4
     assert any(count for count, _ in steps), "the logging steps should read the metrics"
 

@@ -285,7 +285,10 @@ def test_t2i_nonfinite_steps_are_skipped_then_abort(tiny_pipeline_dir, t2i_data,
     # A huge learning rate blows the weights up after the first step; every later loss is NaN.
     args = t2i_args(tiny_pipeline_dir, t2i_data, str(tmp_path / "out"), steps=10,
                     extra=["--learning_rate", "1e30", "--adam_weight_decay", "0", "--max_nonfinite_steps", "3",
-                           "--lr_scheduler", "constant"])
+                           "--lr_scheduler", "constant",
+                           # the guard is read at every step boundary, not at logging steps or checkpoints (it was
+                           # read every --logging_steps: "9 consecutive steps" here before)
+                           "--logging_steps", "10", "--checkpointing_steps", "1000"])
     with caplog.at_level("WARNING"), pytest.raises(FloatingPointError) as error:
         run_in_process(script, args)
     assert "update(s) skipped since the last check" in caplog.text
@@ -610,19 +613,19 @@ class _Accelerator:
 
 
 @pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, torch.optim.Adagrad])
-def test_nonfinite_steps_skip_on_the_device_and_are_read_every_check_every_steps(optimizer_class, monkeypatch):
-    """Fused optimizers skip a bad step through `found_inf` (no host read); the counters are read
-    every `check_every` steps only, and the abort comes at such a read."""
+def test_nonfinite_steps_skip_on_the_device_and_are_read_at_the_step_boundary(optimizer_class, monkeypatch):
+    """Fused optimizers skip a bad step through `found_inf`; the update itself reads nothing on the host (the
+    step boundary polls), and the poll after the 4th bad step in a row aborts (--max_nonfinite_steps 4)."""
     from utils.optim import apply_update
     from utils.telemetry import NonFiniteGuard
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = optimizer_class([weight], lr=0.1, fused=True)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    guard = NonFiniteGuard(max_consecutive=4, check_every=5)
+    guard = NonFiniteGuard(max_consecutive=4)
     polls = []
     original_poll = NonFiniteGuard.poll
-    monkeypatch.setattr(NonFiniteGuard, "poll", lambda self: (polls.append(len(polls)), original_poll(self)))
+    monkeypatch.setattr(NonFiniteGuard, "poll", lambda self, **kw: (polls.append(len(polls)), original_poll(self, **kw)))
 
     def step(bad: bool):
         loss = (weight * torch.tensor([1.0, 2.0, float("nan") if bad else 3.0])).sum()
@@ -637,14 +640,39 @@ def test_nonfinite_steps_skip_on_the_device_and_are_read_every_check_every_steps
     assert torch.equal(weight.detach(), before)
     assert all(torch.equal(v, state_before[k]) for k, v in optimizer.state[weight].items())
     assert not hasattr(optimizer, "found_inf")
-    assert polls == []  # 4 steps, check_every 5: nothing read on the host yet
+    assert polls == [] and guard.lagged is False  # the update read nothing; on the CPU the poll is not lagged
+    guard.poll()
+    assert guard.consecutive == 3 and guard.total_skipped == 3
     step(False)  # a good step applies and ends the run of 3 (< 4)
-    assert not torch.equal(weight.detach(), before) and len(polls) == 1
-    assert guard.consecutive == 0 and guard.total_skipped == 3
-    for _ in range(4):
+    guard.poll()
+    assert not torch.equal(weight.detach(), before) and guard.consecutive == 0 and guard.total_skipped == 3
+    for _ in range(3):
         step(True)
-    with pytest.raises(FloatingPointError, match=r"5 consecutive steps .*--max_nonfinite_steps 4"):
-        step(True)  # the 10th step: the read that finds the run of 5
+        guard.poll()
+    step(True)
+    with pytest.raises(FloatingPointError, match=r"4 consecutive steps .*--max_nonfinite_steps 4"):
+        guard.poll()  # the boundary after the 4th bad step in a row
+
+
+def test_lagged_guard_reads_the_step_before_and_aborts_one_step_late_at_most():
+    """CUDA's scheme (a non-blocking copy read one boundary later, so the device queue never drains), run on
+    the CPU: the boundary after step s reads the counters of step s - 1; `total_skipped` reads the current ones."""
+    from utils.telemetry import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_consecutive=3, lagged=True)
+    seen = []
+    for bad in (True, False, True, True):
+        guard.record(torch.tensor(1.0 if bad else 0.0))
+        guard.poll()
+        seen.append((guard.consecutive, guard._total))
+    # after step 1: nothing before it; after 2: step 1 (1 bad); after 3: step 2 (run ended); after 4: step 3
+    assert seen == [(0, 0), (1, 1), (0, 1), (1, 2)]
+    assert guard.total_skipped == 3 and guard.consecutive == 2  # the current counters
+    guard.record(torch.tensor(1.0))  # step 5: the 3rd bad step in a row
+    guard.poll()  # reads step 4 (2 in a row)
+    guard.record(torch.tensor(0.0))  # step 6: good, but the run of 3 happened
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps"):
+        guard.poll()  # reads step 5: one step late
 
 
 def test_gradscaler_steps_are_never_skipped_by_the_guard():

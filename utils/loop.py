@@ -15,7 +15,8 @@ checkpoint when a stop request landed on a checkpoint step):
             break
     boundary.finish(save_final)
 
-After each optimizer step, in this order: the EMA update (offloaded or not), the progress bar, health logging
+After each optimizer step, in this order: the non-finite guard's read (it aborts after --max_nonfinite_steps bad
+steps in a row), the EMA update (offloaded or not), the progress bar, health logging
 (every --logging_steps; text-to-image also at the last step, as diffusers' script), a step validation (before
 the checkpoint, so the checkpoint holds its outcome, e.g. the early-stopping count), the stop flag (all ranks
 agree at every step: at most the step in progress runs after a SIGTERM), one checkpoint when one is due for any
@@ -54,12 +55,12 @@ class StepBoundary:
                  monitor=None, logging_steps: int = 10, log_health: Callable[[int], None] | None = None,
                  health_at_last_step: bool = False,
                  ema=None, ema_parameters: Callable[[], Iterable] | None = None, offload_ema: bool = False,
-                 validate_step: Callable[[int], bool] | None = None):
+                 validate_step: Callable[[int], bool] | None = None, guard=None):
         self.accelerator, self.step, self.max_steps = accelerator, global_step, max_steps
         self.checkpointing, self.progress, self.monitor = checkpointing, progress, monitor
         self.logging_steps, self.log_health, self.health_at_last_step = logging_steps, log_health, health_at_last_step
         self.ema, self.ema_parameters, self.offload_ema = ema, ema_parameters, offload_ema
-        self.validate_step = validate_step
+        self.validate_step, self.guard = validate_step, guard
         self.stop = StopSignal()
         self.stopped = self.early_stopped = False
         self._checkpointed_at = None
@@ -76,6 +77,8 @@ class StepBoundary:
     def step_done(self) -> bool:
         """After an optimizer step (every rank): the boundary's work in the protocol's order. True when the loop
         must end (the step limit, an early stop or a stop request)."""
+        if self.guard is not None:  # a utils.telemetry.NonFiniteGuard: raises after --max_nonfinite_steps in a row
+            self.guard.poll()
         if self.ema is not None:
             ema_step(self.ema, self.ema_parameters(), self.accelerator.device, self.offload_ema)
         self.step += 1

@@ -112,20 +112,26 @@ class NonFiniteGuard:
 
     The verdict stays on the device: `apply_update` hands it to optimizers that can skip a step
     themselves (torch's fused Adam, AdamW, SGD and Adagrad read a `found_inf` tensor, the mechanism
-    `torch.amp.GradScaler` uses), and the counters are read on the host only every `check_every`
-    optimizer steps (the scripts pass --logging_steps) and when `total_skipped` is read (checkpoints).
-    So a run with no bad steps never waits on the device for this. Optimizers without that hook
-    (bitsandbytes' 8-bit AdamW, foreach/for-loop kernels) are checked on the host every step.
+    `torch.amp.GradScaler` uses) and `record`s it in counters on the device. The step boundary
+    (utils/loop.py) `poll`s them after every optimizer step, so `--max_nonfinite_steps 3` aborts at
+    the 3rd bad step in a row (it used to be read every --logging_steps: 9 bad steps before the abort).
+    On CUDA the poll reads the counters of the step before (`lagged`): `record` starts their copy into
+    pinned host memory without waiting, and by the next boundary that copy is done while the newer
+    step's kernels are still queued, so the device never drains for it; the abort then comes one
+    step late at most. Elsewhere (CPU, where there is no queue to drain) the poll reads the current
+    counters. Optimizers without that hook (bitsandbytes' 8-bit AdamW, foreach/for-loop kernels)
+    are checked on the host in `check`, every step, before the update.
     """
 
-    def __init__(self, max_consecutive: int, check_every: int = 1):
+    def __init__(self, max_consecutive: int, lagged: bool | None = None):
         self.max_consecutive = max_consecutive
-        self.check_every = max(1, int(check_every))
+        self.lagged = lagged  # None: decided by the device of the first verdict (CUDA: lagged)
         self.consecutive = 0
         self._total = 0
         self._counts = None  # on the device: [bad steps in a row now, bad steps in total, longest run since the last poll]
         self._recorded = 0
         self._polled_at = 0  # self._recorded when the counters were last read
+        self._mirrors = []  # lagged: (records counted, host copy, copy-done event or None), the newest two
 
     @staticmethod
     def nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -136,24 +142,50 @@ class NonFiniteGuard:
     def _count(self, flag: torch.Tensor) -> None:
         if self._counts is None:
             self._counts = torch.zeros(3, device=flag.device)
+            if self.lagged is None:
+                self.lagged = flag.device.type == "cuda"
         run = (self._counts[0] + 1) * flag
         self._counts = torch.stack([run, self._counts[1] + flag, torch.maximum(self._counts[2], run)])
         self._recorded += 1
+        if self.lagged:
+            self._mirror()
+
+    def _mirror(self) -> None:
+        """Start copying the counters to the host (no wait on CUDA); keep the newest two copies."""
+        if self._counts.device.type == "cuda":
+            host = torch.empty(3, pin_memory=True)
+            host.copy_(self._counts, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = self._counts.clone(), None
+        self._mirrors = self._mirrors[-1:] + [(self._recorded, host, done)]
 
     def record(self, flag: torch.Tensor) -> None:
-        """Count one optimizer step's verdict on the device; poll every `check_every` steps."""
+        """Count one optimizer step's verdict on the device (no host read: `poll` reads)."""
         self._count(flag)
-        if self._recorded % self.check_every == 0:
-            self.poll()
 
-    def poll(self) -> None:
-        """Read the counters (one host sync; none when nothing was recorded since the last read):
-        warn about new skips, raise after too many in a row."""
-        if self._recorded == self._polled_at:
+    def poll(self, current: bool = False) -> None:
+        """Read the counters (no read when nothing was recorded since the last one): warn about new skips,
+        raise after too many in a row. Lagged, the previous step's copy is read unless `current` (a full
+        host sync: checkpoints and logged totals use it)."""
+        if self._counts is None:
             return
-        self._polled_at = self._recorded
-        in_a_row, total, longest = (int(v) for v in self._counts.tolist())
-        self._counts[2] = in_a_row  # the longest run since this poll starts from the current one
+        if self.lagged and not current and len(self._mirrors) == 2:
+            recorded, host, done = self._mirrors[0]
+            if done is not None:
+                done.synchronize()  # the step before: finished, or nearly, while the newer one runs
+        elif self.lagged and not current:
+            return  # one record so far: nothing from a step before it
+        else:
+            recorded, host = self._recorded, self._counts
+        if recorded <= self._polled_at:
+            return
+        self._polled_at = recorded
+        in_a_row, total, longest = (int(v) for v in host.tolist())
+        # The longest run after this read starts from the run now on the device (no read: lagged, it may be a step
+        # newer than `in_a_row`; a newer copy may still hold an older long run, but that run was real).
+        self._counts[2] = self._counts[0]
         new, self._total, self.consecutive = total - self._total, total, in_a_row
         if new:
             logger.warning(f"Non-finite loss or gradient: {new} update(s) skipped since the last check "
@@ -167,7 +199,7 @@ class NonFiniteGuard:
 
     @property
     def total_skipped(self) -> int:
-        self.poll()
+        self.poll(current=True)
         return self._total
 
     def check(self, loss: torch.Tensor, parameters, grad_norm: torch.Tensor | None = None) -> bool:
