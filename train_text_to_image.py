@@ -68,7 +68,8 @@ from utils.sd.models import load_models
 from utils.sd.model_kind import is_sdxl_run, is_single_file
 from utils.sd.sdxl import unet_conditioning
 from utils.sd.single_file import SINGLE_FILE_NAME, add_single_file_args, save_single_file
-from utils.sd.vae_training import add_vae_args, latent_scaling_factor, load_finished_stage, train_vae_stage, vae_losses
+from utils.sd.vae_training import (VaeStageSettings, add_vae_args, latent_scaling_factor, load_finished_stage,
+                                  train_vae_stage, vae_losses)
 from utils.sd.validation import held_out_loss, log_validation
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import EarlyStopping
@@ -276,8 +277,11 @@ def prepare_vae(args, accelerator, models, train_dataloader) -> None:
     scale from the initial VAE's statistics for the whole run."""
     if args.train_vae and not joint_vae(args):
         finished = load_finished_stage(args.output_dir)
-        models["vae"] = finished if finished is not None else train_vae_stage(accelerator, models["vae"],
-                                                                              train_dataloader, args)
+        models["vae"] = finished if finished is not None else train_vae_stage(
+            accelerator, models["vae"], train_dataloader, VaeStageSettings(
+                args.output_dir, args.vae_train_steps, args.vae_learning_rate, args.vae_kl_weight,
+                (args.adam_beta1, args.adam_beta2, args.adam_epsilon), args.max_grad_norm, args.logging_steps,
+                args.checkpointing_steps, args.max_nonfinite_steps, bool(args.resume_from_checkpoint)))
     elif joint_vae(args):
         first_batches = [batch for _, batch in zip(range(4), train_dataloader)]
         models["vae"].register_to_config(scaling_factor=latent_scaling_factor(models["vae"], first_batches, "cpu"))

@@ -261,3 +261,53 @@ def test_a_stop_during_the_vae_stage_saves_it_and_resumes_exactly(image_folder, 
     assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
     first, resumed = (json.loads((tmp_path / d / "vae_stage" / "stage.json").read_text()) for d in ("once", "twice"))
     assert first == resumed  # the same losses and the same latent scale
+
+
+@pytest.mark.slow
+def test_the_vae_stage_checkpoints_on_the_step_boundary_and_a_crash_resumes_exactly(image_folder, tmp_path, monkeypatch):
+    """The VAE stage runs on the trainers' step boundary (issue 29): a stage checkpoint every --checkpointing_steps,
+    so a crash (not a stop) mid-stage resumes from the last one to the weights of an uninterrupted stage."""
+    import train_text_to_image
+    import utils.sd.vae_training as vae_training
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_main_in_process
+
+    def argv(out):
+        return ["--model_preset", "tiny", "--train_data_dir", image_folder, "--resolution", "32", "--train_batch_size",
+                "2", "--max_train_steps", "1", "--output_dir", out, "--seed", "0", "--report_to", "none", "--train_vae",
+                "--vae_train_steps", "7", "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest"]
+
+    run_main_in_process(train_text_to_image, argv(tmp_path / "once"))
+    original, calls = vae_training.vae_losses, []
+
+    def crash_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("simulated crash")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(vae_training, "vae_losses", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_main_in_process(train_text_to_image, argv(tmp_path / "twice"))
+    saved = torch.load(tmp_path / "twice" / "vae_stage_checkpoint" / "state_0.pt", weights_only=True)
+    assert saved["step"] == 3  # the interval's checkpoint (step 6 never came)
+    monkeypatch.setattr(vae_training, "vae_losses", original)
+    run_main_in_process(train_text_to_image, argv(tmp_path / "twice"))
+    once = load_file(tmp_path / "once" / "vae_stage" / "diffusion_pytorch_model.safetensors")
+    twice = load_file(tmp_path / "twice" / "vae_stage" / "diffusion_pytorch_model.safetensors")
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+    assert not (tmp_path / "once" / "vae_stage_checkpoint").exists()  # a finished stage leaves no stage checkpoint
+
+
+def test_the_vae_stage_has_the_non_finite_guard(image_folder, tmp_path):
+    """--max_nonfinite_steps holds in the VAE stage too (it had no guard): a blown-up VAE aborts after 3."""
+    import train_text_to_image
+
+    from tests.conftest import run_main_in_process
+
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .*--max_nonfinite_steps 3"):
+        run_main_in_process(train_text_to_image, [
+            "--model_preset", "tiny", "--train_data_dir", image_folder, "--resolution", "32", "--train_batch_size",
+            "2", "--max_train_steps", "1", "--output_dir", tmp_path / "out", "--seed", "0", "--report_to", "none",
+            "--train_vae", "--vae_train_steps", "20", "--vae_learning_rate", "1e30", "--max_nonfinite_steps", "3"])
+    assert not (tmp_path / "out" / "vae_stage").exists()

@@ -44,6 +44,7 @@ class Checkpointing:
     total_limit: int | None
     training_state: Callable[[], dict]  # the trainer's own state at this moment (epoch, early-stopping count, ...)
     record: object = None  # a utils.run_record.RunRecord: the run record into each checkpoint, the report after
+    write: Callable[[int, bool], None] | None = None  # (step, report): a checkpoint of its own kind (the VAE stage's)
 
 
 class StepBoundary:
@@ -71,6 +72,9 @@ class StepBoundary:
             return
         self._checkpointed_at = self.step
         c = self.checkpointing
+        if c.write is not None:
+            c.write(self.step, report)
+            return
         hooks = c.record.checkpoint_hooks(self.step, report) if c.record is not None else {}
         save_checkpoint(self.accelerator, c.output_dir, self.step, c.total_limit, c.training_state(), **hooks)
 

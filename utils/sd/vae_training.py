@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,10 @@ from tqdm.auto import tqdm
 
 from utils.atomic import atomic_directory
 from utils.checkpointing import own_memory
+from utils.loop import Checkpointing, StepBoundary
+from utils.optim import apply_update
 from utils.report import log_metrics
+from utils.telemetry import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 STAGE_DIR = "vae_stage"
@@ -73,34 +77,74 @@ def load_finished_stage(output_dir: str):
     return None
 
 
-def train_vae_stage(accelerator, vae, dataloader, args):
-    """Train `vae` for `args.vae_train_steps` steps on `dataloader`, save it, and return it (frozen).
+@dataclass
+class VaeStageSettings:
+    """What the VAE stage reads of a run's flags (the script builds it; names: the flag each comes from)."""
 
-    A separate Accelerator instance prepares the stage's model and optimizer, so the main
-    training state (what checkpoints save and resume) is not changed by the stage. A stop request
-    (SIGTERM/SIGINT) saves `output_dir/vae_stage_checkpoint/` at the step boundary and exits 0 with the
-    resume command; `--resume_from_checkpoint` continues the stage there exactly (same weights as an
-    uninterrupted stage: the stopped epoch's shuffle state and number are restored, the batches already trained
-    on are replayed without training, the noise RNG is restored; an uninterrupted stage draws exactly as before).
+    output_dir: str
+    steps: int  # --vae_train_steps
+    learning_rate: float  # --vae_learning_rate
+    kl_weight: float  # --vae_kl_weight
+    adam: tuple  # (--adam_beta1, --adam_beta2, --adam_epsilon)
+    max_grad_norm: float
+    logging_steps: int
+    checkpointing_steps: int | None
+    max_nonfinite_steps: int
+    resume: bool  # --resume_from_checkpoint given: continue a saved stage checkpoint
+
+
+class _ConstantLR:
+    """The stage's learning rate is constant; apply_update steps a schedule."""
+
+    def step(self) -> None:
+        pass
+
+
+def train_vae_stage(accelerator, vae, dataloader, settings: VaeStageSettings):
+    """Train `vae` for `settings.steps` steps on `dataloader`, save it, and return it (frozen).
+
+    A separate Accelerator instance prepares the stage's model and optimizer, so the main training state (what
+    checkpoints save and resume) is not changed by the stage. The stage runs on the trainers' step boundary
+    (utils/loop.py): the non-finite guard (--max_nonfinite_steps), a stage checkpoint every --checkpointing_steps
+    and on a stop request (SIGTERM/SIGINT: saved, then exit 0 with the resume command), atomically in
+    `output_dir/vae_stage_checkpoint/`. `--resume_from_checkpoint` continues the stage there exactly (same weights
+    as an uninterrupted stage: the epoch's shuffle state and number are restored, the batches already trained on
+    are replayed without training, the noise RNG is restored).
     """
     from accelerate import Accelerator
-
-    from utils.stopping import StopSignal
 
     stage = Accelerator(mixed_precision=accelerator.mixed_precision)
     vae.requires_grad_(True)
     vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=0.0, eps=args.adam_epsilon)
-    resumed = load_stage_checkpoint(args.output_dir, vae, optimizer, stage) if args.resume_from_checkpoint else None
+    beta1, beta2, eps = settings.adam
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.learning_rate, betas=(beta1, beta2), weight_decay=0.0,
+                                  eps=eps)
+    resumed = load_stage_checkpoint(settings.output_dir, vae, optimizer, stage) if settings.resume else None
     vae_prepared, optimizer, loader = stage.prepare(vae, optimizer, dataloader)
     step, epoch, batches_done, history = (resumed["step"], resumed["epoch"], resumed["batches_in_epoch"],
                                           resumed["history"]) if resumed else (0, 0, 0, [])
-    progress = tqdm(total=args.vae_train_steps, initial=step, desc="VAE stage",
-                    disable=not accelerator.is_local_main_process)
-    stop = StopSignal()
+    progress = tqdm(total=settings.steps, initial=step, desc="VAE stage", disable=not accelerator.is_local_main_process)
     order = getattr(dataloader, "generator", None)  # the shuffle's own generator (utils.data.make_train_dataloader)
-    while step < args.vae_train_steps:
+    epoch_order_state, losses = None, {}
+
+    def log_losses(at_step: int) -> None:
+        logs = {f"vae/{name}": value.item() for name, value in losses.items()}
+        history.append({"step": at_step, **logs})
+        progress.set_postfix(rec=f"{logs['vae/reconstruction_loss']:.4f}")
+        log_metrics(accelerator, logs, at_step)
+
+    def save(at_step: int, report: bool) -> None:
+        if report and at_step >= settings.steps:
+            return  # the finished stage is saved below (a stop request at the last step still saves here)
+        save_stage_checkpoint(settings.output_dir, stage, vae, optimizer, {
+            "step": at_step, "epoch": epoch, "batches_in_epoch": batches_done, "history": history,
+            "order_state": epoch_order_state, "rng_state": torch.get_rng_state()})
+
+    boundary = StepBoundary(stage, step, settings.steps, Checkpointing(
+        settings.output_dir, settings.checkpointing_steps, None, training_state=dict, write=save), progress,
+        logging_steps=settings.logging_steps, log_health=log_losses, health_at_last_step=True,
+        guard=NonFiniteGuard(settings.max_nonfinite_steps))
+    while boundary.step < settings.steps and not boundary.stopped:
         if resumed is not None and order is not None:
             order.set_state(resumed["order_state"])  # the stopped epoch's shuffle, drawn again
         epoch_order_state = order.get_state() if order is not None else None
@@ -114,37 +158,27 @@ def train_vae_stage(accelerator, vae, dataloader, args):
             resumed = None
             with stage.autocast():
                 loss, reconstruction, kl = vae_losses(vae_prepared if stage.num_processes > 1 else vae,
-                                                      batch["pixel_values"], args.vae_kl_weight)
+                                                      batch["pixel_values"], settings.kl_weight)
             stage.backward(loss)
-            stage.clip_grad_norm_(vae_prepared.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+            apply_update(stage, optimizer, _ConstantLR(), vae_prepared.parameters(), loss.detach(),
+                         settings.max_grad_norm, boundary.guard)
+            losses.update(loss=loss.detach(), reconstruction_loss=reconstruction.detach(), kl=kl.detach())
             batches_done += 1
-            progress.update(1)
-            if step % args.logging_steps == 0 or step == args.vae_train_steps:
-                logs = {"vae/loss": loss.item(), "vae/reconstruction_loss": reconstruction.item(), "vae/kl": kl.item()}
-                history.append({"step": step, **logs})
-                progress.set_postfix(rec=f"{logs['vae/reconstruction_loss']:.4f}")
-                log_metrics(accelerator, logs, step)
-            if stop.should_stop(stage) and step < args.vae_train_steps:
-                save_stage_checkpoint(args.output_dir, stage, vae, optimizer, {
-                    "step": step, "epoch": epoch, "batches_in_epoch": batches_done, "history": history,
-                    "order_state": epoch_order_state, "rng_state": torch.get_rng_state()})
-                stop.announce(accelerator, step, args.output_dir, what="the VAE stage")
-                raise SystemExit(0)
-            if step >= args.vae_train_steps:
+            if boundary.step_done():
                 break
-        batches_done, resumed, epoch = 0, None, epoch + 1
+        if not boundary.stopped:
+            batches_done, resumed, epoch = 0, None, epoch + 1
     progress.close()
+    if boundary.stopped:
+        raise SystemExit(0)  # the stage checkpoint and the resume command are out
     vae = stage.unwrap_model(vae_prepared)
     vae.requires_grad_(False)
     vae.eval()
     scaling = latent_scaling_factor(vae, [b for _, b in zip(range(4), loader)], stage.device)
     vae.register_to_config(scaling_factor=scaling)
     if accelerator.is_main_process:
-        save_stage(vae, args.output_dir, {"steps": step, "scaling_factor": scaling, "history": history})
-        shutil.rmtree(os.path.join(args.output_dir, STAGE_CHECKPOINT), ignore_errors=True)
+        save_stage(vae, settings.output_dir, {"steps": boundary.step, "scaling_factor": scaling, "history": history})
+        shutil.rmtree(os.path.join(settings.output_dir, STAGE_CHECKPOINT), ignore_errors=True)
     accelerator.wait_for_everyone()
     del optimizer
     stage.free_memory()
