@@ -72,7 +72,7 @@ logger = logging.getLogger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train or evaluate MSHNet on an IRSTD-1k-layout data set.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset_dir", type=str, required=True,
+    parser.add_argument("--train_data_dir", "--dataset_dir", dest="train_data_dir", type=str, required=True,
                         help="Folder with images/, masks/ and trainval.txt + test.txt (MSHNet's IRSTD-1k layout) or "
                              "img_idx/train_<name>.txt + test_<name>.txt (BasicIRSTD's), or the folder above it "
                              "with --dataset_name (docs/SEGMENTATION.md).")
@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight_path", type=str, default=None,
                         help="Weights to evaluate (--mode test) or start from: a best/ or checkpoint-N/ folder, a "
                              ".safetensors file, or a reference MSHNet .pkl/.tar state dict.")
-    parser.add_argument("--batch_size", type=batch_size_arg, default=4,
+    parser.add_argument("--train_batch_size", "--batch_size", dest="train_batch_size", type=batch_size_arg, default=4,
                         help="Training batch size per device (process), or 'auto': the largest that fits (GPU/CPU; "
                              "with --effective_batch_size, accumulation keeps that many samples per step).")
     parser.add_argument("--cache_images", action="store_true",
@@ -107,7 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "sample's loading time (IRSTD-1k: ~1 GB). Same augmentation, same results.")
     parser.add_argument("--eval_batch_size", type=int, default=None,
                         help="Evaluation batch size per device (default: --batch_size).")
-    parser.add_argument("--epochs", type=int, default=400, help="Training epochs.")
+    parser.add_argument("--num_train_epochs", "--epochs", dest="num_train_epochs", type=int, default=400,
+                        help="Training epochs.")
     parser.add_argument("--max_train_steps", type=int, default=None,
                         help="Stop after this many optimizer steps (overrides --epochs).")
     parser.add_argument("--warm_epoch", type=int, default=5,
@@ -115,7 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--base_size", type=int, default=256,
                         help="Evaluation size, and the centre of the training rescale range.")
     parser.add_argument("--crop_size", type=int, default=256, help="Training crop size (a multiple of 16).")
-    parser.add_argument("--lr", "--learning_rate", dest="lr", type=float, default=0.05, help="Initial learning rate.")
+    parser.add_argument("--learning_rate", "--lr", dest="learning_rate", type=float, default=0.05,
+                        help="Initial learning rate.")
     add_optimizer_args(parser, default="adagrad")  # Adagrad is the reference's
     parser.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay (AdamW: decoupled).")
     parser.add_argument("--lr_scheduler", type=str, default="constant",
@@ -146,12 +148,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mode == "test" and not args.weight_path:
         raise UserError("--mode test needs --weight_path (e.g. outputs/mshnet/best)")
     parse_optimizer_args(args.optimizer_args)  # a malformed KEY=VALUE is refused before anything runs
-    if args.batch_size == "auto" and args.mode == "test" and not args.eval_batch_size:
+    if args.train_batch_size == "auto" and args.mode == "test" and not args.eval_batch_size:
         raise UserError(
             "--mode test with --batch_size auto: give --eval_batch_size (nothing is trained to size it on)"
         )
-    if args.batch_size != "auto":
-        args.eval_batch_size = args.eval_batch_size or args.batch_size
+    if args.train_batch_size != "auto":
+        args.eval_batch_size = args.eval_batch_size or args.train_batch_size
     return args
 
 
@@ -206,15 +208,15 @@ def build_datasets(args):
     augment_seed = args.seed if args.seed is not None else 0
     listings = {}
     for split in ("trainval", "test"):
-        listing = list_split(args.dataset_dir, split, args.dataset_name)
+        listing = list_split(args.train_data_dir, split, args.dataset_name)
         listings[split] = usable_samples(args, listing, " + ".join(listing.files))
     native = args.eval_size == "native" or args.eval_size == "auto" and not listings["test"].files[0].endswith(
         SPLIT_FILES["test"])
     native_size = native_eval_size(listings["test"]) if native else None
-    train_set = IRSTDDataset(args.dataset_dir, "trainval", train=True, base_size=args.base_size,
+    train_set = IRSTDDataset(args.train_data_dir, "trainval", train=True, base_size=args.base_size,
                              crop_size=args.crop_size, augment_seed=augment_seed, cache_in_memory=args.cache_images,
                              listing=listings["trainval"], skip_bad_samples=args.skip_bad_samples)
-    eval_set = IRSTDDataset(args.dataset_dir, "test", train=False, base_size=args.base_size, crop_size=args.crop_size,
+    eval_set = IRSTDDataset(args.train_data_dir, "test", train=False, base_size=args.base_size, crop_size=args.crop_size,
                             cache_in_memory=args.cache_images, listing=listings["test"], native_size=native_size)
     parts = sorted(set(eval_set.sources))
     logger.info(f"Data: {len(train_set)} training frames from {', '.join(listings['trainval'].files)}; "
@@ -231,7 +233,7 @@ def build_datasets(args):
 
 def build_dataloaders(args, train_set, eval_set):
     # drop_last keeps every training batch the same shape (one XLA compilation).
-    train_loader = make_train_dataloader(train_set, args.batch_size, args.dataloader_num_workers, drop_last=True)
+    train_loader = make_train_dataloader(train_set, args.train_batch_size, args.dataloader_num_workers, drop_last=True)
     eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, shuffle=False, drop_last=False,
                              num_workers=args.dataloader_num_workers)
     return train_loader, eval_loader
@@ -338,10 +340,10 @@ def build_model(args, device) -> MSHNet:
 
 
 def check_one_batch(args, accelerator, train_set) -> None:
-    if len(train_set) < args.batch_size * accelerator.num_processes:
+    if len(train_set) < args.train_batch_size * accelerator.num_processes:
         raise UserError(
-            f"{args.dataset_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
-            f"({args.batch_size} x {accelerator.num_processes} processes); lower --batch_size."
+            f"{args.train_data_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
+            f"({args.train_batch_size} x {accelerator.num_processes} processes); lower --batch_size."
         )
 
 
@@ -407,7 +409,7 @@ def run_test(args, accelerator, model, eval_loader, eval_set):
     metrics, result, _ = evaluate(accelerator, model, eval_loader, eval_set, head == "fused", args,
                                   predictions_dir=predictions_dir, roc_bins=args.roc_bins or None)
     if accelerator.is_main_process:
-        dataset = canonical_dataset_name(args.dataset_name or os.path.basename(os.path.normpath(args.dataset_dir)))
+        dataset = canonical_dataset_name(args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir)))
         write_json_atomic(os.path.join(args.output_dir, "test_metrics.json"),
                           {**metrics, "weight_path": args.weight_path, "dataset": dataset})
         if result.curve is not None:
@@ -490,8 +492,8 @@ def main(args=None):
     if args.mode == "train":  # --batch_size auto: probe the full multi-scale loss (all heads: the most memory)
         resolve_auto_batch_size_for(args, accelerator, lambda batch: multiscale_sls_loss(
             *model(batch["pixel_values"], True), batch["mask"], in_warmup=False), train_set, default_collate, [model],
-            attr="batch_size")
-        args.eval_batch_size = args.eval_batch_size or args.batch_size
+            attr="train_batch_size")
+        args.eval_batch_size = args.eval_batch_size or args.train_batch_size
     train_loader, eval_loader = build_dataloaders(args, train_set, eval_set)
 
     if args.mode == "test":
@@ -499,12 +501,12 @@ def main(args=None):
     check_one_batch(args, accelerator, train_set)
     apply_speedups(model, args)
     # Built after the model is on its device (see create_optimizer); the prepared scheduler steps per process.
-    optimizer = create_optimizer(args.optimizer, model.parameters(), accelerator.device, lr=args.lr,
+    optimizer = create_optimizer(args.optimizer, model.parameters(), accelerator.device, lr=args.learning_rate,
                                  weight_decay=args.weight_decay, extra=parse_optimizer_args(args.optimizer_args))
-    updates_per_epoch = steps_per_epoch(len(train_set) // (args.batch_size * accelerator.num_processes),
+    updates_per_epoch = steps_per_epoch(len(train_set) // (args.train_batch_size * accelerator.num_processes),
                                         args.gradient_accumulation_steps)
     if args.max_train_steps is None:
-        args.max_train_steps = args.epochs * updates_per_epoch
+        args.max_train_steps = args.num_train_epochs * updates_per_epoch
     num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,

@@ -149,7 +149,7 @@ def test_segmentation_auto_batch_trains_exactly_like_the_number_it_picks(tmp_pat
               "--max_train_steps", "2", "--report_to", "none", "--eval_epochs", "1000"]
     auto = accelerate_launch("train_segmentation_tpu.py", common + [
         "--batch_size", "auto", "--auto_batch_max", "4", "--effective_batch_size", "8", "--output_dir", str(tmp_path / "auto")])
-    assert "--batch_size auto: 4 fits; using batch 4 x accumulation 2 x 1 process(es)" in auto.stderr + auto.stdout
+    assert "--train_batch_size auto: 4 fits; using batch 4 x accumulation 2 x 1 process(es)" in auto.stderr + auto.stdout
     accelerate_launch("train_segmentation_tpu.py", common + [
         "--batch_size", "4", "--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "fixed")])
     trained, fixed = (load_file(tmp_path / run / "last" / "model.safetensors") for run in ("auto", "fixed"))

@@ -13,7 +13,14 @@ from utils.errors import UserError, UserFileNotFoundError
 
 
 def _known_dests(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {action.dest: action for action in parser._actions if action.dest != argparse.SUPPRESS}
+    """YAML key -> action: each flag's dest and every other name it has (`batch_size` for `--train_batch_size
+    --batch_size`, a guide's or another script's name for the same setting)."""
+    actions = {action.dest: action for action in parser._actions if action.dest != argparse.SUPPRESS}
+    for action in list(actions.values()):
+        for option in action.option_strings:
+            if option.startswith("--"):
+                actions.setdefault(option[2:].replace("-", "_"), action)
+    return actions
 
 
 def load_yaml_config(path: str) -> dict:
@@ -88,7 +95,7 @@ def apply_config_defaults(parser: argparse.ArgumentParser, config: dict, source:
                     )
         # A required flag given by the file no longer has to be on the command line.
         action.required = False
-        parser.set_defaults(**{key: value})
+        parser.set_defaults(**{action.dest: value})
 
 
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
