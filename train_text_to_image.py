@@ -32,10 +32,9 @@ from accelerate.utils import DataLoaderConfiguration
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_dream_and_update_latents
-from diffusers.utils.import_utils import is_xformers_available
 
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
-from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
+from utils.buckets import add_bucket_args, check_bucket_args, check_bucket_combinations, record_buckets
 from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
                          sample_cached_latents)
 from utils.atomic import atomic_directory
@@ -53,22 +52,23 @@ from utils.loop import Checkpointing, StepBoundary
 from utils.run import (add_run_args, create_accelerator, epoch_validation_due, is_due, progress_bar, save_run_args,
                        steps_per_epoch, tracker_config, weight_dtype, write_rank_checksums)
 from utils.run_record import RunRecord
-from utils.sd.args import add_model_args, add_training_args, add_validation_args
+from utils.sd.args import (add_model_args, add_training_args, add_validation_args, check_model_args, check_training_args,
+                           check_validation_args)
 from utils.sd.builder import assemble_pipeline
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
-from utils.sd.data import (add_image_data_args, assign_dataset_buckets, build_held_out_dataset, build_text_image_dataset,
+from utils.sd.data import (add_image_data_args, check_data_source_args, assign_dataset_buckets, build_held_out_dataset, build_text_image_dataset,
                            caption_tags,
                            captions_for_new_tokenizer, collate_text_image, load_text_image_dataset, split_held_out,
                            usable_rows)
 from utils.sd.losses import add_loss_args, check_loss_args, sample_timesteps, uses_loss_options, weighted_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
-                           base_model_version, check_text_encoder_lora_support, load_lora_into,
+                           base_model_version, check_lora_args, load_lora_into,
                            lora_checkpoint_check, lora_file_metadata, save_lora)
 from utils.sd.models import load_models
 from utils.sd.model_kind import is_sdxl_run, is_single_file
 from utils.sd.sdxl import unet_conditioning
 from utils.sd.single_file import SINGLE_FILE_NAME, add_single_file_args, save_single_file
-from utils.sd.vae_training import (VaeStageSettings, add_vae_args, latent_scaling_factor, load_finished_stage,
+from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, latent_scaling_factor, load_finished_stage,
                                   train_vae_stage, vae_losses)
 from utils.sd.validation import held_out_loss, log_validation
 from utils.speed import add_speed_args, apply_speedups
@@ -130,87 +130,14 @@ def parse_args(argv=None):
 
 
 def validate_args(args) -> None:
-    check_loss_args(args)
+    """Each module checks the flags it reads (one-block errors, before anything runs)."""
     if args.use_8bit_adam and args.optimizer not in ("adamw", "adamw8bit"):
         raise UserError(f"--use_8bit_adam means --optimizer adamw8bit; it cannot go with --optimizer {args.optimizer}.")
     args.optimizer = "adamw8bit" if args.use_8bit_adam else args.optimizer
     parse_optimizer_args(args.optimizer_args)  # a malformed KEY=VALUE is refused before anything runs
-    if not args.pretrained_model_name_or_path and not args.model_preset:
-        raise UserError(
-            "Give --pretrained_model_name_or_path (fine-tune) or --model_preset tiny|small|base (train from scratch)."
-        )
-    if args.pretrained_model_name_or_path and args.model_preset:
-        raise UserError(
-            "--pretrained_model_name_or_path and --model_preset are exclusive: load a model or build a fresh one."
-        )
-    if args.sdxl:
-        check_sdxl_args(args)
-    if args.timestep_bias_strategy != "none" and args.timestep_bias_multiplier <= 0:
-        raise UserError("--timestep_bias_multiplier must be > 0 (to turn the bias off use --timestep_bias_strategy "
-                        "none).")
-    if args.timestep_bias_strategy == "range" and not 0 <= args.timestep_bias_begin < args.timestep_bias_end:
-        raise UserError("--timestep_bias_strategy range needs 0 <= --timestep_bias_begin < --timestep_bias_end.")
-    if args.enable_npu_flash_attention:
-        import importlib.util
-
-        if importlib.util.find_spec("torch_npu") is None:
-            raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu installed.")
-    if args.enable_bucket and (args.train_vae or args.train_batch_size == "auto"):
-        raise UserError("--enable_bucket trains on batches of different shapes: it does not go with --train_vae or "
-                        "--train_batch_size auto (give a number).")
-    if args.save_single_file and args.use_lora:
-        raise UserError("--save_single_file writes a whole model; a LoRA run's weights for ComfyUI / AUTOMATIC1111 / "
-                        "Forge are --lora_format kohya (or both).")
-    if (args.model_config or args.original_config) and not is_single_file(args.pretrained_model_name_or_path):
-        raise UserError("--model_config / --original_config describe a single-file checkpoint: give "
-                        "--pretrained_model_name_or_path model.safetensors (or .ckpt) with them.")
-    if args.dataset_name is None and args.train_data_dir is None and args.train_data_file is None:
-        raise UserError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir or "
-                        "--train_data_file).")
-    if args.dream_training and args.prediction_type == "v_prediction":
-        raise UserError(
-            "--dream_training is only implemented for epsilon prediction; drop --prediction_type v_prediction."
-        )
-    if args.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise UserError(f"--prediction_type {args.prediction_type}: choose 'epsilon' or 'v_prediction'.")
-    if args.use_lora and args.use_ema:
-        raise UserError(
-            "--use_ema with --use_lora is not supported: EMA of LoRA adapters is not what diffusers' scripts do."
-        )
-    if args.use_lora and args.train_text_encoder:
-        check_text_encoder_lora_support()
-    if args.use_lora and args.train_vae:
-        raise UserError("--train_vae trains a VAE from scratch; it cannot be combined with --use_lora.")
-    multi_process = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if args.train_vae and args.vae_training_mode == "joint" and (args.cache_latents or multi_process):
-        raise UserError(
-            "--vae_training_mode joint runs in one process without --cache_latents; use the default 'stage' mode."
-        )
-    if (args.validation_prompts or args.validation_prompt) and args.num_validation_images < 1:
-        raise UserError(f"--num_validation_images {args.num_validation_images}: give at least 1 image per validation "
-                        "prompt, or leave out --validation_prompt(s) to turn validation off.")
-    if args.early_stopping_patience is not None and (args.validation_split is None or args.early_stopping_patience < 1):
-        raise UserError("--early_stopping_patience needs --validation_split (held-out data for val/loss) and a "
-                        "patience of at least 1 validation.")
-    if not 0.0 <= args.caption_dropout_prob < 1.0:
-        raise UserError("--caption_dropout_prob must be in [0, 1).")
-    if args.enable_xformers_memory_efficient_attention:
-        if not is_xformers_available():
-            raise UserError("--enable_xformers_memory_efficient_attention: xformers is not installed "
-                            "(pip install xformers, CUDA only). PyTorch's SDPA attention is used by "
-                            "default and needs nothing.")
-    check_hub_args(args)
-
-
-def check_sdxl_args(args) -> None:
-    """What the SDXL path does not do (each refused with the reason)."""
-    refused = {"--train_text_encoder without --use_lora": args.train_text_encoder and not args.use_lora,
-               "--train_vae": args.train_vae, "--dream_training": args.dream_training,
-               "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path)}
-    for flag, given in refused.items():
-        if given:
-            raise UserError(f"{flag} is not available for SDXL pipelines (diffusers' SDXL scripts train the UNet, "
-                            "or LoRA on the UNet and optionally both text encoders).")
+    for check in (check_loss_args, check_model_args, check_training_args, check_bucket_combinations, check_lora_args,
+                  check_data_source_args, check_vae_args, check_validation_args, check_hub_args):
+        check(args)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,6 +40,13 @@ def add_bucket_args(parser) -> None:
                             "down to the step) instead of being upscaled.")
 
 
+def check_bucket_combinations(args) -> None:
+    """Before anything runs: what bucketing does not go with."""
+    if args.enable_bucket and (args.train_vae or args.train_batch_size == "auto"):
+        raise UserError("--enable_bucket trains on batches of different shapes: it does not go with --train_vae or "
+                        "--train_batch_size auto (give a number).")
+
+
 def check_bucket_args(args, multiple: int) -> None:
     """The flags make sense together, and bucket sides stay multiples of the model's `multiple`."""
     if not args.enable_bucket:

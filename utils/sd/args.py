@@ -1,10 +1,15 @@
 """The command-line flags of train_text_to_image.py that are Stable Diffusion's own (model, training,
-validation), with diffusers' `train_text_to_image*.py` names, defaults and help texts."""
+validation), with diffusers' `train_text_to_image*.py` names, defaults and help texts, and their checks (each a
+one-block UserError before anything runs)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from utils.auto_batch import batch_size_arg
+from utils.errors import UserError
 from utils.optim import add_optimizer_args
+from utils.sd.model_kind import is_single_file
 
 
 def add_model_args(parser) -> None:
@@ -153,3 +158,67 @@ def fraction_or_path(value: str):
 
         raise argparse.ArgumentTypeError(f"a fraction in (0, 1) or a folder/file of held-out data, got {value}")
     return fraction
+
+
+def check_model_args(args) -> None:
+    """The model to train: one source, a single file's own config flags, the prediction target."""
+    if not args.pretrained_model_name_or_path and not args.model_preset:
+        raise UserError(
+            "Give --pretrained_model_name_or_path (fine-tune) or --model_preset tiny|small|base (train from scratch)."
+        )
+    if args.pretrained_model_name_or_path and args.model_preset:
+        raise UserError(
+            "--pretrained_model_name_or_path and --model_preset are exclusive: load a model or build a fresh one."
+        )
+    if (args.model_config or args.original_config) and not is_single_file(args.pretrained_model_name_or_path):
+        raise UserError("--model_config / --original_config describe a single-file checkpoint: give "
+                        "--pretrained_model_name_or_path model.safetensors (or .ckpt) with them.")
+    if args.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise UserError(f"--prediction_type {args.prediction_type}: choose 'epsilon' or 'v_prediction'.")
+    if args.dream_training and args.prediction_type == "v_prediction":
+        raise UserError(
+            "--dream_training is only implemented for epsilon prediction; drop --prediction_type v_prediction."
+        )
+    if args.sdxl:
+        check_sdxl_args(args)
+
+
+def check_sdxl_args(args) -> None:
+    """What the SDXL path does not do (each refused with the reason)."""
+    refused = {"--train_text_encoder without --use_lora": args.train_text_encoder and not args.use_lora,
+               "--train_vae": args.train_vae, "--dream_training": args.dream_training,
+               "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path)}
+    for flag, given in refused.items():
+        if given:
+            raise UserError(f"{flag} is not available for SDXL pipelines (diffusers' SDXL scripts train the UNet, "
+                            "or LoRA on the UNet and optionally both text encoders).")
+
+
+def check_training_args(args) -> None:
+    """The timestep bias, caption dropout and the attention backends asked for."""
+    if args.timestep_bias_strategy != "none" and args.timestep_bias_multiplier <= 0:
+        raise UserError("--timestep_bias_multiplier must be > 0 (to turn the bias off use --timestep_bias_strategy "
+                        "none).")
+    if args.timestep_bias_strategy == "range" and not 0 <= args.timestep_bias_begin < args.timestep_bias_end:
+        raise UserError("--timestep_bias_strategy range needs 0 <= --timestep_bias_begin < --timestep_bias_end.")
+    if not 0.0 <= args.caption_dropout_prob < 1.0:
+        raise UserError("--caption_dropout_prob must be in [0, 1).")
+    if args.enable_npu_flash_attention and importlib.util.find_spec("torch_npu") is None:
+        raise UserError("--enable_npu_flash_attention needs an Ascend NPU with torch_npu installed.")
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+
+        if not is_xformers_available():
+            raise UserError("--enable_xformers_memory_efficient_attention: xformers is not installed "
+                            "(pip install xformers, CUDA only). PyTorch's SDPA attention is used by "
+                            "default and needs nothing.")
+
+
+def check_validation_args(args) -> None:
+    """Validation images need at least one per prompt; early stopping needs held-out data."""
+    if (args.validation_prompts or args.validation_prompt) and args.num_validation_images < 1:
+        raise UserError(f"--num_validation_images {args.num_validation_images}: give at least 1 image per validation "
+                        "prompt, or leave out --validation_prompt(s) to turn validation off.")
+    if args.early_stopping_patience is not None and (args.validation_split is None or args.early_stopping_patience < 1):
+        raise UserError("--early_stopping_patience needs --validation_split (held-out data for val/loss) and a "
+                        "patience of at least 1 validation.")

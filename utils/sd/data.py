@@ -41,6 +41,12 @@ logger = logging.getLogger(__name__)
 DATASET_NAME_MAPPING = {"lambdalabs/naruto-blip-captions": ("image", "text"), "reach-vb/pokemon-blip-captions": ("image", "text")}
 
 
+def check_data_source_args(args) -> None:
+    if args.dataset_name is None and args.train_data_dir is None and args.train_data_file is None:
+        raise UserError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir or "
+                        "--train_data_file).")
+
+
 def add_image_data_args(parser) -> None:
     """Dataset and transform flags of diffusers' train_text_to_image.py, same names and defaults."""
     parser.add_argument("--dataset_name", type=str, default=None,

@@ -34,6 +34,23 @@ def add_lora_args(parser) -> None:
                              "load_lora_weights reads it too) or both (default: every tool finds its file).")
 
 
+def check_lora_args(args) -> None:
+    """What a LoRA run does not combine with (each refused with the reason)."""
+    if not args.use_lora:
+        return
+    if args.save_single_file:
+        raise UserError("--save_single_file writes a whole model; a LoRA run's weights for ComfyUI / AUTOMATIC1111 / "
+                        "Forge are --lora_format kohya (or both).")
+    if args.use_ema:
+        raise UserError(
+            "--use_ema with --use_lora is not supported: EMA of LoRA adapters is not what diffusers' scripts do."
+        )
+    if args.train_vae:
+        raise UserError("--train_vae trains a VAE from scratch; it cannot be combined with --use_lora.")
+    if args.train_text_encoder:
+        check_text_encoder_lora_support()
+
+
 def check_text_encoder_lora_support() -> None:
     """Refuse, with both versions named, a transformers that needs a newer peft than the installed one.
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from utils.atomic import atomic_directory
 from utils.checkpointing import own_memory
+from utils.errors import UserError
 from utils.loop import Checkpointing, StepBoundary
 from utils.optim import apply_update
 from utils.report import log_metrics
@@ -41,6 +42,15 @@ def add_vae_args(parser) -> None:
     parser.add_argument("--vae_training_mode", type=str, default="stage", choices=["stage", "joint"],
                         help="stage: --vae_train_steps of VAE alone, then frozen (default, measured better: README). "
                              "joint: VAE and UNet trained together, the diffusion loss on detached latents (one process only).")
+
+
+def check_vae_args(args) -> None:
+    """Joint VAE training needs the pixels of every batch in one process."""
+    multi_process = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if args.train_vae and args.vae_training_mode == "joint" and (args.cache_latents or multi_process):
+        raise UserError(
+            "--vae_training_mode joint runs in one process without --cache_latents; use the default 'stage' mode."
+        )
 
 
 def vae_losses(vae, pixel_values: torch.Tensor, kl_weight: float, generator=None, return_latents: bool = False):
