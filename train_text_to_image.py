@@ -17,7 +17,6 @@ DPM-Solver++, training-health logs, atomic checkpoints, SIGTERM-safe stops.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -29,7 +28,6 @@ import utils  # noqa: F401  (first: its log filter must be in place before diffu
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DataLoaderConfiguration
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_dream_and_update_latents
 
@@ -37,11 +35,11 @@ from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, check_bucket_combinations, record_buckets
 from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
                          sample_cached_latents)
-from utils.atomic import atomic_directory
-from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position
+from utils.checkpointing import register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
-from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_weights, place_ema
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema
+from utils.evaluation import Evaluation
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latents import encode_latents, scale_latents, vae_scale_factor
@@ -54,7 +52,6 @@ from utils.run import (add_run_args, create_accelerator, epoch_validation_due, i
 from utils.run_record import RunRecord
 from utils.sd.args import (add_model_args, add_training_args, add_validation_args, check_model_args, check_training_args,
                            check_validation_args)
-from utils.sd.builder import assemble_pipeline
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
 from utils.sd.data import (add_image_data_args, check_data_source_args, assign_dataset_buckets, build_held_out_dataset, build_text_image_dataset,
                            caption_tags,
@@ -62,12 +59,12 @@ from utils.sd.data import (add_image_data_args, check_data_source_args, assign_d
                            usable_rows)
 from utils.sd.losses import add_loss_args, check_loss_args, sample_timesteps, uses_loss_options, weighted_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
-                           base_model_version, check_lora_args, load_lora_into,
-                           lora_checkpoint_check, lora_file_metadata, save_lora)
+                           check_lora_args, load_lora_into, lora_checkpoint_check, save_lora)
 from utils.sd.models import load_models
-from utils.sd.model_kind import is_sdxl_run, is_single_file
+from utils.sd.model_kind import is_sdxl_run
 from utils.sd.sdxl import unet_conditioning
-from utils.sd.single_file import SINGLE_FILE_NAME, add_single_file_args, save_single_file
+from utils.sd.saving import WeightsOutput, save_weights
+from utils.sd.single_file import add_single_file_args
 from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, latent_scaling_factor, load_finished_stage,
                                   train_vae_stage, vae_losses)
 from utils.sd.validation import held_out_loss, log_validation
@@ -400,7 +397,7 @@ def main(args):
         base = getattr(dataset, "base", dataset)
         record_buckets(record, buckets, accelerator, args.output_dir,
                        [base.file_name(i) for i in range(len(base))], base.buckets)
-    held_out_scores = HeldOutScores(args, accelerator, models, ema, held_out, collate, position.state)
+    evaluation = evaluation_for(args, accelerator, models, ema, held_out, collate, optimizer, dtype, position.state)
     if position.path and args.resume_override_lr:
         restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
@@ -415,12 +412,12 @@ def main(args):
         accelerator, position.global_step, args.max_train_steps, Checkpointing(
             args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, record=record,
             training_state=lambda: {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped,
-                                    **held_out_scores.state}),
+                                    **evaluation.state}),
         progress, monitor, args.logging_steps, health_at_last_step=True,
         log_health=lambda step: log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, step),
         ema=ema, ema_parameters=lambda: accelerator.unwrap_model(models["unet"]).parameters(),
-        offload_ema=args.offload_ema, validate_step=lambda step: validation_due(args, step) and validate(
-            args, accelerator, models, ema, step, dtype, optimizer, held_out_scores), guard=guard)
+        offload_ema=args.offload_ema, guard=guard,
+        validate_step=lambda step: validation_due(args, step) and evaluation(step))
 
     with oom_hint():
         for epoch in range(position.first_epoch, args.num_train_epochs):
@@ -438,66 +435,42 @@ def main(args):
                 monitor.count_samples(batch_size_of(batch))
                 if accelerator.sync_gradients and boundary.step_done():
                     break
-            if boundary.epoch_done(lambda: validation_due(args, boundary.step, epoch) and validate(
-                    args, accelerator, models, ema, boundary.step, dtype, optimizer, held_out_scores)):
+            if boundary.epoch_done(lambda: validation_due(args, boundary.step, epoch) and evaluation(boundary.step)):
                 break
     write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
-    boundary.finish(lambda: finish_training(args, accelerator, models, ema, optimizer, held_out_scores, boundary.step))
+    boundary.finish(lambda: finish_training(args, accelerator, models, ema, optimizer, evaluation, boundary.step))
 
 
-def finish_training(args, accelerator, models, ema, optimizer, held_out_scores, step: int) -> None:
+def finish_training(args, accelerator, models, ema, optimizer, evaluation, step: int) -> None:
     """The final weights (scored first: best/ too when they are the lowest val/loss), then the optional extras."""
     with evaluation_weights(optimizer):  # schedule-free: save (and score) the averaged weights
-        final_is_best = held_out_scores.score(step, save_best=False)
-        save_final(args, accelerator, models, ema, final_is_best)
+        evaluation(step, final=True)
+        save_final(args, accelerator, models, ema, evaluation if evaluation.improved else None)
 
 
-def validate(args, accelerator, models, ema, step, dtype, optimizer, held_out_scores) -> bool:
-    """The held-out loss (every rank), then validation images (main process), from the weights to evaluate (every
-    rank switches, so the ranks' weights stay equal). Returns True when --early_stopping_patience says stop."""
-    with evaluation_weights(optimizer):
-        held_out_scores.score(step)
-        if accelerator.is_main_process:
-            log_validation(args, accelerator, models, ema, step, dtype)
-    if held_out_scores.stopping.should_stop:
-        held_out_scores.stopping.announce()
-    return held_out_scores.stopping.should_stop
+def evaluation_for(args, accelerator, models, ema, held_out, collate, optimizer, dtype, resumed_state) -> Evaluation:
+    """val/loss on the --validation_split data (lower is better: best/, --early_stopping_patience), then the
+    validation images, both from the weights that would be saved (utils/evaluation.py)."""
+    def score(step: int) -> dict:
+        if held_out is None:
+            return {}
+        return {"val/loss": held_out_loss(accelerator, models, held_out, collate, args.train_batch_size, args.seed)}
+
+    def report(step: int, metrics: dict, improved: bool, final: bool) -> None:
+        if metrics:
+            log_metrics(accelerator, {**metrics, "val/best_loss": evaluation.state["best_validation_loss"]}, step)
+            logger.info(f"step {step}: val/loss {metrics['val/loss']:.6f}" + (" (best so far)" if improved else ""))
+        if accelerator.is_main_process and not final:  # (the EMA weights are in already; the final ones: save_final)
+            log_validation(args, accelerator, models, None, step, dtype)
+
+    evaluation = Evaluation(
+        accelerator, args.output_dir, score, "val/loss", lambda directory, _: save_weights_to(
+            args, accelerator, models, directory), ema, accelerator.unwrap_model(models["unet"]).parameters,
+        optimizer, EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, resumed_state), report)
+    return evaluation
 
 
-class HeldOutScores:
-    """val/loss on the --validation_split data with the weights that would be saved (EMA ones with --use_ema), at
-    most once per step; the early-stopping count (saved in checkpoints); the lowest-loss weights in
-    <output_dir>/best/."""
-
-    def __init__(self, args, accelerator, models, ema, held_out, collate, resumed_state):
-        self.args, self.accelerator, self.models, self.ema = args, accelerator, models, ema
-        self.held_out, self.collate, self.last_step = held_out, collate, None
-        self.stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, resumed_state)
-        self.state = self.stopping.state
-
-    def score(self, step: int, save_best: bool = True) -> bool:
-        """Score the current weights; True when they are the best so far (then saved to best/ if `save_best`)."""
-        args, accelerator = self.args, self.accelerator
-        if self.held_out is None or self.last_step == step:
-            return False
-        self.last_step = step
-        with ema_weights(self.ema, accelerator.unwrap_model(self.models["unet"]).parameters()):
-            loss = held_out_loss(accelerator, self.models, self.held_out, self.collate, args.train_batch_size,
-                                 args.seed)
-            improved = self.stopping.update(loss)
-            log_metrics(accelerator, {"val/loss": loss, "val/best_loss": self.state["best_validation_loss"]}, step)
-            logger.info(f"step {step}: val/loss {loss:.6f}" + (" (best so far)" if improved else ""))
-            if improved and save_best and accelerator.is_main_process:
-                save_weights(args, accelerator, self.models, best_dir(args))
-        accelerator.wait_for_everyone()
-        return improved
-
-
-def best_dir(args) -> str:
-    return os.path.join(args.output_dir, "best")
-
-
-def save_final(args, accelerator, models, ema, final_is_best: bool = False) -> None:
+def save_final(args, accelerator, models, ema, best: Evaluation | None = None) -> None:
     """Final pipeline (or LoRA weights) in --output_dir, EMA weights copied in (and in best/ too when they scored
     the lowest val/loss); then the optional extras (validation images, model card, Hub push), so none of them can
     cost the trained weights."""
@@ -506,9 +479,9 @@ def save_final(args, accelerator, models, ema, final_is_best: bool = False) -> N
         return
     if ema is not None:
         ema.copy_to(accelerator.unwrap_model(models["unet"]).parameters())
-    save_weights(args, accelerator, models, args.output_dir)
-    if final_is_best:
-        save_weights(args, accelerator, models, best_dir(args))
+    save_weights_to(args, accelerator, models, args.output_dir)
+    if best is not None:  # the final weights scored the lowest val/loss
+        best.write_best({})
     grid = log_validation(args, accelerator, models, None, args.max_train_steps, weight_dtype(accelerator))
     write_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path or "from scratch "
                                                                                        f"({args.model_preset} preset)",
@@ -520,73 +493,13 @@ def save_final(args, accelerator, models, ema, final_is_best: bool = False) -> N
                         token=args.hub_token, private=args.hub_private_repo)
 
 
-def save_weights(args, accelerator, models, directory: str) -> None:
-    """The model's current weights in `directory` (main process): the pipeline, or the LoRA weights. --output_dir
-    itself is written in place, like diffusers' scripts; any other folder (best/) atomically."""
-    unwrapped = {name: accelerator.unwrap_model(models[name]) for name in ["unet"] + text_encoder_names(models)}
-    check_finite_before_saving(accelerator, args.output_dir, f"the model in {directory}",
-                               [unwrapped["unet"]] + [unwrapped[name] for name in trained_text_encoders(args, models)])
-    if directory == args.output_dir:
-        write_weights(args, models, unwrapped, directory)
-    else:
-        with atomic_directory(directory) as temp:
-            write_weights(args, models, unwrapped, temp)
-    logger.info(f"Saved the {'LoRA weights' if args.use_lora else 'pipeline'} to {directory}")
-
-
-def lora_metadata(args, unet, noise_scheduler) -> dict:
-    """ss_*/modelspec.* keys for both LoRA files: the base model family, resolution and training facts."""
-    prediction_type = noise_scheduler.config.prediction_type
-    version = base_model_version(args.sdxl, unet.config.cross_attention_dim, prediction_type)
-    base = args.pretrained_model_name_or_path or args.model_preset
-    title = f"{os.path.basename(os.path.normpath(args.output_dir))} (LoRA)"
-    return lora_file_metadata(version, args.resolution, title, prediction_type,
-                              extra={"ss_sd_model_name": base, "ss_max_train_steps": args.max_train_steps})
-
-
-@contextlib.contextmanager
-def float32_components(pipeline):
-    """The pipeline's models in float32 inside the block, their own dtypes restored after (bf16/fp16 -> fp32 -> back
-    is exact). With --mixed_precision the frozen VAE/text encoders are held in the weight dtype while the trained
-    UNet stays float32; saved as they are, the pipeline mixes dtypes and fails on the CPU ("expected m1 and m2 to
-    have the same dtype", seen with the kanji demo under bf16)."""
-    models = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
-    dtypes = [m.dtype for m in models]
-    for model in models:
-        model.to(torch.float32)
-    try:
-        yield
-    finally:
-        for model, dtype in zip(models, dtypes):
-            model.to(dtype)
-
-
-def write_weights(args, models, unwrapped: dict, directory: str) -> None:
-    unet, text_encoder = unwrapped["unet"], unwrapped["text_encoder"]
-    if args.use_lora:
-        save_lora(directory, unet, **{name: unwrapped[name] for name in trained_text_encoders(args, models)},
-                  lora_format=args.lora_format, metadata=lora_metadata(args, unet, models["noise_scheduler"]))
-        return
-    trained = dict(unwrapped, vae=models["vae"])
-    if args.pretrained_model_name_or_path and not is_single_file(args.pretrained_model_name_or_path):
-        pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
-        pipeline = pipeline_class.from_pretrained(
-            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **trained)
-        # Inference must use the target the UNet was trained for (diffusers' script keeps the base's).
-        pipeline.scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
-    else:
-        scheduler = models.get("inference_scheduler", models["noise_scheduler"])  # a single file's own one
-        scheduler.register_to_config(prediction_type=models["noise_scheduler"].config.prediction_type)
-        tokenizers = {name: models[name] for name in ("tokenizer", "tokenizer_2") if models.get(name) is not None}
-        pipeline = assemble_pipeline(dict(trained, **tokenizers, scheduler=scheduler))
-    with float32_components(pipeline):  # mixed precision keeps the frozen parts in bf16/fp16: save one dtype
-        pipeline.save_pretrained(directory)
-    if args.save_single_file:  # the same weights in the LDM layout (round-trip checked before writing)
-        save_single_file(os.path.join(directory, SINGLE_FILE_NAME), unet, models["vae"], text_encoder,
-                         args.single_file_dtype, {"modelspec.title": os.path.basename(args.output_dir),
-                                                  "base_model": args.pretrained_model_name_or_path
-                                                  or args.model_preset, "steps": args.max_train_steps},
-                         text_encoder_2=unwrapped.get("text_encoder_2"))
+def save_weights_to(args, accelerator, models, directory: str) -> None:
+    """The pipeline or LoRA weights in `directory` (utils/sd/saving.py), as the flags ask."""
+    output = WeightsOutput(args.output_dir, args.pretrained_model_name_or_path,
+                           args.pretrained_model_name_or_path or args.model_preset, args.revision, args.variant,
+                           args.sdxl, args.resolution, args.max_train_steps, args.lora_format if args.use_lora else None,
+                           args.single_file_dtype if args.save_single_file else None)
+    save_weights(output, accelerator, models, text_encoder_names(models), trained_text_encoders(args, models), directory)
 
 
 if __name__ == "__main__":

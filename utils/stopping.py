@@ -79,20 +79,23 @@ class StopSignal:
 
 
 class EarlyStopping:
-    """The held-out loss bookkeeping behind --early_stopping_patience / --early_stopping_min_delta: the best loss so
-    far and how many validations in a row failed to beat it by more than `min_delta`. `state` goes into every
-    checkpoint (its keys are the training-state names) so a resumed run continues the count."""
+    """The bookkeeping behind --early_stopping_patience / --early_stopping_min_delta: the best score so far and how
+    many validations in a row failed to beat it by more than `min_delta` (lower is better, e.g. val/loss, unless
+    `higher_is_better`, e.g. mIoU). `state` goes into every checkpoint (its keys are the training-state names:
+    `best_key` and validations_without_improvement) so a resumed run continues the count."""
 
-    def __init__(self, patience: int | None, min_delta: float = 0.0, resumed_state: dict | None = None):
+    def __init__(self, patience: int | None, min_delta: float = 0.0, resumed_state: dict | None = None,
+                 best_key: str = "best_validation_loss", higher_is_better: bool = False):
         self.patience, self.min_delta = patience, float(min_delta)
-        self.state = {"best_validation_loss": None, "validations_without_improvement": 0}
+        self.best_key, self.sign = best_key, -1.0 if higher_is_better else 1.0
+        self.state = {best_key: None, "validations_without_improvement": 0}
         self.state.update({k: v for k, v in (resumed_state or {}).items() if k in self.state})
 
-    def update(self, loss: float) -> bool:
-        """Record one validation's loss; True when it is the best so far (by more than min_delta)."""
-        best = self.state["best_validation_loss"]
-        if best is None or loss < best - self.min_delta:
-            self.state.update(best_validation_loss=float(loss), validations_without_improvement=0)
+    def update(self, score: float) -> bool:
+        """Record one validation's score; True when it is the best so far (by more than min_delta)."""
+        best = self.state[self.best_key]
+        if best is None or self.sign * score < self.sign * best - self.min_delta:
+            self.state.update({self.best_key: float(score), "validations_without_improvement": 0})
             return True
         self.state["validations_without_improvement"] += 1
         return False
@@ -102,5 +105,5 @@ class EarlyStopping:
         return bool(self.patience and self.state["validations_without_improvement"] >= self.patience)
 
     def announce(self) -> None:
-        logger.info(f"Early stopping: no lower validation loss in {self.patience} validations "
-                    f"(best {self.state['best_validation_loss']:.6g}).")
+        logger.info(f"Early stopping: no better validation score in {self.patience} validations "
+                    f"(best {self.state[self.best_key]:.6g}).")
