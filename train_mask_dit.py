@@ -31,11 +31,11 @@ from accelerate.utils import DataLoaderConfiguration
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
-from utils.atomic import atomic_directory
 from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, held_out_position, make_train_dataloader, split_train_validation
-from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_weights, place_ema
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema
+from utils.evaluation import Evaluation
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.images import save_and_log_images
 from utils.latents import vae_scale_factor
@@ -311,54 +311,31 @@ def pipeline_settings(args, vae_downsample: int) -> dict:
                 sampler=args.sampler, guidance_scale=args.guidance_scale, mask_guidance_scale=args.mask_guidance_scale)
 
 
-class Validator:
-    """Validation at most once per step: the held-out loss (with the early-stopping bookkeeping kept in
-    `state`, saved in checkpoints) and sample metrics with the EMA weights. Calling it returns True when
-    --early_stopping_patience says to stop."""
+def evaluation_for(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
+                   resumed_state: dict, optimizer) -> Evaluation:
+    """The held-out loss (lower is better: best/, --early_stopping_patience) and, on the main process, the sample
+    metrics, from the weights that would be saved (utils/evaluation.py)."""
+    transformer = pipeline.transformer
 
-    def __init__(self, args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
-                 resumed_state: dict, optimizer=None):
-        self.args, self.accelerator, self.model, self.pipeline = args, accelerator, model, pipeline
-        self.optimizer = optimizer  # schedule-free: validate the averaged weights
-        self.conditioner, self.held_out, self.held_out_dataloader = conditioner, held_out, held_out_dataloader
-        self.ema, self.encoders = ema, encoders
-        self.stopping = EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, resumed_state)
-        self.state = self.stopping.state
-        self.last_step = -1
+    def score(step: int) -> dict:
+        if held_out_dataloader is None:
+            return {}
+        return {"val/loss": validation_loss(accelerator, model, conditioner, held_out_dataloader, args)}
 
-    def __call__(self, step: int) -> bool:
-        if self.last_step == step:
-            return False
-        self.last_step = step
-        with evaluation_weights(self.optimizer):
-            logs = self.evaluate(step)
-        if logs:
-            logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-            log_metrics(self.accelerator, logs, step)
-        if self.stopping.should_stop:
-            self.stopping.announce()
-        return self.stopping.should_stop
+    def report(step: int, metrics: dict, improved: bool, final: bool) -> None:
+        if accelerator.is_main_process and held_out is not None and args.num_validation_images > 0:
+            transformer.eval()
+            with cached_encoders_on(accelerator.device, encoders, args):
+                metrics = {**metrics, **log_samples(accelerator, pipeline, held_out, args, step)}
+            transformer.train()
+        if metrics:
+            logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            log_metrics(accelerator, metrics, step)
 
-    def evaluate(self, step: int) -> dict:
-        """The held-out loss (early-stopping bookkeeping updated) and, on the main process, the sample metrics."""
-        args, accelerator, transformer = self.args, self.accelerator, self.pipeline.transformer
-        logs = {}
-        if self.held_out_dataloader is not None:  # scored on the weights that would be saved (EMA with --use_ema)
-            with ema_weights(self.ema, transformer.parameters()):
-                logs["val/loss"] = validation_loss(
-                    accelerator, self.model, self.conditioner, self.held_out_dataloader, args
-                )
-                if self.stopping.update(logs["val/loss"]) and accelerator.is_main_process:
-                    with atomic_directory(os.path.join(args.output_dir, "best")) as temp:
-                        save_mask_dit_pipeline(temp, self.pipeline)  # the lowest val/loss so far
-            accelerator.wait_for_everyone()
-        if accelerator.is_main_process and self.held_out is not None and args.num_validation_images > 0:
-            with ema_weights(self.ema, transformer.parameters()):
-                transformer.eval()
-                with cached_encoders_on(accelerator.device, self.encoders, args):
-                    logs.update(log_samples(accelerator, self.pipeline, self.held_out, args, step))
-                transformer.train()
-        return logs
+    return Evaluation(accelerator, args.output_dir, score, "val/loss",
+                      lambda directory, _: save_mask_dit_pipeline(directory, pipeline), ema, transformer.parameters,
+                      optimizer, EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta,
+                                               resumed_state), report)
 
 
 def log_health(accelerator, monitor, lr_scheduler, progress, step: int, epoch: int) -> None:
@@ -439,8 +416,8 @@ def main(args):
         record_buckets(record, buckets, accelerator, args.output_dir,
                        [base.records[i].name for i in base.indices], base.buckets)
     pipeline = MaskDiTPipeline(transformer, vae, tokenizer, text_encoder, pipeline_settings(args, vae_downsample))
-    validate = Validator(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
-                         position.state, optimizer)
+    validate = evaluation_for(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema,
+                              encoders, position.state, optimizer)
     monitor, guard = HealthMonitor(), NonFiniteGuard(args.max_nonfinite_steps)
     logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
     progress = progress_bar(accelerator, max_train_steps, position.global_step)

@@ -17,8 +17,7 @@ Training follows the MSHNet reference: Adagrad (lr 0.05), epochs 0..--warm_epoch
 the main head with the soft-IoU loss, later epochs all heads with the SLS loss; evaluation on
 the test split after every epoch; the weights with the best mIoU go to `output_dir/best/`.
 Shapes are fixed (random crops of --crop_size, drop_last, evaluation at --base_size) so XLA
-compiles each graph once, and the loop never reads a value back to the host except every
---logging_steps steps.
+compiles each graph once; on XLA the loop reads values back only every --logging_steps steps.
 """
 
 from __future__ import annotations
@@ -33,35 +32,32 @@ import utils  # noqa: F401  (first: its log filter must be in place before diffu
 
 # isort: split
 
-import numpy as np
-import torch
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, PrepareForLaunch
 from diffusers.optimization import get_scheduler
-from PIL import Image
-from safetensors.torch import load_file
-from scipy.special import expit
 from torch.utils.data import DataLoader, default_collate
 
 from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
 from utils.cache import fingerprint
 from utils.atomic import atomic_directory, write_json_atomic
-from utils.checkpointing import (STATE_FILE, check_finite_before_saving, register_checkpoint_hooks, resume_position,
-                                 save_module)
+from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_module
 from utils.config import add_hyphen_aliases, parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
-from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, ema_weights, place_ema, save_ema
-from utils.errors import MissingPackageError, UserError, UserFileNotFoundError, oom_hint, run_script
+from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema, save_ema
+from utils.evaluation import Evaluation
+from utils.stopping import EarlyStopping
+from utils.errors import MissingPackageError, UserError, oom_hint, run_script
 from utils.optim import add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, progress_bar, steps_per_epoch, tracker_config,
-                       write_rank_checksums)
+from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar, steps_per_epoch,
+                       tracker_config, write_rank_checksums)
 from utils.loop import Checkpointing, StepBoundary
 from utils.run_record import RunRecord
 from utils.segmentation.data import (SPLIT_FILES, IRSTDDataset, canonical_dataset_name, list_split, native_eval_size,
-                                     tensor_to_image, usable_samples)
-from utils.segmentation.metrics import PdFaCurve, SegmentationMetrics
-from utils.segmentation.mshnet import MSHNet, multiscale_sls_loss
+                                     usable_samples)
+from utils.segmentation.evaluation import evaluate, prediction_grid, table_rows
+from utils.segmentation.mshnet import HEADS, MSHNet, multiscale_sls_loss
+from utils.segmentation.weights import load_weights, recorded_head
 from utils.speed import add_speed_args, apply_speedups
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of
 from utils.xla import log_xla_metrics, patch_accelerate_xla_loader, xla_compilation_count
@@ -157,51 +153,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def read_weight_file(path: str) -> dict:
-    """A state dict from a .safetensors file or a reference MSHNet file: a plain state dict (weight.pkl) or
-    {"state_dict"/"net": ...} (its .tar releases), `module.` prefixes (DataParallel) removed. Torch files are
-    read with weights_only=True: anything but tensors and plain containers is refused, never unpickled."""
-    try:
-        if path.endswith(".safetensors"):
-            return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a weight file, or a pickle of arbitrary objects
-        raise UserError(f"--weight_path {path}: cannot be read as weights ({type(error).__name__}: "
-                        f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}). Give a "
-                        ".safetensors file, a folder of this script, or the MSHNet release's .pkl/.tar.") from error
-    if isinstance(state, dict):
-        state = state.get("state_dict", state.get("net", state))
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise UserError(f"--weight_path {path}: holds a {type(state).__name__}, not a state dict of tensors "
-                        "(expected a plain state dict or {'state_dict': ...}, as MSHNet's releases).")
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
-def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Load MSHNet weights from our folders/safetensors or from a reference checkpoint (`.pkl`/`.tar`)."""
-    if os.path.isdir(path):
-        for candidate in ("model.safetensors", os.path.join("mshnet", "model.safetensors")):
-            if os.path.isfile(os.path.join(path, candidate)):
-                path = os.path.join(path, candidate)
-                break
-        else:
-            raise UserFileNotFoundError(
-                f"--weight_path {path}: no model.safetensors or mshnet/model.safetensors inside")
-    if not os.path.isfile(path):
-        raise UserFileNotFoundError(f"--weight_path {path}: no such file or folder")
-    state = read_weight_file(path)
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong = [key for key in expected if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
-    if missing or unexpected or wrong:
-        raise UserError(f"--weight_path {path}: not MSHNet weights ({len(missing)} of {len(expected)} MSHNet tensors "
-                        f"missing, {len(unexpected)} unknown, e.g. '{(unexpected or missing or wrong)[0]}'; "
-                        f"{len(wrong)} of another shape). Give a best/, last/ or checkpoint-N/ folder of "
-                        "train_segmentation_tpu.py, or the original MSHNet release's weight file.")
-    model.load_state_dict(state)
-    logger.info(f"Loaded weights from {path}")
-
 
 def build_datasets(args):
     # Without --seed, augmentation still needs one seed shared by all processes and kept on resume.
@@ -238,91 +189,6 @@ def build_dataloaders(args, train_set, eval_set):
                              num_workers=args.dataloader_num_workers)
     return train_loader, eval_loader
 
-
-HEADS = {False: "main", True: "fused"}  # what model(x, warm_flag) scores: the full-resolution head, or the fusion
-
-
-class EvalResult:
-    """The metrics of one evaluation pass: overall, per part of the data set (SIRST3), and the Pd-Fa curve."""
-
-    def __init__(self, sources: list[str], compat: str | None, roc_bins: int | None):
-        self.parts = sorted(set(sources))
-        self.overall = SegmentationMetrics(compat=compat)
-        self.by_part = {part: SegmentationMetrics(compat=compat) for part in self.parts} if len(self.parts) > 1 else {}
-        self.curve = PdFaCurve(roc_bins, compat=compat) if roc_bins else None
-
-    def update(self, logits: np.ndarray, target: np.ndarray, source: str) -> np.ndarray:
-        """One sample's logits and mask [H, W]; returns its binary prediction (uint8)."""
-        pred = (logits > 0).astype(np.uint8)
-        self.overall.update(pred[None], target[None])
-        if self.by_part:
-            self.by_part[source].update(pred[None], target[None])
-        if self.curve is not None:
-            self.curve.update(expit(logits.astype(np.float64))[None], target[None])
-        return pred
-
-    def metrics(self, head: str, eval_size: str) -> dict:
-        result = {**self.overall.compute(), "head": head, "eval_size": eval_size}
-        if self.by_part:
-            result["per_dataset"] = {part: metrics.compute() for part, metrics in self.by_part.items()}
-        return result
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, eval_loader, eval_set, warm_flag: bool, args, predictions_dir: str | None = None,
-             roc_bins: int | None = None):
-    """Segment the evaluation split; metrics are computed on the host from gathered logits.
-
-    Scores `model(x, warm_flag)`, as the reference's main.py does: the main head during warm-up, the fused
-    output after it (and in --mode test); the metrics say which under "head". Frames evaluated at their
-    native size are cropped back from the padding before scoring. Returns (metrics, EvalResult, {dataset
-    index: binary prediction [H, W] uint8}) on every process; without `predictions_dir`, up to 64
-    predictions are kept in memory for the prediction grid; masks are written as PNGs under predictions_dir.
-    """
-    model.eval()
-    result = EvalResult(eval_set.sources, None if args.metric_compat == "corrected" else args.metric_compat, roc_bins)
-    kept = {}
-    for batch in eval_loader:
-        _, logits = model(batch["pixel_values"], warm_flag)
-        sizes = batch.get("size", torch.tensor(logits.shape[-2:]).expand(len(logits), 2).to(logits.device))
-        # gather_for_metrics drops the samples accelerate repeated to even out the last batch.
-        logits, target, index, sizes = accelerator.gather_for_metrics(
-            (logits.float(), batch["mask"], batch["index"], sizes))
-        logits, target = logits.cpu().numpy()[:, 0], target.cpu().numpy()[:, 0]
-        for sample_logits, sample_target, sample_index, (height, width) in zip(
-                logits, target, index.cpu().tolist(), sizes.cpu().tolist()):
-            pred = result.update(sample_logits[:height, :width], sample_target[:height, :width],
-                                 eval_set.sources[sample_index])
-            if predictions_dir is not None and accelerator.is_main_process:
-                path = os.path.join(predictions_dir, *prediction_subdir(eval_set, sample_index),
-                                    f"{eval_set.names[sample_index]}.png")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                Image.fromarray(pred * 255, mode="L").save(path)
-            elif predictions_dir is None and len(kept) < 64:
-                kept[sample_index] = pred
-    model.train()
-    return result.metrics(HEADS[warm_flag], "native" if eval_set.native_size else f"{args.base_size}"), result, kept
-
-
-def prediction_subdir(eval_set, index: int) -> tuple[str, ...]:
-    """Masks of a multi-part set (SIRST3) go into one folder per part."""
-    return (eval_set.sources[index],) if len(set(eval_set.sources)) > 1 else ()
-
-
-def prediction_grid(eval_set, predictions: dict, num_images: int) -> np.ndarray | None:
-    """Rows of [image | ground truth | prediction] for the first `num_images` test samples, uint8 [H, W, 3]."""
-    rows = []
-    for index in sorted(predictions)[:num_images]:
-        sample = eval_set[index]
-        height, width = predictions[index].shape
-        image = tensor_to_image(sample["pixel_values"])[:height, :width]
-        truth = np.repeat(sample["mask"][0, :height, :width].numpy()[..., None] * 255, 3, axis=2).astype(np.uint8)
-        pred = np.repeat(predictions[index][..., None] * 255, 3, axis=2).astype(np.uint8)
-        rows.append(np.concatenate([image, truth, pred], axis=1))
-    if rows and len({row.shape for row in rows}) > 1:  # native-size frames of several sizes: pad to the widest
-        height, width = max(row.shape[0] for row in rows), max(row.shape[1] for row in rows)
-        rows = [np.pad(row, ((0, height - row.shape[0]), (0, width - row.shape[1]), (0, 0))) for row in rows]
-    return np.concatenate(rows, axis=0) if rows else None
 
 
 def save_best(model, directory: str, metrics: dict, epoch: int, global_step: int) -> None:
@@ -363,40 +229,6 @@ def save_final(args, accelerator, raw_model, ema, info: dict) -> None:
 
 # The MSHNet README's results (mIoU x1e-2, Pd x1e-2, Fa x1e-6; scored at --base_size 256 with its own Fa),
 # to compare a --mode test of the released weights with.
-PUBLISHED = {"IRSTD-1K": (67.16, 93.88, 15.03), "NUDT-SIRST": (80.55, 97.99, 11.77)}
-
-
-def recorded_head(weight_path: str) -> str | None:
-    """The head the weights were evaluated/selected with, as this script records it next to them."""
-    folder = weight_path if os.path.isdir(weight_path) else os.path.dirname(weight_path)
-    for directory in (folder, os.path.dirname(os.path.normpath(folder))):
-        for name in ("metrics.json", "model_info.json", STATE_FILE):
-            path = os.path.join(directory, name)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as handle:
-                    head = json.load(handle).get("head")
-                if head in HEADS.values():
-                    return head
-    return None
-
-
-def table_rows(metrics: dict, dataset: str) -> list[str]:
-    """The result as a row of the papers' tables (mIoU, nIoU, Pd, F1 x1e-2; Fa x1e-6), one per part of the set."""
-    def row(name, m):
-        cells = [f"{100 * m[k]:.2f}" if m[k] is not None else "-" for k in ("mIoU", "nIoU", "Pd")]
-        fa = f"{m['Fa_1e-6']:.2f}" if m["Fa_1e-6"] is not None else "-"
-        f1 = f"{100 * m['F1']:.2f}" if m["F1"] is not None else "-"
-        return f"| MSHNet (this run) | {name} | {' | '.join(cells)} | {fa} | {f1} |"
-
-    lines = ["| Method | Dataset | mIoU (x1e-2) | nIoU (x1e-2) | Pd (x1e-2) | Fa (x1e-6) | F1 (x1e-2) |",
-             "|---|---|---|---|---|---|---|", row(dataset, metrics)]
-    lines += [row(part, part_metrics) for part, part_metrics in metrics.get("per_dataset", {}).items()]
-    for name in [dataset, *metrics.get("per_dataset", {})]:
-        if name in PUBLISHED:
-            miou, pd, fa = PUBLISHED[name]
-            lines.append(f"| MSHNet (README, published) | {name} | {miou} | - | {pd} | {fa} | - |")
-    return lines
-
 
 def run_test(args, accelerator, model, eval_loader, eval_set):
     """--mode test: score --weight_path (the head it was selected with, else fused), test_metrics.json, the
@@ -406,8 +238,8 @@ def run_test(args, accelerator, model, eval_loader, eval_set):
     if accelerator.is_main_process:
         os.makedirs(predictions_dir, exist_ok=True)
     head = args.eval_head if args.eval_head != "auto" else recorded_head(args.weight_path) or "fused"
-    metrics, result, _ = evaluate(accelerator, model, eval_loader, eval_set, head == "fused", args,
-                                  predictions_dir=predictions_dir, roc_bins=args.roc_bins or None)
+    metrics, result, _ = evaluate(accelerator, model, eval_loader, eval_set, head == "fused", args.metric_compat,
+                                  args.base_size, predictions_dir=predictions_dir, roc_bins=args.roc_bins or None)
     if accelerator.is_main_process:
         dataset = canonical_dataset_name(args.dataset_name or os.path.basename(os.path.normpath(args.train_data_dir)))
         write_json_atomic(os.path.join(args.output_dir, "test_metrics.json"),
@@ -455,25 +287,38 @@ def log_health(args, accelerator, monitor, lr_scheduler, progress, step, epoch, 
     logger.info(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
 
 
-def evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_flag, epoch, step, best_miou) -> float:
-    """Evaluate (with the EMA weights), append to eval_metrics.jsonl, log, keep output_dir/best; the new best."""
-    raw_model = accelerator.unwrap_model(model)
-    with ema_weights(ema, raw_model.parameters()):
-        metrics, _, predictions = evaluate(accelerator, model, eval_loader, eval_set, warm_flag, args)
-        improved = metrics["mIoU"] is not None and metrics["mIoU"] > best_miou
-        if improved:
-            best_miou = metrics["mIoU"]
+def evaluation_for(args, accelerator, model, eval_loader, eval_set, ema, optimizer, resumed_state: dict,
+                   epoch_now) -> Evaluation:
+    """mIoU on the test split, the scored head as training is at `epoch_now()` (higher is better: best/ with
+    metrics.json), logged to eval_metrics.jsonl, the trackers and the prediction grid; from the weights that would
+    be saved (the EMA's with --use_ema; utils/evaluation.py)."""
+    raw_model, predictions = accelerator.unwrap_model(model), {}
+
+    def score(step: int) -> dict:
+        epoch = epoch_now()
+        metrics, _, kept = evaluate(accelerator, model, eval_loader, eval_set, epoch > args.warm_epoch,
+                                    args.metric_compat, args.base_size)
+        predictions.clear()
+        predictions.update(kept)
+        return {"epoch": epoch, "global_step": step, **metrics}
+
+    def report(step: int, metrics: dict, improved: bool, final: bool) -> None:
         if accelerator.is_main_process:
-            record = {"epoch": epoch, "global_step": step, **metrics, "best_mIoU": best_miou}
             with open(os.path.join(args.output_dir, "eval_metrics.jsonl"), "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-            log_metrics(accelerator, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step)
+                handle.write(json.dumps({**metrics, "best_mIoU": evaluation.state["best_miou"]}) + "\n")
+            log_metrics(accelerator, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))
+                                      and k not in ("epoch", "global_step")}, step)
             log_prediction_grid(accelerator, eval_set, predictions, args.num_grid_images, step)
-            logger.info(f"epoch {epoch} eval: {metrics}")
-            if improved:
-                save_best(raw_model, os.path.join(args.output_dir, "best"), metrics, epoch, step)
-    accelerator.wait_for_everyone()
-    return best_miou
+            logger.info(f"epoch {metrics['epoch']} eval: {metrics}")
+
+    def save_best(directory: str, metrics: dict) -> None:
+        save_module(raw_model, directory)
+        write_json_atomic(os.path.join(directory, "metrics.json"), metrics)
+
+    evaluation = Evaluation(accelerator, args.output_dir, score, "mIoU", save_best, ema, raw_model.parameters,
+                            optimizer, EarlyStopping(None, 0.0, resumed_state, "best_miou", higher_is_better=True),
+                            report)
+    return evaluation
 
 
 def main(args=None):
@@ -521,10 +366,12 @@ def main(args=None):
 
     position = resume_position(accelerator, args, updates_per_epoch)
     record = RunRecord(args, accelerator, "train_segmentation_tpu.py", fingerprint(train_set.names), position)
-    best_miou = position.state.get("best_miou", -1.0)
+    evaluation = evaluation_for(args, accelerator, model, eval_loader, eval_set, ema, optimizer, position.state,
+                                lambda: epoch)
+    best = evaluation.state["best_miou"]
     logger.info(f"{len(train_set)} training / {len(eval_set)} test samples, {updates_per_epoch} steps per epoch, "
                 f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}, "
-                f"best mIoU so far {best_miou:.4f}")
+                "best mIoU so far " + ("none" if best is None else f"{best:.4f}"))
     monitor = HealthMonitor()
     # On XLA no fused optimizer can take the guard's device-side verdict, so it would read the loss on
     # the host every step and stall the device: no guard there.
@@ -534,7 +381,7 @@ def main(args=None):
     boundary = StepBoundary(
         accelerator, position.global_step, args.max_train_steps, Checkpointing(
             args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, record=record,
-            training_state=lambda: {"epoch": epoch, "best_miou": best_miou, "head": HEADS[epoch > args.warm_epoch]}),
+            training_state=lambda: {"epoch": epoch, "head": HEADS[epoch > args.warm_epoch], **evaluation.state}),
         progress, monitor, args.logging_steps, ema=ema, ema_parameters=raw_model.parameters,
         offload_ema=args.offload_ema, log_health=lambda step: log_health(
             args, accelerator, monitor, lr_scheduler, progress, step, epoch, epoch > args.warm_epoch, on_xla),
@@ -556,10 +403,8 @@ def main(args=None):
             if accelerator.sync_gradients and boundary.step_done():
                 break
         done = boundary.step >= args.max_train_steps
-        if not boundary.stopped and (done or args.eval_epochs and (epoch + 1) % args.eval_epochs == 0):
-            with evaluation_weights(optimizer):  # schedule-free: score the averaged weights
-                best_miou = evaluate_epoch(args, accelerator, model, eval_loader, eval_set, ema, warm_flag, epoch,
-                                           boundary.step, best_miou)
+        if not boundary.stopped and (done or is_due(epoch + 1, args.eval_epochs)):
+            evaluation(boundary.step)
         if boundary.epoch_done():
             break
 
@@ -567,7 +412,7 @@ def main(args=None):
         boundary.checkpoint()
     write_rank_checksums(accelerator, raw_model)  # debug hook for the multi-process tests (no-op unless set)
     boundary.finish(lambda: finish_training(args, accelerator, raw_model, ema, optimizer, epoch, boundary.step, on_xla))
-    return None if boundary.stopped else best_miou
+    return None if boundary.stopped else evaluation.state["best_miou"]
 
 
 def finish_training(args, accelerator, raw_model, ema, optimizer, epoch: int, step: int, on_xla: bool) -> None:

@@ -22,6 +22,9 @@ WIDTHS = (16, 32, 64, 128, 256)
 BLOCKS_PER_STAGE = (2, 2, 2, 2)
 
 
+HEADS = {False: "main", True: "fused"}  # what model(x, warm_flag) scores: the full-resolution head, or the fusion
+
+
 class ChannelAttention(nn.Module):
     """CBAM channel attention: a shared 2-layer MLP (reduction 16) over avg- and max-pooled features.
 
