@@ -37,7 +37,6 @@ from utils.data import epoch_batches, held_out_position, make_train_dataloader, 
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema
 from utils.evaluation import Evaluation
 from utils.errors import UserError, oom_hint, user_entry_point
-from utils.images import save_and_log_images
 from utils.latents import vae_scale_factor
 from utils.mask_dit.cache import cache_paired_datasets, paired_rows_fingerprint
 from utils.mask_dit.conditioning import Conditioner
@@ -45,22 +44,21 @@ from utils.mask_dit.data import (PairedImageMaskDataset, assign_pair_buckets, co
                                  scan_paired_folder, select_fraction, usable_records)
 from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
                                           loss_weights, sample_timesteps)
-from utils.mask_dit.metrics import mask_iou, segment_structures, ssim
+from utils.mask_dit.metrics import log_samples
 from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
-from utils.mask_dit.pipeline import (MaskDiTPipeline, caption_width, comparison_tiles, generate_from_mask, load_vae,
-                                     save_mask_dit_pipeline)
-from utils.metrics import psnr
+from utils.mask_dit.pipeline import MaskDiTPipeline, caption_width, load_vae, save_mask_dit_pipeline
 from utils.optim import (add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
                          warmup_cosine)
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
 from utils.loop import Checkpointing, StepBoundary
-from utils.run import (add_run_args, create_accelerator, epoch_validation_due, is_due, progress_bar, steps_per_epoch,
+from utils.run import (add_run_args, create_accelerator, epoch_validation_due, is_due, progress_bar,
                        tracker_config, weight_dtype, write_rank_checksums)
+from utils.plan import plan_training
 from utils.run_record import RunRecord
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import EarlyStopping
-from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of
+from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, log_training_health
 from utils.text_encoders import load_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -156,9 +154,8 @@ def parse_args(argv=None):
     if (args.train_data_dir is None) == (args.dataset_name is None):
         parser.error("give exactly one of --train_data_dir or --dataset_name")
     parse_optimizer_args(args.optimizer_args)  # a malformed KEY=VALUE is refused before anything runs
-    resolve_cache_args(
-        args, has_vae=bool(args.vae_model_name_or_path), has_text_encoder=bool(args.text_encoder_name_or_path)
-    )
+    vars(args).update(resolve_cache_args(  # --precompute = both caches the model can use
+        args, has_vae=bool(args.vae_model_name_or_path), has_text_encoder=bool(args.text_encoder_name_or_path)))
     if args.enable_bucket and args.train_batch_size == "auto":
         raise UserError("--enable_bucket trains on batches of different shapes: give --train_batch_size a number "
                         "(not auto).")
@@ -268,25 +265,6 @@ def validation_loss(accelerator, model, conditioner, dataloader, args) -> float:
     return (total / count.clamp_min(1)).item()
 
 
-@torch.no_grad()
-def log_samples(accelerator, pipeline, held_out, args, step) -> dict:
-    """Generate from held-out masks; PSNR / SSIM against the ground truth; IoU of the simple segmenter."""
-    count = min(args.num_validation_images, len(held_out))
-    batch = collate_pairs([held_out[i] for i in range(count)])
-    mask, truth = batch["mask"].to(accelerator.device), ((batch["pixel_values"] + 1) / 2).to(accelerator.device)
-    samples = generate_from_mask(pipeline, mask, batch["captions"] if pipeline.text_encoder else None,
-                                 args.num_inference_steps, args.guidance_scale, args.mask_guidance_scale,
-                                 seed=args.seed or 0, sampler=args.sampler, time_shift=args.time_shift)
-    metrics = {
-        "val/psnr": psnr(samples, truth).mean().item(),
-        "val/ssim": ssim(samples, truth).mean().item(),
-        "val/mask_iou": mask_iou(segment_structures(samples), mask).mean().item(),
-        "val/mask_iou_ground_truth": mask_iou(segment_structures(truth), mask).mean().item(),
-    }
-    tiles = comparison_tiles(mask, truth, samples)
-    path = save_and_log_images(accelerator, tiles, args.output_dir, "mask_gt_sample", step, columns=3)
-    logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" -> {path}")
-    return metrics
 
 
 def build_encoders(args, accelerator, dtype):
@@ -338,13 +316,6 @@ def evaluation_for(args, accelerator, model, pipeline, conditioner, held_out, he
                                                resumed_state), report)
 
 
-def log_health(accelerator, monitor, lr_scheduler, progress, step: int, epoch: int) -> None:
-    logs = {**monitor.collect(accelerator), "lr": lr_scheduler.get_last_lr()[0], "epoch": epoch}
-    log_metrics(accelerator, {f"train/{k}": v for k, v in logs.items()}, step)
-    progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
-    logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
-
-
 def save_final(args, accelerator, pipeline, ema) -> None:
     """The pipeline folder in --output_dir, with the EMA weights when there is an EMA."""
     accelerator.wait_for_everyone()
@@ -377,26 +348,25 @@ def main(args):
     conditioner = Conditioner(args, vae, tokenizer, text_encoder, empty_caption)
     # --train_batch_size auto: probe real steps of this loss (its randomness from a generator of its own).
     probe_generator = torch.Generator(device=accelerator.device)
-    resolve_auto_batch_size_for(args, accelerator, lambda batch: flow_step_loss(
+    batch_size, accumulation = resolve_auto_batch_size_for(args, accelerator, lambda batch: flow_step_loss(
         transformer, conditioner, batch, probe_generator.manual_seed(0), args), train_dataset, collate, [transformer])
     apply_speedups(transformer, args)
-    train_dataloader = make_train_dataloader(train_dataset, args.train_batch_size, args.dataloader_num_workers, collate,
+    train_dataloader = make_train_dataloader(train_dataset, batch_size, args.dataloader_num_workers, collate,
                                              buckets=getattr(train_dataset, "base", train_dataset).buckets,
                                              seed=args.seed)
-    held_out_dataloader = (torch.utils.data.DataLoader(held_out_for_loss, batch_size=args.train_batch_size,
+    held_out_dataloader = (torch.utils.data.DataLoader(held_out_for_loss, batch_size=batch_size,
                                                        collate_fn=collate) if held_out else None)
+    plan = plan_training(batch_size, accumulation, accelerator.num_processes,
+                         math.ceil(len(train_dataloader) / accelerator.num_processes), args.max_train_steps,
+                         args.num_train_epochs, args.learning_rate)
     logger.info(f"{len(train_dataset)} training pairs, {len(held_out) if held_out else 0} held out")
 
     # Optimizer and schedule (per process: accelerate.prepare shards the batches; the scheduler steps per process).
     optimizer = create_optimizer(args.optimizer, transformer.parameters(), accelerator.device, lr=args.learning_rate,
                                  betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
                                  eps=args.adam_epsilon, extra=parse_optimizer_args(args.optimizer_args))
-    updates_per_epoch = steps_per_epoch(math.ceil(len(train_dataloader) / accelerator.num_processes),
-                                        args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        args.lr_warmup_steps * accelerator.num_processes, max_train_steps * accelerator.num_processes,
+        args.lr_warmup_steps * accelerator.num_processes, plan.max_train_steps * accelerator.num_processes,
         args.min_lr / args.learning_rate, cosine=args.lr_scheduler == "cosine"))
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, train_dataloader,
@@ -408,9 +378,9 @@ def main(args):
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name or "train_mask_dit", config=tracker_config(args))
 
-    position = resume_position(accelerator, args, updates_per_epoch)
+    position = resume_position(accelerator, args, plan)
     record = RunRecord(args, accelerator, "train_mask_dit.py",
-                       paired_rows_fingerprint(getattr(train_dataset, "base", train_dataset)), position)
+                       paired_rows_fingerprint(getattr(train_dataset, "base", train_dataset)), position, plan)
     if buckets is not None:
         base = getattr(train_dataset, "base", train_dataset)
         record_buckets(record, buckets, accelerator, args.output_dir,
@@ -419,18 +389,19 @@ def main(args):
     validate = evaluation_for(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema,
                               encoders, position.state, optimizer)
     monitor, guard = HealthMonitor(), NonFiniteGuard(args.max_nonfinite_steps)
-    logger.info(f"{max_train_steps} optimizer steps over {num_epochs} epochs of {updates_per_epoch} steps")
-    progress = progress_bar(accelerator, max_train_steps, position.global_step)
+    logger.info(f"***** Running training *****  {plan.describe(len(train_dataset), position.global_step)}")
+    progress = progress_bar(accelerator, plan.max_train_steps, position.global_step)
     boundary = StepBoundary(
-        accelerator, position.global_step, max_train_steps, Checkpointing(
+        accelerator, position.global_step, plan.max_train_steps, Checkpointing(
             args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, lambda: dict(validate.state),
             record),
         progress, monitor, args.logging_steps,
-        log_health=lambda step: log_health(accelerator, monitor, lr_scheduler, progress, step, epoch),
+        log_health=lambda step: log_training_health(accelerator, monitor, progress, step, lr_scheduler.get_last_lr()[0],
+                                                    guard, {"epoch": epoch}, echo=True),
         ema=ema, ema_parameters=transformer.parameters, offload_ema=args.offload_ema,
         validate_step=lambda step: is_due(step, args.validation_steps) and validate(step), guard=guard)
-    for epoch in range(position.first_epoch, num_epochs):
-        if boundary.step >= max_train_steps:  # resumed from the last step's checkpoint
+    for epoch in range(position.first_epoch, plan.num_epochs):
+        if boundary.step >= plan.max_train_steps:  # resumed from the last step's checkpoint
             break
         micro_step = 0
         for batch in epoch_batches(accelerator, train_dataloader, train_dataset, epoch, position):
@@ -438,7 +409,7 @@ def main(args):
                 generator = step_generator(
                     args.seed, boundary.step, micro_step, accelerator.process_index, accelerator.device
                 )
-                micro_step = (micro_step + 1) % args.gradient_accumulation_steps
+                micro_step = (micro_step + 1) % plan.gradient_accumulation_steps
                 with oom_hint():
                     loss = flow_step_loss(model, conditioner, batch, generator, args)
                     accelerator.backward(loss)
@@ -448,7 +419,7 @@ def main(args):
             monitor.count_samples(batch_size_of(batch))
             if accelerator.sync_gradients and boundary.step_done():
                 break
-        epoch_end = boundary.step % updates_per_epoch == 0 or boundary.step >= max_train_steps
+        epoch_end = boundary.step % plan.updates_per_epoch == 0 or boundary.step >= plan.max_train_steps
         if boundary.epoch_done(lambda: epoch_end and epoch_validation_due(epoch, args.validation_epochs)
                                and validate(boundary.step),
                                checkpoint=epoch_end and is_due(epoch + 1, args.checkpointing_epochs)):

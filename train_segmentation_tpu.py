@@ -49,9 +49,10 @@ from utils.errors import MissingPackageError, UserError, oom_hint, run_script
 from utils.optim import add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar, steps_per_epoch,
+from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar,
                        tracker_config, write_rank_checksums)
 from utils.loop import Checkpointing, StepBoundary
+from utils.plan import plan_training
 from utils.run_record import RunRecord
 from utils.segmentation.data import (SPLIT_FILES, IRSTDDataset, canonical_dataset_name, list_split, native_eval_size,
                                      usable_samples)
@@ -59,7 +60,7 @@ from utils.segmentation.evaluation import evaluate, prediction_grid, table_rows
 from utils.segmentation.mshnet import HEADS, MSHNet, multiscale_sls_loss
 from utils.segmentation.weights import load_weights, recorded_head
 from utils.speed import add_speed_args, apply_speedups
-from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of
+from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, log_training_health
 from utils.xla import log_xla_metrics, patch_accelerate_xla_loader, xla_compilation_count
 
 logger = logging.getLogger(__name__)
@@ -182,10 +183,10 @@ def build_datasets(args):
     return train_set, eval_set
 
 
-def build_dataloaders(args, train_set, eval_set):
+def build_dataloaders(args, train_set, eval_set, batch_size: int):
     # drop_last keeps every training batch the same shape (one XLA compilation).
-    train_loader = make_train_dataloader(train_set, args.train_batch_size, args.dataloader_num_workers, drop_last=True)
-    eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, shuffle=False, drop_last=False,
+    train_loader = make_train_dataloader(train_set, batch_size, args.dataloader_num_workers, drop_last=True)
+    eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size or batch_size, shuffle=False, drop_last=False,
                              num_workers=args.dataloader_num_workers)
     return train_loader, eval_loader
 
@@ -205,11 +206,11 @@ def build_model(args, device) -> MSHNet:
     return model.to(device)
 
 
-def check_one_batch(args, accelerator, train_set) -> None:
-    if len(train_set) < args.train_batch_size * accelerator.num_processes:
+def check_one_batch(args, accelerator, train_set, batch_size: int) -> None:
+    if len(train_set) < batch_size * accelerator.num_processes:
         raise UserError(
             f"{args.train_data_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
-            f"({args.train_batch_size} x {accelerator.num_processes} processes); lower --batch_size."
+            f"({batch_size} x {accelerator.num_processes} processes); lower --train_batch_size (--batch-size)."
         )
 
 
@@ -272,19 +273,16 @@ def select_xla(args, accelerator) -> bool:
     return on_xla
 
 
-def log_health(args, accelerator, monitor, lr_scheduler, progress, step, epoch, warm_flag, on_xla) -> None:
-    logs = monitor.collect(accelerator)  # the only host read in the loop
+def log_health(args, accelerator, monitor, lr_scheduler, progress, step, epoch, on_xla, guard) -> None:
+    """utils/telemetry.py's health logging (on XLA the only host read in the loop), plus train_log.jsonl."""
+    logs = log_training_health(accelerator, monitor, progress, step, lr_scheduler.get_last_lr()[0], guard, {
+        "epoch": epoch, "warm": float(epoch <= args.warm_epoch), **({"xla_compilations": xla_compilation_count()}
+                                                                   if on_xla else {})}, echo=True)
     if not math.isfinite(logs.get("loss", 0.0)):
-        raise FloatingPointError(f"Non-finite mean loss at step {step}; try a lower --lr.")
-    logs.update(lr=lr_scheduler.get_last_lr()[0], epoch=epoch, warm=float(not warm_flag))
-    if on_xla:
-        logs["xla_compilations"] = xla_compilation_count()
-    log_metrics(accelerator, {f"train/{k}": v for k, v in logs.items()}, step)
-    progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
+        raise FloatingPointError(f"Non-finite mean loss at step {step}; try a lower --learning_rate.")
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "train_log.jsonl"), "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **logs}) + "\n")
-    logger.info(f"epoch {epoch} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
 
 
 def evaluation_for(args, accelerator, model, eval_loader, eval_set, ema, optimizer, resumed_state: dict,
@@ -334,28 +332,25 @@ def main(args=None):
     on_xla = select_xla(args, accelerator)
     model = build_model(args, accelerator.device)
     train_set, eval_set = build_datasets(args)
+    batch_size, accumulation = args.train_batch_size, args.gradient_accumulation_steps
     if args.mode == "train":  # --batch_size auto: probe the full multi-scale loss (all heads: the most memory)
-        resolve_auto_batch_size_for(args, accelerator, lambda batch: multiscale_sls_loss(
-            *model(batch["pixel_values"], True), batch["mask"], in_warmup=False), train_set, default_collate, [model],
-            attr="train_batch_size")
-        args.eval_batch_size = args.eval_batch_size or args.train_batch_size
-    train_loader, eval_loader = build_dataloaders(args, train_set, eval_set)
+        batch_size, accumulation = resolve_auto_batch_size_for(args, accelerator, lambda batch: multiscale_sls_loss(
+            *model(batch["pixel_values"], True), batch["mask"], in_warmup=False), train_set, default_collate, [model])
+    train_loader, eval_loader = build_dataloaders(args, train_set, eval_set, batch_size)
 
     if args.mode == "test":
         return run_test(args, accelerator, model, eval_loader, eval_set)
-    check_one_batch(args, accelerator, train_set)
+    check_one_batch(args, accelerator, train_set, batch_size)
     apply_speedups(model, args)
     # Built after the model is on its device (see create_optimizer); the prepared scheduler steps per process.
     optimizer = create_optimizer(args.optimizer, model.parameters(), accelerator.device, lr=args.learning_rate,
                                  weight_decay=args.weight_decay, extra=parse_optimizer_args(args.optimizer_args))
-    updates_per_epoch = steps_per_epoch(len(train_set) // (args.train_batch_size * accelerator.num_processes),
-                                        args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    plan = plan_training(batch_size, accumulation, accelerator.num_processes,
+                         len(train_set) // (batch_size * accelerator.num_processes), args.max_train_steps,
+                         args.num_train_epochs, args.learning_rate)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=plan.max_train_steps * accelerator.num_processes)
     model, optimizer, train_loader, eval_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, lr_scheduler)
     raw_model = accelerator.unwrap_model(model)
@@ -364,29 +359,29 @@ def main(args=None):
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name or "mshnet", config=tracker_config(args))
 
-    position = resume_position(accelerator, args, updates_per_epoch)
-    record = RunRecord(args, accelerator, "train_segmentation_tpu.py", fingerprint(train_set.names), position)
+    position = resume_position(accelerator, args, plan)
+    record = RunRecord(args, accelerator, "train_segmentation_tpu.py", fingerprint(train_set.names), position, plan)
     evaluation = evaluation_for(args, accelerator, model, eval_loader, eval_set, ema, optimizer, position.state,
                                 lambda: epoch)
     best = evaluation.state["best_miou"]
-    logger.info(f"{len(train_set)} training / {len(eval_set)} test samples, {updates_per_epoch} steps per epoch, "
-                f"{args.max_train_steps} steps ({num_epochs} epochs), warm-up epochs 0..{args.warm_epoch}, "
-                "best mIoU so far " + ("none" if best is None else f"{best:.4f}"))
+    logger.info(f"***** Running training *****  {plan.describe(len(train_set), position.global_step)}; "
+                f"{len(eval_set)} test samples, warm-up epochs 0..{args.warm_epoch}, best mIoU so far "
+                + ("none" if best is None else f"{best:.4f}"))
     monitor = HealthMonitor()
     # On XLA no fused optimizer can take the guard's device-side verdict, so it would read the loss on
     # the host every step and stall the device: no guard there.
     guard = None if on_xla else NonFiniteGuard(args.max_nonfinite_steps)
     epoch = position.first_epoch
-    progress = progress_bar(accelerator, args.max_train_steps, position.global_step)
+    progress = progress_bar(accelerator, plan.max_train_steps, position.global_step)
     boundary = StepBoundary(
-        accelerator, position.global_step, args.max_train_steps, Checkpointing(
+        accelerator, position.global_step, plan.max_train_steps, Checkpointing(
             args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, record=record,
             training_state=lambda: {"epoch": epoch, "head": HEADS[epoch > args.warm_epoch], **evaluation.state}),
         progress, monitor, args.logging_steps, ema=ema, ema_parameters=raw_model.parameters,
-        offload_ema=args.offload_ema, log_health=lambda step: log_health(
-            args, accelerator, monitor, lr_scheduler, progress, step, epoch, epoch > args.warm_epoch, on_xla),
-        guard=guard)
-    for epoch in range(position.first_epoch, num_epochs):
+        offload_ema=args.offload_ema, guard=guard,
+        log_health=lambda step: log_health(args, accelerator, monitor, lr_scheduler, progress, step, epoch, on_xla,
+                                           guard))
+    for epoch in range(position.first_epoch, plan.num_epochs):
         warm_flag = epoch > args.warm_epoch  # the reference's switch: multi-scale heads + SLS after warm-up
         model.train()
         for batch in epoch_batches(accelerator, train_loader, train_set, epoch, position):
@@ -402,7 +397,7 @@ def main(args=None):
             monitor.count_samples(batch_size_of(batch))
             if accelerator.sync_gradients and boundary.step_done():
                 break
-        done = boundary.step >= args.max_train_steps
+        done = boundary.step >= plan.max_train_steps
         if not boundary.stopped and (done or is_due(epoch + 1, args.eval_epochs)):
             evaluation(boundary.step)
         if boundary.epoch_done():

@@ -26,15 +26,13 @@ import utils  # noqa: F401  (first: its log filter must be in place before diffu
 # isort: split
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import DataLoaderConfiguration
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params, compute_dream_and_update_latents
+from diffusers.training_utils import cast_training_params
 
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, check_bucket_combinations, record_buckets
-from utils.cache import (add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args,
-                         sample_cached_latents)
+from utils.cache import add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args
 from utils.checkpointing import register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
@@ -42,35 +40,34 @@ from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema
 from utils.evaluation import Evaluation
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
-from utils.latents import encode_latents, scale_latents, vae_scale_factor
+from utils.latents import vae_scale_factor
 from utils.optim import (apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
                          restart_lr_schedule)
 from utils.report import log_metrics
 from utils.loop import Checkpointing, StepBoundary
 from utils.run import (add_run_args, create_accelerator, epoch_validation_due, is_due, progress_bar, save_run_args,
-                       steps_per_epoch, tracker_config, weight_dtype, write_rank_checksums)
+                       tracker_config, weight_dtype, write_rank_checksums)
+from utils.plan import plan_training
 from utils.run_record import RunRecord
-from utils.sd.args import (add_model_args, add_training_args, add_validation_args, check_model_args, check_training_args,
-                           check_validation_args)
+from utils.sd.args import (add_model_args, add_training_args, add_validation_args, check_model_args,
+                           check_training_args, check_validation_args)
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
-from utils.sd.data import (add_image_data_args, check_data_source_args, assign_dataset_buckets, build_held_out_dataset, build_text_image_dataset,
-                           caption_tags,
-                           captions_for_new_tokenizer, collate_text_image, load_text_image_dataset, split_held_out,
-                           usable_rows)
-from utils.sd.losses import add_loss_args, check_loss_args, sample_timesteps, uses_loss_options, weighted_loss
+from utils.sd.data import (add_image_data_args, assign_dataset_buckets, build_held_out_dataset, build_text_image_dataset,
+                           caption_tags, captions_for_new_tokenizer, check_data_source_args, collate_text_image,
+                           load_text_image_dataset, split_held_out, usable_rows)
+from utils.sd.losses import add_loss_args, check_loss_args, diffusion_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
                            check_lora_args, load_lora_into, lora_checkpoint_check, save_lora)
 from utils.sd.models import load_models
 from utils.sd.model_kind import is_sdxl_run
-from utils.sd.sdxl import unet_conditioning
 from utils.sd.saving import WeightsOutput, save_weights
 from utils.sd.single_file import add_single_file_args
-from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, latent_scaling_factor, load_finished_stage,
-                                  train_vae_stage, vae_losses)
+from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, latent_scaling_factor,
+                                  load_finished_stage, train_vae_stage)
 from utils.sd.validation import held_out_loss, log_validation
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import EarlyStopping
-from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, global_norm
+from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, global_norm, log_training_health
 
 logger = logging.getLogger("train_text_to_image")
 SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image"]  # diffusers' SDXL model cards
@@ -121,7 +118,7 @@ def parse_args(argv=None):
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     validate_args(args)
-    resolve_cache_args(args, train_text_encoder=args.train_text_encoder)
+    vars(args).update(resolve_cache_args(args, train_text_encoder=args.train_text_encoder))  # --precompute = both
     caption_tags(args)  # refused with --cache_text_embeddings (resolved just above), before anything runs
     return args
 
@@ -137,51 +134,6 @@ def validate_args(args) -> None:
         check(args)
 
 
-# ----------------------------------------------------------------------------------------------
-# Models
-# ----------------------------------------------------------------------------------------------
-
-def diffusion_loss(args, models, batch, monitor: HealthMonitor):
-    """The denoising loss of one batch (epsilon or v target; min-SNR, offset noise, input perturbation, DREAM)."""
-    unet, vae, noise_scheduler = (models[k] for k in ("unet", "vae", "noise_scheduler"))
-
-    vae_loss = None
-    if args.train_vae and args.vae_training_mode == "joint":  # VAE learns from its own loss only
-        vae_loss, reconstruction, kl, raw_latents = vae_losses(
-            vae, batch["pixel_values"], args.vae_kl_weight, return_latents=True
-        )
-        latents = scale_latents(raw_latents.detach(), vae.config)
-        monitor.add(vae_reconstruction_loss=reconstruction, vae_kl=kl)
-    else:
-        latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
-                   else encode_latents(vae, batch["pixel_values"])).float()
-    noise = torch.randn_like(latents)
-    if args.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
-        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
-    model_noise = noise + args.input_perturbation * torch.randn_like(noise) if args.input_perturbation else noise
-    timesteps = sample_timesteps(args, noise_scheduler.config.num_train_timesteps, latents.shape[0], latents.device)
-    noisy_latents = noise_scheduler.add_noise(latents, model_noise, timesteps)
-    encoder_hidden_states, added_conditions = unet_conditioning(models, batch, latents, latents.device)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
-    if args.dream_training:
-        noisy_latents, target = compute_dream_and_update_latents(
-            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
-            args.dream_detail_preservation)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions,
-                      return_dict=False)[0]
-    if args.snr_gamma is None and not uses_loss_options(args):
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    else:  # min-SNR, Huber/L1, debiased estimation (utils/sd/losses.py)
-        loss = weighted_loss(args, model_pred, target, timesteps, noise_scheduler)
-    monitor.add(timestep_mean=timesteps.float().mean(),
-                timestep_std=timesteps.float().std(correction=0),  # (batch 1: 0, not NaN)
-                latent_std=latents.std(), noise_std=noise.std())
-    return loss if vae_loss is None else loss + vae_loss
 
 
 def check_resolution(args, vae, unet) -> None:
@@ -281,15 +233,13 @@ def register_hooks(args, accelerator, models, ema) -> None:
                               **ema_checkpoint_hooks(ema, "unet_ema"))
 
 
-def build_optimizer(args, accelerator, models):
+def build_optimizer(args, accelerator, models, learning_rate: float):
     """The --optimizer over the trained weights, a param group per module; returns it and the groups'
     learning rates from this run's flags (what --resume_override_lr restarts at)."""
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    param_groups = [{"params": [p for p in models["unet"].parameters() if p.requires_grad], "lr": args.learning_rate}]
+    param_groups = [{"params": [p for p in models["unet"].parameters() if p.requires_grad], "lr": learning_rate}]
     for name in trained_text_encoders(args, models):
         param_groups.append({"params": [p for p in models[name].parameters() if p.requires_grad],
-                             "lr": args.text_encoder_learning_rate or args.learning_rate})
+                             "lr": args.text_encoder_learning_rate or learning_rate})
     if joint_vae(args):
         param_groups.append(
             {"params": list(models["vae"].parameters()), "lr": args.vae_learning_rate, "weight_decay": 0.0}
@@ -315,21 +265,11 @@ def prepare(accelerator, args, models, optimizer, train_dataloader, lr_scheduler
     return list(prepared[:len(trained)]), *prepared[-3:]
 
 
-def log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, step) -> None:
-    logs = monitor.collect(accelerator)
-    logs.update(lr=lr_scheduler.get_last_lr()[0], param_norm=global_norm(trainable).item(),
-                skipped_nonfinite_steps=guard.total_skipped)
-    tracked = {f"train/{k}": v for k, v in logs.items()}
-    if "loss" in logs:
-        tracked["train_loss"] = logs["loss"]  # diffusers' key, for dashboards made with its script
-    log_metrics(accelerator, tracked, step)
-    progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{logs['lr']:.2e}")
-
-
-def validation_due(args, step: int, epoch: int | None = None) -> bool:
+def validation_due(args, plan, step: int, epoch: int | None = None) -> bool:
     """Step validations every --validation_steps, else epoch ones every --validation_epochs; never at the last
     step (the end of training validates there, once)."""
-    if not (args.validation_prompts or args.validation_prompt or args.validation_split) or step >= args.max_train_steps:
+    asked = args.validation_prompts or args.validation_prompt or args.validation_split
+    if not asked or step >= plan.max_train_steps:
         return False
     if epoch is None:
         return is_due(step, args.validation_steps)
@@ -367,60 +307,58 @@ def main(args):
                          if data is not None else None for data in (dataset, held_out))
     offload_cached_encoders(models, args)
     collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_text_image
-    resolve_auto_batch_size_for(args, accelerator, lambda batch: diffusion_loss(args, models, batch, HealthMonitor()),
-                                dataset, collate, trained_networks(args, models))
-    train_dataloader = make_train_dataloader(dataset, args.train_batch_size, args.dataloader_num_workers, collate,
+    batch_size, accumulation = resolve_auto_batch_size_for(
+        args, accelerator, lambda batch: diffusion_loss(args, models, batch, HealthMonitor()), dataset, collate,
+        trained_networks(args, models))
+    train_dataloader = make_train_dataloader(dataset, batch_size, args.dataloader_num_workers, collate,
                                              buckets=getattr(dataset, "base", dataset).buckets, seed=args.seed)
+    plan = plan_training(batch_size, accumulation, accelerator.num_processes,
+                         math.ceil(len(train_dataloader) / accelerator.num_processes), args.max_train_steps,
+                         args.num_train_epochs, args.learning_rate, args.scale_lr)
     apply_speedups(models["unet"], args)
     ema = place_ema(create_ema(models["unet"], args) if args.use_ema else None, accelerator.device, args.offload_ema)
     register_hooks(args, accelerator, models, ema)
 
     # Optimizer and schedule (the prepared scheduler steps once per process, hence the factors).
-    optimizer, initial_lrs = build_optimizer(args, accelerator, models)
-    updates_per_epoch = steps_per_epoch(math.ceil(len(train_dataloader) / accelerator.num_processes),
-                                        args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * updates_per_epoch
+    optimizer, initial_lrs = build_optimizer(args, accelerator, models, plan.learning_rate)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=plan.max_train_steps * accelerator.num_processes)
     trained, optimizer, train_dataloader, lr_scheduler = prepare(accelerator, args, models, optimizer,
                                                                   train_dataloader, lr_scheduler)
-    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
 
-    position = resume_position(accelerator, args, updates_per_epoch, check=lora_checkpoint_check(args))
+    position = resume_position(accelerator, args, plan, check=lora_checkpoint_check(args))
     if accelerator.is_main_process:  # only once every check has passed: a refused run changes nothing
-        save_run_args(args)
+        save_run_args(args, plan)
     record = RunRecord(args, accelerator, "train_text_to_image.py",
-                       rows_fingerprint(rows, args.image_column, args.caption_column), position)
+                       rows_fingerprint(rows, args.image_column, args.caption_column), position, plan)
     if buckets is not None:
         base = getattr(dataset, "base", dataset)
         record_buckets(record, buckets, accelerator, args.output_dir,
                        [base.file_name(i) for i in range(len(base))], base.buckets)
-    evaluation = evaluation_for(args, accelerator, models, ema, held_out, collate, optimizer, dtype, position.state)
+    evaluation = evaluation_for(args, plan, accelerator, models, ema, held_out, collate, optimizer, dtype,
+                                position.state)
     if position.path and args.resume_override_lr:
         restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** Running training *****  examples={len(dataset)} epochs={args.num_train_epochs} "
-                f"batch/device={args.train_batch_size} total batch={total_batch_size} accumulation="
-                f"{args.gradient_accumulation_steps} steps={args.max_train_steps} (from {position.global_step})")
+    logger.info(f"***** Running training *****  {plan.describe(len(dataset), position.global_step)}")
     monitor, guard = HealthMonitor(), NonFiniteGuard(args.max_nonfinite_steps)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    progress = progress_bar(accelerator, args.max_train_steps, position.global_step)
+    progress = progress_bar(accelerator, plan.max_train_steps, position.global_step)
     epoch = position.first_epoch
     boundary = StepBoundary(
-        accelerator, position.global_step, args.max_train_steps, Checkpointing(
+        accelerator, position.global_step, plan.max_train_steps, Checkpointing(
             args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit, record=record,
             training_state=lambda: {"epoch": epoch, "skipped_nonfinite_steps": guard.total_skipped,
                                     **evaluation.state}),
         progress, monitor, args.logging_steps, health_at_last_step=True,
-        log_health=lambda step: log_health(accelerator, monitor, lr_scheduler, trainable, guard, progress, step),
+        log_health=lambda step: log_training_health(accelerator, monitor, progress, step, lr_scheduler.get_last_lr()[0],
+                                                    guard, {"param_norm": global_norm(trainable).item()}),
         ema=ema, ema_parameters=lambda: accelerator.unwrap_model(models["unet"]).parameters(),
         offload_ema=args.offload_ema, guard=guard,
-        validate_step=lambda step: validation_due(args, step) and evaluation(step))
+        validate_step=lambda step: validation_due(args, plan, step) and evaluation(step))
 
     with oom_hint():
-        for epoch in range(position.first_epoch, args.num_train_epochs):
+        for epoch in range(position.first_epoch, plan.num_epochs):
             for module in trained[:len(trained) - joint_vae(args)]:  # (the joint VAE's mode is its own)
                 module.train()
             for batch in epoch_batches(accelerator, train_dataloader, dataset, epoch, position):
@@ -435,26 +373,28 @@ def main(args):
                 monitor.count_samples(batch_size_of(batch))
                 if accelerator.sync_gradients and boundary.step_done():
                     break
-            if boundary.epoch_done(lambda: validation_due(args, boundary.step, epoch) and evaluation(boundary.step)):
+            if boundary.epoch_done(lambda: validation_due(args, plan, boundary.step, epoch) and evaluation(boundary.step)):
                 break
     write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
-    boundary.finish(lambda: finish_training(args, accelerator, models, ema, optimizer, evaluation, boundary.step))
+    boundary.finish(lambda: finish_training(args, plan, accelerator, models, ema, optimizer, evaluation,
+                                             boundary.step))
 
 
-def finish_training(args, accelerator, models, ema, optimizer, evaluation, step: int) -> None:
+def finish_training(args, plan, accelerator, models, ema, optimizer, evaluation, step: int) -> None:
     """The final weights (scored first: best/ too when they are the lowest val/loss), then the optional extras."""
     with evaluation_weights(optimizer):  # schedule-free: save (and score) the averaged weights
         evaluation(step, final=True)
-        save_final(args, accelerator, models, ema, evaluation if evaluation.improved else None)
+        save_final(args, plan, accelerator, models, ema, evaluation if evaluation.improved else None)
 
 
-def evaluation_for(args, accelerator, models, ema, held_out, collate, optimizer, dtype, resumed_state) -> Evaluation:
+def evaluation_for(args, plan, accelerator, models, ema, held_out, collate, optimizer, dtype,
+                   resumed_state) -> Evaluation:
     """val/loss on the --validation_split data (lower is better: best/, --early_stopping_patience), then the
     validation images, both from the weights that would be saved (utils/evaluation.py)."""
     def score(step: int) -> dict:
         if held_out is None:
             return {}
-        return {"val/loss": held_out_loss(accelerator, models, held_out, collate, args.train_batch_size, args.seed)}
+        return {"val/loss": held_out_loss(accelerator, models, held_out, collate, plan.batch_size, args.seed)}
 
     def report(step: int, metrics: dict, improved: bool, final: bool) -> None:
         if metrics:
@@ -465,12 +405,12 @@ def evaluation_for(args, accelerator, models, ema, held_out, collate, optimizer,
 
     evaluation = Evaluation(
         accelerator, args.output_dir, score, "val/loss", lambda directory, _: save_weights_to(
-            args, accelerator, models, directory), ema, accelerator.unwrap_model(models["unet"]).parameters,
+            args, plan, accelerator, models, directory), ema, accelerator.unwrap_model(models["unet"]).parameters,
         optimizer, EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, resumed_state), report)
     return evaluation
 
 
-def save_final(args, accelerator, models, ema, best: Evaluation | None = None) -> None:
+def save_final(args, plan, accelerator, models, ema, best: Evaluation | None = None) -> None:
     """Final pipeline (or LoRA weights) in --output_dir, EMA weights copied in (and in best/ too when they scored
     the lowest val/loss); then the optional extras (validation images, model card, Hub push), so none of them can
     cost the trained weights."""
@@ -479,13 +419,13 @@ def save_final(args, accelerator, models, ema, best: Evaluation | None = None) -
         return
     if ema is not None:
         ema.copy_to(accelerator.unwrap_model(models["unet"]).parameters())
-    save_weights_to(args, accelerator, models, args.output_dir)
+    save_weights_to(args, plan, accelerator, models, args.output_dir)
     if best is not None:  # the final weights scored the lowest val/loss
         best.write_best({})
-    grid = log_validation(args, accelerator, models, None, args.max_train_steps, weight_dtype(accelerator))
+    grid = log_validation(args, accelerator, models, None, plan.max_train_steps, weight_dtype(accelerator))
     write_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path or "from scratch "
                                                                                        f"({args.model_preset} preset)",
-                     datasets=[args.dataset_name] if args.dataset_name else None, hyperparameters=redact_args(args),
+                     datasets=[args.dataset_name] if args.dataset_name else None, hyperparameters={**redact_args(args), **plan.as_dict()},
                      validation_grid=grid, lora=args.use_lora,
                      tags=SDXL_TAGS if args.sdxl else None)
     if args.push_to_hub:
@@ -493,13 +433,15 @@ def save_final(args, accelerator, models, ema, best: Evaluation | None = None) -
                         token=args.hub_token, private=args.hub_private_repo)
 
 
-def save_weights_to(args, accelerator, models, directory: str) -> None:
+def save_weights_to(args, plan, accelerator, models, directory: str) -> None:
     """The pipeline or LoRA weights in `directory` (utils/sd/saving.py), as the flags ask."""
     output = WeightsOutput(args.output_dir, args.pretrained_model_name_or_path,
                            args.pretrained_model_name_or_path or args.model_preset, args.revision, args.variant,
-                           args.sdxl, args.resolution, args.max_train_steps, args.lora_format if args.use_lora else None,
+                           args.sdxl, args.resolution, plan.max_train_steps,
+                           args.lora_format if args.use_lora else None,
                            args.single_file_dtype if args.save_single_file else None)
-    save_weights(output, accelerator, models, text_encoder_names(models), trained_text_encoders(args, models), directory)
+    save_weights(output, accelerator, models, text_encoder_names(models), trained_text_encoders(args, models),
+                 directory)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def test_script_with_auto_batch_size(tmp_path, tiny_pipeline_dir):
         "--max_train_steps", "1", "--output_dir", str(tmp_path / "out"), "--checkpointing_steps", "100", "--report_to", "none",
         "--cache_latents"])
     saved = json.load(open(tmp_path / "out" / "training_args.json"))
-    assert saved["train_batch_size"] == 4 and saved["gradient_accumulation_steps"] == 2
+    assert saved["train_batch_size"] == "auto" and saved["gradient_accumulation_steps"] == 1  # the flags as given
+    assert saved["plan"]["batch_size"] == 4 and saved["plan"]["gradient_accumulation_steps"] == 2  # what ran
 
 
 @pytest.mark.slow

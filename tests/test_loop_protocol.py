@@ -84,14 +84,15 @@ def test_offload_ema_is_honoured_by_every_trainer(script_name, tiny_pipeline_dir
 
 def test_mask_dit_validates_after_the_same_epochs_as_text_to_image(fundus, tmp_path, monkeypatch):
     import train_mask_dit
+    from utils.evaluation import Evaluation
 
     steps = []
-    original = train_mask_dit.Validator.__call__
+    original = Evaluation.__call__
 
-    def record(self, step):
+    def record(self, step, final=False):
         steps.append(step)
-        return original(self, step)
-    monkeypatch.setattr(train_mask_dit.Validator, "__call__", record)
+        return original(self, step, final)
+    monkeypatch.setattr(Evaluation, "__call__", record)
     # 9 training pairs (10 - 1 held out) in batches of 4: 3 steps an epoch, 4 epochs.
     run_main_in_process(train_mask_dit, mask_dit_argv(fundus, tmp_path / "out", "--max_train_steps", "12",
                                                       "--validation_epochs", "2", "--validation_steps", "0",

@@ -242,25 +242,25 @@ def optimizer_state_bytes(parameters) -> int:
     return sum(2 * 4 * p.numel() for p in parameters if p.requires_grad)
 
 
-def resolve_auto_batch_size(args, accelerator, try_step, trainable_parameters, dataset_size: int,
-                            attr: str = "train_batch_size") -> None:
-    """Set args.<attr> (the batch-size flag; and gradient accumulation) when it is 'auto'; log the choice."""
-    if getattr(args, attr) != "auto":
-        return
+def resolve_auto_batch_size(args, accelerator, try_step, trainable_parameters, dataset_size: int) -> tuple[int, int]:
+    """(per-device batch, gradient accumulation) for the run: the flags' when --train_batch_size is a number, else
+    the largest batch that fits (and the accumulation that keeps --effective_batch_size); logs the choice. The
+    accelerator's accumulation is set to match; `args` is not changed (utils/plan.py holds what the run uses)."""
+    if args.train_batch_size != "auto":
+        return args.train_batch_size, args.gradient_accumulation_steps
     if accelerator.device.type not in ("cuda", "cpu"):
-        raise UserError(f"--{attr} auto probes CUDA or CPU memory; on {accelerator.device.type} give a number.")
+        raise UserError(f"--train_batch_size auto probes CUDA or CPU memory; on {accelerator.device.type} give a number.")
     cap = parse_bytes(args.auto_batch_max_memory) if args.auto_batch_max_memory else default_memory_cap(accelerator.device)
     largest = min(args.auto_batch_max, max(1, dataset_size))
     fit = find_max_batch_size(try_step, largest, cap, accelerator.device,
                               reserve_bytes=optimizer_state_bytes(trainable_parameters))
+    batch_size, accumulation = fit, args.gradient_accumulation_steps
     if args.effective_batch_size:
-        batch_size, args.gradient_accumulation_steps = plan_accumulation(fit, args.effective_batch_size, accelerator.num_processes)
-        setattr(args, attr, batch_size)
-        accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
-    else:
-        setattr(args, attr, fit)
-    logger.info(f"--{attr} auto: {fit} fits; using batch {getattr(args, attr)} x accumulation "
-                f"{args.gradient_accumulation_steps} x {accelerator.num_processes} process(es)")
+        batch_size, accumulation = plan_accumulation(fit, args.effective_batch_size, accelerator.num_processes)
+        accelerator.gradient_accumulation_steps = accumulation
+    logger.info(f"--train_batch_size auto: {fit} fits; using batch {batch_size} x accumulation "
+                f"{accumulation} x {accelerator.num_processes} process(es)")
+    return batch_size, accumulation
 
 
 def make_probe_step(accelerator, loss_fn, example: dict, collate_fn, modules):
@@ -280,22 +280,22 @@ def make_probe_step(accelerator, loss_fn, example: dict, collate_fn, modules):
     return step
 
 
-def resolve_auto_batch_size_for(args, accelerator, loss_fn, dataset, collate_fn, modules,
-                                attr: str = "train_batch_size") -> None:
+def resolve_auto_batch_size_for(args, accelerator, loss_fn, dataset, collate_fn, modules) -> tuple[int, int]:
     """`resolve_auto_batch_size` with a probe built from the dataset's first item; moves `modules` to the device.
 
     The modules' buffers (BatchNorm running statistics) are put back after the probe, so a run with
     'auto' trains from the same state as one given the chosen number.
     """
-    if getattr(args, attr) != "auto":
-        return
+    if args.train_batch_size != "auto":
+        return args.train_batch_size, args.gradient_accumulation_steps
     for module in modules:
         module.to(accelerator.device)
     saved = [{name: buffer.clone() for name, buffer in module.named_buffers()} for module in modules]
     parameters = [p for module in modules for p in module.parameters()]
-    resolve_auto_batch_size(args, accelerator, make_probe_step(accelerator, loss_fn, dataset[0], collate_fn, modules),
-                            parameters, len(dataset), attr)
+    chosen = resolve_auto_batch_size(args, accelerator, make_probe_step(accelerator, loss_fn, dataset[0], collate_fn,
+                                                                        modules), parameters, len(dataset))
     with torch.no_grad():
         for module, buffers in zip(modules, saved):
             for name, buffer in module.named_buffers():
                 buffer.copy_(buffers[name])
+    return chosen

@@ -44,22 +44,23 @@ def add_cache_args(parser) -> None:
     group.add_argument("--cache_batch_size", type=int, default=32, help="Batch size for encoding the cache.")
 
 
-def resolve_cache_args(args, train_text_encoder: bool = False, has_vae: bool = True, has_text_encoder: bool = True) -> None:
-    """Apply --precompute (both caches, where the model has that encoder) and check the combinations;
-    call after parsing."""
+def resolve_cache_args(args, train_text_encoder: bool = False, has_vae: bool = True,
+                       has_text_encoder: bool = True) -> dict:
+    """Check the cache flags' combinations and return what they come to, for the script's parse_args to apply:
+    --precompute means both caches (where the model has that encoder); the cache folder defaults to
+    <output_dir>/latent_cache."""
     if args.cache_latents and not has_vae:
         raise UserError("--cache_latents needs a VAE (--vae_model_name_or_path): a pixel-space model has no latents "
                         "to cache. --cache_text_embeddings works without one.")
     if args.cache_text_embeddings and not has_text_encoder:
         raise UserError("--cache_text_embeddings needs a text encoder (--text_encoder_name_or_path).")
-    if args.precompute:
-        args.cache_latents = has_vae
-        args.cache_text_embeddings = has_text_encoder
-    if args.cache_text_embeddings and train_text_encoder:
+    latents = has_vae if args.precompute else args.cache_latents
+    text_embeddings = has_text_encoder if args.precompute else args.cache_text_embeddings
+    if text_embeddings and train_text_encoder:
         raise UserError("--cache_text_embeddings (or --precompute) needs a frozen text encoder; "
                         "drop --train_text_encoder or use --cache_latents alone.")
-    if args.latent_cache_dir is None:
-        args.latent_cache_dir = os.path.join(args.output_dir, "latent_cache")
+    return {"cache_latents": latents, "cache_text_embeddings": text_embeddings,
+            "latent_cache_dir": args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")}
 
 
 def fingerprint(parts) -> str:

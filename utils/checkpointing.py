@@ -393,10 +393,10 @@ class ResumePosition:
     path: str | None = None
 
 
-def resume_position(accelerator, args, updates_per_epoch: int, check: Callable[[str], None] | None = None
-                    ) -> ResumePosition:
+def resume_position(accelerator, args, plan, check: Callable[[str], None] | None = None) -> ResumePosition:
     """Load `--resume_from_checkpoint` (a folder or "latest") into the prepared objects, if any, and say
-    where in the data the run continues. A fresh run gets ResumePosition().
+    where in the data the run continues (`plan`: the run's utils.plan.TrainingPlan). A fresh run gets
+    ResumePosition().
 
     A checkpoint whose weights are damaged or non-finite, or that does not load, stops the run with a
     UserError naming it and the newest good one; `check(path)` adds a script's own test (kind of run)."""
@@ -419,8 +419,8 @@ def resume_position(accelerator, args, updates_per_epoch: int, check: Callable[[
         ) from error
     state = read_training_state(path)
     step = state["global_step"]
-    position = ResumePosition(step, step // updates_per_epoch,
-                              (step % updates_per_epoch) * args.gradient_accumulation_steps, state, path)
+    position = ResumePosition(step, step // plan.updates_per_epoch,
+                              (step % plan.updates_per_epoch) * plan.gradient_accumulation_steps, state, path)
     logger.info(f"Resumed from {path} at step {step} (epoch {position.first_epoch})")
     return position
 

@@ -281,8 +281,10 @@ def write_rank_checksums(accelerator, *models) -> None:
                    "all": total.hexdigest(), "parameters": digests}, handle, indent=1)
 
 
-def save_run_args(args) -> None:
-    """The run's arguments (without secrets) next to its outputs, for reproducibility."""
+def save_run_args(args, plan=None) -> None:
+    """The run's arguments (without secrets) next to its outputs, for reproducibility, with what the run derived
+    from them (`plan`: a utils.plan.TrainingPlan) under "plan"."""
     os.makedirs(args.output_dir, exist_ok=True)
+    record = {**redact_args(args), **({"plan": plan.as_dict()} if plan is not None else {})}
     with open(os.path.join(args.output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
-        json.dump(redact_args(args), handle, indent=2, default=str)
+        json.dump(record, handle, indent=2, default=str)

@@ -72,10 +72,11 @@ class RunRecord:
     checkpoint, e.g. the one a SIGTERM asks for); `finish(step)` after the final weights are saved.
     """
 
-    def __init__(self, args, accelerator, script: str, data_fingerprint: str | None = None, position=None):
+    def __init__(self, args, accelerator, script: str, data_fingerprint: str | None = None, position=None, plan=None):
         self.accelerator, self.script = accelerator, script
         self.path = os.path.join(args.output_dir, RUN_INFO)
-        self.info = {"script": script, "args": redact_args(args), "git": git_state(),
+        self.info = {"script": script, "args": redact_args(args), "plan": plan.as_dict() if plan else None,
+                     "git": git_state(),
                      **environment(accelerator), "seed": getattr(args, "seed", None),
                      "data_fingerprint": data_fingerprint, "started": _now(), "finished": None,
                      "steps_done": 0, "final_metrics": None, "resumes": []}
@@ -83,7 +84,7 @@ class RunRecord:
         if resumed_from and os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as handle:
                 previous = json.load(handle)
-            resume = {key: self.info[key] for key in ("started", "git", "versions", "world_size", "args")}
+            resume = {key: self.info[key] for key in ("started", "git", "versions", "world_size", "args", "plan")}
             self.info = {**previous, "resumes": previous.get("resumes", []) + [
                 {**resume, "from_checkpoint": resumed_from, "step": step}], "finished": None}
         elif resumed_from:

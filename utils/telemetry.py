@@ -211,3 +211,24 @@ class NonFiniteGuard:
         self._count(self.nonfinite(loss, grad_norm))
         self.poll()
         return self.consecutive == 0
+
+
+def log_training_health(accelerator, monitor: HealthMonitor, progress, step: int, lr: float,
+                        guard: NonFiniteGuard | None = None, extra: dict | None = None, echo: bool = False) -> dict:
+    """One logging step, the same keys in every trainer: the means since the last one (`monitor`: loss, grad_norm,
+    step_time_ms, samples_per_sec, memory and the trainer's own), `lr`, `skipped_nonfinite_steps` (with a guard)
+    and `extra`, as `train/<name>` (plus diffusers' `train_loss`) to the trackers; loss and lr on the progress bar;
+    a log line with `echo`. Returns the values (without the prefix)."""
+    from utils.report import log_metrics
+
+    logs = {**monitor.collect(accelerator), "lr": lr, **(extra or {})}
+    if guard is not None:
+        logs["skipped_nonfinite_steps"] = guard.total_skipped
+    tracked = {f"train/{k}": v for k, v in logs.items()}
+    if "loss" in logs:
+        tracked["train_loss"] = logs["loss"]  # diffusers' key, for dashboards made with its script
+    log_metrics(accelerator, tracked, step)
+    progress.set_postfix(loss=f"{logs.get('loss', float('nan')):.4f}", lr=f"{lr:.2e}")
+    if echo:
+        logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+    return logs

@@ -1,4 +1,5 @@
-"""Loss options for the denoising objective, with kohya-ss/sd-scripts' flag names and formulas.
+"""The denoising objective of text-to-image training (`diffusion_loss`) and its loss options, with
+kohya-ss/sd-scripts' flag names and formulas.
 
 - `--loss_type l2|l1|huber|smooth_l1`: per element, with c the Huber threshold,
       huber:     2c (sqrt((pred - target)^2 + c^2) - c)      (pseudo-Huber: ~(pred - target)^2 near 0, ~2c|.| far)
@@ -20,9 +21,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_dream_and_update_latents, compute_snr
 
+from utils.cache import sample_cached_latents
 from utils.errors import UserError
+from utils.latents import encode_latents, scale_latents
+from utils.sd.sdxl import unet_conditioning
+from utils.sd.vae_training import vae_losses
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -130,3 +135,49 @@ def sample_timesteps(args, num_timesteps: int, batch_size: int, device) -> torch
     if weights is None:
         return torch.randint(0, num_timesteps, (batch_size,), device=device).long()
     return torch.multinomial(weights.to(device), batch_size, replacement=True).long()
+
+
+def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
+    """The denoising loss of one batch of train_text_to_image.py (epsilon or v target; min-SNR, the loss options
+    above, offset noise, input perturbation, DREAM; with --vae_training_mode joint plus the VAE's own loss).
+    `models`: the pipeline's modules by name; `monitor`: a utils.telemetry.HealthMonitor for the batch's
+    statistics."""
+    unet, vae, noise_scheduler = (models[k] for k in ("unet", "vae", "noise_scheduler"))
+
+    vae_loss = None
+    if args.train_vae and args.vae_training_mode == "joint":  # VAE learns from its own loss only
+        vae_loss, reconstruction, kl, raw_latents = vae_losses(
+            vae, batch["pixel_values"], args.vae_kl_weight, return_latents=True
+        )
+        latents = scale_latents(raw_latents.detach(), vae.config)
+        monitor.add(vae_reconstruction_loss=reconstruction, vae_kl=kl)
+    else:
+        latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
+                   else encode_latents(vae, batch["pixel_values"])).float()
+    noise = torch.randn_like(latents)
+    if args.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
+        noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
+    model_noise = noise + args.input_perturbation * torch.randn_like(noise) if args.input_perturbation else noise
+    timesteps = sample_timesteps(args, noise_scheduler.config.num_train_timesteps, latents.shape[0], latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, model_noise, timesteps)
+    encoder_hidden_states, added_conditions = unet_conditioning(models, batch, latents, latents.device)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"Unknown prediction type {noise_scheduler.config.prediction_type}")
+    if args.dream_training:
+        noisy_latents, target = compute_dream_and_update_latents(
+            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
+            args.dream_detail_preservation)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions,
+                      return_dict=False)[0]
+    if args.snr_gamma is None and not uses_loss_options(args):
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    else:  # min-SNR, Huber/L1, debiased estimation (utils/sd/losses.py)
+        loss = weighted_loss(args, model_pred, target, timesteps, noise_scheduler)
+    monitor.add(timestep_mean=timesteps.float().mean(),
+                timestep_std=timesteps.float().std(correction=0),  # (batch 1: 0, not NaN)
+                latent_std=latents.std(), noise_std=noise.std())
+    return loss if vae_loss is None else loss + vae_loss
