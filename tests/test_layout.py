@@ -110,3 +110,54 @@ def test_no_import_cycles():
     for f in files:
         if f not in state:
             visit(f, [f])
+
+
+@pytest.mark.parametrize("script_name", TRAINERS)
+def test_trainer_files_stay_short(script_name):
+    """Issue 29: each trainer file <= 450 lines (what they share lives in utils/)."""
+    lines = len(open(repo_path(script_name + ".py"), encoding="utf-8").read().splitlines())
+    assert lines <= 450, f"{script_name}.py is {lines} lines"
+
+
+def _functions_taking_args():
+    """(module, function, flags read, flags written) for every utils function with a parameter named `args`."""
+    for path in sorted(glob.glob(repo_path("utils", "**", "*.py"), recursive=True)):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if "args" not in [a.arg for a in node.args.args + node.args.kwonlyargs]:
+                continue
+            read, written = set(), set()
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == "args":
+                    (written if isinstance(sub.ctx, ast.Store) else read).add(sub.attr)
+                elif isinstance(sub, ast.Call) and sub.args and isinstance(sub.args[0], ast.Name) \
+                        and sub.args[0].id == "args":
+                    name = sub.func.id if isinstance(sub.func, ast.Name) else None
+                    flag = sub.args[1].value if len(sub.args) > 1 and isinstance(sub.args[1], ast.Constant) else "?"
+                    if name == "getattr":
+                        read.add(flag)
+                    elif name in ("setattr", "delattr"):
+                        written.add(flag)
+                    elif name == "vars" and isinstance(getattr(sub, "parent", None), ast.Attribute):
+                        written.add("vars(args)")
+            for sub in ast.walk(node):  # vars(args).update(...) / vars(args)[...] = ...
+                if isinstance(sub, ast.Attribute) and sub.attr in ("update", "__setitem__", "setdefault") \
+                        and isinstance(sub.value, ast.Call) and isinstance(sub.value.func, ast.Name) \
+                        and sub.value.func.id == "vars":
+                    written.add("vars(args)")
+            yield os.path.relpath(path, REPO_ROOT), node.name, read, written
+
+
+def test_no_utils_function_reads_more_than_eight_flags():
+    """Issue 29: shared code takes explicit parameters or a small typed config, not the whole namespace."""
+    heavy = [(m, f, len(r)) for m, f, r, _ in _functions_taking_args() if len(r) > 8]
+    assert not heavy, f"utils functions reading more than 8 flags: {heavy}"
+
+
+def test_nothing_in_utils_writes_to_args():
+    """Derived values live in utils.plan.TrainingPlan (or are returned to the script's parse_args)."""
+    writes = [(m, f, sorted(w)) for m, f, _, w in _functions_taking_args() if w]
+    assert not writes, f"utils functions writing into args: {writes}"
+    assert any(len(r) >= 6 for _, _, r, _ in _functions_taking_args())  # the scan sees reads at all

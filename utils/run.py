@@ -67,9 +67,16 @@ def validate_run_args(args) -> None:
     if getattr(args, "max_train_steps", None) is not None and args.max_train_steps < 1:
         raise UserError(f"--max_train_steps {args.max_train_steps}: train at least 1 step (a run of 0 steps would "
                         "write an untrained model as the final one).")
-    for flag in ("num_train_epochs", "epochs"):
-        if getattr(args, "max_train_steps", None) is None and getattr(args, flag, 1) < 1:
-            raise UserError(f"--{flag} {getattr(args, flag)}: train at least 1 epoch.")
+    if getattr(args, "max_train_steps", None) is None and getattr(args, "num_train_epochs", 1) < 1:
+        raise UserError(f"--num_train_epochs {args.num_train_epochs}: train at least 1 epoch.")
+    check_interval_args(args)
+    if getattr(args, "mode", "train") == "train":
+        check_output_dir(args)
+        check_resume_matches(args)
+
+
+def check_interval_args(args) -> None:
+    """Intervals, sizes and schedules: the values that make no sense, refused before anything runs."""
     for flag in ("validation_epochs", "validation_steps", "eval_epochs", "logging_steps", "checkpointing_epochs"):
         value = getattr(args, flag, None)
         if value is not None and value < 0:
@@ -88,9 +95,6 @@ def validate_run_args(args) -> None:
     if getattr(args, "early_stopping_min_delta", 0.0) < 0:
         raise UserError(f"--early_stopping_min_delta {args.early_stopping_min_delta}: must be >= 0 (a negative delta "
                         "counts a rising val/loss as an improvement, so best/ and early stopping would be wrong).")
-    if getattr(args, "mode", "train") == "train":
-        check_output_dir(args)
-        check_resume_matches(args)
 
 
 class _EmptyFloat32Notice(logging.Filter):

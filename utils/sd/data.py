@@ -240,9 +240,14 @@ def load_text_image_dataset(args, split: str = "train"):
     if isinstance(dataset.features.get(image_column), datasets.Image):
         dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     warn_about_empty_captions(dataset, caption_column, image_column, where)
-    if args.max_train_samples is not None:
-        dataset = dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
-    return dataset
+    return first_samples(dataset, args)
+
+
+def first_samples(dataset, args):
+    """--max_train_samples: that many rows, drawn with --seed (diffusers' scripts' rule); all without it."""
+    if args.max_train_samples is None:
+        return dataset
+    return dataset.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(dataset))))
 
 
 def warn_about_empty_captions(rows, caption_column: str, image_column: str, where: str) -> int:
@@ -448,6 +453,11 @@ def captions_for_new_tokenizer(args, rows):
     return [c if isinstance(c, str) else " ".join(map(str, c)) for c in rows[args.caption_column] if c is not None]
 
 
+def image_transform(args) -> ImageTransform:
+    """--resolution, --image_interpolation_mode, --center_crop, --random_flip as one ImageTransform."""
+    return ImageTransform(args.resolution, args.image_interpolation_mode, args.center_crop, args.random_flip)
+
+
 def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
     """`TextImageDataset` of the rows as the --resolution/--center_crop/--random_flip/... flags say. `tokenizer`:
     one, or SDXL's two (then input_ids are [2, L], a row per tokenizer)."""
@@ -459,8 +469,8 @@ def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
                  return_tensors="pt").input_ids[0] for t in tokenizers]
         return ids[0] if len(ids) == 1 else torch.stack(ids)
 
-    transform = ImageTransform(args.resolution, args.image_interpolation_mode, args.center_crop, args.random_flip)
-    return TextImageDataset(rows, args.image_column, args.caption_column, transform, tokenize, seed=args.seed,
+    return TextImageDataset(rows, args.image_column, args.caption_column, image_transform(args), tokenize,
+                            seed=args.seed,
                             caption_dropout_prob=args.caption_dropout_prob, skip_bad_samples=args.skip_bad_samples,
                             source_name=args.dataset_name or args.train_data_dir or args.train_data_file,
                             tags=caption_tags(args))

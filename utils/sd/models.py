@@ -34,61 +34,87 @@ def check_pipeline_folder(path: str, sdxl: bool = False) -> None:
                         f"{', '.join(missing)}); give the folder a pipeline's save_pretrained wrote, or a Hub id.")
 
 
-def load_models(args, captions_for_tokenizer):
-    """tokenizer, text_encoder, vae, unet and noise_scheduler: loaded (a pipeline folder, a Hub id or one
-    single-file checkpoint, whose own inference scheduler is kept as inference_scheduler), or built fresh from a
-    preset."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def load_models(args, captions_for_tokenizer) -> dict:
+    """tokenizer, text_encoder, vae, unet and noise_scheduler (SDXL: + tokenizer_2, text_encoder_2): loaded (a
+    pipeline folder, a Hub id or one single-file checkpoint, whose own inference scheduler is kept as
+    inference_scheduler), or built fresh from a preset; then --pretrained_vae_model_name_or_path and
+    --prediction_type applied."""
     if is_single_file(args.pretrained_model_name_or_path):  # one LDM-layout file, as model-sharing sites give them
-        pipeline = load_single_file_pipeline(args.pretrained_model_name_or_path, args.model_config,
-                                             args.original_config)
-        models = dict(noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
-                      inference_scheduler=pipeline.scheduler, tokenizer=pipeline.tokenizer,
-                      text_encoder=own_memory(pipeline.text_encoder), vae=own_memory(pipeline.vae),
-                      unet=own_memory(pipeline.unet))
-        if args.sdxl:
-            models.update(tokenizer_2=pipeline.tokenizer_2, text_encoder_2=own_memory(pipeline.text_encoder_2))
+        models = load_single_file_models(args)
     elif args.pretrained_model_name_or_path:
-        path, rev = args.pretrained_model_name_or_path, args.revision
-        check_pipeline_folder(path, args.sdxl)
-        models = dict(
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
-            text_encoder=own_memory(CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
-                                                                  variant=args.variant)),
-            vae=own_memory(AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=args.variant)),
-            unet=own_memory(UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=args.non_ema_revision)),
-        )
-        if args.sdxl:  # the second tokenizer and text encoder (with projection: the pooled prompt)
-            from transformers import CLIPTextModelWithProjection
-
-            models.update(tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev),
-                          text_encoder_2=own_memory(CLIPTextModelWithProjection.from_pretrained(
-                              path, subfolder="text_encoder_2", revision=rev, variant=args.variant)))
+        models = load_pipeline_models(args)
     else:
-        from utils.sd.builder import build_components
-
-        read_json = lambda p: json.load(open(p, encoding="utf-8")) if p else None  # noqa: E731
-        tokenizer = text_encoder = None
-        if args.text_encoder_name_or_path:
-            tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path, clip_only=True, frozen=False)
-        components = build_components(args.model_preset, texts=captions_for_tokenizer, resolution=args.resolution,
-                                      seed=args.seed or 0, unet_config=read_json(args.unet_config),
-                                      vae_config=read_json(args.vae_config), tokenizer=tokenizer,
-                                      tokenizer_dir=os.path.join(args.output_dir, "tokenizer"))
-        if text_encoder is not None:
-            components["text_encoder"] = text_encoder
-        models = dict(noise_scheduler=components.pop("scheduler"), **components)
-    if args.pretrained_vae_model_name_or_path:  # e.g. madebyollin/sdxl-vae-fp16-fix (diffusers' SDXL scripts)
-        vae_path = args.pretrained_vae_model_name_or_path
-        if os.path.isfile(os.path.join(vae_path, "model_index.json")) and not os.path.isfile(
-                os.path.join(vae_path, "config.json")):
-            raise UserError(f"--pretrained_vae_model_name_or_path {vae_path} is a whole pipeline: give its VAE folder, "
-                            f"{os.path.join(vae_path, 'vae')}.")
-        models["vae"] = own_memory(AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path,
-                                                                 revision=args.revision, variant=args.variant))
+        models = build_fresh_models(args, captions_for_tokenizer)
+    replace_vae(args, models)
     if args.prediction_type is not None:
         models["noise_scheduler"].register_to_config(prediction_type=args.prediction_type)
     return models
+
+
+def load_single_file_models(args) -> dict:
+    from diffusers import DDPMScheduler
+
+    pipeline = load_single_file_pipeline(args.pretrained_model_name_or_path, args.model_config, args.original_config)
+    models = dict(noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+                  inference_scheduler=pipeline.scheduler, tokenizer=pipeline.tokenizer,
+                  text_encoder=own_memory(pipeline.text_encoder), vae=own_memory(pipeline.vae),
+                  unet=own_memory(pipeline.unet))
+    if args.sdxl:
+        models.update(tokenizer_2=pipeline.tokenizer_2, text_encoder_2=own_memory(pipeline.text_encoder_2))
+    return models
+
+
+def load_pipeline_models(args) -> dict:
+    """From a diffusers pipeline folder or Hub id (--revision, --variant; the UNet at --non_ema_revision)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path, rev, variant = args.pretrained_model_name_or_path, args.revision, args.variant
+    check_pipeline_folder(path, args.sdxl)
+    models = dict(
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
+        text_encoder=own_memory(CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
+                                                              variant=variant)),
+        vae=own_memory(AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=variant)),
+        unet=own_memory(UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=args.non_ema_revision)),
+    )
+    if args.sdxl:  # the second tokenizer and text encoder (with projection: the pooled prompt)
+        from transformers import CLIPTextModelWithProjection
+
+        models.update(tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev),
+                      text_encoder_2=own_memory(CLIPTextModelWithProjection.from_pretrained(
+                          path, subfolder="text_encoder_2", revision=rev, variant=variant)))
+    return models
+
+
+def build_fresh_models(args, captions_for_tokenizer) -> dict:
+    """From scratch: --model_preset sizes (--unet_config / --vae_config JSON overrides), a tokenizer learnt from the
+    captions (saved in <output_dir>/tokenizer) or --text_encoder_name_or_path's encoder and tokenizer."""
+    from utils.sd.builder import build_components
+
+    read_json = lambda p: json.load(open(p, encoding="utf-8")) if p else None  # noqa: E731
+    tokenizer = text_encoder = None
+    if args.text_encoder_name_or_path:
+        tokenizer, text_encoder = load_text_encoder(args.text_encoder_name_or_path, clip_only=True, frozen=False)
+    components = build_components(args.model_preset, texts=captions_for_tokenizer, resolution=args.resolution,
+                                  seed=args.seed or 0, unet_config=read_json(args.unet_config),
+                                  vae_config=read_json(args.vae_config), tokenizer=tokenizer,
+                                  tokenizer_dir=os.path.join(args.output_dir, "tokenizer"))
+    if text_encoder is not None:
+        components["text_encoder"] = text_encoder
+    return dict(noise_scheduler=components.pop("scheduler"), **components)
+
+
+def replace_vae(args, models: dict) -> None:
+    """--pretrained_vae_model_name_or_path (e.g. madebyollin/sdxl-vae-fp16-fix, as diffusers' SDXL scripts)."""
+    from diffusers import AutoencoderKL
+
+    vae_path = args.pretrained_vae_model_name_or_path
+    if not vae_path:
+        return
+    if os.path.isfile(os.path.join(vae_path, "model_index.json")) and not os.path.isfile(
+            os.path.join(vae_path, "config.json")):
+        raise UserError(f"--pretrained_vae_model_name_or_path {vae_path} is a whole pipeline: give its VAE folder, "
+                        f"{os.path.join(vae_path, 'vae')}.")
+    models["vae"] = own_memory(AutoencoderKL.from_pretrained(vae_path, revision=args.revision, variant=args.variant))
