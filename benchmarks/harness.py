@@ -152,6 +152,8 @@ def summarize(runs: list[dict], batch_size: int, flops_per_step: float | None, p
         "steps_per_s_each_run": [run["steps_per_s"] for run in runs],
         "steps_per_cpu_s": statistics.median(run["steps_per_cpu_s"] for run in runs),
         "startup_s_each_run": [run["startup_s"] for run in runs],
+        "wall_s": statistics.median(run["wall_s"] for run in runs),  # the whole process: start-up to exit
+        "wall_s_each_run": [run["wall_s"] for run in runs],
         "peak_rss_mib": max(run["peak_rss_bytes"] for run in runs) / 2**20,
         "gpu_max_allocated_mib": (max(run["cuda_max_allocated_bytes"] for run in runs) / 2**20
                                   if runs[0]["cuda_max_allocated_bytes"] is not None else None),
@@ -160,6 +162,14 @@ def summarize(runs: list[dict], batch_size: int, flops_per_step: float | None, p
         summary["achieved_tflops"] = flops_per_step * steps_per_s / 1e12
         summary["mfu"] = summary["achieved_tflops"] / peak_tflops if peak_tflops else None
     return summary
+
+
+def whole_process_ratios(summaries: dict) -> dict:
+    """{variant: reference's whole-process seconds / the variant's} (> 1: the variant's run ends sooner)."""
+    reference = summaries.get("reference")
+    if reference is None or "wall_s" not in reference:
+        return {}
+    return {name: reference["wall_s"] / s["wall_s"] for name, s in summaries.items() if name != "reference"}
 
 
 def ratios_to_reference(summaries: dict) -> tuple[dict, dict]:
@@ -219,15 +229,18 @@ def default_peak_tflops(machine: dict) -> float | None:
 
 def markdown_table(result: dict, samples: str = "samples") -> str:
     rows = [f"| variant | steps/s | {samples}/s | step median (ms) | step p90 (ms) | peak RSS (MiB) | GPU max alloc (MiB) "
-            "| TFLOP/s | MFU | vs reference | vs reference (CPU time) |", "|" + "---|" * 11]
+            "| TFLOP/s | MFU | vs reference | vs reference (CPU time) | whole process (s) | vs reference (whole process) |",
+            "|" + "---|" * 13]
     for name, s in result["variants"].items():
         ratio, cpu_ratio = result["ratios"].get(name), result["cpu_time_ratios"].get(name)
+        whole = result.get("whole_process_ratios", {}).get(name)
         gpu = f"{s['gpu_max_allocated_mib']:.0f}" if s.get("gpu_max_allocated_mib") is not None else "-"
         tflops = f"{s['achieved_tflops']:.4f}" if s.get("achieved_tflops") is not None else "-"
         mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "-"
         rows.append(f"| {name} | {s['steps_per_s']:.3f} | {s['samples_per_s']:.2f} | {s['step_time_median_ms']:.1f} "
                     f"| {s['step_time_p90_ms']:.1f} | {s['peak_rss_mib']:.0f} | {gpu} | {tflops} | {mfu} "
-                    f"| {f'{ratio:.2f}x' if ratio else '-'} | {f'{cpu_ratio:.2f}x' if cpu_ratio else '-'} |")
+                    f"| {f'{ratio:.2f}x' if ratio else '-'} | {f'{cpu_ratio:.2f}x' if cpu_ratio else '-'} "
+                    f"| {s['wall_s']:.1f} | {f'{whole:.2f}x' if whole else '-'} |")
     return "\n".join(rows)
 
 
@@ -254,7 +267,7 @@ def run_variants(args, variants: list[dict], flags_for, workdir: str) -> dict[st
             metrics = run_metrics(timing, args.warmup_steps, args.steps)
             runs.setdefault(entry["name"], []).append(metrics)
             print(f"[{entry['name']} run {repeat + 1}/{args.repeats}] {metrics['steps_per_s']:.3f} steps/s "
-                  f"(start-up {metrics['startup_s']:.1f}s)", flush=True)
+                  f"(start-up {metrics['startup_s']:.1f}s, whole process {metrics['wall_s']:.1f}s)", flush=True)
     return runs
 
 
@@ -274,6 +287,7 @@ def run_benchmark(args, argv, command: str, name: str, variants: list[dict], fla
     result = {"name": args.name or name, "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine,
               "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "results_dir")},
               **(fields or {}), "peak_tflops": peak, "variants": summaries, "ratios": ratios, "cpu_time_ratios": cpu_ratios,
+              "whole_process_ratios": whole_process_ratios(summaries),
               "command": f"python benchmarks/{command} " + " ".join(argv if argv is not None else sys.argv[1:])}
     table = markdown_table(result, samples)
     print(f"\n{result['name']}: " + "\n".join(notes))

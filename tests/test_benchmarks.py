@@ -64,6 +64,8 @@ def test_ratios_are_against_the_reference_only():
     summaries = {"ours": {"steps_per_s": 3.0, "steps_per_cpu_s": 2.0}, "reference": {"steps_per_s": 2.0, "steps_per_cpu_s": 1.0}}
     assert harness.ratios_to_reference(summaries) == ({"ours": 1.5}, {"ours": 2.0})
     assert harness.ratios_to_reference({"ours": summaries["ours"]}) == ({}, {})
+    timed = {"reference": {"wall_s": 90.0}, "ours": {"wall_s": 60.0}}
+    assert harness.whole_process_ratios(timed) == {"ours": 1.5} and harness.whole_process_ratios(summaries) == {}
 
 
 @pytest.mark.slow

@@ -268,12 +268,16 @@ def test_resume_position_counts_steps_epochs_and_batches_to_skip(accelerator, tm
 
     model, optimizer, scheduler = prepared_run(accelerator)
     save_checkpoint(accelerator, str(tmp_path), 7, training_state={"best_miou": 0.5})
-    args = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path), gradient_accumulation_steps=2)
-    position = resume_position(accelerator, args, updates_per_epoch=3)
+    from utils.plan import plan_training
+
+    # the plan's accumulation counts (e.g. --effective_batch_size's), not the flag's
+    args = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path), gradient_accumulation_steps=1)
+    plan = plan_training(4, 2, 1, 6, None, 3, 1e-4)  # 6 batches of 4, accumulation 2: 3 optimizer steps an epoch
+    assert plan.updates_per_epoch == 3 and plan.max_train_steps == 9 and plan.num_epochs == 3
+    position = resume_position(accelerator, args, plan)
     assert (position.global_step, position.first_epoch, position.batches_to_skip) == (7, 2, 2)
     assert position.state["best_miou"] == 0.5 and position.path.endswith("checkpoint-7")
-    fresh = resume_position(accelerator, SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path),
-                                                         gradient_accumulation_steps=2), updates_per_epoch=3)
+    fresh = resume_position(accelerator, SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path)), plan)
     assert (fresh.global_step, fresh.first_epoch, fresh.batches_to_skip, fresh.path) == (0, 0, 0, None)
 
 
