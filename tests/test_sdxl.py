@@ -300,5 +300,5 @@ def test_auto_batch_size_probes_the_sdxl_step(tiny_sdxl_pipeline_dir, data, tmp_
     argv = args_for(tiny_sdxl_pipeline_dir, data, out, 1)
     argv[argv.index("--train_batch_size") + 1] = "auto"
     run_main_in_process(train_text_to_image, argv)
-    chosen = json.load(open(out / "training_args.json"))["train_batch_size"]
+    chosen = json.load(open(out / "training_args.json"))["plan"]["batch_size"]  # the flag stays "auto"
     assert isinstance(chosen, int) and chosen >= 1 and (out / "unet").is_dir()
