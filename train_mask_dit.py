@@ -52,7 +52,7 @@ from utils.optim import (add_optimizer_args, apply_update, create_optimizer, eva
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
 from utils.loop import Checkpointing, StepBoundary
-from utils.run import (add_run_args, create_accelerator, epoch_validation_due, is_due, progress_bar,
+from utils.run import (add_run_args, claim_output_dir, create_accelerator, epoch_validation_due, is_due, progress_bar,
                        tracker_config, weight_dtype, write_rank_checksums)
 from utils.plan import plan_training
 from utils.run_record import RunRecord
@@ -330,6 +330,7 @@ def save_final(args, accelerator, pipeline, ema) -> None:
 
 def main(args):
     accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    claim_output_dir(args, accelerator)  # created, locked for this run, a restarted run's checkpoints discarded
 
     # Frozen helpers, then the transformer.
     tokenizer, text_encoder, vae, vae_downsample = build_encoders(args, accelerator, weight_dtype(accelerator))

@@ -49,7 +49,7 @@ from utils.errors import MissingPackageError, UserError, oom_hint, run_script
 from utils.optim import add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
-from utils.run import (add_run_args, create_accelerator, end_training, is_due, progress_bar,
+from utils.run import (add_run_args, claim_output_dir, create_accelerator, end_training, is_due, progress_bar,
                        tracker_config, write_rank_checksums)
 from utils.loop import Checkpointing, StepBoundary
 from utils.plan import plan_training
@@ -208,10 +208,9 @@ def build_model(args, device) -> MSHNet:
 
 def check_one_batch(args, accelerator, train_set, batch_size: int) -> None:
     if len(train_set) < batch_size * accelerator.num_processes:
-        raise UserError(
-            f"{args.train_data_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
-            f"({batch_size} x {accelerator.num_processes} processes); lower --train_batch_size (--batch-size)."
-        )
+        raise UserError(f"{args.train_data_dir}/trainval.txt lists {len(train_set)} samples, fewer than one batch "
+                        f"({batch_size} x {accelerator.num_processes} processes); lower --train_batch_size "
+                        "(--batch-size).")
 
 
 def save_final(args, accelerator, raw_model, ema, info: dict) -> None:
@@ -329,6 +328,7 @@ def main(args=None):
         # During warm-up the side heads get no gradient; DDP must be told they are unused.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    claim_output_dir(args, accelerator)  # created, locked for this run, a restarted run's checkpoints discarded
     on_xla = select_xla(args, accelerator)
     model = build_model(args, accelerator.device)
     train_set, eval_set = build_datasets(args)

@@ -45,8 +45,8 @@ from utils.optim import (apply_update, create_optimizer, evaluation_weights, par
                          restart_lr_schedule)
 from utils.report import log_metrics
 from utils.loop import Checkpointing, StepBoundary
-from utils.run import (add_run_args, create_accelerator, epoch_validation_due, is_due, progress_bar, save_run_args,
-                       tracker_config, weight_dtype, write_rank_checksums)
+from utils.run import (add_run_args, claim_output_dir, create_accelerator, epoch_validation_due, is_due, progress_bar,
+                       save_run_args, tracker_config, weight_dtype, write_rank_checksums)
 from utils.plan import plan_training
 from utils.run_record import RunRecord
 from utils.sd.args import (add_model_args, add_training_args, add_validation_args, check_model_args,
@@ -282,6 +282,7 @@ def validation_due(args, plan, step: int, epoch: int | None = None) -> bool:
 
 def main(args):
     accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    claim_output_dir(args, accelerator)  # created, locked for this run, a restarted run's checkpoints discarded
     dtype = weight_dtype(accelerator)
 
     # Data first: a from-scratch tokenizer learns its vocabulary from the captions.
@@ -373,7 +374,8 @@ def main(args):
                 monitor.count_samples(batch_size_of(batch))
                 if accelerator.sync_gradients and boundary.step_done():
                     break
-            if boundary.epoch_done(lambda: validation_due(args, plan, boundary.step, epoch) and evaluation(boundary.step)):
+            if boundary.epoch_done(lambda: validation_due(args, plan, boundary.step, epoch)
+                                   and evaluation(boundary.step)):
                 break
     write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
     boundary.finish(lambda: finish_training(args, plan, accelerator, models, ema, optimizer, evaluation,
@@ -423,11 +425,10 @@ def save_final(args, plan, accelerator, models, ema, best: Evaluation | None = N
     if best is not None:  # the final weights scored the lowest val/loss
         best.write_best({})
     grid = log_validation(args, accelerator, models, None, plan.max_train_steps, weight_dtype(accelerator))
-    write_model_card(args.output_dir, base_model=args.pretrained_model_name_or_path or "from scratch "
-                                                                                       f"({args.model_preset} preset)",
-                     datasets=[args.dataset_name] if args.dataset_name else None, hyperparameters={**redact_args(args), **plan.as_dict()},
-                     validation_grid=grid, lora=args.use_lora,
-                     tags=SDXL_TAGS if args.sdxl else None)
+    base = args.pretrained_model_name_or_path or f"from scratch ({args.model_preset} preset)"
+    write_model_card(args.output_dir, base_model=base, datasets=[args.dataset_name] if args.dataset_name else None,
+                     hyperparameters={**redact_args(args), **plan.as_dict()}, validation_grid=grid,
+                     lora=args.use_lora, tags=SDXL_TAGS if args.sdxl else None)
     if args.push_to_hub:
         push_output_dir(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                         token=args.hub_token, private=args.hub_private_repo)

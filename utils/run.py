@@ -187,13 +187,20 @@ def create_accelerator(args, **accelerator_kwargs):
     if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def claim_output_dir(args, accelerator) -> None:
+    """The output-dir policy, called by each script right after `create_accelerator` (the folder was checked
+    with the flags: another run's checkpoints or a finished model are refused unless resumed): create it, hold
+    its lock for the run (one run per folder; the main process), and discard the checkpoints of a run that is
+    being restarted from scratch."""
     if accelerator.is_main_process:
         if not os.path.isdir(args.output_dir):  # a run refused later leaves no empty folder behind
             ON_REFUSAL.append(lambda: remove_if_unused(args.output_dir))
         os.makedirs(args.output_dir, exist_ok=True)
         lock_output_dir(args.output_dir)
     discard_old_checkpoints(args, accelerator)
-    return accelerator
 
 
 def end_training(accelerator) -> None:
