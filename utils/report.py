@@ -72,7 +72,7 @@ def _first_key(series: dict, *names: str) -> str | None:
 
 
 PANEL = (450, 320)  # pixels per panel (matplotlib's 4.5 x 3.2 in at 100 dpi, the size this report had)
-MARGIN = dict(left=70, right=14, top=30, bottom=34)
+MARGIN = dict(left=70, right=26, top=30, bottom=34)
 RAW, SMOOTH, GRID, INK = (150, 190, 230), (31, 119, 180), (225, 225, 225), (40, 40, 40)
 
 
@@ -98,7 +98,7 @@ def _draw_panel(draw, font, origin: tuple[int, int], name: str, steps: list, cur
         draw.line([(x0, y), (x1, y)], fill=GRID)
         draw.line([(x, y0), (x, y1)], fill=GRID)
         draw.text((x0 - 6, y), _tick(low + (high - low) * fraction), fill=INK, font=font, anchor="rm")
-        draw.text((x, y1 + 6), _tick(first + (last - first) * fraction), fill=INK, font=font, anchor="mt")
+        draw.text((x, y1 + 6), str(round(first + (last - first) * fraction)), fill=INK, font=font, anchor="mt")
     draw.text(((x0 + x1) // 2, y1 + 20), "step", fill=INK, font=font, anchor="mt")
     draw.rectangle([x0, y0, x1, y1], outline=INK)
     for curve, colour, width in curves:
