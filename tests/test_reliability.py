@@ -654,6 +654,19 @@ def test_nonfinite_steps_skip_on_the_device_and_are_read_at_the_step_boundary(op
         guard.poll()  # the boundary after the 4th bad step in a row
 
 
+def test_lagged_guard_still_decides_host_checked_updates_by_their_own_step():
+    """Optimizers without a device-side skip are checked on the host before their update: even where the polls are
+    lagged (CUDA), that verdict is the current step's."""
+    from utils.telemetry import NonFiniteGuard
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    weight.grad = torch.ones(2)
+    guard = NonFiniteGuard(max_consecutive=5, lagged=True)
+    assert guard.check(torch.tensor(1.0), [weight]) is True
+    assert guard.check(torch.tensor(float("nan")), [weight]) is False  # this step is bad: skipped now
+    assert guard.check(torch.tensor(1.0), [weight]) is True  # and the next good one applies
+
+
 def test_lagged_guard_reads_the_step_before_and_aborts_one_step_late_at_most():
     """CUDA's scheme (a non-blocking copy read one boundary later, so the device queue never drains), run on
     the CPU: the boundary after step s reads the counters of step s - 1; `total_skipped` reads the current ones."""

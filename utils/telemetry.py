@@ -209,7 +209,7 @@ class NonFiniteGuard:
             grads = [p.grad for p in parameters if p.grad is not None]
             grad_norm = global_norm(grads) if grads else torch.zeros((), device=loss.device)
         self._count(self.nonfinite(loss, grad_norm))
-        self.poll()
+        self.poll(current=True)  # this step's verdict decides this step's update, lagged or not
         return self.consecutive == 0
 
 
