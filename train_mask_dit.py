@@ -28,14 +28,14 @@ import datasets
 import torch
 from accelerate.utils import DataLoaderConfiguration
 
-from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
+from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
 from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, held_out_position, make_train_dataloader, split_train_validation
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema
-from utils.evaluation import Evaluation
+from utils.evaluation import Evaluation, add_evaluation_args
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.latents import vae_scale_factor
 from utils.mask_dit.cache import cache_paired_datasets, paired_rows_fingerprint
@@ -47,14 +47,14 @@ from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAM
 from utils.mask_dit.metrics import log_samples
 from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
 from utils.mask_dit.pipeline import MaskDiTPipeline, caption_width, load_vae, save_mask_dit_pipeline
-from utils.optim import (add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
-                         warmup_cosine)
+from utils.optim import (add_adam_args, add_optimizer_args, apply_update, create_optimizer, evaluation_weights,
+                         parse_optimizer_args, warmup_cosine)
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
 from utils.loop import Checkpointing, StepBoundary
 from utils.run import (add_run_args, claim_output_dir, create_accelerator, epoch_validation_due, is_due, progress_bar,
                        tracker_config, weight_dtype, write_rank_checksums)
-from utils.plan import plan_training
+from utils.plan import add_plan_args, plan_training
 from utils.run_record import RunRecord
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import EarlyStopping
@@ -102,10 +102,6 @@ def parse_args(argv=None):
     data.add_argument("--random_crop", action="store_true",
                       help="Random instead of centre crops (same for image and mask).")
     data.add_argument("--random_flip", action="store_true")
-    data.add_argument("--train_batch_size", type=batch_size_arg, default=16,
-                      help="Per-device batch, or 'auto': the largest that fits (see docs/PERFORMANCE.md).")
-    data.add_argument("--num_train_epochs", type=int, default=20)
-    data.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
     flow = parser.add_argument_group("flow matching")
     flow.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLING)
     flow.add_argument("--logit_mean", type=float, default=0.0)
@@ -117,12 +113,9 @@ def parse_args(argv=None):
     flow.add_argument("--mask_dropout_prob", type=float, default=0.1,
                       help="Masks replaced by 'no mask' (for mask CFG).")
     optim = parser.add_argument_group("optimizer")
-    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    add_plan_args(parser, batch_size=16, epochs=20, learning_rate=1e-4)
     add_optimizer_args(optim, default="adamw")
-    optim.add_argument("--adam_beta1", type=float, default=0.9)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=0.0)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    add_adam_args(optim, weight_decay=0.0)
     optim.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "constant"],
                        help="Linear warmup, then cosine decay to --min_lr (or constant).")
     optim.add_argument("--lr_warmup_steps", type=int, default=200)
@@ -130,13 +123,8 @@ def parse_args(argv=None):
     schedule = parser.add_argument_group("intervals and validation")
     schedule.add_argument("--checkpointing_epochs", type=int, default=None,
                           help="Also save a checkpoint every N epochs (guide 003's save_every).")
-    schedule.add_argument("--validation_epochs", type=int, default=1,
-                          help="Validate every N epochs (0: never by epoch).")
-    schedule.add_argument("--validation_steps", type=int, default=None, help="Also validate every N optimizer steps.")
-    schedule.add_argument("--early_stopping_patience", type=int, default=None,
-                          help="Stop after this many validations without a lower held-out loss.")
-    schedule.add_argument("--early_stopping_min_delta", type=float, default=0.0)
-    schedule.add_argument("--num_validation_images", type=int, default=4)
+    add_evaluation_args(schedule, validation_epochs=1, num_validation_images=4,
+                        images_help="Held-out masks to generate from and score (PSNR, SSIM, mask IoU).")
     schedule.add_argument("--num_inference_steps", type=int, default=30)
     schedule.add_argument("--sampler", default="euler", choices=SAMPLERS)
     schedule.add_argument("--time_shift", type=float, default=1.0,

@@ -36,7 +36,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, default_collate
 
-from utils.auto_batch import add_auto_batch_args, batch_size_arg, resolve_auto_batch_size_for
+from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.cache import fingerprint
 from utils.atomic import atomic_directory, write_json_atomic
 from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_module
@@ -52,7 +52,7 @@ from utils.report import log_metrics
 from utils.run import (add_run_args, claim_output_dir, create_accelerator, end_training, is_due, progress_bar,
                        tracker_config, write_rank_checksums)
 from utils.loop import Checkpointing, StepBoundary
-from utils.plan import plan_training
+from utils.plan import add_plan_args, plan_training
 from utils.run_record import RunRecord
 from utils.segmentation.data import (SPLIT_FILES, IRSTDDataset, canonical_dataset_name, list_split, native_eval_size,
                                      usable_samples)
@@ -96,25 +96,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight_path", type=str, default=None,
                         help="Weights to evaluate (--mode test) or start from: a best/ or checkpoint-N/ folder, a "
                              ".safetensors file, or a reference MSHNet .pkl/.tar state dict.")
-    parser.add_argument("--train_batch_size", "--batch_size", dest="train_batch_size", type=batch_size_arg, default=4,
-                        help="Training batch size per device (process), or 'auto': the largest that fits (GPU/CPU; "
-                             "with --effective_batch_size, accumulation keeps that many samples per step).")
+    add_plan_args(parser, batch_size=4, epochs=400, learning_rate=0.05,  # MSHNet's; guide 004's names as aliases
+                  aliases={"train_batch_size": ["--batch_size"], "num_train_epochs": ["--epochs"],
+                           "learning_rate": ["--lr"]})
     parser.add_argument("--cache_images", action="store_true",
                         help="Decode every image and mask once and keep them in (shared) memory: about half of a "
                              "sample's loading time (IRSTD-1k: ~1 GB). Same augmentation, same results.")
     parser.add_argument("--eval_batch_size", type=int, default=None,
                         help="Evaluation batch size per device (default: --batch_size).")
-    parser.add_argument("--num_train_epochs", "--epochs", dest="num_train_epochs", type=int, default=400,
-                        help="Training epochs.")
-    parser.add_argument("--max_train_steps", type=int, default=None,
-                        help="Stop after this many optimizer steps (overrides --epochs).")
     parser.add_argument("--warm_epoch", type=int, default=5,
                         help="Epochs 0..warm_epoch train only the main head with the soft-IoU loss (as the reference).")
     parser.add_argument("--base_size", type=int, default=256,
                         help="Evaluation size, and the centre of the training rescale range.")
     parser.add_argument("--crop_size", type=int, default=256, help="Training crop size (a multiple of 16).")
-    parser.add_argument("--learning_rate", "--lr", dest="learning_rate", type=float, default=0.05,
-                        help="Initial learning rate.")
     add_optimizer_args(parser, default="adagrad")  # Adagrad is the reference's
     parser.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay (AdamW: decoupled).")
     parser.add_argument("--lr_scheduler", type=str, default="constant",

@@ -22,6 +22,20 @@ from utils.optim import evaluation_weights
 from utils.stopping import EarlyStopping
 
 
+def add_evaluation_args(parser, *, validation_epochs: int | None, num_validation_images: int | None,
+                        epochs_help: str = "Validate every N epochs (0: never by epoch).",
+                        images_help: str = "Validation images.") -> None:
+    """When to evaluate and when to stop early, defined once for the trainers that validate (each passes its
+    defaults; None: the script resolves it, as text-to-image does per diffusers script)."""
+    parser.add_argument("--validation_steps", type=int, default=None, help="Also run validation every X optimizer steps.")
+    parser.add_argument("--validation_epochs", type=int, default=validation_epochs, help=epochs_help)
+    parser.add_argument("--num_validation_images", type=int, default=num_validation_images, help=images_help)
+    parser.add_argument("--early_stopping_patience", type=int, default=None,
+                        help="Stop after this many validations without a better held-out score (needs held-out data).")
+    parser.add_argument("--early_stopping_min_delta", type=float, default=0.0,
+                        help="How much better the held-out score must be to count as better.")
+
+
 class Evaluation:
     """`score(step) -> {name: value}` runs on every rank under the weights to evaluate; `key` names the value that
     ranks runs (lower is better unless `stopping` says otherwise); `save_best(directory, metrics)` writes the model

@@ -41,6 +41,14 @@ OPTIMIZERS = {
 }
 
 
+def add_adam_args(parser, weight_decay: float) -> None:
+    """Adam's hyperparameters (diffusers' names and defaults but the weight decay, which each trainer gives)."""
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
+    parser.add_argument("--adam_weight_decay", type=float, default=weight_decay, help="Weight decay to use.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer")
+
+
 def add_optimizer_args(parser, default: str = "adamw") -> None:
     """--optimizer and --optimizer_args, the same in every script (one builder: create_optimizer)."""
     parser.add_argument("--optimizer", type=str, default=default, choices=sorted(OPTIMIZERS),

@@ -8,7 +8,25 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from utils.auto_batch import batch_size_arg
 from utils.run import steps_per_epoch
+
+
+def add_plan_args(parser, *, batch_size: int, epochs: int, learning_rate: float, aliases: dict | None = None) -> None:
+    """--train_batch_size, --num_train_epochs, --max_train_steps and --learning_rate, the flags a TrainingPlan is
+    made from, defined once for every trainer: each passes its defaults, and `aliases` other names of a flag
+    (guide 004's `--batch_size`, `--epochs`, `--lr` for segmentation)."""
+    names = lambda dest: [f"--{dest}", *(aliases or {}).get(dest, ())]  # noqa: E731
+    group = parser.add_argument_group("training length")
+    group.add_argument(*names("train_batch_size"), dest="train_batch_size", type=batch_size_arg, default=batch_size,
+                       help="Batch size (per device) for the training dataloader, or 'auto': the largest that fits "
+                            "(see --effective_batch_size).")
+    group.add_argument(*names("num_train_epochs"), dest="num_train_epochs", type=int, default=epochs,
+                       help="Training epochs (--max_train_steps overrides).")
+    group.add_argument("--max_train_steps", type=int, default=None,
+                       help="Total number of training steps to perform.  If provided, overrides num_train_epochs.")
+    group.add_argument(*names("learning_rate"), dest="learning_rate", type=float, default=learning_rate,
+                       help="Initial learning rate (after the potential warmup period) to use.")
 
 
 @dataclass(frozen=True)

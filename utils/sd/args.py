@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 
-from utils.auto_batch import batch_size_arg
 from utils.errors import UserError
-from utils.optim import add_optimizer_args
+from utils.evaluation import add_evaluation_args
+from utils.optim import add_adam_args, add_optimizer_args
+from utils.plan import add_plan_args
 from utils.sd.model_kind import is_single_file
 
 
@@ -45,18 +46,11 @@ def add_model_args(parser) -> None:
 
 
 def add_training_args(parser) -> None:
+    add_plan_args(parser, batch_size=16, epochs=100, learning_rate=1e-4)
     train = parser.add_argument_group("training")
-    train.add_argument("--train_batch_size", type=batch_size_arg, default=16,
-                       help="Batch size (per device) for the training dataloader, or 'auto': the largest that fits "
-                            "(see --effective_batch_size).")
-    train.add_argument("--num_train_epochs", type=int, default=100)
-    train.add_argument("--max_train_steps", type=int, default=None,
-                       help="Total number of training steps to perform.  If provided, overrides num_train_epochs.")
     train.add_argument("--gradient_checkpointing", action="store_true",
                        help="Whether or not to use gradient checkpointing to save memory at the "
                             "expense of slower backward pass.")
-    train.add_argument("--learning_rate", type=float, default=1e-4,
-                       help="Initial learning rate (after the potential warmup period) to use.")
     train.add_argument("--scale_lr", action="store_true", default=False,
                        help="Scale the learning rate by the number of GPUs, gradient "
                             "accumulation steps, and batch size.")
@@ -80,10 +74,7 @@ def add_training_args(parser) -> None:
     train.add_argument("--use_8bit_adam", action="store_true",
                        help="Whether or not to use 8-bit Adam from bitsandbytes (= --optimizer adamw8bit).")
     add_optimizer_args(train, default="adamw")
-    train.add_argument("--adam_beta1", type=float, default=0.9, help="The beta1 parameter for the Adam optimizer.")
-    train.add_argument("--adam_beta2", type=float, default=0.999, help="The beta2 parameter for the Adam optimizer.")
-    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay to use.")
-    train.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer")
+    add_adam_args(train, weight_decay=1e-2)
     train.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
     train.add_argument("--input_perturbation", type=float, default=0,
                        help="The scale of input perturbation. Recommended 0.1.")
@@ -126,11 +117,11 @@ def add_validation_args(parser) -> None:
     val.add_argument("--validation_prompt", type=str, default=None,
                      help="A prompt that is sampled --num_validation_images times during "
                           "validation (LoRA script's flag).")
-    val.add_argument("--num_validation_images", type=int, default=None,
-                     help="Images per validation prompt (default: 1 per prompt for full training, 4 with --use_lora).")
-    val.add_argument("--validation_epochs", type=int, default=None,
-                     help="Run validation every X epochs (default 5; 1 with --use_lora, as in diffusers; 0: never by epoch).")
-    val.add_argument("--validation_steps", type=int, default=None, help="Also run validation every X optimizer steps.")
+    add_evaluation_args(val, validation_epochs=None, num_validation_images=None,
+                        epochs_help="Run validation every X epochs (default 5; 1 with --use_lora, as in diffusers; 0: "
+                                    "never by epoch).",
+                        images_help="Images per validation prompt (default: 1 per prompt for full training, 4 with "
+                                    "--use_lora).")
     val.add_argument("--validation_inference_steps", type=int, default=20,
                      help="DPM-Solver++ steps for validation images.")
     val.add_argument("--validation_guidance_scale", type=float, default=7.5,
@@ -141,10 +132,6 @@ def add_validation_args(parser) -> None:
                           "JSONL file in the --train_data_dir / --train_data_file layouts. Each held-out sample is "
                           "scored at its own fixed timestep and noise, so successive values compare. The weights "
                           "with the lowest val/loss are kept in <output_dir>/best/.")
-    val.add_argument("--early_stopping_patience", type=int, default=None,
-                     help="With --validation_split: stop after this many validations without a lower val/loss.")
-    val.add_argument("--early_stopping_min_delta", type=float, default=0.0,
-                     help="How much lower val/loss must be to count as better.")
 
 
 def fraction_or_path(value: str):
