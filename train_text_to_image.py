@@ -62,7 +62,7 @@ from utils.sd.models import load_models
 from utils.sd.model_kind import is_sdxl_run
 from utils.sd.saving import WeightsOutput, save_weights
 from utils.sd.single_file import add_single_file_args
-from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, latent_scaling_factor,
+from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, joint_vae, latent_scaling_factor,
                                   load_finished_stage, train_vae_stage)
 from utils.sd.validation import held_out_loss, log_validation
 from utils.speed import add_speed_args, apply_speedups
@@ -142,10 +142,6 @@ def check_resolution(args, vae, unet) -> None:
         raise UserError(f"--resolution {args.resolution} must be a multiple of {factor} "
                         f"(the VAE downsamples by {factor}).")
     check_bucket_args(args, factor * 2 ** (len(unet.config.block_out_channels) - 1))
-
-
-def joint_vae(args) -> bool:
-    return args.train_vae and args.vae_training_mode == "joint"
 
 
 def prepare_vae(args, accelerator, models, train_dataloader) -> None:

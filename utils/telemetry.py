@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from utils.report import log_metrics
+
 logger = logging.getLogger(__name__)
 
 
@@ -219,8 +221,6 @@ def log_training_health(accelerator, monitor: HealthMonitor, progress, step: int
     step_time_ms, samples_per_sec, memory and the trainer's own), `lr`, `skipped_nonfinite_steps` (with a guard)
     and `extra`, as `train/<name>` (plus diffusers' `train_loss`) to the trackers; loss and lr on the progress bar;
     a log line with `echo`. Returns the values (without the prefix)."""
-    from utils.report import log_metrics
-
     logs = {**monitor.collect(accelerator), "lr": lr, **(extra or {})}
     if guard is not None:
         logs["skipped_nonfinite_steps"] = guard.total_skipped

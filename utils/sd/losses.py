@@ -27,7 +27,7 @@ from utils.cache import sample_cached_latents
 from utils.errors import UserError
 from utils.latents import encode_latents, scale_latents
 from utils.sd.sdxl import unet_conditioning
-from utils.sd.vae_training import vae_losses
+from utils.sd.vae_training import joint_vae, vae_losses
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
@@ -145,7 +145,7 @@ def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
     unet, vae, noise_scheduler = (models[k] for k in ("unet", "vae", "noise_scheduler"))
 
     vae_loss = None
-    if args.train_vae and args.vae_training_mode == "joint":  # VAE learns from its own loss only
+    if joint_vae(args):  # the VAE learns from its own loss only
         vae_loss, reconstruction, kl, raw_latents = vae_losses(
             vae, batch["pixel_values"], args.vae_kl_weight, return_latents=True
         )

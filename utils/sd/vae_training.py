@@ -44,10 +44,15 @@ def add_vae_args(parser) -> None:
                              "joint: VAE and UNet trained together, the diffusion loss on detached latents (one process only).")
 
 
+def joint_vae(args) -> bool:
+    """--train_vae --vae_training_mode joint: the VAE trains with the UNet (else, with --train_vae, in a stage)."""
+    return args.train_vae and args.vae_training_mode == "joint"
+
+
 def check_vae_args(args) -> None:
     """Joint VAE training needs the pixels of every batch in one process."""
     multi_process = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if args.train_vae and args.vae_training_mode == "joint" and (args.cache_latents or multi_process):
+    if joint_vae(args) and (args.cache_latents or multi_process):
         raise UserError(
             "--vae_training_mode joint runs in one process without --cache_latents; use the default 'stage' mode."
         )
