@@ -33,7 +33,8 @@ from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
 from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
 from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
-from utils.data import epoch_batches, held_out_position, make_train_dataloader, split_train_validation
+from utils.data import (add_data_source_args, add_image_caption_args, epoch_batches, held_out_position,
+                        make_train_dataloader, split_train_validation)
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema
 from utils.evaluation import Evaluation, add_evaluation_args
 from utils.errors import UserError, oom_hint, user_entry_point
@@ -47,8 +48,8 @@ from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAM
 from utils.mask_dit.metrics import log_samples
 from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
 from utils.mask_dit.pipeline import MaskDiTPipeline, caption_width, load_vae, save_mask_dit_pipeline
-from utils.optim import (add_adam_args, add_optimizer_args, apply_update, create_optimizer, evaluation_weights,
-                         parse_optimizer_args, warmup_cosine)
+from utils.optim import (add_adam_args, add_lr_schedule_args, add_optimizer_args, apply_update, create_optimizer,
+                         evaluation_weights, parse_optimizer_args, warmup_cosine)
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
 from utils.loop import Checkpointing, StepBoundary
@@ -85,13 +86,11 @@ def parse_args(argv=None):
     model.add_argument("--max_caption_length", type=int, default=77)
     model.add_argument("--caption_hidden_layer", type=int, default=-1,
                        help="-1: the encoder's last hidden state; e.g. -2 for Lumina-Next's Gemma features.")
-    model.add_argument("--gradient_checkpointing", action="store_true")
     data = parser.add_argument_group("data")
-    data.add_argument("--train_data_dir", default=None, help="Folder with images/, masks/ and optional metadata.jsonl.")
-    data.add_argument("--dataset_name", default=None, help="Hub dataset id, or a datasets.save_to_disk folder.")
-    data.add_argument("--image_column", default="image")
+    add_data_source_args(data, train_data_dir_help="Folder with images/, masks/ and optional metadata.jsonl.",
+                         dataset_name_help="Hub dataset id, or a datasets.save_to_disk folder.")
+    add_image_caption_args(data, caption_dropout_prob=0.1)
     data.add_argument("--mask_column", default="mask")
-    data.add_argument("--caption_column", default="text")
     data.add_argument("--validation_data_dir", default=None,
                       help="Held-out pairs; default: --validation_split of the data.")
     data.add_argument("--validation_split", type=float, default=0.05,
@@ -101,24 +100,20 @@ def parse_args(argv=None):
     data.add_argument("--resolution", type=int, default=256)
     data.add_argument("--random_crop", action="store_true",
                       help="Random instead of centre crops (same for image and mask).")
-    data.add_argument("--random_flip", action="store_true")
     flow = parser.add_argument_group("flow matching")
     flow.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLING)
     flow.add_argument("--logit_mean", type=float, default=0.0)
     flow.add_argument("--logit_std", type=float, default=1.0)
     flow.add_argument("--mode_scale", type=float, default=1.29)
     flow.add_argument("--loss_weighting", default="uniform", choices=LOSS_WEIGHTING)
-    flow.add_argument("--caption_dropout_prob", type=float, default=0.1,
-                      help="Captions replaced by '' (for caption CFG).")
     flow.add_argument("--mask_dropout_prob", type=float, default=0.1,
                       help="Masks replaced by 'no mask' (for mask CFG).")
     optim = parser.add_argument_group("optimizer")
     add_plan_args(parser, batch_size=16, epochs=20, learning_rate=1e-4)
     add_optimizer_args(optim, default="adamw")
     add_adam_args(optim, weight_decay=0.0)
-    optim.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "constant"],
-                       help="Linear warmup, then cosine decay to --min_lr (or constant).")
-    optim.add_argument("--lr_warmup_steps", type=int, default=200)
+    add_lr_schedule_args(optim, scheduler="cosine", warmup_steps=200, choices=["cosine", "constant"],
+                         scheduler_help="Linear warmup, then cosine decay to --min_lr (or constant).")
     optim.add_argument("--min_lr", type=float, default=0.0)
     schedule = parser.add_argument_group("intervals and validation")
     schedule.add_argument("--checkpointing_epochs", type=int, default=None,
@@ -136,7 +131,7 @@ def parse_args(argv=None):
     add_ema_args(parser)
     add_cache_args(parser)
     add_auto_batch_args(parser)
-    add_speed_args(parser)
+    add_speed_args(parser, gradient_checkpointing=True)
     add_bucket_args(parser)
     args = parse_args_with_config(parser, argv)
     if (args.train_data_dir is None) == (args.dataset_name is None):

@@ -41,12 +41,13 @@ from utils.cache import fingerprint
 from utils.atomic import atomic_directory, write_json_atomic
 from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position, save_module
 from utils.config import add_hyphen_aliases, parse_args_with_config
-from utils.data import epoch_batches, make_train_dataloader
+from utils.data import add_data_source_args, epoch_batches, make_train_dataloader
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema, save_ema
 from utils.evaluation import Evaluation
 from utils.stopping import EarlyStopping
 from utils.errors import MissingPackageError, UserError, oom_hint, run_script
-from utils.optim import add_optimizer_args, apply_update, create_optimizer, evaluation_weights, parse_optimizer_args
+from utils.optim import (add_lr_schedule_args, add_optimizer_args, apply_update, create_optimizer, evaluation_weights,
+                         parse_optimizer_args)
 from utils.preflight import add_preflight_args
 from utils.report import log_metrics
 from utils.run import (add_run_args, claim_output_dir, create_accelerator, end_training, is_due, progress_bar,
@@ -69,14 +70,14 @@ logger = logging.getLogger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train or evaluate MSHNet on an IRSTD-1k-layout data set.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--train_data_dir", "--dataset_dir", dest="train_data_dir", type=str, required=True,
-                        help="Folder with images/, masks/ and trainval.txt + test.txt (MSHNet's IRSTD-1k layout) or "
-                             "img_idx/train_<name>.txt + test_<name>.txt (BasicIRSTD's), or the folder above it "
-                             "with --dataset_name (docs/SEGMENTATION.md).")
-    parser.add_argument("--dataset_name", type=str, default=None,
-                        help="IRSTD-1K, NUAA-SIRST, NUDT-SIRST, NUDT-SIRST-Sea, or SIRST3 (train on the union of "
-                             "the first three, score each one's test split). Default: the folder's name. A known "
-                             "data set without split files uses its standard split (utils/segmentation/splits).")
+    add_data_source_args(parser, aliases={"train_data_dir": ["--dataset_dir"]}, train_data_dir_required=True,
+                         train_data_dir_help="Folder with images/, masks/ and trainval.txt + test.txt (MSHNet's IRSTD-1k "
+                                             "layout) or img_idx/train_<name>.txt + test_<name>.txt (BasicIRSTD's), or "
+                                             "the folder above it with --dataset_name (docs/SEGMENTATION.md).",
+                         dataset_name_help="IRSTD-1K, NUAA-SIRST, NUDT-SIRST, NUDT-SIRST-Sea, or SIRST3 (train on the "
+                                           "union of the first three, score each one's test split). Default: the "
+                                           "folder's name. A known data set without split files uses its standard "
+                                           "split (utils/segmentation/splits).")
     parser.add_argument("--eval_size", type=str, default="auto", choices=["auto", "base", "native"],
                         help="Score at --base_size (frames resized, MSHNet's protocol) or at each frame's own size "
                              "(BasicIRSTD's). auto: base for the MSHNet layout, native for BasicIRSTD/standard "
@@ -111,10 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--crop_size", type=int, default=256, help="Training crop size (a multiple of 16).")
     add_optimizer_args(parser, default="adagrad")  # Adagrad is the reference's
     parser.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay (AdamW: decoupled).")
-    parser.add_argument("--lr_scheduler", type=str, default="constant",
-                        help='diffusers scheduler: "constant", "constant_with_warmup", "cosine", '
-                             '"linear", "polynomial", ...')
-    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="Scheduler warm-up steps.")
+    add_lr_schedule_args(parser, scheduler="constant", warmup_steps=0)
     parser.add_argument("--eval_epochs", type=int, default=1,
                         help="Evaluate every N epochs and after the last (0: after the last only).")
     parser.add_argument("--num_grid_images", type=int, default=8,

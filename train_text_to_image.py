@@ -91,7 +91,7 @@ def parse_args(argv=None):
     add_hub_args(parser)
     add_cache_args(parser)
     add_auto_batch_args(parser)
-    add_speed_args(parser)
+    add_speed_args(parser, gradient_checkpointing=True)
     args = parse_args_with_config(parser, argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))

@@ -161,3 +161,40 @@ def test_nothing_in_utils_writes_to_args():
     writes = [(m, f, sorted(w)) for m, f, _, w in _functions_taking_args() if w]
     assert not writes, f"utils functions writing into args: {writes}"
     assert any(len(r) >= 6 for _, _, r, _ in _functions_taking_args())  # the scan sees reads at all
+
+
+# Flags two trainers accept under one name with a different meaning (so each defines its own).
+SAME_NAME_OTHER_MEANING = {
+    "--pretrained_model_name_or_path": "an SD/SDXL pipeline vs NextDiT weights",
+    "--text_encoder_name_or_path": "a CLIP tokenizer+encoder vs any caption encoder (CLIP, T5, Gemma)",
+    "--model_config": "a pipeline folder describing a single file vs NextDiT config keys",
+    "--resolution": "SD: 512/1024 by model, bucketed; mask DiT: one square size",
+    "--validation_split": "SD: a fraction or a folder/file; mask DiT: a fraction (--validation_data_dir for a folder)",
+}
+
+
+def _flag_definitions() -> dict[str, list[str]]:
+    """The files that define each option string (`add_argument("--x", ...)`) among the trainers and utils/, leaving
+    out the standalone data/preset command lines in utils (functions named main/parse_args)."""
+    sites: dict[str, list[str]] = {}
+    for path in [repo_path(f"{t}.py") for t in TRAINERS] + glob.glob(repo_path("utils", "**", "*.py"), recursive=True):
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        standalone = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name in ("main", "parse_args")
+                      and path.startswith(repo_path("utils"))]
+        skipped = {id(n) for f in standalone for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" and id(node) not in skipped:
+                for arg in node.args:
+                    if isinstance(arg, ast.Constant) and str(arg.value).startswith("--"):
+                        where = sites.setdefault(arg.value, [])
+                        where += [os.path.relpath(path, REPO_ROOT)] if os.path.relpath(path, REPO_ROOT) not in where else []
+    return sites
+
+
+def test_a_flag_the_trainers_share_is_defined_once():
+    """Issue 29: a shared flag is one add_argument with per-script defaults, so names, help and checks cannot drift."""
+    sites = _flag_definitions()
+    twice = {flag: where for flag, where in sites.items() if len(where) > 1 and flag not in SAME_NAME_OTHER_MEANING}
+    assert not twice, f"flags defined more than once: {twice}"
+    stale = [flag for flag in SAME_NAME_OTHER_MEANING if len(sites.get(flag, [])) < 2]
+    assert not stale, f"SAME_NAME_OTHER_MEANING lists flags defined once: {stale}"

@@ -15,6 +15,28 @@ logger = logging.getLogger(__name__)
 _WARNED: set = set()  # (dataset size, batch size) pairs already warned about: a script builds its loader twice
 
 
+def add_data_source_args(parser, *, train_data_dir_help: str, dataset_name_help: str, aliases: dict | None = None,
+                         train_data_dir_required: bool = False) -> None:
+    """--train_data_dir and --dataset_name, defined once: each trainer says what its folder holds and what a dataset
+    name means to it (`aliases`: other names of a flag, e.g. guide 004's `--dataset_dir`)."""
+    names = lambda dest: [f"--{dest}", *(aliases or {}).get(dest, ())]  # noqa: E731
+    parser.add_argument(*names("train_data_dir"), dest="train_data_dir", type=str, default=None,
+                        required=train_data_dir_required, help=train_data_dir_help)
+    parser.add_argument(*names("dataset_name"), dest="dataset_name", type=str, default=None, help=dataset_name_help)
+
+
+def add_image_caption_args(parser, *, caption_dropout_prob: float) -> None:
+    """The columns of an image-caption table, --random_flip and --caption_dropout_prob (diffusers' names; each
+    trainer gives the dropout default)."""
+    parser.add_argument("--image_column", type=str, default="image", help="The column of the dataset containing an image.")
+    parser.add_argument("--caption_column", type=str, default="text",
+                        help="The column of the dataset containing a caption or a list of captions.")
+    parser.add_argument("--random_flip", action="store_true", help="whether to randomly flip images horizontally")
+    parser.add_argument("--caption_dropout_prob", type=float, default=caption_dropout_prob,
+                        help="Replace a caption by the empty prompt with this probability, so classifier-free "
+                             "guidance works.")
+
+
 class BadSampleError(UserError):
     """A sample that cannot be used; the message names the file or row."""
 

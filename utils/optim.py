@@ -49,6 +49,16 @@ def add_adam_args(parser, weight_decay: float) -> None:
     parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon value for the Adam optimizer")
 
 
+def add_lr_schedule_args(parser, *, scheduler: str, warmup_steps: int, choices: list[str] | None = None,
+                         scheduler_help: str | None = None) -> None:
+    """--lr_scheduler and --lr_warmup_steps: diffusers' `get_scheduler` names unless a trainer restricts `choices`."""
+    parser.add_argument("--lr_scheduler", type=str, default=scheduler, choices=choices,
+                        help=scheduler_help or 'The scheduler type to use. Choose between ["linear", "cosine", '
+                                               '"cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]')
+    parser.add_argument("--lr_warmup_steps", type=int, default=warmup_steps,
+                        help="Number of steps for the warmup in the lr scheduler.")
+
+
 def add_optimizer_args(parser, default: str = "adamw") -> None:
     """--optimizer and --optimizer_args, the same in every script (one builder: create_optimizer)."""
     parser.add_argument("--optimizer", type=str, default=default, choices=sorted(OPTIMIZERS),

@@ -32,12 +32,11 @@ logger = logging.getLogger(__name__)
 MAX_LISTED = 20
 
 
-def add_preflight_args(parser, skip_bad_samples: bool = True) -> None:
+def add_preflight_args(parser) -> None:
     parser.add_argument("--skip_preflight", action="store_true",
                         help="Do not scan every sample's files before training (image headers, sizes, captions).")
-    if skip_bad_samples:
-        parser.add_argument("--skip_bad_samples", action="store_true",
-                            help="Leave out (and count) unreadable samples instead of stopping with an error.")
+    parser.add_argument("--skip_bad_samples", action="store_true",
+                        help="Leave out (and count) unreadable samples instead of stopping with an error.")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Speed flags shared by all scripts: --torch_compile and --channels_last.
+"""Speed and memory flags shared by the scripts: --torch_compile, --channels_last, --gradient_checkpointing.
 """
 
 from __future__ import annotations
@@ -8,8 +8,13 @@ import torch
 from utils.errors import UserError
 
 
-def add_speed_args(parser) -> None:
-    """--torch_compile and --channels_last (see docs/PERFORMANCE.md)."""
+def add_speed_args(parser, gradient_checkpointing: bool = False) -> None:
+    """--torch_compile and --channels_last (see docs/PERFORMANCE.md); --gradient_checkpointing for the trainers
+    whose models support it."""
+    if gradient_checkpointing:
+        parser.add_argument("--gradient_checkpointing", action="store_true",
+                            help="Whether or not to use gradient checkpointing to save memory at the "
+                                 "expense of slower backward pass.")
     parser.add_argument("--torch_compile", action="store_true",
                         help="Compile the trained model with torch.compile (in place; the first steps are slow while it compiles).")
     parser.add_argument("--channels_last", action="store_true",

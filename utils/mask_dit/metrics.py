@@ -13,11 +13,6 @@ from utils.images import save_and_log_images
 from utils.mask_dit.data import collate_pairs
 from utils.mask_dit.pipeline import comparison_tiles, generate_from_mask
 from utils.metrics import psnr
-from utils.mask_dit.nextdit import (  # noqa: F401  (re-exported)
-    MASK_DIT_CONFIG_NAME,
-    MaskNextDiT2DModel,
-    is_mask_dit_dir,
-)
 
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import importlib.util
 
 from utils.errors import UserError
 from utils.evaluation import add_evaluation_args
-from utils.optim import add_adam_args, add_optimizer_args
+from utils.optim import add_adam_args, add_lr_schedule_args, add_optimizer_args
 from utils.plan import add_plan_args
 from utils.sd.model_kind import is_single_file
 
@@ -48,17 +48,10 @@ def add_model_args(parser) -> None:
 def add_training_args(parser) -> None:
     add_plan_args(parser, batch_size=16, epochs=100, learning_rate=1e-4)
     train = parser.add_argument_group("training")
-    train.add_argument("--gradient_checkpointing", action="store_true",
-                       help="Whether or not to use gradient checkpointing to save memory at the "
-                            "expense of slower backward pass.")
     train.add_argument("--scale_lr", action="store_true", default=False,
                        help="Scale the learning rate by the number of GPUs, gradient "
                             "accumulation steps, and batch size.")
-    train.add_argument("--lr_scheduler", type=str, default="constant",
-                       help='The scheduler type to use. Choose between ["linear", "cosine", "cosine_with_restarts", '
-                            '"polynomial", "constant", "constant_with_warmup"]')
-    train.add_argument("--lr_warmup_steps", type=int, default=500,
-                       help="Number of steps for the warmup in the lr scheduler.")
+    add_lr_schedule_args(train, scheduler="constant", warmup_steps=500)
     train.add_argument("--resume_override_lr", action="store_true",
                        help="After --resume_from_checkpoint, restart the LR schedule (warmup included) at "
                             "the current --learning_rate.")
@@ -104,9 +97,6 @@ def add_training_args(parser) -> None:
                        help="Also log each training image's loss under loss_for_<file name> (diffusers' SDXL LoRA script).")
     train.add_argument("--enable_npu_flash_attention", action="store_true",
                        help="Use NPU flash attention (Ascend NPUs with torch_npu only).")
-    train.add_argument("--caption_dropout_prob", type=float, default=0.0,
-                       help="Replace a caption by the empty prompt with this probability, so "
-                            "classifier-free guidance works.")
 
 
 

@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from utils.buckets import assign_buckets, bucket_summary, log_bucket_summary
-from utils.data import (BadSampleError, EpochDataset, SkipsBadSamples, first_bad_json_line, read_caption_file,
-                        sample_rng, split_train_validation)
+from utils.data import (BadSampleError, EpochDataset, SkipsBadSamples, add_data_source_args, add_image_caption_args,
+                        first_bad_json_line, read_caption_file, sample_rng, split_train_validation)
 from utils.errors import UserError, UserFileNotFoundError
 from utils.images import IMAGE_EXTENSIONS, INTERPOLATION_MODES, cover_size, crop_origin, load_image, pil_to_tensor
 from utils.preflight import add_preflight_args
@@ -49,17 +49,15 @@ def check_data_source_args(args) -> None:
 
 def add_image_data_args(parser) -> None:
     """Dataset and transform flags of diffusers' train_text_to_image.py, same names and defaults."""
-    parser.add_argument("--dataset_name", type=str, default=None,
-                        help="The name of the Dataset (from the HuggingFace hub) to train on, or a local path.")
+    add_data_source_args(parser, dataset_name_help="The name of the Dataset (from the HuggingFace hub) to train on, "
+                                                   "or a local path.",
+                         train_data_dir_help="A folder of training data: an imagefolder with metadata.jsonl, or "
+                                             "images with same-named .txt captions.")
     parser.add_argument("--dataset_config_name", type=str, default=None,
                         help="The config of the Dataset, leave as None if there's only one config.")
-    parser.add_argument("--train_data_dir", type=str, default=None,
-                        help="A folder of training data: an imagefolder with metadata.jsonl, or images with same-named .txt captions.")
     parser.add_argument("--train_data_file", type=str, default=None,
                         help="A CSV or JSONL file with an image path column (relative to the file) and a caption column.")
-    parser.add_argument("--image_column", type=str, default="image", help="The column of the dataset containing an image.")
-    parser.add_argument("--caption_column", type=str, default="text",
-                        help="The column of the dataset containing a caption or a list of captions.")
+    add_image_caption_args(parser, caption_dropout_prob=0.0)
     parser.add_argument("--max_train_samples", type=int, default=None,
                         help="For debugging purposes or quicker training, truncate the number of training examples to this value if set.")
     parser.add_argument("--cache_dir", type=str, default=None,
@@ -69,12 +67,9 @@ def add_image_data_args(parser) -> None:
                              "resized to this resolution (default: 512; 1024 for SDXL, as diffusers' SDXL scripts)")
     parser.add_argument("--center_crop", default=False, action="store_true",
                         help="Whether to center crop the input images to the resolution. If not set, the images will be randomly cropped.")
-    parser.add_argument("--random_flip", action="store_true", help="whether to randomly flip images horizontally")
     parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=sorted(INTERPOLATION_MODES),
                         help="The image interpolation method to use for resizing images.")
-    parser.add_argument("--skip_bad_samples", action="store_true",
-                        help="Skip (and count) unreadable images or missing captions instead of stopping with an error.")
-    add_preflight_args(parser, skip_bad_samples=False)
+    add_preflight_args(parser)
     add_caption_tag_args(parser)
 
 
