@@ -41,7 +41,7 @@ from utils.evaluation import Evaluation
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latents import vae_scale_factor
-from utils.optim import (apply_update, create_optimizer, evaluation_weights, parse_optimizer_args,
+from utils.optim import (apply_update, create_optimizer, evaluation_weights, parse_optimizer_args, prodigy_kwargs,
                          restart_lr_schedule)
 from utils.report import log_metrics
 from utils.loop import Checkpointing, StepBoundary
@@ -54,11 +54,13 @@ from utils.sd.args import (add_model_args, add_training_args, add_validation_arg
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
 from utils.sd.data import (add_image_data_args, assign_dataset_buckets, build_held_out_dataset, build_text_image_dataset,
                            caption_tags, captions_for_new_tokenizer, check_data_source_args, collate_text_image,
-                           load_text_image_dataset, split_held_out, usable_rows)
+                           split_held_out, usable_rows)
+from utils.sd.dreambooth import (add_dreambooth_args, check_dreambooth_args, dreambooth_aliases, dreambooth_defaults,
+                                 load_training_rows)
 from utils.sd.losses import add_loss_args, check_loss_args, diffusion_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
                            check_lora_args, load_lora_into, lora_checkpoint_check, save_lora)
-from utils.sd.models import load_models
+from utils.sd.models import load_models, text_encoder_names, trained_text_encoders
 from utils.sd.model_kind import is_sdxl_run
 from utils.sd.saving import WeightsOutput, save_weights
 from utils.sd.single_file import add_single_file_args
@@ -92,7 +94,9 @@ def parse_args(argv=None):
     add_cache_args(parser)
     add_auto_batch_args(parser)
     add_speed_args(parser, gradient_checkpointing=True)
-    args = parse_args_with_config(parser, argv)
+    add_dreambooth_args(parser)
+    args = parse_args_with_config(parser, argv, mode_defaults=dreambooth_defaults)  # a DreamBooth run: its defaults
+    vars(args).update(dreambooth_aliases(args))
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
@@ -130,7 +134,7 @@ def validate_args(args) -> None:
     args.optimizer = "adamw8bit" if args.use_8bit_adam else args.optimizer
     parse_optimizer_args(args.optimizer_args)  # a malformed KEY=VALUE is refused before anything runs
     for check in (check_loss_args, check_model_args, check_training_args, check_bucket_combinations, check_lora_args,
-                  check_data_source_args, check_vae_args, check_validation_args, check_hub_args):
+                  check_dreambooth_args, check_data_source_args, check_vae_args, check_validation_args, check_hub_args):
         check(args)
 
 
@@ -157,15 +161,6 @@ def prepare_vae(args, accelerator, models, train_dataloader) -> None:
     elif joint_vae(args):
         first_batches = [batch for _, batch in zip(range(4), train_dataloader)]
         models["vae"].register_to_config(scaling_factor=latent_scaling_factor(models["vae"], first_batches, "cpu"))
-
-
-def text_encoder_names(models) -> list[str]:
-    """The pipeline's text encoders: text_encoder (and SDXL's text_encoder_2)."""
-    return ["text_encoder"] + (["text_encoder_2"] if models.get("text_encoder_2") is not None else [])
-
-
-def trained_text_encoders(args, models) -> list[str]:
-    return text_encoder_names(models) if args.train_text_encoder else []
 
 
 def configure_training(args, accelerator, models, weight_dtype) -> None:
@@ -235,7 +230,8 @@ def build_optimizer(args, accelerator, models, learning_rate: float):
     param_groups = [{"params": [p for p in models["unet"].parameters() if p.requires_grad], "lr": learning_rate}]
     for name in trained_text_encoders(args, models):
         param_groups.append({"params": [p for p in models[name].parameters() if p.requires_grad],
-                             "lr": args.text_encoder_learning_rate or learning_rate})
+                             "lr": args.text_encoder_learning_rate or learning_rate,
+                             "weight_decay": args.adam_weight_decay_text_encoder or args.adam_weight_decay})
     if joint_vae(args):
         param_groups.append(
             {"params": list(models["vae"].parameters()), "lr": args.vae_learning_rate, "weight_decay": 0.0}
@@ -247,7 +243,9 @@ def build_optimizer(args, accelerator, models, learning_rate: float):
 def make_optimizer(args, param_groups, device):
     return create_optimizer(args.optimizer, param_groups, device, betas=(args.adam_beta1, args.adam_beta2),
                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                            extra=parse_optimizer_args(args.optimizer_args))
+                            extra={**prodigy_kwargs(args.optimizer, args.prodigy_beta3, args.prodigy_decouple,
+                                                    args.prodigy_use_bias_correction, args.prodigy_safeguard_warmup),
+                                   **parse_optimizer_args(args.optimizer_args)})
 
 
 def prepare(accelerator, args, models, optimizer, train_dataloader, lr_scheduler):
@@ -282,7 +280,7 @@ def main(args):
     dtype = weight_dtype(accelerator)
 
     # Data first: a from-scratch tokenizer learns its vocabulary from the captions.
-    rows, held_out_rows = split_held_out(args, usable_rows(args, load_text_image_dataset(args)))
+    rows, held_out_rows = split_held_out(args, usable_rows(args, load_training_rows(args, accelerator)))
     with accelerator.main_process_first():
         models = load_models(args, captions_for_new_tokenizer(args, rows))
     tokenizers = [models["tokenizer"]] + ([models["tokenizer_2"]] if args.sdxl else [])
@@ -318,7 +316,7 @@ def main(args):
 
     # Optimizer and schedule (the prepared scheduler steps once per process, hence the factors).
     optimizer, initial_lrs = build_optimizer(args, accelerator, models, plan.learning_rate)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_cycles=args.lr_num_cycles, power=args.lr_power,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=plan.max_train_steps * accelerator.num_processes)
     trained, optimizer, train_dataloader, lr_scheduler = prepare(accelerator, args, models, optimizer,

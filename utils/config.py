@@ -98,10 +98,13 @@ def apply_config_defaults(parser: argparse.ArgumentParser, config: dict, source:
         parser.set_defaults(**{action.dest: value})
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+                           mode_defaults=None) -> argparse.Namespace:
     """Parse `argv` after loading defaults from `--config FILE` if given.
 
-    Precedence: command line > YAML file > the parser's own defaults.
+    Precedence: command line > YAML file > `mode_defaults` > the parser's own defaults. `mode_defaults(first)`:
+    defaults that depend on what kind of run this is (e.g. a DreamBooth run takes diffusers' DreamBooth scripts'
+    defaults), from a first parse.
     """
     parser.add_argument(
         "--config",
@@ -112,8 +115,11 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
     pre_parser = argparse.ArgumentParser(add_help=False)
     pre_parser.add_argument("--config", type=str, default=None)
     known, _ = pre_parser.parse_known_args(argv)
-    if known.config:
-        apply_config_defaults(parser, load_yaml_config(known.config), known.config)
+    config = load_yaml_config(known.config) if known.config else {}
+    apply_config_defaults(parser, config, known.config)
+    if mode_defaults is not None:
+        parser.set_defaults(**mode_defaults(parser.parse_known_args(argv)[0]))
+        apply_config_defaults(parser, config, known.config)  # the file still wins over them
     return parser.parse_args(argv)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 
 import numpy as np
@@ -144,7 +145,8 @@ def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn
                           drop_last: bool = False, buckets: list | None = None, seed: int | None = None):
     """The training DataLoader with throughput settings: pinned host memory when a GPU is there;
     with workers, deeper prefetching and persistent workers (not restarted every epoch; the
-    datasets keep the epoch in shared memory, see `EpochDataset`)."""
+    datasets keep the epoch in shared memory, see `EpochDataset`). A dataset with a `prior` list (DreamBooth's
+    class rows) gets instance/class halves per batch (`PairedBatchSampler`), one with `buckets` one bucket a batch."""
     size = len(dataset) if hasattr(dataset, "__len__") else None
     if size is not None and isinstance(batch_size, int) and batch_size > size and (size, batch_size) not in _WARNED:
         _WARNED.add((size, batch_size))
@@ -159,6 +161,11 @@ def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn
     # checkpoint; a run resumed from that checkpoint would draw it after restoring the RNG and
     # then sample different noise (no longer bitwise identical). The order comes from
     # accelerate's seedable sampler, which reseeds this generator every epoch.
+    halves = getattr(getattr(dataset, "base", dataset), "prior", None)  # DreamBooth prior preservation
+    if halves is not None and any(halves):
+        sampler = PairedBatchSampler(halves, batch_size, seed, dataset=getattr(dataset, "base", dataset))
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
+                                           num_workers=num_workers, generator=torch.Generator(), **kwargs)
     if buckets is not None:  # --enable_bucket: every batch from one aspect-ratio bucket (utils.buckets)
         from utils.buckets import BucketBatchSampler
 
@@ -167,6 +174,48 @@ def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn
                                            num_workers=num_workers, generator=torch.Generator(), **kwargs)
     return torch.utils.data.DataLoader(dataset, shuffle=shuffle, collate_fn=collate_fn, batch_size=batch_size,
                                        num_workers=num_workers, drop_last=drop_last, generator=torch.Generator(), **kwargs)
+
+
+class PairedBatchSampler:
+    """Batches of two halves: `batch_size` indices with `second[i]` False, then as many with it True (DreamBooth's
+    instance and class images, as diffusers' DreamBooth dataset pairs them). An epoch is max(#first, #second)
+    pairs, each side cycled through a (seed, epoch) shuffle, the same in every process; the loss splits each
+    batch in its two halves."""
+
+    batch_size = None  # accelerate: batches are units (each process takes whole batches)
+    drop_last = False
+
+    def __init__(self, second: list[bool], batch_size: int, seed: int | None, dataset=None):
+        self.instances = [i for i, p in enumerate(second) if not p]
+        self.classes = [i for i, p in enumerate(second) if p]
+        self.per_batch, self.seed, self.dataset, self._epoch = int(batch_size), seed or 0, dataset, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.dataset, "epoch", self._epoch)) if self.dataset is not None else self._epoch
+
+    def _cycle(self, indices: list[int], count: int, rng: random.Random) -> list[int]:
+        order = []
+        while len(order) < count:
+            shuffled = list(indices)
+            rng.shuffle(shuffled)
+            order += shuffled
+        return order[:count]
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(hash((self.seed, epoch, -11)) & 0xFFFFFFFFFFFF)  # ints only: the same in every process
+        pairs = max(len(self.instances), len(self.classes))
+        instances, classes = self._cycle(self.instances, pairs, rng), self._cycle(self.classes, pairs, rng)
+        return [instances[s:s + self.per_batch] + classes[s:s + self.per_batch] for s in range(0, pairs, self.per_batch)]
+
+    def __iter__(self):
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return math.ceil(max(len(self.instances), len(self.classes)) / self.per_batch)
 
 
 def epoch_batches(accelerator, dataloader, dataset, epoch: int, position=None):

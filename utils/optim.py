@@ -4,6 +4,7 @@ schedule on resume, and the guarded update (clip, skip non-finite, step) every l
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -50,8 +51,13 @@ def add_adam_args(parser, weight_decay: float) -> None:
 
 
 def add_lr_schedule_args(parser, *, scheduler: str, warmup_steps: int, choices: list[str] | None = None,
-                         scheduler_help: str | None = None) -> None:
-    """--lr_scheduler and --lr_warmup_steps: diffusers' `get_scheduler` names unless a trainer restricts `choices`."""
+                         scheduler_help: str | None = None, cycles_and_power: bool = False) -> None:
+    """--lr_scheduler and --lr_warmup_steps: diffusers' `get_scheduler` names unless a trainer restricts `choices`;
+    `cycles_and_power`: also its --lr_num_cycles and --lr_power (diffusers' DreamBooth scripts)."""
+    if cycles_and_power:
+        parser.add_argument("--lr_num_cycles", type=int, default=1,
+                            help="Number of hard resets of the lr in cosine_with_restarts scheduler.")
+        parser.add_argument("--lr_power", type=float, default=1.0, help="Power factor of the polynomial scheduler.")
     parser.add_argument("--lr_scheduler", type=str, default=scheduler, choices=choices,
                         help=scheduler_help or 'The scheduler type to use. Choose between ["linear", "cosine", '
                                                '"cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]')
@@ -59,9 +65,38 @@ def add_lr_schedule_args(parser, *, scheduler: str, warmup_steps: int, choices: 
                         help="Number of steps for the warmup in the lr scheduler.")
 
 
+def _bool(value: str) -> bool:
+    if str(value).lower() in ("1", "true", "yes"):
+        return True
+    if str(value).lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{value!r} is not true/false")
+
+
+def add_prodigy_args(parser) -> None:
+    """diffusers' DreamBooth scripts' Prodigy settings (their names and defaults; `false`/`true` mean what they say)."""
+    parser.add_argument("--prodigy_beta3", type=float, default=None,
+                        help="coefficients for computing the Prodigy stepsize using running averages. If set to None, "
+                             "uses the value of square root of beta2. Ignored if optimizer is adamW")
+    parser.add_argument("--prodigy_decouple", type=_bool, default=True, help="Use AdamW style decoupled weight decay")
+    parser.add_argument("--prodigy_use_bias_correction", type=_bool, default=True,
+                        help="Turn on Adam's bias correction. True by default. Ignored if optimizer is adamW")
+    parser.add_argument("--prodigy_safeguard_warmup", type=_bool, default=True,
+                        help="Remove lr from the denominator of D estimate to avoid issues during warm-up stage. True "
+                             "by default. Ignored if optimizer is adamW")
+
+
+def prodigy_kwargs(optimizer: str, beta3, decouple: bool, use_bias_correction: bool, safeguard_warmup: bool) -> dict:
+    """Prodigy's keyword arguments from those flags (none for other optimizers)."""
+    if optimizer != "prodigy":
+        return {}
+    return dict(beta3=beta3, decouple=decouple, use_bias_correction=use_bias_correction,
+                safeguard_warmup=safeguard_warmup)
+
+
 def add_optimizer_args(parser, default: str = "adamw") -> None:
     """--optimizer and --optimizer_args, the same in every script (one builder: create_optimizer)."""
-    parser.add_argument("--optimizer", type=str, default=default, choices=sorted(OPTIMIZERS),
+    parser.add_argument("--optimizer", type=str.lower, default=default, choices=sorted(OPTIMIZERS),
                         help="; ".join(f"{name}: {what} [{package}; lr {lr}]"
                                        for name, (what, package, lr) in OPTIMIZERS.items()))
     parser.add_argument("--optimizer_args", type=str, nargs="*", default=[], metavar="KEY=VALUE",

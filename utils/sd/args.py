@@ -8,7 +8,7 @@ import importlib.util
 
 from utils.errors import UserError
 from utils.evaluation import add_evaluation_args
-from utils.optim import add_adam_args, add_lr_schedule_args, add_optimizer_args
+from utils.optim import add_adam_args, add_lr_schedule_args, add_optimizer_args, add_prodigy_args
 from utils.plan import add_plan_args
 from utils.sd.model_kind import is_single_file
 
@@ -51,7 +51,7 @@ def add_training_args(parser) -> None:
     train.add_argument("--scale_lr", action="store_true", default=False,
                        help="Scale the learning rate by the number of GPUs, gradient "
                             "accumulation steps, and batch size.")
-    add_lr_schedule_args(train, scheduler="constant", warmup_steps=500)
+    add_lr_schedule_args(train, scheduler="constant", warmup_steps=500, cycles_and_power=True)
     train.add_argument("--resume_override_lr", action="store_true",
                        help="After --resume_from_checkpoint, restart the LR schedule (warmup included) at "
                             "the current --learning_rate.")
@@ -68,6 +68,7 @@ def add_training_args(parser) -> None:
                        help="Whether or not to use 8-bit Adam from bitsandbytes (= --optimizer adamw8bit).")
     add_optimizer_args(train, default="adamw")
     add_adam_args(train, weight_decay=1e-2)
+    add_prodigy_args(train)
     train.add_argument("--noise_offset", type=float, default=0, help="The scale of noise offset.")
     train.add_argument("--input_perturbation", type=float, default=0,
                        help="The scale of input perturbation. Recommended 0.1.")

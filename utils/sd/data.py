@@ -37,14 +37,21 @@ from utils.preflight import add_preflight_args
 logger = logging.getLogger(__name__)
 
 
+PRIOR_COLUMN = "prior_preservation"  # DreamBooth rows (utils/sd/dreambooth.py): True for a class image
 # diffusers' examples know these Hub datasets' column names.
 DATASET_NAME_MAPPING = {"lambdalabs/naruto-blip-captions": ("image", "text"), "reach-vb/pokemon-blip-captions": ("image", "text")}
 
 
 def check_data_source_args(args) -> None:
-    if args.dataset_name is None and args.train_data_dir is None and args.train_data_file is None:
-        raise UserError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir or "
-                        "--train_data_file).")
+    if args.dataset_name is None and args.train_data_dir is None and args.train_data_file is None \
+            and args.instance_data_dir is None:
+        raise UserError("Need either a dataset name or a training folder (--dataset_name, --train_data_dir, "
+                        "--train_data_file, or DreamBooth's --instance_data_dir).")
+
+
+def data_source(args) -> str:
+    """The training data's name in messages: the dataset, folder or file the flags give."""
+    return args.dataset_name or args.train_data_dir or args.train_data_file or args.instance_data_dir
 
 
 def add_image_data_args(parser) -> None:
@@ -350,6 +357,8 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
         self.transform, self.tokenize = transform, tokenize
         self.seed, self.caption_dropout_prob, self.skip_bad_samples = seed, caption_dropout_prob, skip_bad_samples
         self.source_name, self.epoch, self.num_skipped = source_name, 0, 0
+        # DreamBooth's class rows (prior preservation): the train loader pairs them with instance rows.
+        self.prior = list(rows[PRIOR_COLUMN]) if PRIOR_COLUMN in getattr(rows, "column_names", ()) else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -425,7 +434,7 @@ def usable_rows(args, rows):
     With --skip_bad_samples the bad rows are left out, otherwise the run stops listing them."""
     from utils.preflight import caption_problem, image_header, preflight
 
-    source = args.dataset_name or args.train_data_dir or args.train_data_file
+    source = data_source(args)
     images, captions = rows[args.image_column], rows[args.caption_column]
 
     def check(index):
@@ -467,7 +476,7 @@ def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
     return TextImageDataset(rows, args.image_column, args.caption_column, image_transform(args), tokenize,
                             seed=args.seed,
                             caption_dropout_prob=args.caption_dropout_prob, skip_bad_samples=args.skip_bad_samples,
-                            source_name=args.dataset_name or args.train_data_dir or args.train_data_file,
+                            source_name=data_source(args),
                             tags=caption_tags(args))
 
 

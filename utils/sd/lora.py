@@ -25,6 +25,8 @@ def add_lora_args(parser) -> None:
     parser.add_argument("--rank", type=int, default=4, help="The dimension of the LoRA update matrices.")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank). Default: --rank.")
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch.")
+    parser.add_argument("--use_dora", action="store_true", default=False,
+                        help="Train DoRA (weight-decomposed LoRA, peft's LoraConfig(use_dora=True)) instead of LoRA.")
     parser.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
                         help=f"Module names to adapt in the UNet (default: {' '.join(DEFAULT_UNET_TARGETS)}).")
     parser.add_argument("--lora_format", type=str, default="both", choices=LORA_FORMATS,
@@ -84,6 +86,7 @@ def add_lora_adapter(model: torch.nn.Module, args, targets) -> None:
         lora_dropout=args.lora_dropout,
         init_lora_weights="gaussian",
         target_modules=list(targets),
+        use_dora=args.use_dora,
     )
     model.add_adapter(config)
 

@@ -137,6 +137,18 @@ def sample_timesteps(args, num_timesteps: int, batch_size: int, device) -> torch
     return torch.multinomial(weights.to(device), batch_size, replacement=True).long()
 
 
+def prior_preservation_loss(loss_of, model_pred, target, timesteps, prior_loss_weight: float, monitor) -> torch.Tensor:
+    """DreamBooth's loss (diffusers' train_dreambooth.py): `loss_of` on the instance half of the batch plus
+    `prior_loss_weight` x `loss_of` on the class half; both halves also go to `monitor` (train/instance_loss,
+    train/prior_loss). `loss_of(prediction, target, timesteps)`: the run's loss (MSE, min-SNR, Huber, ...) of a
+    batch, applied to both halves (diffusers applies min-SNR to the instance half only)."""
+    (pred, pred_prior), (wanted, wanted_prior), (steps, steps_prior) = (
+        torch.chunk(x, 2, dim=0) for x in (model_pred, target, timesteps))
+    instance_loss, prior_loss = loss_of(pred, wanted, steps), loss_of(pred_prior, wanted_prior, steps_prior)
+    monitor.add(instance_loss=instance_loss.detach(), prior_loss=prior_loss.detach())
+    return instance_loss + prior_loss_weight * prior_loss
+
+
 def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
     """The denoising loss of one batch of train_text_to_image.py (epsilon or v target; min-SNR, the loss options
     above, offset noise, input perturbation, DREAM; with --vae_training_mode joint plus the VAE's own loss).
@@ -173,10 +185,15 @@ def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
             args.dream_detail_preservation)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions,
                       return_dict=False)[0]
-    if args.snr_gamma is None and not uses_loss_options(args):
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    else:  # min-SNR, Huber/L1, debiased estimation (utils/sd/losses.py)
-        loss = weighted_loss(args, model_pred, target, timesteps, noise_scheduler)
+    def loss_of(prediction, wanted, steps):
+        if args.snr_gamma is None and not uses_loss_options(args):
+            return F.mse_loss(prediction.float(), wanted.float(), reduction="mean")
+        return weighted_loss(args, prediction, wanted, steps, noise_scheduler)  # min-SNR, Huber/L1, debiased
+
+    if args.with_prior_preservation:  # DreamBooth: instance half, then class half (utils.data.PairedBatchSampler)
+        loss = prior_preservation_loss(loss_of, model_pred, target, timesteps, args.prior_loss_weight, monitor)
+    else:
+        loss = loss_of(model_pred, target, timesteps)
     monitor.add(timestep_mean=timesteps.float().mean(),
                 timestep_std=timesteps.float().std(correction=0),  # (batch 1: 0, not NaN)
                 latent_std=latents.std(), noise_std=noise.std())

@@ -118,3 +118,13 @@ def replace_vae(args, models: dict) -> None:
         raise UserError(f"--pretrained_vae_model_name_or_path {vae_path} is a whole pipeline: give its VAE folder, "
                         f"{os.path.join(vae_path, 'vae')}.")
     models["vae"] = own_memory(AutoencoderKL.from_pretrained(vae_path, revision=args.revision, variant=args.variant))
+
+
+def text_encoder_names(models) -> list[str]:
+    """The pipeline's text encoders: text_encoder (and SDXL's text_encoder_2)."""
+    return ["text_encoder"] + (["text_encoder_2"] if models.get("text_encoder_2") is not None else [])
+
+
+def trained_text_encoders(args, models) -> list[str]:
+    """The text encoders this run trains (--train_text_encoder: all of them)."""
+    return text_encoder_names(models) if args.train_text_encoder else []

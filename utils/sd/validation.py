@@ -16,16 +16,22 @@ from utils.sd.schedulers import make_scheduler
 
 
 @torch.no_grad()
+def validation_prompts(args) -> list[str]:
+    """--validation_prompts, or the LoRA/DreamBooth scripts' one --validation_prompt."""
+    return args.validation_prompts or ([args.validation_prompt] if args.validation_prompt else [])
+
+
 def log_validation(args, accelerator, models, ema, step, weight_dtype):
     """Sample the validation prompts with the training modules themselves (no second copy)."""
-    prompts = args.validation_prompts or ([args.validation_prompt] if args.validation_prompt else [])
+    prompts = validation_prompts(args)
     if not prompts:
         return None
     unet = accelerator.unwrap_model(models["unet"])
     with ema_weights(ema, unet.parameters()):  # sample with the EMA weights, then put the training weights back
         components = dict(unet=unet, vae=models["vae"], text_encoder=accelerator.unwrap_model(models["text_encoder"]),
                           tokenizer=models["tokenizer"],
-                          scheduler=make_scheduler("dpm++", models["noise_scheduler"].config))
+                          scheduler=make_scheduler("ddpm" if args.validation_scheduler == "DDPMScheduler" else "dpm++",
+                                                   models["noise_scheduler"].config))
         if models.get("text_encoder_2") is not None:  # SDXL
             components.update(text_encoder_2=accelerator.unwrap_model(models["text_encoder_2"]),
                               tokenizer_2=models["tokenizer_2"])

@@ -1,0 +1,316 @@
+"""DreamBooth in train_text_to_image.py (utils/sd/dreambooth.py): diffusers' DreamBooth CLI and its own example
+tests (examples/dreambooth/test_dreambooth.py, test_dreambooth_lora.py) with the tiny offline pipeline, prior
+preservation (class images, paired batches, the two losses), exact resume, bad inputs."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process, write_captioned_folder
+from PIL import Image
+from test_user_errors import expect_user_error
+
+SCRIPT = "train_text_to_image.py"
+
+# Every flag of diffusers' examples/dreambooth/train_dreambooth.py, train_dreambooth_lora.py and
+# train_dreambooth_lora_sdxl.py (diffusers main, 2026-12, commit 58eb52c0), by name.
+DREAMBOOTH_FLAGS = """
+--adam_beta1 --adam_beta2 --adam_epsilon --adam_weight_decay --adam_weight_decay_text_encoder --allow_tf32 --cache_dir
+--caption_column --center_crop --checkpointing_steps --checkpoints_total_limit --class_data_dir
+--class_labels_conditioning --class_prompt --dataloader_num_workers --dataset_config_name --dataset_name
+--do_edm_style_training --enable_xformers_memory_efficient_attention --gradient_accumulation_steps
+--gradient_checkpointing --hub_model_id --hub_token --image_column --image_interpolation_mode --instance_data_dir
+--instance_prompt --learning_rate --local_rank --logging_dir --lora_dropout --lr_num_cycles --lr_power --lr_scheduler
+--lr_warmup_steps --max_grad_norm --max_train_steps --mixed_precision --num_class_images --num_train_epochs
+--num_validation_images --offset_noise --optimizer --output_dir --output_kohya_format --pre_compute_text_embeddings
+--pretrained_model_name_or_path --pretrained_vae_model_name_or_path --prior_generation_precision --prior_loss_weight
+--prodigy_beta3 --prodigy_decouple --prodigy_safeguard_warmup --prodigy_use_bias_correction --push_to_hub
+--random_flip --rank --repeats --report_to --resolution --resume_from_checkpoint --revision --sample_batch_size
+--scale_lr --seed --set_grads_to_none --skip_save_text_encoder --snr_gamma --text_encoder_lr
+--text_encoder_use_attention_mask --tokenizer_max_length --tokenizer_name --train_batch_size --train_text_encoder
+--use_8bit_adam --use_dora --validation_epochs --validation_images --validation_prompt --validation_scheduler
+--validation_steps --variant --with_prior_preservation
+""".split()
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+    """5 photos of 'the subject' (random images, no captions: the instance prompt is theirs)."""
+    root = tmp_path_factory.mktemp("instance")
+    write_captioned_folder(root, count=5, size=(40, 40), seed=3)
+    for caption in root.glob("*.txt"):
+        caption.unlink()
+    return str(root)
+
+
+def dreambooth_args(pipeline, instance, out, steps=2, extra=()):
+    return ["--pretrained_model_name_or_path", pipeline, "--instance_data_dir", instance, "--instance_prompt",
+            "a photo of sks thing", "--resolution", "32", "--train_batch_size", "1", "--max_train_steps", str(steps),
+            "--lr_warmup_steps", "0", "--output_dir", str(out), "--report_to", "none", *map(str, extra)]
+
+
+def prior_args(class_dir, num=4, extra=()):
+    return ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a photo of a thing",
+            "--num_class_images", str(num), "--sample_batch_size", "3", *map(str, extra)]
+
+
+def test_every_diffusers_dreambooth_flag_is_accepted():
+    import train_text_to_image as script
+
+    _, flags = parse_and_list_flags(script.parse_args, ["--instance_data_dir", "x", "--instance_prompt", "p",
+                                                        "--model_preset", "tiny"])
+    missing = [flag for flag in DREAMBOOTH_FLAGS if flag not in flags]
+    assert not missing, f"flags of diffusers' DreamBooth scripts we do not accept: {missing}"
+
+
+def test_dreambooth_runs_take_the_defaults_of_the_diffusers_script_they_correspond_to(tiny_sdxl_pipeline_dir):
+    import train_text_to_image as script
+
+    base = ["--pretrained_model_name_or_path", "p", "--instance_data_dir", "x", "--instance_prompt", "photo"]
+    full = script.parse_args(base)  # train_dreambooth.py
+    assert (full.output_dir, full.learning_rate, full.train_batch_size, full.num_train_epochs) == \
+        ("dreambooth-model", 5e-6, 4, 1)
+    assert (full.validation_steps, full.num_validation_images, full.tracker_project_name, full.resolution) == \
+        (100, 4, "dreambooth", 512)
+    assert (full.prior_loss_weight, full.num_class_images, full.sample_batch_size, full.repeats) == (1.0, 100, 4, 1)
+    assert (full.optimizer, full.lr_scheduler, full.lr_warmup_steps, full.adam_weight_decay) == \
+        ("adamw", "constant", 500, 1e-2)
+    lora = script.parse_args(base + ["--use_lora"])  # train_dreambooth_lora.py
+    assert (lora.output_dir, lora.learning_rate, lora.validation_epochs, lora.rank) == \
+        ("lora-dreambooth-model", 5e-4, 50, 4)
+    sdxl = script.parse_args(["--pretrained_model_name_or_path", tiny_sdxl_pipeline_dir] + base[2:] + ["--use_lora"])
+    assert (sdxl.learning_rate, sdxl.resolution, sdxl.adam_weight_decay, sdxl.text_encoder_learning_rate) == \
+        (1e-4, 1024, 1e-4, 5e-6)
+    # The command line and a --config file still win; a plain run keeps text-to-image's defaults.
+    assert script.parse_args(base + ["--learning_rate", "2e-6"]).learning_rate == 2e-6
+    plain = script.parse_args(["--pretrained_model_name_or_path", "p", "--dataset_name", "d"])
+    assert (plain.output_dir, plain.learning_rate, plain.train_batch_size) == ("sd-model-finetuned", 1e-4, 16)
+    # diffusers' spellings: AdamW, --offset_noise, --pre_compute_text_embeddings, --text_encoder_lr.
+    spelled = script.parse_args(base + ["--optimizer", "AdamW", "--offset_noise", "--pre_compute_text_embeddings",
+                                        "--text_encoder_lr", "1e-5"])
+    assert (spelled.optimizer, spelled.noise_offset, spelled.cache_text_embeddings) == ("adamw", 0.1, True)
+    assert spelled.text_encoder_learning_rate == 1e-5
+
+
+def test_yaml_config_wins_over_dreambooth_defaults(tmp_path):
+    import train_text_to_image as script
+
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 3.0e-6\ntrain_batch_size: 2\n")
+    args = script.parse_args(["--pretrained_model_name_or_path", "p", "--instance_data_dir", "x", "--instance_prompt",
+                              "photo", "--config", str(config)])
+    assert (args.learning_rate, args.train_batch_size, args.output_dir) == (3e-6, 2, "dreambooth-model")
+
+
+# diffusers' examples/dreambooth/test_dreambooth.py, their Hub pipeline replaced by the tiny local one and
+# docs/source/en/imgs by a folder of 5 images (test_dreambooth_if: DeepFloyd IF is not a model we train).
+def test_diffusers_dreambooth(tiny_pipeline_dir, instance_dir, tmp_path):
+    accelerate_launch(SCRIPT, ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--instance_data_dir",
+                               instance_dir, "--instance_prompt", "photo", "--resolution", "64", "--train_batch_size",
+                               "1", "--gradient_accumulation_steps", "1", "--max_train_steps", "2", "--learning_rate",
+                               "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+                               "--output_dir", tmp_path])
+    assert os.path.isfile(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    assert os.path.isfile(tmp_path / "scheduler" / "scheduler_config.json")
+
+
+def test_diffusers_dreambooth_checkpointing(tiny_pipeline_dir, instance_dir, tmp_path):
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    common = ["--pretrained_model_name_or_path", tiny_pipeline_dir, "--instance_data_dir", instance_dir,
+              "--instance_prompt", "photo", "--resolution", "64", "--train_batch_size", "1",
+              "--gradient_accumulation_steps", "1", "--learning_rate", "5.0e-04", "--scale_lr", "--lr_scheduler",
+              "constant", "--lr_warmup_steps", "0", "--output_dir", tmp_path, "--checkpointing_steps=2", "--seed=0"]
+    accelerate_launch(SCRIPT, common + ["--max_train_steps", "4"])
+    pipe = DiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)
+    pipe("photo", num_inference_steps=1)
+    assert os.path.isdir(tmp_path / "checkpoint-2") and os.path.isdir(tmp_path / "checkpoint-4")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path, subfolder="checkpoint-2/unet")
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_dir, unet=unet, safety_checker=None)
+    pipe("photo", num_inference_steps=1)
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    accelerate_launch(SCRIPT, common + ["--max_train_steps", "6", "--resume_from_checkpoint=checkpoint-4"])
+    DiffusionPipeline.from_pretrained(tmp_path, safety_checker=None)("photo", num_inference_steps=1)
+    assert not os.path.isdir(tmp_path / "checkpoint-2")
+    assert os.path.isdir(tmp_path / "checkpoint-4") and os.path.isdir(tmp_path / "checkpoint-6")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_diffusers_dreambooth_checkpoints_total_limit_removes_multiple(tiny_pipeline_dir, instance_dir, tmp_path,
+                                                                       lora):
+    """test_dreambooth(_lora)_checkpointing_checkpoints_total_limit(_removes_multiple_checkpoints)."""
+    common = [f"--pretrained_model_name_or_path={tiny_pipeline_dir}", f"--instance_data_dir={instance_dir}",
+              f"--output_dir={tmp_path}", "--instance_prompt=prompt", "--resolution=64", "--train_batch_size=1",
+              "--gradient_accumulation_steps=1", "--checkpointing_steps=2"] + (["--use_lora"] if lora else [])
+    accelerate_launch(SCRIPT, common + ["--max_train_steps=4"])
+    assert {x for x in os.listdir(tmp_path) if "checkpoint" in x} == {"checkpoint-2", "checkpoint-4"}
+    accelerate_launch(SCRIPT, common + ["--max_train_steps=8", "--resume_from_checkpoint=checkpoint-4",
+                                        "--checkpoints_total_limit=2"])
+    assert {x for x in os.listdir(tmp_path) if "checkpoint" in x} == {"checkpoint-6", "checkpoint-8"}
+
+
+# diffusers' examples/dreambooth/test_dreambooth_lora.py (train_dreambooth_lora.py is ours with --use_lora).
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_diffusers_dreambooth_lora(tiny_pipeline_dir, instance_dir, tmp_path, text_encoder):
+    import safetensors.torch
+
+    accelerate_launch(SCRIPT, ["--use_lora", "--pretrained_model_name_or_path", tiny_pipeline_dir,
+                               "--instance_data_dir", instance_dir, "--instance_prompt", "photo", "--resolution", "64",
+                               "--train_batch_size", "1", "--gradient_accumulation_steps", "1", "--max_train_steps",
+                               "2", "--learning_rate", "5.0e-04", "--scale_lr", "--lr_scheduler", "constant",
+                               "--lr_warmup_steps", "0", "--output_dir", tmp_path]
+                      + (["--train_text_encoder"] if text_encoder else []))
+    state = safetensors.torch.load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert all("lora" in k for k in state)
+    if text_encoder:
+        assert any(k.startswith("text_encoder") for k in state)
+        assert all(k.startswith("unet") or k.startswith("text_encoder") for k in state)
+    else:
+        assert all(k.startswith("unet") for k in state)
+
+
+def test_paired_batches_put_instance_then_class_halves_and_cover_the_longer_side():
+    from utils.data import PairedBatchSampler
+
+    prior = [False] * 3 + [True] * 7
+    sampler = PairedBatchSampler(prior, batch_size=2, seed=5)
+    batches = sampler.batches(0)
+    assert len(batches) == len(sampler) == 4  # ceil(max(3, 7) / 2)
+    for batch in batches:
+        half = len(batch) // 2
+        assert len(batch) % 2 == 0 and not any(prior[i] for i in batch[:half]) and all(prior[i] for i in batch[half:])
+    classes = [i for batch in batches for i in batch[len(batch) // 2:]]
+    assert sorted(classes) == list(range(3, 10))  # every class image once an epoch
+    instances = [i for batch in batches for i in batch[:len(batch) // 2]]
+    assert set(instances) == {0, 1, 2} and len(instances) == 7  # the instance images cycled
+    assert sampler.batches(0) == batches and sampler.batches(1) != batches
+
+
+def test_prior_preservation_loss_is_instance_loss_plus_weighted_class_loss():
+    import torch.nn.functional as F
+
+    from utils.sd.losses import prior_preservation_loss
+    from utils.telemetry import HealthMonitor
+
+    generator = torch.Generator().manual_seed(0)
+    prediction, target = (torch.randn(4, 4, 8, 8, generator=generator) for _ in range(2))
+    monitor = HealthMonitor()
+    loss = prior_preservation_loss(lambda p, t, _: F.mse_loss(p, t), prediction, target, torch.arange(4), 0.5,
+                                   monitor)
+    instance = ((prediction[:2] - target[:2]) ** 2).mean()
+    prior = ((prediction[2:] - target[2:]) ** 2).mean()
+    assert torch.allclose(loss, instance + 0.5 * prior)
+    logged = monitor.collect()
+    assert logged["instance_loss"] == pytest.approx(instance.item()) and logged["prior_loss"] == pytest.approx(prior.item())
+
+
+def test_class_images_are_generated_once_and_a_stopped_generation_continues_with_the_same_images(
+        tiny_pipeline_dir, instance_dir, tmp_path, monkeypatch):
+    import train_text_to_image as script
+    from utils.sd import dreambooth
+
+    class_dir = tmp_path / "class"
+
+    def run(name):
+        run_main_in_process(script, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / name, steps=1,
+                                                    extra=["--seed", "7"]) + prior_args(class_dir, num=5))
+    run("a")
+    names = sorted(os.listdir(class_dir))
+    assert len(names) == 5 and names[0].startswith("00000-")
+    pixels = {n: np.asarray(Image.open(class_dir / n)) for n in names}
+    # A generation stopped after images 0, 2 and 4: the rerun draws exactly 1 and 3, the same as before.
+    for name in (names[1], names[3]):
+        os.remove(class_dir / name)
+    drawn = []
+    original = dreambooth.load_generation_pipeline
+    monkeypatch.setattr(dreambooth, "load_generation_pipeline", lambda *a: drawn.append(1) or original(*a))
+    run("b")
+    assert sorted(os.listdir(class_dir)) == names and len(drawn) == 1
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(class_dir / name)), pixels[name])
+    # Enough images: nothing is generated (the pipeline is not even loaded).
+    run("c")
+    assert len(drawn) == 1
+
+
+def test_prior_preservation_logs_both_losses_and_they_add_up_to_the_loss(tiny_pipeline_dir, instance_dir, tmp_path):
+    """Each step's logged train/loss is train/instance_loss + --prior_loss_weight x train/prior_loss."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train_text_to_image as script
+
+    out = tmp_path / "run"
+    run_main_in_process(script, dreambooth_args(tiny_pipeline_dir, instance_dir, out, steps=3, extra=[
+        "--seed", "0", "--logging_steps", "1", "--report_to", "tensorboard", "--train_batch_size", "2"])
+        + prior_args(tmp_path / "class", num=4, extra=["--prior_loss_weight", "0.25"]))
+    scalars = {}
+    for directory, _, files in os.walk(out / "logs"):
+        if any(f.startswith("events.") for f in files):
+            accumulator = EventAccumulator(directory)
+            accumulator.Reload()
+            for tag in accumulator.Tags()["scalars"]:
+                scalars[tag] = {e.step: e.value for e in accumulator.Scalars(tag)}
+    assert set(scalars["train/loss"]) == {1, 2, 3}
+    for step, loss in scalars["train/loss"].items():
+        expected = scalars["train/instance_loss"][step] + 0.25 * scalars["train/prior_loss"][step]
+        assert loss == pytest.approx(expected, rel=1e-5)
+    saved = json.loads((out / "training_args.json").read_text())
+    assert saved["with_prior_preservation"] and saved["prior_loss_weight"] == 0.25
+
+
+def test_resume_with_prior_preservation_is_bitwise(tiny_pipeline_dir, instance_dir, tmp_path):
+    import train_text_to_image as script
+    from safetensors.torch import load_file
+
+    class_dir = tmp_path / "class"
+    common = prior_args(class_dir, num=3) + ["--seed", "0", "--train_batch_size", "2", "--checkpointing_steps", "2",
+                                             "--learning_rate", "1e-3"]
+    run_main_in_process(script, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "straight", 5) + common)
+    run_main_in_process(script, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "stopped", 2) + common)
+    run_main_in_process(script, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "stopped", 5) + common
+                        + ["--resume_from_checkpoint", "latest"])
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    straight, resumed = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "stopped" / weights)
+    base = load_file(os.path.join(tiny_pipeline_dir, weights))
+    assert any(not torch.equal(straight[k], base[k]) for k in base)  # it trained
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_repeats_multiply_the_instance_images_per_epoch(tiny_pipeline_dir, instance_dir, tmp_path):
+    import train_text_to_image as script
+
+    out = tmp_path / "run"
+    run_main_in_process(script, dreambooth_args(tiny_pipeline_dir, instance_dir, out, steps=1,
+                                                extra=["--repeats", "3", "--seed", "0"]))
+    plan = json.loads((out / "training_args.json").read_text())["plan"]
+    assert plan["updates_per_epoch"] == 15  # 5 images x 3 repeats, batch 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--instance_prompt", ""], "--instance_data_dir needs --instance_prompt"),
+    (["--prior_loss_weight", "0.5"], "add --with_prior_preservation"),
+    (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir"),
+    (["--class_labels_conditioning", "timesteps"], "--class_labels_conditioning"),
+    (["--text_encoder_use_attention_mask"], "not supported yet"),
+])
+def test_bad_dreambooth_flags_are_one_block_errors(capsys, tiny_pipeline_dir, instance_dir, tmp_path, extra, message):
+    import train_text_to_image as script
+
+    expect_user_error(capsys, script, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "o") + extra, message)
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_no_instance_images_and_an_unwritable_class_dir_are_named(capsys, tiny_pipeline_dir, instance_dir, tmp_path):
+    import train_text_to_image as script
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_user_error(capsys, script, dreambooth_args(tiny_pipeline_dir, str(empty), tmp_path / "o"),
+                      f"--instance_data_dir {empty}: no images")
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("x")
+    expect_user_error(capsys, script, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "o2")
+                      + prior_args(blocked / "class"), f"--class_data_dir {blocked / 'class'}: not writable")

@@ -1,0 +1,278 @@
+"""DreamBooth in train_text_to_image.py: diffusers' `examples/dreambooth/train_dreambooth*.py` flags (same names,
+defaults and meaning: a DreamBooth run is one with --instance_data_dir), the instance and class rows, the class
+images generated once with the base model (seeded per image, so a stopped generation continues where it stopped
+and never redraws what exists), and the batches that pair every instance sample with a class sample (prior
+preservation: `utils.data.PairedBatchSampler`; the loss side is `utils.sd.losses.prior_preservation_loss`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+
+from utils.atomic import atomic_file
+from utils.errors import UserError, UserFileNotFoundError
+from utils.images import IMAGE_EXTENSIONS
+from utils.sd.data import PRIOR_COLUMN, load_text_image_dataset
+
+logger = logging.getLogger(__name__)
+
+# The three diffusers scripts' defaults where they differ from train_text_to_image.py's (diffusers 0.37,
+# examples/dreambooth): full fine-tuning, LoRA on SD 1.x/2.x, LoRA on SDXL.
+DREAMBOOTH_DEFAULTS = {
+    "common": dict(train_batch_size=4, num_train_epochs=1, num_validation_images=4),
+    "full": dict(output_dir="dreambooth-model", learning_rate=5e-6, validation_steps=100,
+                 tracker_project_name="dreambooth"),
+    "lora": dict(output_dir="lora-dreambooth-model", learning_rate=5e-4, validation_epochs=50,
+                 tracker_project_name="dreambooth-lora"),
+    "lora-sdxl": dict(output_dir="lora-dreambooth-model", learning_rate=1e-4, validation_epochs=50,
+                      adam_weight_decay=1e-4, text_encoder_learning_rate=5e-6,
+                      tracker_project_name="dreambooth-lora-sd-xl"),
+}
+UNSUPPORTED = {  # diffusers' flags for models this trainer does not train (DeepFloyd IF, EDM-style Playground)
+    "class_labels_conditioning": "DeepFloyd IF's class-label conditioning",
+    "validation_images": "DeepFloyd IF's upscaler validation",
+    "do_edm_style_training": "EDM-style training (Playground v2.5)",
+}
+
+
+def add_dreambooth_args(parser) -> None:
+    group = parser.add_argument_group("DreamBooth (diffusers' train_dreambooth*.py flags)")
+    group.add_argument("--instance_data_dir", type=str, default=None,
+                       help="A folder containing the training data of instance images (makes this a DreamBooth run).")
+    group.add_argument("--instance_prompt", type=str, default=None,
+                       help="The prompt with identifier specifying the instance, e.g. 'photo of a sks dog'.")
+    group.add_argument("--class_data_dir", type=str, default=None,
+                       help="A folder containing the training data of class images (generated there if too few).")
+    group.add_argument("--class_prompt", type=str, default=None,
+                       help="The prompt to specify images in the same class as provided instance images.")
+    group.add_argument("--with_prior_preservation", default=False, action="store_true",
+                       help="Flag to add prior preservation loss.")
+    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="The weight of prior preservation loss.")
+    group.add_argument("--num_class_images", type=int, default=100,
+                       help="Minimal class images for prior preservation loss. If there are not enough images already "
+                            "present in class_data_dir, additional images will be sampled with class_prompt.")
+    group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size (per device) for sampling images.")
+    group.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+                       help="Precision of the class-image generation (default: fp16 on a GPU, fp32 on a CPU).")
+    group.add_argument("--repeats", type=int, default=1, help="How many times to repeat the training data.")
+    group.add_argument("--offset_noise", action="store_true", default=False,
+                       help="Fine-tuning against a modified noise (= --noise_offset 0.1). "
+                            "See: https://www.crosslabs.org//blog/diffusion-with-offset-noise for more information.")
+    group.add_argument("--pre_compute_text_embeddings", action="store_true",
+                       help="Encode the prompts once and leave the text encoder off the device "
+                            "(= --cache_text_embeddings).")
+    group.add_argument("--text_encoder_lr", dest="text_encoder_learning_rate", type=float, default=None,
+                       help="Text encoder learning rate (= --text_encoder_learning_rate).")
+    group.add_argument("--adam_weight_decay_text_encoder", type=float, default=None,
+                       help="Weight decay of the text encoders' parameters (default: --adam_weight_decay; diffusers' "
+                            "SDXL DreamBooth LoRA: 1e-3).")
+    group.add_argument("--set_grads_to_none", action="store_true",
+                       help="Accepted for diffusers' command lines: gradients are always set to None here "
+                            "(torch's default), which saves memory.")
+    group.add_argument("--validation_scheduler", type=str, default="DPMSolverMultistepScheduler",
+                       choices=["DPMSolverMultistepScheduler", "DDPMScheduler"],
+                       help="The sampler of the validation images.")
+    group.add_argument("--output_kohya_format", action="store_true",
+                       help="Also write the LoRA in kohya's key layout (= --lora_format both, our default).")
+    group.add_argument("--tokenizer_name", type=str, default=None, help="Not supported yet (refused if given).")
+    group.add_argument("--tokenizer_max_length", type=int, default=None,
+                       help="The maximum length of the tokenizer; only the tokenizer's own (CLIP: 77) is supported.")
+    group.add_argument("--text_encoder_use_attention_mask", action="store_true",
+                       help="Not supported yet (SD's CLIP is trained without one; refused if given).")
+    group.add_argument("--skip_save_text_encoder", action="store_true",
+                       help="Not supported yet (refused if given).")
+    for name, what in UNSUPPORTED.items():
+        shape = {"nargs": "+"} if name == "validation_images" else {"nargs": "?", "const": True}
+        group.add_argument(f"--{name}", default=None, **shape,
+                           help=f"diffusers' flag for {what}: refused here (a model this trainer does not train).")
+
+
+def dreambooth_defaults(first) -> dict:
+    """For a DreamBooth run (`first`: a first parse with --instance_data_dir), the defaults of the diffusers
+    script it corresponds to (utils.config.parse_args_with_config's `mode_defaults`); none otherwise."""
+    from utils.sd.model_kind import is_sdxl_run
+
+    if first.instance_data_dir is None:
+        return {}
+    sdxl = is_sdxl_run(first) if first.pretrained_model_name_or_path or first.model_preset else False
+    mode = "full" if not first.use_lora else ("lora-sdxl" if sdxl else "lora")
+    return {**DREAMBOOTH_DEFAULTS["common"], **DREAMBOOTH_DEFAULTS[mode]}
+
+
+def dreambooth_aliases(args) -> dict:
+    """diffusers' DreamBooth spellings of settings this trainer has under other names, as values to apply."""
+    aliases = {}
+    if args.offset_noise:  # diffusers: noise + 0.1 * per-channel noise
+        if args.noise_offset not in (0, 0.1):
+            raise UserError("--offset_noise is --noise_offset 0.1; give one of them.")
+        aliases["noise_offset"] = 0.1
+    if args.pre_compute_text_embeddings:
+        aliases["cache_text_embeddings"] = True
+    if args.output_kohya_format and args.lora_format == "diffusers":
+        aliases["lora_format"] = "both"
+    if args.set_grads_to_none:
+        logger.info("--set_grads_to_none: gradients are always set to None here.")
+    return aliases
+
+
+def check_dreambooth_args(args) -> None:
+    """diffusers' DreamBooth flags: the ones for models not trained here refused, the run's combinations checked."""
+    unsupported = [(flag, value) for flag, value in (("--class_labels_conditioning", args.class_labels_conditioning),
+                                                     ("--validation_images", args.validation_images),
+                                                     ("--do_edm_style_training", args.do_edm_style_training))
+                   if value is not None]
+    if unsupported:
+        flag = unsupported[0][0]
+        raise UserError(f"{flag}: {UNSUPPORTED[flag[2:]]} is not supported by train_text_to_image.py; drop the flag.")
+    not_yet = [flag for flag, given in (("--tokenizer_name", args.tokenizer_name is not None),
+                                        ("--text_encoder_use_attention_mask", args.text_encoder_use_attention_mask),
+                                        ("--skip_save_text_encoder", args.skip_save_text_encoder),
+                                        ("--tokenizer_max_length", args.tokenizer_max_length not in (None, 77)))
+               if given]
+    if not_yet:
+        raise UserError(f"{', '.join(not_yet)}: not supported yet by train_text_to_image.py (diffusers uses them "
+                        "mostly for DeepFloyd IF's T5); drop them for Stable Diffusion.")
+    check_instance_args(args)
+    check_prior_preservation_args(args)
+
+
+def check_instance_args(args) -> None:
+    if args.instance_data_dir is None:
+        given = [flag for flag, value in (("--instance_prompt", args.instance_prompt),
+                                          ("--with_prior_preservation", args.with_prior_preservation)) if value]
+        if given:
+            raise UserError(f"{', '.join(given)} belong to a DreamBooth run: give --instance_data_dir (the folder "
+                            "of your subject's images) too.")
+        return
+    if args.dataset_name or args.train_data_dir or args.train_data_file:
+        raise UserError("--instance_data_dir replaces --dataset_name/--train_data_dir/--train_data_file: give one.")
+    if not args.instance_prompt:
+        raise UserError("--instance_data_dir needs --instance_prompt, e.g. --instance_prompt 'a photo of sks dog'.")
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats}: must be at least 1.")
+
+
+def check_prior_preservation_args(args) -> None:
+    if not args.with_prior_preservation:
+        if args.prior_loss_weight != 1.0 or args.class_data_dir or args.class_prompt:
+            raise UserError("--prior_loss_weight, --class_data_dir and --class_prompt are for prior preservation: "
+                            "add --with_prior_preservation, or drop them.")
+        return
+    if not args.class_data_dir or not args.class_prompt:
+        raise UserError("--with_prior_preservation needs --class_data_dir (where the class images are, or are "
+                        "generated) and --class_prompt (e.g. 'a photo of a dog').")
+    if args.enable_bucket:
+        raise UserError("--with_prior_preservation pairs every instance image with a class image of the same "
+                        "size: drop --enable_bucket.")
+    if args.train_batch_size == "auto":
+        raise UserError("--with_prior_preservation doubles every batch (instance + class images): give "
+                        "--train_batch_size as a number.")
+
+
+def image_files(directory: str) -> list[str]:
+    return sorted(os.path.join(directory, name) for name in os.listdir(directory)
+                  if name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def class_image_name(index: int, prompt: str) -> str:
+    """Class image `index`'s file name: the index first (a stopped generation resumes after the last one written)."""
+    return f"{index:05d}-{hashlib.sha1(prompt.encode('utf-8')).hexdigest()[:10]}.jpg"
+
+
+def generation_dtype(precision: str | None, device: torch.device) -> torch.dtype:
+    if precision is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def load_generation_pipeline(args, dtype: torch.dtype):
+    """The base model as a pipeline, for the class images."""
+    from diffusers import DiffusionPipeline
+
+    from utils.sd.model_kind import is_single_file
+    from utils.sd.single_file import load_single_file_pipeline
+
+    if not args.pretrained_model_name_or_path:
+        raise UserError("--with_prior_preservation with too few images in --class_data_dir generates the rest with "
+                        "the base model: give --pretrained_model_name_or_path, or fill --class_data_dir with "
+                        f"{args.num_class_images} images.")
+    if is_single_file(args.pretrained_model_name_or_path):
+        return load_single_file_pipeline(args.pretrained_model_name_or_path, args.model_config,
+                                         args.original_config, dtype=dtype)
+    return DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=dtype,
+                                             revision=args.revision, variant=args.variant, safety_checker=None)
+
+
+def generate_class_images(args, accelerator) -> int:
+    """Fill --class_data_dir up to --num_class_images with the base model's images of --class_prompt; returns
+    how many were generated. Image k is drawn from seed (--seed, k) and written atomically, so a run stopped here
+    continues where it stopped (same images as uninterrupted); processes share the missing indices."""
+    directory = args.class_data_dir
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise UserError(f"--class_data_dir {directory}: not writable ({error.strerror}); class images are "
+                        "generated there. Choose a folder you can write to.") from None
+    existing = image_files(directory)
+    done = {int(os.path.basename(p).split("-")[0]) for p in existing if os.path.basename(p).split("-")[0].isdigit()}
+    missing = [k for k in range(args.num_class_images) if k not in done][:max(0, args.num_class_images - len(existing))]
+    if not missing:
+        return 0
+    dtype = generation_dtype(args.prior_generation_precision, accelerator.device)
+    logger.info(f"Generating {len(missing)} class images of '{args.class_prompt}' in {directory} "
+                f"({len(existing)} there; --num_class_images {args.num_class_images}).")
+    pipeline = load_generation_pipeline(args, dtype).to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    mine = missing[accelerator.process_index::accelerator.num_processes]
+    for start in range(0, len(mine), args.sample_batch_size):
+        indices = mine[start:start + args.sample_batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed((args.seed or 0) * 1_000_003 + k) for k in indices]
+        images = pipeline([args.class_prompt] * len(indices), generator=generators, height=args.resolution,
+                          width=args.resolution).images
+        for k, image in zip(indices, images):
+            with atomic_file(os.path.join(directory, class_image_name(k, args.class_prompt))) as temp:
+                image.save(temp, format="JPEG")
+    del pipeline
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    accelerator.wait_for_everyone()
+    return len(missing)
+
+
+def dreambooth_rows(instance_dir: str, instance_prompt: str, repeats: int, classes: list[str],
+                    class_prompt: str | None, columns: tuple[str, str]):
+    """The DreamBooth rows: every instance image (`repeats` times) with the instance prompt, then the class images
+    with the class prompt; the PRIOR_COLUMN tells them apart. `columns`: the (image, caption) column names."""
+    import datasets
+
+    if not os.path.isdir(instance_dir):
+        raise UserFileNotFoundError(f"--instance_data_dir {instance_dir}: no such directory")
+    instances = image_files(instance_dir)
+    if not instances:
+        raise UserError(f"--instance_data_dir {instance_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it. Put "
+                        "your subject's photos there.")
+    instances = instances * repeats
+    return datasets.Dataset.from_dict({
+        columns[0]: instances + classes, columns[1]: [instance_prompt] * len(instances) + [class_prompt] * len(classes),
+        PRIOR_COLUMN: [False] * len(instances) + [True] * len(classes)})
+
+
+def class_images(args, accelerator) -> list[str]:
+    """--num_class_images images of --class_data_dir, the missing ones generated first."""
+    generate_class_images(args, accelerator)
+    return image_files(args.class_data_dir)[:args.num_class_images]
+
+
+def load_training_rows(args, accelerator):
+    """The training rows: DreamBooth's (missing class images generated first) or the text-image data's."""
+    if args.instance_data_dir is None:
+        return load_text_image_dataset(args)
+    classes = class_images(args, accelerator) if args.with_prior_preservation else []
+    return dreambooth_rows(args.instance_data_dir, args.instance_prompt, args.repeats, classes, args.class_prompt,
+                           (args.image_column, args.caption_column))
