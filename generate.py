@@ -46,6 +46,7 @@ from utils.errors import UserError, UserFileNotFoundError, run_script
 from utils.run import quiet_empty_notices
 from utils.images import make_grid
 from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya
+from utils.sd.lycoris import has_peft_adapters, load_peft_adapters
 from utils.sd.single_file import DTYPES as SINGLE_FILE_DTYPES
 from utils.sd.single_file import SINGLE_FILE_NAME, load_single_file_pipeline, save_single_file
 from utils.sd.schedulers import SCHEDULERS, make_scheduler
@@ -236,7 +237,7 @@ def resolve_base_model(args) -> str:
         if os.path.isdir(args.model) and not is_pipeline_dir(args.model):
             found = sorted(n for n in os.listdir(args.model) if n.startswith("checkpoint-"))
             hint = ""
-            if os.path.isfile(os.path.join(args.model, LORA_WEIGHT_NAME)):
+            if os.path.isfile(os.path.join(args.model, LORA_WEIGHT_NAME)) or has_peft_adapters(args.model):
                 hint = f" It holds LoRA weights: use --model BASE_MODEL --lora {args.model}."
             elif found:
                 hint = (f" It holds checkpoints ({', '.join(found)}): use --model BASE_MODEL --checkpoint "
@@ -283,7 +284,7 @@ def load_checkpoint_into(pipe, checkpoint: str, ema: bool, dtype: torch.dtype) -
     if not os.path.isdir(checkpoint):
         raise UserFileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
     present = sorted(os.listdir(checkpoint))
-    if LORA_WEIGHT_NAME in present and "unet" not in present:
+    if (LORA_WEIGHT_NAME in present or has_peft_adapters(checkpoint)) and "unet" not in present:
         if ema:
             raise UserError(f"--checkpoint {checkpoint} is a LoRA checkpoint; it has no EMA UNet, drop --ema.")
         load_lora(pipe, checkpoint)
@@ -307,7 +308,11 @@ def load_checkpoint_into(pipe, checkpoint: str, ema: bool, dtype: torch.dtype) -
 
 def load_lora(pipe, path: str) -> None:
     """Load LoRA weights: a folder with pytorch_lora_weights.safetensors (or our kohya file), or a file in the
-    diffusers or kohya/A1111 layout (diffusers' load_lora_weights reads both)."""
+    diffusers or kohya/A1111 layout (diffusers' load_lora_weights reads both); a LoHa/LoKr run's folder through
+    peft (its unet_adapter/, text_encoder_adapter/)."""
+    if os.path.isdir(path) and has_peft_adapters(path):
+        return load_peft_adapters(path, {"unet": pipe.unet, "text_encoder": pipe.text_encoder,
+                                         "text_encoder_2": getattr(pipe, "text_encoder_2", None)}, add=True)
     if os.path.isfile(path):
         folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     elif os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):

@@ -198,7 +198,7 @@ def test_prior_preservation_loss_is_instance_loss_plus_weighted_class_loss():
     generator = torch.Generator().manual_seed(0)
     prediction, target = (torch.randn(4, 4, 8, 8, generator=generator) for _ in range(2))
     monitor = HealthMonitor()
-    loss = prior_preservation_loss(lambda p, t, _: F.mse_loss(p, t), prediction, target, torch.arange(4), 0.5,
+    loss = prior_preservation_loss(lambda p, t, _, __: F.mse_loss(p, t), prediction, target, torch.arange(4), 0.5,
                                    monitor)
     instance = ((prediction[:2] - target[:2]) ** 2).mean()
     prior = ((prediction[2:] - target[2:]) ** 2).mean()

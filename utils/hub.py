@@ -134,7 +134,8 @@ def write_model_card(
         if os.path.abspath(validation_grid) != os.path.abspath(target):
             shutil.copyfile(validation_grid, target)
         sections.append(f"## Validation images\n\n![validation images]({VALIDATION_GRID_NAME})")
-    sections.append(_usage_section(model_ref, base_model, lora))
+    peft_adapters = os.path.isfile(os.path.join(output_dir, "unet_adapter", "adapter_config.json"))  # LoHa / LoKr
+    sections.append(_usage_section(model_ref, base_model, "peft" if lora and peft_adapters else lora))
     run_facts = _run_facts(output_dir)
     if run_facts:
         sections.append("## Run\n\n| fact | value |\n| --- | --- |\n" + "\n".join(run_facts))
@@ -170,8 +171,14 @@ def _run_facts(output_dir: str) -> list[str]:
     return [f"| {key} | {_table_value(value)} |" for key, value in facts.items() if value not in (None, "")]
 
 
-def _usage_section(model_ref: str, base_model: str | None, lora: bool) -> str:
-    if lora:
+def _usage_section(model_ref: str, base_model: str | None, lora) -> str:
+    """`lora`: False, True (diffusers' LoRA file), or "peft" (LoHa/LoKr adapter folders, utils/sd/lycoris.py)."""
+    if lora == "peft":
+        load = (f'pipe = StableDiffusionPipeline.from_pretrained("{base_model or "BASE_MODEL"}", torch_dtype=torch.float16).to("cuda")\n'
+                "# A LoHa/LoKr adapter: load_lora_weights cannot read it. Use generate.py (below), or\n"
+                "# pytorch_lora_weights_kohya.safetensors (LyCORIS layout) in ComfyUI / AUTOMATIC1111.")
+        cli = f'python generate.py --model {base_model or "BASE_MODEL"} --lora {model_ref} --prompt "..."'
+    elif lora:
         load = (f'pipe = StableDiffusionPipeline.from_pretrained("{base_model or "BASE_MODEL"}", torch_dtype=torch.float16).to("cuda")\n'
                 f'pipe.load_lora_weights("{model_ref}")')
         cli = f'python generate.py --model {base_model or "BASE_MODEL"} --lora {model_ref} --prompt "..."'

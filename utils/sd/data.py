@@ -29,10 +29,12 @@ from PIL import Image
 
 from utils.buckets import assign_buckets, bucket_summary, log_bucket_summary
 from utils.data import (BadSampleError, EpochDataset, SkipsBadSamples, add_data_source_args, add_image_caption_args,
-                        first_bad_json_line, read_caption_file, sample_rng, split_train_validation)
+                        first_bad_json_line, sample_rng, split_train_validation)
 from utils.errors import UserError, UserFileNotFoundError
 from utils.images import IMAGE_EXTENSIONS, INTERPOLATION_MODES, cover_size, crop_origin, load_image, pil_to_tensor
 from utils.preflight import add_preflight_args
+from utils.sd.kohya_folders import add_kohya_folder_args, caption_for, is_repeat_layout, repeat_folder_rows
+from utils.sd.masks import MASK_FOLDER, add_mask_args, check_masks, has_mask, load_mask, transform_mask
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ def add_image_data_args(parser) -> None:
                         help="The image interpolation method to use for resizing images.")
     add_preflight_args(parser)
     add_caption_tag_args(parser)
+    add_kohya_folder_args(parser)
+    add_mask_args(parser)
 
 
 @dataclass
@@ -146,16 +150,22 @@ def _safe_join(root: str, relative: str, where: str) -> str:
     return path
 
 
-def _captioned_folder(root: str, caption_column: str, image_column: str) -> dict[str, list]:
+def _captioned_folder(root: str, caption_column: str, image_column: str, extension: str | None = None) -> dict:
+    """Images with same-named caption files (.txt, else .caption), or kohya's `<repeats>_<name>` folders. `mask/`
+    folders hold --masked_loss masks (utils/sd/masks.py), not training images."""
+    if is_repeat_layout(root):
+        images, captions = repeat_folder_rows(root, extension)
+        return {image_column: images, caption_column: captions}
     images, captions = [], []
     for directory, _, files in sorted(os.walk(root)):
+        if MASK_FOLDER in os.path.relpath(directory, root).split(os.sep):
+            continue
         for name in sorted(files):
             if not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
             path = os.path.join(directory, name)
-            caption_path = os.path.splitext(path)[0] + ".txt"
             images.append(path)
-            captions.append(read_caption_file(caption_path) if os.path.isfile(caption_path) else None)
+            captions.append(caption_for(path, extension, None))
     return {image_column: images, caption_column: captions}
 
 
@@ -232,7 +242,8 @@ def load_text_image_dataset(args, split: str = "train"):
                                          if n in ("metadata.jsonl", "metadata.csv", "metadata.parquet")]):
                 dataset = datasets.load_dataset("imagefolder", data_dir=root, cache_dir=args.cache_dir, split=split)
         else:
-            dataset = datasets.Dataset.from_dict(_captioned_folder(root, caption_column, image_column))
+            dataset = datasets.Dataset.from_dict(_captioned_folder(root, caption_column, image_column,
+                                                                   args.caption_extension))
     where = args.dataset_name or args.train_data_dir or args.train_data_file
     if len(dataset) == 0:
         raise UserError(f"{where}: the dataset is empty (no images found for split '{split}')")
@@ -351,12 +362,12 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
 
     def __init__(self, rows, image_column, caption_column, transform: ImageTransform, tokenize,
                  seed=None, caption_dropout_prob=0.0, skip_bad_samples=False, source_name="dataset",
-                 tags: CaptionTags | None = None):
+                 tags: CaptionTags | None = None, masked: bool = False):
         self.rows, self.image_column, self.caption_column = rows, image_column, caption_column
         self.tags = tags or CaptionTags()
         self.transform, self.tokenize = transform, tokenize
         self.seed, self.caption_dropout_prob, self.skip_bad_samples = seed, caption_dropout_prob, skip_bad_samples
-        self.source_name, self.epoch, self.num_skipped = source_name, 0, 0
+        self.source_name, self.epoch, self.num_skipped, self.masked = source_name, 0, 0, masked
         # DreamBooth's class rows (prior preservation): the train loader pairs them with instance rows.
         self.prior = list(rows[PRIOR_COLUMN]) if PRIOR_COLUMN in getattr(rows, "column_names", ()) else None
 
@@ -392,7 +403,18 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
                 "input_ids": self.tokenize(plan.caption), "caption": plan.caption,
                 "original_size": torch.tensor([image.height, image.width]),  # SDXL's time ids (h, w)
                 "crop_top_left": torch.tensor(self.transform.crop_top_left(resized.size, plan.crop, plan.flip, target)),
-                "name": self.file_name(index, row)}
+                "name": self.file_name(index, row), **self.mask_item(index, resized.size, plan.crop, plan.flip, row)}
+
+    def mask_item(self, index: int, resized_size, crop, flip: bool, row=None) -> dict:
+        """--masked_loss: {"mask": [1, H, W]} through the same resize, crop and flip as the image; else {}."""
+        if not self.masked:
+            return {}
+        row = self.rows[index] if row is None else row
+        target = self.transform.target(self.target(index))
+        if self.prior is not None and self.prior[index] and not has_mask(row[self.image_column]):
+            return {"mask": torch.ones(1, target[1], target[0])}  # a class image without a mask: all of it trains
+        mask = load_mask(row[self.image_column], self.where(index, row))
+        return {"mask": transform_mask(mask, resized_size, crop, flip, target)}
 
     def file_name(self, index: int, row=None) -> str:
         """The image's file name (--debug_loss logs under it), or "row N"."""
@@ -417,6 +439,7 @@ def collate_text_image(examples: list[dict]) -> dict:
         "crop_top_left": torch.stack([e["crop_top_left"] for e in examples]),
         "captions": [e["caption"] for e in examples],
         "names": [e["name"] for e in examples],
+        **({"mask": torch.stack([e["mask"] for e in examples])} if "mask" in examples[0] else {}),
     }
 
 
@@ -473,11 +496,14 @@ def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
                  return_tensors="pt").input_ids[0] for t in tokenizers]
         return ids[0] if len(ids) == 1 else torch.stack(ids)
 
+    if args.masked_loss:  # (class images of prior preservation may go without: they train whole)
+        check_masks(rows, args.image_column, data_source(args),
+                    rows[PRIOR_COLUMN] if PRIOR_COLUMN in rows.column_names else None)
     return TextImageDataset(rows, args.image_column, args.caption_column, image_transform(args), tokenize,
                             seed=args.seed,
                             caption_dropout_prob=args.caption_dropout_prob, skip_bad_samples=args.skip_bad_samples,
                             source_name=data_source(args),
-                            tags=caption_tags(args))
+                            tags=caption_tags(args), masked=args.masked_loss)
 
 
 def split_held_out(args, rows):

@@ -16,6 +16,7 @@ from utils.atomic import atomic_file
 from utils.errors import UserError, UserFileNotFoundError
 from utils.images import IMAGE_EXTENSIONS
 from utils.sd.data import PRIOR_COLUMN, load_text_image_dataset
+from utils.sd.kohya_folders import caption_for, is_repeat_layout, repeat_folder_rows
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,10 @@ def add_dreambooth_args(parser) -> None:
     group.add_argument("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
                        help="Precision of the class-image generation (default: fp16 on a GPU, fp32 on a CPU).")
     group.add_argument("--repeats", type=int, default=1, help="How many times to repeat the training data.")
+    group.add_argument("--reg_data_dir", type=str, default=None,
+                       help="kohya's regularisation images for --train_data_dir: a folder of <repeats>_<class> "
+                            "subfolders (or images with caption files); they are prior preservation's class "
+                            "images, weighted by --prior_loss_weight.")
     group.add_argument("--offset_noise", action="store_true", default=False,
                        help="Fine-tuning against a modified noise (= --noise_offset 0.1). "
                             "See: https://www.crosslabs.org//blog/diffusion-with-offset-noise for more information.")
@@ -109,6 +114,8 @@ def dreambooth_aliases(args) -> dict:
         if args.noise_offset not in (0, 0.1):
             raise UserError("--offset_noise is --noise_offset 0.1; give one of them.")
         aliases["noise_offset"] = 0.1
+    if args.reg_data_dir:  # kohya's spelling of prior preservation
+        aliases["with_prior_preservation"] = True
     if args.pre_compute_text_embeddings:
         aliases["cache_text_embeddings"] = True
     if args.output_kohya_format and args.lora_format == "diffusers":
@@ -140,9 +147,13 @@ def check_dreambooth_args(args) -> None:
 
 
 def check_instance_args(args) -> None:
+    if args.reg_data_dir and not args.train_data_dir:
+        raise UserError("--reg_data_dir holds the regularisation images for kohya's --train_data_dir; with "
+                        "--instance_data_dir, give the class images as --class_data_dir.")
     if args.instance_data_dir is None:
         given = [flag for flag, value in (("--instance_prompt", args.instance_prompt),
-                                          ("--with_prior_preservation", args.with_prior_preservation)) if value]
+                                          ("--with_prior_preservation",
+                                           args.with_prior_preservation and not args.reg_data_dir)) if value]
         if given:
             raise UserError(f"{', '.join(given)} belong to a DreamBooth run: give --instance_data_dir (the folder "
                             "of your subject's images) too.")
@@ -161,7 +172,7 @@ def check_prior_preservation_args(args) -> None:
             raise UserError("--prior_loss_weight, --class_data_dir and --class_prompt are for prior preservation: "
                             "add --with_prior_preservation, or drop them.")
         return
-    if not args.class_data_dir or not args.class_prompt:
+    if not args.reg_data_dir and (not args.class_data_dir or not args.class_prompt):
         raise UserError("--with_prior_preservation needs --class_data_dir (where the class images are, or are "
                         "generated) and --class_prompt (e.g. 'a photo of a dog').")
     if args.enable_bucket:
@@ -269,10 +280,44 @@ def class_images(args, accelerator) -> list[str]:
     return image_files(args.class_data_dir)[:args.num_class_images]
 
 
+def regularisation_rows(rows, reg_data_dir: str, extension: str | None, columns: tuple[str, str]):
+    """`rows` (image and caption columns) followed by kohya's --reg_data_dir images as prior-preservation rows."""
+    import datasets
+
+    if not os.path.isdir(reg_data_dir):
+        raise UserFileNotFoundError(f"--reg_data_dir {reg_data_dir}: no such directory")
+    if is_repeat_layout(reg_data_dir):
+        images, captions = repeat_folder_rows(reg_data_dir, extension)
+    else:
+        images = image_files(reg_data_dir)
+        captions = [caption_for(path, extension, None) for path in images]
+        missing = [os.path.basename(p) for p, c in zip(images, captions) if c is None]
+        if missing:
+            raise UserError(f"--reg_data_dir {reg_data_dir}: {len(missing)} image(s) without a caption file (first: "
+                            f"{missing[0]}). Name the folder's subfolders <repeats>_<class tokens> (kohya's layout), "
+                            "or add .txt captions.")
+    if not images:
+        raise UserError(f"--reg_data_dir {reg_data_dir}: no images in it.")
+    rows = rows.select_columns(list(columns))
+    regularisation = datasets.Dataset.from_dict({columns[0]: images, columns[1]: captions})
+    regularisation = regularisation.cast(rows.features)  # (an imagefolder's image column: paths become images)
+    return datasets.concatenate_datasets([rows.add_column(PRIOR_COLUMN, [False] * len(rows)),
+                                          regularisation.add_column(PRIOR_COLUMN, [True] * len(regularisation))])
+
+
 def load_training_rows(args, accelerator):
-    """The training rows: DreamBooth's (missing class images generated first) or the text-image data's."""
+    """The training rows: DreamBooth's (missing class images generated first) or the text-image data's (with
+    kohya's --reg_data_dir images after them)."""
+    columns = table_columns(args)
     if args.instance_data_dir is None:
-        return load_text_image_dataset(args)
+        rows = load_text_image_dataset(args)
+        return rows if args.reg_data_dir is None else regularisation_rows(
+            rows, args.reg_data_dir, args.caption_extension, columns)
     classes = class_images(args, accelerator) if args.with_prior_preservation else []
     return dreambooth_rows(args.instance_data_dir, args.instance_prompt, args.repeats, classes, args.class_prompt,
-                           (args.image_column, args.caption_column))
+                           columns)
+
+
+def table_columns(args) -> tuple[str, str]:
+    """(--image_column, --caption_column)."""
+    return args.image_column, args.caption_column

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -10,10 +11,13 @@ import torch
 
 from utils.atomic import atomic_file
 from utils.errors import MissingPackageError, UserError, UserFileNotFoundError
+from utils.sd.lycoris import (ADAPTER_FOLDER, LYCORIS_TYPES, adapter_modules, check_lycoris_args, has_peft_adapters,
+                              load_peft_adapters, lycoris_config, lycoris_state_dict, save_peft_adapters)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 LORA_FORMATS = ("diffusers", "kohya", "both")
+LORA_TYPES = ("lora", "dora", "loha", "lokr")
 logger = logging.getLogger(__name__)
 DEFAULT_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -25,8 +29,13 @@ def add_lora_args(parser) -> None:
     parser.add_argument("--rank", type=int, default=4, help="The dimension of the LoRA update matrices.")
     parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank). Default: --rank.")
     parser.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA branch.")
+    parser.add_argument("--lora_type", type=str, default="lora", choices=LORA_TYPES,
+                        help="The adapter, all through peft: lora; dora (weight-decomposed LoRA: better at low rank, "
+                             "~2x slower steps); loha (LyCORIS Hadamard product: more expressive per parameter, good "
+                             "for styles); lokr (LyCORIS Kronecker product: smallest files). loha/lokr are saved as "
+                             "peft adapter folders and a LyCORIS kohya file (ComfyUI, A1111), not diffusers' format.")
     parser.add_argument("--use_dora", action="store_true", default=False,
-                        help="Train DoRA (weight-decomposed LoRA, peft's LoraConfig(use_dora=True)) instead of LoRA.")
+                        help="= --lora_type dora (diffusers' DreamBooth flag).")
     parser.add_argument("--lora_target_modules", type=str, nargs="+", default=None,
                         help=f"Module names to adapt in the UNet (default: {' '.join(DEFAULT_UNET_TARGETS)}).")
     parser.add_argument("--lora_format", type=str, default="both", choices=LORA_FORMATS,
@@ -39,7 +48,10 @@ def add_lora_args(parser) -> None:
 def check_lora_args(args) -> None:
     """What a LoRA run does not combine with (each refused with the reason)."""
     if not args.use_lora:
+        if args.lora_type != "lora" or args.use_dora:
+            raise UserError(f"--lora_type {lora_type_of(args)} is an adapter type: add --use_lora.")
         return
+    check_lycoris_args(lora_type_of(args), args.rank)
     if args.save_single_file:
         raise UserError("--save_single_file writes a whole model; a LoRA run's weights for ComfyUI / AUTOMATIC1111 / "
                         "Forge are --lora_format kohya (or both).")
@@ -76,19 +88,30 @@ def check_text_encoder_lora_support() -> None:
         )
 
 
+def lora_type_of(args) -> str:
+    """--lora_type, with diffusers' --use_dora as dora."""
+    if args.use_dora and args.lora_type not in ("lora", "dora"):
+        raise UserError(f"--use_dora means --lora_type dora; it cannot go with --lora_type {args.lora_type}.")
+    return "dora" if args.use_dora else args.lora_type
+
+
 def add_lora_adapter(model: torch.nn.Module, args, targets) -> None:
-    """Freeze `model` and add a trainable LoRA adapter (gaussian init, so training starts at the base model)."""
+    """Freeze `model` and add a trainable adapter of --lora_type (initialised so training starts at the base
+    model: LoRA's gaussian A and zero B; LoHa/LoKr peft's own zero-update init)."""
     from peft import LoraConfig
 
-    config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.rank,
-        lora_dropout=args.lora_dropout,
-        init_lora_weights="gaussian",
-        target_modules=list(targets),
-        use_dora=args.use_dora,
-    )
+    lora_type, alpha = lora_type_of(args), args.lora_alpha if args.lora_alpha is not None else args.rank
+    if lora_type in LYCORIS_TYPES:
+        config = lycoris_config(lora_type, args.rank, alpha, args.lora_dropout, targets)
+    else:
+        config = LoraConfig(r=args.rank, lora_alpha=alpha, lora_dropout=args.lora_dropout,
+                            init_lora_weights="gaussian", target_modules=list(targets), use_dora=lora_type == "dora")
     model.add_adapter(config)
+
+
+def adapter_type(model) -> str:
+    """The model's adapter as a --lora_type name (lora for LoRA and DoRA alike: saved the same way)."""
+    return str(model.peft_config["default"].peft_type.value).lower()
 
 
 def lora_state_dicts(unet, text_encoder=None, text_encoder_2=None) -> dict:
@@ -120,6 +143,8 @@ def save_lora(directory: str, unet, text_encoder=None, text_encoder_2=None, lora
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     os.makedirs(directory, exist_ok=True)
+    if adapter_type(unet) in LYCORIS_TYPES:
+        return save_lycoris(directory, unet, text_encoder, text_encoder_2, lora_format, metadata)
     sdxl = unet.config.get("addition_embed_type") == "text_time"
     if lora_format in ("diffusers", "both"):
         pipeline_class = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
@@ -234,6 +259,17 @@ def kohya_from_peft(peft_state: dict, alphas: dict) -> dict:
     return kohya
 
 
+def kohya_module_names(modules: list[str]) -> dict[str, str]:
+    """{`unet.down_blocks.0....to_q`: `lora_unet_down_blocks_0_..._to_q`}: the names kohya_from_peft gives the same
+    modules' LoRA tensors (diffusers' converter), so LoRA and LyCORIS files name a module alike."""
+    dummy = {f"{module}.lora_A.weight": torch.tensor([[float(i)]]) for i, module in enumerate(modules)}
+    names = {}
+    for key, value in kohya_from_peft(dummy, {}).items():
+        if key.endswith(".lora_down.weight"):
+            names[modules[int(value.item())]] = key[:-len(".lora_down.weight")]
+    return names
+
+
 def export_kohya(source: str, path: str) -> str:
     """Convert a diffusers-format LoRA (our folder or its pytorch_lora_weights.safetensors) into the kohya file at
     `path`, with the lora_alpha its metadata records (none recorded: alpha = rank, what every loader then
@@ -291,9 +327,36 @@ def save_kohya_lora(path: str, unet, text_encoder=None, text_encoder_2=None, met
     save_file(kohya_state_dict(unet, text_encoder, text_encoder_2), path, metadata=info)
 
 
+def save_lycoris(directory: str, unet, text_encoder, text_encoder_2, lora_format: str, metadata: dict | None):
+    """LoHa/LoKr: the peft adapter folders, and with --lora_format kohya|both the LyCORIS file (utils/sd/lycoris.py)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    save_peft_adapters(directory, models)
+    if lora_format == "diffusers":
+        return os.path.join(directory, ADAPTER_FOLDER.format("unet"))
+    config, kind = unet.peft_config["default"], adapter_type(unet)
+    peft_state = {f"{name}.{k}": v for name, model in models.items() if model is not None
+                  for k, v in get_peft_model_state_dict(model).items()}
+    info = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
+    info.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": kind}),
+                 "ss_network_dim": str(config.r), "ss_network_alpha": str(config.alpha),
+                 "ss_training_comment": "train_text_to_image.py"})
+    path = os.path.join(directory, KOHYA_WEIGHT_NAME)
+    with atomic_file(path) as temp:
+        names = kohya_module_names(adapter_modules(peft_state, kind))
+        save_file(lycoris_state_dict(peft_state, kind, config.r, config.alpha, names), temp, metadata=info)
+    return path
+
+
 def load_lora_into(directory: str, unet, text_encoder=None, text_encoder_2=None) -> None:
     """Load adapter weights saved by `save_lora` into models that already carry an adapter."""
     from diffusers import StableDiffusionPipeline
+
+    if has_peft_adapters(directory):  # LoHa / LoKr
+        return load_peft_adapters(directory, {"unet": unet, "text_encoder": text_encoder,
+                                              "text_encoder_2": text_encoder_2})
     from diffusers.training_utils import _set_state_dict_into_text_encoder
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
@@ -312,7 +375,7 @@ def load_lora_into(directory: str, unet, text_encoder=None, text_encoder_2=None)
 def lora_checkpoint_check(args):
     """`resume_position`'s check: a LoRA run resumes LoRA checkpoints only, a full fine-tune full ones."""
     def check(path: str) -> None:
-        has_lora = os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME))
+        has_lora = os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)) or has_peft_adapters(path)
         has_unet = os.path.isdir(os.path.join(path, "unet"))
         if args.use_lora and not has_lora and has_unet:
             raise UserError(f"--resume_from_checkpoint {path} is a full fine-tune checkpoint (unet/, no {LORA_WEIGHT_NAME}) "

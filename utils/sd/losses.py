@@ -26,6 +26,7 @@ from diffusers.training_utils import compute_dream_and_update_latents, compute_s
 from utils.cache import sample_cached_latents
 from utils.errors import UserError
 from utils.latents import encode_latents, scale_latents
+from utils.sd.masks import latent_mask
 from utils.sd.sdxl import unet_conditioning
 from utils.sd.vae_training import joint_vae, vae_losses
 
@@ -62,8 +63,10 @@ def huber_threshold(schedule: str, huber_c: float, timesteps: torch.Tensor, nois
     return (1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, c: torch.Tensor | None) -> torch.Tensor:
-    """The element loss averaged over all but the batch dimension: [B]."""
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, c: torch.Tensor | None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The element loss (times `mask` [B, 1, h, w] with --masked_loss) averaged over all but the batch dimension:
+    [B]."""
     pred, target = pred.float(), target.float()
     if loss_type == "l2":
         element = F.mse_loss(pred, target, reduction="none")
@@ -73,6 +76,8 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, c:
         c = c.view(-1, *([1] * (pred.ndim - 1)))
         element = torch.sqrt((pred - target) ** 2 + c ** 2) - c
         element = 2 * c * element if loss_type == "huber" else 2 * element
+    if mask is not None:
+        element = element * mask
     return element.mean(dim=tuple(range(1, pred.ndim)))
 
 
@@ -95,11 +100,13 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     return weights / snr if noise_scheduler.config.prediction_type == "epsilon" else weights / (snr + 1)
 
 
-def weighted_loss(args, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler):
-    """The batch loss under --loss_type/--huber_*, --snr_gamma and --debiased_estimation_loss."""
+def weighted_loss(args, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, noise_scheduler,
+                  mask: torch.Tensor | None = None):
+    """The batch loss under --loss_type/--huber_*, --snr_gamma, --debiased_estimation_loss and --masked_loss
+    (`mask`: [B, 1, h, w] on the latent grid, utils/sd/masks.py)."""
     c = (huber_threshold(args.huber_schedule, args.huber_c, timesteps, noise_scheduler)
          if args.loss_type in ("huber", "smooth_l1") else None)
-    loss = per_sample_loss(pred, target, args.loss_type, c)
+    loss = per_sample_loss(pred, target, args.loss_type, c, mask)
     if args.snr_gamma is not None:
         loss = loss * min_snr_weights(noise_scheduler, timesteps, args.snr_gamma)
     if args.debiased_estimation_loss:
@@ -137,14 +144,17 @@ def sample_timesteps(args, num_timesteps: int, batch_size: int, device) -> torch
     return torch.multinomial(weights.to(device), batch_size, replacement=True).long()
 
 
-def prior_preservation_loss(loss_of, model_pred, target, timesteps, prior_loss_weight: float, monitor) -> torch.Tensor:
+def prior_preservation_loss(loss_of, model_pred, target, timesteps, prior_loss_weight: float, monitor,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
     """DreamBooth's loss (diffusers' train_dreambooth.py): `loss_of` on the instance half of the batch plus
     `prior_loss_weight` x `loss_of` on the class half; both halves also go to `monitor` (train/instance_loss,
-    train/prior_loss). `loss_of(prediction, target, timesteps)`: the run's loss (MSE, min-SNR, Huber, ...) of a
-    batch, applied to both halves (diffusers applies min-SNR to the instance half only)."""
+    train/prior_loss). `loss_of(prediction, target, timesteps, mask)`: the run's loss (MSE, min-SNR, Huber, masked,
+    ...) of a batch, applied to both halves (diffusers applies min-SNR to the instance half only)."""
     (pred, pred_prior), (wanted, wanted_prior), (steps, steps_prior) = (
         torch.chunk(x, 2, dim=0) for x in (model_pred, target, timesteps))
-    instance_loss, prior_loss = loss_of(pred, wanted, steps), loss_of(pred_prior, wanted_prior, steps_prior)
+    mask, mask_prior = torch.chunk(mask, 2, dim=0) if mask is not None else (None, None)
+    instance_loss = loss_of(pred, wanted, steps, mask)
+    prior_loss = loss_of(pred_prior, wanted_prior, steps_prior, mask_prior)
     monitor.add(instance_loss=instance_loss.detach(), prior_loss=prior_loss.detach())
     return instance_loss + prior_loss_weight * prior_loss
 
@@ -185,15 +195,16 @@ def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
             args.dream_detail_preservation)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions,
                       return_dict=False)[0]
-    def loss_of(prediction, wanted, steps):
-        if args.snr_gamma is None and not uses_loss_options(args):
+    def loss_of(prediction, wanted, steps, weights):
+        if weights is None and args.snr_gamma is None and not uses_loss_options(args):
             return F.mse_loss(prediction.float(), wanted.float(), reduction="mean")
-        return weighted_loss(args, prediction, wanted, steps, noise_scheduler)  # min-SNR, Huber/L1, debiased
+        return weighted_loss(args, prediction, wanted, steps, noise_scheduler, weights)  # min-SNR, Huber, masks...
 
+    mask = latent_mask(batch["mask"], latents) if "mask" in batch else None  # --masked_loss
     if args.with_prior_preservation:  # DreamBooth: instance half, then class half (utils.data.PairedBatchSampler)
-        loss = prior_preservation_loss(loss_of, model_pred, target, timesteps, args.prior_loss_weight, monitor)
+        loss = prior_preservation_loss(loss_of, model_pred, target, timesteps, args.prior_loss_weight, monitor, mask)
     else:
-        loss = loss_of(model_pred, target, timesteps)
+        loss = loss_of(model_pred, target, timesteps, mask)
     monitor.add(timestep_mean=timesteps.float().mean(),
                 timestep_std=timesteps.float().std(correction=0),  # (batch 1: 0, not NaN)
                 latent_std=latents.std(), noise_std=noise.std())
