@@ -22,7 +22,8 @@ from utils.sd.data import ImageTransform, TextImageDataset, collate_text_image, 
 
 def data_args(**overrides):
     args = dict(dataset_name=None, dataset_config_name=None, train_data_dir=None, train_data_file=None,
-                image_column="image", caption_column="text", max_train_samples=None, cache_dir=None, seed=0)
+                image_column="image", caption_column="text", max_train_samples=None, cache_dir=None, seed=0,
+                caption_extension=None, masked_loss=False, instance_data_dir=None)
     args.update(overrides)
     return argparse.Namespace(**args)
 
