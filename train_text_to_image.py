@@ -52,15 +52,15 @@ from utils.run_record import RunRecord
 from utils.sd.args import (add_model_args, add_training_args, add_validation_args, check_model_args,
                            check_training_args, check_validation_args)
 from utils.sd.cache import cache_text_image_dataset, rows_fingerprint
-from utils.sd.data import (add_image_data_args, assign_dataset_buckets, build_held_out_dataset, build_text_image_dataset,
-                           caption_tags, captions_for_new_tokenizer, check_data_source_args, collate_text_image,
-                           split_held_out, usable_rows)
+from utils.sd.data import (TextImageSettings, add_image_data_args, assign_dataset_buckets, build_held_out_dataset,
+                           build_text_image_dataset, caption_tags, captions_for_new_tokenizer, check_data_source_args,
+                           collate_text_image, split_held_out, usable_rows)
 from utils.sd.dreambooth import (add_dreambooth_args, check_dreambooth_args, dreambooth_aliases, dreambooth_defaults,
                                  load_training_rows)
 from utils.sd.losses import add_loss_args, check_loss_args, diffusion_loss
 from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
                            check_lora_args, load_lora_into, lora_checkpoint_check, save_lora)
-from utils.sd.models import load_models, text_encoder_names, trained_text_encoders
+from utils.sd.models import ModelSource, load_models, text_encoder_names, tokenizers_of, trained_text_encoders
 from utils.sd.model_kind import is_sdxl_run
 from utils.sd.saving import WeightsOutput, save_weights
 from utils.sd.single_file import add_single_file_args
@@ -282,11 +282,11 @@ def main(args):
     # Data first: a from-scratch tokenizer learns its vocabulary from the captions.
     rows, held_out_rows = split_held_out(args, usable_rows(args, load_training_rows(args, accelerator)))
     with accelerator.main_process_first():
-        models = load_models(args, captions_for_new_tokenizer(args, rows))
-    tokenizers = [models["tokenizer"]] + ([models["tokenizer_2"]] if args.sdxl else [])
+        models = load_models(ModelSource.from_args(args), captions_for_new_tokenizer(args, rows))
     check_resolution(args, models["vae"], models["unet"])
-    dataset = build_text_image_dataset(args, rows, tokenizers)
-    held_out = build_held_out_dataset(args, held_out_rows, tokenizers) if held_out_rows is not None else None
+    settings = TextImageSettings.from_args(args)
+    dataset = build_text_image_dataset(settings, rows, tokenizers_of(models))
+    held_out = build_held_out_dataset(settings, held_out_rows, tokenizers_of(models))  # (None without held-out rows)
     buckets = assign_dataset_buckets(args, dataset)  # --enable_bucket (from the image headers)
     train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
                                              args.dataloader_num_workers, collate_text_image, buckets=dataset.buckets,

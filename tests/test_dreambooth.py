@@ -314,3 +314,27 @@ def test_no_instance_images_and_an_unwritable_class_dir_are_named(capsys, tiny_p
     blocked.write_text("x")
     expect_user_error(capsys, script, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "o2")
                       + prior_args(blocked / "class"), f"--class_data_dir {blocked / 'class'}: not writable")
+
+
+def test_sdxl_dreambooth_lora_with_text_encoders(tiny_sdxl_pipeline_dir, instance_dir, tmp_path):
+    """train_dreambooth_lora_sdxl.py's run: the LoRA file carries unet, text_encoder and text_encoder_2 keys and
+    loads into the SDXL pipeline; the text encoders get --text_encoder_lr."""
+    import safetensors.torch
+    from diffusers import StableDiffusionXLPipeline
+
+    import train_text_to_image as script
+
+    out = tmp_path / "run"
+    run_main_in_process(script, ["--use_lora", "--pretrained_model_name_or_path", tiny_sdxl_pipeline_dir,
+                                 "--instance_data_dir", instance_dir, "--instance_prompt", "a photo of sks thing",
+                                 "--resolution", "32", "--train_batch_size", "1", "--max_train_steps", "2",
+                                 "--train_text_encoder", "--output_dir", out, "--seed", "0", "--report_to", "none",
+                                 "--lr_warmup_steps", "0"])
+    state = safetensors.torch.load_file(out / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in state} == {"unet", "text_encoder", "text_encoder_2"}
+    saved = json.loads((out / "training_args.json").read_text())
+    assert (saved["learning_rate"], saved["text_encoder_learning_rate"], saved["output_dir"]) == (1e-4, 5e-6, str(out))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline_dir)
+    pipe.load_lora_weights(out)
+    image = pipe("a photo of sks thing", num_inference_steps=1, height=32, width=32, output_type="np").images[0]
+    assert np.isfinite(image).all()

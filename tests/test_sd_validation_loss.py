@@ -161,7 +161,7 @@ def test_val_loss_is_the_same_for_any_process_count_and_batch_size(tiny_pipeline
 
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from utils.sd.data import build_held_out_dataset, collate_text_image, load_text_image_dataset
+    from utils.sd.data import TextImageSettings, build_held_out_dataset, collate_text_image, load_text_image_dataset
     from utils.sd.validation import held_out_loss
 
     data = write_captioned_folder(tmp_path, count=5, size=(32, 32), seed=4)
@@ -171,7 +171,7 @@ def test_val_loss_is_the_same_for_any_process_count_and_batch_size(tiny_pipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
     models = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
                   noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
-    held_out = build_held_out_dataset(args, load_text_image_dataset(args), pipe.tokenizer)
+    held_out = build_held_out_dataset(TextImageSettings.from_args(args), load_text_image_dataset(args), pipe.tokenizer)
 
     def loss(rank, processes, batch_size, sums):
         def reduce(tensor, reduction):

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -480,14 +481,33 @@ def captions_for_new_tokenizer(args, rows):
     return [c if isinstance(c, str) else " ".join(map(str, c)) for c in rows[args.caption_column] if c is not None]
 
 
-def image_transform(args) -> ImageTransform:
-    """--resolution, --image_interpolation_mode, --center_crop, --random_flip as one ImageTransform."""
-    return ImageTransform(args.resolution, args.image_interpolation_mode, args.center_crop, args.random_flip)
+@dataclass(frozen=True)
+class TextImageSettings:
+    """How rows become training samples: train_text_to_image.py's data flags, typed (`from_args`)."""
+
+    image_column: str
+    caption_column: str
+    resolution: int
+    image_interpolation_mode: str
+    center_crop: bool
+    random_flip: bool
+    seed: int | None
+    caption_dropout_prob: float
+    skip_bad_samples: bool
+    masked_loss: bool
+    source_name: str  # the data's name in messages
+    tags: CaptionTags  # --shuffle_caption, --keep_tokens, ...
+
+    @classmethod
+    def from_args(cls, args) -> "TextImageSettings":
+        """The flags of the same names; the source named by data_source(), the caption options by caption_tags()."""
+        plain = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in ("source_name", "tags")}
+        return cls(**plain, source_name=data_source(args), tags=caption_tags(args))
 
 
-def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
-    """`TextImageDataset` of the rows as the --resolution/--center_crop/--random_flip/... flags say. `tokenizer`:
-    one, or SDXL's two (then input_ids are [2, L], a row per tokenizer)."""
+def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> TextImageDataset:
+    """`TextImageDataset` of the rows as the settings say. `tokenizer`: one, or SDXL's two (then input_ids are
+    [2, L], a row per tokenizer)."""
     tokenizers = tokenizer if isinstance(tokenizer, (list, tuple)) else [tokenizer]
 
     @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (ids are only read)
@@ -496,14 +516,27 @@ def build_text_image_dataset(args, rows, tokenizer) -> TextImageDataset:
                  return_tensors="pt").input_ids[0] for t in tokenizers]
         return ids[0] if len(ids) == 1 else torch.stack(ids)
 
-    if args.masked_loss:  # (class images of prior preservation may go without: they train whole)
-        check_masks(rows, args.image_column, data_source(args),
+    if settings.masked_loss:  # (class images of prior preservation may go without: they train whole)
+        check_masks(rows, settings.image_column, settings.source_name,
                     rows[PRIOR_COLUMN] if PRIOR_COLUMN in rows.column_names else None)
-    return TextImageDataset(rows, args.image_column, args.caption_column, image_transform(args), tokenize,
-                            seed=args.seed,
-                            caption_dropout_prob=args.caption_dropout_prob, skip_bad_samples=args.skip_bad_samples,
-                            source_name=data_source(args),
-                            tags=caption_tags(args), masked=args.masked_loss)
+    transform = ImageTransform(settings.resolution, settings.image_interpolation_mode, settings.center_crop,
+                               settings.random_flip)
+    return TextImageDataset(rows, settings.image_column, settings.caption_column, transform, tokenize,
+                            seed=settings.seed, caption_dropout_prob=settings.caption_dropout_prob,
+                            skip_bad_samples=settings.skip_bad_samples, source_name=settings.source_name,
+                            tags=settings.tags, masked=settings.masked_loss)
+
+
+def build_held_out_dataset(settings: TextImageSettings, rows, tokenizer) -> TextImageDataset | None:
+    """The held-out samples as the model sees them, never augmented: centre crop, no flip, the first caption of a
+    list, no caption dropout or tag options (None without held-out rows)."""
+    if rows is None:
+        return None
+    plain = dataclasses.replace(settings, center_crop=True, random_flip=False, caption_dropout_prob=0.0,
+                                tags=CaptionTags(), source_name="held-out data (--validation_split)")
+    dataset = build_text_image_dataset(plain, rows, tokenizer)
+    dataset.first_caption = True
+    return dataset
 
 
 def split_held_out(args, rows):
@@ -522,16 +555,6 @@ def split_held_out(args, rows):
                                    "train_data_dir": split if os.path.isdir(split) else None,
                                    "train_data_file": None if os.path.isdir(split) else split})
     return rows, usable_rows(source, load_text_image_dataset(source))
-
-
-def build_held_out_dataset(args, rows, tokenizer) -> TextImageDataset:
-    """The held-out samples as the model sees them, never augmented: centre crop, no flip, the first caption of a
-    list, no caption dropout or tag options."""
-    plain = argparse.Namespace(**{**vars(args), "center_crop": True, "random_flip": False, "caption_dropout_prob": 0.0,
-                                  "shuffle_caption": False, "caption_tag_dropout_rate": 0.0})
-    dataset = build_text_image_dataset(plain, rows, tokenizer)
-    dataset.first_caption, dataset.source_name = True, f"held-out data (--validation_split {args.validation_split})"
-    return dataset
 
 
 def assign_dataset_buckets(args, dataset: TextImageDataset) -> dict | None:
