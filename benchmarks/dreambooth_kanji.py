@@ -54,6 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--prior_loss_weight", type=float, default=1.0)
     parser.add_argument("--num_samples", type=int, default=16, help="Samples of the instance prompt per model.")
+    parser.add_argument("--num_inference_steps", type=int, default=25, help="The demo's sampler steps.")
+    parser.add_argument("--characters", type=int, default=None, help="Score only the first N training characters.")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -99,13 +101,13 @@ def measure(path: str, glyphs: np.ndarray, captions: list[str], new_glyph: np.nd
             "seen_prompt_top5": kept["seen_prompt_top5"], "num_seen_prompts": kept["num_seen_prompts"]}
 
 
-def fine_tune(model: str, instance: str, reg: str | None, out: str, args) -> float:
+def fine_tune(model: str, instance: str, reg: str | None, out: str, args, resolution: int) -> float:
     from utils.cpu_threads import available_cores
 
     launch = [] if torch.cuda.is_available() else ["--num_cpu_threads_per_process", str(available_cores())]
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch,
                os.path.join(REPO_ROOT, "train_text_to_image.py"), "--pretrained_model_name_or_path", model,
-               "--train_data_dir", instance, "--resolution", "64", "--center_crop", "--train_batch_size", "4",
+               "--train_data_dir", instance, "--resolution", str(resolution), "--center_crop", "--train_batch_size", "4",
                "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--adam_weight_decay", "0.0",
                "--checkpointing_steps", "100000", "--seed", str(args.seed), "--output_dir", out,
@@ -122,14 +124,15 @@ def main(argv=None) -> dict:
     from kanji_demo import load_split, parse_args as demo_parse_args
 
     args = parse_args(argv)
-    demo_args = demo_parse_args([])  # the demo's sampler settings (steps, guidance)
+    demo_args = demo_parse_args(["--num_inference_steps", str(args.num_inference_steps)])  # the demo's sampler
     model, data = os.path.join(args.demo_dir, "model"), os.path.join(args.demo_dir, "data")
     if not os.path.isfile(os.path.join(model, "model_index.json")):
         sys.exit(f"error: no demo model in {model}: run `make demo` (or kanji_demo.py --output_dir {args.demo_dir}).")
     os.makedirs(args.output_dir, exist_ok=True)
     torch.set_num_threads(1)
-    resolution = 64
-    glyph_images, captions = load_split(data, "train", resolution, one_per_character=True)
+    with open(os.path.join(model, "training_args.json"), encoding="utf-8") as handle:
+        resolution = json.load(handle)["resolution"]
+    glyph_images, captions = load_split(data, "train", resolution, limit=args.characters, one_per_character=True)
     glyphs = ((glyph_images.mean(1) + 1) * 127.5).numpy()
     new_glyph = write_instance_images(os.path.join(args.output_dir, "instance"), resolution)
 
@@ -150,7 +153,7 @@ def main(argv=None) -> dict:
     results["models"]["before"] = measure(model, glyphs, captions, new_glyph, resolution, args.num_samples, demo_args)
     for name, reg_dir in (("without prior preservation", None), ("with prior preservation", reg)):
         out = os.path.join(args.output_dir, name.replace(" ", "_"))
-        seconds = fine_tune(model, os.path.join(args.output_dir, "instance"), reg_dir, out, args)
+        seconds = fine_tune(model, os.path.join(args.output_dir, "instance"), reg_dir, out, args, resolution)
         results["models"][name] = {**measure(out, glyphs, captions, new_glyph, resolution, args.num_samples,
                                              demo_args), "train_seconds": round(seconds, 1)}
     lines = ["| model | new glyph from its prompt (top-1) | training characters kept (seen-prompt top-1) | top-5 |",

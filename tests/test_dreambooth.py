@@ -295,6 +295,7 @@ def test_repeats_multiply_the_instance_images_per_epoch(tiny_pipeline_dir, insta
     (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir"),
     (["--class_labels_conditioning", "timesteps"], "--class_labels_conditioning"),
     (["--text_encoder_use_attention_mask"], "not supported yet"),
+    (["--tokenizer_max_length", "0"], "--tokenizer_max_length 0: give a positive length"),
 ])
 def test_bad_dreambooth_flags_are_one_block_errors(capsys, tiny_pipeline_dir, instance_dir, tmp_path, extra, message):
     import train_text_to_image as script
@@ -338,3 +339,22 @@ def test_sdxl_dreambooth_lora_with_text_encoders(tiny_sdxl_pipeline_dir, instanc
     pipe.load_lora_weights(out)
     image = pipe("a photo of sks thing", num_inference_steps=1, height=32, width=32, output_type="np").images[0]
     assert np.isfinite(image).all()
+
+
+def test_tokenizer_name_and_max_length(tiny_pipeline_dir, instance_dir, tmp_path):
+    """--tokenizer_name loads the tokenizer from there; --tokenizer_max_length pads/truncates every caption to it."""
+    import train_text_to_image as script
+    from utils.sd.data import TextImageSettings, build_text_image_dataset
+    from utils.sd.dreambooth import dreambooth_rows
+    from utils.sd.models import ModelSource, load_models
+
+    argv = dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "out", steps=1, extra=[
+        "--tokenizer_name", os.path.join(tiny_pipeline_dir, "tokenizer"), "--tokenizer_max_length", "16",
+        "--seed", "0"])
+    args = script.parse_args(argv)
+    models = load_models(ModelSource.from_args(args), [])
+    rows = dreambooth_rows(instance_dir, args.instance_prompt, 1, [], None, ("image", "text"))
+    dataset = build_text_image_dataset(TextImageSettings.from_args(args), rows, models["tokenizer"])
+    assert dataset[0]["input_ids"].shape == (16,)
+    run_main_in_process(script, argv)  # the UNet takes the 16-token context
+    assert os.path.isfile(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")

@@ -48,6 +48,19 @@ def test_kanji_demo_smoke(tmp_path):
     assert "BELOW TARGET" not in result.stdout
     assert summary["curves"]["vae/reconstruction_loss"]["last"] < summary["curves"]["vae/reconstruction_loss"]["first"]
 
+    # benchmarks/dreambooth_kanji.py on the smoke model: both fine-tunes run and every number is scored.
+    dreambooth = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "dreambooth_kanji.py"),
+                                 "--demo_dir", str(out), "--output_dir", str(tmp_path / "db"), "--max_train_steps", "2",
+                                 "--num_samples", "2", "--num_inference_steps", "2", "--characters", "4"],
+                                cwd=REPO_ROOT, env=launch_env(), capture_output=True, text=True, timeout=900)
+    assert dreambooth.returncode == 0, dreambooth.stderr[-6000:]
+    results = json.loads((tmp_path / "db" / "results.json").read_text())
+    assert list(results["models"]) == ["before", "without prior preservation", "with prior preservation"]
+    for scores in results["models"].values():
+        assert scores["num_seen_prompts"] == 4 and 0 <= scores["seen_prompt_top1"] <= scores["seen_prompt_top5"] <= 1
+        assert scores["new_glyph_top1"] in (0.0, 0.5, 1.0)
+    assert len(os.listdir(tmp_path / "db" / "reg")) == 2 * 4  # the model's own sample per caption, with its .txt
+
 
 def test_seen_prompt_accuracy_matches_a_brute_force_count():
     """top-1/top-5 by nearest binarised glyph, against a direct per-sample loop over all glyphs."""

@@ -495,6 +495,7 @@ class TextImageSettings:
     caption_dropout_prob: float
     skip_bad_samples: bool
     masked_loss: bool
+    tokenizer_max_length: int | None  # None: each tokenizer's own (CLIP: 77)
     source_name: str  # the data's name in messages
     tags: CaptionTags  # --shuffle_caption, --keep_tokens, ...
 
@@ -512,8 +513,8 @@ def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> Te
 
     @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (ids are only read)
     def tokenize(caption: str) -> torch.Tensor:
-        ids = [t(caption, max_length=t.model_max_length, padding="max_length", truncation=True,
-                 return_tensors="pt").input_ids[0] for t in tokenizers]
+        ids = [t(caption, max_length=settings.tokenizer_max_length or t.model_max_length, padding="max_length",
+                 truncation=True, return_tensors="pt").input_ids[0] for t in tokenizers]
         return ids[0] if len(ids) == 1 else torch.stack(ids)
 
     if settings.masked_loss:  # (class images of prior preservation may go without: they train whole)

@@ -82,9 +82,11 @@ def add_dreambooth_args(parser) -> None:
                        help="The sampler of the validation images.")
     group.add_argument("--output_kohya_format", action="store_true",
                        help="Also write the LoRA in kohya's key layout (= --lora_format both, our default).")
-    group.add_argument("--tokenizer_name", type=str, default=None, help="Not supported yet (refused if given).")
-    group.add_argument("--tokenizer_max_length", type=int, default=None,
-                       help="The maximum length of the tokenizer; only the tokenizer's own (CLIP: 77) is supported.")
+    group.add_argument("--tokenizer_name", type=str, default=None,
+                       help="Pretrained tokenizer name or path if not the same as model_name")
+    group.add_argument("--tokenizer_max_length", type=int, default=None, required=False,
+                       help="The maximum length of the tokenizer. If not set, will default to the tokenizer's "
+                            "max length.")
     group.add_argument("--text_encoder_use_attention_mask", action="store_true",
                        help="Not supported yet (SD's CLIP is trained without one; refused if given).")
     group.add_argument("--skip_save_text_encoder", action="store_true",
@@ -134,11 +136,10 @@ def check_dreambooth_args(args) -> None:
     if unsupported:
         flag = unsupported[0][0]
         raise UserError(f"{flag}: {UNSUPPORTED[flag[2:]]} is not supported by train_text_to_image.py; drop the flag.")
-    not_yet = [flag for flag, given in (("--tokenizer_name", args.tokenizer_name is not None),
-                                        ("--text_encoder_use_attention_mask", args.text_encoder_use_attention_mask),
-                                        ("--skip_save_text_encoder", args.skip_save_text_encoder),
-                                        ("--tokenizer_max_length", args.tokenizer_max_length not in (None, 77)))
-               if given]
+    not_yet = [flag for flag, given in (("--text_encoder_use_attention_mask", args.text_encoder_use_attention_mask),
+                                        ("--skip_save_text_encoder", args.skip_save_text_encoder)) if given]
+    if args.tokenizer_max_length is not None and args.tokenizer_max_length < 1:
+        raise UserError(f"--tokenizer_max_length {args.tokenizer_max_length}: give a positive length.")
     if not_yet:
         raise UserError(f"{', '.join(not_yet)}: not supported yet by train_text_to_image.py (diffusers uses them "
                         "mostly for DeepFloyd IF's T5); drop them for Stable Diffusion.")

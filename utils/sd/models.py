@@ -32,6 +32,7 @@ class ModelSource:
     unet_config: str | None  # ... with JSON overrides
     vae_config: str | None
     text_encoder_name_or_path: str | None  # from scratch: a pretrained CLIP instead of a fresh one
+    tokenizer_name: str | None  # a pipeline's tokenizer from elsewhere (diffusers' DreamBooth flag)
     resolution: int
     seed: int | None
     output_dir: str  # from scratch: the learnt tokenizer goes to <output_dir>/tokenizer
@@ -102,7 +103,8 @@ def load_pipeline_models(source: ModelSource) -> dict:
     check_pipeline_folder(path, source.sdxl)
     models = dict(
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
+        tokenizer=(CLIPTokenizer.from_pretrained(source.tokenizer_name, revision=rev) if source.tokenizer_name
+                   else CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)),
         text_encoder=own_memory(CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
                                                               variant=variant)),
         vae=own_memory(AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=variant)),
