@@ -45,7 +45,7 @@ from utils.config import parse_args_with_config
 from utils.errors import UserError, UserFileNotFoundError, run_script
 from utils.run import quiet_empty_notices
 from utils.images import make_grid
-from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya
+from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya, is_lycoris_file, load_lycoris_file
 from utils.sd.lycoris import has_peft_adapters, load_peft_adapters
 from utils.sd.single_file import DTYPES as SINGLE_FILE_DTYPES
 from utils.sd.single_file import SINGLE_FILE_NAME, load_single_file_pipeline, save_single_file
@@ -309,10 +309,13 @@ def load_checkpoint_into(pipe, checkpoint: str, ema: bool, dtype: torch.dtype) -
 def load_lora(pipe, path: str) -> None:
     """Load LoRA weights: a folder with pytorch_lora_weights.safetensors (or our kohya file), or a file in the
     diffusers or kohya/A1111 layout (diffusers' load_lora_weights reads both); a LoHa/LoKr run's folder through
-    peft (its unet_adapter/, text_encoder_adapter/)."""
+    peft (its unet_adapter/, text_encoder_adapter/), and a LyCORIS LoHa/LoKr file (ours or another tool's)."""
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder,
+              "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
     if os.path.isdir(path) and has_peft_adapters(path):
-        return load_peft_adapters(path, {"unet": pipe.unet, "text_encoder": pipe.text_encoder,
-                                         "text_encoder_2": getattr(pipe, "text_encoder_2", None)}, add=True)
+        return load_peft_adapters(path, models, add=True)
+    if os.path.isfile(path) and path.endswith(".safetensors") and is_lycoris_file(path):  # LoHa / LoKr, any tool's
+        return load_lycoris_file(path, models)
     if os.path.isfile(path):
         folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     elif os.path.isfile(os.path.join(path, LORA_WEIGHT_NAME)):

@@ -99,13 +99,19 @@ def test_each_adapter_type_resumes_bitwise_and_generate_loads_it(tmp_path, tiny_
         assert any("magnitude" in k for k in load_file(tmp_path / "straight" / files[0]))
     # generate.py: the base model + this LoRA differs from the base model alone.
     images = {}
-    for name, extra in (("base", []), ("lora", ["--lora", tmp_path / "straight"])):
+    runs = [("base", []), ("lora", ["--lora", tmp_path / "straight"])]
+    if lora_type != "dora":  # the LyCORIS file alone (what another tool's LoHa/LoKr file looks like) gives the same
+        runs.append(("file", ["--lora", tmp_path / "straight" / "pytorch_lora_weights_kohya.safetensors"]))
+    for name, extra in runs:
         generate.main([str(a) for a in ["--model", tiny_pipeline_dir, "--prompt", "a picture of thing 1", "--steps",
                                         "2", "--seed", "1", "--num_images", "1", "--output_dir", tmp_path / name,
                                         "--device", "cpu", *extra]])
         png = next(f for f in os.listdir(tmp_path / name) if f.startswith("000_"))
         images[name] = np.asarray(Image.open(tmp_path / name / png), dtype=np.int16)
     assert np.abs(images["base"] - images["lora"]).max() > 0
+    if "file" in images:
+        assert np.abs(images["file"] - images["lora"]).max() <= 1  # (float rounding of the folded LoKr scale)
+        assert np.abs(images["file"] - images["base"]).max() > 1
 
 
 def test_lora_type_needs_use_lora_and_use_dora_is_dora(capsys, tiny_pipeline_dir, photos, tmp_path):

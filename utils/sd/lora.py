@@ -350,6 +350,56 @@ def save_lycoris(directory: str, unet, text_encoder, text_encoder_2, lora_format
     return path
 
 
+def is_lycoris_file(path: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        return any(".hada_" in key or ".lokr_" in key for key in handle.keys())
+
+
+def load_lycoris_file(path: str, models: dict) -> None:
+    """A LyCORIS LoHa/LoKr file in kohya's layout (ours, or another tool's) into `models` ({"unet": ..., ...}) as
+    peft adapters with the same update: ranks from the tensors, alpha per module; a LoKr module with both factors
+    full (LyCORIS applies no alpha there) gets alpha = rank, so peft's alpha / rank is 1 too."""
+    import torch.nn as nn
+    from peft import LoHaConfig, LoKrConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    loha = any(".hada_" in key for key in tensors)
+    paths = {f"{name}.{module}": (name, module) for name, model in models.items() if model is not None
+             for module, layer in model.named_modules() if isinstance(layer, nn.Linear)}
+    by_kohya = {kohya: paths[full] for full, kohya in kohya_module_names(list(paths)).items()}
+    grouped: dict[str, dict] = {}
+    for key, value in tensors.items():
+        module, _, tensor = key.partition(".")
+        if module not in by_kohya:
+            raise UserError(f"--lora {path}: {module} is no layer of this model (a LoRA for another base model?).")
+        grouped.setdefault(module, {})[tensor] = value
+    per_model: dict[str, dict] = {}
+    for kohya, parts in grouped.items():
+        name, module = by_kohya[kohya]
+        entry = per_model.setdefault(name, {"ranks": {}, "alphas": {}, "state": {}, "both": False})
+        low_rank = parts.get("hada_w1_b", parts.get("lokr_w2_b", parts.get("lokr_w1_b")))
+        layer = models[name].get_submodule(module)
+        rank = low_rank.shape[0] if low_rank is not None else max(layer.in_features, layer.out_features)
+        alpha = float(parts["alpha"]) if low_rank is not None and "alpha" in parts else float(rank)
+        entry["ranks"][module], entry["alphas"][module] = rank, alpha
+        entry["both"] |= "lokr_w1_a" in parts
+        entry["state"].update({f"{module}.{k}": v for k, v in parts.items() if k != "alpha"})
+    for name, entry in per_model.items():
+        targets = sorted(entry["ranks"])
+        options = dict(r=entry["ranks"][targets[0]], alpha=entry["alphas"][targets[0]], target_modules=targets,
+                       rank_pattern={f"^{m}$": r for m, r in entry["ranks"].items()},
+                       alpha_pattern={f"^{m}$": a for m, a in entry["alphas"].items()})
+        config = LoHaConfig(**options) if loha else LoKrConfig(**options, decompose_both=entry["both"])
+        models[name].add_adapter(config)
+        result = set_peft_model_state_dict(models[name], entry["state"], adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"--lora {path}: tensors that do not fit the {name}: {result.unexpected_keys[:5]}")
+
+
 def load_lora_into(directory: str, unet, text_encoder=None, text_encoder_2=None) -> None:
     """Load adapter weights saved by `save_lora` into models that already carry an adapter."""
     from diffusers import StableDiffusionPipeline
