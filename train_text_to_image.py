@@ -434,7 +434,7 @@ def save_weights_to(args, plan, accelerator, models, directory: str) -> None:
                            args.pretrained_model_name_or_path or args.model_preset, args.revision, args.variant,
                            args.sdxl, args.resolution, plan.max_train_steps,
                            args.lora_format if args.use_lora else None,
-                           args.single_file_dtype if args.save_single_file else None)
+                           args.single_file_dtype if args.save_single_file else None, args.skip_save_text_encoder)
     save_weights(output, accelerator, models, text_encoder_names(models), trained_text_encoders(args, models),
                  directory)
 

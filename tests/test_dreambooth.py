@@ -356,5 +356,7 @@ def test_tokenizer_name_and_max_length(tiny_pipeline_dir, instance_dir, tmp_path
     rows = dreambooth_rows(instance_dir, args.instance_prompt, 1, [], None, ("image", "text"))
     dataset = build_text_image_dataset(TextImageSettings.from_args(args), rows, models["tokenizer"])
     assert dataset[0]["input_ids"].shape == (16,)
-    run_main_in_process(script, argv)  # the UNet takes the 16-token context
+    run_main_in_process(script, argv + ["--skip_save_text_encoder"])  # the UNet takes the 16-token context
     assert os.path.isfile(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert not os.path.exists(tmp_path / "out" / "text_encoder")  # --skip_save_text_encoder, as diffusers'
+    assert json.loads((tmp_path / "out" / "model_index.json").read_text())["text_encoder"] == [None, None]

@@ -34,6 +34,7 @@ class WeightsOutput:
     steps: int  # the run's optimizer steps
     lora_format: str | None = None  # --lora_format of a --use_lora run; None: the whole pipeline
     single_file_dtype: str | None = None  # --single_file_dtype with --save_single_file; None: no single file
+    skip_text_encoder: bool = False  # --skip_save_text_encoder: the pipeline without its text encoder (diffusers')
 
 
 def save_weights(output: WeightsOutput, accelerator, models: dict, text_encoders: list[str], trained: list[str],
@@ -90,6 +91,8 @@ def write_weights(output: WeightsOutput, models: dict, unwrapped: dict, trained:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         pipeline_class = StableDiffusionXLPipeline if output.sdxl else StableDiffusionPipeline
+        if output.skip_text_encoder:  # diffusers' train_dreambooth.py: prompt embeddings come from elsewhere
+            components.update(text_encoder=None, **({"text_encoder_2": None} if output.sdxl else {}))
         pipeline = pipeline_class.from_pretrained(output.base, revision=output.revision, variant=output.variant,
                                                   **components)
         # Inference must use the target the UNet was trained for (diffusers' script keeps the base's).
