@@ -44,6 +44,11 @@ MODES = {
     "quality": dict(preset="kanji", resolution=64, subset="all", fonts=["gothic", "mincho", "seto"], batch=64,
                     vae_steps=4000, vae_lr=1e-3, unet_steps=30000, unet_lr=2e-4, warmup=500, checkpointing_steps=2000,
                     seen_prompts=500, extra=CONDITIONING),
+    # The first look at how the model scales: more characters and fonts, sized by estimate for ~3 minutes on one
+    # H200 (benchmarks/gpu_suite.py runs it; the first device run measures it).
+    "gpu": dict(preset="kanji", resolution=64, subset="frequent:1000", fonts=["gothic", "mincho"], batch=64,
+                vae_steps=800, vae_lr=1e-3, unet_steps=4000, unet_lr=5e-4, warmup=100, checkpointing_steps=1000,
+                seen_prompts=500, extra=CONDITIONING),
     "smoke": dict(preset="tiny", resolution=32, subset="frequent:48", fonts=["gothic"], batch=8, vae_steps=4,
                   vae_lr=1e-3, unet_steps=4, unet_lr=1e-3, warmup=0, checkpointing_steps=4, seen_prompts=8,
                   extra=CONDITIONING),
@@ -54,7 +59,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--mode", default="demo", choices=sorted(MODES),
-                        help="demo: ~4 min on a 2-core CPU; quality: GPU hours; smoke: tests")
+                        help="demo: ~4 min on a 2-core CPU; gpu: ~3 min on one H200 (more characters); quality: GPU "
+                             "hours; smoke: tests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_inference_steps", type=int, default=25, help="guide 001: 25 fast, 75 quality")
     parser.add_argument("--guidance_scale", type=float, default=7.0,

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import bench_text_to_image as bench
 from benchmarks import harness
+from conftest import REPO_ROOT, launch_env
 
 
 def test_run_metrics_use_only_the_steps_after_warm_up():
@@ -150,3 +151,26 @@ def test_preflight_benchmark_measures_the_scan(tmp_path):
     assert result["num_images"] == 40 and len(result["scan_s"]) == 2 and result["scan_s_best"] > 0
     assert result["files_per_s"] == round(40 / result["scan_s_best"])
     assert json.load(open(tmp_path / "results" / "preflight.json")) == result
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_runs_every_part(tmp_path):
+    """benchmarks/gpu_suite.sh --dry-run: every part runs on the CPU (or is skipped with its reason), none fails, and
+    the JSON has one entry per part with its figures."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(["bash", os.path.join(REPO_ROOT, "benchmarks", "gpu_suite.sh"), "--dry-run",
+                             str(tmp_path / "suite")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                            env=dict(launch_env(), PYTHON=sys.executable))
+    assert result.returncode == 0, result.stderr[-4000:]
+    parts = {p["name"]: p for p in json.loads((tmp_path / "suite" / "results.json").read_text())["parts"]}
+    assert not [p for p in parts.values() if p["status"] == "fail"], [p for p in parts.values() if p["status"] == "fail"]
+    for name in ("sd15_full_bf16", "lora_unet_te_fp16", "ema_offload", "auto_batch", "sdxl_lora", "mask_dit", "mshnet",
+                 "bf16_vs_fp32", "sd15_speed_vs_reference", "kanji_demo"):
+        assert parts[name]["status"] == "pass", parts[name]
+    for name in ("sd15_full_bf16", "lora_unet_te_fp16", "sdxl_lora"):
+        assert parts[name]["figures"]["image_std"] > 1 and parts[name]["figures"]["steps_logged"] == 3
+    assert all(p["reason"] for p in parts.values() if p["status"] == "skip")
+    assert parts["bf16_vs_fp32"]["figures"]["mean_relative_difference"] <= 0.1
+    assert "| kanji_demo | main job | pass |" in (tmp_path / "suite" / "results.md").read_text()
