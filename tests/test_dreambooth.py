@@ -84,6 +84,7 @@ def test_dreambooth_runs_take_the_defaults_of_the_diffusers_script_they_correspo
     sdxl = script.parse_args(["--pretrained_model_name_or_path", tiny_sdxl_pipeline_dir] + base[2:] + ["--use_lora"])
     assert (sdxl.learning_rate, sdxl.resolution, sdxl.adam_weight_decay, sdxl.text_encoder_learning_rate) == \
         (1e-4, 1024, 1e-4, 5e-6)
+    assert sdxl.adam_weight_decay_text_encoder == 1e-3
     # The command line and a --config file still win; a plain run keeps text-to-image's defaults.
     assert script.parse_args(base + ["--learning_rate", "2e-6"]).learning_rate == 2e-6
     plain = script.parse_args(["--pretrained_model_name_or_path", "p", "--dataset_name", "d"])

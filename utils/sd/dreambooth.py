@@ -29,7 +29,7 @@ DREAMBOOTH_DEFAULTS = {
     "lora": dict(output_dir="lora-dreambooth-model", learning_rate=5e-4, validation_epochs=50,
                  tracker_project_name="dreambooth-lora"),
     "lora-sdxl": dict(output_dir="lora-dreambooth-model", learning_rate=1e-4, validation_epochs=50,
-                      adam_weight_decay=1e-4, text_encoder_learning_rate=5e-6,
+                      adam_weight_decay=1e-4, adam_weight_decay_text_encoder=1e-3, text_encoder_learning_rate=5e-6,
                       tracker_project_name="dreambooth-lora-sd-xl"),
 }
 UNSUPPORTED = {  # diffusers' flags for models this trainer does not train (DeepFloyd IF, EDM-style Playground)
