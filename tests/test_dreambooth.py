@@ -295,7 +295,6 @@ def test_repeats_multiply_the_instance_images_per_epoch(tiny_pipeline_dir, insta
     (["--prior_loss_weight", "0.5"], "add --with_prior_preservation"),
     (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir"),
     (["--class_labels_conditioning", "timesteps"], "--class_labels_conditioning"),
-    (["--text_encoder_use_attention_mask"], "not supported yet"),
     (["--tokenizer_max_length", "0"], "--tokenizer_max_length 0: give a positive length"),
 ])
 def test_bad_dreambooth_flags_are_one_block_errors(capsys, tiny_pipeline_dir, instance_dir, tmp_path, extra, message):
@@ -361,3 +360,38 @@ def test_tokenizer_name_and_max_length(tiny_pipeline_dir, instance_dir, tmp_path
     assert os.path.isfile(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
     assert not os.path.exists(tmp_path / "out" / "text_encoder")  # --skip_save_text_encoder, as diffusers'
     assert json.loads((tmp_path / "out" / "model_index.json").read_text())["text_encoder"] == [None, None]
+
+
+def test_text_encoder_attention_mask_reaches_the_encoder_and_the_text_cache(tiny_pipeline_dir, instance_dir, tmp_path):
+    """--text_encoder_use_attention_mask: the samples carry the tokenizer's mask, the conditioning is the encoder's
+    output with it (not without), and training from the text cache gives the same losses."""
+    from test_sd_cache import read_losses
+
+    import train_text_to_image as script
+    from utils.sd.data import TextImageSettings, build_text_image_dataset, collate_text_image
+    from utils.sd.dreambooth import dreambooth_rows
+    from utils.sd.models import ModelSource, load_models
+    from utils.sd.sdxl import unet_conditioning
+
+    argv = dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "images", steps=3, extra=[
+        "--text_encoder_use_attention_mask", "--seed", "0", "--logging_steps", "1", "--report_to", "tensorboard",
+        "--train_batch_size", "2", "--center_crop", "--learning_rate", "1e-3"])
+    args = script.parse_args(argv)
+    models = load_models(ModelSource.from_args(args), [])
+    rows = dreambooth_rows(instance_dir, args.instance_prompt, 1, [], None, ("image", "text"))
+    dataset = build_text_image_dataset(TextImageSettings.from_args(args), rows, models["tokenizer"])
+    batch = collate_text_image([dataset[0], dataset[1]])
+    expected = models["tokenizer"](args.instance_prompt, padding="max_length", max_length=77, return_tensors="pt")
+    assert torch.equal(batch["attention_mask"][0], expected.attention_mask[0])
+    with torch.no_grad():
+        hidden, _ = unet_conditioning(models, batch, torch.zeros(2, 4, 4, 4), "cpu")
+        masked = models["text_encoder"](batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        unmasked = models["text_encoder"](batch["input_ids"])[0]
+    assert torch.equal(hidden, masked) and not torch.equal(hidden, unmasked)
+    run_main_in_process(script, argv)
+    run_main_in_process(script, argv[:argv.index("--output_dir")] + ["--output_dir", tmp_path / "cached"]
+                        + argv[argv.index("--output_dir") + 2:] + ["--pre_compute_text_embeddings",
+                                                                   "--latent_cache_dir", tmp_path / "cache"])
+    from_images, from_cache = read_losses(str(tmp_path / "images")), read_losses(str(tmp_path / "cached"))
+    assert len(from_images) == 3
+    torch.testing.assert_close(torch.tensor(from_cache), torch.tensor(from_images), rtol=1e-4, atol=1e-6)

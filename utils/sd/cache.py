@@ -119,18 +119,21 @@ def encode_latent_batches(dataset, vae, device, batch_size: int, indices: list[i
         yield batch
 
 
-def encode_text_batches(captions: list[str], tokenize, text_encoders, device, batch_size: int):
-    """Yield {"embeddings": [B, L, D]} for `captions` in order; with SDXL's two encoders also {"pooled": [B, P]}."""
+def encode_text_batches(captions: list[str], tokenize, text_encoders, device, batch_size: int, attention_mask=None):
+    """Yield {"embeddings": [B, L, D]} for `captions` in order; with SDXL's two encoders also {"pooled": [B, P]}.
+    `attention_mask(caption)`: --text_encoder_use_attention_mask's masks (None: none)."""
     from utils.sd.sdxl import encode_prompt
 
     for start in range(0, len(captions), batch_size):
-        input_ids = torch.stack([tokenize(c) for c in captions[start:start + batch_size]]).to(device)
+        chunk = captions[start:start + batch_size]
+        input_ids = torch.stack([tokenize(c) for c in chunk]).to(device)
+        mask = torch.stack([attention_mask(c) for c in chunk]).to(device) if attention_mask is not None else None
         with torch.no_grad():
             if len(text_encoders) == 2:
-                embeddings, pooled = encode_prompt(text_encoders, input_ids)
+                embeddings, pooled = encode_prompt(text_encoders, input_ids, mask)
                 yield {"embeddings": embeddings, "pooled": pooled}
             else:
-                yield {"embeddings": text_encoders[0](input_ids, return_dict=False)[0]}
+                yield {"embeddings": text_encoders[0](input_ids, attention_mask=mask, return_dict=False)[0]}
 
 
 class CachedTextImageDataset(torch.utils.data.Dataset):
@@ -170,6 +173,7 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
             item = dict(base[index])
             item.update(self._embeddings(item["caption"]))
             del item["input_ids"]
+            item.pop("attention_mask", None)  # (the cached embeddings were encoded with it)
             return item
         for attempt in range(len(base)):
             current = (index + attempt) % len(base)
@@ -191,7 +195,7 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
             if self.text is not None:
                 item.update(self._embeddings(caption))
             else:
-                item["input_ids"] = base.tokenize(caption)
+                item.update(input_ids=base.tokenize(caption), **base.mask_of(caption))
             return item
         raise BadSampleError(f"{base.source_name}: every sample is unreadable")
 
@@ -235,10 +239,11 @@ def cache_text_image_dataset(dataset, vae, text_encoders, args, accelerator):
             input_ids = torch.stack([dataset.tokenize(c) for c in captions]) if captions else torch.zeros(0)
             key = {"kind": "clip-text", "captions": fingerprint(captions),
                    "input_ids": hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:20],
+                   **({"attention_mask": True} if dataset.attention_mask is not None else {}),
                    "text_encoder": [module_fingerprint(t) for t in text_encoders] if len(text_encoders) > 1
                    else module_fingerprint(text_encoders[0]), "dtype": str(text_encoders[0].dtype)}
             text = load_or_build(args.latent_cache_dir, "text", key,
                                  lambda: encode_text_batches(captions, dataset.tokenize, text_encoders, device,
-                                                             args.cache_batch_size),
+                                                             args.cache_batch_size, dataset.attention_mask),
                                  extra_fn=lambda: {"captions": captions})
     return CachedTextImageDataset(dataset, latents, text)

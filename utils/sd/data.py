@@ -363,12 +363,13 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
 
     def __init__(self, rows, image_column, caption_column, transform: ImageTransform, tokenize,
                  seed=None, caption_dropout_prob=0.0, skip_bad_samples=False, source_name="dataset",
-                 tags: CaptionTags | None = None, masked: bool = False):
+                 tags: CaptionTags | None = None, masked: bool = False, attention_mask=None):
         self.rows, self.image_column, self.caption_column = rows, image_column, caption_column
         self.tags = tags or CaptionTags()
         self.transform, self.tokenize = transform, tokenize
         self.seed, self.caption_dropout_prob, self.skip_bad_samples = seed, caption_dropout_prob, skip_bad_samples
         self.source_name, self.epoch, self.num_skipped, self.masked = source_name, 0, 0, masked
+        self.attention_mask = attention_mask  # caption -> its tokens' attention mask (--text_encoder_use_attention_mask)
         # DreamBooth's class rows (prior preservation): the train loader pairs them with instance rows.
         self.prior = list(rows[PRIOR_COLUMN]) if PRIOR_COLUMN in getattr(rows, "column_names", ()) else None
 
@@ -401,10 +402,14 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
         resized = self.transform.resize(image, target)
         plan = self.plan(index, epoch, resized.size, row)
         return {"pixel_values": self.transform.apply(resized, plan.crop, plan.flip, target),
-                "input_ids": self.tokenize(plan.caption), "caption": plan.caption,
+                "input_ids": self.tokenize(plan.caption), "caption": plan.caption, **self.mask_of(plan.caption),
                 "original_size": torch.tensor([image.height, image.width]),  # SDXL's time ids (h, w)
                 "crop_top_left": torch.tensor(self.transform.crop_top_left(resized.size, plan.crop, plan.flip, target)),
                 "name": self.file_name(index, row), **self.mask_item(index, resized.size, plan.crop, plan.flip, row)}
+
+    def mask_of(self, caption: str) -> dict:
+        """{"attention_mask": ...} with --text_encoder_use_attention_mask, else {}."""
+        return {"attention_mask": self.attention_mask(caption)} if self.attention_mask is not None else {}
 
     def mask_item(self, index: int, resized_size, crop, flip: bool, row=None) -> dict:
         """--masked_loss: {"mask": [1, H, W]} through the same resize, crop and flip as the image; else {}."""
@@ -441,6 +446,8 @@ def collate_text_image(examples: list[dict]) -> dict:
         "captions": [e["caption"] for e in examples],
         "names": [e["name"] for e in examples],
         **({"mask": torch.stack([e["mask"] for e in examples])} if "mask" in examples[0] else {}),
+        **({"attention_mask": torch.stack([e["attention_mask"] for e in examples])}
+           if "attention_mask" in examples[0] else {}),
     }
 
 
@@ -496,6 +503,7 @@ class TextImageSettings:
     skip_bad_samples: bool
     masked_loss: bool
     tokenizer_max_length: int | None  # None: each tokenizer's own (CLIP: 77)
+    text_encoder_use_attention_mask: bool  # samples carry the tokenizer's attention mask for the text encoder
     source_name: str  # the data's name in messages
     tags: CaptionTags  # --shuffle_caption, --keep_tokens, ...
 
@@ -513,9 +521,14 @@ def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> Te
 
     @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (ids are only read)
     def tokenize(caption: str) -> torch.Tensor:
-        ids = [t(caption, max_length=settings.tokenizer_max_length or t.model_max_length, padding="max_length",
-                 truncation=True, return_tensors="pt").input_ids[0] for t in tokenizers]
-        return ids[0] if len(ids) == 1 else torch.stack(ids)
+        return tokenized(caption, "input_ids")
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def tokenized(caption: str, key: str) -> torch.Tensor:
+        """The caption's `key` (input_ids or attention_mask) [L], or [2, L] for SDXL's two tokenizers."""
+        rows = [t(caption, max_length=settings.tokenizer_max_length or t.model_max_length, padding="max_length",
+                  truncation=True, return_tensors="pt")[key][0] for t in tokenizers]
+        return rows[0] if len(rows) == 1 else torch.stack(rows)
 
     if settings.masked_loss:  # (class images of prior preservation may go without: they train whole)
         check_masks(rows, settings.image_column, settings.source_name,
@@ -525,7 +538,9 @@ def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> Te
     return TextImageDataset(rows, settings.image_column, settings.caption_column, transform, tokenize,
                             seed=settings.seed, caption_dropout_prob=settings.caption_dropout_prob,
                             skip_bad_samples=settings.skip_bad_samples, source_name=settings.source_name,
-                            tags=settings.tags, masked=settings.masked_loss)
+                            tags=settings.tags, masked=settings.masked_loss,
+                            attention_mask=(lambda caption: tokenized(caption, "attention_mask"))
+                            if settings.text_encoder_use_attention_mask else None)
 
 
 def build_held_out_dataset(settings: TextImageSettings, rows, tokenizer) -> TextImageDataset | None:

@@ -87,8 +87,8 @@ def add_dreambooth_args(parser) -> None:
     group.add_argument("--tokenizer_max_length", type=int, default=None, required=False,
                        help="The maximum length of the tokenizer. If not set, will default to the tokenizer's "
                             "max length.")
-    group.add_argument("--text_encoder_use_attention_mask", action="store_true",
-                       help="Not supported yet (SD's CLIP is trained without one; refused if given).")
+    group.add_argument("--text_encoder_use_attention_mask", action="store_true", required=False,
+                       help="Whether to use attention mask for the text encoder")
     group.add_argument("--skip_save_text_encoder", action="store_true", required=False,
                        help="Set to not save text encoder")
     for name, what in UNSUPPORTED.items():
@@ -136,15 +136,11 @@ def check_dreambooth_args(args) -> None:
     if unsupported:
         flag = unsupported[0][0]
         raise UserError(f"{flag}: {UNSUPPORTED[flag[2:]]} is not supported by train_text_to_image.py; drop the flag.")
-    not_yet = ["--text_encoder_use_attention_mask"] if args.text_encoder_use_attention_mask else []
     if args.skip_save_text_encoder and (args.use_lora or not args.pretrained_model_name_or_path):
         raise UserError("--skip_save_text_encoder leaves the text encoder out of a fine-tuned pipeline loaded with "
                         "--pretrained_model_name_or_path; drop it (a LoRA run or a model from scratch).")
     if args.tokenizer_max_length is not None and args.tokenizer_max_length < 1:
         raise UserError(f"--tokenizer_max_length {args.tokenizer_max_length}: give a positive length.")
-    if not_yet:
-        raise UserError(f"{', '.join(not_yet)}: not supported yet by train_text_to_image.py (diffusers uses them "
-                        "mostly for DeepFloyd IF's T5); drop them for Stable Diffusion.")
     check_instance_args(args)
     check_prior_preservation_args(args)
 

@@ -9,12 +9,15 @@ import torch
 from utils.latents import vae_scale_factor
 
 
-def encode_prompt(text_encoders, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt(text_encoders, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids [B, 2, L] (one row per tokenizer, on the encoders' device) -> (prompt_embeds [B, L, D1 + D2]: both encoders' penultimate
-    hidden states, pooled_prompt_embeds [B, P]: the second encoder's projected output), as SDXL's pipeline does."""
+    hidden states, pooled_prompt_embeds [B, P]: the second encoder's projected output), as SDXL's pipeline does.
+    `attention_mask` [B, 2, L]: --text_encoder_use_attention_mask (None: none, as SDXL's pipeline)."""
     hidden, pooled = [], None
     for index, text_encoder in enumerate(text_encoders):
-        output = text_encoder(input_ids[:, index], output_hidden_states=True)
+        mask = attention_mask[:, index] if attention_mask is not None else None
+        output = text_encoder(input_ids[:, index], attention_mask=mask, output_hidden_states=True)
         pooled = output[0]
         hidden.append(output.hidden_states[-2])
     return torch.cat(hidden, dim=-1), pooled
@@ -35,12 +38,14 @@ def unet_conditioning(models: dict, batch: dict, latents: torch.Tensor, device) 
     (latent size x the VAE factor)."""
     sdxl = models.get("text_encoder_2") is not None
     pooled = batch.get("pooled_prompt_embeds")
+    mask = batch["attention_mask"].to(device) if "attention_mask" in batch else None  # text_encoder_use_attention_mask
     if "encoder_hidden_states" in batch:
         hidden = batch["encoder_hidden_states"].to(device)
     elif sdxl:
-        hidden, pooled = encode_prompt([models["text_encoder"], models["text_encoder_2"]], batch["input_ids"].to(device))
+        encoders = [models["text_encoder"], models["text_encoder_2"]]
+        hidden, pooled = encode_prompt(encoders, batch["input_ids"].to(device), mask)
     else:
-        hidden = models["text_encoder"](batch["input_ids"].to(device), return_dict=False)[0]
+        hidden = models["text_encoder"](batch["input_ids"].to(device), attention_mask=mask, return_dict=False)[0]
     if not sdxl:
         return hidden, None
     factor = vae_scale_factor(models["vae"].config)
