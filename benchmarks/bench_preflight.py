@@ -15,10 +15,15 @@ import argparse
 import json
 import os
 import time
-from types import SimpleNamespace
+
+import sys
 
 import numpy as np
 from PIL import Image
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `python benchmarks/bench_preflight.py` from anywhere
+    sys.path.insert(0, REPO_ROOT)
 
 
 def write_images(folder: str, count: int, size: int) -> None:
@@ -49,9 +54,10 @@ def main(argv=None) -> dict:
 
     folder = os.path.join(args.workdir, f"{args.num_images}x{args.size}")
     write_images(folder, args.num_images, args.size)
-    data_args = SimpleNamespace(dataset_name=None, train_data_dir=folder, train_data_file=None, image_column="image",
-                                caption_column="text", cache_dir=None, max_train_samples=None, seed=0,
-                                dataset_config_name=None, skip_preflight=False, skip_bad_samples=False)
+    import train_text_to_image  # the script's own flags and defaults, so this cannot drift from them
+
+    data_args = train_text_to_image.parse_args(["--train_data_dir", folder, "--model_preset", "tiny", "--seed", "0",
+                                                "--output_dir", os.path.join(args.workdir, "unused")])
     start = time.perf_counter()
     rows = load_text_image_dataset(data_args)
     listing_s = time.perf_counter() - start
