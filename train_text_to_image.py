@@ -231,7 +231,8 @@ def build_optimizer(args, accelerator, models, learning_rate: float):
     for name in trained_text_encoders(args, models):
         param_groups.append({"params": [p for p in models[name].parameters() if p.requires_grad],
                              "lr": args.text_encoder_learning_rate or learning_rate,
-                             "weight_decay": args.adam_weight_decay_text_encoder or args.adam_weight_decay})
+                             "weight_decay": args.adam_weight_decay if args.adam_weight_decay_text_encoder is None
+                             else args.adam_weight_decay_text_encoder})
     if joint_vae(args):
         param_groups.append(
             {"params": list(models["vae"].parameters()), "lr": args.vae_learning_rate, "weight_decay": 0.0}

@@ -395,3 +395,22 @@ def test_text_encoder_attention_mask_reaches_the_encoder_and_the_text_cache(tiny
     from_images, from_cache = read_losses(str(tmp_path / "images")), read_losses(str(tmp_path / "cached"))
     assert len(from_images) == 3
     torch.testing.assert_close(torch.tensor(from_cache), torch.tensor(from_images), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_class_images_and_train(tiny_pipeline_dir, instance_dir, tmp_path):
+    """2 processes: each draws its share of the missing class images (the same images as one process draws), then
+    both train on the paired batches."""
+    class_dir = tmp_path / "class"
+    accelerate_launch(SCRIPT, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "out", steps=2,
+                                              extra=["--seed", "7"]) + prior_args(class_dir, num=5), num_processes=2)
+    names = sorted(os.listdir(class_dir))
+    assert [n.split("-")[0] for n in names] == ["00000", "00001", "00002", "00003", "00004"]
+    assert os.path.isfile(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+    import train_text_to_image as script
+
+    one = tmp_path / "one"
+    run_main_in_process(script, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "out1", steps=1,
+                                                extra=["--seed", "7"]) + prior_args(one, num=5))
+    for name in names:  # image k comes from seed (--seed, k), whichever process drew it
+        assert np.array_equal(np.asarray(Image.open(class_dir / name)), np.asarray(Image.open(one / name)))

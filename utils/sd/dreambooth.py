@@ -229,14 +229,22 @@ def generate_class_images(args, accelerator) -> int:
     except OSError as error:
         raise UserError(f"--class_data_dir {directory}: not writable ({error.strerror}); class images are "
                         "generated there. Choose a folder you can write to.") from None
+    accelerator.wait_for_everyone()  # every process lists the folder before any of them writes to it
     existing = image_files(directory)
     done = {int(os.path.basename(p).split("-")[0]) for p in existing if os.path.basename(p).split("-")[0].isdigit()}
     missing = [k for k in range(args.num_class_images) if k not in done][:max(0, args.num_class_images - len(existing))]
-    if not missing:
-        return 0
+    if missing:
+        generate_class_image_share(args, accelerator, missing, len(existing))
+    accelerator.wait_for_everyone()
+    return len(missing)
+
+
+def generate_class_image_share(args, accelerator, missing: list[int], existing: int) -> None:
+    """This process's share of the `missing` class images (every num_processes-th index)."""
+    directory = args.class_data_dir
     dtype = generation_dtype(args.prior_generation_precision, accelerator.device)
     logger.info(f"Generating {len(missing)} class images of '{args.class_prompt}' in {directory} "
-                f"({len(existing)} there; --num_class_images {args.num_class_images}).")
+                f"({existing} there; --num_class_images {args.num_class_images}).")
     pipeline = load_generation_pipeline(args, dtype).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     mine = missing[accelerator.process_index::accelerator.num_processes]
@@ -251,8 +259,6 @@ def generate_class_images(args, accelerator) -> int:
     del pipeline
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    accelerator.wait_for_everyone()
-    return len(missing)
 
 
 def dreambooth_rows(instance_dir: str, instance_prompt: str, repeats: int, classes: list[str],
