@@ -66,7 +66,7 @@ from utils.sd.saving import WeightsOutput, save_weights
 from utils.sd.single_file import add_single_file_args
 from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, joint_vae, latent_scaling_factor,
                                   load_finished_stage, train_vae_stage)
-from utils.sd.validation import held_out_loss, log_validation
+from utils.sd.validation import held_out_loss, log_validation, validation_prompts
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import EarlyStopping
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, global_norm, log_training_health
@@ -263,7 +263,7 @@ def prepare(accelerator, args, models, optimizer, train_dataloader, lr_scheduler
 def validation_due(args, plan, step: int, epoch: int | None = None) -> bool:
     """Step validations every --validation_steps, else epoch ones every --validation_epochs; never at the last
     step (the end of training validates there, once)."""
-    asked = args.validation_prompts or args.validation_prompt or args.validation_split
+    asked = validation_prompts(args) or args.validation_split
     if not asked or step >= plan.max_train_steps:
         return False
     if epoch is None:

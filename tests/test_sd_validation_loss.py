@@ -190,3 +190,29 @@ def test_val_loss_is_the_same_for_any_process_count_and_batch_size(tiny_pipeline
     (total0, count0), (total1, count1) = sums[:2], sums[2:]
     assert count0 + count1 == 5 and (count0, count1) == (3, 2)
     assert (total0 + total1) / (count0 + count1) == pytest.approx(one_rank, rel=1e-6)
+
+
+def test_validation_images_are_drawn_without_autograd(monkeypatch):
+    """log_validation samples under torch.no_grad (it once lost the decorator to a helper inserted above it)."""
+    import types
+
+    from utils.sd import validation
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def assemble(components):
+        seen.append(torch.is_grad_enabled())
+        raise Stop
+    monkeypatch.setattr(validation, "assemble_pipeline", assemble)
+    unet = torch.nn.Linear(2, 2)
+    models = {"unet": unet, "vae": None, "text_encoder": None, "tokenizer": None,
+              "noise_scheduler": types.SimpleNamespace(config={"num_train_timesteps": 1000})}
+    args = types.SimpleNamespace(validation_prompts=["a cat"], validation_prompt=None,
+                                 validation_scheduler="DPMSolverMultistepScheduler")
+    accelerator = types.SimpleNamespace(unwrap_model=lambda m: m)
+    with pytest.raises(Stop):
+        validation.log_validation(args, accelerator, models, None, 1, torch.float32)
+    assert seen == [False]

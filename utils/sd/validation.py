@@ -15,12 +15,12 @@ from utils.sd.builder import assemble_pipeline
 from utils.sd.schedulers import make_scheduler
 
 
-@torch.no_grad()
 def validation_prompts(args) -> list[str]:
     """--validation_prompts, or the LoRA/DreamBooth scripts' one --validation_prompt."""
     return args.validation_prompts or ([args.validation_prompt] if args.validation_prompt else [])
 
 
+@torch.no_grad()
 def log_validation(args, accelerator, models, ema, step, weight_dtype):
     """Sample the validation prompts with the training modules themselves (no second copy)."""
     prompts = validation_prompts(args)
