@@ -138,7 +138,8 @@ def test_masked_dreambooth_with_generated_class_images_trains_them_whole(tmp_pat
 
     import train_text_to_image as script
     from utils.sd.data import ImageTransform, TextImageDataset
-    from utils.sd.dreambooth import dreambooth_rows, image_files
+    from utils.sd.dreambooth import dreambooth_rows
+    from utils.sd.kohya_folders import image_files
 
     instance = write_masked_folder(tmp_path / "instance")
     class_dir = tmp_path / "class"

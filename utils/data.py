@@ -161,15 +161,15 @@ def make_train_dataloader(dataset, batch_size: int, num_workers: int, collate_fn
     # checkpoint; a run resumed from that checkpoint would draw it after restoring the RNG and
     # then sample different noise (no longer bitwise identical). The order comes from
     # accelerate's seedable sampler, which reseeds this generator every epoch.
-    halves = getattr(getattr(dataset, "base", dataset), "prior", None)  # DreamBooth prior preservation
-    if halves is not None and any(halves):
-        sampler = PairedBatchSampler(halves, batch_size, seed, dataset=getattr(dataset, "base", dataset))
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
-                                           num_workers=num_workers, generator=torch.Generator(), **kwargs)
-    if buckets is not None:  # --enable_bucket: every batch from one aspect-ratio bucket (utils.buckets)
+    base = getattr(dataset, "base", dataset)  # (a cached dataset wraps the one that holds the epoch)
+    sampler = None
+    if getattr(base, "prior", None) is not None and any(base.prior):  # DreamBooth prior preservation
+        sampler = PairedBatchSampler(base.prior, batch_size, seed, dataset=base)
+    elif buckets is not None:  # --enable_bucket: every batch from one aspect-ratio bucket (utils.buckets)
         from utils.buckets import BucketBatchSampler
 
-        sampler = BucketBatchSampler(buckets, batch_size, seed, dataset=getattr(dataset, "base", dataset))
+        sampler = BucketBatchSampler(buckets, batch_size, seed, dataset=base)
+    if sampler is not None:
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn,
                                            num_workers=num_workers, generator=torch.Generator(), **kwargs)
     return torch.utils.data.DataLoader(dataset, shuffle=shuffle, collate_fn=collate_fn, batch_size=batch_size,

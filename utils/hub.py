@@ -22,6 +22,7 @@ import re
 import shutil
 
 from utils.errors import UserError
+from utils.sd.lycoris import has_peft_adapters  # LoHa / LoKr adapter folders
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +135,7 @@ def write_model_card(
         if os.path.abspath(validation_grid) != os.path.abspath(target):
             shutil.copyfile(validation_grid, target)
         sections.append(f"## Validation images\n\n![validation images]({VALIDATION_GRID_NAME})")
-    peft_adapters = os.path.isfile(os.path.join(output_dir, "unet_adapter", "adapter_config.json"))  # LoHa / LoKr
-    sections.append(_usage_section(model_ref, base_model, "peft" if lora and peft_adapters else lora))
+    sections.append(_usage_section(model_ref, base_model, "peft" if lora and has_peft_adapters(output_dir) else lora))
     run_facts = _run_facts(output_dir)
     if run_facts:
         sections.append("## Run\n\n| fact | value |\n| --- | --- |\n" + "\n".join(run_facts))

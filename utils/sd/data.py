@@ -245,7 +245,7 @@ def load_text_image_dataset(args, split: str = "train"):
         else:
             dataset = datasets.Dataset.from_dict(_captioned_folder(root, caption_column, image_column,
                                                                    args.caption_extension))
-    where = args.dataset_name or args.train_data_dir or args.train_data_file
+    where = data_source(args)
     if len(dataset) == 0:
         raise UserError(f"{where}: the dataset is empty (no images found for split '{split}')")
     for column, flag in ((image_column, "--image_column"), (caption_column, "--caption_column")):
@@ -519,28 +519,27 @@ def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> Te
     [2, L], a row per tokenizer)."""
     tokenizers = tokenizer if isinstance(tokenizer, (list, tuple)) else [tokenizer]
 
-    @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (ids are only read)
     def tokenize(caption: str) -> torch.Tensor:
         return tokenized(caption, "input_ids")
 
-    @functools.lru_cache(maxsize=1 << 16)
+    @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (the tensors are only read)
     def tokenized(caption: str, key: str) -> torch.Tensor:
         """The caption's `key` (input_ids or attention_mask) [L], or [2, L] for SDXL's two tokenizers."""
         rows = [t(caption, max_length=settings.tokenizer_max_length or t.model_max_length, padding="max_length",
                   truncation=True, return_tensors="pt")[key][0] for t in tokenizers]
         return rows[0] if len(rows) == 1 else torch.stack(rows)
 
-    if settings.masked_loss:  # (class images of prior preservation may go without: they train whole)
-        check_masks(rows, settings.image_column, settings.source_name,
-                    rows[PRIOR_COLUMN] if PRIOR_COLUMN in rows.column_names else None)
     transform = ImageTransform(settings.resolution, settings.image_interpolation_mode, settings.center_crop,
                                settings.random_flip)
-    return TextImageDataset(rows, settings.image_column, settings.caption_column, transform, tokenize,
-                            seed=settings.seed, caption_dropout_prob=settings.caption_dropout_prob,
-                            skip_bad_samples=settings.skip_bad_samples, source_name=settings.source_name,
-                            tags=settings.tags, masked=settings.masked_loss,
-                            attention_mask=(lambda caption: tokenized(caption, "attention_mask"))
-                            if settings.text_encoder_use_attention_mask else None)
+    dataset = TextImageDataset(rows, settings.image_column, settings.caption_column, transform, tokenize,
+                               seed=settings.seed, caption_dropout_prob=settings.caption_dropout_prob,
+                               skip_bad_samples=settings.skip_bad_samples, source_name=settings.source_name,
+                               tags=settings.tags, masked=settings.masked_loss,
+                               attention_mask=(lambda caption: tokenized(caption, "attention_mask"))
+                               if settings.text_encoder_use_attention_mask else None)
+    if settings.masked_loss:  # (class images of prior preservation may go without: they train whole)
+        check_masks(rows, settings.image_column, settings.source_name, dataset.prior)
+    return dataset
 
 
 def build_held_out_dataset(settings: TextImageSettings, rows, tokenizer) -> TextImageDataset | None:

@@ -16,7 +16,7 @@ from utils.atomic import atomic_file
 from utils.errors import UserError, UserFileNotFoundError
 from utils.images import IMAGE_EXTENSIONS
 from utils.sd.data import PRIOR_COLUMN, load_text_image_dataset
-from utils.sd.kohya_folders import caption_for, is_repeat_layout, repeat_folder_rows
+from utils.sd.kohya_folders import caption_for, image_files, is_repeat_layout, repeat_folder_rows
 
 logger = logging.getLogger(__name__)
 
@@ -180,11 +180,6 @@ def check_prior_preservation_args(args) -> None:
     if args.train_batch_size == "auto":
         raise UserError("--with_prior_preservation doubles every batch (instance + class images): give "
                         "--train_batch_size as a number.")
-
-
-def image_files(directory: str) -> list[str]:
-    return sorted(os.path.join(directory, name) for name in os.listdir(directory)
-                  if name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def class_image_name(index: int, prompt: str) -> str:

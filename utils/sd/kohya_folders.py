@@ -24,14 +24,15 @@ def add_kohya_folder_args(parser) -> None:
                              ".caption).")
 
 
-def _images(directory: str) -> list[str]:
+def image_files(directory: str) -> list[str]:
+    """The image files directly in `directory`, sorted."""
     return sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def is_repeat_layout(root: str) -> bool:
     """True for kohya's layout: no images at the top, at least one `<repeats>_<name>` subfolder."""
     entries = os.listdir(root)
-    return not _images(root) and any(REPEAT_FOLDER.match(n) and os.path.isdir(os.path.join(root, n))
+    return not image_files(root) and any(REPEAT_FOLDER.match(n) and os.path.isdir(os.path.join(root, n))
                                      for n in entries)
 
 
@@ -57,7 +58,7 @@ def repeat_folder_rows(root: str, extension: str | None = None) -> tuple[list[st
             skipped += [name] if name != "mask" else []  # (--masked_loss masks)
             continue
         repeats, tokens = int(match.group(1)), match.group(2)
-        for path in _images(folder):
+        for path in image_files(folder):
             caption = caption_for(path, extension, tokens)
             images += [path] * repeats
             captions += [caption] * repeats

@@ -316,21 +316,27 @@ def _lora_alpha(model):
     return None if model is None else model.peft_config["default"].lora_alpha
 
 
-def save_kohya_lora(path: str, unet, text_encoder=None, text_encoder_2=None, metadata: dict | None = None) -> None:
-    """The kohya file with kohya's `ss_*` metadata (all strings, as safetensors requires)."""
+def write_kohya_file(path: str, tensors: dict, metadata: dict | None, network: dict) -> None:
+    """A kohya-layout file, atomically, with the run's metadata and kohya's `ss_network_*` keys (`network`), all
+    strings as safetensors requires."""
     from safetensors.torch import save_file
 
-    config = unet.peft_config["default"]
     info = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
-    info.update({"ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
-                 "ss_network_alpha": str(config.lora_alpha), "ss_training_comment": "train_text_to_image.py"})
-    save_file(kohya_state_dict(unet, text_encoder, text_encoder_2), path, metadata=info)
+    info.update({k: str(v) for k, v in network.items()}, ss_training_comment="train_text_to_image.py")
+    with atomic_file(path) as temp:
+        save_file(tensors, temp, metadata=info)
+
+
+def save_kohya_lora(path: str, unet, text_encoder=None, text_encoder_2=None, metadata: dict | None = None) -> None:
+    """The kohya file with kohya's `ss_*` metadata."""
+    config = unet.peft_config["default"]
+    write_kohya_file(path, kohya_state_dict(unet, text_encoder, text_encoder_2), metadata, {
+        "ss_network_module": "networks.lora", "ss_network_dim": config.r, "ss_network_alpha": config.lora_alpha})
 
 
 def save_lycoris(directory: str, unet, text_encoder, text_encoder_2, lora_format: str, metadata: dict | None):
     """LoHa/LoKr: the peft adapter folders, and with --lora_format kohya|both the LyCORIS file (utils/sd/lycoris.py)."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     save_peft_adapters(directory, models)
@@ -339,14 +345,11 @@ def save_lycoris(directory: str, unet, text_encoder, text_encoder_2, lora_format
     config, kind = unet.peft_config["default"], adapter_type(unet)
     peft_state = {f"{name}.{k}": v for name, model in models.items() if model is not None
                   for k, v in get_peft_model_state_dict(model).items()}
-    info = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
-    info.update({"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": kind}),
-                 "ss_network_dim": str(config.r), "ss_network_alpha": str(config.alpha),
-                 "ss_training_comment": "train_text_to_image.py"})
+    names = kohya_module_names(adapter_modules(peft_state, kind))
     path = os.path.join(directory, KOHYA_WEIGHT_NAME)
-    with atomic_file(path) as temp:
-        names = kohya_module_names(adapter_modules(peft_state, kind))
-        save_file(lycoris_state_dict(peft_state, kind, config.r, config.alpha, names), temp, metadata=info)
+    write_kohya_file(path, lycoris_state_dict(peft_state, kind, config.r, config.alpha, names), metadata, {
+        "ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": kind}),
+        "ss_network_dim": config.r, "ss_network_alpha": config.alpha})
     return path
 
 

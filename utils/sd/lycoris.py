@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from utils.atomic import atomic_file
+from utils.atomic import atomic_file, write_json_atomic
 from utils.errors import UserError, UserFileNotFoundError
 
 LYCORIS_TYPES = ("loha", "lokr")
@@ -84,10 +84,8 @@ def save_peft_adapters(directory: str, models: dict) -> None:
         folder = os.path.join(directory, ADAPTER_FOLDER.format(name))
         os.makedirs(folder, exist_ok=True)
         config = model.peft_config["default"].to_dict()
-        config["target_modules"] = sorted(config["target_modules"])
-        with atomic_file(os.path.join(folder, "adapter_config.json")) as temp:
-            with open(temp, "w", encoding="utf-8") as handle:
-                json.dump(config, handle, indent=2, default=list)
+        config["target_modules"] = sorted(config["target_modules"])  # (a set in peft)
+        write_json_atomic(os.path.join(folder, "adapter_config.json"), config)
         state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
         with atomic_file(os.path.join(folder, "adapter_model.safetensors")) as temp:
             save_file(state, temp)
