@@ -39,6 +39,7 @@ from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema
 from utils.evaluation import Evaluation, add_evaluation_args
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.latents import vae_scale_factor
+from utils.families.flow_matching import add_timestep_density_args
 from utils.mask_dit.cache import cache_paired_datasets, paired_rows_fingerprint
 from utils.mask_dit.conditioning import Conditioner
 from utils.mask_dit.data import (PairedImageMaskDataset, assign_pair_buckets, collate_pairs, hub_records,
@@ -102,9 +103,7 @@ def parse_args(argv=None):
                       help="Random instead of centre crops (same for image and mask).")
     flow = parser.add_argument_group("flow matching")
     flow.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLING)
-    flow.add_argument("--logit_mean", type=float, default=0.0)
-    flow.add_argument("--logit_std", type=float, default=1.0)
-    flow.add_argument("--mode_scale", type=float, default=1.29)
+    add_timestep_density_args(flow)  # --logit_mean --logit_std --mode_scale, shared with SD3's
     flow.add_argument("--loss_weighting", default="uniform", choices=LOSS_WEIGHTING)
     flow.add_argument("--mask_dropout_prob", type=float, default=0.1,
                       help="Masks replaced by 'no mask' (for mask CFG).")

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Fine-tune (full or LoRA) or train from scratch a Stable Diffusion (1.x/2.x or XL) text-to-image model.
+"""Fine-tune (full or LoRA) or train from scratch a text-to-image model: Stable Diffusion 1.x/2.x, XL or 3/3.5.
 
 A drop-in for diffusers' examples/text_to_image/train_text_to_image.py, train_text_to_image_lora.py,
 train_text_to_image_sdxl.py and train_text_to_image_lora_sdxl.py: every flag of the four, same names, defaults
 and output layout (`checkpoint-N/`, the final pipeline or `pytorch_lora_weights.safetensors` in --output_dir).
-An SDXL pipeline (model_index.json: StableDiffusionXLPipeline) is detected and trained with both text encoders,
-the pooled prompt and the time ids.
+The model family is read from model_index.json (utils/families/): an SDXL pipeline trains with both text
+encoders, the pooled prompt and the time ids; an SD3 pipeline (StableDiffusion3Pipeline) as diffusers'
+train_dreambooth(_lora)_sd3.py trains it (rectified flow, --weighting_scheme, its flags and LoRA file).
 Adds: from-scratch models (--model_preset / --unet_config / --vae_config, a VAE stage,
 text-encoder training, caption dropout), --config YAML, step-based validation with
 DPM-Solver++, training-health logs, atomic checkpoints, SIGTERM-safe stops.
@@ -25,22 +26,22 @@ import utils  # noqa: F401  (first: its log filter must be in place before diffu
 
 # isort: split
 
-import torch
 from accelerate.utils import DataLoaderConfiguration
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
 
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, check_bucket_combinations, record_buckets
 from utils.cache import add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args
-from utils.checkpointing import register_checkpoint_hooks, resume_position
+from utils.checkpointing import resume_position
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
-from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema
+from utils.ema import add_ema_args, create_ema, place_ema
 from utils.evaluation import Evaluation
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.hub import add_hub_args, check_hub_args, push_output_dir, redact_args, write_model_card
 from utils.latents import vae_scale_factor
+from utils.families import family_for
+from utils.families.flow_matching import add_flow_matching_args
 from utils.optim import (apply_update, create_optimizer, evaluation_weights, parse_optimizer_args, prodigy_kwargs,
                          restart_lr_schedule)
 from utils.report import log_metrics
@@ -57,11 +58,10 @@ from utils.sd.data import (TextImageSettings, add_image_data_args, assign_datase
                            collate_text_image, split_held_out, usable_rows)
 from utils.sd.dreambooth import (add_dreambooth_args, check_dreambooth_args, dreambooth_aliases, dreambooth_defaults,
                                  load_training_rows)
-from utils.sd.losses import add_loss_args, check_loss_args, diffusion_loss
-from utils.sd.lora import (DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, add_lora_adapter, add_lora_args,
-                           check_lora_args, load_lora_into, lora_checkpoint_check, save_lora)
-from utils.sd.models import ModelSource, load_models, text_encoder_names, tokenizers_of, trained_text_encoders
-from utils.sd.model_kind import is_sdxl_run
+from utils.sd.losses import add_loss_args, check_loss_args
+from utils.sd.lora import add_lora_args, check_lora_args, lora_checkpoint_check
+from utils.sd.models import ModelSource
+from utils.sd.model_kind import family_name
 from utils.sd.saving import WeightsOutput, save_weights
 from utils.sd.single_file import add_single_file_args
 from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, joint_vae, latent_scaling_factor,
@@ -69,10 +69,11 @@ from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_arg
 from utils.sd.validation import held_out_loss, log_validation, validation_prompts
 from utils.speed import add_speed_args, apply_speedups
 from utils.stopping import EarlyStopping
+from utils.trained_modules import (configure_training, prepare, register_hooks, trained_networks,
+                                   trained_text_encoders)
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, global_norm, log_training_health
 
 logger = logging.getLogger("train_text_to_image")
-SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image"]  # diffusers' SDXL model cards
 
 
 def parse_args(argv=None):
@@ -95,57 +96,50 @@ def parse_args(argv=None):
     add_auto_batch_args(parser)
     add_speed_args(parser, gradient_checkpointing=True)
     add_dreambooth_args(parser)
+    add_flow_matching_args(parser)
     args = parse_args_with_config(parser, argv, mode_defaults=dreambooth_defaults)  # a DreamBooth run: its defaults
     vars(args).update(dreambooth_aliases(args))
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
-    # The four diffusers scripts differ in these defaults; we follow whichever one the run is.
-    args.sdxl = is_sdxl_run(args) if args.pretrained_model_name_or_path or args.model_preset else False
-    if args.resolution is None:
-        args.resolution = 1024 if args.sdxl else 512
-    if args.output_dir is None:
-        args.output_dir = "sd-model-finetuned-lora" if args.use_lora else \
-            ("sdxl-model-finetuned" if args.sdxl else "sd-model-finetuned")
-    if args.validation_epochs is None:
-        args.validation_epochs = 1 if args.use_lora or args.sdxl else 5
-    if args.num_validation_images is None:
-        args.num_validation_images = 4 if args.use_lora or args.sdxl else 1
-    if args.tracker_project_name is None:
-        args.tracker_project_name = "text2image-fine-tune-sdxl" if args.sdxl and not args.use_lora \
-            else "text2image-fine-tune"
+    # The model family (utils/families/) decides the defaults the diffusers scripts differ in.
+    args.family = family_name(args)
+    args.sdxl = args.family == "sdxl"
+    family = family_for(args.family)
+    vars(args).update({name: value for name, value in family.defaults(args).items() if getattr(args, name) is None})
     if args.proportion_empty_prompts is not None:  # the SDXL scripts' name for caption dropout
         if args.caption_dropout_prob not in (0.0, args.proportion_empty_prompts):
             raise UserError("--proportion_empty_prompts and --caption_dropout_prob are the same setting; give one.")
         args.caption_dropout_prob = args.proportion_empty_prompts
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
-    validate_args(args)
+    validate_args(args, family)
     vars(args).update(resolve_cache_args(args, train_text_encoder=args.train_text_encoder))  # --precompute = both
     caption_tags(args)  # refused with --cache_text_embeddings (resolved just above), before anything runs
     return args
 
 
-def validate_args(args) -> None:
+def validate_args(args, family) -> None:
     """Each module checks the flags it reads (one-block errors, before anything runs)."""
     if args.use_8bit_adam and args.optimizer not in ("adamw", "adamw8bit"):
         raise UserError(f"--use_8bit_adam means --optimizer adamw8bit; it cannot go with --optimizer {args.optimizer}.")
     args.optimizer = "adamw8bit" if args.use_8bit_adam else args.optimizer
     parse_optimizer_args(args.optimizer_args)  # a malformed KEY=VALUE is refused before anything runs
     for check in (check_loss_args, check_model_args, check_training_args, check_bucket_combinations, check_lora_args,
-                  check_dreambooth_args, check_data_source_args, check_vae_args, check_validation_args, check_hub_args):
+                  check_dreambooth_args, check_data_source_args, check_vae_args, check_validation_args, check_hub_args,
+                  family.check_args):
         check(args)
 
 
 
 
-def check_resolution(args, vae, unet) -> None:
-    factor = vae_scale_factor(vae)
+def check_resolution(args, family, models) -> None:
+    factor = vae_scale_factor(models["vae"])
     if args.resolution % factor:  # else the pipeline refuses it at the first validation, hours in
         raise UserError(f"--resolution {args.resolution} must be a multiple of {factor} "
                         f"(the VAE downsamples by {factor}).")
-    check_bucket_args(args, factor * 2 ** (len(unet.config.block_out_channels) - 1))
+    check_bucket_args(args, family.latent_multiple(models))
 
 
 def prepare_vae(args, accelerator, models, train_dataloader) -> None:
@@ -163,72 +157,19 @@ def prepare_vae(args, accelerator, models, train_dataloader) -> None:
         models["vae"].register_to_config(scaling_factor=latent_scaling_factor(models["vae"], first_batches, "cpu"))
 
 
-def configure_training(args, accelerator, models, weight_dtype) -> None:
-    """Which weights train (full, LoRA, text encoders, joint VAE), their devices and dtypes, memory savers."""
-    unet, vae = models["unet"], models["vae"]
-    text_encoders = [models[name] for name in text_encoder_names(models)]
-    trained_encoders = [models[name] for name in trained_text_encoders(args, models)]
-    vae.requires_grad_(joint_vae(args))
-    train_text_encoder_fully = args.train_text_encoder and not args.use_lora
-    for text_encoder in text_encoders:
-        text_encoder.requires_grad_(train_text_encoder_fully)
-    unet.requires_grad_(not args.use_lora)
-    # SDXL's VAE overflows in fp16: fp32 unless a fixed VAE is given (diffusers' SDXL LoRA script's rule).
-    vae_fp32 = args.train_vae or (args.sdxl and args.pretrained_vae_model_name_or_path is None)
-    vae.to(accelerator.device, dtype=torch.float32 if vae_fp32 else weight_dtype)
-    if args.use_lora:
-        unet.to(accelerator.device, dtype=weight_dtype)
-        add_lora_adapter(unet, args, args.lora_target_modules or DEFAULT_UNET_TARGETS)
-        for text_encoder in trained_encoders:
-            add_lora_adapter(text_encoder, args, DEFAULT_TEXT_ENCODER_TARGETS)
-    if not train_text_encoder_fully:
-        for text_encoder in text_encoders:
-            text_encoder.to(accelerator.device, dtype=weight_dtype if not args.train_text_encoder else torch.float32)
-    if args.use_lora and accelerator.mixed_precision == "fp16":
-        # Trainable LoRA weights must be fp32 for the grad scaler, however fp16 was chosen
-        # (flag or accelerate config): otherwise "Attempting to unscale FP16 gradients".
-        cast_training_params([unet] + trained_encoders, dtype=torch.float32)
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    if args.enable_npu_flash_attention:
-        unet.enable_npu_flash_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for text_encoder in trained_encoders:
-            text_encoder.gradient_checkpointing_enable()
 
 
-def trained_modules(args, models) -> list:
-    """The modules the optimizer updates, in `accelerator.prepare` order: UNet, text encoder(s), joint VAE."""
-    return [models["unet"]] + [models[name] for name in trained_text_encoders(args, models)] + \
-        ([models["vae"]] if joint_vae(args) else [])
 
 
-def trained_networks(args, models) -> list:
-    """The UNet and the trained text encoders (what --train_batch_size auto probes)."""
-    return [models["unet"]] + [models[name] for name in trained_text_encoders(args, models)]
 
 
-def register_hooks(args, accelerator, models, ema) -> None:
-    """Checkpoints store each trained module in diffusers format (checkpoint-N/unet, unet_ema, ...), LoRA as
-    the adapter weights only."""
-    encoders = {name: models[name] for name in trained_text_encoders(args, models)}
-    trained = {"unet": models["unet"], **encoders, **({"vae": models["vae"]} if joint_vae(args) else {})}
-    save_fns = load_fns = None
-    if args.use_lora:  # one file holds the UNet's and the text encoders' adapters
-        save_fns = {"unet": lambda m, d: save_lora(os.path.dirname(d), m, **encoders),
-                    **{name: lambda m, d: None for name in encoders}}
-        load_fns = {"unet": lambda m, d: load_lora_into(os.path.dirname(d), m, **encoders),
-                    **{name: lambda m, d: None for name in encoders}}
-    register_checkpoint_hooks(accelerator, trained, save_fns=save_fns, load_fns=load_fns,
-                              **ema_checkpoint_hooks(ema, "unet_ema"))
 
-
-def build_optimizer(args, accelerator, models, learning_rate: float):
+def build_optimizer(args, family, accelerator, models, learning_rate: float):
     """The --optimizer over the trained weights, a param group per module; returns it and the groups'
     learning rates from this run's flags (what --resume_override_lr restarts at)."""
-    param_groups = [{"params": [p for p in models["unet"].parameters() if p.requires_grad], "lr": learning_rate}]
-    for name in trained_text_encoders(args, models):
+    param_groups = [{"params": [p for p in models[family.denoiser].parameters() if p.requires_grad],
+                     "lr": learning_rate}]
+    for name in trained_text_encoders(args, family, models):
         param_groups.append({"params": [p for p in models[name].parameters() if p.requires_grad],
                              "lr": args.text_encoder_learning_rate or learning_rate,
                              "weight_decay": args.adam_weight_decay if args.adam_weight_decay_text_encoder is None
@@ -249,15 +190,15 @@ def make_optimizer(args, param_groups, device):
                                    **parse_optimizer_args(args.optimizer_args)})
 
 
-def prepare(accelerator, args, models, optimizer, train_dataloader, lr_scheduler):
-    """`accelerator.prepare` the trained modules with the optimizer, data and schedule; `models` gets the
-    prepared (wrapped) UNet / text encoder. Returns the prepared trained modules (they accumulate gradients)."""
-    trained = trained_modules(args, models)
-    prepared = accelerator.prepare(*trained, optimizer, train_dataloader, lr_scheduler)
-    models["unet"] = prepared[0]
-    for index, name in enumerate(trained_text_encoders(args, models), start=1):
-        models[name] = prepared[index]
-    return list(prepared[:len(trained)]), *prepared[-3:]
+def cache_datasets(args, family, accelerator, models, *datasets) -> list:
+    """--cache_latents / --cache_text_embeddings: the datasets (None stays None) read from their caches, built
+    first where missing; the encoders the caches replace then leave the device."""
+    text_encoders = [models[name] for name in family.text_encoder_names(models)]
+    cached = [cache_text_image_dataset(data, models["vae"], text_encoders, args, accelerator,
+                                       lambda ids, mask: family.encode_text(models, ids, mask))
+              if data is not None else None for data in datasets]
+    offload_cached_encoders(models, args)
+    return cached
 
 
 def validation_due(args, plan, step: int, epoch: int | None = None) -> bool:
@@ -277,17 +218,18 @@ def validation_due(args, plan, step: int, epoch: int | None = None) -> bool:
 
 def main(args):
     accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    family = family_for(args.family, args)  # SD, SDXL, SD3: what the model is (utils/families/)
     claim_output_dir(args, accelerator)  # created, locked for this run, a restarted run's checkpoints discarded
     dtype = weight_dtype(accelerator)
 
     # Data first: a from-scratch tokenizer learns its vocabulary from the captions.
     rows, held_out_rows = split_held_out(args, usable_rows(args, load_training_rows(args, accelerator)))
     with accelerator.main_process_first():
-        models = load_models(ModelSource.from_args(args), captions_for_new_tokenizer(args, rows))
-    check_resolution(args, models["vae"], models["unet"])
+        models = family.load_models(ModelSource.from_args(args), captions_for_new_tokenizer(args, rows))
+    check_resolution(args, family, models)
     settings = TextImageSettings.from_args(args)
-    dataset = build_text_image_dataset(settings, rows, tokenizers_of(models))
-    held_out = build_held_out_dataset(settings, held_out_rows, tokenizers_of(models))  # (None without held-out rows)
+    dataset = build_text_image_dataset(settings, rows, family.tokenizers(models))
+    held_out = build_held_out_dataset(settings, held_out_rows, family.tokenizers(models))  # (None: no held-out rows)
     buckets = assign_dataset_buckets(args, dataset)  # --enable_bucket (from the image headers)
     train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
                                              args.dataloader_num_workers, collate_text_image, buckets=dataset.buckets,
@@ -295,32 +237,30 @@ def main(args):
     if accelerator.is_main_process:  # before the VAE stage, so its losses are logged too
         accelerator.init_trackers(args.tracker_project_name, tracker_config(args))
     prepare_vae(args, accelerator, models, train_dataloader)
-    configure_training(args, accelerator, models, dtype)
+    configure_training(args, family, accelerator, models, dtype)
 
     # Speed: train from cached latents/embeddings, size the batch (--train_batch_size auto), compile.
-    text_encoders = [models[name] for name in text_encoder_names(models)]
-    dataset, held_out = (cache_text_image_dataset(data, models["vae"], text_encoders, args, accelerator)
-                         if data is not None else None for data in (dataset, held_out))
-    offload_cached_encoders(models, args)
+    dataset, held_out = cache_datasets(args, family, accelerator, models, dataset, held_out)
     collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_text_image
     batch_size, accumulation = resolve_auto_batch_size_for(
-        args, accelerator, lambda batch: diffusion_loss(args, models, batch, HealthMonitor()), dataset, collate,
-        trained_networks(args, models))
+        args, accelerator, lambda batch: family.training_loss(args, models, batch, HealthMonitor()), dataset, collate,
+        trained_networks(args, family, models))
     train_dataloader = make_train_dataloader(dataset, batch_size, args.dataloader_num_workers, collate,
                                              buckets=getattr(dataset, "base", dataset).buckets, seed=args.seed)
     plan = plan_training(batch_size, accumulation, accelerator.num_processes,
                          math.ceil(len(train_dataloader) / accelerator.num_processes), args.max_train_steps,
                          args.num_train_epochs, args.learning_rate, args.scale_lr)
-    apply_speedups(models["unet"], args)
-    ema = place_ema(create_ema(models["unet"], args) if args.use_ema else None, accelerator.device, args.offload_ema)
-    register_hooks(args, accelerator, models, ema)
+    denoiser = models[family.denoiser]  # the UNet or transformer
+    apply_speedups(denoiser, args)
+    ema = place_ema(create_ema(denoiser, args) if args.use_ema else None, accelerator.device, args.offload_ema)
+    register_hooks(args, family, accelerator, models, ema)
 
     # Optimizer and schedule (the prepared scheduler steps once per process, hence the factors).
-    optimizer, initial_lrs = build_optimizer(args, accelerator, models, plan.learning_rate)
+    optimizer, initial_lrs = build_optimizer(args, family, accelerator, models, plan.learning_rate)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_cycles=args.lr_num_cycles, power=args.lr_power,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=plan.max_train_steps * accelerator.num_processes)
-    trained, optimizer, train_dataloader, lr_scheduler = prepare(accelerator, args, models, optimizer,
+    trained, optimizer, train_dataloader, lr_scheduler = prepare(accelerator, args, family, models, optimizer,
                                                                   train_dataloader, lr_scheduler)
 
     position = resume_position(accelerator, args, plan, check=lora_checkpoint_check(args))
@@ -332,7 +272,7 @@ def main(args):
         base = getattr(dataset, "base", dataset)
         record_buckets(record, buckets, accelerator, args.output_dir,
                        [base.file_name(i) for i in range(len(base))], base.buckets)
-    evaluation = evaluation_for(args, plan, accelerator, models, ema, held_out, collate, optimizer, dtype,
+    evaluation = evaluation_for(args, family, plan, accelerator, models, ema, held_out, collate, optimizer, dtype,
                                 position.state)
     if position.path and args.resume_override_lr:
         restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
@@ -349,7 +289,7 @@ def main(args):
         progress, monitor, args.logging_steps, health_at_last_step=True,
         log_health=lambda step: log_training_health(accelerator, monitor, progress, step, lr_scheduler.get_last_lr()[0],
                                                     guard, {"param_norm": global_norm(trainable).item()}),
-        ema=ema, ema_parameters=lambda: accelerator.unwrap_model(models["unet"]).parameters(),
+        ema=ema, ema_parameters=lambda: accelerator.unwrap_model(models[family.denoiser]).parameters(),
         offload_ema=args.offload_ema, guard=guard,
         validate_step=lambda step: validation_due(args, plan, step) and evaluation(step))
 
@@ -359,7 +299,7 @@ def main(args):
                 module.train()
             for batch in epoch_batches(accelerator, train_dataloader, dataset, epoch, position):
                 with accelerator.accumulate(*trained):
-                    loss = diffusion_loss(args, models, batch, monitor)
+                    loss = family.training_loss(args, models, batch, monitor)
                     accelerator.backward(loss)
                     grad_norm = apply_update(accelerator, optimizer, lr_scheduler, trainable, loss, args.max_grad_norm,
                                              guard)
@@ -372,42 +312,44 @@ def main(args):
             if boundary.epoch_done(lambda: validation_due(args, plan, boundary.step, epoch)
                                    and evaluation(boundary.step)):
                 break
-    write_rank_checksums(accelerator, models["unet"])  # debug hook for the multi-process tests (no-op unless set)
-    boundary.finish(lambda: finish_training(args, plan, accelerator, models, ema, optimizer, evaluation,
+    write_rank_checksums(accelerator, models[family.denoiser])  # debug hook for the multi-process tests
+    boundary.finish(lambda: finish_training(args, family, plan, accelerator, models, ema, optimizer, evaluation,
                                              boundary.step))
 
 
-def finish_training(args, plan, accelerator, models, ema, optimizer, evaluation, step: int) -> None:
+def finish_training(args, family, plan, accelerator, models, ema, optimizer, evaluation, step: int) -> None:
     """The final weights (scored first: best/ too when they are the lowest val/loss), then the optional extras."""
     with evaluation_weights(optimizer):  # schedule-free: save (and score) the averaged weights
         evaluation(step, final=True)
-        save_final(args, plan, accelerator, models, ema, evaluation if evaluation.improved else None)
+        save_final(args, family, plan, accelerator, models, ema, evaluation if evaluation.improved else None)
 
 
-def evaluation_for(args, plan, accelerator, models, ema, held_out, collate, optimizer, dtype,
+def evaluation_for(args, family, plan, accelerator, models, ema, held_out, collate, optimizer, dtype,
                    resumed_state) -> Evaluation:
     """val/loss on the --validation_split data (lower is better: best/, --early_stopping_patience), then the
     validation images, both from the weights that would be saved (utils/evaluation.py)."""
     def score(step: int) -> dict:
         if held_out is None:
             return {}
-        return {"val/loss": held_out_loss(accelerator, models, held_out, collate, plan.batch_size, args.seed)}
+        return {"val/loss": held_out_loss(family, accelerator, models, held_out, collate, plan.batch_size,
+                                          args.seed)}
 
     def report(step: int, metrics: dict, improved: bool, final: bool) -> None:
         if metrics:
             log_metrics(accelerator, {**metrics, "val/best_loss": evaluation.state["best_validation_loss"]}, step)
             logger.info(f"step {step}: val/loss {metrics['val/loss']:.6f}" + (" (best so far)" if improved else ""))
         if accelerator.is_main_process and not final:  # (the EMA weights are in already; the final ones: save_final)
-            log_validation(args, accelerator, models, None, step, dtype)
+            log_validation(args, family, accelerator, models, None, step, dtype)
 
     evaluation = Evaluation(
         accelerator, args.output_dir, score, "val/loss", lambda directory, _: save_weights_to(
-            args, plan, accelerator, models, directory), ema, accelerator.unwrap_model(models["unet"]).parameters,
+            args, family, plan, accelerator, models, directory), ema,
+        accelerator.unwrap_model(models[family.denoiser]).parameters,
         optimizer, EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, resumed_state), report)
     return evaluation
 
 
-def save_final(args, plan, accelerator, models, ema, best: Evaluation | None = None) -> None:
+def save_final(args, family, plan, accelerator, models, ema, best: Evaluation | None = None) -> None:
     """Final pipeline (or LoRA weights) in --output_dir, EMA weights copied in (and in best/ too when they scored
     the lowest val/loss); then the optional extras (validation images, model card, Hub push), so none of them can
     cost the trained weights."""
@@ -415,29 +357,30 @@ def save_final(args, plan, accelerator, models, ema, best: Evaluation | None = N
     if not accelerator.is_main_process:
         return
     if ema is not None:
-        ema.copy_to(accelerator.unwrap_model(models["unet"]).parameters())
-    save_weights_to(args, plan, accelerator, models, args.output_dir)
+        ema.copy_to(accelerator.unwrap_model(models[family.denoiser]).parameters())
+    save_weights_to(args, family, plan, accelerator, models, args.output_dir)
     if best is not None:  # the final weights scored the lowest val/loss
         best.write_best({})
-    grid = log_validation(args, accelerator, models, None, plan.max_train_steps, weight_dtype(accelerator))
+    grid = log_validation(args, family, accelerator, models, None, plan.max_train_steps, weight_dtype(accelerator))
     base = args.pretrained_model_name_or_path or f"from scratch ({args.model_preset} preset)"
     write_model_card(args.output_dir, base_model=base, datasets=[args.dataset_name] if args.dataset_name else None,
                      hyperparameters={**redact_args(args), **plan.as_dict()}, validation_grid=grid,
-                     lora=args.use_lora, tags=SDXL_TAGS if args.sdxl else None)
+                     lora=args.use_lora, tags=family.model_card_tags)
     if args.push_to_hub:
         push_output_dir(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                         token=args.hub_token, private=args.hub_private_repo)
 
 
-def save_weights_to(args, plan, accelerator, models, directory: str) -> None:
+def save_weights_to(args, family, plan, accelerator, models, directory: str) -> None:
     """The pipeline or LoRA weights in `directory` (utils/sd/saving.py), as the flags ask."""
     output = WeightsOutput(args.output_dir, args.pretrained_model_name_or_path,
                            args.pretrained_model_name_or_path or args.model_preset, args.revision, args.variant,
                            args.sdxl, args.resolution, plan.max_train_steps,
                            args.lora_format if args.use_lora else None,
-                           args.single_file_dtype if args.save_single_file else None, args.skip_save_text_encoder)
-    save_weights(output, accelerator, models, text_encoder_names(models), trained_text_encoders(args, models),
-                 directory)
+                           args.single_file_dtype if args.save_single_file else None, args.skip_save_text_encoder,
+                           None if args.upcast_before_saving else weight_dtype(accelerator))
+    save_weights(output, family, accelerator, models, family.text_encoder_names(models),
+                 trained_text_encoders(args, family, models), directory)
 
 
 if __name__ == "__main__":

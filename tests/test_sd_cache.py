@@ -19,6 +19,13 @@ from utils.cache import collate_cached, sample_cached_latents
 from utils.sd.data import ImageTransform, TextImageDataset, write_metadata_jsonl
 
 
+def sd_encode(text_encoder):
+    """The SD family's encode_text over this one text encoder (what the trainer hands the cache)."""
+    from utils.families.sd import StableDiffusion
+
+    return lambda ids, mask: StableDiffusion().encode_text({"text_encoder": text_encoder}, ids, mask)
+
+
 def make_folder(path, sizes=((40, 32), (32, 48), (36, 36), (50, 34), (32, 32), (44, 40))):
     os.makedirs(path, exist_ok=True)
     records = []
@@ -86,7 +93,8 @@ def test_cached_latent_sample_equals_vae_sample(tiny_components):
 def test_cached_dataset_replays_captions_crops_and_flips(tmp_path, tiny_components):
     vae, text_encoder, tokenizer = tiny_components["vae"], tiny_components["text_encoder"], tiny_components["tokenizer"]
     dataset = make_dataset(make_folder(str(tmp_path / "data")), tokenizer)
-    cached = cache_text_image_dataset(dataset, vae, text_encoder, cache_args(tmp_path / "cache"), CPU_ACCELERATOR)
+    cached = cache_text_image_dataset(dataset, vae, text_encoder, cache_args(tmp_path / "cache"), CPU_ACCELERATOR,
+                                      sd_encode(text_encoder))
     assert isinstance(cached, CachedTextImageDataset)
     seen_flips = set()
     for epoch in range(3):
@@ -112,7 +120,8 @@ def test_cached_dataset_replays_captions_crops_and_flips(tmp_path, tiny_componen
 def test_text_only_cache_keeps_pixels(tmp_path, tiny_components):
     dataset = make_dataset(make_folder(str(tmp_path / "data")), tiny_components["tokenizer"], dropout=0.0)
     cached = cache_text_image_dataset(dataset, tiny_components["vae"], tiny_components["text_encoder"],
-                                      cache_args(tmp_path / "cache", latents=False), CPU_ACCELERATOR)
+                                      cache_args(tmp_path / "cache", latents=False), CPU_ACCELERATOR,
+                                      sd_encode(tiny_components["text_encoder"]))
     item = cached[1]
     assert torch.equal(item["pixel_values"], dataset[1]["pixel_values"])
     assert item["encoder_hidden_states"].shape == (77, 32) and "input_ids" not in item
@@ -126,7 +135,8 @@ def test_cache_is_reused_and_rebuilt_when_anything_changes(tmp_path, tiny_compon
     builds = count_builds(monkeypatch)
 
     def build(**dataset_kwargs):
-        cached = cache_text_image_dataset(make_dataset(folder, tokenizer, **dataset_kwargs), vae, text_encoder, args, CPU_ACCELERATOR)
+        cached = cache_text_image_dataset(make_dataset(folder, tokenizer, **dataset_kwargs), vae, text_encoder, args,
+                                          CPU_ACCELERATOR, sd_encode(text_encoder))
         return os.path.basename(cached.latents.directory), os.path.basename(cached.text.directory)
 
     first = build()

@@ -161,6 +161,7 @@ def test_val_loss_is_the_same_for_any_process_count_and_batch_size(tiny_pipeline
 
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+    from utils.families.sd import StableDiffusion
     from utils.sd.data import TextImageSettings, build_held_out_dataset, collate_text_image, load_text_image_dataset
     from utils.sd.validation import held_out_loss
 
@@ -180,7 +181,7 @@ def test_val_loss_is_the_same_for_any_process_count_and_batch_size(tiny_pipeline
         accelerator = types.SimpleNamespace(process_index=rank, num_processes=processes, device=torch.device("cpu"),
                                             unwrap_model=lambda m: m, reduce=reduce,
                                             autocast=lambda: torch.autocast("cpu", enabled=False))
-        return held_out_loss(accelerator, models, held_out, collate_text_image, batch_size, seed=3)
+        return held_out_loss(StableDiffusion(), accelerator, models, held_out, collate_text_image, batch_size, seed=3)
 
     one_rank = loss(0, 1, 3, [])
     assert one_rank == pytest.approx(loss(0, 1, 1, []), rel=1e-6)
@@ -203,10 +204,12 @@ def test_validation_images_are_drawn_without_autograd(monkeypatch):
     class Stop(Exception):
         pass
 
-    def assemble(components):
-        seen.append(torch.is_grad_enabled())
-        raise Stop
-    monkeypatch.setattr(validation, "assemble_pipeline", assemble)
+    class Family:
+        denoiser = "unet"
+
+        def pipeline(self, components, scheduler):
+            seen.append(torch.is_grad_enabled())
+            raise Stop
     unet = torch.nn.Linear(2, 2)
     models = {"unet": unet, "vae": None, "text_encoder": None, "tokenizer": None,
               "noise_scheduler": types.SimpleNamespace(config={"num_train_timesteps": 1000})}
@@ -214,5 +217,5 @@ def test_validation_images_are_drawn_without_autograd(monkeypatch):
                                  validation_scheduler="DPMSolverMultistepScheduler")
     accelerator = types.SimpleNamespace(unwrap_model=lambda m: m)
     with pytest.raises(Stop):
-        validation.log_validation(args, accelerator, models, None, 1, torch.float32)
+        validation.log_validation(args, Family(), accelerator, models, None, 1, torch.float32)
     assert seen == [False]

@@ -260,7 +260,7 @@ def offload_cached_encoders(models: dict, args) -> None:
     """Move the encoders the caches replace off the training device (validation moves them back)."""
     if args.cache_latents and models.get("vae") is not None:
         models["vae"].to("cpu")
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if args.cache_text_embeddings and models.get(name) is not None:
             models[name].to("cpu")
 
@@ -269,7 +269,8 @@ def offload_cached_encoders(models: dict, args) -> None:
 def cached_encoders_on(device, models: dict, args):
     """The encoders the caches replaced on `device` for the block (e.g. sampling), then off it again."""
     for name, cached in (("vae", args.cache_latents), ("text_encoder", args.cache_text_embeddings),
-                         ("text_encoder_2", args.cache_text_embeddings)):
+                         ("text_encoder_2", args.cache_text_embeddings),
+                         ("text_encoder_3", args.cache_text_embeddings)):
         if cached and models.get(name) is not None:
             models[name].to(device)
     try:

@@ -176,6 +176,25 @@ def build_clip_tokenizer(output_dir: str, texts=None, num_merges: int = 2000, mo
     return tokenizer
 
 
+def build_t5_tokenizer(output_dir: str, texts=None, vocab_size: int = 1000, model_max_length: int = 512):
+    """A T5 tokenizer (sentencepiece-style unigram, <pad> 0, </s> 1, <unk> 2, </s> appended) trained with the
+    `tokenizers` library on `texts` (+ the default corpus) and saved in `output_dir`: what the tiny SD3/FLUX
+    pipelines' T5 reads, offline. Deterministic for the same texts."""
+    from tokenizers import SentencePieceUnigramTokenizer, processors
+    from transformers import T5TokenizerFast
+
+    corpus = list(DEFAULT_CORPUS) + list(texts or [])
+    unigram = SentencePieceUnigramTokenizer()
+    unigram.train_from_iterator(corpus, vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                unk_token="<unk>", show_progress=False)
+    unigram.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=unigram, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                extra_ids=0, model_max_length=model_max_length)
+    os.makedirs(output_dir, exist_ok=True)
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
 def build_components(preset: str = "tiny", texts=None, resolution: int | None = None, seed: int = 0,
                      unet_config: dict | None = None, vae_config: dict | None = None, tokenizer=None,
                      tokenizer_dir: str | None = None, prediction_type: str = "epsilon"):

@@ -119,21 +119,18 @@ def encode_latent_batches(dataset, vae, device, batch_size: int, indices: list[i
         yield batch
 
 
-def encode_text_batches(captions: list[str], tokenize, text_encoders, device, batch_size: int, attention_mask=None):
-    """Yield {"embeddings": [B, L, D]} for `captions` in order; with SDXL's two encoders also {"pooled": [B, P]}.
+def encode_text_batches(captions: list[str], tokenize, encode, device, batch_size: int, attention_mask=None):
+    """Yield {"embeddings": [B, L, D]} for `captions` in order, with {"pooled": [B, P]} where the family has a
+    pooled prompt (SDXL, SD3). `encode(input_ids, attention_mask)`: the family's `encode_text`;
     `attention_mask(caption)`: --text_encoder_use_attention_mask's masks (None: none)."""
-    from utils.sd.sdxl import encode_prompt
-
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
         input_ids = torch.stack([tokenize(c) for c in chunk]).to(device)
         mask = torch.stack([attention_mask(c) for c in chunk]).to(device) if attention_mask is not None else None
         with torch.no_grad():
-            if len(text_encoders) == 2:
-                embeddings, pooled = encode_prompt(text_encoders, input_ids, mask)
-                yield {"embeddings": embeddings, "pooled": pooled}
-            else:
-                yield {"embeddings": text_encoders[0](input_ids, attention_mask=mask, return_dict=False)[0]}
+            encoded = encode(input_ids, mask)
+        yield {"embeddings": encoded["encoder_hidden_states"],
+               **({"pooled": encoded["pooled_prompt_embeds"]} if "pooled_prompt_embeds" in encoded else {})}
 
 
 class CachedTextImageDataset(torch.utils.data.Dataset):
@@ -200,11 +197,12 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
         raise BadSampleError(f"{base.source_name}: every sample is unreadable")
 
 
-def cache_text_image_dataset(dataset, vae, text_encoders, args, accelerator):
+def cache_text_image_dataset(dataset, vae, text_encoders, args, accelerator, encode):
     """Wrap a `TextImageDataset` with the caches that --cache_latents/--cache_text_embeddings ask for.
 
     Builds missing caches on the main process (others wait and then read them). Returns the
-    dataset unchanged when no caching is asked for. `text_encoders`: the list of text encoders (SDXL: two).
+    dataset unchanged when no caching is asked for. `text_encoders`: the list of text encoders (SDXL: two, SD3:
+    three), whose fingerprints key the text cache; `encode(input_ids, attention_mask)`: the family's encode_text.
     """
     if not (args.cache_latents or args.cache_text_embeddings):
         return dataset
@@ -243,7 +241,7 @@ def cache_text_image_dataset(dataset, vae, text_encoders, args, accelerator):
                    "text_encoder": [module_fingerprint(t) for t in text_encoders] if len(text_encoders) > 1
                    else module_fingerprint(text_encoders[0]), "dtype": str(text_encoders[0].dtype)}
             text = load_or_build(args.latent_cache_dir, "text", key,
-                                 lambda: encode_text_batches(captions, dataset.tokenize, text_encoders, device,
+                                 lambda: encode_text_batches(captions, dataset.tokenize, encode, device,
                                                              args.cache_batch_size, dataset.attention_mask),
                                  extra_fn=lambda: {"captions": captions})
     return CachedTextImageDataset(dataset, latents, text)

@@ -503,6 +503,7 @@ class TextImageSettings:
     skip_bad_samples: bool
     masked_loss: bool
     tokenizer_max_length: int | None  # None: each tokenizer's own (CLIP: 77)
+    max_sequence_length: int | None  # a T5 (non-CLIP) tokenizer's length (SD3, FLUX: --max_sequence_length)
     text_encoder_use_attention_mask: bool  # samples carry the tokenizer's attention mask for the text encoder
     source_name: str  # the data's name in messages
     tags: CaptionTags  # --shuffle_caption, --keep_tokens, ...
@@ -515,8 +516,9 @@ class TextImageSettings:
 
 
 def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> TextImageDataset:
-    """`TextImageDataset` of the rows as the settings say. `tokenizer`: one, or SDXL's two (then input_ids are
-    [2, L], a row per tokenizer)."""
+    """`TextImageDataset` of the rows as the settings say. `tokenizer`: one, or several (SDXL's two, SD3's three:
+    then input_ids are [n, L], a row per tokenizer, right-padded with 0 to the longest; the family cuts each row to
+    its tokenizer's length)."""
     tokenizers = tokenizer if isinstance(tokenizer, (list, tuple)) else [tokenizer]
 
     def tokenize(caption: str) -> torch.Tensor:
@@ -525,9 +527,16 @@ def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> Te
     @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (the tensors are only read)
     def tokenized(caption: str, key: str) -> torch.Tensor:
         """The caption's `key` (input_ids or attention_mask) [L], or [2, L] for SDXL's two tokenizers."""
-        rows = [t(caption, max_length=settings.tokenizer_max_length or t.model_max_length, padding="max_length",
-                  truncation=True, return_tensors="pt")[key][0] for t in tokenizers]
+        rows = [t(caption, max_length=token_length(t), padding="max_length", truncation=True,
+                  return_tensors="pt")[key][0] for t in tokenizers]
+        longest = max(len(row) for row in rows)
+        rows = [torch.nn.functional.pad(row, (0, longest - len(row))) for row in rows]
         return rows[0] if len(rows) == 1 else torch.stack(rows)
+
+    def token_length(tokenizer) -> int:
+        if settings.max_sequence_length is not None and "CLIP" not in type(tokenizer).__name__:
+            return settings.max_sequence_length  # T5's prompt length
+        return settings.tokenizer_max_length or tokenizer.model_max_length
 
     transform = ImageTransform(settings.resolution, settings.image_interpolation_mode, settings.center_crop,
                                settings.random_flip)

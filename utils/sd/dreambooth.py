@@ -31,6 +31,13 @@ DREAMBOOTH_DEFAULTS = {
     "lora-sdxl": dict(output_dir="lora-dreambooth-model", learning_rate=1e-4, validation_epochs=50,
                       adam_weight_decay=1e-4, adam_weight_decay_text_encoder=1e-3, text_encoder_learning_rate=5e-6,
                       tracker_project_name="dreambooth-lora-sd-xl"),
+    # train_dreambooth_sd3.py / train_dreambooth_lora_sd3.py (the same defaults but the tracker's name)
+    "sd3": dict(output_dir="sd3-dreambooth", learning_rate=1e-4, validation_epochs=50, adam_weight_decay=1e-4,
+                adam_weight_decay_text_encoder=1e-3, text_encoder_learning_rate=5e-6, checkpointing_steps=500,
+                tracker_project_name="dreambooth-sd3"),
+    "lora-sd3": dict(output_dir="sd3-dreambooth", learning_rate=1e-4, validation_epochs=50, adam_weight_decay=1e-4,
+                     adam_weight_decay_text_encoder=1e-3, text_encoder_learning_rate=5e-6, checkpointing_steps=500,
+                     tracker_project_name="dreambooth-sd3-lora"),
 }
 UNSUPPORTED = {  # diffusers' flags for models this trainer does not train (DeepFloyd IF, EDM-style Playground)
     "class_labels_conditioning": "DeepFloyd IF's class-label conditioning",
@@ -100,12 +107,15 @@ def add_dreambooth_args(parser) -> None:
 def dreambooth_defaults(first) -> dict:
     """For a DreamBooth run (`first`: a first parse with --instance_data_dir), the defaults of the diffusers
     script it corresponds to (utils.config.parse_args_with_config's `mode_defaults`); none otherwise."""
-    from utils.sd.model_kind import is_sdxl_run
+    from utils.sd.model_kind import family_name
 
     if first.instance_data_dir is None:
         return {}
-    sdxl = is_sdxl_run(first) if first.pretrained_model_name_or_path or first.model_preset else False
-    mode = "full" if not first.use_lora else ("lora-sdxl" if sdxl else "lora")
+    family = family_name(first)
+    if family == "sd3":
+        mode = "lora-sd3" if first.use_lora else "sd3"
+    else:
+        mode = "full" if not first.use_lora else ("lora-sdxl" if family == "sdxl" else "lora")
     return {**DREAMBOOTH_DEFAULTS["common"], **DREAMBOOTH_DEFAULTS[mode]}
 
 

@@ -161,7 +161,8 @@ def save_lora(directory: str, unet, text_encoder=None, text_encoder_2=None, lora
 # (sd-scripts library/sai_model_spec.py, model_util.get_model_version_str_for_sd1_sd2), which A1111, Forge and
 # ComfyUI's LoRA lists read to file a LoRA under its base model.
 _ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
-                  "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+                  "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
+                  "sd3": "stable-diffusion-3"}  # (kohya's ARCH_SD3_UNKNOWN: medium, large and 3.5 alike)
 _SDXL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
@@ -181,11 +182,11 @@ def lora_file_metadata(version: str, resolution: int | None, title: str, predict
     `ss_*` keys and Stability's `modelspec.*` keys, all strings (safetensors' rule)."""
     import datetime
 
-    sdxl = version.startswith("sdxl")
+    stability = version.startswith(("sdxl", "sd3"))  # Stability's own reference implementation
     info = {"ss_network_module": "networks.lora", "ss_base_model_version": version,
             "ss_v2": str(version.startswith("sd_v2")), "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": f"{_ARCHITECTURES[version]}/lora",
-            "modelspec.implementation": _SDXL_IMPLEMENTATION if sdxl else "diffusers",
+            "modelspec.implementation": _SDXL_IMPLEMENTATION if stability else "diffusers",
             "modelspec.title": title, "modelspec.date": datetime.date.today().isoformat()}
     if resolution:
         info.update({"ss_resolution": f"({resolution}, {resolution})",

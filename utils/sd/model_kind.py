@@ -45,7 +45,22 @@ def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
         return json.load(handle).get("_class_name")
 
 
-def is_sdxl_run(args) -> bool:
+# model_index.json's pipeline class -> the family module that trains it (utils/families/).
+FAMILY_OF_PIPELINE = {SDXL_PIPELINE: "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
+                      "Lumina2Pipeline": "lumina2", "Lumina2Text2ImgPipeline": "lumina2"}
+PRESET_FAMILIES = {"tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+
+
+def family_name(args) -> str:
+    """The model family of a run: sd (SD 1.x/2.x, also what an unreadable or unknown pipeline is taken for: the
+    loader then says what is wrong), sdxl, sd3, flux or lumina2; from --model_preset or the pipeline's class."""
     if getattr(args, "model_preset", None):
-        return args.model_preset.endswith("sdxl")
-    return pipeline_class_name(args.pretrained_model_name_or_path, getattr(args, "revision", None)) == SDXL_PIPELINE
+        return PRESET_FAMILIES.get(args.model_preset, "sd")
+    if not getattr(args, "pretrained_model_name_or_path", None):
+        return "sd"
+    name = pipeline_class_name(args.pretrained_model_name_or_path, getattr(args, "revision", None))
+    return FAMILY_OF_PIPELINE.get(name, "sd")
+
+
+def is_sdxl_run(args) -> bool:
+    return family_name(args) == "sdxl"

@@ -13,7 +13,7 @@ import torch
 from utils.atomic import atomic_directory
 from utils.checkpointing import check_finite_before_saving
 from utils.sd.builder import assemble_pipeline
-from utils.sd.lora import base_model_version, lora_file_metadata, save_lora
+from utils.sd.lora import base_model_version, lora_file_metadata
 from utils.sd.model_kind import is_single_file
 from utils.sd.single_file import SINGLE_FILE_NAME, save_single_file
 
@@ -35,21 +35,22 @@ class WeightsOutput:
     lora_format: str | None = None  # --lora_format of a --use_lora run; None: the whole pipeline
     single_file_dtype: str | None = None  # --single_file_dtype with --save_single_file; None: no single file
     skip_text_encoder: bool = False  # --skip_save_text_encoder: the pipeline without its text encoder (diffusers')
+    lora_dtype: torch.dtype | None = None  # the LoRA file's dtype (None: as trained, float32)
 
 
-def save_weights(output: WeightsOutput, accelerator, models: dict, text_encoders: list[str], trained: list[str],
-                 directory: str) -> None:
-    """The model's current weights in `directory` (main process): the pipeline, or the LoRA weights of the UNet and
-    the `trained` text encoders. --output_dir itself is written in place, like diffusers' scripts; any other folder
-    (best/) atomically."""
-    unwrapped = {name: accelerator.unwrap_model(models[name]) for name in ["unet"] + text_encoders}
+def save_weights(output: WeightsOutput, family, accelerator, models: dict, text_encoders: list[str],
+                 trained: list[str], directory: str) -> None:
+    """The model's current weights in `directory` (main process): the family's pipeline, or the LoRA weights of the
+    denoiser and the `trained` text encoders. --output_dir itself is written in place, like diffusers' scripts; any
+    other folder (best/) atomically."""
+    unwrapped = {name: accelerator.unwrap_model(models[name]) for name in [family.denoiser] + text_encoders}
     check_finite_before_saving(accelerator, output.output_dir, f"the model in {directory}",
-                               [unwrapped["unet"]] + [unwrapped[name] for name in trained])
+                               [unwrapped[family.denoiser]] + [unwrapped[name] for name in trained])
     if directory == output.output_dir:
-        write_weights(output, models, unwrapped, trained, directory)
+        write_weights(output, family, models, unwrapped, trained, directory)
     else:
         with atomic_directory(directory) as temp:
-            write_weights(output, models, unwrapped, trained, temp)
+            write_weights(output, family, models, unwrapped, trained, temp)
     logger.info(f"Saved the {'LoRA weights' if output.lora_format else 'pipeline'} to {directory}")
 
 
@@ -79,12 +80,19 @@ def float32_components(pipeline):
             module.to(dtype)
 
 
-def write_weights(output: WeightsOutput, models: dict, unwrapped: dict, trained: list[str], directory: str) -> None:
-    unet, text_encoder = unwrapped["unet"], unwrapped["text_encoder"]
+def write_weights(output: WeightsOutput, family, models: dict, unwrapped: dict, trained: list[str],
+                  directory: str) -> None:
     if output.lora_format:
-        save_lora(directory, unet, **{name: unwrapped[name] for name in trained}, lora_format=output.lora_format,
-                  metadata=lora_metadata(output, unet, models["noise_scheduler"]))
-        return
+        family.save_lora(directory, unwrapped[family.denoiser], {name: unwrapped[name] for name in trained},
+                         lora_format=output.lora_format, metadata=family.lora_metadata(output, models),
+                         dtype=output.lora_dtype)
+    else:
+        family.write_pipeline(output, models, unwrapped, directory)
+
+
+def write_sd_pipeline(output: WeightsOutput, models: dict, unwrapped: dict, directory: str) -> None:
+    """A Stable Diffusion (XL) pipeline folder (and, with --save_single_file, its LDM-layout copy)."""
+    unet, text_encoder = unwrapped["unet"], unwrapped["text_encoder"]
     components = dict(unwrapped, vae=models["vae"])
     prediction_type = models["noise_scheduler"].config.prediction_type
     if output.base and not is_single_file(output.base):

@@ -10,9 +10,6 @@ from utils.data import held_out_position
 from utils.ema import ema_weights
 from utils.images import save_and_log_images
 from utils.latents import encode_latents, scale_latents
-from utils.sd.sdxl import unet_conditioning
-from utils.sd.builder import assemble_pipeline
-from utils.sd.schedulers import make_scheduler
 
 
 def validation_prompts(args) -> list[str]:
@@ -21,36 +18,32 @@ def validation_prompts(args) -> list[str]:
 
 
 @torch.no_grad()
-def log_validation(args, accelerator, models, ema, step, weight_dtype):
-    """Sample the validation prompts with the training modules themselves (no second copy)."""
+def log_validation(args, family, accelerator, models, ema, step, weight_dtype):
+    """Sample the validation prompts with the training modules themselves (no second copy), through the family's
+    pipeline."""
     prompts = validation_prompts(args)
     if not prompts:
         return None
-    unet = accelerator.unwrap_model(models["unet"])
-    with ema_weights(ema, unet.parameters()):  # sample with the EMA weights, then put the training weights back
-        components = dict(unet=unet, vae=models["vae"], text_encoder=accelerator.unwrap_model(models["text_encoder"]),
-                          tokenizer=models["tokenizer"],
-                          scheduler=make_scheduler("ddpm" if args.validation_scheduler == "DDPMScheduler" else "dpm++",
-                                                   models["noise_scheduler"].config))
-        if models.get("text_encoder_2") is not None:  # SDXL
-            components.update(text_encoder_2=accelerator.unwrap_model(models["text_encoder_2"]),
-                              tokenizer_2=models["tokenizer_2"])
-        pipeline = assemble_pipeline(components)
+    denoiser = accelerator.unwrap_model(models[family.denoiser])
+    with ema_weights(ema, denoiser.parameters()):  # sample with the EMA weights, then put the training weights back
+        components = {name: accelerator.unwrap_model(module) if isinstance(module, torch.nn.Module) else module
+                      for name, module in models.items() if module is not None}
+        pipeline = family.pipeline(dict(components, scheduler=models["noise_scheduler"]), args.validation_scheduler)
         pipeline.to(accelerator.device)  # the VAE/text encoder are off the device when cached
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
         images, captions = [], []
-        was_training = unet.training
-        unet.eval()
+        was_training = denoiser.training
+        denoiser.eval()
         for prompt in prompts:
             for _ in range(args.num_validation_images):
                 with accelerator.autocast():
                     image = pipeline(prompt, num_inference_steps=args.validation_inference_steps, generator=generator,
                                      guidance_scale=args.validation_guidance_scale, height=args.resolution,
-                                     width=args.resolution).images[0]
+                                     width=args.resolution, **family.pipeline_call_kwargs(args)).images[0]
                 images.append(image)
                 captions.append(prompt)
-        unet.train(was_training)
+        denoiser.train(was_training)
     path = save_and_log_images(accelerator, images, args.output_dir, "validation", step, captions,
                                columns=args.num_validation_images if args.num_validation_images > 1 else None)
     del pipeline
@@ -75,39 +68,27 @@ def held_out_noise(seed: int | None, index: int, shape) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_loss(accelerator, models, held_out, collate, batch_size: int, seed: int | None) -> float:
-    """val/loss: the mean squared error of the prediction target (epsilon or v) over the held-out samples, each
-    scored at its fixed timestep with its fixed noise on the VAE posterior mean (no caption dropout, no weighting).
-    Every rank scores the samples index = rank (mod processes) and the sums are all-reduced, so the value does not
-    depend on the number of processes or the batch size, and no global random state is used (a resume stays
-    bitwise). Call it on every rank."""
-    unet = accelerator.unwrap_model(models["unet"])
-    unwrapped = {name: accelerator.unwrap_model(models[name]) if models.get(name) is not None else None
-                 for name in ("text_encoder", "text_encoder_2")}
-    unwrapped["vae"] = vae = models["vae"]
-    scheduler = models["noise_scheduler"]
-    device = accelerator.device
+def held_out_loss(family, accelerator, models, held_out, collate, batch_size: int, seed: int | None) -> float:
+    """val/loss: the mean squared error of the prediction target (the family's: epsilon, v, flow velocity) over the
+    held-out samples, each scored at its fixed timestep with its fixed noise on the VAE posterior mean (no caption
+    dropout, no weighting). Every rank scores the samples index = rank (mod processes) and the sums are
+    all-reduced, so the value does not depend on the number of processes or the batch size, and no global random
+    state is used (a resume stays bitwise). Call it on every rank."""
+    unwrapped = {name: accelerator.unwrap_model(module) if isinstance(module, torch.nn.Module) else module
+                 for name, module in models.items()}
+    denoiser, vae, device = unwrapped[family.denoiser], models["vae"], accelerator.device
     indices = list(range(accelerator.process_index, len(held_out), accelerator.num_processes))
     total, count = torch.zeros((), device=device, dtype=torch.float64), torch.zeros((), device=device)
-    was_training = unet.training
-    unet.eval()
+    was_training = denoiser.training
+    denoiser.eval()
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         batch = collate([held_out[index] for index in chunk])
         latents = (scale_latents(batch["latent_mean"].to(device), vae.config) if "latent_mean" in batch
                    else encode_latents(vae, batch["pixel_values"].to(device), sample=False)).float()
         noise = torch.stack([held_out_noise(seed, index, latents.shape[1:]) for index in chunk]).to(device)
-        timesteps = torch.tensor([held_out_timestep(index, scheduler.config.num_train_timesteps) for index in chunk],
-                                 device=device, dtype=torch.long)
-        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states, added = unet_conditioning(unwrapped, batch, latents, device)
-        target = noise if scheduler.config.prediction_type == "epsilon" \
-            else scheduler.get_velocity(latents, noise, timesteps)
-        with accelerator.autocast():
-            prediction = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added,
-                              return_dict=False)[0]
-        per_sample = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        per_sample = family.held_out_error(unwrapped, batch, latents, noise, chunk, accelerator.autocast)
         total, count = total + per_sample.double().sum(), count + len(chunk)
-    unet.train(was_training)
+    denoiser.train(was_training)
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     return (total / count.clamp_min(1)).item()

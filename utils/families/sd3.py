@@ -1,0 +1,312 @@
+"""Stable Diffusion 3 / 3.5 behind the family interface, through diffusers' own classes: SD3Transformer2DModel (the
+MMDiT), two CLIP text encoders with projection plus T5 (optional, as the pipeline allows), a 16- (tiny: 4-) channel
+VAE with a shift, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline for sampling, saving and LoRA files.
+The prompt encoding, targets, LoRA layers and flag defaults are those of diffusers' train_dreambooth_sd3.py and
+train_dreambooth_lora_sd3.py (diffusers main, 2026-12, commit 58eb52c0); the rectified flow is
+utils/families/flow_matching.py."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from utils.checkpointing import own_memory
+from utils.errors import UserError
+import utils.families.flow_matching as flow
+from utils.families.base import Family
+from utils.latents import encode_latents, vae_scale_factor
+
+PIPELINE = "StableDiffusion3Pipeline"
+# diffusers' SD3 scripts' default LoRA targets: the joint attention's image and context projections
+DEFAULT_TRANSFORMER_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                               "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+CLIP_LENGTH = 77  # diffusers' SD3 scripts and pipeline tokenize both CLIP prompts to 77 tokens
+
+
+def build_tiny_sd3(texts=None, seed: int = 0, tokenizer_dir: str | None = None) -> dict:
+    """Fresh components of the tiny SD3 pipeline of diffusers' own tests (tests/pipelines/stable_diffusion_3/
+    test_pipeline_stable_diffusion_3.py, get_dummy_components; the T5 sized as hf-internal-testing/tiny-random-t5),
+    with tokenizers generated offline: the CLIP BPE of utils/sd/builder.py and a unigram T5 tokenizer."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from utils.sd.builder import build_clip_tokenizer, build_t5_tokenizer
+
+    root = tokenizer_dir or tempfile.mkdtemp(prefix="tokenizers-")
+    tokenizer = build_clip_tokenizer(os.path.join(root, "tokenizer"), texts, 500, model_max_length=CLIP_LENGTH)
+    tokenizer_3 = build_t5_tokenizer(os.path.join(root, "tokenizer_3"), texts)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                        pooled_projection_dim=64, out_channels=4)
+    clip = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
+                          intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                          pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), hidden_act="gelu",
+                          projection_dim=32, max_position_embeddings=CLIP_LENGTH)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(clip)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(clip)
+    torch.manual_seed(seed)
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=32, d_ff=37, d_kv=8, num_heads=4,
+                                             num_layers=5, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                             pad_token_id=tokenizer_3.pad_token_id,
+                                             eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=0))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3,
+                tokenizer_3=tokenizer_3, scheduler=FlowMatchEulerDiscreteScheduler())
+
+
+def build_tiny_sd3_pipeline(output_dir: str, texts=None, seed: int = 0) -> str:
+    """A loadable tiny StableDiffusion3Pipeline folder (the offline stand-in of hf-internal-testing/tiny-sd3-pipe)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    StableDiffusion3Pipeline(**build_tiny_sd3(texts, seed, output_dir)).save_pretrained(output_dir)
+    return output_dir
+
+
+def encode_prompt(encoders: list, input_ids: torch.Tensor, max_sequence_length: int,
+                  joint_attention_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [B, 3, L] (CLIP-L, CLIP-G, T5 rows, right-padded to a common L) -> (prompt_embeds
+    [B, 77 + max_sequence_length, D_T5]: both CLIPs' penultimate hidden states side by side, zero-padded (or cut) to
+    the T5 width, followed by T5's last hidden state; pooled [B, P1 + P2]: both CLIPs' projections), as
+    StableDiffusion3Pipeline.encode_prompt. Without T5 (encoders[2] None) its part is zeros, as the pipeline's."""
+    hidden, pooled = [], []
+    for index, encoder in enumerate(encoders[:2]):
+        output = encoder(input_ids[:, index, :CLIP_LENGTH], output_hidden_states=True)
+        pooled.append(output[0])
+        hidden.append(output.hidden_states[-2])
+    clip = torch.cat(hidden, dim=-1)
+    if encoders[2] is not None:
+        t5 = encoders[2](input_ids[:, 2, :max_sequence_length])[0].to(clip.dtype)
+    else:
+        t5 = torch.zeros(clip.shape[0], max_sequence_length, joint_attention_dim, device=clip.device, dtype=clip.dtype)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+
+class StableDiffusion3(Family):
+    name = "sd3"
+    denoiser = "transformer"
+    model_card_tags = ["sd3", "sd3-diffusers", "text-to-image", "diffusers"]
+    max_sequence_length, precondition_outputs = 77, True  # configure() sets the run's
+
+    def configure(self, args) -> None:
+        self.max_sequence_length, self.precondition_outputs = args.max_sequence_length, bool(args.precondition_outputs)
+
+    def defaults(self, args) -> dict:
+        return {"resolution": 512, "weighting_scheme": "logit_normal", "max_sequence_length": 77,
+                "output_dir": "sd3-model-finetuned-lora" if args.use_lora else "sd3-model-finetuned",
+                "validation_epochs": 1, "num_validation_images": 4, "tracker_project_name": "text2image-fine-tune-sd3"}
+
+    def check_args(self, args) -> None:
+        from utils.sd.lora import lora_type_of
+
+        flow.check_flow_matching_args(args, "Stable Diffusion 3")
+        refused = {"--model_preset other than tiny-sd3": args.model_preset not in (None, "tiny-sd3"),
+                   "--unet_config / --vae_config": bool(args.unet_config or args.vae_config),
+                   "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path),
+                   "--save_single_file": args.save_single_file,
+                   "--lora_type other than lora": lora_type_of(args) != "lora",
+                   "--lora_format kohya (ComfyUI's SD3 LoRA keys)": args.use_lora and args.lora_format == "kohya"}
+        for what, given in refused.items():
+            if given:
+                raise UserError(f"{what} is not available for Stable Diffusion 3 yet (LoRA files in diffusers' format, "
+                                "full and LoRA fine-tunes of a StableDiffusion3Pipeline); drop it.")
+
+    def load_models(self, source, captions_for_tokenizer) -> dict:
+        if source.model_preset:
+            components = build_tiny_sd3(captions_for_tokenizer, source.seed or 0,
+                                        os.path.join(source.output_dir, "tokenizers"))
+            models = dict(noise_scheduler=components.pop("scheduler"), **components)
+        else:
+            models = load_sd3_pipeline_models(source)
+        limit = models["tokenizer_3"].model_max_length if models.get("tokenizer_3") is not None else None
+        if limit is not None and self.max_sequence_length > limit:
+            raise UserError(f"--max_sequence_length {self.max_sequence_length} is over the T5 tokenizer's limit of "
+                            f"{limit} tokens: give at most {limit}.")
+        return models
+
+    def latent_multiple(self, models) -> int:
+        return vae_scale_factor(models["vae"]) * models["transformer"].config.patch_size
+
+    def trainable_text_encoder_names(self, models) -> list[str]:
+        return ["text_encoder", "text_encoder_2"]  # the CLIPs (diffusers' SD3 scripts leave T5 frozen)
+
+    def tokenizers(self, models) -> list:
+        tokenizers = [models["tokenizer"], models["tokenizer_2"], models.get("tokenizer_3")]
+        return [t for t in tokenizers if t is not None]
+
+    def encode_text(self, models, input_ids, attention_mask) -> dict:
+        encoders = [models["text_encoder"], models["text_encoder_2"], models.get("text_encoder_3")]
+        prompt, pooled = encode_prompt(encoders, input_ids, self.max_sequence_length,
+                                       models["transformer"].config.joint_attention_dim)
+        return {"encoder_hidden_states": prompt, "pooled_prompt_embeds": pooled}
+
+    def conditioning(self, models, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, pooled_prompt_embeds) of a batch: from the text cache, or encoded now."""
+        if "encoder_hidden_states" in batch:
+            return batch["encoder_hidden_states"].to(device), batch["pooled_prompt_embeds"].to(device)
+        encoded = self.encode_text(models, batch["input_ids"].to(device), None)
+        return encoded["encoder_hidden_states"], encoded["pooled_prompt_embeds"]
+
+    def training_loss(self, args, models, batch, monitor) -> torch.Tensor:
+        """diffusers' SD3 objective: latents from the VAE (or the latent cache), sigma from --weighting_scheme,
+        x_sigma = (1 - sigma) x + sigma noise, the transformer's velocity, preconditioned or not, the weighted MSE;
+        DreamBooth's prior half and --masked_loss as in the SD path."""
+        from utils.cache import sample_cached_latents
+        from utils.sd.losses import per_sample_loss, prior_preservation_loss
+        from utils.sd.masks import latent_mask
+
+        transformer, vae = models["transformer"], models["vae"]
+        latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
+                   else encode_latents(vae, batch["pixel_values"])).float()
+        noise = torch.randn_like(latents)
+        sigmas, timesteps = flow.sample_sigmas(args, models["noise_scheduler"], latents.shape[0], latents.device)
+        noisy = flow.noisy_input(latents, noise, sigmas)
+        prompt_embeds, pooled = self.conditioning(models, batch, latents.device)
+        prediction = transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                                 pooled_projections=pooled, return_dict=False)[0]
+        prediction, target = flow.prediction_and_target(prediction, noisy, latents, noise, sigmas,
+                                                        self.precondition_outputs)
+        weights = flow.loss_weights(args, sigmas)
+
+        def loss_of(pred, wanted, sample_weights, mask):  # mean over samples of weight x mean squared error
+            return (sample_weights * per_sample_loss(pred, wanted, "l2", None, mask)).mean()
+
+        mask = latent_mask(batch["mask"], latents) if "mask" in batch else None
+        if args.with_prior_preservation:
+            loss = prior_preservation_loss(loss_of, prediction, target, weights, args.prior_loss_weight, monitor, mask)
+        else:
+            loss = loss_of(prediction, target, weights, mask)
+        monitor.add(sigma_mean=sigmas.float().mean(), sigma_std=sigmas.float().std(correction=0),
+                    latent_std=latents.std(), noise_std=noise.std())
+        return loss
+
+    def held_out_error(self, models, batch, latents, noise, indices, autocast) -> torch.Tensor:
+        sigmas, timesteps = flow.held_out_sigmas(models["noise_scheduler"], indices)
+        sigmas, timesteps = sigmas.to(latents.device), timesteps.to(latents.device)
+        noisy = flow.noisy_input(latents, noise, sigmas)
+        prompt_embeds, pooled = self.conditioning(models, batch, latents.device)
+        with autocast():
+            prediction = models["transformer"](hidden_states=noisy, timestep=timesteps,
+                                               encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                                               return_dict=False)[0]
+        prediction, target = flow.prediction_and_target(prediction.float(), noisy, latents, noise, sigmas,
+                                                        self.precondition_outputs)
+        return (prediction - target.float()).pow(2).flatten(1).mean(1)
+
+    def lora_targets(self, args) -> list[str]:
+        """--lora_layers (or --lora_target_modules), else diffusers' attention projections; --lora_blocks limits
+        them to those transformer blocks (diffusers' train_dreambooth_lora_sd3.py)."""
+        targets = ([layer.strip() for layer in args.lora_layers.split(",")] if args.lora_layers
+                   else args.lora_target_modules or DEFAULT_TRANSFORMER_TARGETS)
+        if args.lora_blocks:
+            blocks = [int(block) for block in args.lora_blocks.split(",")]
+            targets = [f"transformer_blocks.{block}.{module}" for block in blocks for module in targets]
+        return targets
+
+    def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
+        from diffusers import StableDiffusion3Pipeline
+        from peft.utils import get_peft_model_state_dict
+
+        from utils.sd.lora import LORA_WEIGHT_NAME, add_file_metadata
+
+        def layers(model):
+            state = get_peft_model_state_dict(model)
+            return {key: value.to(dtype) if dtype is not None else value for key, value in state.items()}
+
+        os.makedirs(directory, exist_ok=True)
+        kwargs = {"transformer_lora_layers": layers(denoiser),
+                  "transformer_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
+        for name, model in encoders.items():
+            kwargs.update({f"{name}_lora_layers": layers(model),
+                           f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
+        StableDiffusion3Pipeline.save_lora_weights(directory, safe_serialization=True, **kwargs)
+        path = os.path.join(directory, LORA_WEIGHT_NAME)
+        if metadata:
+            add_file_metadata(path, {key: str(value) for key, value in metadata.items()})
+        return path
+
+    def load_lora_into(self, directory, denoiser, encoders) -> None:
+        from diffusers import StableDiffusion3Pipeline
+        from diffusers.training_utils import _set_state_dict_into_text_encoder
+        from peft.utils import set_peft_model_state_dict
+
+        state = StableDiffusion3Pipeline.lora_state_dict(directory)
+        state = state[0] if isinstance(state, tuple) else state
+        transformer_state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+        result = set_peft_model_state_dict(denoiser, transformer_state, adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"{directory}: LoRA weights do not match the transformer's adapter (unexpected keys: "
+                            f"{result.unexpected_keys[:5]})")
+        for name, model in encoders.items():
+            _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=model)
+
+    def pipeline(self, components, scheduler=None):
+        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+        names = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                 "tokenizer_3")
+        parts = {name: components.get(name) for name in names}
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config)
+        return StableDiffusion3Pipeline(**parts)
+
+    def pipeline_call_kwargs(self, args) -> dict:
+        return {"max_sequence_length": args.max_sequence_length}
+
+    def write_pipeline(self, output, models, unwrapped, directory) -> None:
+        from utils.sd.saving import float32_components
+
+        components = dict(models, **unwrapped, scheduler=models["noise_scheduler"])
+        if output.skip_text_encoder:
+            components.update(text_encoder=None, text_encoder_2=None)
+        pipeline = self.pipeline(components)
+        with float32_components(pipeline):
+            pipeline.save_pretrained(directory)
+
+    def lora_metadata(self, output, models) -> dict:
+        from utils.sd.lora import lora_file_metadata
+
+        title = f"{os.path.basename(os.path.normpath(output.output_dir))} (LoRA)"
+        return lora_file_metadata("sd3", output.resolution, title, None,
+                                  extra={"ss_sd_model_name": output.base_name, "ss_max_train_steps": output.steps})
+
+
+def load_sd3_pipeline_models(source) -> dict:
+    """From a StableDiffusion3Pipeline folder or Hub id (--revision, --variant; the transformer at
+    --non_ema_revision). A pipeline saved without T5 (text_encoder_3 null) trains with T5's part zero, as the
+    pipeline samples it."""
+    import json
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+    path, rev, variant = source.pretrained_model_name_or_path, source.revision, source.variant
+    index_path = os.path.join(path, "model_index.json")
+    index = json.load(open(index_path, encoding="utf-8")) if os.path.isfile(index_path) else {}
+    has_t5 = (index.get("text_encoder_3") or [None])[0] is not None if index else True
+    models = dict(
+        noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=rev),
+        tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),
+        tokenizer_2=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev),
+        text_encoder=own_memory(CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder", revision=rev, variant=variant)),
+        text_encoder_2=own_memory(CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", revision=rev, variant=variant)),
+        vae=own_memory(AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=variant)),
+        transformer=own_memory(SD3Transformer2DModel.from_pretrained(
+            path, subfolder="transformer", revision=source.non_ema_revision, variant=variant)))
+    if has_t5:
+        models.update(tokenizer_3=AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", revision=rev),
+                      text_encoder_3=own_memory(T5EncoderModel.from_pretrained(
+                          path, subfolder="text_encoder_3", revision=rev, variant=variant)))
+    return models
