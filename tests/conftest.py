@@ -42,6 +42,14 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory):
     return build_pipeline(str(path), preset="tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline_dir(tmp_path_factory):
+    """A randomly initialised tiny StableDiffusion3Pipeline folder (diffusers' test configs; CLIP x2 + T5), offline."""
+    from utils.families.sd3 import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))
+
+
 def parse_and_list_flags(parse_args, argv):
     """(the parsed args, every option string the script's parser accepts)."""
     import argparse

@@ -25,10 +25,13 @@ DEFAULT_TRANSFORMER_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v
 CLIP_LENGTH = 77  # diffusers' SD3 scripts and pipeline tokenize both CLIP prompts to 77 tokens
 
 
-def build_tiny_sd3(texts=None, seed: int = 0, tokenizer_dir: str | None = None) -> dict:
+def build_tiny_sd3(texts=None, seed: int = 0, tokenizer_dir: str | None = None,
+                   transformer_config: dict | None = None, vae_config: dict | None = None) -> dict:
     """Fresh components of the tiny SD3 pipeline of diffusers' own tests (tests/pipelines/stable_diffusion_3/
     test_pipeline_stable_diffusion_3.py, get_dummy_components; the T5 sized as hf-internal-testing/tiny-random-t5),
-    with tokenizers generated offline: the CLIP BPE of utils/sd/builder.py and a unigram T5 tokenizer."""
+    with tokenizers generated offline: the CLIP BPE of utils/sd/builder.py and a unigram T5 tokenizer.
+    `transformer_config` / `vae_config`: SD3Transformer2DModel / AutoencoderKL overrides (a test that must fit an
+    image uses SD3's 16 latent channels)."""
     import tempfile
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -40,9 +43,10 @@ def build_tiny_sd3(texts=None, seed: int = 0, tokenizer_dir: str | None = None) 
     tokenizer = build_clip_tokenizer(os.path.join(root, "tokenizer"), texts, 500, model_max_length=CLIP_LENGTH)
     tokenizer_3 = build_t5_tokenizer(os.path.join(root, "tokenizer_3"), texts)
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
-                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-                                        pooled_projection_dim=64, out_channels=4)
+    transformer = SD3Transformer2DModel(**{**dict(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                                                  attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                                  joint_attention_dim=32, pooled_projection_dim=64, out_channels=4),
+                                           **(transformer_config or {})})
     clip = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
                           intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
                           pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), hidden_act="gelu",
@@ -57,19 +61,22 @@ def build_tiny_sd3(texts=None, seed: int = 0, tokenizer_dir: str | None = None) 
                                              pad_token_id=tokenizer_3.pad_token_id,
                                              eos_token_id=tokenizer_3.eos_token_id, decoder_start_token_id=0))
     torch.manual_seed(seed)
-    vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
+    vae = AutoencoderKL(**{**dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
+                                  use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
+                           **(vae_config or {})})
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3,
                 tokenizer_3=tokenizer_3, scheduler=FlowMatchEulerDiscreteScheduler())
 
 
-def build_tiny_sd3_pipeline(output_dir: str, texts=None, seed: int = 0) -> str:
+def build_tiny_sd3_pipeline(output_dir: str, texts=None, seed: int = 0, transformer_config: dict | None = None,
+                            vae_config: dict | None = None) -> str:
     """A loadable tiny StableDiffusion3Pipeline folder (the offline stand-in of hf-internal-testing/tiny-sd3-pipe)."""
     from diffusers import StableDiffusion3Pipeline
 
-    StableDiffusion3Pipeline(**build_tiny_sd3(texts, seed, output_dir)).save_pretrained(output_dir)
+    components = build_tiny_sd3(texts, seed, output_dir, transformer_config, vae_config)
+    StableDiffusion3Pipeline(**components).save_pretrained(output_dir)
     return output_dir
 
 
@@ -98,6 +105,7 @@ class StableDiffusion3(Family):
     denoiser = "transformer"
     model_card_tags = ["sd3", "sd3-diffusers", "text-to-image", "diffusers"]
     max_sequence_length, precondition_outputs = 77, True  # configure() sets the run's
+    joint_attention_dim = 4096  # the transformer's (load_models reads it)
 
     def configure(self, args) -> None:
         self.max_sequence_length, self.precondition_outputs = args.max_sequence_length, bool(args.precondition_outputs)
@@ -133,6 +141,7 @@ class StableDiffusion3(Family):
         if limit is not None and self.max_sequence_length > limit:
             raise UserError(f"--max_sequence_length {self.max_sequence_length} is over the T5 tokenizer's limit of "
                             f"{limit} tokens: give at most {limit}.")
+        self.joint_attention_dim = models["transformer"].config.joint_attention_dim  # (T5's width; read before DDP)
         return models
 
     def latent_multiple(self, models) -> int:
@@ -147,8 +156,7 @@ class StableDiffusion3(Family):
 
     def encode_text(self, models, input_ids, attention_mask) -> dict:
         encoders = [models["text_encoder"], models["text_encoder_2"], models.get("text_encoder_3")]
-        prompt, pooled = encode_prompt(encoders, input_ids, self.max_sequence_length,
-                                       models["transformer"].config.joint_attention_dim)
+        prompt, pooled = encode_prompt(encoders, input_ids, self.max_sequence_length, self.joint_attention_dim)
         return {"encoder_hidden_states": prompt, "pooled_prompt_embeds": pooled}
 
     def conditioning(self, models, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,393 @@
+"""Stable Diffusion 3 / 3.5 in train_text_to_image.py (utils/families/sd3.py, utils/families/flow_matching.py):
+diffusers' CLI and its own example tests (examples/dreambooth/test_dreambooth_lora_sd3.py, test_dreambooth_sd3.py)
+with the tiny pipeline built offline, the rectified flow checked against diffusers' functions and scheduler, a
+model we train denoising in StableDiffusion3Pipeline, exact resume, cached = uncached, two processes, bad input."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process, write_captioned_folder
+from PIL import Image
+from test_user_errors import expect_user_error
+
+SCRIPT = "train_text_to_image.py"
+
+# Every flag of diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py and train_dreambooth_sd3.py
+# (diffusers main, 2026-12, commit 58eb52c0), by name.
+SD3_FLAGS = """
+--adam_beta1 --adam_beta2 --adam_epsilon --adam_weight_decay --adam_weight_decay_text_encoder --allow_tf32
+--cache_dir --cache_latents --caption_column --center_crop --checkpointing_steps --checkpoints_total_limit
+--class_data_dir --class_prompt --dataloader_num_workers --dataset_config_name --dataset_name
+--gradient_accumulation_steps --gradient_checkpointing --hub_model_id --hub_token --image_column
+--instance_data_dir --instance_prompt --learning_rate --local_rank --logging_dir --logit_mean --logit_std
+--lora_blocks --lora_dropout --lora_layers --lr_num_cycles --lr_power --lr_scheduler --lr_warmup_steps
+--max_grad_norm --max_sequence_length --max_train_steps --mixed_precision --mode_scale --num_class_images
+--num_train_epochs --num_validation_images --optimizer --output_dir --precondition_outputs
+--pretrained_model_name_or_path --prior_generation_precision --prior_loss_weight --prodigy_beta3
+--prodigy_decouple --prodigy_safeguard_warmup --prodigy_use_bias_correction --push_to_hub --random_flip
+--rank --repeats --report_to --resolution --resume_from_checkpoint --revision --sample_batch_size --scale_lr
+--seed --text_encoder_lr --train_batch_size --train_text_encoder --upcast_before_saving --use_8bit_adam
+--validation_epochs --validation_prompt --variant --weighting_scheme --with_prior_preservation
+""".split()
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+    """5 photos of 'the subject' (random images, no captions: the instance prompt is theirs)."""
+    root = tmp_path_factory.mktemp("instance")
+    write_captioned_folder(root, count=5, size=(40, 40), seed=3)
+    for caption in root.glob("*.txt"):
+        caption.unlink()
+    return str(root)
+
+
+def sd3_args(pipeline, instance, out, steps=2, extra=()):
+    return ["--pretrained_model_name_or_path", pipeline, "--instance_data_dir", instance, "--instance_prompt", "photo",
+            "--resolution", "32", "--train_batch_size", "1", "--max_train_steps", str(steps), "--lr_warmup_steps",
+            "0", "--output_dir", str(out), "--report_to", "none", "--seed", "0", *map(str, extra)]
+
+
+def test_every_diffusers_sd3_flag_is_accepted_with_its_default(tiny_sd3_pipeline_dir):
+    import train_text_to_image as script
+
+    base = ["--pretrained_model_name_or_path", tiny_sd3_pipeline_dir, "--instance_data_dir", "x", "--instance_prompt",
+            "p"]
+    args, flags = parse_and_list_flags(script.parse_args, base + ["--use_lora"])
+    missing = [flag for flag in SD3_FLAGS if flag not in flags]
+    assert not missing, f"flags of diffusers' SD3 DreamBooth scripts we do not accept: {missing}"
+    assert args.family == "sd3"
+    assert (args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale, args.precondition_outputs) == \
+        ("logit_normal", 0.0, 1.0, 1.29, 1)
+    assert (args.max_sequence_length, args.resolution, args.output_dir, args.learning_rate, args.train_batch_size) == \
+        (77, 512, "sd3-dreambooth", 1e-4, 4)
+    assert (args.adam_weight_decay, args.adam_weight_decay_text_encoder, args.text_encoder_learning_rate) == \
+        (1e-4, 1e-3, 5e-6)
+    assert (args.validation_epochs, args.tracker_project_name, args.lora_layers, args.upcast_before_saving) == \
+        (50, "dreambooth-sd3-lora", None, False)
+    assert script.parse_args(base).tracker_project_name == "dreambooth-sd3"
+    assert script.parse_args(base + ["--weighting_scheme", "mode"]).weighting_scheme == "mode"
+
+
+# diffusers' examples/dreambooth/test_dreambooth_lora_sd3.py, their Hub pipeline replaced by the tiny local one,
+# docs/source/en/imgs by 5 images, --resolution 64 by 32 (the tiny VAE does not downsample: 4x fewer tokens).
+@pytest.mark.parametrize("extra, prefixes, contains", [
+    ([], ("transformer",), None),
+    (["--train_text_encoder"], ("transformer", "text_encoder"), None),
+    (["--cache_latents"], ("transformer",), None),
+    (["--lora_blocks", "0"], ("transformer.transformer_blocks.0",), None),
+    (["--lora_layers", "attn.to_k"], ("transformer",), "attn.to_k"),
+], ids=["lora", "text_encoder", "latent_caching", "block", "layer"])
+def test_diffusers_dreambooth_lora_sd3(tiny_sd3_pipeline_dir, instance_dir, tmp_path, extra, prefixes, contains):
+    accelerate_launch(SCRIPT, ["--pretrained_model_name_or_path", tiny_sd3_pipeline_dir, "--instance_data_dir",
+                               instance_dir, "--instance_prompt", "photo", "--resolution", "32", "--train_batch_size",
+                               "1", "--gradient_accumulation_steps", "1", "--max_train_steps", "2", "--learning_rate",
+                               "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+                               "--output_dir", tmp_path, "--use_lora", *extra])
+    state = safetensors.torch.load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert state and all("lora" in key for key in state)
+    assert all(key.startswith(prefixes) for key in state)
+    if "--train_text_encoder" in extra:  # both CLIPs got adapters (T5 stays frozen, as diffusers')
+        assert {key.split(".")[0] for key in state} == {"transformer", "text_encoder", "text_encoder_2"}
+    if contains:
+        assert all(contains in key for key in state)
+
+
+def test_diffusers_dreambooth_lora_sd3_checkpoints_total_limit(tiny_sd3_pipeline_dir, instance_dir, tmp_path):
+    """test_dreambooth_lora_sd3_checkpointing_checkpoints_total_limit(_removes_multiple_checkpoints)."""
+    common = [f"--pretrained_model_name_or_path={tiny_sd3_pipeline_dir}", f"--instance_data_dir={instance_dir}",
+              f"--output_dir={tmp_path}", "--instance_prompt=photo", "--resolution=32", "--train_batch_size=1",
+              "--gradient_accumulation_steps=1", "--checkpointing_steps=2", "--use_lora"]
+    accelerate_launch(SCRIPT, common + ["--max_train_steps=6", "--checkpoints_total_limit=2"])
+    assert {x for x in os.listdir(tmp_path) if "checkpoint" in x} == {"checkpoint-4", "checkpoint-6"}
+    shutil.rmtree(tmp_path)
+    accelerate_launch(SCRIPT, common + ["--max_train_steps=4"])
+    assert {x for x in os.listdir(tmp_path) if "checkpoint" in x} == {"checkpoint-2", "checkpoint-4"}
+    accelerate_launch(SCRIPT, common + ["--max_train_steps=8", "--resume_from_checkpoint=checkpoint-4",
+                                        "--checkpoints_total_limit=2"])
+    assert {x for x in os.listdir(tmp_path) if "checkpoint" in x} == {"checkpoint-6", "checkpoint-8"}
+
+
+# diffusers' examples/dreambooth/test_dreambooth_sd3.py (the full fine-tune).
+def test_diffusers_dreambooth_sd3_and_checkpointing(tiny_sd3_pipeline_dir, instance_dir, tmp_path):
+    from diffusers import DiffusionPipeline, SD3Transformer2DModel
+
+    common = ["--pretrained_model_name_or_path", tiny_sd3_pipeline_dir, "--instance_data_dir", instance_dir,
+              "--instance_prompt", "photo", "--resolution", "32", "--train_batch_size", "1",
+              "--gradient_accumulation_steps", "1", "--learning_rate", "5.0e-04", "--scale_lr", "--lr_scheduler",
+              "constant", "--lr_warmup_steps", "0", "--output_dir", tmp_path, "--checkpointing_steps=2", "--seed=0"]
+    accelerate_launch(SCRIPT, common + ["--max_train_steps", "4"])
+    assert os.path.isfile(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert os.path.isfile(tmp_path / "scheduler" / "scheduler_config.json")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    pipe("photo", num_inference_steps=1, height=32, width=32)
+    assert os.path.isdir(tmp_path / "checkpoint-2") and os.path.isdir(tmp_path / "checkpoint-4")
+    transformer = SD3Transformer2DModel.from_pretrained(tmp_path, subfolder="checkpoint-2/transformer")
+    DiffusionPipeline.from_pretrained(tiny_sd3_pipeline_dir, transformer=transformer)("photo", num_inference_steps=1,
+                                                                                      height=32, width=32)
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    accelerate_launch(SCRIPT, common + ["--max_train_steps", "6", "--resume_from_checkpoint=checkpoint-4"])
+    DiffusionPipeline.from_pretrained(tmp_path)("photo", num_inference_steps=1, height=32, width=32)
+    assert not os.path.isdir(tmp_path / "checkpoint-2")
+    assert os.path.isdir(tmp_path / "checkpoint-4") and os.path.isdir(tmp_path / "checkpoint-6")
+
+
+# ---- the rectified flow against diffusers' own functions -----------------------------------------------------
+
+def diffusers_get_sigmas(scheduler, timesteps):
+    """The sigma lookup of diffusers' train_dreambooth_lora_sd3.py (get_sigmas): by timestep value."""
+    step_indices = [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
+    return scheduler.sigmas[step_indices].flatten()
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"])
+@pytest.mark.parametrize("shift", [1.0, 3.0])  # 3.0: SD3.5's scheduler
+def test_sigma_draw_and_weights_match_diffusers(scheme, shift):
+    import types
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    from utils.families.flow_matching import loss_weights, sample_sigmas
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    args = types.SimpleNamespace(weighting_scheme=scheme, logit_mean=0.3, logit_std=1.2, mode_scale=1.29)
+    torch.manual_seed(5)
+    sigmas, timesteps = sample_sigmas(args, scheduler, 64, "cpu")
+    torch.manual_seed(5)  # diffusers' script, line by line
+    u = compute_density_for_timestep_sampling(weighting_scheme=scheme, batch_size=64, logit_mean=0.3, logit_std=1.2,
+                                              mode_scale=1.29)
+    expected_timesteps = scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()]
+    assert torch.equal(timesteps, expected_timesteps)
+    assert torch.equal(sigmas, diffusers_get_sigmas(scheduler, expected_timesteps))
+    assert torch.equal(loss_weights(args, sigmas), compute_loss_weighting_for_sd3(scheme, sigmas).float())
+    if shift != 1.0:  # the shifted schedule is the one drawn from (SD3.5's sigmas are higher at the same index)
+        unshifted = FlowMatchEulerDiscreteScheduler().sigmas[(u * scheduler.config.num_train_timesteps).long()]
+        assert (sigmas >= unshifted).all() and not torch.allclose(sigmas, unshifted)
+
+
+def test_noisy_input_is_the_pipelines_noising():
+    """x_sigma = the scheduler's scale_noise (what img2img pipelines noise with) at every training timestep."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from utils.families.flow_matching import noisy_input
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 4, 8, 8, generator=generator)
+    for index in (0, 10, 500, 999):
+        timestep, sigma = scheduler.timesteps[index], scheduler.sigmas[index]
+        ours = noisy_input(latents, noise, sigma.repeat(4))
+        theirs = scheduler.scale_noise(latents, timestep.reshape(1), noise)
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("precondition", [1, 0])
+@pytest.mark.parametrize("scheme", ["logit_normal", "sigma_sqrt"])
+def test_training_loss_is_diffusers_sd3_loss(tiny_sd3_pipeline_dir, precondition, scheme):
+    """The family's loss of a batch = the loss diffusers' train_dreambooth_lora_sd3.py computes, recomputed here
+    from its lines with the same random draws."""
+    import types
+
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    from utils.families.sd3 import StableDiffusion3, encode_prompt
+    from utils.telemetry import HealthMonitor
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline_dir)
+    models = dict(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                  text_encoder_2=pipe.text_encoder_2, text_encoder_3=pipe.text_encoder_3,
+                  noise_scheduler=pipe.scheduler)
+    args = types.SimpleNamespace(weighting_scheme=scheme, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                 precondition_outputs=precondition, max_sequence_length=12,
+                                 with_prior_preservation=False)
+    family = StableDiffusion3()
+    family.configure(args)
+    generator = torch.Generator().manual_seed(1)
+    mean = torch.randn(2, 4, 8, 8, generator=generator)
+    clip = pipe.tokenizer("a photo", padding="max_length", max_length=77, truncation=True,
+                          return_tensors="pt").input_ids[0]
+    t5 = pipe.tokenizer_3("a photo", padding="max_length", max_length=12, truncation=True,
+                          return_tensors="pt").input_ids[0]
+    ids = torch.stack([clip, clip, torch.nn.functional.pad(t5, (0, 77 - 12))])[None].repeat(2, 1, 1)  # the dataset's
+    batch = {"latent_mean": mean, "latent_std": torch.zeros_like(mean), "input_ids": ids}
+    torch.manual_seed(0)
+    loss = family.training_loss(args, models, batch, HealthMonitor())
+
+    torch.manual_seed(0)
+    model_input = ((mean + 0 * torch.randn(mean.shape)) - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    noise = torch.randn_like(model_input)
+    u = compute_density_for_timestep_sampling(weighting_scheme=scheme, batch_size=2, logit_mean=0.0, logit_std=1.0,
+                                              mode_scale=1.29)
+    timesteps = pipe.scheduler.timesteps[(u * 1000).long()]
+    sigmas = diffusers_get_sigmas(pipe.scheduler, timesteps).view(-1, 1, 1, 1)
+    noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+    with torch.no_grad():
+        prompt_embeds, pooled = encode_prompt([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], ids, 12,
+                                              pipe.transformer.config.joint_attention_dim)
+        reference_embeds = pipe.encode_prompt("a photo", "a photo", "a photo", do_classifier_free_guidance=False,
+                                              max_sequence_length=12)
+    assert torch.allclose(prompt_embeds[:1], reference_embeds[0], atol=1e-6)  # the pipeline's own encoding
+    assert torch.allclose(pooled[:1], reference_embeds[2], atol=1e-6)
+    model_pred = pipe.transformer(hidden_states=noisy_model_input, timestep=timesteps, encoder_hidden_states=prompt_embeds,
+                                  pooled_projections=pooled, return_dict=False)[0]
+    if precondition:
+        model_pred = model_pred * (-sigmas) + noisy_model_input
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+    target = model_input if precondition else noise - model_input
+    expected = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(2, -1), 1).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5), (loss.item(), expected.item())
+
+
+@pytest.mark.slow
+def test_a_model_we_train_denoises_in_the_diffusers_pipeline(tmp_path):
+    """1-image overfit: sampled with StableDiffusion3Pipeline (28 Euler steps, no guidance), the image is the trained
+    one: PSNR >= 20 dB against the VAE's reconstruction of it (the best the frozen random VAE can give). The test
+    pipeline has SD3's 16 latent channels and a VAE with a narrow posterior (else a random VAE's posterior noise is
+    what the model would learn)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from utils.families.sd3 import build_tiny_sd3_pipeline
+
+    pipeline_dir = build_tiny_sd3_pipeline(str(tmp_path / "pipe"), ["a red square"],
+                                           transformer_config=dict(in_channels=16, out_channels=16),
+                                           vae_config=dict(latent_channels=16, block_out_channels=(16,)))
+    pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir)
+    conv_out = pipe.vae.encoder.conv_out
+    with torch.no_grad():  # log-variance -30: the posterior is its mean
+        conv_out.weight[conv_out.out_channels // 2:] = 0
+        conv_out.bias[conv_out.out_channels // 2:] = -30.0
+    pipe.save_pretrained(pipeline_dir)
+    y, x = np.mgrid[0:8, 0:8]
+    pixels = np.stack([x * 32, y * 32, (x + y) * 16], -1).clip(0, 255).astype(np.uint8)
+    pixels[2:6, 2:6] = [255, 40, 40]
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(4):
+        Image.fromarray(pixels).save(data / f"{index}.png")
+        (data / f"{index}.txt").write_text("a red square")
+    import train_text_to_image as script
+
+    run_main_in_process(script, ["--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", data,
+                                 "--resolution", "8", "--train_batch_size", "4", "--max_train_steps", "400",
+                                 "--learning_rate", "3e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0",
+                                 "--output_dir", tmp_path / "out", "--report_to", "none", "--seed", "0"])
+    trained = StableDiffusion3Pipeline.from_pretrained(tmp_path / "out")
+    trained.set_progress_bar_config(disable=True)
+    image = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        reference = (trained.vae.decode(trained.vae.encode(image).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+        sample = trained("a red square", height=8, width=8, num_inference_steps=28, guidance_scale=1.0,
+                         max_sequence_length=77, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    psnr = 10 * np.log10(1.0 / ((sample - reference) ** 2).mean().item())
+    assert psnr >= 20.0, psnr
+
+
+# ---- what every family run guarantees ---------------------------------------------------------------------
+
+def lora_state(path):
+    return safetensors.torch.load_file(os.path.join(path, "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_is_bitwise(tiny_sd3_pipeline_dir, instance_dir, tmp_path, mode):
+    """4 steps straight = 2 steps, then a resumed run to 4 (weights, optimizer and RNG restored)."""
+    import train_text_to_image as script
+
+    extra = ["--use_lora", "--train_text_encoder"] if mode == "lora" else ["--use_ema"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, straight, 4,
+                                         extra + ["--checkpointing_steps", "2"]))
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, split, 2,
+                                         extra + ["--checkpointing_steps", "2"]))
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, split, 4,
+                                         extra + ["--checkpointing_steps", "2", "--resume_from_checkpoint", "latest"]))
+    if mode == "lora":
+        first, second = lora_state(straight), lora_state(split)
+    else:
+        name = "transformer/diffusion_pytorch_model.safetensors"
+        first, second = (safetensors.torch.load_file(os.path.join(d, name)) for d in (straight, split))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def logged_losses(output_dir):
+    rows = [json.loads(line) for line in open(os.path.join(output_dir, "report", "metrics.jsonl"))]
+    return [row["train/loss"] for row in rows if "train/loss" in row]
+
+
+def test_cached_training_equals_uncached(tiny_sd3_pipeline_dir, instance_dir, tmp_path):
+    """--cache_latents --cache_text_embeddings (T5 and both CLIPs then leave the device) = encoding every step."""
+    import train_text_to_image as script
+
+    common = ["--use_lora", "--logging_steps", "1", "--center_crop", "--with_prior_preservation", "--class_data_dir",
+              instance_dir, "--class_prompt", "a photo", "--num_class_images", "3"]
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "plain", 3, common))
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "cached", 3,
+                                         common + ["--cache_latents", "--cache_text_embeddings"]))
+    plain, cached = logged_losses(tmp_path / "plain"), logged_losses(tmp_path / "cached")
+    assert len(plain) == 3 and np.allclose(plain, cached, rtol=1e-5, atol=0), (plain, cached)
+    first, second = lora_state(tmp_path / "plain"), lora_state(tmp_path / "cached")
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+
+
+def test_val_loss_and_validation_images(tiny_sd3_pipeline_dir, tmp_path):
+    """--validation_split scores val/loss (the family's error at fixed sigma and noise: the same number twice) and
+    --validation_prompt draws images through StableDiffusion3Pipeline."""
+    import train_text_to_image as script
+
+    (tmp_path / "data").mkdir()
+    data = write_captioned_folder(tmp_path / "data", count=6, size=(32, 32), seed=2)
+    out = tmp_path / "out"
+    run_main_in_process(script, ["--pretrained_model_name_or_path", tiny_sd3_pipeline_dir, "--train_data_dir", data,
+                                 "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2",
+                                 "--validation_split", "0.34", "--validation_steps", "1", "--validation_prompt",
+                                 "a picture", "--num_validation_images", "1", "--output_dir", out, "--report_to",
+                                 "none", "--use_lora"])
+    rows = [json.loads(line) for line in open(out / "report" / "metrics.jsonl")]
+    val = [row["val/loss"] for row in rows if "val/loss" in row]
+    assert len(val) == 2 and all(np.isfinite(val)) and val[0] != val[1]
+    assert os.path.isfile(out / "validation_grid.png")
+
+
+@pytest.mark.slow
+def test_two_processes_train_identical_weights(tiny_sd3_pipeline_dir, instance_dir, tmp_path):
+    """2 processes (DDP over gloo): the ranks end with identical weights and write one LoRA file."""
+    from test_reliability import assert_ranks_identical, launch_env
+
+    env = dict(launch_env(), TRAIN_DEBUG_RANK_CHECKSUM_DIR=str(tmp_path / "sums"))
+    accelerate_launch(SCRIPT, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "out", 2, ["--use_lora"]),
+                      num_processes=2, env=env)
+    assert_ranks_identical(tmp_path / "sums")
+    assert lora_state(tmp_path / "out")
+
+
+# ---- bad input: one block, no traceback ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--prediction_type", "epsilon"], ["--prediction_type epsilon", "flow velocity"]),
+    (["--snr_gamma", "5"], ["--snr_gamma", "rectified flow"]),
+    (["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"]),
+    (["--use_lora", "--lora_type", "loha"], ["--lora_type", "Stable Diffusion 3"]),
+], ids=["epsilon", "snr_gamma", "sequence_length", "loha"])
+def test_bad_sd3_flags_are_one_block_errors(capsys, tiny_sd3_pipeline_dir, instance_dir, tmp_path, extra, fragments):
+    import train_text_to_image as script
+
+    expect_user_error(capsys, script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "o", 1, extra),
+                      *fragments)
+
+
+def test_a_family_not_trained_yet_and_flow_flags_on_sd_are_refused(capsys, tiny_pipeline_dir, instance_dir, tmp_path):
+    import train_text_to_image as script
+
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    expect_user_error(capsys, script, sd3_args(str(flux), instance_dir, tmp_path / "o", 1), "FLUX.1", "FluxPipeline")
+    expect_user_error(capsys, script, sd3_args(tiny_pipeline_dir, instance_dir, tmp_path / "o", 1,
+                                               ["--weighting_scheme", "mode"]), "--weighting_scheme", "SD3")
