@@ -52,6 +52,8 @@ from utils.sd.single_file import SINGLE_FILE_NAME, load_single_file_pipeline, sa
 from utils.sd.schedulers import SCHEDULERS, make_scheduler
 from utils.sd.model_kind import SDXL_PIPELINE, is_single_file, pipeline_class_name
 
+SD3_PIPELINE = "StableDiffusion3Pipeline"
+
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -257,14 +259,14 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
 
     Returns (pipe, model description for the metadata, path of the LoRA loaded or None).
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
     base = resolve_base_model(args)
     if is_single_file(base):
         pipe = load_single_file_pipeline(base, args.model_config, args.original_config, **dtype_kwarg(dtype))
-    else:  # StableDiffusionPipeline or StableDiffusionXLPipeline, as the folder's model_index.json says
-        pipeline_class = StableDiffusionXLPipeline if pipeline_class_name(base) == SDXL_PIPELINE \
-            else StableDiffusionPipeline
+    else:  # StableDiffusion(XL|3)Pipeline, as the folder's model_index.json says
+        name = pipeline_class_name(base)
+        pipeline_class = getattr(diffusers, name if name in (SDXL_PIPELINE, SD3_PIPELINE) else "StableDiffusionPipeline")
         pipe = pipeline_class.from_pretrained(base, **dtype_kwarg(dtype))
     description, lora_source = base, None
     if args.checkpoint is not None:
@@ -277,27 +279,31 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     return pipe, description, lora_source
 
 
+def denoiser_name(pipe) -> str:
+    """The pipeline's denoising network: unet (SD 1.x/2.x, SDXL) or transformer (SD3)."""
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+
+
 def load_checkpoint_into(pipe, checkpoint: str, ema: bool, dtype: torch.dtype) -> tuple[str, str | None]:
     """Swap in the modules a training checkpoint holds. Returns (description, LoRA path or None)."""
-    from diffusers import UNet2DConditionModel
-
     if not os.path.isdir(checkpoint):
         raise UserFileNotFoundError(f"--checkpoint {checkpoint}: no such folder")
-    present = sorted(os.listdir(checkpoint))
-    if (LORA_WEIGHT_NAME in present or has_peft_adapters(checkpoint)) and "unet" not in present:
+    present, name = sorted(os.listdir(checkpoint)), denoiser_name(pipe)
+    if (LORA_WEIGHT_NAME in present or has_peft_adapters(checkpoint)) and name not in present:
         if ema:
-            raise UserError(f"--checkpoint {checkpoint} is a LoRA checkpoint; it has no EMA UNet, drop --ema.")
+            raise UserError(f"--checkpoint {checkpoint} is a LoRA checkpoint; it has no EMA {name}, drop --ema.")
         load_lora(pipe, checkpoint)
         return f"{checkpoint} (LoRA)", checkpoint
-    unet_folder = "unet_ema" if ema else "unet"
-    unet_path = os.path.join(checkpoint, unet_folder)
-    if not os.path.isfile(os.path.join(unet_path, "config.json")):
+    folder = f"{name}_ema" if ema else name
+    path = os.path.join(checkpoint, folder)
+    if not os.path.isfile(os.path.join(path, "config.json")):
         hint = " (the run was trained without --use_ema; drop --ema)" if ema else ""
         raise UserFileNotFoundError(
-            f"--checkpoint {checkpoint}: no {unet_folder}/ with a diffusers UNet{hint}; found {present}"
+            f"--checkpoint {checkpoint}: no {folder}/ with a diffusers {name} for --model's pipeline{hint}; found "
+            f"{present}"
         )
-    pipe.unet = UNet2DConditionModel.from_pretrained(unet_path).to(dtype)
-    loaded = [unet_folder]
+    setattr(pipe, name, type(getattr(pipe, name)).from_pretrained(path).to(dtype))
+    loaded = [folder]
     for name in ("vae", "text_encoder"):
         folder = os.path.join(checkpoint, name)
         if os.path.isfile(os.path.join(folder, "config.json")):
@@ -310,7 +316,7 @@ def load_lora(pipe, path: str) -> None:
     """Load LoRA weights: a folder with pytorch_lora_weights.safetensors (or our kohya file), or a file in the
     diffusers or kohya/A1111 layout (diffusers' load_lora_weights reads both); a LoHa/LoKr run's folder through
     peft (its unet_adapter/, text_encoder_adapter/), and a LyCORIS LoHa/LoKr file (ours or another tool's)."""
-    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder,
+    models = {"unet": getattr(pipe, "unet", None), "text_encoder": pipe.text_encoder,
               "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
     if os.path.isdir(path) and has_peft_adapters(path):
         return load_peft_adapters(path, models, add=True)
@@ -326,6 +332,7 @@ def load_lora(pipe, path: str) -> None:
         raise UserFileNotFoundError(f"--lora {path}: no {LORA_WEIGHT_NAME} in it; pass the weights file itself")
     else:
         return pipe.load_lora_weights(path)  # a Hub id
+    check_lora_family(pipe, path, os.path.join(folder, name))
     try:
         pipe.load_lora_weights(folder, weight_name=name)
     except (RuntimeError, ValueError) as error:
@@ -340,6 +347,24 @@ def load_lora(pipe, path: str) -> None:
         raise UserError(f"--lora {path} does not fit --model ({base} {pipe.unet.config.cross_attention_dim}-wide "
                         f"cross-attention): its weights have other shapes; the file says it was trained for "
                         f"{trained_for}. Give the base model it was trained on.") from None
+
+
+def check_lora_family(pipe, given: str, path: str) -> None:
+    """A LoRA file for one model family loaded into another is refused by name (diffusers would load nothing, or
+    fail on shapes): SD3 files hold transformer.* keys, SD/SDXL ones unet.* / lora_unet_* keys."""
+    from safetensors import safe_open
+
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return
+    with safe_open(path, "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata() or {}
+    for_sd3 = any(key.startswith("transformer.") for key in keys)
+    sd3_pipe = denoiser_name(pipe) == "transformer"
+    if keys and for_sd3 != sd3_pipe:
+        trained_for = metadata.get("modelspec.architecture") or ("an SD3 transformer" if for_sd3 else "a UNet (SD/SDXL)")
+        raise UserError(f"--lora {given} is a LoRA for {trained_for}, and --model is "
+                        f"{'an SD3' if sd3_pipe else 'a Stable Diffusion 1.x/2.x/XL'} pipeline: give the base model "
+                        "it was trained on.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +396,9 @@ def png_metadata(settings: dict) -> PngInfo:
 def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir: str) -> list[tuple[Job, str, object]]:
     """Run the pipeline over `jobs` in batches; returns (job, png path, PIL image) in job order."""
     results = []
-    cross_attention_kwargs = {"scale": settings["lora_scale"]} if settings.get("lora") else None
+    scale = {"scale": settings["lora_scale"]} if settings.get("lora") else None
+    attention_kwargs = {"joint_attention_kwargs" if denoiser_name(pipe) == "transformer"
+                        else "cross_attention_kwargs": scale}  # (SD3's name for the same thing)
     with tqdm(total=len(jobs), desc="images", unit="img") as progress:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
@@ -384,7 +411,7 @@ def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir:
                 height=settings["height"],
                 width=settings["width"],
                 generator=generators,
-                cross_attention_kwargs=cross_attention_kwargs,
+                **attention_kwargs,
             ).images
             for job, image in zip(batch, images):
                 path = os.path.join(
@@ -397,18 +424,25 @@ def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir:
 
 
 def default_size(pipe) -> int:
-    """The model's training resolution in pixels: UNet latent sample_size x VAE downsampling factor."""
-    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    """The model's training resolution in pixels: the UNet's / transformer's latent sample_size x VAE downsampling
+    factor (x the transformer's patch size already counted in SD3's sample_size)."""
+    return int(getattr(pipe, denoiser_name(pipe)).config.sample_size) * pipe.vae_scale_factor
 
 
 def sd_main(args, device, dtype) -> list[str]:
     prompts = read_prompts(args)
     pipe, model_description, lora_source = load_pipeline(args, device, dtype)
-    scheduler = args.scheduler or "dpm++"
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"--scheduler {scheduler} is for mask DiTs; Stable Diffusion takes one of "
-                        f"{', '.join(SCHEDULERS)}")
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if denoiser_name(pipe) == "transformer":  # SD3: a rectified flow, sampled with its own flow-matching Euler
+        if args.scheduler is not None:
+            raise UserError(f"--scheduler {args.scheduler}: an SD3 model samples with its own flow-matching Euler "
+                            "scheduler (FlowMatchEulerDiscreteScheduler); drop --scheduler.")
+        scheduler = type(pipe.scheduler).__name__
+    else:
+        scheduler = args.scheduler or "dpm++"
+        if scheduler not in SCHEDULERS:
+            raise UserError(f"--scheduler {scheduler} is for mask DiTs; Stable Diffusion takes one of "
+                            f"{', '.join(SCHEDULERS)}")
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
 
     seed = args.seed if args.seed is not None else random.randint(0, 2**31 - 1)
     size = default_size(pipe)

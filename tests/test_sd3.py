@@ -391,3 +391,57 @@ def test_a_family_not_trained_yet_and_flow_flags_on_sd_are_refused(capsys, tiny_
     expect_user_error(capsys, script, sd3_args(str(flux), instance_dir, tmp_path / "o", 1), "FLUX.1", "FluxPipeline")
     expect_user_error(capsys, script, sd3_args(tiny_pipeline_dir, instance_dir, tmp_path / "o", 1,
                                                ["--weighting_scheme", "mode"]), "--weighting_scheme", "SD3")
+
+
+# ---- generate.py ----------------------------------------------------------------------------------------------
+
+def expect_generate_error(capsys, argv, *fragments):
+    """generate.py exits 2 with one `error:` block naming every fragment, no traceback."""
+    import generate
+    from utils.errors import EXIT_USER_ERROR, run_script
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(generate.main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == EXIT_USER_ERROR and "Traceback" not in captured.err + captured.out
+    assert captured.err.count("error: ") == 1 and all(str(f) in captured.err for f in fragments), captured.err
+
+
+def test_generate_samples_what_an_sd3_run_wrote(tiny_sd3_pipeline_dir, instance_dir, tmp_path, capsys):
+    """generate.py samples a trained SD3 LoRA (= diffusers' load_lora_weights on the same seed), a checkpoint's
+    transformer, and refuses a LoRA of the other family by name."""
+    import generate
+    import train_text_to_image as script
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "lora"
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, out, 2,
+                                         ["--use_lora", "--learning_rate", "1e-2", "--checkpointing_steps", "2"]))
+    common = ["--prompt", "photo", "--steps", "3", "--seed", "4", "--num_images", "1", "--guidance_scale", "1"]
+    paths = generate.main(["--model", tiny_sd3_pipeline_dir, "--lora", str(out), *common, "--output_dir",
+                           str(tmp_path / "g")])
+    plain = generate.main(["--model", tiny_sd3_pipeline_dir, *common, "--output_dir", str(tmp_path / "p")])
+    ours, base = (np.asarray(Image.open(p[0]), dtype=np.int16) for p in (paths, plain))
+    assert np.abs(ours - base).max() > 0  # the LoRA changes the image
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline_dir)
+    pipe.load_lora_weights(str(out))
+    theirs = pipe("photo", num_inference_steps=3, guidance_scale=1.0, height=32, width=32,
+                  generator=[torch.Generator("cpu").manual_seed(4)]).images[0]
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
+    checkpoint = generate.main(["--model", tiny_sd3_pipeline_dir, "--checkpoint", str(out / "checkpoint-2"),
+                                *common, "--output_dir", str(tmp_path / "c")])
+    assert np.array_equal(np.asarray(Image.open(checkpoint[0])), np.asarray(Image.open(paths[0])))
+
+    sd_lora = tmp_path / "sd_lora.safetensors"  # an SD 1.x UNet LoRA's key layout
+    safetensors.torch.save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight":
+                                 torch.zeros(4, 32)}, str(sd_lora))
+    expect_generate_error(capsys, ["--model", tiny_sd3_pipeline_dir, "--lora", sd_lora, *common, "--output_dir",
+                                   tmp_path / "x"], "--lora", "UNet", "SD3")
+
+
+def test_generate_refuses_an_sd3_lora_on_an_sd_model(tiny_pipeline_dir, tmp_path, capsys):
+    sd3_lora = tmp_path / "sd3_lora.safetensors"
+    safetensors.torch.save_file({"transformer.transformer_blocks.0.attn.to_k.lora_A.weight": torch.zeros(4, 32)},
+                                str(sd3_lora), metadata={"modelspec.architecture": "stable-diffusion-3/lora"})
+    expect_generate_error(capsys, ["--model", tiny_pipeline_dir, "--lora", sd3_lora, "--prompt", "x", "--output_dir",
+                                   tmp_path / "x"], "stable-diffusion-3/lora", "Stable Diffusion 1.x/2.x/XL")
