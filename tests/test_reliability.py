@@ -300,11 +300,12 @@ def test_t2i_out_of_memory_prints_what_to_try(tiny_pipeline_dir, t2i_data, tmp_p
     """An OOM inside the loop becomes the hint list (in-process: an OOM cannot be forced on a CPU)."""
     import train_text_to_image as script
     from utils.errors import OOM_HINT
+    from utils.families.sd import StableDiffusion
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(script, "diffusion_loss", out_of_memory)
+    monkeypatch.setattr(StableDiffusion, "training_loss", out_of_memory)
     with pytest.raises(RuntimeError) as error:
         run_in_process(script, t2i_args(tiny_pipeline_dir, t2i_data, str(tmp_path / "out"), steps=2))
     assert str(error.value) == OOM_HINT.format(batch_flag="--train_batch_size")

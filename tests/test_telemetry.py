@@ -102,10 +102,12 @@ def read_scalars(output_dir) -> dict:
     return scalars
 
 
-def record_run(monkeypatch, script, loss_name, argv):
-    """Run `script` in-process; return (micro-batch losses in order, pre-clip grad norms in order, scalars)."""
+def record_run(monkeypatch, script, loss_name, argv, loss_module=None):
+    """Run `script` in-process; return (micro-batch losses in order, pre-clip grad norms in order, scalars).
+    `loss_module`: where the script's loop finds `loss_name` (default: the script itself)."""
     losses, norms = [], []
-    compute_loss = getattr(script, loss_name)
+    loss_module = loss_module or script
+    compute_loss = getattr(loss_module, loss_name)
 
     def recording_loss(*args, **kwargs):
         loss = compute_loss(*args, **kwargs)
@@ -121,7 +123,7 @@ def record_run(monkeypatch, script, loss_name, argv):
         norms.append(float(norm))
         return norm
 
-    monkeypatch.setattr(script, loss_name, recording_loss)
+    monkeypatch.setattr(loss_module, loss_name, recording_loss)
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", recording_clip)
     run_main_in_process(script, argv)
     output_dir = argv[argv.index("--output_dir") + 1]
@@ -148,7 +150,9 @@ def test_text_to_image_logs_the_true_loss_grad_norm_and_noise_std(accumulation, 
             "--train_batch_size", "2", "--gradient_accumulation_steps", str(accumulation), "--max_train_steps",
             str(steps), "--logging_steps", "1", "--seed", "0", "--lr_warmup_steps", "0", "--checkpointing_steps",
             "1000", "--report_to", "tensorboard", "--output_dir", output_dir]
-    losses, norms, scalars = record_run(monkeypatch, script, "diffusion_loss", argv)
+    import utils.sd.losses  # the SD family's loss (utils/families/sd.py calls it from there)
+
+    losses, norms, scalars = record_run(monkeypatch, script, "diffusion_loss", argv, loss_module=utils.sd.losses)
     assert_logged_means(scalars, losses, norms, accumulation, steps)
     assert_logged_means(scalars, losses, norms, accumulation, steps, loss_tag="train_loss")  # diffusers' alias
     # noise ~ N(0, 1): its std over 2 x 4 x 4 x 4 = 128 values has a sampling sd of about 1/sqrt(2 * 128)
