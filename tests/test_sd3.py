@@ -445,3 +445,48 @@ def test_generate_refuses_an_sd3_lora_on_an_sd_model(tiny_pipeline_dir, tmp_path
                                 str(sd3_lora), metadata={"modelspec.architecture": "stable-diffusion-3/lora"})
     expect_generate_error(capsys, ["--model", tiny_pipeline_dir, "--lora", sd3_lora, "--prompt", "x", "--output_dir",
                                    tmp_path / "x"], "stable-diffusion-3/lora", "Stable Diffusion 1.x/2.x/XL")
+
+
+def test_buckets_cached_latents_and_auto_batch(tiny_sd3_pipeline_dir, tmp_path):
+    """Aspect-ratio buckets (with the latent cache per bucket) and --train_batch_size auto work for SD3 as for SD."""
+    import train_text_to_image as script
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for index, (height, width) in enumerate([(32, 48), (48, 32), (32, 32), (40, 56), (56, 40), (32, 32)]):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(data / f"{index}.png")
+        (data / f"{index}.txt").write_text(f"thing {index}")
+    common = ["--pretrained_model_name_or_path", tiny_sd3_pipeline_dir, "--train_data_dir", data, "--resolution", "32",
+              "--max_train_steps", "2", "--use_lora", "--report_to", "none"]
+    run_main_in_process(script, common + ["--train_batch_size", "2", "--enable_bucket", "--min_bucket_reso", "16",
+                                          "--max_bucket_reso", "64", "--bucket_reso_steps", "8", "--cache_latents",
+                                          "--output_dir", tmp_path / "buckets"])
+    buckets = json.load(open(tmp_path / "buckets" / "buckets.json"))
+    assert buckets["buckets"] == {"24x40": 2, "32x32": 2, "40x24": 2}
+    assert lora_state(tmp_path / "buckets")
+    run_main_in_process(script, common + ["--train_batch_size", "auto", "--center_crop", "--output_dir",
+                                          tmp_path / "auto"])
+    info = json.load(open(tmp_path / "auto" / "run_info.json"))
+    assert info["plan"]["batch_size"] == 6 and lora_state(tmp_path / "auto")  # all 6 images fit in one batch
+
+
+def test_lora_file_has_the_keys_comfyui_maps(tiny_sd3_pipeline_dir, instance_dir, tmp_path):
+    """ComfyUI reads SD3 LoRA in diffusers' layout (comfy/lora.py: "transformer.<diffusers module>" with
+    lora_A/lora_B): every key names a Linear of the SD3 transformer (or a CLIP's), and the metadata says SD3."""
+    import train_text_to_image as script
+    from diffusers import SD3Transformer2DModel
+    from safetensors import safe_open
+
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "out", 1, ["--use_lora"]))
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3_pipeline_dir, subfolder="transformer")
+    linears = {name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)}
+    path = str(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    with safe_open(path, "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    for key in keys:
+        prefix, rest = key.split(".", 1)
+        module, tail = rest.rsplit(".lora_", 1)
+        assert prefix == "transformer" and module in linears and tail in ("A.weight", "B.weight"), key
+    assert metadata["modelspec.architecture"] == "stable-diffusion-3/lora"
+    assert metadata["ss_base_model_version"] == "sd3"

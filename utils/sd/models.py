@@ -150,17 +150,3 @@ def replace_vae(source: ModelSource, models: dict) -> None:
                         f"{os.path.join(vae_path, 'vae')}.")
     models["vae"] = own_memory(AutoencoderKL.from_pretrained(vae_path, revision=source.revision, variant=source.variant))
 
-
-def text_encoder_names(models) -> list[str]:
-    """The pipeline's text encoders: text_encoder (and SDXL's text_encoder_2)."""
-    return ["text_encoder"] + (["text_encoder_2"] if models.get("text_encoder_2") is not None else [])
-
-
-def tokenizers_of(models) -> list:
-    """The pipeline's tokenizers: tokenizer (and SDXL's tokenizer_2)."""
-    return [models["tokenizer"]] + ([models["tokenizer_2"]] if models.get("tokenizer_2") is not None else [])
-
-
-def trained_text_encoders(args, models) -> list[str]:
-    """The text encoders this run trains (--train_text_encoder: all of them)."""
-    return text_encoder_names(models) if args.train_text_encoder else []
