@@ -26,6 +26,7 @@ Image i of every prompt uses seed + i with its own CPU torch.Generator, so the s
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import random
@@ -52,7 +53,9 @@ from utils.sd.single_file import SINGLE_FILE_NAME, load_single_file_pipeline, sa
 from utils.sd.schedulers import SCHEDULERS, make_scheduler
 from utils.sd.model_kind import SDXL_PIPELINE, is_single_file, pipeline_class_name
 
-SD3_PIPELINE = "StableDiffusion3Pipeline"
+# The pipelines train_text_to_image.py trains -> the ModelSpec architecture its LoRA files carry (utils/sd/lora.py)
+LORA_ARCHITECTURES = {"StableDiffusionPipeline": "stable-diffusion-v", SDXL_PIPELINE: "stable-diffusion-xl",
+                      "StableDiffusion3Pipeline": "stable-diffusion-3", "FluxPipeline": "flux-1"}
 
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}
@@ -266,7 +269,7 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
         pipe = load_single_file_pipeline(base, args.model_config, args.original_config, **dtype_kwarg(dtype))
     else:  # StableDiffusion(XL|3)Pipeline, as the folder's model_index.json says
         name = pipeline_class_name(base)
-        pipeline_class = getattr(diffusers, name if name in (SDXL_PIPELINE, SD3_PIPELINE) else "StableDiffusionPipeline")
+        pipeline_class = getattr(diffusers, name if name in LORA_ARCHITECTURES else "StableDiffusionPipeline")
         pipe = pipeline_class.from_pretrained(base, **dtype_kwarg(dtype))
     description, lora_source = base, None
     if args.checkpoint is not None:
@@ -351,20 +354,28 @@ def load_lora(pipe, path: str) -> None:
 
 def check_lora_family(pipe, given: str, path: str) -> None:
     """A LoRA file for one model family loaded into another is refused by name (diffusers would load nothing, or
-    fail on shapes): SD3 files hold transformer.* keys, SD/SDXL ones unet.* / lora_unet_* keys."""
+    fail on shapes): by the ModelSpec architecture in its metadata, else by its keys (SD3/FLUX files hold
+    transformer.* keys, SD/SDXL ones unet.* / lora_unet_*)."""
     from safetensors import safe_open
 
     if not path.endswith(".safetensors") or not os.path.isfile(path):
         return
     with safe_open(path, "pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata() or {}
-    for_sd3 = any(key.startswith("transformer.") for key in keys)
-    sd3_pipe = denoiser_name(pipe) == "transformer"
-    if keys and for_sd3 != sd3_pipe:
-        trained_for = metadata.get("modelspec.architecture") or ("an SD3 transformer" if for_sd3 else "a UNet (SD/SDXL)")
-        raise UserError(f"--lora {given} is a LoRA for {trained_for}, and --model is "
-                        f"{'an SD3' if sd3_pipe else 'a Stable Diffusion 1.x/2.x/XL'} pipeline: give the base model "
-                        "it was trained on.")
+    pipe_class = type(pipe).__name__
+    expected = LORA_ARCHITECTURES.get(pipe_class)
+    architecture = metadata.get("modelspec.architecture")
+    for_transformer = any(key.startswith("transformer.") for key in keys)
+    if architecture and expected:
+        wrong = not architecture.startswith(expected)
+    else:
+        wrong = bool(keys) and for_transformer != (denoiser_name(pipe) == "transformer")
+    if wrong:
+        trained_for = architecture or ("a transformer (SD3/FLUX)" if for_transformer else "a UNet (SD/SDXL)")
+        base = {"StableDiffusion3Pipeline": "an SD3", "FluxPipeline": "a FLUX.1"}.get(
+            pipe_class, "a Stable Diffusion 1.x/2.x/XL")
+        raise UserError(f"--lora {given} is a LoRA for {trained_for}, and --model is {base} pipeline "
+                        f"({pipe_class}): give the base model it was trained on.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,17 +437,21 @@ def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir:
 def default_size(pipe) -> int:
     """The model's training resolution in pixels: the UNet's / transformer's latent sample_size x VAE downsampling
     factor (x the transformer's patch size already counted in SD3's sample_size)."""
-    return int(getattr(pipe, denoiser_name(pipe)).config.sample_size) * pipe.vae_scale_factor
+    if getattr(pipe, "default_sample_size", None):  # SD3, FLUX pipelines: their own default (FLUX: 1024 px)
+        return int(pipe.default_sample_size) * pipe.vae_scale_factor
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
 
 
 def sd_main(args, device, dtype) -> list[str]:
     prompts = read_prompts(args)
     pipe, model_description, lora_source = load_pipeline(args, device, dtype)
-    if denoiser_name(pipe) == "transformer":  # SD3: a rectified flow, sampled with its own flow-matching Euler
+    guidance = SD_GUIDANCE
+    if denoiser_name(pipe) == "transformer":  # SD3, FLUX: a rectified flow, sampled with its own flow-matching Euler
         if args.scheduler is not None:
-            raise UserError(f"--scheduler {args.scheduler}: an SD3 model samples with its own flow-matching Euler "
-                            "scheduler (FlowMatchEulerDiscreteScheduler); drop --scheduler.")
+            raise UserError(f"--scheduler {args.scheduler}: an SD3 / FLUX model samples with its own flow-matching "
+                            "Euler scheduler (FlowMatchEulerDiscreteScheduler); drop --scheduler.")
         scheduler = type(pipe.scheduler).__name__
+        guidance = inspect.signature(pipe.__call__).parameters["guidance_scale"].default  # the pipeline's own
     else:
         scheduler = args.scheduler or "dpm++"
         if scheduler not in SCHEDULERS:
@@ -450,7 +465,7 @@ def sd_main(args, device, dtype) -> list[str]:
         "negative_prompt": args.negative_prompt,
         "steps": args.steps or STEP_PRESETS[args.preset],
         "scheduler": scheduler,
-        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else SD_GUIDANCE,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else guidance,
         "height": args.height or size,
         "width": args.width or size,
         "model": model_description,

@@ -50,6 +50,14 @@ def tiny_sd3_pipeline_dir(tmp_path_factory):
     return build_tiny_sd3_pipeline(str(tmp_path_factory.mktemp("tiny-sd3")))
 
 
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline_dir(tmp_path_factory):
+    """A randomly initialised tiny FluxPipeline folder (diffusers' test configs; CLIP + T5, guidance embedding)."""
+    from utils.families.flux import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(str(tmp_path_factory.mktemp("tiny-flux")))
+
+
 def parse_and_list_flags(parse_args, argv):
     """(the parsed args, every option string the script's parser accepts)."""
     import argparse

@@ -187,6 +187,8 @@ SAME_NAME_OTHER_MEANING = {
     "--model_config": "a pipeline folder describing a single file vs NextDiT config keys",
     "--resolution": "SD: 512/1024 by model, bucketed; mask DiT: one square size",
     "--validation_split": "SD: a fraction or a folder/file; mask DiT: a fraction (--validation_data_dir for a folder)",
+    "--guidance_scale": "FLUX.1 dev's distilled guidance fed to the transformer in training (diffusers' name) vs the "
+                        "mask DiT's validation CFG scale",
 }
 
 

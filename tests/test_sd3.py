@@ -385,10 +385,11 @@ def test_bad_sd3_flags_are_one_block_errors(capsys, tiny_sd3_pipeline_dir, insta
 def test_a_family_not_trained_yet_and_flow_flags_on_sd_are_refused(capsys, tiny_pipeline_dir, instance_dir, tmp_path):
     import train_text_to_image as script
 
-    flux = tmp_path / "flux"
-    flux.mkdir()
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    expect_user_error(capsys, script, sd3_args(str(flux), instance_dir, tmp_path / "o", 1), "FLUX.1", "FluxPipeline")
+    lumina = tmp_path / "lumina2"
+    lumina.mkdir()
+    (lumina / "model_index.json").write_text(json.dumps({"_class_name": "Lumina2Pipeline"}))
+    expect_user_error(capsys, script, sd3_args(str(lumina), instance_dir, tmp_path / "o", 1), "Lumina-Image-2.0",
+                      "Lumina2Pipeline")
     expect_user_error(capsys, script, sd3_args(tiny_pipeline_dir, instance_dir, tmp_path / "o", 1,
                                                ["--weighting_scheme", "mode"]), "--weighting_scheme", "SD3")
 

@@ -1,4 +1,4 @@
-"""Rectified-flow training for the transformer families (SD3/3.5 now; FLUX.1 and Lumina-2 take the same pieces):
+"""Rectified-flow training for the transformer families (SD3/3.5, FLUX.1; Lumina-2 will take the same pieces):
 the flags of diffusers' `train_dreambooth_lora_sd3.py` / `_flux.py` / `_lumina2.py`, the timestep draw, the noisy
 input and target, the loss weighting and the held-out error, in diffusers' convention
 
@@ -15,6 +15,7 @@ import torch
 
 from utils.data import held_out_position
 from utils.errors import UserError
+from utils.families.base import Family
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 
@@ -27,13 +28,16 @@ def add_flow_matching_args(parser) -> None:
                            "cosmap: drawn uniformly, the loss weighted), as SD3's paper. Default: the family's "
                            "(SD3: logit_normal, as diffusers' SD3 scripts).")
     add_timestep_density_args(flow)
-    flow.add_argument("--precondition_outputs", type=int, default=1,
+    flow.add_argument("--precondition_outputs", type=int, default=None,
                       help="1: the prediction is turned into a denoised sample, x_sigma - sigma * prediction, and "
                            "compared with the clean latents (EDM's preconditioning, diffusers' SD3 default); 0: the "
-                           "prediction is compared with the velocity noise - x.")
+                           "prediction is compared with the velocity noise - x (FLUX's). Default: the family's.")
     flow.add_argument("--max_sequence_length", type=int, default=None,
-                      help="Tokens of the T5 (or Gemma) prompt. Default: the family's (SD3: 77, as diffusers' SD3 "
-                           "scripts).")
+                      help="Tokens of the T5 (or Gemma) prompt. Default: the family's (SD3: 77, FLUX: 512, as "
+                           "diffusers' scripts).")
+    flow.add_argument("--guidance_scale", type=float, default=3.5,
+                      help="FLUX.1 dev's distilled guidance, fed to the transformer while training (diffusers' "
+                           "FLUX scripts); models without a guidance embedding (schnell) ignore it.")
     flow.add_argument("--lora_layers", type=str, default=None,
                       help="Comma-separated transformer modules that get LoRA (default: the family's attention "
                            "projections), e.g. attn.to_k,attn.to_q,attn.to_v,attn.to_out.0.")
@@ -76,6 +80,31 @@ def check_flow_matching_args(args, family: str) -> None:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} must be at least 1.")
 
 
+def check_transformer_family_args(args, family: str, preset: str) -> None:
+    """What a transformer family does not take yet, one-block errors (besides check_flow_matching_args')."""
+    from utils.sd.lora import lora_type_of
+
+    check_flow_matching_args(args, family)
+    refused = {f"--model_preset other than {preset}": args.model_preset not in (None, preset),
+               "--unet_config / --vae_config": bool(args.unet_config or args.vae_config),
+               "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path),
+               "--save_single_file": args.save_single_file,
+               "--lora_type other than lora": lora_type_of(args) != "lora",
+               "--lora_format kohya": args.use_lora and args.lora_format == "kohya"}
+    for what, given in refused.items():
+        if given:
+            raise UserError(f"{what} is not available for {family} yet (full and LoRA fine-tunes, LoRA files in "
+                            "diffusers' format, which ComfyUI reads too); drop it.")
+
+
+def check_sequence_length(max_sequence_length: int, tokenizer) -> None:
+    """--max_sequence_length within the T5 tokenizer's limit (None: no T5)."""
+    limit = tokenizer.model_max_length if tokenizer is not None else None
+    if limit is not None and max_sequence_length > limit:
+        raise UserError(f"--max_sequence_length {max_sequence_length} is over the T5 tokenizer's limit of {limit} "
+                        f"tokens: give at most {limit}.")
+
+
 def sample_sigmas(args, scheduler, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmas [B], timesteps [B]) of a training batch: u from --weighting_scheme's density, the scheduler's sigma
     and timestep at index int(u * num_train_timesteps), as diffusers' SD3/FLUX scripts (global RNG: a resume
@@ -116,3 +145,147 @@ def loss_weights(args, sigmas: torch.Tensor) -> torch.Tensor:
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     return compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas.float()).float()
+
+
+class FlowMatchingFamily(Family):
+    """What the rectified-flow transformer families share (SD3, FLUX): the loss of a batch (the family gives the
+    transformer call, `predict`), val/loss, --lora_layers targets, the LoRA file and the pipeline, by its diffusers
+    pipeline class (`pipeline_class`, whose save_lora_weights / lora_state_dict / __init__ do the work)."""
+
+    denoiser = "transformer"
+    pipeline_class = ""  # the diffusers pipeline's class name
+    pipeline_components: tuple[str, ...] = ()  # its __init__'s model and tokenizer arguments (+ scheduler)
+    default_lora_targets: tuple[str, ...] = ()  # diffusers' script's
+    architecture = ""  # kohya's ss_base_model_version / the ModelSpec id's key in utils/sd/lora.py
+    max_sequence_length, precondition_outputs = 512, False  # configure() sets the run's
+
+    def configure(self, args) -> None:
+        self.max_sequence_length, self.precondition_outputs = args.max_sequence_length, bool(args.precondition_outputs)
+
+    def predict(self, models, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The transformer's velocity [B, C, h, w] for noisy latents [B, C, h, w] at `timesteps` (the scheduler's,
+        0..1000), conditioned on the batch's text."""
+        raise NotImplementedError
+
+    def conditioning(self, models, batch: dict, device) -> dict:
+        """The batch's text conditioning: from the text cache, or encoded now (`encode_text`)."""
+        if "encoder_hidden_states" in batch:
+            return {"encoder_hidden_states": batch["encoder_hidden_states"].to(device),
+                    "pooled_prompt_embeds": batch["pooled_prompt_embeds"].to(device)}
+        return self.encode_text(models, batch["input_ids"].to(device), None)
+
+    def training_loss(self, args, models, batch, monitor) -> torch.Tensor:
+        """diffusers' SD3/FLUX objective: latents from the VAE (or the latent cache), sigma from --weighting_scheme,
+        x_sigma = (1 - sigma) x + sigma noise, the transformer's velocity (preconditioned or not), the weighted
+        MSE; DreamBooth's prior half and --masked_loss as in the SD path."""
+        from utils.cache import sample_cached_latents
+        from utils.latents import encode_latents
+        from utils.sd.losses import per_sample_loss, prior_preservation_loss
+        from utils.sd.masks import latent_mask
+
+        vae = models["vae"]
+        latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
+                   else encode_latents(vae, batch["pixel_values"])).float()
+        noise = torch.randn_like(latents)
+        sigmas, timesteps = sample_sigmas(args, models["noise_scheduler"], latents.shape[0], latents.device)
+        noisy = noisy_input(latents, noise, sigmas)
+        prediction, target = prediction_and_target(self.predict(models, noisy, timesteps, batch), noisy, latents,
+                                                   noise, sigmas, self.precondition_outputs)
+        weights = loss_weights(args, sigmas)
+
+        def loss_of(pred, wanted, sample_weights, mask):  # mean over samples of weight x mean squared error
+            return (sample_weights * per_sample_loss(pred, wanted, "l2", None, mask)).mean()
+
+        mask = latent_mask(batch["mask"], latents) if "mask" in batch else None
+        if args.with_prior_preservation:
+            loss = prior_preservation_loss(loss_of, prediction, target, weights, args.prior_loss_weight, monitor, mask)
+        else:
+            loss = loss_of(prediction, target, weights, mask)
+        monitor.add(sigma_mean=sigmas.float().mean(), sigma_std=sigmas.float().std(correction=0),
+                    latent_std=latents.std(), noise_std=noise.std())
+        return loss
+
+    def held_out_error(self, models, batch, latents, noise, indices, autocast) -> torch.Tensor:
+        sigmas, timesteps = held_out_sigmas(models["noise_scheduler"], indices)
+        sigmas, timesteps = sigmas.to(latents.device), timesteps.to(latents.device)
+        noisy = noisy_input(latents, noise, sigmas)
+        with autocast():
+            prediction = self.predict(models, noisy, timesteps, batch)
+        prediction, target = prediction_and_target(prediction.float(), noisy, latents, noise, sigmas,
+                                                   self.precondition_outputs)
+        return (prediction - target.float()).pow(2).flatten(1).mean(1)
+
+    def lora_targets(self, args) -> list[str]:
+        """--lora_layers (or --lora_target_modules), else diffusers' script's targets."""
+        if args.lora_layers:
+            return [layer.strip() for layer in args.lora_layers.split(",")]
+        return args.lora_target_modules or list(self.default_lora_targets)
+
+    def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
+        """diffusers' file (transformer.* and text_encoder*.* keys, the adapter configs in its metadata), what the
+        pipeline's load_lora_weights and ComfyUI read."""
+        import os
+
+        import diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        from utils.sd.lora import LORA_WEIGHT_NAME, add_file_metadata
+
+        def layers(model):
+            state = get_peft_model_state_dict(model)
+            return {key: value.to(dtype) if dtype is not None else value for key, value in state.items()}
+
+        os.makedirs(directory, exist_ok=True)
+        kwargs = {"transformer_lora_layers": layers(denoiser),
+                  "transformer_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
+        for name, model in encoders.items():
+            kwargs.update({f"{name}_lora_layers": layers(model),
+                           f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
+        getattr(diffusers, self.pipeline_class).save_lora_weights(directory, safe_serialization=True, **kwargs)
+        path = os.path.join(directory, LORA_WEIGHT_NAME)
+        if metadata:
+            add_file_metadata(path, {key: str(value) for key, value in metadata.items()})
+        return path
+
+    def load_lora_into(self, directory, denoiser, encoders) -> None:
+        import diffusers
+        from diffusers.training_utils import _set_state_dict_into_text_encoder
+        from peft.utils import set_peft_model_state_dict
+
+        state = getattr(diffusers, self.pipeline_class).lora_state_dict(directory)
+        state = state[0] if isinstance(state, tuple) else state
+        transformer_state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
+        result = set_peft_model_state_dict(denoiser, transformer_state, adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise UserError(f"{directory}: LoRA weights do not match the transformer's adapter (unexpected keys: "
+                            f"{result.unexpected_keys[:5]})")
+        for name, model in encoders.items():
+            _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=model)
+
+    def pipeline(self, components, scheduler=None):
+        import diffusers
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        parts = {name: components.get(name) for name in self.pipeline_components}
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config)
+        return getattr(diffusers, self.pipeline_class)(**parts)
+
+    def pipeline_call_kwargs(self, args) -> dict:
+        return {"max_sequence_length": args.max_sequence_length}
+
+    def write_pipeline(self, output, models, unwrapped, directory) -> None:
+        from utils.sd.saving import float32_components
+
+        components = dict(models, **unwrapped, scheduler=models["noise_scheduler"])
+        pipeline = self.pipeline(components)
+        with float32_components(pipeline):
+            pipeline.save_pretrained(directory)
+
+    def lora_metadata(self, output, models) -> dict:
+        import os
+
+        from utils.sd.lora import lora_file_metadata
+
+        title = f"{os.path.basename(os.path.normpath(output.output_dir))} (LoRA)"
+        return lora_file_metadata(self.architecture, output.resolution, title, None,
+                                  extra={"ss_sd_model_name": output.base_name, "ss_max_train_steps": output.steps})

@@ -12,11 +12,10 @@ import os
 import torch
 import torch.nn.functional as F
 
-from utils.checkpointing import own_memory
-from utils.errors import UserError
 import utils.families.flow_matching as flow
-from utils.families.base import Family
-from utils.latents import encode_latents, vae_scale_factor
+from utils.checkpointing import own_memory
+from utils.families.flow_matching import FlowMatchingFamily
+from utils.latents import vae_scale_factor
 
 PIPELINE = "StableDiffusion3Pipeline"
 # diffusers' SD3 scripts' default LoRA targets: the joint attention's image and context projections
@@ -100,35 +99,24 @@ def encode_prompt(encoders: list, input_ids: torch.Tensor, max_sequence_length: 
     return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(FlowMatchingFamily):
     name = "sd3"
-    denoiser = "transformer"
     model_card_tags = ["sd3", "sd3-diffusers", "text-to-image", "diffusers"]
-    max_sequence_length, precondition_outputs = 77, True  # configure() sets the run's
+    pipeline_class = PIPELINE
+    pipeline_components = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                           "text_encoder_3", "tokenizer_3")
+    default_lora_targets = tuple(DEFAULT_TRANSFORMER_TARGETS)
+    architecture = "sd3"
     joint_attention_dim = 4096  # the transformer's (load_models reads it)
-
-    def configure(self, args) -> None:
-        self.max_sequence_length, self.precondition_outputs = args.max_sequence_length, bool(args.precondition_outputs)
 
     def defaults(self, args) -> dict:
         return {"resolution": 512, "weighting_scheme": "logit_normal", "max_sequence_length": 77,
+                "precondition_outputs": 1,
                 "output_dir": "sd3-model-finetuned-lora" if args.use_lora else "sd3-model-finetuned",
                 "validation_epochs": 1, "num_validation_images": 4, "tracker_project_name": "text2image-fine-tune-sd3"}
 
     def check_args(self, args) -> None:
-        from utils.sd.lora import lora_type_of
-
-        flow.check_flow_matching_args(args, "Stable Diffusion 3")
-        refused = {"--model_preset other than tiny-sd3": args.model_preset not in (None, "tiny-sd3"),
-                   "--unet_config / --vae_config": bool(args.unet_config or args.vae_config),
-                   "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path),
-                   "--save_single_file": args.save_single_file,
-                   "--lora_type other than lora": lora_type_of(args) != "lora",
-                   "--lora_format kohya (ComfyUI's SD3 LoRA keys)": args.use_lora and args.lora_format == "kohya"}
-        for what, given in refused.items():
-            if given:
-                raise UserError(f"{what} is not available for Stable Diffusion 3 yet (LoRA files in diffusers' format, "
-                                "full and LoRA fine-tunes of a StableDiffusion3Pipeline); drop it.")
+        flow.check_transformer_family_args(args, "Stable Diffusion 3", "tiny-sd3")
 
     def load_models(self, source, captions_for_tokenizer) -> dict:
         if source.model_preset:
@@ -137,10 +125,7 @@ class StableDiffusion3(Family):
             models = dict(noise_scheduler=components.pop("scheduler"), **components)
         else:
             models = load_sd3_pipeline_models(source)
-        limit = models["tokenizer_3"].model_max_length if models.get("tokenizer_3") is not None else None
-        if limit is not None and self.max_sequence_length > limit:
-            raise UserError(f"--max_sequence_length {self.max_sequence_length} is over the T5 tokenizer's limit of "
-                            f"{limit} tokens: give at most {limit}.")
+        flow.check_sequence_length(self.max_sequence_length, models.get("tokenizer_3"))
         self.joint_attention_dim = models["transformer"].config.joint_attention_dim  # (T5's width; read before DDP)
         return models
 
@@ -150,143 +135,30 @@ class StableDiffusion3(Family):
     def trainable_text_encoder_names(self, models) -> list[str]:
         return ["text_encoder", "text_encoder_2"]  # the CLIPs (diffusers' SD3 scripts leave T5 frozen)
 
-    def tokenizers(self, models) -> list:
-        tokenizers = [models["tokenizer"], models["tokenizer_2"], models.get("tokenizer_3")]
-        return [t for t in tokenizers if t is not None]
-
     def encode_text(self, models, input_ids, attention_mask) -> dict:
         encoders = [models["text_encoder"], models["text_encoder_2"], models.get("text_encoder_3")]
         prompt, pooled = encode_prompt(encoders, input_ids, self.max_sequence_length, self.joint_attention_dim)
         return {"encoder_hidden_states": prompt, "pooled_prompt_embeds": pooled}
 
-    def conditioning(self, models, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds, pooled_prompt_embeds) of a batch: from the text cache, or encoded now."""
-        if "encoder_hidden_states" in batch:
-            return batch["encoder_hidden_states"].to(device), batch["pooled_prompt_embeds"].to(device)
-        encoded = self.encode_text(models, batch["input_ids"].to(device), None)
-        return encoded["encoder_hidden_states"], encoded["pooled_prompt_embeds"]
-
-    def training_loss(self, args, models, batch, monitor) -> torch.Tensor:
-        """diffusers' SD3 objective: latents from the VAE (or the latent cache), sigma from --weighting_scheme,
-        x_sigma = (1 - sigma) x + sigma noise, the transformer's velocity, preconditioned or not, the weighted MSE;
-        DreamBooth's prior half and --masked_loss as in the SD path."""
-        from utils.cache import sample_cached_latents
-        from utils.sd.losses import per_sample_loss, prior_preservation_loss
-        from utils.sd.masks import latent_mask
-
-        transformer, vae = models["transformer"], models["vae"]
-        latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
-                   else encode_latents(vae, batch["pixel_values"])).float()
-        noise = torch.randn_like(latents)
-        sigmas, timesteps = flow.sample_sigmas(args, models["noise_scheduler"], latents.shape[0], latents.device)
-        noisy = flow.noisy_input(latents, noise, sigmas)
-        prompt_embeds, pooled = self.conditioning(models, batch, latents.device)
-        prediction = transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=prompt_embeds,
-                                 pooled_projections=pooled, return_dict=False)[0]
-        prediction, target = flow.prediction_and_target(prediction, noisy, latents, noise, sigmas,
-                                                        self.precondition_outputs)
-        weights = flow.loss_weights(args, sigmas)
-
-        def loss_of(pred, wanted, sample_weights, mask):  # mean over samples of weight x mean squared error
-            return (sample_weights * per_sample_loss(pred, wanted, "l2", None, mask)).mean()
-
-        mask = latent_mask(batch["mask"], latents) if "mask" in batch else None
-        if args.with_prior_preservation:
-            loss = prior_preservation_loss(loss_of, prediction, target, weights, args.prior_loss_weight, monitor, mask)
-        else:
-            loss = loss_of(prediction, target, weights, mask)
-        monitor.add(sigma_mean=sigmas.float().mean(), sigma_std=sigmas.float().std(correction=0),
-                    latent_std=latents.std(), noise_std=noise.std())
-        return loss
-
-    def held_out_error(self, models, batch, latents, noise, indices, autocast) -> torch.Tensor:
-        sigmas, timesteps = flow.held_out_sigmas(models["noise_scheduler"], indices)
-        sigmas, timesteps = sigmas.to(latents.device), timesteps.to(latents.device)
-        noisy = flow.noisy_input(latents, noise, sigmas)
-        prompt_embeds, pooled = self.conditioning(models, batch, latents.device)
-        with autocast():
-            prediction = models["transformer"](hidden_states=noisy, timestep=timesteps,
-                                               encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
-                                               return_dict=False)[0]
-        prediction, target = flow.prediction_and_target(prediction.float(), noisy, latents, noise, sigmas,
-                                                        self.precondition_outputs)
-        return (prediction - target.float()).pow(2).flatten(1).mean(1)
+    def predict(self, models, noisy, timesteps, batch) -> torch.Tensor:
+        text = self.conditioning(models, batch, noisy.device)
+        return models["transformer"](hidden_states=noisy, timestep=timesteps,
+                                     encoder_hidden_states=text["encoder_hidden_states"],
+                                     pooled_projections=text["pooled_prompt_embeds"], return_dict=False)[0]
 
     def lora_targets(self, args) -> list[str]:
         """--lora_layers (or --lora_target_modules), else diffusers' attention projections; --lora_blocks limits
         them to those transformer blocks (diffusers' train_dreambooth_lora_sd3.py)."""
-        targets = ([layer.strip() for layer in args.lora_layers.split(",")] if args.lora_layers
-                   else args.lora_target_modules or DEFAULT_TRANSFORMER_TARGETS)
+        targets = super().lora_targets(args)
         if args.lora_blocks:
             blocks = [int(block) for block in args.lora_blocks.split(",")]
             targets = [f"transformer_blocks.{block}.{module}" for block in blocks for module in targets]
         return targets
 
-    def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
-        from diffusers import StableDiffusion3Pipeline
-        from peft.utils import get_peft_model_state_dict
-
-        from utils.sd.lora import LORA_WEIGHT_NAME, add_file_metadata
-
-        def layers(model):
-            state = get_peft_model_state_dict(model)
-            return {key: value.to(dtype) if dtype is not None else value for key, value in state.items()}
-
-        os.makedirs(directory, exist_ok=True)
-        kwargs = {"transformer_lora_layers": layers(denoiser),
-                  "transformer_lora_adapter_metadata": denoiser.peft_config["default"].to_dict()}
-        for name, model in encoders.items():
-            kwargs.update({f"{name}_lora_layers": layers(model),
-                           f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
-        StableDiffusion3Pipeline.save_lora_weights(directory, safe_serialization=True, **kwargs)
-        path = os.path.join(directory, LORA_WEIGHT_NAME)
-        if metadata:
-            add_file_metadata(path, {key: str(value) for key, value in metadata.items()})
-        return path
-
-    def load_lora_into(self, directory, denoiser, encoders) -> None:
-        from diffusers import StableDiffusion3Pipeline
-        from diffusers.training_utils import _set_state_dict_into_text_encoder
-        from peft.utils import set_peft_model_state_dict
-
-        state = StableDiffusion3Pipeline.lora_state_dict(directory)
-        state = state[0] if isinstance(state, tuple) else state
-        transformer_state = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
-        result = set_peft_model_state_dict(denoiser, transformer_state, adapter_name="default")
-        if getattr(result, "unexpected_keys", None):
-            raise UserError(f"{directory}: LoRA weights do not match the transformer's adapter (unexpected keys: "
-                            f"{result.unexpected_keys[:5]})")
-        for name, model in encoders.items():
-            _set_state_dict_into_text_encoder(state, prefix=f"{name}.", text_encoder=model)
-
-    def pipeline(self, components, scheduler=None):
-        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-        names = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-                 "tokenizer_3")
-        parts = {name: components.get(name) for name in names}
-        parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config)
-        return StableDiffusion3Pipeline(**parts)
-
-    def pipeline_call_kwargs(self, args) -> dict:
-        return {"max_sequence_length": args.max_sequence_length}
-
     def write_pipeline(self, output, models, unwrapped, directory) -> None:
-        from utils.sd.saving import float32_components
-
-        components = dict(models, **unwrapped, scheduler=models["noise_scheduler"])
         if output.skip_text_encoder:
-            components.update(text_encoder=None, text_encoder_2=None)
-        pipeline = self.pipeline(components)
-        with float32_components(pipeline):
-            pipeline.save_pretrained(directory)
-
-    def lora_metadata(self, output, models) -> dict:
-        from utils.sd.lora import lora_file_metadata
-
-        title = f"{os.path.basename(os.path.normpath(output.output_dir))} (LoRA)"
-        return lora_file_metadata("sd3", output.resolution, title, None,
-                                  extra={"ss_sd_model_name": output.base_name, "ss_max_train_steps": output.steps})
+            unwrapped = dict(unwrapped, text_encoder=None, text_encoder_2=None)
+        super().write_pipeline(output, models, unwrapped, directory)
 
 
 def load_sd3_pipeline_models(source) -> dict:

@@ -38,6 +38,13 @@ DREAMBOOTH_DEFAULTS = {
     "lora-sd3": dict(output_dir="sd3-dreambooth", learning_rate=1e-4, validation_epochs=50, adam_weight_decay=1e-4,
                      adam_weight_decay_text_encoder=1e-3, text_encoder_learning_rate=5e-6, checkpointing_steps=500,
                      tracker_project_name="dreambooth-sd3-lora"),
+    # train_dreambooth_flux.py / train_dreambooth_lora_flux.py (T5 prompts: 77 tokens full, 512 LoRA; one tracker)
+    "flux": dict(output_dir="flux-dreambooth", learning_rate=1e-4, validation_epochs=50, adam_weight_decay=1e-4,
+                 adam_weight_decay_text_encoder=1e-3, text_encoder_learning_rate=5e-6, max_sequence_length=77,
+                 tracker_project_name="dreambooth-flux-dev-lora"),
+    "lora-flux": dict(output_dir="flux-dreambooth-lora", learning_rate=1e-4, validation_epochs=50,
+                      adam_weight_decay=1e-4, adam_weight_decay_text_encoder=1e-3, text_encoder_learning_rate=5e-6,
+                      max_sequence_length=512, tracker_project_name="dreambooth-flux-dev-lora"),
 }
 UNSUPPORTED = {  # diffusers' flags for models this trainer does not train (DeepFloyd IF, EDM-style Playground)
     "class_labels_conditioning": "DeepFloyd IF's class-label conditioning",
@@ -112,8 +119,8 @@ def dreambooth_defaults(first) -> dict:
     if first.instance_data_dir is None:
         return {}
     family = family_name(first)
-    if family == "sd3":
-        mode = "lora-sd3" if first.use_lora else "sd3"
+    if family in ("sd3", "flux"):
+        mode = f"lora-{family}" if first.use_lora else family
     else:
         mode = "full" if not first.use_lora else ("lora-sdxl" if family == "sdxl" else "lora")
     return {**DREAMBOOTH_DEFAULTS["common"], **DREAMBOOTH_DEFAULTS[mode]}

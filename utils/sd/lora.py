@@ -162,7 +162,9 @@ def save_lora(directory: str, unet, text_encoder=None, text_encoder_2=None, lora
 # ComfyUI's LoRA lists read to file a LoRA under its base model.
 _ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
                   "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
-                  "sd3": "stable-diffusion-3"}  # (kohya's ARCH_SD3_UNKNOWN: medium, large and 3.5 alike)
+                  "sd3": "stable-diffusion-3",  # (kohya's ARCH_SD3_UNKNOWN: medium, large and 3.5 alike)
+                  "flux1": "flux-1"}  # (kohya's ARCH_FLUX_1_UNKNOWN: dev and schnell alike)
+_IMPLEMENTATIONS = {"flux1": "https://github.com/black-forest-labs/flux"}
 _SDXL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 
@@ -186,7 +188,7 @@ def lora_file_metadata(version: str, resolution: int | None, title: str, predict
     info = {"ss_network_module": "networks.lora", "ss_base_model_version": version,
             "ss_v2": str(version.startswith("sd_v2")), "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": f"{_ARCHITECTURES[version]}/lora",
-            "modelspec.implementation": _SDXL_IMPLEMENTATION if stability else "diffusers",
+            "modelspec.implementation": _IMPLEMENTATIONS.get(version, _SDXL_IMPLEMENTATION if stability else "diffusers"),
             "modelspec.title": title, "modelspec.date": datetime.date.today().isoformat()}
     if resolution:
         info.update({"ss_resolution": f"({resolution}, {resolution})",

@@ -1,0 +1,292 @@
+"""FLUX.1 in train_text_to_image.py (utils/families/flux.py on utils/families/flow_matching.py): diffusers' CLI and its
+own example tests (examples/dreambooth/test_dreambooth_lora_flux.py, test_dreambooth_flux.py) with the tiny pipeline
+built offline, the loss against diffusers' script lines, a model we train denoising in FluxPipeline, exact resume,
+cached = uncached, generate.py, bad input. (The pieces FLUX shares with SD3 are checked in tests/test_sd3.py.)"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process
+from PIL import Image
+from test_sd3 import expect_generate_error, instance_dir, lora_state, sd3_args  # noqa: F401  (instance_dir: a fixture)
+from test_user_errors import expect_user_error
+
+SCRIPT = "train_text_to_image.py"
+
+# Every flag of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py and train_dreambooth_flux.py
+# (diffusers main, 2026-12, commit 58eb52c0), by name.
+FLUX_FLAGS = """
+--adam_beta1 --adam_beta2 --adam_epsilon --adam_weight_decay --adam_weight_decay_text_encoder --allow_tf32
+--cache_dir --cache_latents --caption_column --center_crop --checkpointing_steps --checkpoints_total_limit
+--class_data_dir --class_prompt --dataloader_num_workers --dataset_config_name --dataset_name
+--enable_npu_flash_attention --gradient_accumulation_steps --gradient_checkpointing --guidance_scale
+--hub_model_id --hub_token --image_column --image_interpolation_mode --instance_data_dir --instance_prompt
+--learning_rate --local_rank --logging_dir --logit_mean --logit_std --lora_alpha --lora_dropout --lora_layers
+--lr_num_cycles --lr_power --lr_scheduler --lr_warmup_steps --max_grad_norm --max_sequence_length
+--max_train_steps --mixed_precision --mode_scale --num_class_images --num_train_epochs
+--num_validation_images --optimizer --output_dir --pretrained_model_name_or_path --prior_generation_precision
+--prior_loss_weight --prodigy_beta3 --prodigy_decouple --prodigy_safeguard_warmup
+--prodigy_use_bias_correction --push_to_hub --random_flip --rank --repeats --report_to --resolution
+--resume_from_checkpoint --revision --sample_batch_size --scale_lr --seed --text_encoder_lr
+--train_batch_size --train_text_encoder --upcast_before_saving --use_8bit_adam --validation_epochs
+--validation_prompt --variant --weighting_scheme --with_prior_preservation
+""".split()
+
+
+def flux_args(pipeline, instance, out, steps=2, extra=()):
+    return sd3_args(pipeline, instance, out, steps, ["--max_sequence_length", "16", *extra])
+
+
+def test_every_diffusers_flux_flag_is_accepted_with_its_default(tiny_flux_pipeline_dir):
+    import train_text_to_image as script
+
+    base = ["--pretrained_model_name_or_path", tiny_flux_pipeline_dir, "--instance_data_dir", "x",
+            "--instance_prompt", "p"]
+    args, flags = parse_and_list_flags(script.parse_args, base + ["--use_lora"])
+    missing = [flag for flag in FLUX_FLAGS if flag not in flags]
+    assert not missing, f"flags of diffusers' FLUX DreamBooth scripts we do not accept: {missing}"
+    assert args.family == "flux"
+    assert (args.weighting_scheme, args.guidance_scale, args.max_sequence_length, args.precondition_outputs) == \
+        ("none", 3.5, 512, 0)
+    assert (args.output_dir, args.learning_rate, args.train_batch_size, args.rank, args.tracker_project_name) == \
+        ("flux-dreambooth-lora", 1e-4, 4, 4, "dreambooth-flux-dev-lora")
+    full = script.parse_args(base)  # train_dreambooth_flux.py: 77 T5 tokens
+    assert (full.output_dir, full.max_sequence_length) == ("flux-dreambooth", 77)
+
+
+# diffusers' examples/dreambooth/test_dreambooth_lora_flux.py, their Hub pipeline replaced by the tiny local one,
+# docs/source/en/imgs by 5 images, --resolution 64 by 32.
+@pytest.mark.parametrize("extra, prefixes", [
+    ([], ("transformer",)),
+    (["--train_text_encoder"], ("transformer", "text_encoder")),
+    (["--cache_latents"], ("transformer",)),
+    (["--cache_latents", "--lora_layers", "single_transformer_blocks.0.attn.to_k"],
+     ("transformer.single_transformer_blocks.0.attn.to_k",)),
+], ids=["lora", "text_encoder", "latent_caching", "layers"])
+def test_diffusers_dreambooth_lora_flux(tiny_flux_pipeline_dir, instance_dir, tmp_path, extra, prefixes):  # noqa: F811
+    accelerate_launch(SCRIPT, ["--pretrained_model_name_or_path", tiny_flux_pipeline_dir, "--instance_data_dir",
+                               instance_dir, "--instance_prompt", "photo", "--resolution", "32", "--train_batch_size",
+                               "1", "--gradient_accumulation_steps", "1", "--max_train_steps", "2", "--learning_rate",
+                               "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+                               "--output_dir", tmp_path, "--use_lora", *extra])
+    state = lora_state(tmp_path)
+    assert state and all("lora" in key for key in state) and all(key.startswith(prefixes) for key in state)
+    if "--train_text_encoder" in extra:  # CLIP got adapters (T5 stays frozen, as diffusers')
+        assert {key.split(".")[0] for key in state} == {"transformer", "text_encoder"}
+
+
+def test_diffusers_dreambooth_lora_flux_metadata_and_total_limit(tiny_flux_pipeline_dir, instance_dir,  # noqa: F811
+                                                                 tmp_path):
+    """test_dreambooth_lora_with_metadata (lora_alpha 8, rank 4 in the file's adapter metadata) and
+    test_dreambooth_lora_flux_checkpointing_checkpoints_total_limit(_removes_multiple_checkpoints)."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    common = [f"--pretrained_model_name_or_path={tiny_flux_pipeline_dir}", f"--instance_data_dir={instance_dir}",
+              f"--output_dir={tmp_path}", "--instance_prompt=photo", "--resolution=32", "--train_batch_size=1",
+              "--gradient_accumulation_steps=1", "--checkpointing_steps=2", "--use_lora", "--lora_alpha=8", "--rank=4"]
+    accelerate_launch(SCRIPT, common + ["--max_train_steps=4"])
+    with safetensors.torch.safe_open(tmp_path / "pytorch_lora_weights.safetensors", framework="pt") as handle:
+        raw = json.loads(handle.metadata()[LORA_ADAPTER_METADATA_KEY])
+    assert (raw["transformer.lora_alpha"], raw["transformer.r"]) == (8, 4)
+    assert {x for x in os.listdir(tmp_path) if "checkpoint" in x} == {"checkpoint-2", "checkpoint-4"}
+    accelerate_launch(SCRIPT, common + ["--max_train_steps=8", "--resume_from_checkpoint=checkpoint-4",
+                                        "--checkpoints_total_limit=2"])
+    assert {x for x in os.listdir(tmp_path) if "checkpoint" in x} == {"checkpoint-6", "checkpoint-8"}
+
+
+# diffusers' examples/dreambooth/test_dreambooth_flux.py (the full fine-tune), in process.
+def test_diffusers_dreambooth_flux_and_checkpointing(tiny_flux_pipeline_dir, instance_dir, tmp_path):  # noqa: F811
+    import train_text_to_image as script
+    from diffusers import DiffusionPipeline, FluxTransformer2DModel
+
+    common = ["--pretrained_model_name_or_path", tiny_flux_pipeline_dir, "--instance_data_dir", instance_dir,
+              "--instance_prompt", "photo", "--resolution", "32", "--train_batch_size", "1", "--learning_rate",
+              "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--output_dir",
+              tmp_path, "--checkpointing_steps=2", "--seed=0", "--report_to", "none"]
+    run_main_in_process(script, common + ["--max_train_steps", "4"])
+    assert os.path.isfile(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert os.path.isfile(tmp_path / "scheduler" / "scheduler_config.json")
+    call = dict(num_inference_steps=1, height=32, width=32, max_sequence_length=16)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(pipe).__name__ == "FluxPipeline"
+    pipe("photo", **call)
+    transformer = FluxTransformer2DModel.from_pretrained(tmp_path, subfolder="checkpoint-2/transformer")
+    DiffusionPipeline.from_pretrained(tiny_flux_pipeline_dir, transformer=transformer)("photo", **call)
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    run_main_in_process(script, common + ["--max_train_steps", "6", "--resume_from_checkpoint=checkpoint-4"])
+    assert not os.path.isdir(tmp_path / "checkpoint-2")
+    assert os.path.isdir(tmp_path / "checkpoint-4") and os.path.isdir(tmp_path / "checkpoint-6")
+
+
+@pytest.mark.parametrize("scheme", ["none", "logit_normal"])
+def test_training_loss_is_diffusers_flux_loss(tiny_flux_pipeline_dir, scheme):
+    """The family's loss of a batch = the loss diffusers' train_dreambooth_lora_flux.py computes (packing, ids,
+    timestep / 1000, guidance, unpacking, target noise - x), recomputed here from its lines with the same draws."""
+    import types
+
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    from utils.families.flux import Flux
+    from utils.telemetry import HealthMonitor
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_pipeline_dir)
+    models = dict(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                  text_encoder_2=pipe.text_encoder_2, noise_scheduler=pipe.scheduler)
+    args = types.SimpleNamespace(weighting_scheme=scheme, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                 precondition_outputs=0, max_sequence_length=12, guidance_scale=3.5,
+                                 with_prior_preservation=False)
+    family = Flux()
+    family.configure(args)
+    generator = torch.Generator().manual_seed(1)
+    mean = torch.randn(2, 1, 16, 16, generator=generator)
+    clip = pipe.tokenizer("a photo", padding="max_length", max_length=77, truncation=True,
+                          return_tensors="pt").input_ids[0]
+    t5 = pipe.tokenizer_2("a photo", padding="max_length", max_length=12, truncation=True,
+                          return_tensors="pt").input_ids[0]
+    ids = torch.stack([clip, torch.nn.functional.pad(t5, (0, 77 - 12))])[None].repeat(2, 1, 1)  # the dataset's
+    torch.manual_seed(0)
+    loss = family.training_loss(args, models, {"latent_mean": mean, "latent_std": torch.zeros_like(mean),
+                                               "input_ids": ids}, HealthMonitor())
+
+    torch.manual_seed(0)
+    model_input = ((mean + 0 * torch.randn(mean.shape)) - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt("a photo", "a photo", max_sequence_length=12)
+    latent_image_ids = FluxPipeline._prepare_latent_image_ids(2, 8, 8, "cpu", torch.float32)
+    noise = torch.randn_like(model_input)
+    u = compute_density_for_timestep_sampling(weighting_scheme=scheme, batch_size=2, logit_mean=0.0, logit_std=1.0,
+                                              mode_scale=1.29)
+    timesteps = pipe.scheduler.timesteps[(u * 1000).long()]
+    sigmas = pipe.scheduler.sigmas[[(pipe.scheduler.timesteps == t).nonzero().item() for t in timesteps]]
+    sigmas = sigmas.view(-1, 1, 1, 1)
+    noisy_model_input = (1.0 - sigmas) * model_input + sigmas * noise
+    packed = FluxPipeline._pack_latents(noisy_model_input, 2, 1, 16, 16)
+    model_pred = pipe.transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=torch.tensor([3.5]).expand(2),
+                                  pooled_projections=pooled.repeat(2, 1), encoder_hidden_states=prompt_embeds.repeat(2, 1, 1),
+                                  txt_ids=text_ids, img_ids=latent_image_ids, return_dict=False)[0]
+    model_pred = FluxPipeline._unpack_latents(model_pred, height=16, width=16, vae_scale_factor=1)
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+    target = noise - model_input
+    expected = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(2, -1), 1).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5), (loss.item(), expected.item())
+
+
+@pytest.mark.slow
+def test_a_model_we_train_denoises_in_the_diffusers_pipeline(tmp_path):
+    """1-image overfit with FLUX's own objective (velocity, uniform sigmas): sampled with FluxPipeline (28 Euler
+    steps, guidance 1 as trained), PSNR >= 20 dB against the VAE's reconstruction. The test pipeline has 16 latent
+    channels (64 per packed token) and an 8-head transformer (the tiny one's 32-wide stream cannot carry a 64-value
+    token), and a VAE with a narrow posterior."""
+    from diffusers import FluxPipeline
+
+    from utils.families.flux import build_tiny_flux_pipeline
+
+    pipeline_dir = build_tiny_flux_pipeline(str(tmp_path / "pipe"), ["a red square"],
+                                            transformer_config=dict(in_channels=64, num_attention_heads=8),
+                                            vae_config=dict(latent_channels=16, block_out_channels=(16,)))
+    pipe = FluxPipeline.from_pretrained(pipeline_dir)
+    conv_out = pipe.vae.encoder.conv_out
+    with torch.no_grad():  # log-variance -30: the posterior is its mean
+        conv_out.weight[conv_out.out_channels // 2:] = 0
+        conv_out.bias[conv_out.out_channels // 2:] = -30.0
+    pipe.save_pretrained(pipeline_dir)
+    y, x = np.mgrid[0:8, 0:8]
+    pixels = np.stack([x * 32, y * 32, (x + y) * 16], -1).clip(0, 255).astype(np.uint8)
+    pixels[2:6, 2:6] = [255, 40, 40]
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(4):
+        Image.fromarray(pixels).save(data / f"{index}.png")
+        (data / f"{index}.txt").write_text("a red square")
+    import train_text_to_image as script
+
+    run_main_in_process(script, ["--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", data,
+                                 "--resolution", "8", "--train_batch_size", "4", "--max_train_steps", "300",
+                                 "--learning_rate", "3e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0",
+                                 "--guidance_scale", "1", "--max_sequence_length", "16", "--output_dir",
+                                 tmp_path / "out", "--report_to", "none", "--seed", "0"])
+    trained = FluxPipeline.from_pretrained(tmp_path / "out")
+    trained.set_progress_bar_config(disable=True)
+    image = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        reference = (trained.vae.decode(trained.vae.encode(image).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+        sample = trained("a red square", height=8, width=8, num_inference_steps=28, guidance_scale=1.0,
+                         max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    psnr = 10 * np.log10(1.0 / ((sample - reference) ** 2).mean().item())
+    assert psnr >= 20.0, psnr
+
+
+def test_resume_is_bitwise_and_cached_equals_uncached(tiny_flux_pipeline_dir, instance_dir, tmp_path):  # noqa: F811
+    import train_text_to_image as script
+
+    extra = ["--use_lora", "--train_text_encoder", "--checkpointing_steps", "2", "--logging_steps", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, straight, 4, extra))
+    run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, split, 2, extra))
+    run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, split, 4,
+                                          extra + ["--resume_from_checkpoint", "latest"]))
+    first, second = lora_state(straight), lora_state(split)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    common = ["--use_lora", "--logging_steps", "1", "--center_crop"]
+    run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, tmp_path / "plain", 3, common))
+    run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, tmp_path / "cached", 3,
+                                          common + ["--cache_latents", "--cache_text_embeddings"]))
+    losses = [[json.loads(line)["train/loss"] for line in open(tmp_path / run / "report" / "metrics.jsonl")
+               if "train/loss" in json.loads(line)] for run in ("plain", "cached")]
+    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), losses
+
+
+def test_generate_samples_a_flux_lora_as_diffusers_does(tiny_flux_pipeline_dir, instance_dir, tmp_path,  # noqa: F811
+                                                        capsys, tiny_sd3_pipeline_dir):
+    import generate
+    import train_text_to_image as script
+    from diffusers import FluxPipeline
+
+    out = tmp_path / "lora"
+    run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, out, 2,
+                                          ["--use_lora", "--learning_rate", "1e-2"]))
+    common = ["--prompt", "photo", "--steps", "3", "--seed", "4", "--num_images", "1", "--height", "32", "--width",
+              "32"]
+    paths = generate.main(["--model", tiny_flux_pipeline_dir, "--lora", str(out), *common, "--output_dir",
+                           str(tmp_path / "g")])
+    ours = np.asarray(Image.open(paths[0]), dtype=np.int16)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_pipeline_dir)
+    pipe.load_lora_weights(str(out))
+    theirs = pipe("photo", num_inference_steps=3, height=32, width=32,
+                  generator=[torch.Generator("cpu").manual_seed(4)]).images[0]  # (guidance: the pipeline's 3.5)
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
+    expect_generate_error(capsys, ["--model", tiny_sd3_pipeline_dir, "--lora", out, *common, "--output_dir",
+                                   tmp_path / "x"], "flux-1/lora", "SD3")
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--prediction_type", "v_prediction"], ["--prediction_type v_prediction", "flow velocity"]),
+    (["--lora_blocks", "0"], ["--lora_blocks", "--lora_layers"]),
+    (["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"]),
+], ids=["v_prediction", "lora_blocks", "sequence_length"])
+def test_bad_flux_flags_are_one_block_errors(capsys, tiny_flux_pipeline_dir, instance_dir, tmp_path,  # noqa: F811
+                                             extra, fragments):
+    import train_text_to_image as script
+
+    expect_user_error(capsys, script, sd3_args(tiny_flux_pipeline_dir, instance_dir, tmp_path / "o", 1, extra),
+                      *fragments)
+
+
+def test_a_flux_pipeline_without_t5_is_refused(capsys, tiny_flux_pipeline_dir, instance_dir, tmp_path):  # noqa: F811
+    import train_text_to_image as script
+
+    broken = tmp_path / "no-t5"
+    shutil.copytree(tiny_flux_pipeline_dir, broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(broken / "text_encoder_2")
+    expect_user_error(capsys, script, sd3_args(str(broken), instance_dir, tmp_path / "o", 1), "without text_encoder_2",
+                      "T5")
