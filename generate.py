@@ -55,7 +55,8 @@ from utils.sd.model_kind import SDXL_PIPELINE, is_single_file, pipeline_class_na
 
 # The pipelines train_text_to_image.py trains -> the ModelSpec architecture its LoRA files carry (utils/sd/lora.py)
 LORA_ARCHITECTURES = {"StableDiffusionPipeline": "stable-diffusion-v", SDXL_PIPELINE: "stable-diffusion-xl",
-                      "StableDiffusion3Pipeline": "stable-diffusion-3", "FluxPipeline": "flux-1"}
+                      "StableDiffusion3Pipeline": "stable-diffusion-3", "FluxPipeline": "flux-1",
+                      "Lumina2Pipeline": "lumina-2"}
 
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}
@@ -372,7 +373,7 @@ def check_lora_family(pipe, given: str, path: str) -> None:
         wrong = bool(keys) and for_transformer != (denoiser_name(pipe) == "transformer")
     if wrong:
         trained_for = architecture or ("a transformer (SD3/FLUX)" if for_transformer else "a UNet (SD/SDXL)")
-        base = {"StableDiffusion3Pipeline": "an SD3", "FluxPipeline": "a FLUX.1"}.get(
+        base = {"StableDiffusion3Pipeline": "an SD3", "FluxPipeline": "a FLUX.1", "Lumina2Pipeline": "a Lumina-2"}.get(
             pipe_class, "a Stable Diffusion 1.x/2.x/XL")
         raise UserError(f"--lora {given} is a LoRA for {trained_for}, and --model is {base} pipeline "
                         f"({pipe_class}): give the base model it was trained on.")
@@ -408,8 +409,9 @@ def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir:
     """Run the pipeline over `jobs` in batches; returns (job, png path, PIL image) in job order."""
     results = []
     scale = {"scale": settings["lora_scale"]} if settings.get("lora") else None
-    attention_kwargs = {"joint_attention_kwargs" if denoiser_name(pipe) == "transformer"
-                        else "cross_attention_kwargs": scale}  # (SD3's name for the same thing)
+    accepted = inspect.signature(pipe.__call__).parameters  # the pipelines' names for the same thing (LoRA scale)
+    name = next(n for n in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs") if n in accepted)
+    attention_kwargs = {name: scale}
     with tqdm(total=len(jobs), desc="images", unit="img") as progress:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]

@@ -108,6 +108,7 @@ def parse_args(argv=None):
     args.sdxl = args.family == "sdxl"
     family = family_for(args.family)
     vars(args).update({name: value for name, value in family.defaults(args).items() if getattr(args, name) is None})
+    vars(args).update(family.implied(args))
     if args.proportion_empty_prompts is not None:  # the SDXL scripts' name for caption dropout
         if args.caption_dropout_prob not in (0.0, args.proportion_empty_prompts):
             raise UserError("--proportion_empty_prompts and --caption_dropout_prob are the same setting; give one.")
@@ -361,7 +362,8 @@ def save_final(args, family, plan, accelerator, models, ema, best: Evaluation | 
     save_weights_to(args, family, plan, accelerator, models, args.output_dir)
     if best is not None:  # the final weights scored the lowest val/loss
         best.write_best({})
-    grid = log_validation(args, family, accelerator, models, None, plan.max_train_steps, weight_dtype(accelerator))
+    grid = log_validation(args, family, accelerator, models, None, plan.max_train_steps, weight_dtype(accelerator),
+                          final=True)
     base = args.pretrained_model_name_or_path or f"from scratch ({args.model_preset} preset)"
     write_model_card(args.output_dir, base_model=base, datasets=[args.dataset_name] if args.dataset_name else None,
                      hyperparameters={**redact_args(args), **plan.as_dict()}, validation_grid=grid,

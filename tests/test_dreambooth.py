@@ -290,8 +290,16 @@ def test_repeats_multiply_the_instance_images_per_epoch(tiny_pipeline_dir, insta
     assert plan["updates_per_epoch"] == 15  # 5 images x 3 repeats, batch 1
 
 
+def test_an_instance_folder_needs_an_instance_prompt(capsys, tiny_pipeline_dir, instance_dir, tmp_path):
+    """(An empty prompt is one: diffusers' own Lumina-2 test trains with --instance_prompt "".)"""
+    import train_text_to_image as script
+
+    argv = dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "o")
+    at = argv.index("--instance_prompt")
+    expect_user_error(capsys, script, argv[:at] + argv[at + 2:], "--instance_data_dir needs --instance_prompt")
+
+
 @pytest.mark.parametrize("extra, message", [
-    (["--instance_prompt", ""], "--instance_data_dir needs --instance_prompt"),
     (["--prior_loss_weight", "0.5"], "add --with_prior_preservation"),
     (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir"),
     (["--class_labels_conditioning", "timesteps"], "--class_labels_conditioning"),

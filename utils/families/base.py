@@ -24,6 +24,10 @@ class Family:
         user left at None are filled."""
         return {}
 
+    def implied(self, args) -> dict:
+        """Flag values this family always runs with, whatever was given (e.g. Lumina-2's text attention mask)."""
+        return {}
+
     def check_args(self, args) -> None:
         """One-block errors for flags this family cannot take."""
 

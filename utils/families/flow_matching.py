@@ -11,6 +11,8 @@ diffusers' `compute_density_for_timestep_sampling` draws, and the loss weights a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from utils.data import held_out_position
@@ -35,6 +37,16 @@ def add_flow_matching_args(parser) -> None:
     flow.add_argument("--max_sequence_length", type=int, default=None,
                       help="Tokens of the T5 (or Gemma) prompt. Default: the family's (SD3: 77, FLUX: 512, as "
                            "diffusers' scripts).")
+    flow.add_argument("--system_prompt", type=str, default=None,
+                      help="Lumina-2: the instruction put before every caption (\"<system prompt> <Prompt Start> "
+                           "<caption>\"), in training and sampling. Default: Lumina2Pipeline's own.")
+    flow.add_argument("--final_validation_prompt", type=str, default=None,
+                      help="A prompt sampled once, after training, when there is no --validation_prompt (diffusers' "
+                           "Lumina-2 flag; every family takes it).")
+    flow.add_argument("--offload", action="store_true",
+                      help="Keep the VAE and the text encoders on the CPU between their uses (diffusers' Lumina-2 "
+                           "flag): less device memory, a host-device copy each step. The caches "
+                           "(--cache_latents, --cache_text_embeddings) free the memory for good instead.")
     flow.add_argument("--guidance_scale", type=float, default=3.5,
                       help="FLUX.1 dev's distilled guidance, fed to the transformer while training (diffusers' "
                            "FLUX scripts); models without a guidance embedding (schnell) ignore it.")
@@ -80,11 +92,15 @@ def check_flow_matching_args(args, family: str) -> None:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} must be at least 1.")
 
 
-def check_transformer_family_args(args, family: str, preset: str) -> None:
-    """What a transformer family does not take yet, one-block errors (besides check_flow_matching_args')."""
+def check_transformer_family_args(args, family: str, preset: str, system_prompt: bool = False) -> None:
+    """What a transformer family does not take yet, one-block errors (besides check_flow_matching_args');
+    `system_prompt`: whether the family reads --system_prompt (Lumina-2)."""
     from utils.sd.lora import lora_type_of
 
     check_flow_matching_args(args, family)
+    if args.system_prompt is not None and not system_prompt:
+        raise UserError(f"--system_prompt is Lumina-2's (its Gemma reads an instruction before the caption); a "
+                        f"{family} run has none: drop it.")
     refused = {f"--model_preset other than {preset}": args.model_preset not in (None, preset),
                "--unet_config / --vae_config": bool(args.unet_config or args.vae_config),
                "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path),
@@ -147,6 +163,20 @@ def loss_weights(args, sigmas: torch.Tensor) -> torch.Tensor:
     return compute_loss_weighting_for_sd3(weighting_scheme=args.weighting_scheme, sigmas=sigmas.float()).float()
 
 
+@contextlib.contextmanager
+def offloaded(modules: list, device, enabled: bool):
+    """--offload: `modules` on `device` inside the block, on the CPU after it (no-op when not `enabled`)."""
+    if enabled:
+        for module in modules:
+            module.to(device)
+    try:
+        yield
+    finally:
+        if enabled:
+            for module in modules:
+                module.to("cpu")
+
+
 class FlowMatchingFamily(Family):
     """What the rectified-flow transformer families share (SD3, FLUX): the loss of a batch (the family gives the
     transformer call, `predict`), val/loss, --lora_layers targets, the LoRA file and the pipeline, by its diffusers
@@ -157,10 +187,11 @@ class FlowMatchingFamily(Family):
     pipeline_components: tuple[str, ...] = ()  # its __init__'s model and tokenizer arguments (+ scheduler)
     default_lora_targets: tuple[str, ...] = ()  # diffusers' script's
     architecture = ""  # kohya's ss_base_model_version / the ModelSpec id's key in utils/sd/lora.py
-    max_sequence_length, precondition_outputs = 512, False  # configure() sets the run's
+    max_sequence_length, precondition_outputs, offload = 512, False, False  # configure() sets the run's
 
     def configure(self, args) -> None:
         self.max_sequence_length, self.precondition_outputs = args.max_sequence_length, bool(args.precondition_outputs)
+        self.offload = args.offload
 
     def predict(self, models, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
         """The transformer's velocity [B, C, h, w] for noisy latents [B, C, h, w] at `timesteps` (the scheduler's,
@@ -170,9 +201,19 @@ class FlowMatchingFamily(Family):
     def conditioning(self, models, batch: dict, device) -> dict:
         """The batch's text conditioning: from the text cache, or encoded now (`encode_text`)."""
         if "encoder_hidden_states" in batch:
-            return {"encoder_hidden_states": batch["encoder_hidden_states"].to(device),
-                    "pooled_prompt_embeds": batch["pooled_prompt_embeds"].to(device)}
-        return self.encode_text(models, batch["input_ids"].to(device), None)
+            return {key: batch[key].to(device) for key in ("encoder_hidden_states", "pooled_prompt_embeds",
+                                                           "encoder_attention_mask") if key in batch}
+        mask = batch["attention_mask"].to(device) if "attention_mask" in batch else None
+        with offloaded([models[name] for name in self.text_encoder_names(models)], device, self.offload):
+            return self.encode_text(models, batch["input_ids"].to(device), mask)
+
+    def noisy(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """The transformer's input at `sigmas` (SD3/FLUX: (1 - sigma) x + sigma noise)."""
+        return noisy_input(latents, noise, sigmas)
+
+    def prediction_and_target(self, prediction, noisy, latents, noise, sigmas):
+        """What the loss compares (SD3/FLUX: velocity vs noise - x, or preconditioned x-prediction vs x)."""
+        return prediction_and_target(prediction, noisy, latents, noise, sigmas, self.precondition_outputs)
 
     def training_loss(self, args, models, batch, monitor) -> torch.Tensor:
         """diffusers' SD3/FLUX objective: latents from the VAE (or the latent cache), sigma from --weighting_scheme,
@@ -184,13 +225,16 @@ class FlowMatchingFamily(Family):
         from utils.sd.masks import latent_mask
 
         vae = models["vae"]
-        latents = (sample_cached_latents(batch, vae.config) if "latent_mean" in batch
-                   else encode_latents(vae, batch["pixel_values"])).float()
+        if "latent_mean" in batch:
+            latents = sample_cached_latents(batch, vae.config).float()
+        else:
+            with offloaded([vae], batch["pixel_values"].device, self.offload):
+                latents = encode_latents(vae, batch["pixel_values"]).float()
         noise = torch.randn_like(latents)
         sigmas, timesteps = sample_sigmas(args, models["noise_scheduler"], latents.shape[0], latents.device)
-        noisy = noisy_input(latents, noise, sigmas)
-        prediction, target = prediction_and_target(self.predict(models, noisy, timesteps, batch), noisy, latents,
-                                                   noise, sigmas, self.precondition_outputs)
+        noisy = self.noisy(latents, noise, sigmas)
+        prediction, target = self.prediction_and_target(self.predict(models, noisy, timesteps, batch), noisy, latents,
+                                                        noise, sigmas)
         weights = loss_weights(args, sigmas)
 
         def loss_of(pred, wanted, sample_weights, mask):  # mean over samples of weight x mean squared error
@@ -208,11 +252,10 @@ class FlowMatchingFamily(Family):
     def held_out_error(self, models, batch, latents, noise, indices, autocast) -> torch.Tensor:
         sigmas, timesteps = held_out_sigmas(models["noise_scheduler"], indices)
         sigmas, timesteps = sigmas.to(latents.device), timesteps.to(latents.device)
-        noisy = noisy_input(latents, noise, sigmas)
+        noisy = self.noisy(latents, noise, sigmas)
         with autocast():
             prediction = self.predict(models, noisy, timesteps, batch)
-        prediction, target = prediction_and_target(prediction.float(), noisy, latents, noise, sigmas,
-                                                   self.precondition_outputs)
+        prediction, target = self.prediction_and_target(prediction.float(), noisy, latents, noise, sigmas)
         return (prediction - target.float()).pow(2).flatten(1).mean(1)
 
     def lora_targets(self, args) -> list[str]:

@@ -12,7 +12,8 @@ from utils.latents import vae_scale_factor
 
 # diffusers' SDXL model cards
 SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers", "text-to-image"]
-FLOW_ONLY_FLAGS = ("weighting_scheme", "max_sequence_length", "lora_layers", "lora_blocks")
+FLOW_ONLY_FLAGS = ("weighting_scheme", "max_sequence_length", "lora_layers", "lora_blocks", "precondition_outputs",
+                   "system_prompt")
 
 
 class StableDiffusion(Family):
@@ -33,6 +34,8 @@ class StableDiffusion(Family):
         from utils.sd.args import check_sdxl_args
 
         given = [f"--{name}" for name in FLOW_ONLY_FLAGS if getattr(args, name) is not None]
+        if args.offload:
+            given.append("--offload")
         if given:
             raise UserError(f"{given[0]} is a flag of the flow-matching families (SD3, FLUX, Lumina-2); this is a "
                             f"Stable Diffusion {'XL' if self.sdxl else '1.x/2.x'} run: drop it.")

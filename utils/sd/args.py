@@ -30,10 +30,11 @@ def add_model_args(parser) -> None:
                        help="Revision of pretrained non-ema model identifier. Must be a branch, tag or git identifier "
                             "of the local or remote repository specified with --pretrained_model_name_or_path.")
     model.add_argument("--model_preset", type=str, default=None, choices=["tiny", "tiny-sdxl", "small", "kanji", "base", "tiny-sd3",
-                                                                    "tiny-flux"],
+                                                                    "tiny-flux", "tiny-lumina2"],
                        help="Build fresh (random) models of this size instead of loading a pretrained pipeline "
                             "(kanji: the small UNet/VAE with a short-caption text encoder, utils/sd/builder.py; "
-                            "tiny-sd3 / tiny-flux: diffusers' tiny SD3 / FLUX test pipelines, utils/families/).")
+                            "tiny-sd3 / tiny-flux / tiny-lumina2: diffusers' tiny test pipelines of those families, "
+                            "utils/families/).")
     model.add_argument("--unet_config", type=str, default=None,
                        help="JSON file of UNet2DConditionModel config overrides (from scratch).")
     model.add_argument("--vae_config", type=str, default=None,

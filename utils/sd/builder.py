@@ -176,20 +176,42 @@ def build_clip_tokenizer(output_dir: str, texts=None, num_merges: int = 2000, mo
     return tokenizer
 
 
+def _unigram_tokenizer(texts, vocab_size: int, special: list[str], unk: str):
+    """A sentencepiece-style unigram `tokenizers.Tokenizer` trained on `texts` (+ the default corpus), specials first."""
+    from tokenizers import SentencePieceUnigramTokenizer
+
+    unigram = SentencePieceUnigramTokenizer()
+    unigram.train_from_iterator(list(DEFAULT_CORPUS) + list(texts or []), vocab_size=vocab_size,
+                                special_tokens=special, unk_token=unk, show_progress=False)
+    return unigram
+
+
 def build_t5_tokenizer(output_dir: str, texts=None, vocab_size: int = 1000, model_max_length: int = 512):
     """A T5 tokenizer (sentencepiece-style unigram, <pad> 0, </s> 1, <unk> 2, </s> appended) trained with the
     `tokenizers` library on `texts` (+ the default corpus) and saved in `output_dir`: what the tiny SD3/FLUX
     pipelines' T5 reads, offline. Deterministic for the same texts."""
-    from tokenizers import SentencePieceUnigramTokenizer, processors
+    from tokenizers import processors
     from transformers import T5TokenizerFast
 
-    corpus = list(DEFAULT_CORPUS) + list(texts or [])
-    unigram = SentencePieceUnigramTokenizer()
-    unigram.train_from_iterator(corpus, vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                unk_token="<unk>", show_progress=False)
+    unigram = _unigram_tokenizer(texts, vocab_size, ["<pad>", "</s>", "<unk>"], "<unk>")
     unigram.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tokenizer = T5TokenizerFast(tokenizer_object=unigram, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                 extra_ids=0, model_max_length=model_max_length)
+    os.makedirs(output_dir, exist_ok=True)
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+def build_gemma_tokenizer(output_dir: str, texts=None, vocab_size: int = 1000, model_max_length: int = 8192):
+    """A Gemma-style tokenizer (<pad> 0, <eos> 1, <bos> 2, <unk> 3, <bos> prepended) of the same kind, for the tiny
+    Lumina-2 pipeline's Gemma-2 (the real one is Gemma's 256k sentencepiece vocabulary)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    unigram = _unigram_tokenizer(texts, vocab_size, ["<pad>", "<eos>", "<bos>", "<unk>"], "<unk>")
+    unigram.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=unigram, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>", unk_token="<unk>", model_max_length=model_max_length)
     os.makedirs(output_dir, exist_ok=True)
     tokenizer.save_pretrained(output_dir)
     return tokenizer

@@ -121,7 +121,7 @@ def encode_latent_batches(dataset, vae, device, batch_size: int, indices: list[i
 
 def encode_text_batches(captions: list[str], tokenize, encode, device, batch_size: int, attention_mask=None):
     """Yield {"embeddings": [B, L, D]} for `captions` in order, with {"pooled": [B, P]} where the family has a
-    pooled prompt (SDXL, SD3). `encode(input_ids, attention_mask)`: the family's `encode_text`;
+    pooled prompt (SDXL, SD3, FLUX) and {"mask": [B, L]} where its denoiser reads the prompt's mask (Lumina-2). `encode(input_ids, attention_mask)`: the family's `encode_text`;
     `attention_mask(caption)`: --text_encoder_use_attention_mask's masks (None: none)."""
     for start in range(0, len(captions), batch_size):
         chunk = captions[start:start + batch_size]
@@ -130,7 +130,8 @@ def encode_text_batches(captions: list[str], tokenize, encode, device, batch_siz
         with torch.no_grad():
             encoded = encode(input_ids, mask)
         yield {"embeddings": encoded["encoder_hidden_states"],
-               **({"pooled": encoded["pooled_prompt_embeds"]} if "pooled_prompt_embeds" in encoded else {})}
+               **({"pooled": encoded["pooled_prompt_embeds"]} if "pooled_prompt_embeds" in encoded else {}),
+               **({"mask": encoded["encoder_attention_mask"]} if "encoder_attention_mask" in encoded else {})}
 
 
 class CachedTextImageDataset(torch.utils.data.Dataset):
@@ -147,6 +148,7 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
         self.sizes = latents.column("size").tolist() if latents is not None else None
         self.original_sizes = latents.column("original_size") if latents is not None else None
         self.pooled = text is not None and text.has("pooled")
+        self.mask = text is not None and text.has("mask")  # Lumina-2: the transformer reads the prompt's mask
         self.channels_last = bool(latents.column("channels_last").any()) if latents is not None else False
         self.channels_last_single = bool(latents.column("channels_last_single").any()) if latents is not None else False
         self.num_skipped = 0
@@ -162,6 +164,8 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
         item = {"encoder_hidden_states": self.text.get("embeddings", index)}
         if self.pooled:
             item["pooled_prompt_embeds"] = self.text.get("pooled", index)
+        if self.mask:
+            item["encoder_attention_mask"] = self.text.get("mask", index)
         return item
 
     def __getitem__(self, index: int) -> dict:

@@ -504,6 +504,7 @@ class TextImageSettings:
     masked_loss: bool
     tokenizer_max_length: int | None  # None: each tokenizer's own (CLIP: 77)
     max_sequence_length: int | None  # a T5 (non-CLIP) tokenizer's length (SD3, FLUX: --max_sequence_length)
+    system_prompt: str | None  # Lumina-2: tokenized as "<system prompt> <Prompt Start> <caption>" (Lumina2Pipeline's)
     text_encoder_use_attention_mask: bool  # samples carry the tokenizer's attention mask for the text encoder
     source_name: str  # the data's name in messages
     tags: CaptionTags  # --shuffle_caption, --keep_tokens, ...
@@ -527,7 +528,8 @@ def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> Te
     @functools.lru_cache(maxsize=1 << 16)  # captions repeat every epoch: tokenize each once (the tensors are only read)
     def tokenized(caption: str, key: str) -> torch.Tensor:
         """The caption's `key` (input_ids or attention_mask) [L], or [2, L] for SDXL's two tokenizers."""
-        rows = [t(caption, max_length=token_length(t), padding="max_length", truncation=True,
+        text = caption if settings.system_prompt is None else f"{settings.system_prompt} <Prompt Start> {caption}"
+        rows = [t(text, max_length=token_length(t), padding="max_length", truncation=True,
                   return_tensors="pt")[key][0] for t in tokenizers]
         longest = max(len(row) for row in rows)
         rows = [torch.nn.functional.pad(row, (0, longest - len(row))) for row in rows]

@@ -45,6 +45,11 @@ DREAMBOOTH_DEFAULTS = {
     "lora-flux": dict(output_dir="flux-dreambooth-lora", learning_rate=1e-4, validation_epochs=50,
                       adam_weight_decay=1e-4, adam_weight_decay_text_encoder=1e-3, text_encoder_learning_rate=5e-6,
                       max_sequence_length=512, tracker_project_name="dreambooth-flux-dev-lora"),
+    # train_dreambooth_lora_lumina2.py (no full-fine-tune script: the full run takes the same)
+    "lumina2": dict(output_dir="lumina2-dreambooth-lora", learning_rate=1e-4, validation_epochs=50,
+                    adam_weight_decay=1e-4, tracker_project_name="dreambooth-lumina2-lora"),
+    "lora-lumina2": dict(output_dir="lumina2-dreambooth-lora", learning_rate=1e-4, validation_epochs=50,
+                         adam_weight_decay=1e-4, tracker_project_name="dreambooth-lumina2-lora"),
 }
 UNSUPPORTED = {  # diffusers' flags for models this trainer does not train (DeepFloyd IF, EDM-style Playground)
     "class_labels_conditioning": "DeepFloyd IF's class-label conditioning",
@@ -119,7 +124,7 @@ def dreambooth_defaults(first) -> dict:
     if first.instance_data_dir is None:
         return {}
     family = family_name(first)
-    if family in ("sd3", "flux"):
+    if family in ("sd3", "flux", "lumina2"):
         mode = f"lora-{family}" if first.use_lora else family
     else:
         mode = "full" if not first.use_lora else ("lora-sdxl" if family == "sdxl" else "lora")
@@ -176,7 +181,7 @@ def check_instance_args(args) -> None:
         return
     if args.dataset_name or args.train_data_dir or args.train_data_file:
         raise UserError("--instance_data_dir replaces --dataset_name/--train_data_dir/--train_data_file: give one.")
-    if not args.instance_prompt:
+    if args.instance_prompt is None:  # ("" is a prompt: diffusers' own Lumina-2 test trains with it)
         raise UserError("--instance_data_dir needs --instance_prompt, e.g. --instance_prompt 'a photo of sks dog'.")
     if args.repeats < 1:
         raise UserError(f"--repeats {args.repeats}: must be at least 1.")

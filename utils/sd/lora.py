@@ -163,8 +163,10 @@ def save_lora(directory: str, unet, text_encoder=None, text_encoder_2=None, lora
 _ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v2": "stable-diffusion-v2-512",
                   "sd_v2_v": "stable-diffusion-v2-768-v", "sdxl_base_v1-0": "stable-diffusion-xl-v1-base",
                   "sd3": "stable-diffusion-3",  # (kohya's ARCH_SD3_UNKNOWN: medium, large and 3.5 alike)
-                  "flux1": "flux-1"}  # (kohya's ARCH_FLUX_1_UNKNOWN: dev and schnell alike)
-_IMPLEMENTATIONS = {"flux1": "https://github.com/black-forest-labs/flux"}
+                  "flux1": "flux-1",  # (kohya's ARCH_FLUX_1_UNKNOWN: dev and schnell alike)
+                  "lumina2": "lumina-2"}  # (kohya's ARCH_LUMINA_2)
+_IMPLEMENTATIONS = {"flux1": "https://github.com/black-forest-labs/flux",
+                    "lumina2": "https://github.com/Alpha-VLLM/Lumina-Image-2.0"}
 _SDXL_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 
 

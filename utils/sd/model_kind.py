@@ -48,7 +48,7 @@ def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
 # model_index.json's pipeline class -> the family module that trains it (utils/families/).
 FAMILY_OF_PIPELINE = {SDXL_PIPELINE: "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
                       "Lumina2Pipeline": "lumina2", "Lumina2Text2ImgPipeline": "lumina2"}
-PRESET_FAMILIES = {"tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
+PRESET_FAMILIES = {"tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-lumina2": "lumina2"}
 
 
 def family_name(args) -> str:

@@ -18,10 +18,11 @@ def validation_prompts(args) -> list[str]:
 
 
 @torch.no_grad()
-def log_validation(args, family, accelerator, models, ema, step, weight_dtype):
+def log_validation(args, family, accelerator, models, ema, step, weight_dtype, final: bool = False):
     """Sample the validation prompts with the training modules themselves (no second copy), through the family's
-    pipeline."""
-    prompts = validation_prompts(args)
+    pipeline; the final one (`final`) samples --final_validation_prompt when there are no validation prompts."""
+    prompts = validation_prompts(args) or ([args.final_validation_prompt] if final and args.final_validation_prompt
+                                           else [])
     if not prompts:
         return None
     denoiser = accelerator.unwrap_model(models[family.denoiser])

@@ -1,0 +1,252 @@
+"""Lumina-Image-2.0 in train_text_to_image.py (utils/families/lumina2.py on utils/families/flow_matching.py):
+diffusers' CLI and its own example test (examples/dreambooth/test_dreambooth_lora_lumina2.py) with the tiny pipeline
+built offline, the loss against diffusers' script lines, a model we train denoising in Lumina2Pipeline, exact
+resume, cached = uncached (the prompt's mask cached too), generate.py, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process
+from PIL import Image
+from test_sd3 import expect_generate_error, instance_dir, lora_state, sd3_args  # noqa: F401  (instance_dir: a fixture)
+from test_user_errors import expect_user_error
+
+SCRIPT = "train_text_to_image.py"
+
+# Every flag of diffusers' examples/dreambooth/train_dreambooth_lora_lumina2.py (main, 2026-12, commit 58eb52c0).
+LUMINA2_FLAGS = """
+--adam_beta1 --adam_beta2 --adam_epsilon --adam_weight_decay --allow_tf32 --cache_dir --cache_latents
+--caption_column --center_crop --checkpointing_steps --checkpoints_total_limit --class_data_dir --class_prompt
+--dataloader_num_workers --dataset_config_name --dataset_name --final_validation_prompt --gradient_accumulation_steps
+--gradient_checkpointing --hub_model_id --hub_token --image_column --image_interpolation_mode --instance_data_dir
+--instance_prompt --learning_rate --local_rank --logging_dir --logit_mean --logit_std --lora_dropout --lora_layers
+--lr_num_cycles --lr_power --lr_scheduler --lr_warmup_steps --max_grad_norm --max_sequence_length --max_train_steps
+--mixed_precision --mode_scale --num_class_images --num_train_epochs --num_validation_images --offload --optimizer
+--output_dir --pretrained_model_name_or_path --prior_loss_weight --prodigy_beta3 --prodigy_decouple
+--prodigy_safeguard_warmup --prodigy_use_bias_correction --push_to_hub --random_flip --rank --repeats --report_to
+--resolution --resume_from_checkpoint --revision --sample_batch_size --scale_lr --seed --system_prompt
+--train_batch_size --upcast_before_saving --use_8bit_adam --validation_epochs --validation_prompt --variant
+--weighting_scheme --with_prior_preservation
+""".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_lumina2_pipeline_dir(tmp_path_factory):
+    from utils.families.lumina2 import build_tiny_lumina2_pipeline
+
+    return build_tiny_lumina2_pipeline(str(tmp_path_factory.mktemp("tiny-lumina2")), ["photo", "a picture"])
+
+
+def lumina_args(pipeline, instance, out, steps=2, extra=()):
+    return sd3_args(pipeline, instance, out, steps, ["--max_sequence_length", "64", *extra])
+
+
+def test_every_diffusers_lumina2_flag_is_accepted_with_its_default(tiny_lumina2_pipeline_dir):
+    import train_text_to_image as script
+
+    from utils.families.lumina2 import DEFAULT_SYSTEM_PROMPT
+
+    base = ["--pretrained_model_name_or_path", tiny_lumina2_pipeline_dir, "--instance_data_dir", "x",
+            "--instance_prompt", "p", "--use_lora"]
+    args, flags = parse_and_list_flags(script.parse_args, base)
+    missing = [flag for flag in LUMINA2_FLAGS if flag not in flags]
+    assert not missing, f"flags of diffusers' Lumina-2 DreamBooth script we do not accept: {missing}"
+    assert args.family == "lumina2"
+    assert (args.weighting_scheme, args.max_sequence_length, args.system_prompt, args.offload) == \
+        ("none", 256, DEFAULT_SYSTEM_PROMPT, False)
+    assert (args.output_dir, args.learning_rate, args.train_batch_size, args.tracker_project_name) == \
+        ("lumina2-dreambooth-lora", 1e-4, 4, "dreambooth-lumina2-lora")
+    assert args.text_encoder_use_attention_mask  # Gemma and the transformer read the prompt's padding mask
+
+
+# diffusers' examples/dreambooth/test_dreambooth_lora_lumina2.py, their Hub pipeline replaced by the tiny local one
+# and docs/source/en/imgs by 5 images (the same --resolution 32, --max_sequence_length 16, empty instance prompt).
+@pytest.mark.parametrize("extra, contains", [([], "transformer"), (["--cache_latents"], "transformer"),
+                                             (["--cache_latents", "--lora_layers", "layers.0.attn.to_k"],
+                                              "layers.0.attn.to_k")], ids=["lora", "latent_caching", "layers"])
+def test_diffusers_dreambooth_lora_lumina2(tiny_lumina2_pipeline_dir, instance_dir, tmp_path, extra,  # noqa: F811
+                                           contains):
+    accelerate_launch(SCRIPT, ["--pretrained_model_name_or_path", tiny_lumina2_pipeline_dir, "--instance_data_dir",
+                               instance_dir, "--resolution", "32", "--train_batch_size", "1",
+                               "--gradient_accumulation_steps", "1", "--max_train_steps", "2", "--learning_rate",
+                               "5.0e-04", "--scale_lr", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+                               "--output_dir", tmp_path, "--max_sequence_length", "16", "--instance_prompt", "",
+                               "--use_lora", *extra])
+    state = lora_state(tmp_path)
+    assert state and all("lora" in key for key in state)
+    assert all(key.startswith("transformer") and contains in key for key in state)
+
+
+def test_diffusers_dreambooth_lora_lumina2_checkpoints_total_limit(tiny_lumina2_pipeline_dir, instance_dir,  # noqa: F811
+                                                                   tmp_path):
+    import train_text_to_image as script
+
+    common = lumina_args(tiny_lumina2_pipeline_dir, instance_dir, tmp_path, extra=["--use_lora",
+                                                                                   "--checkpointing_steps", "2"])
+    run_main_in_process(script, common + ["--max_train_steps", "6", "--checkpoints_total_limit", "2"])
+    assert {x for x in os.listdir(tmp_path) if "checkpoint" in x} == {"checkpoint-4", "checkpoint-6"}
+
+
+def test_training_loss_is_diffusers_lumina2_loss(tiny_lumina2_pipeline_dir):
+    """The family's loss = diffusers' train_dreambooth_lora_lumina2.py lines (the pipeline's encode_prompt with the
+    system prompt, the reversed interpolation, timestep = sigma, target x - noise), same random draws."""
+    import types
+
+    from diffusers import Lumina2Pipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+    from utils.families.lumina2 import DEFAULT_SYSTEM_PROMPT, Lumina2
+    from utils.telemetry import HealthMonitor
+
+    pipe = Lumina2Pipeline.from_pretrained(tiny_lumina2_pipeline_dir)
+    models = dict(transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                  noise_scheduler=pipe.scheduler)
+    args = types.SimpleNamespace(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                 precondition_outputs=0, max_sequence_length=48, with_prior_preservation=False,
+                                 offload=False)
+    family = Lumina2()
+    family.configure(args)
+    mean = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    tokens = pipe.tokenizer(f"{DEFAULT_SYSTEM_PROMPT} <Prompt Start> a photo", padding="max_length", max_length=48,
+                            truncation=True, return_tensors="pt")  # (what the dataset tokenizes)
+    batch = {"latent_mean": mean, "latent_std": torch.zeros_like(mean), "input_ids": tokens.input_ids.repeat(2, 1),
+             "attention_mask": tokens.attention_mask.repeat(2, 1)}
+    torch.manual_seed(0)
+    loss = family.training_loss(args, models, batch, HealthMonitor())
+
+    torch.manual_seed(0)
+    model_input = ((mean + 0 * torch.randn(mean.shape)) - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    with torch.no_grad():
+        prompt_embeds, prompt_attention_mask, _, _ = pipe.encode_prompt("a photo", max_sequence_length=48,
+                                                                        system_prompt=DEFAULT_SYSTEM_PROMPT,
+                                                                        do_classifier_free_guidance=False)
+    noise = torch.randn_like(model_input)
+    u = compute_density_for_timestep_sampling(weighting_scheme="logit_normal", batch_size=2, logit_mean=0.0,
+                                              logit_std=1.0, mode_scale=1.29)
+    timesteps = pipe.scheduler.timesteps[(u * 1000).long()]
+    sigmas = pipe.scheduler.sigmas[[(pipe.scheduler.timesteps == t).nonzero().item() for t in timesteps]]
+    sigmas = sigmas.view(-1, 1, 1, 1)
+    noisy_model_input = (1.0 - sigmas) * noise + sigmas * model_input
+    model_pred = pipe.transformer(hidden_states=noisy_model_input, encoder_hidden_states=prompt_embeds.repeat(2, 1, 1),
+                                  encoder_attention_mask=prompt_attention_mask.repeat(2, 1), timestep=timesteps / 1000,
+                                  return_dict=False)[0]
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme="logit_normal", sigmas=sigmas)
+    target = model_input - noise
+    expected = torch.mean((weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(2, -1), 1).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5), (loss.item(), expected.item())
+
+
+@pytest.mark.slow
+def test_a_model_we_train_denoises_in_the_diffusers_pipeline(tmp_path):
+    """1-image overfit with Lumina's objective: sampled with Lumina2Pipeline (28 steps, no guidance), PSNR >= 20 dB
+    against the VAE's reconstruction. The test pipeline has 16 latent channels, a 64-wide transformer and a VAE with
+    a narrow posterior; Lumina2Pipeline assumes an 8x VAE, so 64 px asked are the 8 px this 1x VAE gives."""
+    from diffusers import Lumina2Pipeline
+
+    from utils.families.lumina2 import build_tiny_lumina2_pipeline
+
+    pipeline_dir = build_tiny_lumina2_pipeline(
+        str(tmp_path / "pipe"), ["a red square"], vae_config=dict(latent_channels=16, block_out_channels=(16,)),
+        transformer_config=dict(in_channels=16, hidden_size=64, num_attention_heads=4, num_kv_heads=4,
+                                axes_dim_rope=[8, 4, 4]))
+    pipe = Lumina2Pipeline.from_pretrained(pipeline_dir)
+    conv_out = pipe.vae.encoder.conv_out
+    with torch.no_grad():  # log-variance -30: the posterior is its mean
+        conv_out.weight[conv_out.out_channels // 2:] = 0
+        conv_out.bias[conv_out.out_channels // 2:] = -30.0
+    pipe.save_pretrained(pipeline_dir)
+    y, x = np.mgrid[0:8, 0:8]
+    pixels = np.stack([x * 32, y * 32, (x + y) * 16], -1).clip(0, 255).astype(np.uint8)
+    pixels[2:6, 2:6] = [255, 40, 40]
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(4):
+        Image.fromarray(pixels).save(data / f"{index}.png")
+        (data / f"{index}.txt").write_text("a red square")
+    import train_text_to_image as script
+
+    run_main_in_process(script, ["--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", data,
+                                 "--resolution", "8", "--train_batch_size", "4", "--max_train_steps", "500",
+                                 "--learning_rate", "3e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0",
+                                 "--max_sequence_length", "64", "--output_dir", tmp_path / "out", "--report_to", "none",
+                                 "--seed", "0"])
+    trained = Lumina2Pipeline.from_pretrained(tmp_path / "out")
+    trained.set_progress_bar_config(disable=True)
+    image = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        reference = (trained.vae.decode(trained.vae.encode(image).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+        sample = trained("a red square", height=64, width=64, num_inference_steps=28, guidance_scale=1.0,
+                         max_sequence_length=64, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    psnr = 10 * np.log10(1.0 / ((sample - reference) ** 2).mean().item())
+    assert psnr >= 20.0, psnr
+
+
+def test_resume_is_bitwise_and_cached_equals_uncached(tiny_lumina2_pipeline_dir, instance_dir, tmp_path):  # noqa: F811
+    import train_text_to_image as script
+
+    extra = ["--use_lora", "--checkpointing_steps", "2", "--logging_steps", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, straight, 4, extra))
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, split, 2, extra))
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, split, 4,
+                                            extra + ["--resume_from_checkpoint", "latest"]))
+    first, second = lora_state(straight), lora_state(split)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+    common = ["--use_lora", "--logging_steps", "1", "--center_crop", "--offload"]
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, tmp_path / "plain", 3, common))
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, tmp_path / "cached", 3,
+                                            common + ["--cache_latents", "--cache_text_embeddings"]))
+    losses = [[json.loads(line)["train/loss"] for line in open(tmp_path / run / "report" / "metrics.jsonl")
+               if "train/loss" in json.loads(line)] for run in ("plain", "cached")]
+    assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), losses
+
+
+def test_generate_samples_a_lumina2_lora_as_diffusers_does(tiny_lumina2_pipeline_dir, instance_dir,  # noqa: F811
+                                                           tmp_path, capsys, tiny_sd3_pipeline_dir):
+    import generate
+    import train_text_to_image as script
+    from diffusers import Lumina2Pipeline
+
+    out = tmp_path / "lora"
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, out, 2,
+                                            ["--use_lora", "--learning_rate", "1e-2", "--final_validation_prompt",
+                                             "photo", "--num_validation_images", "1"]))
+    assert os.path.isfile(out / "validation_grid.png")  # --final_validation_prompt: sampled once, at the end
+    common = ["--prompt", "photo", "--steps", "3", "--seed", "4", "--num_images", "1", "--height", "32", "--width",
+              "32"]
+    paths = generate.main(["--model", tiny_lumina2_pipeline_dir, "--lora", str(out), *common, "--output_dir",
+                           str(tmp_path / "g")])
+    pipe = Lumina2Pipeline.from_pretrained(tiny_lumina2_pipeline_dir)
+    pipe.load_lora_weights(str(out))
+    theirs = pipe("photo", num_inference_steps=3, height=32, width=32,
+                  generator=[torch.Generator("cpu").manual_seed(4)]).images[0]  # (guidance: the pipeline's 4.0)
+    ours = np.asarray(Image.open(paths[0]), dtype=np.int16)
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1
+    expect_generate_error(capsys, ["--model", tiny_sd3_pipeline_dir, "--lora", out, *common, "--output_dir",
+                                   tmp_path / "x"], "lumina-2/lora", "SD3")
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--train_text_encoder"], ["--train_text_encoder", "Lumina-Image-2.0"]),
+    (["--precondition_outputs", "1"], ["--precondition_outputs 1", "Lumina-Image-2.0"]),
+], ids=["text_encoder", "precondition"])
+def test_bad_lumina2_flags_are_one_block_errors(capsys, tiny_lumina2_pipeline_dir, instance_dir, tmp_path,  # noqa: F811
+                                                extra, fragments):
+    import train_text_to_image as script
+
+    expect_user_error(capsys, script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, tmp_path / "o", 1, extra),
+                      *fragments)
+
+
+def test_system_prompt_is_lumina2s_own(capsys, tiny_sd3_pipeline_dir, tiny_pipeline_dir, instance_dir,  # noqa: F811
+                                       tmp_path):
+    import train_text_to_image as script
+
+    expect_user_error(capsys, script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "o", 1,
+                                               ["--system_prompt", "be nice"]), "--system_prompt", "Lumina-2")
+    expect_user_error(capsys, script, sd3_args(tiny_pipeline_dir, instance_dir, tmp_path / "o", 1, ["--offload"]),
+                      "--offload", "flow-matching")
