@@ -206,7 +206,8 @@ def test_training_loss_is_diffusers_sd3_loss(tiny_sd3_pipeline_dir, precondition
                   noise_scheduler=pipe.scheduler)
     args = types.SimpleNamespace(weighting_scheme=scheme, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                                  precondition_outputs=precondition, max_sequence_length=12,
-                                 with_prior_preservation=False)
+                                 with_prior_preservation=False, offload=False,
+                                 instance_data_dir=None, train_text_encoder=False)
     family = StableDiffusion3()
     family.configure(args)
     generator = torch.Generator().manual_seed(1)
@@ -491,3 +492,26 @@ def test_lora_file_has_the_keys_comfyui_maps(tiny_sd3_pipeline_dir, instance_dir
         assert prefix == "transformer" and module in linears and tail in ("A.weight", "B.weight"), key
     assert metadata["modelspec.architecture"] == "stable-diffusion-3/lora"
     assert metadata["ss_base_model_version"] == "sd3"
+
+
+def test_dreambooth_encodes_each_prompt_once(tiny_sd3_pipeline_dir, instance_dir, tmp_path, monkeypatch):
+    """Frozen text encoders + one instance prompt: the three encoders run once for it (as diffusers' scripts
+    precompute it), not every step; the embedding is the one encoding the batch would give."""
+    import train_text_to_image as script
+
+    from utils.families.sd3 import StableDiffusion3
+
+    calls = []
+    encode = StableDiffusion3.encode_text
+
+    def counting(self, models, input_ids, attention_mask):
+        calls.append(len(input_ids))
+        return encode(self, models, input_ids, attention_mask)
+    monkeypatch.setattr(StableDiffusion3, "encode_text", counting)
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "o", 4,
+                                         ["--use_lora", "--train_batch_size", "2"]))
+    assert calls == [1]  # one prompt, encoded once, over 4 steps of 2 images
+    calls.clear()
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "t", 2,
+                                         ["--use_lora", "--train_text_encoder"]))
+    assert calls == [1, 1]  # trained encoders: every step

@@ -20,6 +20,7 @@ from utils.errors import UserError
 from utils.families.base import Family
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+PROMPT_MEMO_SIZE = 64  # prompts kept encoded in a DreamBooth run (oldest dropped first)
 
 
 def add_flow_matching_args(parser) -> None:
@@ -192,6 +193,11 @@ class FlowMatchingFamily(Family):
     def configure(self, args) -> None:
         self.max_sequence_length, self.precondition_outputs = args.max_sequence_length, bool(args.precondition_outputs)
         self.offload = args.offload
+        # DreamBooth with frozen text encoders has a handful of prompts (instance, class, dropout's ""): each is
+        # encoded once and kept, as diffusers' scripts precompute the instance prompt (T5-XXL / Gemma every step
+        # would cost more than the transformer at small sizes). Keyed by token ids, encoded one prompt at a time so
+        # a value never depends on which batch first met it (resume stays bitwise).
+        self.prompt_memo = {} if args.instance_data_dir is not None and not args.train_text_encoder else None
 
     def predict(self, models, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
         """The transformer's velocity [B, C, h, w] for noisy latents [B, C, h, w] at `timesteps` (the scheduler's,
@@ -203,9 +209,23 @@ class FlowMatchingFamily(Family):
         if "encoder_hidden_states" in batch:
             return {key: batch[key].to(device) for key in ("encoder_hidden_states", "pooled_prompt_embeds",
                                                            "encoder_attention_mask") if key in batch}
-        mask = batch["attention_mask"].to(device) if "attention_mask" in batch else None
-        with offloaded([models[name] for name in self.text_encoder_names(models)], device, self.offload):
-            return self.encode_text(models, batch["input_ids"].to(device), mask)
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        encoders = [models[name] for name in self.text_encoder_names(models)]
+        if self.prompt_memo is None:
+            with offloaded(encoders, device, self.offload):
+                return self.encode_text(models, ids.to(device), mask.to(device) if mask is not None else None)
+        rows = []
+        for index in range(len(ids)):
+            key = (ids[index].cpu().numpy().tobytes(), b"" if mask is None else mask[index].cpu().numpy().tobytes())
+            if key not in self.prompt_memo:
+                if len(self.prompt_memo) >= PROMPT_MEMO_SIZE:
+                    self.prompt_memo.pop(next(iter(self.prompt_memo)))
+                with torch.no_grad(), offloaded(encoders, device, self.offload):
+                    self.prompt_memo[key] = self.encode_text(
+                        models, ids[index:index + 1].to(device),
+                        mask[index:index + 1].to(device) if mask is not None else None)
+            rows.append(self.prompt_memo[key])
+        return {name: torch.cat([row[name] for row in rows]) for name in rows[0]}
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
         """The transformer's input at `sigmas` (SD3/FLUX: (1 - sigma) x + sigma noise)."""
