@@ -92,6 +92,22 @@ def test_mask_dit_benchmark_smoke_run_in_latent_space_with_a_reference(tmp_path)
     assert f"| {ours} |" in open(tmp_path / "results" / f"{name}.md").read()
 
 
+@pytest.mark.slow
+def test_flow_family_benchmark_smoke_run(tmp_path):
+    """bench_flow_families.py on the tiny FLUX pipeline: ours (LoRA), ours with the caches and a 'reference' (our
+    own script with diffusers' flags, a full fine-tune) each time a measured step, results written."""
+    from benchmarks import bench_flow_families
+
+    result = bench_flow_families.main(["--family", "flux", "--resolution", "16", "--batch_size", "2", "--num_images",
+                                       "4", "--warmup_steps", "1", "--steps", "2", "--threads", "1", "--max_sequence_length",
+                                       "16", "--workdir", str(tmp_path / "work"), "--results_dir",
+                                       str(tmp_path / "results"), "--reference", bench_flow_families.OUR_SCRIPT])
+    assert set(result["variants"]) == {"ours", "ours+cache", "reference"}
+    assert all(summary["steps_per_s"] > 0 for summary in result["variants"].values())
+    assert set(result["ratios"]) == {"ours", "ours+cache"}
+    assert "| ours+cache |" in open(tmp_path / "results" / "flux-lora-tiny-16px.md").read()
+
+
 def test_segmentation_reference_gets_only_the_reference_flags():
     from benchmarks import bench_segmentation
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Benchmark train_text_to_image.py on Stable Diffusion 3 against diffusers' train_dreambooth_lora_sd3.py.
+"""Benchmark train_text_to_image.py on SD3, FLUX.1 or Lumina-2 against diffusers' train_dreambooth_lora_<family>.py.
 
-    python benchmarks/bench_sd3.py --resolution 32 --batch_size 2 --warmup_steps 3 --steps 20 --repeats 3 \
-        --cache both --reference /tmp/reference-sd3/train_dreambooth_lora_sd3.py \
-        --reference_pythonpath /tmp/reference-sd3/site --threads 1 --results_dir benchmarks/results
+    python benchmarks/bench_flow_families.py --family sd3 --resolution 32 --batch_size 2 --warmup_steps 3 \
+        --steps 20 --repeats 3 --cache both --reference /tmp/reference/train_dreambooth_lora_sd3.py \
+        --reference_pythonpath /tmp/reference/site --threads 1 --results_dir benchmarks/results
 
 One command builds an instance folder (deterministic synthetic images, DreamBooth-style: one prompt) and the tiny
-StableDiffusion3Pipeline of diffusers' own tests (utils/families/sd3.py, offline), then runs each variant
+pipeline of the family from diffusers' own tests (utils/families/, offline), then runs each variant
 `--repeats` times, alternating, as separate processes with the same diffusers flags: ours (`--use_lora`: the LoRA
 script is ours with that flag), ours with the caches (`--cache_latents --pre_compute_text_embeddings`), and the
 reference script you give (run, never copied). benchmarks/harness.py times the optimizer steps and writes the
@@ -28,16 +28,26 @@ from benchmarks.harness import (add_harness_args,  # noqa: E402  (after the sys.
 OUR_SCRIPT = os.path.join(REPO_ROOT, "train_text_to_image.py")
 
 
+def _builder(module: str, name: str):
+    return lambda: getattr(__import__(f"utils.families.{module}", fromlist=[name]), name)
+
+
+BUILDERS = {"sd3": _builder("sd3", "build_tiny_sd3_pipeline"), "flux": _builder("flux", "build_tiny_flux_pipeline"),
+            "lumina2": _builder("lumina2", "build_tiny_lumina2_pipeline")}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="sd3", choices=sorted(BUILDERS), help="Which tiny pipeline to train.")
     parser.add_argument("--resolution", type=int, default=32,
-                        help="Pixels (the tiny SD3 VAE does not downsample: resolution^2 tokens).")
+                        help="Pixels (the tiny VAEs do not downsample: (resolution / patch)^2 tokens).")
+    parser.add_argument("--max_sequence_length", type=int, default=77, help="T5 / Gemma prompt tokens (both scripts).")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--num_images", type=int, default=16, help="Instance images.")
     parser.add_argument("--cache", default="both", choices=["off", "on", "both"],
                         help="Run ours without (off), with (on) or both with and without the caches.")
-    add_harness_args(parser, reference_help="diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py (or another "
-                                            "script with its flags), run alongside ours.")
+    add_harness_args(parser, reference_help="diffusers' examples/dreambooth/train_dreambooth_lora_<family>.py (or "
+                                            "another script with its flags), run alongside ours.")
     args = parser.parse_args(argv)
     check_harness_args(parser, args)
     return args
@@ -48,10 +58,8 @@ def make_inputs(args, workdir: str) -> tuple[str, str]:
     import numpy as np
     from PIL import Image
 
-    from utils.families.sd3 import build_tiny_sd3_pipeline
-
     instance_dir = os.path.join(workdir, f"instance-{args.resolution}-{args.num_images}")
-    pipeline_dir = os.path.join(workdir, f"tiny-sd3-{args.seed}")
+    pipeline_dir = os.path.join(workdir, f"tiny-{args.family}-{args.seed}")
     if not os.path.isdir(instance_dir):
         os.makedirs(instance_dir)
         rng = np.random.default_rng(args.seed)
@@ -60,19 +68,19 @@ def make_inputs(args, workdir: str) -> tuple[str, str]:
             pixels = rng.integers(0, 255, (side, side, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(os.path.join(instance_dir, f"{index:03d}.jpg"), quality=95)
     if not os.path.isfile(os.path.join(pipeline_dir, "model_index.json")):
-        build_tiny_sd3_pipeline(pipeline_dir, ["a photo of sks thing"], seed=args.seed)
+        BUILDERS[args.family]()(pipeline_dir, ["a photo of sks thing"], seed=args.seed)
     return instance_dir, pipeline_dir
 
 
 def common_flags(args, instance_dir: str, pipeline_dir: str, output_dir: str) -> list[str]:
-    """diffusers' train_dreambooth_lora_sd3.py flags: identical for ours and the reference."""
+    """diffusers' train_dreambooth_lora_<family>.py flags: identical for ours and the reference."""
     return ["--pretrained_model_name_or_path", pipeline_dir, "--instance_data_dir", instance_dir,
             "--instance_prompt", "a photo of sks thing", "--resolution", str(args.resolution), "--center_crop",
             "--train_batch_size", str(args.batch_size), "--max_train_steps", str(args.warmup_steps + args.steps),
             "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
             "--output_dir", output_dir, "--checkpointing_steps", "1000000000", "--seed", str(args.seed),
             "--report_to", "tensorboard", "--dataloader_num_workers", str(args.dataloader_num_workers),
-            "--mixed_precision", args.mixed_precision]
+            "--mixed_precision", args.mixed_precision, "--max_sequence_length", str(args.max_sequence_length)]
 
 
 def variants(args, workdir: str) -> list[dict]:
@@ -88,12 +96,13 @@ def variants(args, workdir: str) -> list[dict]:
 
 def main(argv=None):
     args = parse_args(argv)
-    workdir = make_workdir(args, "bench-sd3-")
+    workdir = make_workdir(args, f"bench-{args.family}-")
     instance_dir, pipeline_dir = make_inputs(args, workdir)
-    return run_benchmark(args, argv, "bench_sd3.py", f"sd3-lora-tiny-{args.resolution}px", variants(args, workdir),
+    return run_benchmark(args, argv, "bench_flow_families.py", f"{args.family}-lora-tiny-{args.resolution}px",
+                         variants(args, workdir),
                          lambda _, output_dir: common_flags(args, instance_dir, pipeline_dir, output_dir), workdir,
-                         args.batch_size, None, fields={"model": "tiny SD3 (diffusers' test configs)"},
-                         notes=["steps/s of LoRA training on the tiny SD3 pipeline, same diffusers flags"],
+                         args.batch_size, None, fields={"model": f"tiny {args.family} (diffusers' test configs)"},
+                         notes=[f"steps/s of LoRA training on the tiny {args.family} pipeline, same diffusers flags"],
                          samples="images")
 
 
