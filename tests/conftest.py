@@ -58,6 +58,58 @@ def tiny_flux_pipeline_dir(tmp_path_factory):
     return build_tiny_flux_pipeline(str(tmp_path_factory.mktemp("tiny-flux")))
 
 
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory):
+    """5 photos of 'the subject' (random images, no captions: a DreamBooth instance prompt is theirs)."""
+    root = tmp_path_factory.mktemp("instance")
+    write_captioned_folder(root, count=5, size=(40, 40), seed=3)
+    for caption in root.glob("*.txt"):
+        caption.unlink()
+    return str(root)
+
+
+def overfit_one_image_psnr(tmp_path, build_pipeline, pipeline_class, train_args=(), sample_args=None,
+                           sample_size: int = 8) -> float:
+    """A model trained by train_text_to_image.py on one 8x8 image (4 copies, one caption) denoises in the family's
+    diffusers pipeline: PSNR (dB) of the pipeline's sample (28 steps, no guidance) against the VAE's reconstruction
+    of the image (the best a frozen random VAE gives). `build_pipeline(path)` writes the family's tiny pipeline; its
+    VAE posterior is made narrow here (log-variance -30), else the model would learn the random VAE's noise."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import train_text_to_image as script
+
+    pipeline_dir = build_pipeline(str(tmp_path / "pipe"))
+    pipe = pipeline_class.from_pretrained(pipeline_dir)
+    conv_out = pipe.vae.encoder.conv_out
+    with torch.no_grad():
+        conv_out.weight[conv_out.out_channels // 2:] = 0
+        conv_out.bias[conv_out.out_channels // 2:] = -30.0
+    pipe.save_pretrained(pipeline_dir)
+    y, x = np.mgrid[0:8, 0:8]
+    pixels = np.stack([x * 32, y * 32, (x + y) * 16], -1).clip(0, 255).astype(np.uint8)
+    pixels[2:6, 2:6] = [255, 40, 40]
+    data = tmp_path / "data"
+    data.mkdir()
+    for index in range(4):
+        Image.fromarray(pixels).save(data / f"{index}.png")
+        (data / f"{index}.txt").write_text("a red square")
+    run_main_in_process(script, ["--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", data,
+                                 "--resolution", "8", "--train_batch_size", "4", "--learning_rate", "3e-3",
+                                 "--lr_scheduler", "cosine", "--lr_warmup_steps", "0", "--output_dir",
+                                 tmp_path / "out", "--report_to", "none", "--seed", "0", *map(str, train_args)])
+    trained = pipeline_class.from_pretrained(tmp_path / "out")
+    trained.set_progress_bar_config(disable=True)
+    image = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        reference = (trained.vae.decode(trained.vae.encode(image).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+        sample = trained("a red square", height=sample_size, width=sample_size, num_inference_steps=28,
+                         guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="pt",
+                         **(sample_args or {})).images
+    return 10 * np.log10(1.0 / ((sample - reference) ** 2).mean().item())
+
+
 def parse_and_list_flags(parse_args, argv):
     """(the parsed args, every option string the script's parser accepts)."""
     import argparse

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process, write_captioned_folder
+from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process
 from PIL import Image
 from test_user_errors import expect_user_error
 
@@ -34,16 +34,6 @@ DREAMBOOTH_FLAGS = """
 --use_8bit_adam --use_dora --validation_epochs --validation_images --validation_prompt --validation_scheduler
 --validation_steps --variant --with_prior_preservation
 """.split()
-
-
-@pytest.fixture(scope="module")
-def instance_dir(tmp_path_factory):
-    """5 photos of 'the subject' (random images, no captions: the instance prompt is theirs)."""
-    root = tmp_path_factory.mktemp("instance")
-    write_captioned_folder(root, count=5, size=(40, 40), seed=3)
-    for caption in root.glob("*.txt"):
-        caption.unlink()
-    return str(root)
 
 
 def dreambooth_args(pipeline, instance, out, steps=2, extra=()):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process
+from conftest import accelerate_launch, overfit_one_image_psnr, parse_and_list_flags, run_main_in_process
 from PIL import Image
-from test_sd3 import expect_generate_error, instance_dir, lora_state, sd3_args  # noqa: F401  (instance_dir: a fixture)
+from test_sd3 import expect_generate_error, lora_state, sd3_args
 from test_user_errors import expect_user_error
 
 SCRIPT = "train_text_to_image.py"
@@ -68,7 +68,7 @@ def test_every_diffusers_flux_flag_is_accepted_with_its_default(tiny_flux_pipeli
     (["--cache_latents", "--lora_layers", "single_transformer_blocks.0.attn.to_k"],
      ("transformer.single_transformer_blocks.0.attn.to_k",)),
 ], ids=["lora", "text_encoder", "latent_caching", "layers"])
-def test_diffusers_dreambooth_lora_flux(tiny_flux_pipeline_dir, instance_dir, tmp_path, extra, prefixes):  # noqa: F811
+def test_diffusers_dreambooth_lora_flux(tiny_flux_pipeline_dir, instance_dir, tmp_path, extra, prefixes):
     accelerate_launch(SCRIPT, ["--pretrained_model_name_or_path", tiny_flux_pipeline_dir, "--instance_data_dir",
                                instance_dir, "--instance_prompt", "photo", "--resolution", "32", "--train_batch_size",
                                "1", "--gradient_accumulation_steps", "1", "--max_train_steps", "2", "--learning_rate",
@@ -80,7 +80,7 @@ def test_diffusers_dreambooth_lora_flux(tiny_flux_pipeline_dir, instance_dir, tm
         assert {key.split(".")[0] for key in state} == {"transformer", "text_encoder"}
 
 
-def test_diffusers_dreambooth_lora_flux_metadata_and_total_limit(tiny_flux_pipeline_dir, instance_dir,  # noqa: F811
+def test_diffusers_dreambooth_lora_flux_metadata_and_total_limit(tiny_flux_pipeline_dir, instance_dir,
                                                                  tmp_path):
     """test_dreambooth_lora_with_metadata (lora_alpha 8, rank 4 in the file's adapter metadata) and
     test_dreambooth_lora_flux_checkpointing_checkpoints_total_limit(_removes_multiple_checkpoints)."""
@@ -100,7 +100,7 @@ def test_diffusers_dreambooth_lora_flux_metadata_and_total_limit(tiny_flux_pipel
 
 
 # diffusers' examples/dreambooth/test_dreambooth_flux.py (the full fine-tune), in process.
-def test_diffusers_dreambooth_flux_and_checkpointing(tiny_flux_pipeline_dir, instance_dir, tmp_path):  # noqa: F811
+def test_diffusers_dreambooth_flux_and_checkpointing(tiny_flux_pipeline_dir, instance_dir, tmp_path):
     import train_text_to_image as script
     from diffusers import DiffusionPipeline, FluxTransformer2DModel
 
@@ -180,50 +180,23 @@ def test_training_loss_is_diffusers_flux_loss(tiny_flux_pipeline_dir, scheme):
 
 @pytest.mark.slow
 def test_a_model_we_train_denoises_in_the_diffusers_pipeline(tmp_path):
-    """1-image overfit with FLUX's own objective (velocity, uniform sigmas): sampled with FluxPipeline (28 Euler
-    steps, guidance 1 as trained), PSNR >= 20 dB against the VAE's reconstruction. The test pipeline has 16 latent
-    channels (64 per packed token) and an 8-head transformer (the tiny one's 32-wide stream cannot carry a 64-value
-    token), and a VAE with a narrow posterior."""
+    """1-image overfit with FLUX's own objective (velocity, uniform sigmas, guidance 1 as sampled): through
+    FluxPipeline, PSNR >= 20 dB (conftest.overfit_one_image_psnr). The test pipeline has 16 latent channels (64
+    per packed token) and an 8-head transformer (the tiny one's 32-wide stream cannot carry a 64-value token)."""
     from diffusers import FluxPipeline
 
     from utils.families.flux import build_tiny_flux_pipeline
 
-    pipeline_dir = build_tiny_flux_pipeline(str(tmp_path / "pipe"), ["a red square"],
-                                            transformer_config=dict(in_channels=64, num_attention_heads=8),
-                                            vae_config=dict(latent_channels=16, block_out_channels=(16,)))
-    pipe = FluxPipeline.from_pretrained(pipeline_dir)
-    conv_out = pipe.vae.encoder.conv_out
-    with torch.no_grad():  # log-variance -30: the posterior is its mean
-        conv_out.weight[conv_out.out_channels // 2:] = 0
-        conv_out.bias[conv_out.out_channels // 2:] = -30.0
-    pipe.save_pretrained(pipeline_dir)
-    y, x = np.mgrid[0:8, 0:8]
-    pixels = np.stack([x * 32, y * 32, (x + y) * 16], -1).clip(0, 255).astype(np.uint8)
-    pixels[2:6, 2:6] = [255, 40, 40]
-    data = tmp_path / "data"
-    data.mkdir()
-    for index in range(4):
-        Image.fromarray(pixels).save(data / f"{index}.png")
-        (data / f"{index}.txt").write_text("a red square")
-    import train_text_to_image as script
-
-    run_main_in_process(script, ["--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", data,
-                                 "--resolution", "8", "--train_batch_size", "4", "--max_train_steps", "300",
-                                 "--learning_rate", "3e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0",
-                                 "--guidance_scale", "1", "--max_sequence_length", "16", "--output_dir",
-                                 tmp_path / "out", "--report_to", "none", "--seed", "0"])
-    trained = FluxPipeline.from_pretrained(tmp_path / "out")
-    trained.set_progress_bar_config(disable=True)
-    image = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
-    with torch.no_grad():
-        reference = (trained.vae.decode(trained.vae.encode(image).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
-        sample = trained("a red square", height=8, width=8, num_inference_steps=28, guidance_scale=1.0,
-                         max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    psnr = 10 * np.log10(1.0 / ((sample - reference) ** 2).mean().item())
+    psnr = overfit_one_image_psnr(
+        tmp_path, lambda path: build_tiny_flux_pipeline(path, ["a red square"],
+                                                        transformer_config=dict(in_channels=64, num_attention_heads=8),
+                                                        vae_config=dict(latent_channels=16, block_out_channels=(16,))),
+        FluxPipeline, ["--max_train_steps", "300", "--guidance_scale", "1", "--max_sequence_length", "16"],
+        dict(max_sequence_length=16))
     assert psnr >= 20.0, psnr
 
 
-def test_resume_is_bitwise_and_cached_equals_uncached(tiny_flux_pipeline_dir, instance_dir, tmp_path):  # noqa: F811
+def test_resume_is_bitwise_and_cached_equals_uncached(tiny_flux_pipeline_dir, instance_dir, tmp_path):
     import train_text_to_image as script
 
     extra = ["--use_lora", "--train_text_encoder", "--checkpointing_steps", "2", "--logging_steps", "1"]
@@ -244,7 +217,7 @@ def test_resume_is_bitwise_and_cached_equals_uncached(tiny_flux_pipeline_dir, in
     assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), losses
 
 
-def test_generate_samples_a_flux_lora_as_diffusers_does(tiny_flux_pipeline_dir, instance_dir, tmp_path,  # noqa: F811
+def test_generate_samples_a_flux_lora_as_diffusers_does(tiny_flux_pipeline_dir, instance_dir, tmp_path,
                                                         capsys, tiny_sd3_pipeline_dir):
     import generate
     import train_text_to_image as script
@@ -272,7 +245,7 @@ def test_generate_samples_a_flux_lora_as_diffusers_does(tiny_flux_pipeline_dir, 
     (["--lora_blocks", "0"], ["--lora_blocks", "--lora_layers"]),
     (["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"]),
 ], ids=["v_prediction", "lora_blocks", "sequence_length"])
-def test_bad_flux_flags_are_one_block_errors(capsys, tiny_flux_pipeline_dir, instance_dir, tmp_path,  # noqa: F811
+def test_bad_flux_flags_are_one_block_errors(capsys, tiny_flux_pipeline_dir, instance_dir, tmp_path,
                                              extra, fragments):
     import train_text_to_image as script
 
@@ -280,7 +253,7 @@ def test_bad_flux_flags_are_one_block_errors(capsys, tiny_flux_pipeline_dir, ins
                       *fragments)
 
 
-def test_a_flux_pipeline_without_t5_is_refused(capsys, tiny_flux_pipeline_dir, instance_dir, tmp_path):  # noqa: F811
+def test_a_flux_pipeline_without_t5_is_refused(capsys, tiny_flux_pipeline_dir, instance_dir, tmp_path):
     import train_text_to_image as script
 
     broken = tmp_path / "no-t5"

@@ -9,9 +9,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process
+from conftest import accelerate_launch, overfit_one_image_psnr, parse_and_list_flags, run_main_in_process
 from PIL import Image
-from test_sd3 import expect_generate_error, instance_dir, lora_state, sd3_args  # noqa: F401  (instance_dir: a fixture)
+from test_sd3 import expect_generate_error, lora_state, sd3_args
 from test_user_errors import expect_user_error
 
 SCRIPT = "train_text_to_image.py"
@@ -67,7 +67,7 @@ def test_every_diffusers_lumina2_flag_is_accepted_with_its_default(tiny_lumina2_
 @pytest.mark.parametrize("extra, contains", [([], "transformer"), (["--cache_latents"], "transformer"),
                                              (["--cache_latents", "--lora_layers", "layers.0.attn.to_k"],
                                               "layers.0.attn.to_k")], ids=["lora", "latent_caching", "layers"])
-def test_diffusers_dreambooth_lora_lumina2(tiny_lumina2_pipeline_dir, instance_dir, tmp_path, extra,  # noqa: F811
+def test_diffusers_dreambooth_lora_lumina2(tiny_lumina2_pipeline_dir, instance_dir, tmp_path, extra,
                                            contains):
     accelerate_launch(SCRIPT, ["--pretrained_model_name_or_path", tiny_lumina2_pipeline_dir, "--instance_data_dir",
                                instance_dir, "--resolution", "32", "--train_batch_size", "1",
@@ -80,7 +80,7 @@ def test_diffusers_dreambooth_lora_lumina2(tiny_lumina2_pipeline_dir, instance_d
     assert all(key.startswith("transformer") and contains in key for key in state)
 
 
-def test_diffusers_dreambooth_lora_lumina2_checkpoints_total_limit(tiny_lumina2_pipeline_dir, instance_dir,  # noqa: F811
+def test_diffusers_dreambooth_lora_lumina2_checkpoints_total_limit(tiny_lumina2_pipeline_dir, instance_dir,
                                                                    tmp_path):
     import train_text_to_image as script
 
@@ -141,52 +141,25 @@ def test_training_loss_is_diffusers_lumina2_loss(tiny_lumina2_pipeline_dir):
 
 @pytest.mark.slow
 def test_a_model_we_train_denoises_in_the_diffusers_pipeline(tmp_path):
-    """1-image overfit with Lumina's objective: sampled with Lumina2Pipeline (28 steps, no guidance), PSNR >= 20 dB
-    against the VAE's reconstruction. The test pipeline has 16 latent channels, a 128-wide transformer and a VAE with
-    a narrow posterior; Lumina2Pipeline assumes an 8x VAE, so 64 px asked are the 8 px this 1x VAE gives. A short
-    --system_prompt keeps the caption inside 64 tokens of the tiny tokenizer."""
+    """1-image overfit with Lumina's objective: through Lumina2Pipeline, PSNR >= 20 dB (conftest.
+    overfit_one_image_psnr). The test pipeline has 16 latent channels and a 128-wide transformer; Lumina2Pipeline
+    assumes an 8x VAE, so 64 px asked are the 8 px this 1x VAE gives. A short --system_prompt keeps the caption inside
+    64 tokens of the tiny tokenizer."""
     from diffusers import Lumina2Pipeline
 
     from utils.families.lumina2 import build_tiny_lumina2_pipeline
 
-    pipeline_dir = build_tiny_lumina2_pipeline(
-        str(tmp_path / "pipe"), ["a red square"], vae_config=dict(latent_channels=16, block_out_channels=(16,)),
-        transformer_config=dict(in_channels=16, hidden_size=128, num_attention_heads=8, num_kv_heads=8,
-                                axes_dim_rope=[8, 4, 4]))
-    pipe = Lumina2Pipeline.from_pretrained(pipeline_dir)
-    conv_out = pipe.vae.encoder.conv_out
-    with torch.no_grad():  # log-variance -30: the posterior is its mean
-        conv_out.weight[conv_out.out_channels // 2:] = 0
-        conv_out.bias[conv_out.out_channels // 2:] = -30.0
-    pipe.save_pretrained(pipeline_dir)
-    y, x = np.mgrid[0:8, 0:8]
-    pixels = np.stack([x * 32, y * 32, (x + y) * 16], -1).clip(0, 255).astype(np.uint8)
-    pixels[2:6, 2:6] = [255, 40, 40]
-    data = tmp_path / "data"
-    data.mkdir()
-    for index in range(4):
-        Image.fromarray(pixels).save(data / f"{index}.png")
-        (data / f"{index}.txt").write_text("a red square")
-    import train_text_to_image as script
-
-    run_main_in_process(script, ["--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", data,
-                                 "--resolution", "8", "--train_batch_size", "4", "--max_train_steps", "400",
-                                 "--learning_rate", "3e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0",
-                                 "--max_sequence_length", "64", "--system_prompt", "paint", "--output_dir",
-                                 tmp_path / "out", "--report_to", "none", "--seed", "0"])
-    trained = Lumina2Pipeline.from_pretrained(tmp_path / "out")
-    trained.set_progress_bar_config(disable=True)
-    image = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
-    with torch.no_grad():
-        reference = (trained.vae.decode(trained.vae.encode(image).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
-        sample = trained("a red square", height=64, width=64, num_inference_steps=28, guidance_scale=1.0,
-                         max_sequence_length=64, system_prompt="paint", generator=torch.Generator().manual_seed(0),
-                         output_type="pt").images
-    psnr = 10 * np.log10(1.0 / ((sample - reference) ** 2).mean().item())
+    psnr = overfit_one_image_psnr(
+        tmp_path, lambda path: build_tiny_lumina2_pipeline(
+            path, ["a red square"], vae_config=dict(latent_channels=16, block_out_channels=(16,)),
+            transformer_config=dict(in_channels=16, hidden_size=128, num_attention_heads=8, num_kv_heads=8,
+                                    axes_dim_rope=[8, 4, 4])),
+        Lumina2Pipeline, ["--max_train_steps", "400", "--max_sequence_length", "64", "--system_prompt", "paint"],
+        dict(max_sequence_length=64, system_prompt="paint"), sample_size=64)
     assert psnr >= 20.0, psnr
 
 
-def test_resume_is_bitwise_and_cached_equals_uncached(tiny_lumina2_pipeline_dir, instance_dir, tmp_path):  # noqa: F811
+def test_resume_is_bitwise_and_cached_equals_uncached(tiny_lumina2_pipeline_dir, instance_dir, tmp_path):
     import train_text_to_image as script
 
     extra = ["--use_lora", "--checkpointing_steps", "2", "--logging_steps", "1"]
@@ -207,7 +180,7 @@ def test_resume_is_bitwise_and_cached_equals_uncached(tiny_lumina2_pipeline_dir,
     assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), losses
 
 
-def test_generate_samples_a_lumina2_lora_as_diffusers_does(tiny_lumina2_pipeline_dir, instance_dir,  # noqa: F811
+def test_generate_samples_a_lumina2_lora_as_diffusers_does(tiny_lumina2_pipeline_dir, instance_dir,
                                                            tmp_path, capsys, tiny_sd3_pipeline_dir):
     import generate
     import train_text_to_image as script
@@ -236,7 +209,7 @@ def test_generate_samples_a_lumina2_lora_as_diffusers_does(tiny_lumina2_pipeline
     (["--train_text_encoder"], ["--train_text_encoder", "Lumina-Image-2.0"]),
     (["--precondition_outputs", "1"], ["--precondition_outputs 1", "Lumina-Image-2.0"]),
 ], ids=["text_encoder", "precondition"])
-def test_bad_lumina2_flags_are_one_block_errors(capsys, tiny_lumina2_pipeline_dir, instance_dir, tmp_path,  # noqa: F811
+def test_bad_lumina2_flags_are_one_block_errors(capsys, tiny_lumina2_pipeline_dir, instance_dir, tmp_path,
                                                 extra, fragments):
     import train_text_to_image as script
 
@@ -244,7 +217,7 @@ def test_bad_lumina2_flags_are_one_block_errors(capsys, tiny_lumina2_pipeline_di
                       *fragments)
 
 
-def test_system_prompt_is_lumina2s_own(capsys, tiny_sd3_pipeline_dir, tiny_pipeline_dir, instance_dir,  # noqa: F811
+def test_system_prompt_is_lumina2s_own(capsys, tiny_sd3_pipeline_dir, tiny_pipeline_dir, instance_dir,
                                        tmp_path):
     import train_text_to_image as script
 

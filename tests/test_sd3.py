@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process, write_captioned_folder
+from conftest import (accelerate_launch, overfit_one_image_psnr, parse_and_list_flags, run_main_in_process,
+                      write_captioned_folder)
 from PIL import Image
 from test_user_errors import expect_user_error
 
@@ -34,16 +35,6 @@ SD3_FLAGS = """
 --seed --text_encoder_lr --train_batch_size --train_text_encoder --upcast_before_saving --use_8bit_adam
 --validation_epochs --validation_prompt --variant --weighting_scheme --with_prior_preservation
 """.split()
-
-
-@pytest.fixture(scope="module")
-def instance_dir(tmp_path_factory):
-    """5 photos of 'the subject' (random images, no captions: the instance prompt is theirs)."""
-    root = tmp_path_factory.mktemp("instance")
-    write_captioned_folder(root, count=5, size=(40, 40), seed=3)
-    for caption in root.glob("*.txt"):
-        caption.unlink()
-    return str(root)
 
 
 def sd3_args(pipeline, instance, out, steps=2, extra=()):
@@ -248,45 +239,17 @@ def test_training_loss_is_diffusers_sd3_loss(tiny_sd3_pipeline_dir, precondition
 
 @pytest.mark.slow
 def test_a_model_we_train_denoises_in_the_diffusers_pipeline(tmp_path):
-    """1-image overfit: sampled with StableDiffusion3Pipeline (28 Euler steps, no guidance), the image is the trained
-    one: PSNR >= 20 dB against the VAE's reconstruction of it (the best the frozen random VAE can give). The test
-    pipeline has SD3's 16 latent channels and a VAE with a narrow posterior (else a random VAE's posterior noise is
-    what the model would learn)."""
+    """1-image overfit (conftest.overfit_one_image_psnr): sampled with StableDiffusion3Pipeline, PSNR >= 20 dB. The
+    test pipeline has SD3's 16 latent channels."""
     from diffusers import StableDiffusion3Pipeline
 
     from utils.families.sd3 import build_tiny_sd3_pipeline
 
-    pipeline_dir = build_tiny_sd3_pipeline(str(tmp_path / "pipe"), ["a red square"],
-                                           transformer_config=dict(in_channels=16, out_channels=16),
-                                           vae_config=dict(latent_channels=16, block_out_channels=(16,)))
-    pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir)
-    conv_out = pipe.vae.encoder.conv_out
-    with torch.no_grad():  # log-variance -30: the posterior is its mean
-        conv_out.weight[conv_out.out_channels // 2:] = 0
-        conv_out.bias[conv_out.out_channels // 2:] = -30.0
-    pipe.save_pretrained(pipeline_dir)
-    y, x = np.mgrid[0:8, 0:8]
-    pixels = np.stack([x * 32, y * 32, (x + y) * 16], -1).clip(0, 255).astype(np.uint8)
-    pixels[2:6, 2:6] = [255, 40, 40]
-    data = tmp_path / "data"
-    data.mkdir()
-    for index in range(4):
-        Image.fromarray(pixels).save(data / f"{index}.png")
-        (data / f"{index}.txt").write_text("a red square")
-    import train_text_to_image as script
-
-    run_main_in_process(script, ["--pretrained_model_name_or_path", pipeline_dir, "--train_data_dir", data,
-                                 "--resolution", "8", "--train_batch_size", "4", "--max_train_steps", "400",
-                                 "--learning_rate", "3e-3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "0",
-                                 "--output_dir", tmp_path / "out", "--report_to", "none", "--seed", "0"])
-    trained = StableDiffusion3Pipeline.from_pretrained(tmp_path / "out")
-    trained.set_progress_bar_config(disable=True)
-    image = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1)[None] / 127.5 - 1
-    with torch.no_grad():
-        reference = (trained.vae.decode(trained.vae.encode(image).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
-        sample = trained("a red square", height=8, width=8, num_inference_steps=28, guidance_scale=1.0,
-                         max_sequence_length=77, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    psnr = 10 * np.log10(1.0 / ((sample - reference) ** 2).mean().item())
+    psnr = overfit_one_image_psnr(
+        tmp_path, lambda path: build_tiny_sd3_pipeline(path, ["a red square"],
+                                                       transformer_config=dict(in_channels=16, out_channels=16),
+                                                       vae_config=dict(latent_channels=16, block_out_channels=(16,))),
+        StableDiffusion3Pipeline, ["--max_train_steps", "400"], dict(max_sequence_length=77))
     assert psnr >= 20.0, psnr
 
 

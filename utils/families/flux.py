@@ -33,10 +33,11 @@ def build_tiny_flux(texts=None, seed: int = 0, tokenizer_dir: str | None = None,
     FluxTransformer2DModel / AutoencoderKL overrides."""
     import tempfile
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
-    from utils.sd.builder import build_clip_tokenizer, build_t5_tokenizer
+    from utils.sd.builder import (build_clip_tokenizer, build_t5_tokenizer, tiny_clip_config, tiny_flow_vae,
+                                  tiny_t5_encoder)
 
     root = tokenizer_dir or tempfile.mkdtemp(prefix="tokenizers-")
     tokenizer = build_clip_tokenizer(os.path.join(root, "tokenizer"), texts, 500, model_max_length=CLIP_LENGTH)
@@ -48,20 +49,8 @@ def build_tiny_flux(texts=None, seed: int = 0, tokenizer_dir: str | None = None,
                                                    guidance_embeds=guidance_embeds),
                                             **(transformer_config or {})})
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32, intermediate_size=37,
-        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, pad_token_id=tokenizer.pad_token_id,
-        vocab_size=len(tokenizer), hidden_act="gelu", projection_dim=32, max_position_embeddings=CLIP_LENGTH))
-    torch.manual_seed(seed)
-    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=37, d_kv=8, num_heads=4,
-                                             num_layers=5, relative_attention_num_buckets=8, dropout_rate=0.0,
-                                             pad_token_id=tokenizer_2.pad_token_id,
-                                             eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0))
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**{**dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
-                                  layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
-                                  use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
-                           **(vae_config or {})})
+    text_encoder = CLIPTextModel(tiny_clip_config(tokenizer, CLIP_LENGTH))
+    text_encoder_2, vae = tiny_t5_encoder(tokenizer_2, seed), tiny_flow_vae(1, vae_config, seed)
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, scheduler=FlowMatchEulerDiscreteScheduler())
 

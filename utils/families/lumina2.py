@@ -30,10 +30,10 @@ def build_tiny_lumina2(texts=None, seed: int = 0, tokenizer_dir: str | None = No
     Gemma-style tokenizer generated offline."""
     import tempfile
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Transformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
-    from utils.sd.builder import build_gemma_tokenizer
+    from utils.sd.builder import build_gemma_tokenizer, tiny_flow_vae
 
     tokenizer = build_gemma_tokenizer(os.path.join(tokenizer_dir or tempfile.mkdtemp(prefix="tokenizers-"),
                                                    "tokenizer"), [DEFAULT_SYSTEM_PROMPT, *(texts or [])])
@@ -43,11 +43,7 @@ def build_tiny_lumina2(texts=None, seed: int = 0, tokenizer_dir: str | None = No
                                                       multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
                                                       scaling_factor=1.0, axes_dim_rope=[4, 2, 2], cap_feat_dim=8),
                                                **(transformer_config or {})})
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**{**dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=1, use_quant_conv=False,
-                                  use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035),
-                           **(vae_config or {})})
+    vae = tiny_flow_vae(4, vae_config, seed)
     torch.manual_seed(seed)
     text_encoder = Gemma2Model(Gemma2Config(head_dim=4, hidden_size=8, intermediate_size=8, num_attention_heads=2,
                                             num_hidden_layers=2, num_key_value_heads=2, sliding_window=2,

@@ -217,6 +217,41 @@ def build_gemma_tokenizer(output_dir: str, texts=None, vocab_size: int = 1000, m
     return tokenizer
 
 
+def tiny_clip_config(tokenizer, max_length: int = 77):
+    """The CLIP text-encoder config of diffusers' SD3/FLUX pipeline tests (width 32, 5 layers, projection 32), sized
+    to `tokenizer` (ids of its special tokens, its vocabulary)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
+                          intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                          pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), hidden_act="gelu",
+                          projection_dim=32, max_position_embeddings=max_length)
+
+
+def tiny_t5_encoder(tokenizer, seed: int = 0):
+    """A T5 encoder sized as hf-internal-testing/tiny-random-t5 (width 32, 5 layers), for `tokenizer`."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=5,
+                                   relative_attention_num_buckets=8, dropout_rate=0.0,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   decoder_start_token_id=0))
+
+
+def tiny_flow_vae(latent_channels: int, overrides: dict | None = None, seed: int = 0):
+    """The one-level VAE of diffusers' SD3/FLUX/Lumina-2 pipeline tests (no downsampling, SD3's shift and scale)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**{**dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+                                   layers_per_block=1, latent_channels=latent_channels, norm_num_groups=1,
+                                   use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                                   scaling_factor=1.5035), **(overrides or {})})
+
+
 def build_components(preset: str = "tiny", texts=None, resolution: int | None = None, seed: int = 0,
                      unet_config: dict | None = None, vae_config: dict | None = None, tokenizer=None,
                      tokenizer_dir: str | None = None, prediction_type: str = "epsilon"):
