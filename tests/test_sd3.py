@@ -320,13 +320,20 @@ def test_val_loss_and_validation_images(tiny_sd3_pipeline_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_identical_weights(tiny_sd3_pipeline_dir, instance_dir, tmp_path):
-    """2 processes (DDP over gloo): the ranks end with identical weights and write one LoRA file."""
+@pytest.mark.parametrize("family", ["sd3", "flux", "lumina2"])
+def test_two_processes_train_identical_weights(family, request, instance_dir, tmp_path):
+    """2 processes (DDP over gloo), as the SD test does: the ranks end with identical weights and one LoRA file."""
     from test_reliability import assert_ranks_identical, launch_env
 
+    if family == "lumina2":
+        from utils.families.lumina2 import build_tiny_lumina2_pipeline
+
+        pipeline = build_tiny_lumina2_pipeline(str(tmp_path / "pipe"))
+    else:
+        pipeline = request.getfixturevalue(f"tiny_{family}_pipeline_dir")
     env = dict(launch_env(), TRAIN_DEBUG_RANK_CHECKSUM_DIR=str(tmp_path / "sums"))
-    accelerate_launch(SCRIPT, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "out", 2, ["--use_lora"]),
-                      num_processes=2, env=env)
+    accelerate_launch(SCRIPT, sd3_args(pipeline, instance_dir, tmp_path / "out", 2,
+                                       ["--use_lora", "--max_sequence_length", "16"]), num_processes=2, env=env)
     assert_ranks_identical(tmp_path / "sums")
     assert lora_state(tmp_path / "out")
 
@@ -478,3 +485,17 @@ def test_dreambooth_encodes_each_prompt_once(tiny_sd3_pipeline_dir, instance_dir
     run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "t", 2,
                                          ["--use_lora", "--train_text_encoder"]))
     assert calls == [1, 1]  # trained encoders: every step
+
+
+@pytest.mark.parametrize("key, family", [
+    ("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", "Stable Diffusion 3"),
+    ("double_blocks.0.img_attn.qkv.weight", "FLUX.1")])
+def test_a_single_file_transformer_checkpoint_is_named_and_refused(capsys, instance_dir, tmp_path, key, family):
+    """A model-sharing site's one-file SD3 / FLUX checkpoint is recognised by its keys and refused in one block
+    (training from single files is SD/SDXL's so far), not fed to the SD loader."""
+    import train_text_to_image as script
+
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({key: torch.zeros(2, 2)}, str(path))
+    expect_user_error(capsys, script, sd3_args(str(path), instance_dir, tmp_path / "o", 1),
+                      f"single-file {family} checkpoint", "diffusers pipeline folder")

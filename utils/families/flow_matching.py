@@ -112,6 +112,12 @@ def check_transformer_family_args(args, family: str, preset: str, system_prompt:
         if given:
             raise UserError(f"{what} is not available for {family} yet (full and LoRA fine-tunes, LoRA files in "
                             "diffusers' format, which ComfyUI reads too); drop it.")
+    from utils.sd.model_kind import is_single_file
+
+    if is_single_file(args.pretrained_model_name_or_path):
+        raise UserError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a single-file "
+                        f"{family} checkpoint; training from one is not available yet: give the diffusers pipeline "
+                        "folder or Hub id (e.g. stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev).")
 
 
 def check_sequence_length(max_sequence_length: int, tokenizer) -> None:

@@ -16,11 +16,16 @@ def is_single_file(path: str | None) -> bool:
 
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.ln_final.weight"  # OpenCLIP bigG, SDXL's second encoder
+# A part of a key only that family's single files hold (SD3's MMDiT joint blocks; FLUX's double-stream blocks in
+# BFL's layout, with or without ComfyUI's "model.diffusion_model." prefix), checked in this order.
+SINGLE_FILE_MARKERS = ((SDXL_SINGLE_FILE_KEY, SDXL_PIPELINE),
+                       ("joint_blocks.0.context_block.attn.qkv.weight", "StableDiffusion3Pipeline"),
+                       ("double_blocks.0.img_attn.qkv.weight", "FluxPipeline"))
 
 
 def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
-    """model_index.json's _class_name of a pipeline folder or Hub id (None when it cannot be read); a single
-    file is SDXL when it holds SDXL's second text encoder."""
+    """model_index.json's _class_name of a pipeline folder or Hub id (None when it cannot be read); a single file's
+    family from its keys (SINGLE_FILE_MARKERS; SD 1.x/2.x otherwise)."""
     if is_single_file(path):
         if not os.path.isfile(path):
             return None
@@ -28,9 +33,13 @@ def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
 
         try:
             with safe_open(path, "pt") as handle:
-                return SDXL_PIPELINE if SDXL_SINGLE_FILE_KEY in handle.keys() else "StableDiffusionPipeline"
+                keys = set(handle.keys())
         except Exception:  # a .ckpt (pickle) or a damaged file: the loader says what is wrong
             return None
+        for key_part, pipeline in SINGLE_FILE_MARKERS:
+            if any(key_part in key for key in keys):
+                return pipeline
+        return "StableDiffusionPipeline"
     index = os.path.join(path, "model_index.json")
     if not os.path.isdir(path):
         try:
