@@ -367,8 +367,11 @@ def check_lora_family(pipe, given: str, path: str) -> None:
     expected = LORA_ARCHITECTURES.get(pipe_class)
     architecture = metadata.get("modelspec.architecture")
     for_transformer = any(key.startswith("transformer.") for key in keys)
-    if architecture and expected:
+    unet_families = ("stable-diffusion-v", "stable-diffusion-xl")  # (SD vs SDXL: the shape check below names them)
+    if architecture and expected and not (architecture.startswith(unet_families) and expected in unet_families):
         wrong = not architecture.startswith(expected)
+    elif architecture and expected:
+        wrong = False
     else:
         wrong = bool(keys) and for_transformer != (denoiser_name(pipe) == "transformer")
     if wrong:

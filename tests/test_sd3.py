@@ -353,14 +353,15 @@ def test_bad_sd3_flags_are_one_block_errors(capsys, tiny_sd3_pipeline_dir, insta
                       *fragments)
 
 
-def test_a_family_not_trained_yet_and_flow_flags_on_sd_are_refused(capsys, tiny_pipeline_dir, instance_dir, tmp_path):
+def test_an_incomplete_pipeline_folder_and_flow_flags_on_sd_are_refused(capsys, tiny_pipeline_dir, instance_dir,
+                                                                        tmp_path):
     import train_text_to_image as script
 
     lumina = tmp_path / "lumina2"
     lumina.mkdir()
     (lumina / "model_index.json").write_text(json.dumps({"_class_name": "Lumina2Pipeline"}))
-    expect_user_error(capsys, script, sd3_args(str(lumina), instance_dir, tmp_path / "o", 1), "Lumina-Image-2.0",
-                      "Lumina2Pipeline")
+    expect_user_error(capsys, script, sd3_args(str(lumina), instance_dir, tmp_path / "o", 1),
+                      "not a complete Lumina-Image-2.0 pipeline folder", "transformer")
     expect_user_error(capsys, script, sd3_args(tiny_pipeline_dir, instance_dir, tmp_path / "o", 1,
                                                ["--weighting_scheme", "mode"]), "--weighting_scheme", "SD3")
 

@@ -120,6 +120,18 @@ def check_transformer_family_args(args, family: str, preset: str, system_prompt:
                         "folder or Hub id (e.g. stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev).")
 
 
+def check_pipeline_folder(path: str, family: str, required: tuple[str, ...]) -> None:
+    """A local --pretrained_model_name_or_path must hold the family's pipeline parts (a Hub id is left to the Hub)."""
+    import os
+
+    if not os.path.isdir(path):
+        return
+    missing = [name for name in ("model_index.json", *required) if not os.path.exists(os.path.join(path, name))]
+    if missing:
+        raise UserError(f"--pretrained_model_name_or_path {path}: not a complete {family} pipeline folder (missing "
+                        f"{', '.join(missing)}); give the folder a pipeline's save_pretrained wrote, or a Hub id.")
+
+
 def check_sequence_length(max_sequence_length: int, tokenizer) -> None:
     """--max_sequence_length within the T5 tokenizer's limit (None: no T5)."""
     limit = tokenizer.model_max_length if tokenizer is not None else None

@@ -145,6 +145,7 @@ def load_flux_pipeline_models(source) -> dict:
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
     path, rev, variant = source.pretrained_model_name_or_path, source.revision, source.variant
+    flow.check_pipeline_folder(path, "FLUX.1", ("scheduler", "tokenizer", "vae"))
     index_path = os.path.join(path, "model_index.json")
     if os.path.isfile(index_path):
         index = json.load(open(index_path, encoding="utf-8"))

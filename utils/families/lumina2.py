@@ -133,6 +133,7 @@ def load_lumina2_pipeline_models(source) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     path, rev, variant = source.pretrained_model_name_or_path, source.revision, source.variant
+    flow.check_pipeline_folder(path, "Lumina-Image-2.0", ("scheduler", "tokenizer", "text_encoder", "vae", "transformer"))
     return dict(
         noise_scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=rev),
         tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev),

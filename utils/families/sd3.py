@@ -160,6 +160,8 @@ def load_sd3_pipeline_models(source) -> dict:
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
     path, rev, variant = source.pretrained_model_name_or_path, source.revision, source.variant
+    flow.check_pipeline_folder(path, "Stable Diffusion 3", ("scheduler", "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae",
+                                                       "transformer"))
     index_path = os.path.join(path, "model_index.json")
     index = json.load(open(index_path, encoding="utf-8")) if os.path.isfile(index_path) else {}
     has_t5 = (index.get("text_encoder_3") or [None])[0] is not None if index else True
