@@ -96,28 +96,36 @@ def check_flow_matching_args(args, family: str) -> None:
 def check_transformer_family_args(args, family: str, preset: str, system_prompt: bool = False) -> None:
     """What a transformer family does not take yet, one-block errors (besides check_flow_matching_args');
     `system_prompt`: whether the family reads --system_prompt (Lumina-2)."""
-    from utils.sd.lora import lora_type_of
-
     check_flow_matching_args(args, family)
     if args.system_prompt is not None and not system_prompt:
         raise UserError(f"--system_prompt is Lumina-2's (its Gemma reads an instruction before the caption); a "
                         f"{family} run has none: drop it.")
-    refused = {f"--model_preset other than {preset}": args.model_preset not in (None, preset),
-               "--unet_config / --vae_config": bool(args.unet_config or args.vae_config),
-               "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path),
-               "--save_single_file": args.save_single_file,
-               "--lora_type other than lora": lora_type_of(args) != "lora",
-               "--lora_format kohya": args.use_lora and args.lora_format == "kohya"}
-    for what, given in refused.items():
-        if given:
-            raise UserError(f"{what} is not available for {family} yet (full and LoRA fine-tunes, LoRA files in "
-                            "diffusers' format, which ComfyUI reads too); drop it.")
+    refuse_not_yet(family, {f"--model_preset other than {preset}": args.model_preset not in (None, preset),
+                            "--unet_config / --vae_config": bool(args.unet_config or args.vae_config),
+                            "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path)})
+    check_files_asked(args, family)
+
+
+def check_files_asked(args, family: str) -> None:
+    """The files a transformer family reads and writes so far: diffusers' pipeline folders and LoRA files."""
+    from utils.sd.lora import lora_type_of
     from utils.sd.model_kind import is_single_file
 
+    refuse_not_yet(family, {"--save_single_file": args.save_single_file,
+                            "--lora_type other than lora": lora_type_of(args) != "lora",
+                            "--lora_format kohya": args.use_lora and args.lora_format == "kohya"})
     if is_single_file(args.pretrained_model_name_or_path):
         raise UserError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a single-file "
                         f"{family} checkpoint; training from one is not available yet: give the diffusers pipeline "
                         "folder or Hub id (e.g. stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev).")
+
+
+def refuse_not_yet(family: str, refused: dict) -> None:
+    """The first flag in `refused` ({what: given}) that was given, as a one-block error."""
+    for what, given in refused.items():
+        if given:
+            raise UserError(f"{what} is not available for {family} yet (full and LoRA fine-tunes, LoRA files in "
+                            "diffusers' format, which ComfyUI reads too); drop it.")
 
 
 def check_pipeline_folder(path: str, family: str, required: tuple[str, ...]) -> None:
