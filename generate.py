@@ -368,10 +368,9 @@ def check_lora_family(pipe, given: str, path: str) -> None:
     architecture = metadata.get("modelspec.architecture")
     for_transformer = any(key.startswith("transformer.") for key in keys)
     unet_families = ("stable-diffusion-v", "stable-diffusion-xl")  # (SD vs SDXL: the shape check below names them)
-    if architecture and expected and not (architecture.startswith(unet_families) and expected in unet_families):
-        wrong = not architecture.startswith(expected)
-    elif architecture and expected:
-        wrong = False
+    if architecture and expected:
+        wrong = not architecture.startswith(expected) and not (architecture.startswith(unet_families)
+                                                               and expected in unet_families)
     else:
         wrong = bool(keys) and for_transformer != (denoiser_name(pipe) == "transformer")
     if wrong:

@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 from conftest import accelerate_launch, overfit_one_image_psnr, parse_and_list_flags, run_main_in_process
 from PIL import Image
-from test_sd3 import expect_generate_error, lora_state, sd3_args
+from test_sd3 import expect_generate_error, logged_losses, lora_state, sd3_args
 from test_user_errors import expect_user_error
 
 from utils.optim import OPTIMIZERS
@@ -214,8 +214,7 @@ def test_resume_is_bitwise_and_cached_equals_uncached(tiny_flux_pipeline_dir, in
     run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, tmp_path / "plain", 3, common))
     run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, tmp_path / "cached", 3,
                                           common + ["--cache_latents", "--cache_text_embeddings"]))
-    losses = [[json.loads(line)["train/loss"] for line in open(tmp_path / run / "report" / "metrics.jsonl")
-               if "train/loss" in json.loads(line)] for run in ("plain", "cached")]
+    losses = [logged_losses(tmp_path / run) for run in ("plain", "cached")]
     assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), losses
 
 

@@ -3,7 +3,6 @@ diffusers' CLI and its own example test (examples/dreambooth/test_dreambooth_lor
 built offline, the loss against diffusers' script lines, a model we train denoising in Lumina2Pipeline, exact
 resume, cached = uncached (the prompt's mask cached too), generate.py, bad input."""
 
-import json
 import os
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 from conftest import accelerate_launch, overfit_one_image_psnr, parse_and_list_flags, run_main_in_process
 from PIL import Image
-from test_sd3 import expect_generate_error, lora_state, sd3_args
+from test_sd3 import expect_generate_error, logged_losses, lora_state, sd3_args
 from test_user_errors import expect_user_error
 
 SCRIPT = "train_text_to_image.py"
@@ -175,8 +174,7 @@ def test_resume_is_bitwise_and_cached_equals_uncached(tiny_lumina2_pipeline_dir,
     run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, tmp_path / "plain", 3, common))
     run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, tmp_path / "cached", 3,
                                             common + ["--cache_latents", "--cache_text_embeddings"]))
-    losses = [[json.loads(line)["train/loss"] for line in open(tmp_path / run / "report" / "metrics.jsonl")
-               if "train/loss" in json.loads(line)] for run in ("plain", "cached")]
+    losses = [logged_losses(tmp_path / run) for run in ("plain", "cached")]
     assert len(losses[0]) == 3 and np.allclose(losses[0], losses[1], rtol=1e-5, atol=0), losses
 
 

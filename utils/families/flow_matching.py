@@ -15,7 +15,6 @@ import contextlib
 
 import torch
 
-from utils.data import held_out_position
 from utils.errors import UserError
 from utils.families.base import Family
 
@@ -162,8 +161,11 @@ def sample_sigmas(args, scheduler, batch_size: int, device) -> tuple[torch.Tenso
 
 
 def held_out_sigmas(scheduler, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed (sigmas, timesteps) of held-out samples `indices`: the golden-ratio spread over the schedule."""
-    steps = torch.tensor([int(held_out_position(i) * scheduler.config.num_train_timesteps) for i in indices])
+    """Fixed (sigmas, timesteps) of held-out samples `indices`: at the schedule index the SD path's val/loss uses
+    (utils.sd.validation.held_out_timestep, the golden-ratio spread)."""
+    from utils.sd.validation import held_out_timestep
+
+    steps = torch.tensor([held_out_timestep(i, scheduler.config.num_train_timesteps) for i in indices])
     return scheduler.sigmas[steps], scheduler.timesteps[steps]
 
 
@@ -240,9 +242,9 @@ class FlowMatchingFamily(Family):
         if self.prompt_memo is None:
             with offloaded(encoders, device, self.offload):
                 return self.encode_text(models, ids.to(device), mask.to(device) if mask is not None else None)
-        rows = []
+        rows, ids_cpu, mask_cpu = [], ids.cpu(), mask.cpu() if mask is not None else None  # (one copy a batch)
         for index in range(len(ids)):
-            key = (ids[index].cpu().numpy().tobytes(), b"" if mask is None else mask[index].cpu().numpy().tobytes())
+            key = (ids_cpu[index].numpy().tobytes(), b"" if mask is None else mask_cpu[index].numpy().tobytes())
             if key not in self.prompt_memo:
                 if len(self.prompt_memo) >= PROMPT_MEMO_SIZE:
                     self.prompt_memo.pop(next(iter(self.prompt_memo)))

@@ -110,9 +110,9 @@ class Lumina2(FlowMatchingFamily):
         return {"encoder_hidden_states": states.hidden_states[-2], "encoder_attention_mask": attention_mask}
 
     def noisy(self, latents, noise, sigmas) -> torch.Tensor:
-        """Lumina's reversed interpolation (diffusers' Lumina-2 script): sigma is the data fraction."""
-        sigma = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
-        return (1.0 - sigma) * noise + sigma * latents
+        """Lumina's reversed interpolation (diffusers' Lumina-2 script): sigma is the data fraction,
+        (1 - sigma) noise + sigma x: the shared interpolation with the two ends swapped."""
+        return flow.noisy_input(noise, latents, sigmas)
 
     def prediction_and_target(self, prediction, noisy, latents, noise, sigmas):
         return prediction, latents - noise
