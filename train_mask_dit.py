@@ -58,7 +58,7 @@ from utils.run import (add_run_args, claim_output_dir, create_accelerator, epoch
                        tracker_config, weight_dtype, write_rank_checksums)
 from utils.plan import add_plan_args, plan_training
 from utils.run_record import RunRecord
-from utils.speed import add_speed_args, apply_speedups
+from utils.speed import add_speed_args, apply_speedups, forward_autocast
 from utils.stopping import EarlyStopping
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, log_training_health
 from utils.text_encoders import load_text_encoder
@@ -240,7 +240,8 @@ def validation_loss(accelerator, model, conditioner, dataloader, args) -> float:
         size = batch["mask"].shape[0]
         positions = torch.arange(size, device=accelerator.device, dtype=torch.float64) + index * size
         timesteps = held_out_position(positions).float()  # each sample's fixed flow time
-        loss = flow_step_loss(model, conditioner, batch, generator, args, timesteps, train=False)
+        with forward_autocast(accelerator):
+            loss = flow_step_loss(model, conditioner, batch, generator, args, timesteps, train=False)
         total, count = total + loss * size, count + size
     model.train()
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
@@ -354,8 +355,7 @@ def main(args):
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, train_dataloader,
                                                                            lr_scheduler)
-    if held_out_dataloader is not None:
-        held_out_dataloader = accelerator.prepare(held_out_dataloader)
+    held_out_dataloader = accelerator.prepare(held_out_dataloader) if held_out_dataloader is not None else None
     register_checkpoint_hooks(accelerator, {"transformer": transformer}, **ema_checkpoint_hooks(ema, "transformer_ema"))
     place_ema(ema, accelerator.device, args.offload_ema)
     if accelerator.is_main_process:
@@ -394,7 +394,8 @@ def main(args):
                 )
                 micro_step = (micro_step + 1) % plan.gradient_accumulation_steps
                 with oom_hint():
-                    loss = flow_step_loss(model, conditioner, batch, generator, args)
+                    with forward_autocast(accelerator):
+                        loss = flow_step_loss(model, conditioner, batch, generator, args)
                     accelerator.backward(loss)
                 grad_norm = apply_update(accelerator, optimizer, lr_scheduler, model.parameters(), loss.detach(),
                                          args.max_grad_norm, guard)

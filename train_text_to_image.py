@@ -67,7 +67,7 @@ from utils.sd.single_file import add_single_file_args
 from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, joint_vae, latent_scaling_factor,
                                   load_finished_stage, train_vae_stage)
 from utils.sd.validation import held_out_loss, log_validation, validation_prompts
-from utils.speed import add_speed_args, apply_speedups
+from utils.speed import add_speed_args, apply_speedups, forward_autocast
 from utils.stopping import EarlyStopping
 from utils.trained_modules import (configure_training, prepare, register_hooks, trained_networks,
                                    trained_text_encoders)
@@ -300,7 +300,8 @@ def main(args):
                 module.train()
             for batch in epoch_batches(accelerator, train_dataloader, dataset, epoch, position):
                 with accelerator.accumulate(*trained):
-                    loss = family.training_loss(args, models, batch, monitor)
+                    with forward_autocast(accelerator):  # (DeepSpeed's; accelerate's own elsewhere)
+                        loss = family.training_loss(args, models, batch, monitor)
                     accelerator.backward(loss)
                     grad_norm = apply_update(accelerator, optimizer, lr_scheduler, trainable, loss, args.max_grad_norm,
                                              guard)

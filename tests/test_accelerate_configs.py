@@ -3,7 +3,8 @@ says it does, and each one this machine can run trains two steps.
 
 Launch coverage (so no launch is paid twice): cpu.yaml, single_gpu.yaml and multi_gpu.yaml
 (`--num_processes 2`, gloo) run the end-to-end tests in tests/test_reliability.py; bf16.yaml and
-fp16.yaml are launched here; fsdp.yaml needs two GPUs (FSDP has no CPU backend in accelerate).
+fp16.yaml are launched here; fsdp.yaml needs two GPUs (FSDP has no CPU backend in accelerate);
+deepspeed_zero2.yaml trains and resumes on DeepSpeed's CPU accelerator in tests/test_deepspeed.py.
 """
 
 import glob
@@ -26,6 +27,7 @@ EXPECTED = {
     "fp16.yaml": dict(distributed_type="NO", mixed_precision="fp16", num_processes=1, use_cpu=False),
     "bf16.yaml": dict(distributed_type="NO", mixed_precision="bf16", num_processes=1, use_cpu=False),
     "fsdp.yaml": dict(distributed_type="FSDP", mixed_precision="bf16", num_processes=8, use_cpu=False),
+    "deepspeed_zero2.yaml": dict(distributed_type="DEEPSPEED", mixed_precision="bf16", num_processes=8, use_cpu=False),
     "tpu.yaml": dict(distributed_type="XLA"),
     "multi_node.yaml": dict(distributed_type="MULTI_GPU", mixed_precision="no", num_processes=16, use_cpu=False,
                             num_machines=2, machine_rank=0),
@@ -67,6 +69,7 @@ def test_the_launcher_accepts_it(name):
     assert args.mixed_precision == expected["mixed_precision"]
     assert bool(args.multi_gpu) == (expected["distributed_type"] == "MULTI_GPU")
     assert bool(args.use_fsdp) == (expected["distributed_type"] == "FSDP")
+    assert bool(args.use_deepspeed) == (expected["distributed_type"] == "DEEPSPEED")
 
 
 def test_fsdp_config_wraps_each_nextdit_block():

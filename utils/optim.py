@@ -279,7 +279,16 @@ def apply_update(accelerator, optimizer, lr_scheduler, parameters, loss, max_gra
     sync steps, None on accumulation steps.
     """
     grad_norm = None
-    if accelerator.sync_gradients:
+    if accelerator.sync_gradients and accelerator.distributed_type == "DEEPSPEED":
+        # DeepSpeed clipped (its gradient_clipping), stepped and scheduled inside accelerator.backward; the
+        # wrappers' step() are no-ops. Its engine's global norm is reported, a non-finite step only counted.
+        grad_norm = torch.as_tensor(float(accelerator.clip_grad_norm_(parameters, max_grad_norm) or 0.0),
+                                    device=loss.device)
+        optimizer.step()
+        lr_scheduler.step()
+        if guard is not None:
+            guard.record(guard.nonfinite(loss, grad_norm))
+    elif accelerator.sync_gradients:
         parameters = list(parameters)
         if max_grad_norm and max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)

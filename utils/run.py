@@ -127,6 +127,13 @@ def _launched_multi_process_without_accelerator() -> bool:
     return not (is_xpu_available() or is_npu_available() or is_mlu_available() or is_hpu_available())
 
 
+def clip_inside_deepspeed(accelerator, args) -> None:
+    """Under DeepSpeed, which clips inside backward by its config's `gradient_clipping`, --max_grad_norm sets that
+    (read when accelerate.prepare builds the engine); utils/optim.apply_update then only reports the norm."""
+    if accelerator.state.deepspeed_plugin is not None:
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = max(args.max_grad_norm or 0.0, 0.0)
+
+
 def create_accelerator(args, **accelerator_kwargs):
     """Accelerator with a project dir, trackers, logging and (optional) seeding configured."""
     from accelerate import Accelerator
@@ -159,6 +166,7 @@ def create_accelerator(args, **accelerator_kwargs):
             "Use bf16 (--mixed_precision bf16, accelerate_configs/bf16.yaml) or no mixed precision "
             "(accelerate_configs/cpu.yaml)."
         )
+    clip_inside_deepspeed(accelerator, args)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",

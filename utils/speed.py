@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from utils.errors import UserError
@@ -30,3 +32,18 @@ def apply_speedups(model: torch.nn.Module, args) -> torch.nn.Module:
             raise UserError("--torch_compile is for CUDA/CPU; on TPU (XLA) every step is already compiled as a graph: drop the flag.")
         model.compile()
     return model
+
+
+def forward_autocast(accelerator, everywhere: bool = False):
+    """The forward pass's mixed precision where accelerate leaves it to the script: under DeepSpeed, whose bf16/fp16
+    mode casts the model's weights (not its inputs) and so needs autocast for fp32 inputs (the latents, the noise,
+    the timesteps). Elsewhere accelerate's own autocast on the prepared model already applies: a no-op, or with
+    `everywhere` (models called unwrapped, as validation does) accelerate's autocast."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return accelerator.autocast() if everywhere else contextlib.nullcontext()
+    if accelerator.mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+    return torch.autocast(accelerator.device.type, dtype=dtype)

@@ -10,6 +10,7 @@ from utils.data import held_out_position
 from utils.ema import ema_weights
 from utils.images import save_and_log_images
 from utils.latents import encode_latents, scale_latents
+from utils.speed import forward_autocast
 
 
 def validation_prompts(args) -> list[str]:
@@ -38,7 +39,7 @@ def log_validation(args, family, accelerator, models, ema, step, weight_dtype, f
         denoiser.eval()
         for prompt in prompts:
             for _ in range(args.num_validation_images):
-                with accelerator.autocast():
+                with forward_autocast(accelerator, everywhere=True):
                     image = pipeline(prompt, num_inference_steps=args.validation_inference_steps, generator=generator,
                                      guidance_scale=args.validation_guidance_scale, height=args.resolution,
                                      width=args.resolution, **family.pipeline_call_kwargs(args)).images[0]
@@ -88,7 +89,8 @@ def held_out_loss(family, accelerator, models, held_out, collate, batch_size: in
         latents = (scale_latents(batch["latent_mean"].to(device), vae.config) if "latent_mean" in batch
                    else encode_latents(vae, batch["pixel_values"].to(device), sample=False)).float()
         noise = torch.stack([held_out_noise(seed, index, latents.shape[1:]) for index in chunk]).to(device)
-        per_sample = family.held_out_error(unwrapped, batch, latents, noise, chunk, accelerator.autocast)
+        per_sample = family.held_out_error(unwrapped, batch, latents, noise, chunk,
+                                           lambda: forward_autocast(accelerator, everywhere=True))
         total, count = total + per_sample.double().sum(), count + len(chunk)
     denoiser.train(was_training)
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
