@@ -14,6 +14,7 @@ the reference script) are skipped with that reason. docs/PERFORMANCE.md has the 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.util
 import json
 import math
@@ -27,6 +28,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+ASSETS = os.path.join(REPO_ROOT, "benchmarks", "gpu_suite_assets")  # git-ignored: what --prepare fetches
 MONITOR_ENV = "TRAIN_DEBUG_MONITOR_DIR"  # utils.telemetry.HealthMonitor.RECORD_ENV: every logged value, per rank
 
 
@@ -41,8 +43,165 @@ class Part:
     output: str | None = None  # the run's --output_dir
     timeout: int = 300
     dry_skip: str | None = None  # why a dry run leaves this part out
-    resume_to: int | None = None  # then run again to this step count with --resume_from_checkpoint latest
+    resume_check: str | None = None  # weights folder compared after: 4 steps straight vs 2 + a resume to 4
     figures: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- carrying
+# The device image (KINDS.md of the device tool, read 2026-11-17): Python 3.12 on Linux x86_64 with torch 2.11
+# (CUDA 13), accelerate, transformers, peft, torchvision, tensorboard, safetensors, numpy, pandas, pyarrow, ...; not
+# diffusers, datasets, bitsandbytes, xformers, deepspeed, pydantic or our optimizers. Our pins of the libraries
+# we call are carried too (the suite tests the versions the CPU suite passed with), with the dependencies that
+# benchmarks/device_image_packages.txt (the image's package list) does not name.
+DEVICE_PYTHON = "3.12"
+DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+                    "manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64")  # pip does not widen a manylinux tag
+CARRIED = ("diffusers", "datasets", "transformers", "tokenizers", "huggingface_hub", "prodigyopt", "pydantic", "hjson")
+# These name torch as a dependency (pip would fetch CUDA torch for it): their own wheel only, the rest is above.
+CARRIED_NO_DEPS = ("accelerate", "peft", "schedulefree", "bitsandbytes")
+XFORMERS = "xformers==0.0.35"  # a py3 wheel on PyTorch's own kernels, for torch >= 2.10 (the image has 2.11)
+BATCH_BYTES = 50 * 2**20  # a device call carries at most 64 MiB with the tree
+
+
+def image_packages() -> set[str]:
+    """benchmarks/device_image_packages.txt: what the device image already has (normalised names)."""
+    with open(os.path.join(REPO_ROOT, "benchmarks", "device_image_packages.txt"), encoding="utf-8") as handle:
+        return {normalised(line) for line in handle if line.strip() and not line.startswith("#")}
+
+
+def normalised(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(".", "_")
+
+
+def unmet_requirements(folders: list[str]) -> dict[str, list[str]]:
+    """{wheel: its requirements (no extras; markers for the image's Python on Linux) that neither a carried wheel nor
+    the image provides}: empty when installing the carried wheels with --no-deps gives a complete environment."""
+    import zipfile
+
+    from packaging.requirements import Requirement
+
+    wheels = [os.path.join(f, n) for f in folders for n in sorted(os.listdir(f)) if n.endswith(".whl")]
+    have = {project_of(os.path.basename(w)) for w in wheels} | image_packages()
+    environment = {"python_version": DEVICE_PYTHON, "python_full_version": DEVICE_PYTHON + ".3",
+                   "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64", "extra": ""}
+    unmet = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            lines = archive.read(metadata).decode("utf-8").splitlines()
+        for line in lines:
+            if line.startswith("Requires-Dist:"):
+                requirement = Requirement(line.split(":", 1)[1])
+                if (requirement.marker is None or requirement.marker.evaluate(environment)) \
+                        and normalised(requirement.name) not in have:
+                    unmet.setdefault(os.path.basename(wheel), []).append(requirement.name)
+    return unmet
+
+
+def project_of(wheel: str) -> str:
+    return normalised(wheel.split("-")[0])
+
+
+def batches_of(sizes: dict[str, int], limit: int = BATCH_BYTES) -> list[list[str]]:
+    """Wheels into folders of at most `limit` bytes (largest first, first fit); a wheel over `limit` alone."""
+    batches: list[list] = []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        batch = next((b for b in batches if b[0] + sizes[name] <= limit), None)
+        if batch is None:
+            batches.append(batch := [0, []])
+        batch[0] += sizes[name]
+        batch[1].append(name)
+    return [names for _, names in batches]
+
+
+def pinned(name: str) -> str:
+    """`name==version` from requirements.lock (or the bare name when the lock does not have it)."""
+    with open(os.path.join(REPO_ROOT, "requirements.lock"), encoding="utf-8") as handle:
+        for line in handle:
+            if line.split("==")[0].strip().lower().replace("-", "_") == name.lower().replace("-", "_"):
+                return line.strip()
+    return name
+
+
+def fetch_reference_script(destination: str) -> str:
+    """diffusers' examples/text_to_image/train_text_to_image.py (not in its wheel or sdist): from a diffusers git
+    checkout named by $DIFFUSERS_REPO, else from GitHub at the tag of requirements.lock's version."""
+    import urllib.request
+
+    path = "examples/text_to_image/train_text_to_image.py"
+    repo = os.environ.get("DIFFUSERS_REPO")
+    if repo:
+        shown = subprocess.run(["git", "-C", repo, "show", f"HEAD:{path}"], capture_output=True, text=True)
+        if shown.returncode != 0 and os.path.isfile(os.path.join(repo, path)):
+            shown = subprocess.CompletedProcess([], 0, open(os.path.join(repo, path), encoding="utf-8").read())
+        if shown.returncode == 0:
+            open(destination, "w", encoding="utf-8").write(shown.stdout)
+            return f"from {repo} (HEAD)"
+    url = f"https://raw.githubusercontent.com/huggingface/diffusers/v{pinned('diffusers').split('==')[-1]}/{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            open(destination, "wb").write(response.read())
+        return f"from {url}"
+    except OSError as error:
+        return (f"not fetched ({url}: {error}); set DIFFUSERS_REPO to a diffusers checkout, or place it at "
+                f"{destination}: the speed part then runs without the reference ratio")
+
+
+def prepare(assets: str) -> dict:
+    """The device call's luggage, in `assets` (git-ignored): wheels/1, wheels/2, ... (<= 50 MiB each, one device call
+    each: docs/PERFORMANCE.md) for the image's Python and platform, at requirements.lock's versions with the
+    dependencies the image lacks (gpu_suite.sh installs them all with --no-deps), and train_text_to_image.py."""
+    import glob
+    import shutil
+    import tempfile
+
+    download = tempfile.mkdtemp(prefix="gpu-suite-wheels-")
+    target = ["--python-version", DEVICE_PYTHON, *[f"--platform={p}" for p in DEVICE_PLATFORMS],
+              "--only-binary=:all:", "-d", download]
+    report = {"failed": []}
+    lock = ["-c", os.path.join(REPO_ROOT, "requirements.lock")]
+    steps = [("pinned libraries", ["download", "-q", *target, *lock, *map(pinned, CARRIED)])]
+    steps += [(name, ["download", "-q", "--no-deps", *target, pinned(name)]) for name in CARRIED_NO_DEPS]
+    steps += [("xformers", ["download", "-q", "--no-deps", *target, XFORMERS]),
+              # DeepSpeed is an sdist whose build imports torch: built here against ours into a py3 wheel (its
+              # kernels compile on first use there); its dependencies come with the pinned libraries above.
+              ("deepspeed", ["wheel", "-q", "--no-deps", "--no-build-isolation", "-w", download, pinned("deepspeed")])]
+    for label, arguments in steps:
+        done = subprocess.run([sys.executable, "-m", "pip", *arguments], capture_output=True, text=True,
+                              env=dict(os.environ, DS_BUILD_OPS="0"))
+        if done.returncode != 0:
+            report["failed"].append(label)
+            print(f"could not fetch {label} (its parts will be skipped): "
+                  + next((line for line in done.stderr.splitlines() if "ERROR" in line), done.stderr[-300:]))
+    wanted = {normalised(n) for n in CARRIED + CARRIED_NO_DEPS + ("xformers", "deepspeed")}
+    on_image = image_packages() - wanted  # a dependency the image has is not carried; our pinned libraries are
+    wheels = {n: os.path.getsize(os.path.join(download, n)) for n in os.listdir(download)
+              if n.endswith(".whl") and project_of(n) not in on_image}
+    shutil.rmtree(os.path.join(assets, "wheels"), ignore_errors=True)
+    for index, names in enumerate(batches_of(wheels), start=1):
+        folder = os.path.join(assets, "wheels", str(index))
+        os.makedirs(folder)
+        for name in names:
+            shutil.move(os.path.join(download, name), os.path.join(folder, name))
+        size = sum(wheels[n] for n in names)
+        report[folder] = {"wheels": sorted(names), "mib": round(size / 2**20, 1)}
+        print(f"{folder}: {size / 2**20:.0f} MiB, {len(names)} wheels")
+    shutil.rmtree(download, ignore_errors=True)
+    report["unmet"] = unmet_requirements(sorted(glob.glob(os.path.join(assets, "wheels", "*"))))
+    if report["unmet"]:
+        print(f"requirements neither carried nor in the image (install would be incomplete): {report['unmet']}")
+    report["reference"] = fetch_reference_script(os.path.join(assets, "train_text_to_image.py"))
+    print(f"reference script {report['reference']}")
+    return report
+
+
+def reference_problem(reference: str | None) -> str | None:
+    """Why diffusers' script cannot run here (it needs torchvision, which this project does not), or None."""
+    if not (reference and os.path.isfile(reference)):
+        return "no reference script (--reference, copied in by --prepare)"
+    if importlib.util.find_spec("torchvision") is None:
+        return "the reference script needs torchvision, which is not installed"
+    return None
 
 
 def missing(needs, reference: str | None) -> str | None:
@@ -51,8 +210,8 @@ def missing(needs, reference: str | None) -> str | None:
     for need in needs:
         if need == "cuda" and not torch.cuda.is_available():
             return "needs CUDA"
-        if need == "reference" and not (reference and os.path.isfile(reference)):
-            return "no reference script (--reference, copied in by --prepare)"
+        if need == "reference" and reference_problem(reference):
+            return reference_problem(reference)
         if need in ("bitsandbytes", "xformers", "deepspeed") and importlib.util.find_spec(need) is None:
             return f"{need} is not installed"
     return None
@@ -86,23 +245,25 @@ def build_parts(work: str, dry: bool) -> list[Part]:
         t("sdxl_lora", ["--use_lora"] + ([] if dry else bf16), preset="tiny-sdxl", sample=True),
         t("bf16_vs_fp32_fp32", ["--max_train_steps", "6" if dry else "20"]),
         t("bf16_vs_fp32_bf16", ["--max_train_steps", "6" if dry else "20"] + bf16),
-        Part("mask_dit", "correctness", [
-            os.path.join(REPO_ROOT, "train_mask_dit.py"), "--train_data_dir", os.path.join(work, "fundus"),
-            "--model_size", "cpu_demo" if dry else "0.6B", "--resolution", "32" if dry else "256", "--mask_channels",
-            "2", "--train_batch_size", "4", "--max_train_steps", "3" if dry else "20", "--mixed_precision", "bf16",
-            "--seed", "0", "--report_to", "none", "--logging_steps", "1",
-            "--output_dir", os.path.join(work, "mask_dit")],
-            output=os.path.join(work, "mask_dit")),
+        Part("mask_dit", "correctness", mask_dit_argv(work, "mask_dit", dry, ["--max_train_steps", "3" if dry else "20"]),
+             output=os.path.join(work, "mask_dit")),
         Part("mshnet", "correctness", [
             os.path.join(REPO_ROOT, "train_segmentation_tpu.py"), "--dataset-dir", os.path.join(work, "irstd"),
             "--batch-size", "4", "--epochs", "1", "--base_size", "64" if dry else "256", "--crop_size",
             "64" if dry else "256", "--warm_epoch", "0", "--seed", "0", "--report_to", "none", "--logging_steps", "1",
             "--output_dir", os.path.join(work, "mshnet")], output=os.path.join(work, "mshnet")),
-        Part("fsdp_save_resume", "correctness", ["-m", "accelerate.commands.launch", "--config_file",
-                                                  os.path.join(REPO_ROOT, "accelerate_configs", "fsdp.yaml"),
-                                                  "--num_processes", "1"]
-             + train_argv(work, "fsdp", dry, bf16 + ["--checkpointing_steps", "2", "--max_train_steps", "2"]),
-             ("cuda",), output=os.path.join(work, "fsdp"), resume_to=4),
+        # accelerate's FSDP2 (fsdp.yaml, made for the mask DiT's blocks) and DeepSpeed ZeRO-2 (deepspeed_zero2.yaml;
+        # DeepSpeed also runs on its CPU accelerator, so the dry run does it too): a save and an exact resume each.
+        # Smaller models than the parts above (the ultrafast DiT, the small SD UNet): each writes three checkpoints
+        # with optimizer state, and the point is the sharded save and the exact resume, not the size.
+        Part("fsdp_save_resume", "correctness", launch_argv("fsdp.yaml") + mask_dit_argv(
+            work, "fsdp", dry, model_size="ultrafast"), ("cuda",), output=os.path.join(work, "fsdp"),
+             resume_check="transformer"),
+        Part("deepspeed_zero2_save_resume", "correctness", launch_argv("deepspeed_zero2.yaml")
+             + train_argv(work, "deepspeed", dry, ["--use_ema"], preset=None if dry else "small"), ("deepspeed",),
+             output=os.path.join(work, "deepspeed"), resume_check="unet"),
+        Part("bf16_matmul_peak", "speed", [os.path.abspath(__file__), "--measure_matmul", "512" if dry else "8192"],
+             check="peak", timeout=120),
         Part("sd15_speed_vs_reference", "speed", [
             os.path.join(REPO_ROOT, "benchmarks", "bench_text_to_image.py"), "--preset", "tiny" if dry else "base",
             "--resolution", "32" if dry else "512", "--batch_size", "2" if dry else "32", "--warmup_steps",
@@ -110,11 +271,39 @@ def build_parts(work: str, dry: bool) -> list[Part]:
             "--results_dir", os.path.join(work, "bench"), "--name", "sd15",
             "--workdir", os.path.join(work, "bench_work")]
             + ([] if dry else ["--mixed_precision", "bf16"]), check="bench", timeout=600),
+        Part("mask_dit_speed", "speed", [
+            os.path.join(REPO_ROOT, "benchmarks", "bench_mask_dit.py"), "--model_size", "tiny" if dry else "0.6B",
+            "--resolution", "32" if dry else "256", *([] if dry else ["--latent", "--vae_preset", "base", "--cache", "on",
+                                                                      "--mixed_precision", "bf16"]),
+            "--batch_size", "4" if dry else "32", "--warmup_steps", "1" if dry else "5", "--steps", "2" if dry else "20",
+            "--results_dir", os.path.join(work, "bench"), "--name", "mask_dit", "--workdir",
+            os.path.join(work, "bench_mask_dit")], check="bench", timeout=600),
+        Part("mshnet_speed", "speed", [
+            os.path.join(REPO_ROOT, "benchmarks", "bench_segmentation.py"), "--crop_size", "64" if dry else "256",
+            "--base_size", "64" if dry else "256", "--image_size", "64" if dry else "256",
+            "--batch_size", "4" if dry else "64", "--warmup_steps", "1" if dry else "5", "--steps", "2" if dry else "30",
+            *([] if dry else ["--mixed_precision", "bf16", "--dataloader_num_workers", "8"]),
+            "--results_dir", os.path.join(work, "bench"), "--name", "mshnet", "--workdir",
+            os.path.join(work, "bench_mshnet")], check="bench", timeout=600),
         Part("kanji_demo", "main job", [os.path.join(REPO_ROOT, "kanji_demo.py"), "--mode", "smoke" if dry else "gpu",
                                         "--output_dir", os.path.join(work, "kanji"),
                                         *(["--num_inference_steps", "4"] if dry else [])], check="kanji", timeout=600),
     ]
     return parts
+
+
+def launch_argv(config: str) -> list[str]:
+    """`accelerate launch` with one of accelerate_configs/, one process."""
+    return ["-m", "accelerate.commands.launch", "--config_file", os.path.join(REPO_ROOT, "accelerate_configs", config),
+            "--num_processes", "1"]
+
+
+def mask_dit_argv(work: str, name: str, dry: bool, extra=(), model_size: str = "0.6B") -> list[str]:
+    """train_mask_dit.py on the fundus pairs: the 0.6B preset at 256 px (guide 003's), cpu_demo at 32 px dry."""
+    return [os.path.join(REPO_ROOT, "train_mask_dit.py"), "--train_data_dir", os.path.join(work, "fundus"),
+            "--model_size", "cpu_demo" if dry else model_size, "--resolution", "32" if dry else "256", "--mask_channels",
+            "2", "--train_batch_size", "4", "--mixed_precision", "bf16", "--seed", "0", "--report_to", "none",
+            "--logging_steps", "1", "--output_dir", os.path.join(work, name), *extra]
 
 
 def pipeline_dir(work: str, preset: str) -> str:
@@ -127,7 +316,7 @@ def prepare_data(work: str, dry: bool) -> None:
     from benchmarks.bench_text_to_image import make_imagefolder
     from utils.sd.builder import build_pipeline
 
-    for preset in ("tiny", "tiny-sdxl") if dry else ("base", "tiny-sdxl"):
+    for preset in ("tiny", "tiny-sdxl") if dry else ("base", "small", "tiny-sdxl"):
         if not os.path.isfile(os.path.join(pipeline_dir(work, preset), "model_index.json")):
             build_pipeline(pipeline_dir(work, preset), preset=preset, seed=0)
 
@@ -151,13 +340,17 @@ def monitored_losses(monitor_dir: str) -> list[float]:
     return [entry["loss"] for entry in map(json.loads, open(path, encoding="utf-8")) if "loss" in entry]
 
 
-def judge(part: Part, monitor_dir: str) -> dict:
+def judge(part: Part, monitor_dir: str, stdout: str) -> dict:
     """The part's figures; an AssertionError says why it failed."""
     if part.check == "bench":
-        result = json.load(open(os.path.join(part.argv[part.argv.index("--results_dir") + 1], "sd15.json")))
-        figures = {name: {k: v.get(k) for k in ("steps_per_s", "samples_per_s", "mfu", "tflops")}
+        result = json.load(open(os.path.join(part.argv[part.argv.index("--results_dir") + 1],
+                                             part.argv[part.argv.index("--name") + 1] + ".json")))
+        figures = {name: {k: v.get(k) for k in ("steps_per_s", "samples_per_s", "achieved_tflops", "mfu",
+                                                  "gpu_max_allocated_mib")}
                    for name, v in result["variants"].items()}
-        return {"variants": figures, "ratios": result.get("ratios")}
+        return {"variants": figures, "ratios": result.get("ratios"), "peak_tflops": result.get("peak_tflops")}
+    if part.check == "peak":
+        return json.loads(stdout.strip().splitlines()[-1])
     if part.check == "kanji":
         summary = json.load(open(os.path.join(part.argv[part.argv.index("--output_dir") + 1], "summary.json")))
         return {k: summary[k] for k in ("vae_psnr_db", "seen_prompt_top1", "loss_true_caption",
@@ -196,7 +389,56 @@ def sample_std(part: Part) -> float:
     return float(pixels.std())
 
 
-def run_part(part: Part, work: str, dry: bool, reference: str | None) -> dict:
+def run(argv: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def with_output_dir(argv: list[str], output_dir: str) -> list[str]:
+    argv = list(argv)
+    argv[argv.index("--output_dir") + 1] = output_dir
+    return argv
+
+
+def max_difference(a_dir: str, b_dir: str) -> float:
+    """The largest absolute difference between the same tensors of two saved weight folders."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    a, b = (load_file(sorted(glob.glob(os.path.join(d, "*.safetensors")))[0]) for d in (a_dir, b_dir))
+    assert a.keys() == b.keys(), "the two runs saved different tensors"
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def resume_check(part: Part, env: dict, work: str) -> dict:
+    """4 steps straight (a save at 2), then 2 + a resume from a copy of that save to 4: the losses of steps 3-4 and the
+    final weights compared (bitwise is reported; passing allows 1e-4 relative on the losses, for GPU kernels whose
+    reductions are not deterministic)."""
+    import shutil
+
+    straight, resumed = part.output, part.output + "-resumed"
+    steps = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
+    first = run([*part.argv, *steps], env, part.timeout)
+    assert first.returncode == 0, f"exit {first.returncode}: " + (first.stderr or first.stdout)[-600:]
+    shutil.rmtree(resumed, ignore_errors=True)
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(straight, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    monitor = env[MONITOR_ENV] + "-resumed"
+    os.makedirs(monitor, exist_ok=True)
+    second = run([*with_output_dir(part.argv, resumed), *steps, "--resume_from_checkpoint", "latest"],
+                 dict(env, **{MONITOR_ENV: monitor}), part.timeout)
+    assert second.returncode == 0, f"resume: exit {second.returncode}: " + (second.stderr or second.stdout)[-600:]
+    a, b = monitored_losses(env[MONITOR_ENV])[2:], monitored_losses(monitor)
+    assert len(a) == len(b) == 2, f"expected steps 3-4 in both runs, got {a} and {b}"
+    loss_difference = max(abs(x - y) / max(abs(x), 1e-8) for x, y in zip(a, b))
+    weight_difference = max_difference(os.path.join(straight, part.resume_check), os.path.join(resumed, part.resume_check))
+    assert loss_difference <= 1e-4, f"the resumed run's losses {b} differ from the straight run's {a}"
+    return {"losses_straight": a, "losses_resumed": b, "max_loss_relative_difference": loss_difference,
+            "max_weight_difference": weight_difference, "bitwise": loss_difference == 0 and weight_difference == 0}
+
+
+def run_part(part: Part, work: str, dry: bool, reference: str | None, peak_tflops: float | None = None) -> dict:
     entry = {"name": part.name, "group": part.group, "status": "skip", "reason": None, "seconds": 0.0, "figures": {}}
     reason = (part.dry_skip if dry else None) or missing(part.needs, reference)
     if reason:
@@ -206,29 +448,57 @@ def run_part(part: Part, work: str, dry: bool, reference: str | None) -> dict:
     os.makedirs(monitor_dir, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **{MONITOR_ENV: monitor_dir})
     argv = list(part.argv)
-    if part.check == "bench" and reference and os.path.isfile(reference):
-        argv += ["--reference", reference]
+    if part.check == "bench" and "bench_text_to_image" in argv[0]:
+        usable = reference_problem(reference)
+        if usable is None:
+            argv += ["--reference", reference]
+        else:
+            entry["reason"] = f"without the reference ratio: {usable}"
+    if part.check == "bench" and peak_tflops:  # MFU against the matrix rate measured on this machine, this run
+        argv += ["--peak_tflops", str(peak_tflops)]
     start = time.perf_counter()
     try:
-        result = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                timeout=part.timeout)
-        if result.returncode == 0 and part.resume_to:  # a save, then a resume from it
-            result = subprocess.run([sys.executable, *argv, "--max_train_steps", str(part.resume_to),
-                                     "--resume_from_checkpoint", "latest"], cwd=REPO_ROOT, env=env,
-                                    capture_output=True, text=True, timeout=part.timeout)
-            if result.returncode == 0 and "Resuming from checkpoint" not in result.stdout + result.stderr:
-                entry.update(status="fail", reason="the second run did not resume from the first one's checkpoint")
-                return entry
+        if part.resume_check:
+            figures = resume_check(part, env, work)
+            entry.update(status="pass", seconds=round(time.perf_counter() - start, 1), figures=figures)
+            return entry
+        result = run(argv, env, part.timeout)
         entry["seconds"] = round(time.perf_counter() - start, 1)
         if result.returncode != 0:
             entry.update(status="fail", reason=f"exit {result.returncode}: " + (result.stderr or result.stdout)[-600:])
             return entry
-        entry.update(status="pass", figures=judge(part, monitor_dir))
+        entry.update(status="pass", figures=judge(part, monitor_dir, result.stdout))
     except subprocess.TimeoutExpired:
         entry.update(status="fail", reason=f"over its {part.timeout} s limit", seconds=part.timeout)
     except (AssertionError, OSError, KeyError, ValueError) as error:
-        entry.update(status="fail", reason=f"{type(error).__name__}: {error}")
+        entry.update(status="fail", reason=f"{type(error).__name__}: {error}",
+                     seconds=round(time.perf_counter() - start, 1))
     return entry
+
+
+def measure_matmul(size: int, repeats: int = 10) -> dict:
+    """The bf16 matrix rate of this machine, for MFU: `size`^3 products on random data after 3 warm-ups (CUDA events
+    on a GPU, wall clock on the CPU)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    if device == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(repeats):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        seconds = begin.elapsed_time(end) / 1000
+    else:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds = time.perf_counter() - started
+    return {"bf16_matmul_tflops": 2 * size**3 * repeats / seconds / 1e12, "size": size, "device": device}
 
 
 def compare_precisions(entries: dict, tolerance: float = 0.1) -> dict:
@@ -249,25 +519,49 @@ def compare_precisions(entries: dict, tolerance: float = 0.1) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="Folder for results.json and results.md (and the runs, under work/).")
+    parser.add_argument("out", nargs="?", help="Folder for results.json and results.md (and the runs, under work/).")
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="Tiny shapes on the CPU.")
-    parser.add_argument("--reference", default=os.path.join(REPO_ROOT, "benchmarks", "gpu_suite_assets",
-                                                            "train_text_to_image.py"),
+    parser.add_argument("--reference", default=os.path.join(ASSETS, "train_text_to_image.py"),
                         help="diffusers' examples/text_to_image/train_text_to_image.py for the speed ratio.")
     parser.add_argument("--only", nargs="*", default=None, help="Run only these parts.")
+    parser.add_argument("--jobs", type=int, default=2, help="Parts run at once in a dry run (a GPU run: one).")
+    parser.add_argument("--prepare", action="store_true",
+                        help="Here, before a device call: the wheels the device lacks and the reference script, into "
+                             "benchmarks/gpu_suite_assets/ (see prepare()).")
+    parser.add_argument("--measure_matmul", type=int, default=None, help=argparse.SUPPRESS)  # the peak part's process
     args = parser.parse_args(argv)
+    if args.measure_matmul:
+        print(json.dumps(measure_matmul(args.measure_matmul)))
+        return {}
+    if args.prepare:
+        return prepare(ASSETS)
+    if args.out is None:
+        parser.error("give the results folder: bash benchmarks/gpu_suite.sh [--dry-run] OUT")
     work = os.path.join(args.out, "work")
     os.makedirs(work, exist_ok=True)
     prepare_data(work, args.dry_run)
+    parts = [p for p in build_parts(work, args.dry_run) if not args.only or p.name in args.only]
     entries = {}
-    for part in build_parts(work, args.dry_run):
-        if args.only and part.name not in args.only:
-            continue
-        entries[part.name] = run_part(part, work, args.dry_run, args.reference)
-        if part.name.startswith("bf16_vs_fp32_") and entries[part.name]["status"] == "pass":
-            entries[part.name]["figures"]["losses"] = monitored_losses(os.path.join(work, "monitor", part.name))
-        print(f"[{entries[part.name]['status']:>4}] {part.name} ({entries[part.name]['seconds']} s)"
-              + (f": {entries[part.name]['reason']}" if entries[part.name]["reason"] else ""), flush=True)
+
+    def finish(part: Part, entry: dict) -> None:
+        if part.name.startswith("bf16_vs_fp32_") and entry["status"] == "pass":
+            entry["figures"]["losses"] = monitored_losses(os.path.join(work, "monitor", part.name))
+        print(f"[{entry['status']:>4}] {part.name} ({entry['seconds']} s)"
+              + (f": {entry['reason']}" if entry["reason"] else ""), flush=True)
+        entries[part.name] = entry
+
+    # The matrix rate first (the speed parts' MFU divides by it); then the parts in order, one at a time on a GPU
+    # (each has it to itself), --jobs at a time in a dry run (most of a tiny part is process start-up).
+    for part in [p for p in parts if p.check == "peak"]:
+        finish(part, run_part(part, work, args.dry_run, args.reference))
+    peak = entries.get("bf16_matmul_peak", {}).get("figures", {}).get("bf16_matmul_tflops")
+    rest = [p for p in parts if p.check != "peak"]
+    jobs = args.jobs if args.dry_run else 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [(part, pool.submit(run_part, part, work, args.dry_run, args.reference, peak)) for part in rest]
+        for part, future in futures:
+            finish(part, future.result())
+    entries = {p.name: entries[p.name] for p in parts}  # in the parts' order
     if "bf16_vs_fp32_fp32" in entries:
         entries["bf16_vs_fp32"] = compare_precisions(entries)
     import torch
@@ -281,7 +575,8 @@ def main(argv=None) -> dict:
     for e in entries.values():
         shown = {k: v for k, v in e["figures"].items() if k != "losses"}
         lines.append(f"| {e['name']} | {e['group']} | {e['status']} | {e['seconds']} | "
-                     f"{json.dumps(shown) if e['status'] == 'pass' else e['reason']} |")
+                     + (f"{e['reason'] + '; ' if e['reason'] else ''}{json.dumps(shown)}" if e['status'] == 'pass'
+                        else e['reason']) + " |")
     with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as handle:
         handle.write(f"GPU suite {'dry run ' if args.dry_run else ''}on {result['device']}, {result['date']}\n\n"
                      + "\n".join(lines) + "\n")

@@ -183,10 +183,60 @@ def test_gpu_suite_dry_run_runs_every_part(tmp_path):
     parts = {p["name"]: p for p in json.loads((tmp_path / "suite" / "results.json").read_text())["parts"]}
     assert not [p for p in parts.values() if p["status"] == "fail"], [p for p in parts.values() if p["status"] == "fail"]
     for name in ("sd15_full_bf16", "lora_unet_te_fp16", "ema_offload", "auto_batch", "sdxl_lora", "mask_dit", "mshnet",
-                 "bf16_vs_fp32", "sd15_speed_vs_reference", "kanji_demo"):
+                 "bf16_vs_fp32", "sd15_speed_vs_reference", "kanji_demo", "deepspeed_zero2_save_resume",
+                 "bf16_matmul_peak", "mask_dit_speed", "mshnet_speed"):
         assert parts[name]["status"] == "pass", parts[name]
+    assert parts["fsdp_save_resume"]["status"] == "skip"  # accelerate's FSDP needs CUDA
+    # DeepSpeed on its CPU accelerator: the resumed run is the straight run, bit for bit.
+    resumed = parts["deepspeed_zero2_save_resume"]["figures"]
+    assert resumed["bitwise"] and resumed["losses_resumed"] == resumed["losses_straight"]
+    # MFU of the speed parts is against the matrix rate the suite measured in the same run.
+    peak = parts["bf16_matmul_peak"]["figures"]["bf16_matmul_tflops"]
+    for name, samples in (("mask_dit_speed", 4), ("mshnet_speed", 4)):
+        figures = parts[name]["figures"]
+        assert figures["peak_tflops"] == pytest.approx(peak)
+        ours = figures["variants"]["ours"]
+        assert ours["samples_per_s"] == pytest.approx(ours["steps_per_s"] * samples)
+        assert ours["mfu"] == pytest.approx(ours["achieved_tflops"] / peak) and ours["mfu"] > 0
     for name in ("sd15_full_bf16", "lora_unet_te_fp16", "sdxl_lora"):
         assert parts[name]["figures"]["image_std"] > 1 and parts[name]["figures"]["steps_logged"] == 3
     assert all(p["reason"] for p in parts.values() if p["status"] == "skip")
     assert parts["bf16_vs_fp32"]["figures"]["mean_relative_difference"] <= 0.1
     assert "| kanji_demo | main job | pass |" in (tmp_path / "suite" / "results.md").read_text()
+
+
+def test_gpu_suite_carries_wheels_in_batches_that_fit_a_device_call():
+    from benchmarks.gpu_suite import BATCH_BYTES, batches_of
+
+    sizes = {"a.whl": 43 << 20, "b.whl": 13 << 20, "c.whl": 6 << 20, "d.whl": 3 << 20, "e.whl": 60 << 20, "f.whl": 1}
+    batches = batches_of(sizes)
+    assert sorted(n for b in batches for n in b) == sorted(sizes)  # each wheel once
+    for batch in batches:  # within the limit, except a wheel over it, alone
+        assert sum(sizes[n] for n in batch) <= BATCH_BYTES or batch == ["e.whl"]
+    assert batches == [["e.whl"], ["a.whl", "c.whl", "f.whl"], ["b.whl", "d.whl"]]  # first fit, largest first
+
+
+@pytest.mark.slow
+def test_gpu_suite_prepare_fetches_a_complete_install_for_the_device(tmp_path):
+    """--prepare (from the package registry): wheels for the device image's Python 3.12 at requirements.lock's
+    versions, in folders that fit a device call, whose requirements the carried wheels and the image's own package
+    list meet (so gpu_suite.sh's `pip install --no-deps` of them gives a complete environment)."""
+    import glob
+
+    from benchmarks.gpu_suite import BATCH_BYTES, pinned, prepare, unmet_requirements
+
+    report = prepare(str(tmp_path))
+    if report["failed"] and "pinned libraries" in report["failed"]:
+        pytest.skip(f"the package registry is not reachable: {report['failed']}")
+    assert not report["failed"], report
+    folders = sorted(glob.glob(str(tmp_path / "wheels" / "*")))
+    wheels = [os.path.basename(w) for f in folders for w in glob.glob(os.path.join(f, "*.whl"))]
+    for folder in folders:
+        assert sum(os.path.getsize(w) for w in glob.glob(os.path.join(folder, "*.whl"))) <= BATCH_BYTES
+    for name in ("diffusers", "datasets", "transformers", "accelerate", "peft", "bitsandbytes", "deepspeed"):
+        version = pinned(name).split("==")[1]
+        assert any(w.startswith(f"{name}-{version}-") for w in wheels), (name, wheels)
+    assert any(w.startswith("xformers-") for w in wheels)
+    assert not [w for w in wheels if w.startswith(("torch-", "nvidia", "triton-", "numpy-"))]  # the image's own
+    assert not [w for w in wheels if "-cp311-" in w]  # built for this machine's Python, not the device's
+    assert report["unmet"] == {} and unmet_requirements(folders) == {}
