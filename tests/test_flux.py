@@ -288,3 +288,100 @@ def test_every_optimizer_trains_a_transformer_family_and_resumes_bitwise(name, t
     assert all(torch.equal(a[k], b[k]) for k in a)
     before = load_file(os.path.join(tiny_flux_pipeline_dir, final))
     assert any(not torch.equal(a[k], before[k]) for k in a), "the optimizer changed nothing"
+
+
+# ---------------------------------------------------------------------------------------------- kohya's LoRA layout
+
+def lora_delta(down, up, scale):
+    return up.double() @ down.double() * scale
+
+
+def test_kohya_layout_is_what_diffusers_kohya_converter_reads_at_flux1_shapes():
+    """utils/families/flux_kohya.py against diffusers' own reader of sd-scripts' FLUX LoRAs
+    (_convert_kohya_flux_lora_to_diffusers, which FluxPipeline.load_lora_weights calls and which fixes FLUX.1's widths:
+    3072, MLP 12288): every module's LoRA delta (B @ A x alpha/r) comes back exactly, for fused groups with all
+    members (single block linear1 = q, k, v + MLP), some members (txt qkv without k), one member, and the final
+    layer (whose scale the converter does not apply: baked in); CLIP's adapters as lora_te1_."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from utils.families.flux_kohya import flux_kohya_state_dict
+
+    generator = torch.Generator().manual_seed(0)
+    width, rank, scale = 3072, 4, 8 / 4
+    shapes = {"transformer_blocks.3.attn.to_q": (width, width), "transformer_blocks.3.attn.to_k": (width, width),
+              "transformer_blocks.3.attn.to_v": (width, width), "transformer_blocks.3.attn.add_q_proj": (width, width),
+              "transformer_blocks.3.attn.add_v_proj": (width, width), "transformer_blocks.3.attn.to_out.0": (width, width),
+              "transformer_blocks.3.ff_context.net.2": (4 * width, width), "transformer_blocks.3.norm1.linear": (width, 6 * width),
+              "single_transformer_blocks.7.attn.to_q": (width, width), "single_transformer_blocks.7.attn.to_k": (width, width),
+              "single_transformer_blocks.7.attn.to_v": (width, width), "single_transformer_blocks.7.proj_mlp": (width, 4 * width),
+              "single_transformer_blocks.8.attn.to_q": (width, width), "single_transformer_blocks.8.proj_out": (5 * width, width),
+              "norm_out.linear": (width, 2 * width), "proj_out": (width, 64), "x_embedder": (64, width)}
+    state = {}
+    for module, (inputs, outputs) in shapes.items():
+        state[f"{module}.lora_A.weight"] = torch.randn(rank, inputs, generator=generator) / 10
+        state[f"{module}.lora_B.weight"] = torch.randn(outputs, rank, generator=generator) / 10
+    clip = {"text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(rank, 32, generator=generator),
+            "text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, rank, generator=generator)}
+    kohya = flux_kohya_state_dict(state, scale, clip, text_encoder_alpha=16.0)
+    assert "lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight" in kohya and "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in kohya
+    assert kohya["lora_unet_single_blocks_7_linear1.lora_up.weight"].shape == (7 * width, 4 * rank)
+
+    expected_clip = lora_delta(*clip.values(), 16.0 / rank)
+    back = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in kohya.items()})  # (it scales in place)
+    for module in shapes:
+        key = f"transformer.{module}" if f"transformer.{module}.lora_A.weight" in back else module  # (final layer)
+        expected = lora_delta(state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"], scale)
+        got = lora_delta(back[f"{key}.lora_A.weight"], back[f"{key}.lora_B.weight"], 1.0)  # (kohya scale baked in)
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9), module
+    te = {k: v for k, v in back.items() if k.startswith("text_encoder.")}
+    assert sorted(te) == ["text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight",
+                          "text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight"]  # (its old names)
+    down, up = te["text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight"], \
+        te["text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.up.weight"]
+    assert torch.allclose(lora_delta(down, up, 1.0), expected_clip, rtol=1e-6)
+
+
+def test_a_trained_flux_lora_is_written_in_both_layouts(tiny_flux_pipeline_dir, instance_dir, tmp_path):
+    """--lora_format both (the default): the kohya file holds the same adapters as diffusers' file, module by module
+    (decoded here from its fused blocks), with sd-scripts' FLUX metadata; --lora_format kohya writes only it."""
+    import train_text_to_image as script
+    from diffusers import FluxPipeline
+
+    from utils.families.flux_kohya import kohya_module
+
+    out = tmp_path / "both"
+    layers = "attn.to_q,attn.to_k,attn.to_v,proj_mlp,attn.add_q_proj,ff.net.0.proj,norm1.linear"
+    run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, out, 1, [
+        "--use_lora", "--train_text_encoder", "--rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
+        "--lora_layers", layers]))
+    diffusers_state = FluxPipeline.lora_state_dict(str(out))
+    diffusers_state = diffusers_state[0] if isinstance(diffusers_state, tuple) else diffusers_state
+    kohya = safetensors.torch.load_file(out / "pytorch_lora_weights_kohya.safetensors")
+    modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in diffusers_state
+                      if k.startswith("transformer.") and "lora_A" in k})
+    assert any("single_transformer_blocks" in m and m.endswith("proj_mlp") for m in modules)
+    for module in modules:
+        down_a, up_b = (diffusers_state[f"transformer.{module}.lora_{x}.weight"] for x in "AB")
+        name, position, size = kohya_module(module)
+        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+        rows = {1: [up.shape[0]], 3: [up.shape[0] // 3] * 3, 4: [up.shape[0] // 7] * 3 + [4 * up.shape[0] // 7]}[size]
+        start, rank = sum(rows[:position]), down.shape[0] // size
+        block_up = up[start:start + rows[position], position * rank:(position + 1) * rank]
+        block_down = down[position * rank:(position + 1) * rank]
+        scale = kohya[f"{name}.alpha"].item() / down.shape[0]
+        assert torch.allclose(lora_delta(block_down, block_up, scale), lora_delta(down_a, up_b, 8 / 4), atol=1e-7), module
+        others = torch.cat([up[start:start + rows[position], :position * rank],
+                            up[start:start + rows[position], (position + 1) * rank:]], dim=1)
+        assert not others.any(), f"{module}: off-diagonal blocks must be zero"
+    te_modules = {k.rsplit(".lora_", 1)[0] for k in diffusers_state if k.startswith("text_encoder.") and "lora_A" in k}
+    assert te_modules and len(te_modules) == len({k.split(".")[0] for k in kohya if k.startswith("lora_te1_")})
+    with safetensors.safe_open(out / "pytorch_lora_weights_kohya.safetensors", "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_module"] == "networks.lora_flux" and metadata["ss_network_dim"] == "4"
+    assert metadata["modelspec.architecture"] == "flux-1/lora" and float(metadata["ss_network_alpha"]) == 8
+
+    only = tmp_path / "kohya"
+    run_main_in_process(script, flux_args(tiny_flux_pipeline_dir, instance_dir, only, 1,
+                                          ["--use_lora", "--lora_format", "kohya"]))
+    assert (only / "pytorch_lora_weights_kohya.safetensors").is_file()
+    assert not (only / "pytorch_lora_weights.safetensors").exists()

@@ -345,7 +345,9 @@ def test_two_processes_train_identical_weights(family, request, instance_dir, tm
     (["--snr_gamma", "5"], ["--snr_gamma", "rectified flow"]),
     (["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"]),
     (["--use_lora", "--lora_type", "loha"], ["--lora_type", "Stable Diffusion 3"]),
-], ids=["epsilon", "snr_gamma", "sequence_length", "loha"])
+    (["--use_lora", "--lora_format", "kohya"], ["--lora_format kohya", "Stable Diffusion 3", "ComfyUI"]),
+    (["--save_single_file"], ["--save_single_file", "Stable Diffusion 3"]),
+], ids=["epsilon", "snr_gamma", "sequence_length", "loha", "kohya", "single_file"])
 def test_bad_sd3_flags_are_one_block_errors(capsys, tiny_sd3_pipeline_dir, instance_dir, tmp_path, extra, fragments):
     import train_text_to_image as script
 

@@ -12,11 +12,14 @@ diffusers' `compute_density_for_timestep_sampling` draws, and the loss weights a
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
 from utils.errors import UserError
 from utils.families.base import Family
+
+logger = logging.getLogger(__name__)
 
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 PROMPT_MEMO_SIZE = 64  # prompts kept encoded in a DreamBooth run (oldest dropped first)
@@ -92,9 +95,11 @@ def check_flow_matching_args(args, family: str) -> None:
         raise UserError(f"--max_sequence_length {args.max_sequence_length} must be at least 1.")
 
 
-def check_transformer_family_args(args, family: str, preset: str, system_prompt: bool = False) -> None:
+def check_transformer_family_args(args, family: str, preset: str, system_prompt: bool = False,
+                                  kohya: bool = False) -> None:
     """What a transformer family does not take yet, one-block errors (besides check_flow_matching_args');
-    `system_prompt`: whether the family reads --system_prompt (Lumina-2)."""
+    `system_prompt`: whether the family reads --system_prompt (Lumina-2); `kohya`: whether it writes kohya's LoRA
+    layout (FLUX.1)."""
     check_flow_matching_args(args, family)
     if args.system_prompt is not None and not system_prompt:
         raise UserError(f"--system_prompt is Lumina-2's (its Gemma reads an instruction before the caption); a "
@@ -102,17 +107,17 @@ def check_transformer_family_args(args, family: str, preset: str, system_prompt:
     refuse_not_yet(family, {f"--model_preset other than {preset}": args.model_preset not in (None, preset),
                             "--unet_config / --vae_config": bool(args.unet_config or args.vae_config),
                             "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path)})
-    check_files_asked(args, family)
+    check_files_asked(args, family, kohya)
 
 
-def check_files_asked(args, family: str) -> None:
+def check_files_asked(args, family: str, kohya: bool = False) -> None:
     """The files a transformer family reads and writes so far: diffusers' pipeline folders and LoRA files."""
     from utils.sd.lora import lora_type_of
     from utils.sd.model_kind import is_single_file
 
     refuse_not_yet(family, {"--save_single_file": args.save_single_file,
                             "--lora_type other than lora": lora_type_of(args) != "lora",
-                            "--lora_format kohya": args.use_lora and args.lora_format == "kohya"})
+                            "--lora_format kohya": args.use_lora and args.lora_format == "kohya" and not kohya})
     if is_single_file(args.pretrained_model_name_or_path):
         raise UserError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a single-file "
                         f"{family} checkpoint; training from one is not available yet: give the diffusers pipeline "
@@ -334,6 +339,9 @@ class FlowMatchingFamily(Family):
                            f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
         getattr(diffusers, self.pipeline_class).save_lora_weights(directory, safe_serialization=True, **kwargs)
         path = os.path.join(directory, LORA_WEIGHT_NAME)
+        if lora_format == "both" and self.name != "flux":  # (--lora_format kohya is refused for these)
+            logger.info(f"{self.name}: the LoRA is written in diffusers' layout only (ComfyUI reads it); kohya's "
+                        "layout is written for FLUX.1.")
         if metadata:
             add_file_metadata(path, {key: str(value) for key, value in metadata.items()})
         return path

@@ -84,7 +84,7 @@ class Flux(FlowMatchingFamily):
                 "validation_epochs": 1, "num_validation_images": 4, "tracker_project_name": "text2image-fine-tune-flux"}
 
     def check_args(self, args) -> None:
-        flow.check_transformer_family_args(args, "FLUX.1", "tiny-flux")
+        flow.check_transformer_family_args(args, "FLUX.1", "tiny-flux", kohya=True)
         if args.lora_blocks:
             raise UserError("--lora_blocks is SD3's (diffusers' FLUX scripts have no such flag): name the modules "
                             "with --lora_layers, e.g. transformer_blocks.0.attn.to_q.")
@@ -134,6 +134,37 @@ class Flux(FlowMatchingFamily):
 
     def pipeline_call_kwargs(self, args) -> dict:
         return {"max_sequence_length": args.max_sequence_length}
+
+    def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
+        """diffusers' file (--lora_format diffusers|both) and/or kohya's sd-scripts layout (kohya|both)."""
+        path = None
+        if lora_format in ("diffusers", "both"):
+            path = super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)
+        if lora_format in ("kohya", "both"):
+            kohya_path = save_flux_kohya_lora(directory, denoiser, encoders.get("text_encoder"), metadata, dtype)
+            path = path or kohya_path
+        return path
+
+
+def save_flux_kohya_lora(directory: str, transformer, text_encoder, metadata: dict | None, dtype) -> str:
+    """pytorch_lora_weights_kohya.safetensors (utils/families/flux_kohya.py) with kohya's ss_network_* keys."""
+    from peft.utils import get_peft_model_state_dict
+
+    from utils.families.flux_kohya import flux_kohya_state_dict
+    from utils.sd.lora import KOHYA_WEIGHT_NAME, write_kohya_file
+
+    config = transformer.peft_config["default"]
+    if config.rank_pattern or config.alpha_pattern or config.use_rslora:
+        raise UserError("kohya's LoRA layout has one alpha/rank scale per module; this adapter has per-module ranks "
+                        "or rsLoRA scaling: use --lora_format diffusers.")
+    text = (get_peft_model_state_dict(text_encoder), text_encoder.peft_config["default"].lora_alpha) \
+        if text_encoder is not None else (None, None)
+    tensors = flux_kohya_state_dict(get_peft_model_state_dict(transformer), config.lora_alpha / config.r, *text)
+    tensors = {key: value.to(dtype) if dtype is not None and value.ndim else value for key, value in tensors.items()}
+    path = os.path.join(directory, KOHYA_WEIGHT_NAME)
+    write_kohya_file(path, tensors, metadata, {"ss_network_module": "networks.lora_flux", "ss_network_dim": config.r,
+                                               "ss_network_alpha": config.lora_alpha})
+    return path
 
 
 def load_flux_pipeline_models(source) -> dict:
