@@ -606,7 +606,7 @@ def test_nonfinite_guard_host_check_skips_counts_resets_and_aborts():
 
 class _Accelerator:
     """What apply_update reads of an Accelerator (single process, no GradScaler)."""
-    sync_gradients, scaler = True, None
+    sync_gradients, scaler, distributed_type = True, None, "NO"
 
     @staticmethod
     def clip_grad_norm_(parameters, max_norm):
