@@ -26,6 +26,7 @@ import utils  # noqa: F401  (first: its log filter must be in place before diffu
 
 # isort: split
 
+import torch
 from accelerate.utils import DataLoaderConfiguration
 from diffusers.optimization import get_scheduler
 
@@ -381,7 +382,7 @@ def save_weights_to(args, family, plan, accelerator, models, directory: str) -> 
                            args.sdxl, args.resolution, plan.max_train_steps,
                            args.lora_format if args.use_lora else None,
                            args.single_file_dtype if args.save_single_file else None, args.skip_save_text_encoder,
-                           None if args.upcast_before_saving else weight_dtype(accelerator))
+                           torch.float32 if args.upcast_before_saving else weight_dtype(accelerator))
     save_weights(output, family, accelerator, models, family.text_encoder_names(models),
                  trained_text_encoders(args, family, models), directory)
 

@@ -223,3 +223,23 @@ def test_system_prompt_is_lumina2s_own(capsys, tiny_sd3_pipeline_dir, tiny_pipel
                                                ["--system_prompt", "be nice"]), "--system_prompt", "Lumina-2")
     expect_user_error(capsys, script, sd3_args(tiny_pipeline_dir, instance_dir, tmp_path / "o", 1, ["--offload"]),
                       "--offload", "flow-matching")
+
+
+def test_full_fine_tune_with_ema_resumes_bitwise(tiny_lumina2_pipeline_dir, instance_dir, tmp_path):
+    """Lumina-2's full fine-tune with --use_ema: 3 steps straight = 2, saved, then resumed to 3; the EMA weights
+    (what the final transformer holds) and the checkpoint's EMA state alike."""
+    import safetensors.torch
+
+    import train_text_to_image as script
+
+    extra = ["--use_ema", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, straight, 3, extra))
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, split, 2, extra))
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, split, 3,
+                                            extra + ["--resume_from_checkpoint", "latest"]))
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    first, second = (safetensors.torch.load_file(os.path.join(d, name)) for d in (straight, split))
+    base = safetensors.torch.load_file(os.path.join(tiny_lumina2_pipeline_dir, name))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], base[k]) for k in first)  # it trained

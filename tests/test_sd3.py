@@ -502,3 +502,65 @@ def test_a_single_file_transformer_checkpoint_is_named_and_refused(capsys, insta
     safetensors.torch.save_file({key: torch.zeros(2, 2)}, str(path))
     expect_user_error(capsys, script, sd3_args(str(path), instance_dir, tmp_path / "o", 1),
                       f"single-file {family} checkpoint", "diffusers pipeline folder")
+
+
+def logged(output_dir, key):
+    rows = [json.loads(line) for line in open(os.path.join(output_dir, "report", "metrics.jsonl"))]
+    return [row[key] for row in rows if key in row]
+
+
+def test_logged_sigma_statistics_are_those_the_transformer_was_given(tiny_sd3_pipeline_dir, instance_dir, tmp_path,
+                                                                     monkeypatch):
+    """train/sigma_mean and train/sigma_std against the timesteps the transformer received in the training steps
+    (SD3 is called with timestep = sigma x 1000), recorded by a wrapper around its forward."""
+    import train_text_to_image as script
+    from diffusers import SD3Transformer2DModel
+
+    seen, forward = [], SD3Transformer2DModel.forward
+
+    def recording(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append(kwargs["timestep"].detach().double() / 1000)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SD3Transformer2DModel, "forward", recording)
+    out = tmp_path / "o"
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, out, 3, [
+        "--use_lora", "--train_batch_size", "2", "--logging_steps", "1", "--weighting_scheme", "logit_normal"]))
+    means, stds = logged(out, "train/sigma_mean"), logged(out, "train/sigma_std")
+    assert len(seen) == len(means) == len(stds) == 3
+    assert any(sigmas.numel() == 2 and sigmas.std() > 0 for sigmas in seen)  # a step with two different draws
+    for sigmas, mean, std in zip(seen, means, stds):
+        assert mean == pytest.approx(sigmas.mean().item(), abs=1e-6)
+        assert std == pytest.approx(sigmas.std(correction=0).item(), abs=1e-6)
+
+
+def test_full_fine_tune_with_train_text_encoder_trains_both_clips_not_t5(tiny_sd3_pipeline_dir, instance_dir,
+                                                                         tmp_path):
+    """diffusers' train_dreambooth_sd3.py --train_text_encoder: CLIP-L and CLIP-G train, T5 stays as it was."""
+    import train_text_to_image as script
+
+    out = tmp_path / "o"
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, out, 2, [
+        "--train_text_encoder", "--learning_rate", "1e-3", "--text_encoder_lr", "1e-3"]))
+    for name, trained in (("text_encoder", True), ("text_encoder_2", True), ("text_encoder_3", False)):
+        before, after = (safetensors.torch.load_file(os.path.join(root, name, "model.safetensors"))
+                         for root in (tiny_sd3_pipeline_dir, out))
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert bool(changed) == trained, (name, changed[:3])
+
+
+def test_upcast_before_saving_writes_the_lora_in_float32(tiny_sd3_pipeline_dir, instance_dir, tmp_path):
+    """Trained in bf16, the LoRA is saved in bf16 (diffusers' scripts' default) or, with --upcast_before_saving, fp32."""
+    import train_text_to_image as script
+
+    for name, extra, dtype in (("bf16", [], torch.bfloat16), ("upcast", ["--upcast_before_saving"], torch.float32)):
+        run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / name, 1, [
+            "--use_lora", "--mixed_precision", "bf16", *extra]))
+        assert {t.dtype for t in lora_state(tmp_path / name).values()} == {dtype}
+
+
+def test_generate_refuses_a_scheduler_for_a_flow_model(capsys, tiny_sd3_pipeline_dir, tmp_path):
+    expect_generate_error(capsys, ["--model", tiny_sd3_pipeline_dir, "--scheduler", "ddim", "--prompt", "x",
+                                   "--steps", "2", "--output_dir", tmp_path / "g"],
+                          "--scheduler ddim", "FlowMatchEulerDiscreteScheduler")

@@ -35,7 +35,7 @@ class WeightsOutput:
     lora_format: str | None = None  # --lora_format of a --use_lora run; None: the whole pipeline
     single_file_dtype: str | None = None  # --single_file_dtype with --save_single_file; None: no single file
     skip_text_encoder: bool = False  # --skip_save_text_encoder: the pipeline without its text encoder (diffusers')
-    lora_dtype: torch.dtype | None = None  # the LoRA file's dtype (None: as trained, float32)
+    lora_dtype: torch.dtype | None = None  # the LoRA file's dtype (--upcast_before_saving: float32; else the weight dtype)
 
 
 def save_weights(output: WeightsOutput, family, accelerator, models: dict, text_encoders: list[str],
