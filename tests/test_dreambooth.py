@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from conftest import accelerate_launch, parse_and_list_flags, run_main_in_process
 from PIL import Image
@@ -412,3 +413,60 @@ def test_two_processes_share_the_class_images_and_train(tiny_pipeline_dir, insta
                                                 extra=["--seed", "7"]) + prior_args(one, num=5))
     for name in names:  # image k comes from seed (--seed, k), whichever process drew it
         assert np.array_equal(np.asarray(Image.open(class_dir / name)), np.asarray(Image.open(one / name)))
+
+
+# ---------------------------------------------------------------------------------------------- --dataset_name
+
+def instance_dataset(root, instance_dir, captions):
+    """The instance images as a datasets imagefolder (metadata.jsonl in file-name order, a `text` column)."""
+    root.mkdir()
+    names = sorted(n for n in os.listdir(instance_dir) if n.endswith(".png"))
+    for name in names:
+        shutil.copy(os.path.join(instance_dir, name), root / name)
+    with open(root / "metadata.jsonl", "w", encoding="utf-8") as handle:
+        for name, caption in zip(names, captions):
+            handle.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return str(root)
+
+
+def unet_weights(out):
+    return safetensors.torch.load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_dreambooth_from_a_dataset_is_the_folder_run_unless_caption_column_is_given(tiny_pipeline_dir, instance_dir,
+                                                                                     tmp_path):
+    """diffusers' DreamBooth --dataset_name: without --caption_column every image gets --instance_prompt (the
+    dataset's own `text` captions unused), so the run equals --instance_data_dir's bit for bit; with
+    --caption_column text each image trains on its own caption (equal captions: equal run; others: another)."""
+    import train_text_to_image as script
+
+    prompt = "a photo of sks thing"
+    steps = ["--train_batch_size", "5", "--seed", "0", "--repeats", "2", "--checkpointing_steps", "100"]
+    folder_run = tmp_path / "folder"
+    run_main_in_process(script, dreambooth_args(tiny_pipeline_dir, instance_dir, folder_run, 2, steps))
+
+    def dataset_run(name, captions, extra=()):
+        data = instance_dataset(tmp_path / f"data-{name}", instance_dir, captions)
+        argv = dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / name, 2, [*steps, *extra])
+        at = argv.index("--instance_data_dir")
+        run_main_in_process(script, argv[:at] + ["--dataset_name", data] + argv[at + 2:])
+        return unet_weights(tmp_path / name)
+
+    reference = unet_weights(folder_run)
+    same = lambda weights: all(torch.equal(weights[k], reference[k]) for k in reference)  # noqa: E731
+    assert same(dataset_run("ignored", [f"caption {i}" for i in range(5)]))
+    assert same(dataset_run("equal", [prompt] * 5, ["--caption_column", "text"]))
+    assert not same(dataset_run("own", [f"a photo of thing number {i}" for i in range(5)], ["--caption_column", "text"]))
+
+
+def test_dreambooth_from_a_dataset_bad_columns_are_one_block_errors(capsys, tiny_pipeline_dir, instance_dir, tmp_path):
+    import train_text_to_image as script
+
+    data = instance_dataset(tmp_path / "data", instance_dir, ["x"] * 5)
+    argv = dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "o")
+    at = argv.index("--instance_data_dir")
+    from_dataset = argv[:at] + ["--dataset_name", data] + argv[at + 2:]
+    expect_user_error(capsys, script, from_dataset + ["--caption_column", "prompt"], "--caption_column 'prompt'",
+                      "--instance_prompt")
+    expect_user_error(capsys, script, from_dataset + ["--image_column", "picture"], "--image_column 'picture'")
+    expect_user_error(capsys, script, argv + ["--dataset_name", data], "--instance_data_dir replaces --dataset_name")

@@ -31,7 +31,9 @@ def add_image_caption_args(parser, *, caption_dropout_prob: float) -> None:
     trainer gives the dropout default)."""
     parser.add_argument("--image_column", type=str, default="image", help="The column of the dataset containing an image.")
     parser.add_argument("--caption_column", type=str, default="text",
-                        help="The column of the dataset containing a caption or a list of captions.")
+                        help="The column of the dataset containing a caption or a list of captions. (A DreamBooth "
+                             "run from --dataset_name reads it only when given, as diffusers' DreamBooth scripts: "
+                             "otherwise every image gets --instance_prompt.)")
     parser.add_argument("--random_flip", action="store_true", help="whether to randomly flip images horizontally")
     parser.add_argument("--caption_dropout_prob", type=float, default=caption_dropout_prob,
                         help="Replace a caption by the empty prompt with this probability, so classifier-free "

@@ -116,19 +116,31 @@ def add_dreambooth_args(parser) -> None:
                            help=f"diffusers' flag for {what}: refused here (a model this trainer does not train).")
 
 
+# diffusers' DreamBooth scripts read --dataset_name's captions only where --caption_column is given (default None:
+# every image gets --instance_prompt). Here the caption column is always a name: this one, unless given, which the
+# rows get holding the instance prompt.
+INSTANCE_PROMPT_COLUMN = "instance_prompt"
+
+
+def is_dreambooth(args) -> bool:
+    """A DreamBooth run: --instance_data_dir, or (diffusers' other spelling) --dataset_name with --instance_prompt."""
+    return args.instance_data_dir is not None or (args.dataset_name is not None and args.instance_prompt is not None)
+
+
 def dreambooth_defaults(first) -> dict:
-    """For a DreamBooth run (`first`: a first parse with --instance_data_dir), the defaults of the diffusers
-    script it corresponds to (utils.config.parse_args_with_config's `mode_defaults`); none otherwise."""
+    """For a DreamBooth run (`first`: a first parse; is_dreambooth), the defaults of the diffusers script it
+    corresponds to (utils.config.parse_args_with_config's `mode_defaults`); none otherwise."""
     from utils.sd.model_kind import family_name
 
-    if first.instance_data_dir is None:
+    if not is_dreambooth(first):
         return {}
+    from_dataset = {"caption_column": INSTANCE_PROMPT_COLUMN} if first.instance_data_dir is None else {}
     family = family_name(first)
     if family in ("sd3", "flux", "lumina2"):
         mode = f"lora-{family}" if first.use_lora else family
     else:
         mode = "full" if not first.use_lora else ("lora-sdxl" if family == "sdxl" else "lora")
-    return {**DREAMBOOTH_DEFAULTS["common"], **DREAMBOOTH_DEFAULTS[mode]}
+    return {**DREAMBOOTH_DEFAULTS["common"], **DREAMBOOTH_DEFAULTS[mode], **from_dataset}
 
 
 def dreambooth_aliases(args) -> dict:
@@ -171,16 +183,19 @@ def check_instance_args(args) -> None:
     if args.reg_data_dir and not args.train_data_dir:
         raise UserError("--reg_data_dir holds the regularisation images for kohya's --train_data_dir; with "
                         "--instance_data_dir, give the class images as --class_data_dir.")
-    if args.instance_data_dir is None:
-        given = [flag for flag, value in (("--instance_prompt", args.instance_prompt),
+    if not is_dreambooth(args):
+        given = [flag for flag, value in (("--instance_prompt", args.instance_prompt is not None),
                                           ("--with_prior_preservation",
                                            args.with_prior_preservation and not args.reg_data_dir)) if value]
         if given:
             raise UserError(f"{', '.join(given)} belong to a DreamBooth run: give --instance_data_dir (the folder "
-                            "of your subject's images) too.")
+                            "of your subject's images) or --dataset_name (a dataset of them) too.")
         return
-    if args.dataset_name or args.train_data_dir or args.train_data_file:
+    if args.instance_data_dir is not None and (args.dataset_name or args.train_data_dir or args.train_data_file):
         raise UserError("--instance_data_dir replaces --dataset_name/--train_data_dir/--train_data_file: give one.")
+    if args.train_data_dir or args.train_data_file:
+        raise UserError("A DreamBooth run reads its images from --dataset_name or --instance_data_dir; drop "
+                        "--train_data_dir/--train_data_file.")
     if args.instance_prompt is None:  # ("" is a prompt: diffusers' own Lumina-2 test trains with it)
         raise UserError("--instance_data_dir needs --instance_prompt, e.g. --instance_prompt 'a photo of sks dog'.")
     if args.repeats < 1:
@@ -331,13 +346,43 @@ def load_training_rows(args, accelerator):
     """The training rows: DreamBooth's (missing class images generated first) or the text-image data's (with
     kohya's --reg_data_dir images after them)."""
     columns = table_columns(args)
-    if args.instance_data_dir is None:
+    if not is_dreambooth(args):
         rows = load_text_image_dataset(args)
         return rows if args.reg_data_dir is None else regularisation_rows(
             rows, args.reg_data_dir, args.caption_extension, columns)
     classes = class_images(args, accelerator) if args.with_prior_preservation else []
+    if args.instance_data_dir is None:
+        return dataset_dreambooth_rows(args, classes, columns)
     return dreambooth_rows(args.instance_data_dir, args.instance_prompt, args.repeats, classes, args.class_prompt,
                            columns)
+
+
+def dataset_dreambooth_rows(args, classes: list[str], columns: tuple[str, str]):
+    """diffusers' DreamBooth from --dataset_name: its --image_column images (--repeats times), each with its own
+    --caption_column prompt when that flag names a column (diffusers' custom instance prompts), else
+    --instance_prompt; then the class images, as dreambooth_rows."""
+    import datasets
+
+    image_column, caption_column = columns
+    rows = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
+    if image_column not in rows.column_names:
+        raise UserError(f"--image_column '{image_column}' not in dataset columns {rows.column_names} "
+                        f"(--dataset_name {args.dataset_name})")
+    if caption_column not in rows.column_names:
+        if caption_column != INSTANCE_PROMPT_COLUMN:
+            raise UserError(f"--caption_column '{caption_column}' not in dataset columns {rows.column_names} "
+                            f"(--dataset_name {args.dataset_name}); leave it out to give every image --instance_prompt.")
+        rows = rows.add_column(caption_column, [args.instance_prompt] * len(rows))
+    rows = rows.select_columns([image_column, caption_column])
+    if isinstance(rows.features[image_column], datasets.Image):
+        rows = rows.cast_column(image_column, datasets.Image(decode=False))
+    rows = datasets.concatenate_datasets([rows] * args.repeats)
+    rows = rows.add_column(PRIOR_COLUMN, [False] * len(rows))
+    if not classes:
+        return rows
+    class_rows = datasets.Dataset.from_dict({image_column: classes, caption_column: [args.class_prompt] * len(classes),
+                                            PRIOR_COLUMN: [True] * len(classes)}).cast(rows.features)
+    return datasets.concatenate_datasets([rows, class_rows])
 
 
 def table_columns(args) -> tuple[str, str]:
