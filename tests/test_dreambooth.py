@@ -470,3 +470,80 @@ def test_dreambooth_from_a_dataset_bad_columns_are_one_block_errors(capsys, tiny
                       "--instance_prompt")
     expect_user_error(capsys, script, from_dataset + ["--image_column", "picture"], "--image_column 'picture'")
     expect_user_error(capsys, script, argv + ["--dataset_name", data], "--instance_data_dir replaces --dataset_name")
+
+
+# ---------------------------------------------------------------------------------------------- EDM-style training
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_edm_style_loss_is_diffusers_sdxl_dreambooth_loss(tiny_pipeline_dir, prediction_type):
+    """--do_edm_style_training: the loss of a batch = the lines of diffusers' train_dreambooth_lora_sdxl.py
+    (Euler's sigmas for drawn training timesteps, input / sqrt(sigma^2 + 1), the output turned into a denoised
+    estimate, target the clean latents, weights sigma^-2), recomputed here with the same draws."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    import train_text_to_image as script
+    from utils.families.sd import StableDiffusion
+    from utils.telemetry import HealthMonitor
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    args = script.parse_args(["--pretrained_model_name_or_path", tiny_pipeline_dir, "--train_data_dir", "unused",
+                              "--do_edm_style_training"])
+    family = StableDiffusion()
+    family.configure(args)
+    scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    models = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                  noise_scheduler=scheduler)
+    mean = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ids = pipe.tokenizer(["a photo", "a photo of sks"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    loss = family.training_loss(args, models, {"latent_mean": mean, "latent_std": torch.zeros_like(mean),
+                                               "input_ids": ids}, HealthMonitor())
+
+    torch.manual_seed(0)
+    model_input = (mean + 0 * torch.randn(mean.shape)) * pipe.vae.config.scaling_factor
+    noise = torch.randn_like(model_input)
+    indices = torch.randint(0, scheduler.config.num_train_timesteps, (2,))
+    timesteps = scheduler.timesteps[indices]
+    noisy_model_input = scheduler.add_noise(model_input, noise, timesteps)
+    sigmas = scheduler.sigmas[[(scheduler.timesteps == t).nonzero().item() for t in timesteps]].view(-1, 1, 1, 1)
+    inp_noisy_latents = noisy_model_input / ((sigmas ** 2 + 1) ** 0.5)
+    with torch.no_grad():
+        prompt_embeds = pipe.text_encoder(ids)[0]
+    model_pred = pipe.unet(inp_noisy_latents, timesteps, prompt_embeds, return_dict=False)[0]
+    if prediction_type == "epsilon":
+        model_pred = model_pred * (-sigmas) + noisy_model_input
+    else:
+        model_pred = model_pred * (-sigmas / (sigmas ** 2 + 1) ** 0.5) + (noisy_model_input / (sigmas ** 2 + 1))
+    weighting = (sigmas ** -2.0).float()
+    expected = torch.mean((weighting * (model_pred.float() - model_input.float()) ** 2).reshape(2, -1), 1).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5), (loss, expected)
+
+
+def test_diffusers_dreambooth_lora_sdxl_with_edm(tiny_sdxl_pipeline_dir, instance_dir, tmp_path):
+    """diffusers' examples/dreambooth/test_dreambooth_lora_edm.py (test_dreambooth_lora_sdxl_with_edm), our script."""
+    import train_text_to_image as script
+
+    run_main_in_process(script, [
+        "--pretrained_model_name_or_path", tiny_sdxl_pipeline_dir, "--do_edm_style_training", "--instance_data_dir",
+        instance_dir, "--instance_prompt", "photo", "--resolution", "64", "--train_batch_size", "1",
+        "--gradient_accumulation_steps", "1", "--max_train_steps", "2", "--learning_rate", "5.0e-04", "--scale_lr",
+        "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--output_dir", str(tmp_path), "--use_lora"])
+    lora_state_dict = safetensors.torch.load_file(os.path.join(tmp_path, "pytorch_lora_weights.safetensors"))
+    assert all("lora" in k for k in lora_state_dict) and all(k.startswith("unet") for k in lora_state_dict)
+
+
+def test_edm_style_training_refusals_are_one_block_errors(capsys, tiny_pipeline_dir, instance_dir, tmp_path):
+    """With the DDPM objective's options; an EDM pipeline (Playground v2.5's scheduler) as the base."""
+    import train_text_to_image as script
+    from diffusers import EDMDPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    edm = ["--do_edm_style_training"]
+    expect_user_error(capsys, script, dreambooth_args(tiny_pipeline_dir, instance_dir, tmp_path / "o", 1,
+                                                      edm + ["--snr_gamma", "5"]), "--do_edm_style_training", "--snr_gamma")
+    playground = tmp_path / "playground"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.scheduler = EDMDPMSolverMultistepScheduler()
+    pipe.save_pretrained(playground)
+    expect_user_error(capsys, script, dreambooth_args(str(playground), instance_dir, tmp_path / "p", 1),
+                      "EDMDPMSolverMultistepScheduler", "not available yet")

@@ -78,7 +78,8 @@ DDPM_ONLY_FLAGS = {"--snr_gamma": lambda a: a.snr_gamma is not None, "--noise_of
                    "--dream_training": lambda a: a.dream_training,
                    "--timestep_bias_strategy": lambda a: a.timestep_bias_strategy != "none",
                    "--debiased_estimation_loss": lambda a: a.debiased_estimation_loss,
-                   "--loss_type": lambda a: a.loss_type != "l2", "--train_vae": lambda a: a.train_vae}
+                   "--loss_type": lambda a: a.loss_type != "l2", "--train_vae": lambda a: a.train_vae,
+                   "--do_edm_style_training": lambda a: a.do_edm_style_training}
 
 
 def check_flow_matching_args(args, family: str) -> None:

@@ -20,6 +20,7 @@ class StableDiffusion(Family):
     name = "sd"
     denoiser = "unet"
     sdxl = False
+    edm = False  # --do_edm_style_training (configure)
 
     def defaults(self, args) -> dict:
         """The four diffusers text-to-image scripts differ in these; we follow whichever one the run is."""
@@ -32,6 +33,7 @@ class StableDiffusion(Family):
 
     def check_args(self, args) -> None:
         from utils.sd.args import check_sdxl_args
+        from utils.sd.edm import check_edm_args
 
         given = [f"--{name}" for name in FLOW_ONLY_FLAGS if getattr(args, name) is not None]
         if args.offload:
@@ -41,11 +43,22 @@ class StableDiffusion(Family):
                             f"Stable Diffusion {'XL' if self.sdxl else '1.x/2.x'} run: drop it.")
         if self.sdxl:
             check_sdxl_args(args)
+        check_edm_args(args)
+        if args.do_edm_style_training and args.validation_split:
+            raise UserError("--validation_split scores the DDPM objective; an EDM-style run (--do_edm_style_training) "
+                            "has another: drop one of them.")
+
+    def configure(self, args) -> None:
+        self.edm = args.do_edm_style_training
 
     def load_models(self, source, captions_for_tokenizer) -> dict:
+        from utils.sd.edm import edm_noise_scheduler
         from utils.sd.models import load_models
 
-        return load_models(source, captions_for_tokenizer)
+        models = load_models(source, captions_for_tokenizer)
+        if self.edm:  # diffusers' SDXL DreamBooth LoRA script: Euler's sigmas (utils/sd/edm.py)
+            models["noise_scheduler"] = edm_noise_scheduler(models["noise_scheduler"].config)
+        return models
 
     def latent_multiple(self, models) -> int:
         return vae_scale_factor(models["vae"]) * 2 ** (len(models["unet"].config.block_out_channels) - 1)

@@ -51,10 +51,9 @@ DREAMBOOTH_DEFAULTS = {
     "lora-lumina2": dict(output_dir="lumina2-dreambooth-lora", learning_rate=1e-4, validation_epochs=50,
                          adam_weight_decay=1e-4, tracker_project_name="dreambooth-lumina2-lora"),
 }
-UNSUPPORTED = {  # diffusers' flags for models this trainer does not train (DeepFloyd IF, EDM-style Playground)
+UNSUPPORTED = {  # diffusers' flags for models this trainer does not train (DeepFloyd IF)
     "class_labels_conditioning": "DeepFloyd IF's class-label conditioning",
     "validation_images": "DeepFloyd IF's upscaler validation",
-    "do_edm_style_training": "EDM-style training (Playground v2.5)",
 }
 
 
@@ -110,6 +109,9 @@ def add_dreambooth_args(parser) -> None:
                        help="Whether to use attention mask for the text encoder")
     group.add_argument("--skip_save_text_encoder", action="store_true", required=False,
                        help="Set to not save text encoder")
+    group.add_argument("--do_edm_style_training", default=False, action="store_true",
+                       help="Flag to conduct training using the EDM formulation as introduced in "
+                            "https://huggingface.co/papers/2206.00364.")
     for name, what in UNSUPPORTED.items():
         shape = {"nargs": "+"} if name == "validation_images" else {"nargs": "?", "const": True}
         group.add_argument(f"--{name}", default=None, **shape,
@@ -164,8 +166,7 @@ def dreambooth_aliases(args) -> dict:
 def check_dreambooth_args(args) -> None:
     """diffusers' DreamBooth flags: the ones for models not trained here refused, the run's combinations checked."""
     unsupported = [(flag, value) for flag, value in (("--class_labels_conditioning", args.class_labels_conditioning),
-                                                     ("--validation_images", args.validation_images),
-                                                     ("--do_edm_style_training", args.do_edm_style_training))
+                                                     ("--validation_images", args.validation_images))
                    if value is not None]
     if unsupported:
         flag = unsupported[0][0]

@@ -26,6 +26,7 @@ from diffusers.training_utils import compute_dream_and_update_latents, compute_s
 from utils.cache import sample_cached_latents
 from utils.errors import UserError
 from utils.latents import encode_latents, scale_latents
+from utils.sd.edm import edm_denoised, edm_inputs, edm_loss, is_edm_run
 from utils.sd.masks import latent_mask
 from utils.sd.sdxl import unet_conditioning
 from utils.sd.vae_training import joint_vae, vae_losses
@@ -180,10 +181,16 @@ def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
     if args.noise_offset:  # https://www.crosslabs.org//blog/diffusion-with-offset-noise
         noise += args.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), device=latents.device)
     model_noise = noise + args.input_perturbation * torch.randn_like(noise) if args.input_perturbation else noise
-    timesteps = sample_timesteps(args, noise_scheduler.config.num_train_timesteps, latents.shape[0], latents.device)
-    noisy_latents = noise_scheduler.add_noise(latents, model_noise, timesteps)
+    edm = is_edm_run(noise_scheduler)  # --do_edm_style_training (utils/sd/edm.py: preconditioned, target x0)
+    if edm:
+        timesteps, sigmas, noisy_latents, model_input = edm_inputs(noise_scheduler, latents, model_noise)
+    else:
+        timesteps = sample_timesteps(args, noise_scheduler.config.num_train_timesteps, latents.shape[0], latents.device)
+        noisy_latents = model_input = noise_scheduler.add_noise(latents, model_noise, timesteps)
     encoder_hidden_states, added_conditions = unet_conditioning(models, batch, latents, latents.device)
-    if noise_scheduler.config.prediction_type == "epsilon":
+    if edm:
+        target = latents
+    elif noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -193,18 +200,24 @@ def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
         noisy_latents, target = compute_dream_and_update_latents(
             unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
             args.dream_detail_preservation)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions,
+    model_pred = unet(model_input, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions,
                       return_dict=False)[0]
+    if edm:
+        model_pred = edm_denoised(noise_scheduler, model_pred, noisy_latents, sigmas)
+
     def loss_of(prediction, wanted, steps, weights):
+        if edm:  # `steps`: the sigmas (the loss weights), in the timesteps' place
+            return edm_loss(prediction, wanted, steps)
         if weights is None and args.snr_gamma is None and not uses_loss_options(args):
             return F.mse_loss(prediction.float(), wanted.float(), reduction="mean")
         return weighted_loss(args, prediction, wanted, steps, noise_scheduler, weights)  # min-SNR, Huber, masks...
 
     mask = latent_mask(batch["mask"], latents) if "mask" in batch else None  # --masked_loss
+    steps = sigmas if edm else timesteps
     if args.with_prior_preservation:  # DreamBooth: instance half, then class half (utils.data.PairedBatchSampler)
-        loss = prior_preservation_loss(loss_of, model_pred, target, timesteps, args.prior_loss_weight, monitor, mask)
+        loss = prior_preservation_loss(loss_of, model_pred, target, steps, args.prior_loss_weight, monitor, mask)
     else:
-        loss = loss_of(model_pred, target, timesteps, mask)
+        loss = loss_of(model_pred, target, steps, mask)
     monitor.add(timestep_mean=timesteps.float().mean(),
                 timestep_std=timesteps.float().std(correction=0),  # (batch 1: 0, not NaN)
                 latent_std=latents.std(), noise_std=noise.std())

@@ -99,8 +99,11 @@ def load_pipeline_models(source: ModelSource) -> dict:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from utils.sd.edm import check_not_edm_pipeline
+
     path, rev, variant = source.pretrained_model_name_or_path, source.revision, source.variant
     check_pipeline_folder(path, source.sdxl)
+    check_not_edm_pipeline(path, DDPMScheduler.load_config(path, subfolder="scheduler").get("_class_name"))
     models = dict(
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         tokenizer=(CLIPTokenizer.from_pretrained(source.tokenizer_name, revision=rev) if source.tokenizer_name
