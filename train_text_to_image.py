@@ -67,7 +67,8 @@ from utils.sd.saving import WeightsOutput, save_weights
 from utils.sd.single_file import add_single_file_args
 from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, joint_vae, latent_scaling_factor,
                                   load_finished_stage, train_vae_stage)
-from utils.sd.validation import held_out_loss, log_validation, validation_prompts
+from utils.sd.validation import held_out_loss, held_out_quality, log_validation, validation_prompts
+from utils.quality import HIGHER_IS_BETTER, quality_for
 from utils.speed import add_speed_args, apply_speedups, forward_autocast
 from utils.stopping import EarlyStopping
 from utils.trained_modules import (configure_training, prepare, register_hooks, trained_networks,
@@ -329,26 +330,33 @@ def finish_training(args, family, plan, accelerator, models, ema, optimizer, eva
 
 def evaluation_for(args, family, plan, accelerator, models, ema, held_out, collate, optimizer, dtype,
                    resumed_state) -> Evaluation:
-    """val/loss on the --validation_split data (lower is better: best/, --early_stopping_patience), then the
-    validation images, both from the weights that would be saved (utils/evaluation.py)."""
+    """val/loss (and --validation_metrics) on the --validation_split data (best/, --early_stopping_patience follow
+    --early_stopping_metric), then the validation images, all from the weights that would be saved
+    (utils/evaluation.py)."""
+    quality, key = quality_for(args), args.early_stopping_metric
+
     def score(step: int) -> dict:
         if held_out is None:
             return {}
-        return {"val/loss": held_out_loss(family, accelerator, models, held_out, collate, plan.batch_size,
-                                          args.seed)}
+        metrics = {"val/loss": held_out_loss(family, accelerator, models, held_out, collate, plan.batch_size,
+                                             args.seed)}
+        return {**metrics, **(held_out_quality(args, family, accelerator, models, held_out, quality) if quality else {})}
 
     def report(step: int, metrics: dict, improved: bool, final: bool) -> None:
         if metrics:
-            log_metrics(accelerator, {**metrics, "val/best_loss": evaluation.state["best_validation_loss"]}, step)
-            logger.info(f"step {step}: val/loss {metrics['val/loss']:.6f}" + (" (best so far)" if improved else ""))
+            best = "val/best_loss" if key == "val/loss" else key.replace("val/", "val/best_")
+            log_metrics(accelerator, {**metrics, best: evaluation.state["best_validation_loss"]}, step)
+            logger.info(f"step {step}: " + ", ".join(f"{k} {v:.6f}" for k, v in metrics.items())
+                        + (f" (best {key} so far)" if improved else ""))
         if accelerator.is_main_process and not final:  # (the EMA weights are in already; the final ones: save_final)
             log_validation(args, family, accelerator, models, None, step, dtype)
 
     evaluation = Evaluation(
-        accelerator, args.output_dir, score, "val/loss", lambda directory, _: save_weights_to(
+        accelerator, args.output_dir, score, key, lambda directory, _: save_weights_to(
             args, family, plan, accelerator, models, directory), ema,
         accelerator.unwrap_model(models[family.denoiser]).parameters,
-        optimizer, EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, resumed_state), report)
+        optimizer, EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta, resumed_state,
+                                 higher_is_better=key in HIGHER_IS_BETTER), report)
     return evaluation
 
 

@@ -128,7 +128,9 @@ def write_report(output_dir: str, title: str) -> str | None:
     for name, key in (("learning rate", "train/lr"), ("grad norm (pre-clip)", "train/grad_norm")):
         if key in series:
             panels.append((name, key, False))
-    metric_keys = sorted(k for k in series if k.split("/")[0] in ("val", "eval", "vae"))
+    metric_keys = sorted((k for k in series if k.split("/")[0] in ("val", "eval", "vae")
+                          and "/best_" not in k and not k.endswith("_std")),  # (running bests, spreads: no panel)
+                         key=lambda k: (k != "val/loss", k))
     panels += [(key, key, False) for key in metric_keys[:MAX_METRIC_PANELS]]
     if not panels:
         return None

@@ -10,6 +10,7 @@ from utils.errors import UserError
 from utils.evaluation import add_evaluation_args
 from utils.optim import add_adam_args, add_lr_schedule_args, add_optimizer_args, add_prodigy_args
 from utils.plan import add_plan_args
+from utils.quality import add_quality_args, check_quality_args
 from utils.sd.model_kind import is_single_file
 
 
@@ -116,6 +117,7 @@ def add_validation_args(parser) -> None:
                                     "never by epoch).",
                         images_help="Images per validation prompt (default: 1 per prompt for full training, 4 with "
                                     "--use_lora).")
+    add_quality_args(val)  # --validation_metrics clip_score,fid,kid ... (utils/quality.py)
     val.add_argument("--validation_inference_steps", type=int, default=20,
                      help="DPM-Solver++ steps for validation images.")
     val.add_argument("--validation_guidance_scale", type=float, default=7.5,
@@ -203,3 +205,4 @@ def check_validation_args(args) -> None:
     if args.early_stopping_patience is not None and (args.validation_split is None or args.early_stopping_patience < 1):
         raise UserError("--early_stopping_patience needs --validation_split (held-out data for val/loss) and a "
                         "patience of at least 1 validation.")
+    check_quality_args(args)

@@ -19,38 +19,64 @@ def validation_prompts(args) -> list[str]:
 
 
 @torch.no_grad()
-def log_validation(args, family, accelerator, models, ema, step, weight_dtype, final: bool = False):
-    """Sample the validation prompts with the training modules themselves (no second copy), through the family's
-    pipeline; the final one (`final`) samples --final_validation_prompt when there are no validation prompts."""
-    prompts = validation_prompts(args) or ([args.final_validation_prompt] if final and args.final_validation_prompt
-                                           else [])
-    if not prompts:
-        return None
+def sample_prompts(args, family, accelerator, models, ema, prompts: list[str], per_prompt: int) -> list:
+    """`per_prompt` images of each prompt, sampled with the training modules themselves (no second copy; the EMA
+    weights when there is an EMA, the training weights put back after) through the family's pipeline, seeded."""
     denoiser = accelerator.unwrap_model(models[family.denoiser])
-    with ema_weights(ema, denoiser.parameters()):  # sample with the EMA weights, then put the training weights back
+    with ema_weights(ema, denoiser.parameters()):
         components = {name: accelerator.unwrap_model(module) if isinstance(module, torch.nn.Module) else module
                       for name, module in models.items() if module is not None}
         pipeline = family.pipeline(dict(components, scheduler=models["noise_scheduler"]), args.validation_scheduler)
         pipeline.to(accelerator.device)  # the VAE/text encoder are off the device when cached
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-        images, captions = [], []
+        images = []
         was_training = denoiser.training
         denoiser.eval()
         for prompt in prompts:
-            for _ in range(args.num_validation_images):
+            for _ in range(per_prompt):
                 with forward_autocast(accelerator, everywhere=True):
-                    image = pipeline(prompt, num_inference_steps=args.validation_inference_steps, generator=generator,
-                                     guidance_scale=args.validation_guidance_scale, height=args.resolution,
-                                     width=args.resolution, **family.pipeline_call_kwargs(args)).images[0]
-                images.append(image)
-                captions.append(prompt)
+                    images.append(pipeline(prompt, num_inference_steps=args.validation_inference_steps,
+                                           generator=generator, guidance_scale=args.validation_guidance_scale,
+                                           height=args.resolution, width=args.resolution,
+                                           **family.pipeline_call_kwargs(args)).images[0])
         denoiser.train(was_training)
-    path = save_and_log_images(accelerator, images, args.output_dir, "validation", step, captions,
-                               columns=args.num_validation_images if args.num_validation_images > 1 else None)
     del pipeline
     offload_cached_encoders(models, args)
-    return path
+    return images
+
+
+def log_validation(args, family, accelerator, models, ema, step, weight_dtype, final: bool = False):
+    """Sample the validation prompts (sample_prompts); the final one (`final`) samples --final_validation_prompt
+    when there are no validation prompts."""
+    prompts = validation_prompts(args) or ([args.final_validation_prompt] if final and args.final_validation_prompt
+                                           else [])
+    if not prompts:
+        return None
+    images = sample_prompts(args, family, accelerator, models, ema, prompts, args.num_validation_images)
+    captions = [prompt for prompt in prompts for _ in range(args.num_validation_images)]
+    return save_and_log_images(accelerator, images, args.output_dir, "validation", step, captions,
+                               columns=args.num_validation_images if args.num_validation_images > 1 else None)
+
+
+def held_out_quality(args, family, accelerator, models, held_out, quality) -> dict:
+    """--validation_metrics on the first --metrics_num_samples held-out rows: their captions sampled once each
+    (main process), scored against the held-out images as the model sees them (centre crop); every rank gets the
+    numbers (early stopping may read them)."""
+    from accelerate.utils import broadcast_object_list
+
+    from utils.quality import to_uint8
+
+    results = [None]
+    if accelerator.is_main_process:
+        base = getattr(held_out, "base", held_out)  # (the cache's dataset wraps the image dataset)
+        items = [base[index] for index in range(min(args.metrics_num_samples, len(base)))]
+        captions = [item["caption"] for item in items]
+        real = to_uint8(torch.stack([item["pixel_values"] for item in items]))
+        generated = to_uint8(sample_prompts(args, family, accelerator, models, None, captions, 1))
+        results = [quality(generated, captions, real)]
+    broadcast_object_list(results)
+    return results[0]
 
 
 # ----------------------------------------------------------------------------------------------
