@@ -46,7 +46,7 @@ from utils.mask_dit.data import (PairedImageMaskDataset, assign_pair_buckets, co
                                  scan_paired_folder, select_fraction, usable_records)
 from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
                                           loss_weights, sample_timesteps)
-from utils.mask_dit.metrics import log_samples
+from utils.mask_dit.metrics import held_out_quality, log_samples
 from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
 from utils.mask_dit.pipeline import MaskDiTPipeline, caption_width, load_vae, save_mask_dit_pipeline
 from utils.optim import (add_adam_args, add_lr_schedule_args, add_optimizer_args, apply_update, create_optimizer,
@@ -58,6 +58,7 @@ from utils.run import (add_run_args, claim_output_dir, create_accelerator, epoch
                        tracker_config, weight_dtype, write_rank_checksums)
 from utils.plan import add_plan_args, plan_training
 from utils.run_record import RunRecord
+from utils.quality import HIGHER_IS_BETTER, add_quality_args, check_quality_args, quality_for
 from utils.speed import add_speed_args, apply_speedups, forward_autocast
 from utils.stopping import EarlyStopping
 from utils.telemetry import HealthMonitor, NonFiniteGuard, batch_size_of, log_training_health
@@ -119,6 +120,7 @@ def parse_args(argv=None):
                           help="Also save a checkpoint every N epochs (guide 003's save_every).")
     add_evaluation_args(schedule, validation_epochs=1, num_validation_images=4,
                         images_help="Held-out masks to generate from and score (PSNR, SSIM, mask IoU).")
+    add_quality_args(schedule)  # --validation_metrics clip_score,fid,kid (utils/quality.py)
     schedule.add_argument("--num_inference_steps", type=int, default=30)
     schedule.add_argument("--sampler", default="euler", choices=SAMPLERS)
     schedule.add_argument("--time_shift", type=float, default=1.0,
@@ -141,6 +143,7 @@ def parse_args(argv=None):
     if args.enable_bucket and args.train_batch_size == "auto":
         raise UserError("--enable_bucket trains on batches of different shapes: give --train_batch_size a number "
                         "(not auto).")
+    check_quality_args(args)
     return args
 
 
@@ -274,14 +277,21 @@ def pipeline_settings(args, vae_downsample: int) -> dict:
 
 def evaluation_for(args, accelerator, model, pipeline, conditioner, held_out, held_out_dataloader, ema, encoders,
                    resumed_state: dict, optimizer) -> Evaluation:
-    """The held-out loss (lower is better: best/, --early_stopping_patience) and, on the main process, the sample
-    metrics, from the weights that would be saved (utils/evaluation.py)."""
+    """The held-out loss and --validation_metrics (best/, --early_stopping_patience follow --early_stopping_metric)
+    and, on the main process, the sample metrics, from the weights that would be saved (utils/evaluation.py)."""
     transformer = pipeline.transformer
+    quality, key = quality_for(args), args.early_stopping_metric
 
     def score(step: int) -> dict:
         if held_out_dataloader is None:
             return {}
-        return {"val/loss": validation_loss(accelerator, model, conditioner, held_out_dataloader, args)}
+        metrics = {"val/loss": validation_loss(accelerator, model, conditioner, held_out_dataloader, args)}
+        if quality is not None:
+            transformer.eval()
+            with cached_encoders_on(accelerator.device, encoders, args):
+                metrics.update(held_out_quality(accelerator, pipeline, held_out, args, quality))
+            transformer.train()
+        return metrics
 
     def report(step: int, metrics: dict, improved: bool, final: bool) -> None:
         if accelerator.is_main_process and held_out is not None and args.num_validation_images > 0:
@@ -293,10 +303,10 @@ def evaluation_for(args, accelerator, model, pipeline, conditioner, held_out, he
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             log_metrics(accelerator, metrics, step)
 
-    return Evaluation(accelerator, args.output_dir, score, "val/loss",
+    return Evaluation(accelerator, args.output_dir, score, key,
                       lambda directory, _: save_mask_dit_pipeline(directory, pipeline), ema, transformer.parameters,
                       optimizer, EarlyStopping(args.early_stopping_patience, args.early_stopping_min_delta,
-                                               resumed_state), report)
+                                               resumed_state, higher_is_better=key in HIGHER_IS_BETTER), report)
 
 
 def save_final(args, accelerator, pipeline, ema) -> None:

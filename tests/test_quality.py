@@ -165,3 +165,23 @@ def test_text_to_image_logs_the_metrics_and_early_stops_on_fid(tiny_pipeline_dir
             tensorboard.update({tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]})
     assert tensorboard["val/fid"] == pytest.approx(fids) and len(tensorboard["val/clip_score"]) == len(fids)
     assert (out / "report" / "training_curves.png").is_file()
+
+
+def test_mask_dit_logs_fid_and_kid_of_its_held_out_samples(feature_extractor, tmp_path):
+    """train_mask_dit.py --validation_metrics fid,kid: at every validation, the samples from the held-out masks
+    against the held-out images; best/ follows --early_stopping_metric val/kid."""
+    import train_mask_dit as script
+    from utils.mask_dit.data import write_synthetic_fundus_dataset
+
+    data = write_synthetic_fundus_dataset(str(tmp_path / "fundus"), 24, size=32, seed=0)
+    out = tmp_path / "out"
+    run_main_in_process(script, [
+        "--train_data_dir", data, "--model_size", "tiny", "--resolution", "32", "--mask_channels", "2",
+        "--train_batch_size", "4", "--max_train_steps", "6", "--validation_split", "0.25", "--validation_steps", "3",
+        "--num_inference_steps", "2", "--num_validation_images", "2", "--validation_metrics", "fid,kid",
+        "--metrics_feature_extractor", feature_extractor[0], "--early_stopping_metric", "val/kid", "--seed", "0",
+        "--report_to", "none", "--output_dir", str(out)])
+    rows = [json.loads(line) for line in open(out / "report" / "metrics.jsonl")]
+    scored = [row for row in rows if "val/kid" in row]
+    assert len(scored) >= 2 and all(np.isfinite(row["val/fid"]) and "val/loss" in row for row in scored)
+    assert os.path.isdir(out / "best")
