@@ -215,6 +215,86 @@ def seen_prompt_accuracy(samples: np.ndarray, glyphs: np.ndarray) -> dict:
             "num_seen_prompts": int(len(samples)), "chance_top1": 1.0 / len(glyphs)}
 
 
+class GlyphNet(torch.nn.Module):
+    """The demo's own glyph classifier (no download): three strided convolutions, average pooled to 64 features,
+    a linear layer over the training characters. Its 64 features are the FID/KID features (`forward` takes what
+    torchmetrics gives: uint8 images [N, 3, H, W])."""
+
+    num_features = 64
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, stride=2, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(32, 64, 3, stride=2, padding=1), torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.head = torch.nn.Linear(64, num_classes)
+        self.register_buffer("feature_mean", torch.zeros(64))
+        self.register_buffer("feature_std", torch.ones(64))
+
+    def features(self, gray: torch.Tensor) -> torch.Tensor:  # [N, 1, H, W] in [0, 1]
+        return self.trunk(gray)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Standardised features (the training glyphs' mean 0, std 1 per feature: KID's cubic kernel then sees
+        values of order 1, as with Inception's)."""
+        return (self.features(images.float().mean(1, keepdim=True) / 255) - self.feature_mean) / self.feature_std
+
+    @torch.no_grad()
+    def standardise_on(self, images: torch.Tensor) -> "GlyphNet":
+        features = self.features(images.float().mean(1, keepdim=True) / 255)
+        self.feature_mean.copy_(features.mean(0))
+        self.feature_std.copy_(features.std(0).clamp_min(1e-6))
+        return self
+
+
+def train_glyph_classifier(glyphs: torch.Tensor, seed: int, steps: int = 300) -> GlyphNet:
+    """GlyphNet told the training characters apart (one class each; glyphs [N, 1, H, W] in [0, 1]) on randomly
+    shifted and scaled copies, Adam, `steps` batches of 64."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = GlyphNet(len(glyphs))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        index = torch.randint(0, len(glyphs), (64,), generator=generator)
+        scale = 0.85 + 0.3 * torch.rand(64, generator=generator)
+        shift = (torch.rand(64, 2, generator=generator) - 0.5) * 0.2
+        theta = torch.zeros(64, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = scale, scale, shift
+        grid = torch.nn.functional.affine_grid(theta, (64, 1, *glyphs.shape[-2:]), align_corners=False)
+        batch = torch.nn.functional.grid_sample(glyphs[index] - 1, grid, align_corners=False) + 1  # (white fill)
+        loss = torch.nn.functional.cross_entropy(model.head(model.features(batch)), index)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def distribution_metrics(classifier: GlyphNet, samples: torch.Tensor, heldout: torch.Tensor,
+                         train: torch.Tensor) -> dict:
+    """KID and FID (torchmetrics, on the classifier's features) of the samples for the held-out characters'
+    captions against those characters' real glyphs; the same for the real held-out glyphs against the real
+    training glyphs, the floor a model of the glyph distribution can reach. Images: uint8 [N, 3, H, W]."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    def both(fake, real) -> tuple[float, float]:
+        fid = FrechetInceptionDistance(feature=classifier)
+        kid = KernelInceptionDistance(feature=classifier, subset_size=min(50, len(fake), len(real)))
+        for metric in (fid, kid):
+            metric.update(real, real=True)
+            metric.update(fake, real=False)
+        return float(kid.compute()[0]), float(fid.compute())
+
+    classifier.standardise_on(train)
+    kid, fid = both(samples, heldout)
+    floor_kid, floor_fid = both(heldout, train)
+    return {"kid_heldout": kid, "fid_heldout": fid, "kid_real_floor": floor_kid, "fid_real_floor": floor_fid,
+            "num_heldout_characters": int(len(heldout))}
+
+
 def shuffled(captions: list[str], seed: int) -> list[str]:
     """The captions permuted so that none stays in place (a derangement, fixed by `seed`)."""
     rng = np.random.default_rng(seed)
@@ -317,6 +397,16 @@ def evaluate(args, mode, data_dir, model_dir) -> dict:
     metrics.update(
         glyph_metrics(samples, to_gray(train_images), glyph_stats(data_dir), to_gray(heldout[: len(images)]))
     )
+    # The glyph distribution: samples for the held-out characters' captions vs their real glyphs, in the features
+    # of a glyph classifier trained here on the training glyphs (one per character); real vs real as the floor.
+    uint8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
+    characters, _ = load_split(data_dir, "train", resolution, one_per_character=True)
+    classifier = train_glyph_classifier((characters.mean(1, keepdim=True) + 1) / 2, args.seed)
+    heldout_samples = sample(pipe, [c for c in heldout_captions for _ in range(4)], args, resolution,
+                             first_seed=args.seed + 2000)  # (4 per character: the real set is small)
+    metrics.update(distribution_metrics(
+        classifier, torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+                                 for im in heldout_samples]), uint8(heldout), uint8(train_images)))
     metrics["binary_pixel_fraction"] = float(np.mean([((s < 64) | (s > 192)).mean()
                                                       for s in np.concatenate([gray(seen_samples), samples])]))
     metrics["curves"] = plot_curves(model_dir, os.path.join(args.output_dir, "training_curves.png"))
@@ -359,6 +449,10 @@ def print_summary(metrics: dict, seconds: float, mode: str = "demo") -> None:
         f"{ok(metrics['binary_pixel_fraction'] >= 0.93)})",
         f"  distance to nearest training glyph  {metrics['nearest_train_distance']:.3f} "
         f"(held-out real glyphs: {metrics['heldout_real_nearest_train_distance']:.3f})",
+        f"  held-out characters, samples vs real glyphs ({metrics['num_heldout_characters']}; glyph-classifier "
+        f"features)  KID {metrics['kid_heldout']:.4f}, FID {metrics['fid_heldout']:.3f}  (real held-out vs real "
+        f"training glyphs: KID {metrics['kid_real_floor']:.4f}, FID {metrics['fid_real_floor']:.3f}; KID is "
+        "unbiased: about 0, and below, when the sets are alike)",
         "  try: python generate.py --model " + metrics["paths"]["pipeline"] + ' --prompt "fire mountain" --seed 0',
         "=" * 72,
     ]

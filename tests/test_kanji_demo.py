@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 from conftest import REPO_ROOT, launch_env
 
 pytest.importorskip("matplotlib")
@@ -35,12 +37,15 @@ def test_kanji_demo_smoke(tmp_path):
                 "nearest_train_distance", "heldout_real_nearest_train_distance",
                 # issue 17's keys: does the model follow its prompt?
                 "seen_prompt_top1", "seen_prompt_top5", "num_seen_prompts", "chance_top1", "loss_true_caption",
-                "loss_shuffled_caption", "binary_pixel_fraction", "minutes"):
+                "loss_shuffled_caption", "binary_pixel_fraction", "minutes",
+                # issue 34's: the glyph distribution in the demo's own classifier's features
+                "kid_heldout", "fid_heldout", "kid_real_floor", "fid_real_floor"):
         assert math.isfinite(summary[key]), key
     assert summary["num_seen_prompts"] == 8 and summary["chance_top1"] == 1 / 8
     assert 0 <= summary["seen_prompt_top1"] <= summary["seen_prompt_top5"] <= 1
     assert (out / "samples_seen_prompts.png").stat().st_size > 1000
-    for line in ("seen prompts", "true vs shuffled caption", "near-black/white pixels"):
+    assert summary["fid_heldout"] >= 0 and summary["fid_real_floor"] >= 0 and summary["num_heldout_characters"] >= 2
+    for line in ("seen prompts", "true vs shuffled caption", "near-black/white pixels", "samples vs real glyphs"):
         assert line in result.stdout, line
     # Even 4 steps of training must lower the held-out diffusion loss at fixed timesteps and noise, and the
     # summary says so (the demo's 20% target is not a smoke run's).
@@ -92,3 +97,30 @@ def test_shuffled_captions_leave_none_in_place():
     mixed = kanji_demo.shuffled(captions, seed=0)
     assert sorted(mixed) == sorted(captions) and all(a != b for a, b in zip(captions, mixed))
     assert mixed == kanji_demo.shuffled(captions, seed=0)
+
+
+def test_glyph_distribution_metrics_are_kid_and_fid_of_the_classifier_features():
+    """kanji_demo.distribution_metrics against the test's own computation on the same features: FID from the
+    feature means and covariances, KID as the unbiased cubic-kernel MMD (subsets = all samples: exact)."""
+    from scipy import linalg
+
+    import kanji_demo
+
+    torch.manual_seed(0)
+    glyphs = (torch.rand(6, 1, 32, 32) > 0.7).float()
+    classifier = kanji_demo.train_glyph_classifier(glyphs, seed=0, steps=5)
+    generator = torch.Generator().manual_seed(1)
+    fake, real, train = (torch.randint(0, high, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
+                         for n, high in ((12, 90), (12, 256), (20, 256)))  # (the samples darker than the real)
+    result = kanji_demo.distribution_metrics(classifier, fake, real, train)
+    assert classifier(train).mean(0).abs().max() < 1e-4  # standardised on the training glyphs
+    with torch.no_grad():
+        a, b = (classifier(x).double().numpy() for x in (real, fake))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    fid = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * linalg.sqrtm(cov_a @ cov_b).real)
+    assert result["fid_heldout"] == pytest.approx(fid, rel=1e-2, abs=1e-5)
+    x, y = torch.from_numpy(a), torch.from_numpy(b)
+    kernel = lambda p, q: (p @ q.T / p.shape[1] + 1) ** 3  # noqa: E731
+    off = ~torch.eye(12, dtype=torch.bool)
+    kid = (kernel(x, x)[off].mean() + kernel(y, y)[off].mean() - 2 * kernel(x, y).mean()).item()
+    assert result["kid_heldout"] == pytest.approx(kid, rel=1e-3, abs=1e-7)

@@ -158,15 +158,23 @@ def test_a_model_we_train_denoises_in_the_diffusers_pipeline(tmp_path):
     assert psnr >= 20.0, psnr
 
 
+def straight_and_resumed(pipeline, instance, tmp_path, steps, extra):
+    """(the output folder of `steps` steps straight, that of 2 steps resumed to `steps`), both run with `extra`."""
+    import train_text_to_image as script
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_main_in_process(script, lumina_args(pipeline, instance, straight, steps, extra))
+    run_main_in_process(script, lumina_args(pipeline, instance, split, 2, extra))
+    run_main_in_process(script, lumina_args(pipeline, instance, split, steps, extra + ["--resume_from_checkpoint",
+                                                                                      "latest"]))
+    return straight, split
+
+
 def test_resume_is_bitwise_and_cached_equals_uncached(tiny_lumina2_pipeline_dir, instance_dir, tmp_path):
     import train_text_to_image as script
 
-    extra = ["--use_lora", "--checkpointing_steps", "2", "--logging_steps", "1"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, straight, 4, extra))
-    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, split, 2, extra))
-    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, split, 4,
-                                            extra + ["--resume_from_checkpoint", "latest"]))
+    straight, split = straight_and_resumed(tiny_lumina2_pipeline_dir, instance_dir, tmp_path, 4,
+                                           ["--use_lora", "--checkpointing_steps", "2", "--logging_steps", "1"])
     first, second = lora_state(straight), lora_state(split)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
@@ -230,14 +238,8 @@ def test_full_fine_tune_with_ema_resumes_bitwise(tiny_lumina2_pipeline_dir, inst
     (what the final transformer holds) and the checkpoint's EMA state alike."""
     import safetensors.torch
 
-    import train_text_to_image as script
-
-    extra = ["--use_ema", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, straight, 3, extra))
-    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, split, 2, extra))
-    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, split, 3,
-                                            extra + ["--resume_from_checkpoint", "latest"]))
+    straight, split = straight_and_resumed(tiny_lumina2_pipeline_dir, instance_dir, tmp_path, 3,
+                                           ["--use_ema", "--checkpointing_steps", "2", "--learning_rate", "1e-3"])
     name = "transformer/diffusion_pytorch_model.safetensors"
     first, second = (safetensors.torch.load_file(os.path.join(d, name)) for d in (straight, split))
     base = safetensors.torch.load_file(os.path.join(tiny_lumina2_pipeline_dir, name))

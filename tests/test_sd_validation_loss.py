@@ -178,8 +178,8 @@ def test_val_loss_is_the_same_for_any_process_count_and_batch_size(tiny_pipeline
         def reduce(tensor, reduction):
             sums.append(tensor.item())
             return tensor
-        accelerator = types.SimpleNamespace(process_index=rank, num_processes=processes, device=torch.device("cpu"),
-                                            unwrap_model=lambda m: m, reduce=reduce,
+        accelerator = types.SimpleNamespace(distributed_type="NO", process_index=rank, num_processes=processes,
+                                            device=torch.device("cpu"), unwrap_model=lambda m: m, reduce=reduce,
                                             autocast=lambda: torch.autocast("cpu", enabled=False))
         return held_out_loss(StableDiffusion(), accelerator, models, held_out, collate_text_image, batch_size, seed=3)
 
@@ -213,7 +213,7 @@ def test_validation_images_are_drawn_without_autograd(monkeypatch):
     unet = torch.nn.Linear(2, 2)
     models = {"unet": unet, "vae": None, "text_encoder": None, "tokenizer": None,
               "noise_scheduler": types.SimpleNamespace(config={"num_train_timesteps": 1000})}
-    args = types.SimpleNamespace(validation_prompts=["a cat"], validation_prompt=None,
+    args = types.SimpleNamespace(validation_prompts=["a cat"], validation_prompt=None, num_validation_images=1,
                                  validation_scheduler="DPMSolverMultistepScheduler")
     accelerator = types.SimpleNamespace(unwrap_model=lambda m: m)
     with pytest.raises(Stop):
