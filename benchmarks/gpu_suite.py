@@ -501,19 +501,27 @@ def measure_matmul(size: int, repeats: int = 10) -> dict:
     return {"bf16_matmul_tflops": 2 * size**3 * repeats / seconds / 1e12, "size": size, "device": device}
 
 
-def compare_precisions(entries: dict, tolerance: float = 0.1) -> dict:
-    """bf16 vs fp32 over the same steps: the mean relative difference of the per-step losses, against `tolerance`."""
-    fp32, bf16 = entries.get("bf16_vs_fp32_fp32"), entries.get("bf16_vs_fp32_bf16")
-    entry = {"name": "bf16_vs_fp32", "group": "correctness", "status": "skip", "reason": None, "seconds": 0.0,
-             "figures": {}}
-    if not fp32 or not bf16 or fp32["status"] != "pass" or bf16["status"] != "pass":
-        entry["reason"] = "needs both runs to pass"
+# Pairs of parts whose per-step losses are compared: (entry name, first part, second part, tolerance, what differs).
+# The same seed, data and steps in each pair; only the precision, or the attention kernel, differs.
+COMPARED = [("bf16_vs_fp32", "bf16_vs_fp32_fp32", "bf16_vs_fp32_bf16", 0.1, "bf16 and fp32"),
+            ("xformers_vs_sdpa", "sd15_full_bf16", "xformers", 0.05, "xformers' and PyTorch SDPA's attention")]
+LOSS_CURVES = {part for _, first, second, _, _ in COMPARED for part in (first, second)}
+
+
+def compare_losses(entries: dict, name: str, first: str, second: str, tolerance: float, what: str) -> dict:
+    """Two runs over the same steps: the mean relative difference of their per-step losses, against `tolerance`;
+    and the second's wall time relative to the first's."""
+    a_entry, b_entry = entries.get(first), entries.get(second)
+    entry = {"name": name, "group": "correctness", "status": "skip", "reason": None, "seconds": 0.0, "figures": {}}
+    if not a_entry or not b_entry or a_entry["status"] != "pass" or b_entry["status"] != "pass":
+        entry["reason"] = f"needs {first} and {second} to pass"
         return entry
-    a, b = fp32["figures"]["losses"], bf16["figures"]["losses"]
+    a, b = a_entry["figures"]["losses"], b_entry["figures"]["losses"]
     difference = sum(abs(x - y) / max(abs(x), 1e-8) for x, y in zip(a, b)) / len(a)
-    entry["figures"] = {"mean_relative_difference": difference, "tolerance": tolerance, "steps": len(a)}
+    entry["figures"] = {"mean_relative_difference": difference, "tolerance": tolerance, "steps": len(a),
+                        "seconds_ratio": b_entry["seconds"] / max(a_entry["seconds"], 1e-9)}
     entry.update(status="pass" if difference <= tolerance else "fail",
-                 reason=None if difference <= tolerance else f"bf16 and fp32 losses differ by {difference:.1%}")
+                 reason=None if difference <= tolerance else f"{what} losses differ by {difference:.1%}")
     return entry
 
 
@@ -544,7 +552,7 @@ def main(argv=None) -> dict:
     entries = {}
 
     def finish(part: Part, entry: dict) -> None:
-        if part.name.startswith("bf16_vs_fp32_") and entry["status"] == "pass":
+        if part.name in LOSS_CURVES and entry["status"] == "pass":
             entry["figures"]["losses"] = monitored_losses(os.path.join(work, "monitor", part.name))
         print(f"[{entry['status']:>4}] {part.name} ({entry['seconds']} s)"
               + (f": {entry['reason']}" if entry["reason"] else ""), flush=True)
@@ -562,8 +570,9 @@ def main(argv=None) -> dict:
         for part, future in futures:
             finish(part, future.result())
     entries = {p.name: entries[p.name] for p in parts}  # in the parts' order
-    if "bf16_vs_fp32_fp32" in entries:
-        entries["bf16_vs_fp32"] = compare_precisions(entries)
+    for name, first, second, tolerance, what in COMPARED:
+        if first in entries or second in entries:
+            entries[name] = compare_losses(entries, name, first, second, tolerance, what)
     import torch
 
     result = {"dry_run": args.dry_run, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),

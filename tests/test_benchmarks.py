@@ -202,6 +202,7 @@ def test_gpu_suite_dry_run_runs_every_part(tmp_path):
         assert parts[name]["figures"]["image_std"] > 1 and parts[name]["figures"]["steps_logged"] == 3
     assert all(p["reason"] for p in parts.values() if p["status"] == "skip")
     assert parts["bf16_vs_fp32"]["figures"]["mean_relative_difference"] <= 0.1
+    assert parts["xformers_vs_sdpa"]["status"] == "skip"  # xformers needs CUDA
     assert "| kanji_demo | main job | pass |" in (tmp_path / "suite" / "results.md").read_text()
 
 
@@ -240,3 +241,15 @@ def test_gpu_suite_prepare_fetches_a_complete_install_for_the_device(tmp_path):
     assert not [w for w in wheels if w.startswith(("torch-", "nvidia", "triton-", "numpy-"))]  # the image's own
     assert not [w for w in wheels if "-cp311-" in w]  # built for this machine's Python, not the device's
     assert report["unmet"] == {} and unmet_requirements(folders) == {}
+
+
+def test_gpu_suite_compares_the_loss_curves_of_paired_parts():
+    from benchmarks.gpu_suite import compare_losses
+
+    run = lambda losses, seconds: {"status": "pass", "seconds": seconds, "figures": {"losses": losses}}  # noqa: E731
+    close = compare_losses({"a": run([1.0, 0.5], 10.0), "b": run([1.02, 0.49], 8.0)}, "a_vs_b", "a", "b", 0.05, "x")
+    assert close["status"] == "pass" and close["figures"]["seconds_ratio"] == pytest.approx(0.8)
+    assert close["figures"]["mean_relative_difference"] == pytest.approx((0.02 + 0.02) / 2)
+    far = compare_losses({"a": run([1.0, 0.5], 1.0), "b": run([1.5, 0.5], 1.0)}, "a_vs_b", "a", "b", 0.05, "x")
+    assert far["status"] == "fail" and "x losses differ by 25.0%" in far["reason"]
+    assert compare_losses({"a": run([1.0], 1.0)}, "a_vs_b", "a", "b", 0.05, "x")["status"] == "skip"
