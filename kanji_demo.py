@@ -349,6 +349,7 @@ def evaluate(args, mode, data_dir, model_dir) -> dict:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from utils.images import make_grid
+    from utils.quality import to_uint8
     from utils.sd.builder import build_components
     from utils.sd.kanji_dataset import glyph_stats
 
@@ -399,14 +400,12 @@ def evaluate(args, mode, data_dir, model_dir) -> dict:
     )
     # The glyph distribution: samples for the held-out characters' captions vs their real glyphs, in the features
     # of a glyph classifier trained here on the training glyphs (one per character); real vs real as the floor.
-    uint8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
     characters, _ = load_split(data_dir, "train", resolution, one_per_character=True)
     classifier = train_glyph_classifier((characters.mean(1, keepdim=True) + 1) / 2, args.seed)
     heldout_samples = sample(pipe, [c for c in heldout_captions for _ in range(4)], args, resolution,
                              first_seed=args.seed + 2000)  # (4 per character: the real set is small)
-    metrics.update(distribution_metrics(
-        classifier, torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
-                                 for im in heldout_samples]), uint8(heldout), uint8(train_images)))
+    metrics.update(distribution_metrics(classifier, to_uint8(heldout_samples), to_uint8(heldout),
+                                        to_uint8(train_images)))
     metrics["binary_pixel_fraction"] = float(np.mean([((s < 64) | (s > 192)).mean()
                                                       for s in np.concatenate([gray(seen_samples), samples])]))
     metrics["curves"] = plot_curves(model_dir, os.path.join(args.output_dir, "training_curves.png"))

@@ -411,7 +411,7 @@ def max_difference(a_dir: str, b_dir: str) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def resume_check(part: Part, env: dict, work: str) -> dict:
+def resume_check(part: Part, env: dict) -> dict:
     """4 steps straight (a save at 2), then 2 + a resume from a copy of that save to 4: the losses of steps 3-4 and the
     final weights compared (bitwise is reported; passing allows 1e-4 relative on the losses, for GPU kernels whose
     reductions are not deterministic)."""
@@ -459,7 +459,7 @@ def run_part(part: Part, work: str, dry: bool, reference: str | None, peak_tflop
     start = time.perf_counter()
     try:
         if part.resume_check:
-            figures = resume_check(part, env, work)
+            figures = resume_check(part, env)
             entry.update(status="pass", seconds=round(time.perf_counter() - start, 1), figures=figures)
             return entry
         result = run(argv, env, part.timeout)

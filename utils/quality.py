@@ -136,6 +136,15 @@ class QualityMetrics:
                            f"(--metrics_clip_model {self.clip_model}; the other metrics go on)")
             self.names = [n for n in self.names if n != name]
 
+    def on_main_process(self, accelerator, samples) -> dict:
+        """The metrics of `samples()` -> (generated, prompts, real), computed on the main process only (it samples);
+        every rank gets the numbers (early stopping may read them)."""
+        from accelerate.utils import broadcast_object_list
+
+        results = [self(*samples()) if accelerator.is_main_process else None]
+        broadcast_object_list(results)
+        return results[0]
+
     def __call__(self, generated: torch.Tensor, prompts: list[str], real: torch.Tensor) -> dict:
         results = {}
         for name in list(self.names):

@@ -88,20 +88,15 @@ def log_samples(accelerator, pipeline, held_out, args, step) -> dict:
 
 def held_out_quality(accelerator, pipeline, held_out, args, quality) -> dict:
     """--validation_metrics (utils/quality.py) on the first --metrics_num_samples held-out pairs: samples from their
-    masks (and captions) against their images, computed on the main process; every rank gets the numbers."""
-    from accelerate.utils import broadcast_object_list
-
+    masks (and captions) against their images; on the main process, shared (QualityMetrics.on_main_process)."""
     from utils.quality import to_uint8
 
-    results = [None]
-    if accelerator.is_main_process:
-        count = min(args.metrics_num_samples, len(held_out))
-        batch = collate_pairs([held_out[i] for i in range(count)])
-        samples = generate_from_mask(pipeline, batch["mask"].to(accelerator.device),
-                                     batch["captions"] if pipeline.text_encoder else None, args.num_inference_steps,
-                                     args.guidance_scale, args.mask_guidance_scale, seed=args.seed or 0,
-                                     sampler=args.sampler, time_shift=args.time_shift)
-        results = [quality(to_uint8(samples.cpu() * 2 - 1), list(batch["captions"]),
-                           to_uint8(batch["pixel_values"]))]
-    broadcast_object_list(results)
-    return results[0]
+    def samples():
+        batch = collate_pairs([held_out[i] for i in range(min(args.metrics_num_samples, len(held_out)))])
+        generated = generate_from_mask(pipeline, batch["mask"].to(accelerator.device),
+                                       batch["captions"] if pipeline.text_encoder else None, args.num_inference_steps,
+                                       args.guidance_scale, args.mask_guidance_scale, seed=args.seed or 0,
+                                       sampler=args.sampler, time_shift=args.time_shift)
+        return to_uint8(generated.cpu() * 2 - 1), list(batch["captions"]), to_uint8(batch["pixel_values"])
+
+    return quality.on_main_process(accelerator, samples)

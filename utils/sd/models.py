@@ -103,9 +103,10 @@ def load_pipeline_models(source: ModelSource) -> dict:
 
     path, rev, variant = source.pretrained_model_name_or_path, source.revision, source.variant
     check_pipeline_folder(path, source.sdxl)
-    check_not_edm_pipeline(path, DDPMScheduler.load_config(path, subfolder="scheduler").get("_class_name"))
+    scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")  # (read once: checked, then built)
+    check_not_edm_pipeline(path, scheduler_config.get("_class_name"))
     models = dict(
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        noise_scheduler=DDPMScheduler.from_config(scheduler_config),
         tokenizer=(CLIPTokenizer.from_pretrained(source.tokenizer_name, revision=rev) if source.tokenizer_name
                    else CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)),
         text_encoder=own_memory(CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev,

@@ -60,23 +60,19 @@ def log_validation(args, family, accelerator, models, ema, step, weight_dtype, f
 
 
 def held_out_quality(args, family, accelerator, models, held_out, quality) -> dict:
-    """--validation_metrics on the first --metrics_num_samples held-out rows: their captions sampled once each
-    (main process), scored against the held-out images as the model sees them (centre crop); every rank gets the
-    numbers (early stopping may read them)."""
-    from accelerate.utils import broadcast_object_list
-
+    """--validation_metrics on the first --metrics_num_samples held-out rows: their captions sampled once each,
+    scored against the held-out images as the model sees them (centre crop); on the main process, shared
+    (QualityMetrics.on_main_process)."""
     from utils.quality import to_uint8
 
-    results = [None]
-    if accelerator.is_main_process:
+    def samples():
         base = getattr(held_out, "base", held_out)  # (the cache's dataset wraps the image dataset)
         items = [base[index] for index in range(min(args.metrics_num_samples, len(base)))]
         captions = [item["caption"] for item in items]
-        real = to_uint8(torch.stack([item["pixel_values"] for item in items]))
         generated = to_uint8(sample_prompts(args, family, accelerator, models, None, captions, 1))
-        results = [quality(generated, captions, real)]
-    broadcast_object_list(results)
-    return results[0]
+        return generated, captions, to_uint8(torch.stack([item["pixel_values"] for item in items]))
+
+    return quality.on_main_process(accelerator, samples)
 
 
 # ----------------------------------------------------------------------------------------------
