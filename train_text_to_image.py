@@ -79,9 +79,12 @@ logger = logging.getLogger("train_text_to_image")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    return resolve_args(build_parser(__doc__.split("\n\n")[0]), argv)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """Every flag of the text-to-image trainer (train_controlnet.py adds its own to these)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(parser)
     add_vae_args(parser)
     add_lora_args(parser)
@@ -99,6 +102,12 @@ def parse_args(argv=None):
     add_speed_args(parser, gradient_checkpointing=True)
     add_dreambooth_args(parser)
     add_flow_matching_args(parser)
+    return parser
+
+
+def resolve_args(parser, argv=None, family_of=family_name):
+    """Parse, then fill the defaults the model family decides and check every flag (one-block errors).
+    `family_of(args)`: the run's family name (train_controlnet.py: the ControlNet variant of it)."""
     args = parse_args_with_config(parser, argv, mode_defaults=dreambooth_defaults)  # a DreamBooth run: its defaults
     vars(args).update(dreambooth_aliases(args))
 
@@ -106,9 +115,9 @@ def parse_args(argv=None):
     if env_local_rank != -1 and env_local_rank != args.local_rank:
         args.local_rank = env_local_rank
     # The model family (utils/families/) decides the defaults the diffusers scripts differ in.
-    args.family = family_name(args)
-    args.sdxl = args.family == "sdxl"
+    args.family = family_of(args)
     family = family_for(args.family)
+    args.sdxl = family.sdxl
     vars(args).update({name: value for name, value in family.defaults(args).items() if getattr(args, name) is None})
     vars(args).update(family.implied(args))
     if args.proportion_empty_prompts is not None:  # the SDXL scripts' name for caption dropout
@@ -230,7 +239,7 @@ def main(args):
     with accelerator.main_process_first():
         models = family.load_models(ModelSource.from_args(args), captions_for_new_tokenizer(args, rows))
     check_resolution(args, family, models)
-    settings = TextImageSettings.from_args(args)
+    settings = TextImageSettings.from_args(args, family.conditioning)  # (ControlNet: + conditioning images)
     dataset = build_text_image_dataset(settings, rows, family.tokenizers(models))
     held_out = build_held_out_dataset(settings, held_out_rows, family.tokenizers(models))  # (None: no held-out rows)
     buckets = assign_dataset_buckets(args, dataset)  # --enable_bucket (from the image headers)
@@ -377,7 +386,7 @@ def save_final(args, family, plan, accelerator, models, ema, best: Evaluation | 
     base = args.pretrained_model_name_or_path or f"from scratch ({args.model_preset} preset)"
     write_model_card(args.output_dir, base_model=base, datasets=[args.dataset_name] if args.dataset_name else None,
                      hyperparameters={**redact_args(args), **plan.as_dict()}, validation_grid=grid,
-                     lora=args.use_lora, tags=family.model_card_tags)
+                     lora=args.use_lora, tags=family.model_card_tags, **family.model_card_text(base))
     if args.push_to_hub:
         push_output_dir(args.output_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                         token=args.hub_token, private=args.hub_private_repo)

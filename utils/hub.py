@@ -95,6 +95,7 @@ def write_model_card(
     lora: bool = False,
     repo_id: str | None = None,
     description: str | None = None,
+    usage: str | None = None,
 ) -> str:
     """Write output_dir/README.md (YAML front matter + description, usage, hyperparameters). Returns its path.
 
@@ -104,7 +105,8 @@ def write_model_card(
     say) for a fine-tune, none for a model trained from scratch. tags: default the Stable Diffusion ones. hyperparameters: pass `redact_args(args)`; secrets are dropped again here.
     validation_grid: an image to show; copied to output_dir/validation_grid.png so the card's
     relative link works on the Hub. repo_id: used in the usage snippet (default: the local folder;
-    `push_output_dir` points it at the real repository).
+    `push_output_dir` points it at the real repository). description / usage: the family's own text (usage: its
+    "MODEL_REF" becomes the model's reference).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -135,7 +137,8 @@ def write_model_card(
         if os.path.abspath(validation_grid) != os.path.abspath(target):
             shutil.copyfile(validation_grid, target)
         sections.append(f"## Validation images\n\n![validation images]({VALIDATION_GRID_NAME})")
-    sections.append(_usage_section(model_ref, base_model, "peft" if lora and has_peft_adapters(output_dir) else lora))
+    sections.append(usage.replace("MODEL_REF", model_ref) if usage else
+                    _usage_section(model_ref, base_model, "peft" if lora and has_peft_adapters(output_dir) else lora))
     run_facts = _run_facts(output_dir)
     if run_facts:
         sections.append("## Run\n\n| fact | value |\n| --- | --- |\n" + "\n".join(run_facts))

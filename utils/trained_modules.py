@@ -39,6 +39,9 @@ def configure_training(args, family, accelerator, models, weight_dtype) -> None:
     text_encoders = [models[name] for name in family.text_encoder_names(models)]
     trained_encoders = [models[name] for name in trained_text_encoders(args, family, models)]
     vae.requires_grad_(joint_vae(args))
+    frozen = [models[name] for name in family.frozen_networks(models)]  # ControlNet: the UNet it steers
+    for network in frozen:
+        network.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
     train_text_encoder_fully = args.train_text_encoder and not args.use_lora
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(train_text_encoder_fully and text_encoder in trained_encoders)
@@ -56,10 +59,11 @@ def configure_training(args, family, accelerator, models, weight_dtype) -> None:
         # Trainable LoRA weights must be fp32 for the grad scaler, however fp16 was chosen
         # (flag or accelerate config): otherwise "Attempting to unscale FP16 gradients".
         cast_training_params([denoiser] + trained_encoders, dtype=torch.float32)
-    if args.enable_xformers_memory_efficient_attention:
-        denoiser.enable_xformers_memory_efficient_attention()
-    if args.enable_npu_flash_attention:
-        denoiser.enable_npu_flash_attention()
+    for network in [denoiser] + frozen:
+        if args.enable_xformers_memory_efficient_attention:
+            network.enable_xformers_memory_efficient_attention()
+        if args.enable_npu_flash_attention:
+            network.enable_npu_flash_attention()
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for text_encoder in trained_encoders:

@@ -1,5 +1,5 @@
 """The model families train_text_to_image.py trains, one module each behind one interface (base.py):
-sd.py (SD 1.x/2.x, SDXL), sd3.py (SD3/3.5), flux.py (FLUX.1 dev/schnell), lumina2.py (Lumina-Image-2.0); flow_matching.py holds the rectified flow the transformer families
+sd.py (SD 1.x/2.x, SDXL), controlnet.py (a ControlNet on either: train_controlnet.py), sd3.py (SD3/3.5), flux.py (FLUX.1 dev/schnell), lumina2.py (Lumina-Image-2.0); flow_matching.py holds the rectified flow the transformer families
 share. `family_for(name)` gives the family object a run uses (its name from utils/sd/model_kind.family_name)."""
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def _family(name: str) -> Family:
         from utils.families.lumina2 import Lumina2
 
         return Lumina2()
+    if name in ("sd-controlnet", "sdxl-controlnet"):
+        from utils.families.controlnet import ControlNetSD, ControlNetSDXL
+
+        return ControlNetSDXL() if name == "sdxl-controlnet" else ControlNetSD()
     from utils.families.sd import StableDiffusion, StableDiffusionXL
 
     return StableDiffusionXL() if name == "sdxl" else StableDiffusion()

@@ -15,8 +15,10 @@ import torch
 
 class Family:
     name = ""  # sd, sdxl, sd3, ...
+    sdxl = False  # Stable Diffusion XL's conditioning (two CLIP encoders, pooled prompt, time ids)
     denoiser = "unet"  # the key of the trained network in `models` and its checkpoint subfolder (unet, transformer)
     model_card_tags: list[str] | None = None  # diffusers' model-card tags for the family (None: the card's default)
+    conditioning = None  # ControlNet: how a row's conditioning image is read (utils.sd.controlnet.ConditioningImages)
 
     # --- parse time -------------------------------------------------------------------------------------------
     def defaults(self, args) -> dict:
@@ -73,6 +75,10 @@ class Family:
         timestep (utils.data.held_out_position) with the fixed `noise`, on the VAE posterior mean `latents`."""
         raise NotImplementedError
 
+    def frozen_networks(self, models) -> list[str]:
+        """Networks the run uses but never trains, besides the VAE and text encoders (ControlNet: the UNet)."""
+        return []
+
     def vae_in_float32(self, args) -> bool:
         """Keep the VAE in float32 whatever --mixed_precision (a VAE that overflows in fp16)."""
         return False
@@ -99,6 +105,15 @@ class Family:
         `scheduler`: the validation sampler asked for (None: the training scheduler's inference counterpart)."""
         raise NotImplementedError
 
+    def validation_samples(self, args, prompts: list[str]) -> tuple[list[str], list[dict] | None]:
+        """The validation prompts to sample and, per prompt, extra pipeline arguments (ControlNet: its conditioning
+        image); None: none."""
+        return prompts, None
+
+    def conditions_of(self, items: list[dict]) -> list[dict] | None:
+        """Per held-out sample, the extra pipeline arguments that reproduce its conditions (None: none)."""
+        return None
+
     def pipeline_call_kwargs(self, args) -> dict:
         """Extra keyword arguments of the pipeline's __call__ for this run (e.g. max_sequence_length)."""
         return {}
@@ -107,6 +122,10 @@ class Family:
         """The fine-tuned pipeline in `directory` (output: utils.sd.saving.WeightsOutput; `unwrapped`: the trained
         modules, unwrapped)."""
         raise NotImplementedError
+
+    def model_card_text(self, base_model: str) -> dict:
+        """write_model_card's description/usage for this family's output (empty: the text-to-image card's)."""
+        return {}
 
     def lora_metadata(self, output, models: dict) -> dict:
         """ss_*/modelspec.* metadata of the LoRA file (empty: none)."""

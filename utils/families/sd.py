@@ -78,6 +78,7 @@ class StableDiffusion(Family):
         return diffusion_loss(args, models, batch, monitor)
 
     def held_out_error(self, models, batch, latents, noise, indices, autocast) -> torch.Tensor:
+        from utils.sd.controlnet import controlnet_residuals
         from utils.sd.sdxl import unet_conditioning
         from utils.sd.validation import held_out_timestep
 
@@ -89,8 +90,9 @@ class StableDiffusion(Family):
         target = noise if scheduler.config.prediction_type == "epsilon" \
             else scheduler.get_velocity(latents, noise, timesteps)
         with autocast():
+            residuals = controlnet_residuals(models, batch, noisy_latents, timesteps, encoder_hidden_states, added)
             prediction = models["unet"](noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added,
-                                        return_dict=False)[0]
+                                        **residuals, return_dict=False)[0]
         return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
     def vae_in_float32(self, args) -> bool:

@@ -192,7 +192,8 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
                     "latent_channels_last_single": self.channels_last_single,
                     "crop_top_left": torch.tensor(base.transform.crop_top_left(size, plan.crop, plan.flip, target)),
                     "name": base.file_name(current),  # the mask: at the cached latents' crop (epoch 0's)
-                    **base.mask_item(current, size, base.plan(current, 0, size).crop, plan.flip)}
+                    **base.mask_item(current, size, base.plan(current, 0, size).crop, plan.flip),
+                    **base.conditioning_item(current, size, base.plan(current, 0, size).crop, plan.flip)}
             if self.text is not None:
                 item.update(self._embeddings(caption))
             else:

@@ -363,13 +363,17 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
 
     def __init__(self, rows, image_column, caption_column, transform: ImageTransform, tokenize,
                  seed=None, caption_dropout_prob=0.0, skip_bad_samples=False, source_name="dataset",
-                 tags: CaptionTags | None = None, masked: bool = False, attention_mask=None):
+                 tags: CaptionTags | None = None, masked: bool = False, attention_mask=None, conditioning=None):
         self.rows, self.image_column, self.caption_column = rows, image_column, caption_column
         self.tags = tags or CaptionTags()
         self.transform, self.tokenize = transform, tokenize
         self.seed, self.caption_dropout_prob, self.skip_bad_samples = seed, caption_dropout_prob, skip_bad_samples
         self.source_name, self.epoch, self.num_skipped, self.masked = source_name, 0, 0, masked
         self.attention_mask = attention_mask  # caption -> its tokens' attention mask (--text_encoder_use_attention_mask)
+        self.conditioning = conditioning  # ControlNet: a utils.sd.controlnet.ConditioningImages
+        if conditioning is not None and conditioning.column not in getattr(rows, "column_names", ()):
+            raise UserError(f"--conditioning_image_column '{conditioning.column}' not in {source_name} columns "
+                            f"{getattr(rows, 'column_names', [])}")
         # DreamBooth's class rows (prior preservation): the train loader pairs them with instance rows.
         self.prior = list(rows[PRIOR_COLUMN]) if PRIOR_COLUMN in getattr(rows, "column_names", ()) else None
 
@@ -405,7 +409,8 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
                 "input_ids": self.tokenize(plan.caption), "caption": plan.caption, **self.mask_of(plan.caption),
                 "original_size": torch.tensor([image.height, image.width]),  # SDXL's time ids (h, w)
                 "crop_top_left": torch.tensor(self.transform.crop_top_left(resized.size, plan.crop, plan.flip, target)),
-                "name": self.file_name(index, row), **self.mask_item(index, resized.size, plan.crop, plan.flip, row)}
+                "name": self.file_name(index, row), **self.mask_item(index, resized.size, plan.crop, plan.flip, row),
+                **self.conditioning_item(index, resized.size, plan.crop, plan.flip, row)}
 
     def mask_of(self, caption: str) -> dict:
         """{"attention_mask": ...} with --text_encoder_use_attention_mask, else {}."""
@@ -421,6 +426,17 @@ class TextImageDataset(SkipsBadSamples, EpochDataset):
             return {"mask": torch.ones(1, target[1], target[0])}  # a class image without a mask: all of it trains
         mask = load_mask(row[self.image_column], self.where(index, row))
         return {"mask": transform_mask(mask, resized_size, crop, flip, target)}
+
+    def conditioning_item(self, index: int, resized_size, crop, flip: bool, row=None) -> dict:
+        """ControlNet: {"conditioning_pixel_values": [C, H, W] in [0, 1]} through the same resize, crop and flip as
+        the image; else {}."""
+        if self.conditioning is None:
+            return {}
+        row = self.rows[index] if row is None else row
+        value = row[self.conditioning.column]
+        name = _row_name(value) or f"{self.where(index, row)}, column {self.conditioning.column}"
+        return {"conditioning_pixel_values": self.conditioning(value, name, resized_size, crop, flip,
+                                                               self.transform.target(self.target(index)))}
 
     def file_name(self, index: int, row=None) -> str:
         """The image's file name (--debug_loss logs under it), or "row N"."""
@@ -446,6 +462,8 @@ def collate_text_image(examples: list[dict]) -> dict:
         "captions": [e["caption"] for e in examples],
         "names": [e["name"] for e in examples],
         **({"mask": torch.stack([e["mask"] for e in examples])} if "mask" in examples[0] else {}),
+        **({"conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples])}
+           if "conditioning_pixel_values" in examples[0] else {}),
         **({"attention_mask": torch.stack([e["attention_mask"] for e in examples])}
            if "attention_mask" in examples[0] else {}),
     }
@@ -508,12 +526,15 @@ class TextImageSettings:
     text_encoder_use_attention_mask: bool  # samples carry the tokenizer's attention mask for the text encoder
     source_name: str  # the data's name in messages
     tags: CaptionTags  # --shuffle_caption, --keep_tokens, ...
+    conditioning: object = None  # ControlNet: the conditioning images (utils.sd.controlnet.ConditioningImages)
 
     @classmethod
-    def from_args(cls, args) -> "TextImageSettings":
-        """The flags of the same names; the source named by data_source(), the caption options by caption_tags()."""
-        plain = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in ("source_name", "tags")}
-        return cls(**plain, source_name=data_source(args), tags=caption_tags(args))
+    def from_args(cls, args, conditioning=None) -> "TextImageSettings":
+        """The flags of the same names; the source named by data_source(), the caption options by caption_tags();
+        `conditioning`: the family's (ControlNet)."""
+        plain = {f.name: getattr(args, f.name) for f in fields(cls)
+                 if f.name not in ("source_name", "tags", "conditioning")}
+        return cls(**plain, source_name=data_source(args), tags=caption_tags(args), conditioning=conditioning)
 
 
 def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> TextImageDataset:
@@ -547,7 +568,8 @@ def build_text_image_dataset(settings: TextImageSettings, rows, tokenizer) -> Te
                                skip_bad_samples=settings.skip_bad_samples, source_name=settings.source_name,
                                tags=settings.tags, masked=settings.masked_loss,
                                attention_mask=(lambda caption: tokenized(caption, "attention_mask"))
-                               if settings.text_encoder_use_attention_mask else None)
+                               if settings.text_encoder_use_attention_mask else None,
+                               conditioning=settings.conditioning)
     if settings.masked_loss:  # (class images of prior preservation may go without: they train whole)
         check_masks(rows, settings.image_column, settings.source_name, dataset.prior)
     return dataset

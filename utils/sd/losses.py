@@ -26,6 +26,7 @@ from diffusers.training_utils import compute_dream_and_update_latents, compute_s
 from utils.cache import sample_cached_latents
 from utils.errors import UserError
 from utils.latents import encode_latents, scale_latents
+from utils.sd.controlnet import controlnet_residuals
 from utils.sd.edm import edm_denoised, edm_inputs, edm_loss, is_edm_run
 from utils.sd.masks import latent_mask
 from utils.sd.sdxl import unet_conditioning
@@ -201,7 +202,8 @@ def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
             unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
             args.dream_detail_preservation)
     model_pred = unet(model_input, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions,
-                      return_dict=False)[0]
+                      **controlnet_residuals(models, batch, model_input, timesteps, encoder_hidden_states,
+                                             added_conditions), return_dict=False)[0]
     if edm:
         model_pred = edm_denoised(noise_scheduler, model_pred, noisy_latents, sigmas)
 

@@ -51,7 +51,9 @@ def save_weights(output: WeightsOutput, family, accelerator, models: dict, text_
     else:
         with atomic_directory(directory) as temp:
             write_weights(output, family, models, unwrapped, trained, temp)
-    logger.info(f"Saved the {'LoRA weights' if output.lora_format else 'pipeline'} to {directory}")
+    what = "LoRA weights" if output.lora_format else "pipeline" if family.denoiser in ("unet", "transformer") \
+        else family.denoiser
+    logger.info(f"Saved the {what} to {directory}")
 
 
 def lora_metadata(output: WeightsOutput, unet, noise_scheduler) -> dict:

@@ -19,9 +19,11 @@ def validation_prompts(args) -> list[str]:
 
 
 @torch.no_grad()
-def sample_prompts(args, family, accelerator, models, ema, prompts: list[str], per_prompt: int) -> list:
+def sample_prompts(args, family, accelerator, models, ema, prompts: list[str], per_prompt: int,
+                   conditions: list[dict] | None = None) -> list:
     """`per_prompt` images of each prompt, sampled with the training modules themselves (no second copy; the EMA
-    weights when there is an EMA, the training weights put back after) through the family's pipeline, seeded."""
+    weights when there is an EMA, the training weights put back after) through the family's pipeline, seeded.
+    `conditions`: per prompt, extra pipeline arguments (a ControlNet's conditioning image)."""
     denoiser = accelerator.unwrap_model(models[family.denoiser])
     with ema_weights(ema, denoiser.parameters()):
         components = {name: accelerator.unwrap_model(module) if isinstance(module, torch.nn.Module) else module
@@ -33,13 +35,13 @@ def sample_prompts(args, family, accelerator, models, ema, prompts: list[str], p
         images = []
         was_training = denoiser.training
         denoiser.eval()
-        for prompt in prompts:
+        for prompt, condition in zip(prompts, conditions or [{}] * len(prompts)):
             for _ in range(per_prompt):
                 with forward_autocast(accelerator, everywhere=True):
                     images.append(pipeline(prompt, num_inference_steps=args.validation_inference_steps,
                                            generator=generator, guidance_scale=args.validation_guidance_scale,
                                            height=args.resolution, width=args.resolution,
-                                           **family.pipeline_call_kwargs(args)).images[0])
+                                           **condition, **family.pipeline_call_kwargs(args)).images[0])
         denoiser.train(was_training)
     del pipeline
     offload_cached_encoders(models, args)
@@ -53,7 +55,8 @@ def log_validation(args, family, accelerator, models, ema, step, weight_dtype, f
                                            else [])
     if not prompts:
         return None
-    images = sample_prompts(args, family, accelerator, models, ema, prompts, args.num_validation_images)
+    prompts, conditions = family.validation_samples(args, prompts)
+    images = sample_prompts(args, family, accelerator, models, ema, prompts, args.num_validation_images, conditions)
     captions = [prompt for prompt in prompts for _ in range(args.num_validation_images)]
     return save_and_log_images(accelerator, images, args.output_dir, "validation", step, captions,
                                columns=args.num_validation_images if args.num_validation_images > 1 else None)
@@ -69,7 +72,8 @@ def held_out_quality(args, family, accelerator, models, held_out, quality) -> di
         base = getattr(held_out, "base", held_out)  # (the cache's dataset wraps the image dataset)
         items = [base[index] for index in range(min(args.metrics_num_samples, len(base)))]
         captions = [item["caption"] for item in items]
-        generated = to_uint8(sample_prompts(args, family, accelerator, models, None, captions, 1))
+        generated = to_uint8(sample_prompts(args, family, accelerator, models, None, captions, 1,
+                                            family.conditions_of(items)))
         return generated, captions, to_uint8(torch.stack([item["pixel_values"] for item in items]))
 
     return quality.on_main_process(accelerator, samples)
