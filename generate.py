@@ -9,6 +9,8 @@ Loads any of what train_text_to_image.py writes and samples with diffusers' Stab
     python generate.py --model BASE --lora sd-lora-out --lora_scale 0.8 --prompt "..."
     # an intermediate checkpoint: its UNet (or EMA UNet) on top of the base/final pipeline
     python generate.py --checkpoint sd-model-finetuned/checkpoint-500 --ema --prompt "..."
+    # a ControlNet (train_controlnet.py's output, or checkpoint-N/controlnet) under a conditioning image
+    python generate.py --model BASE --controlnet controlnet-model --control_image edges.png --prompt "..."
     # a mask-conditioned DiT (train_mask_dit.py): one image set per mask file
     python generate.py --model mask-dit-out --mask masks/ --num_images 2
     # a single-file checkpoint (AUTOMATIC1111 / ComfyUI layout), configs from a pipeline folder
@@ -88,6 +90,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="LoRA weights to load on top of --model: a folder with "
                             "pytorch_lora_weights.safetensors, or the file.")
     model.add_argument("--lora_scale", type=float, default=1.0, help="Strength of the LoRA (0 = base model only).")
+    model.add_argument("--controlnet", type=str, default=None,
+                       help="A ControlNet for --model (train_controlnet.py's --output_dir, a checkpoint-N/controlnet "
+                            "folder, or a Hub id): samples with diffusers' ControlNet pipeline under --control_image.")
+    model.add_argument("--control_image", type=str, default=None,
+                       help="With --controlnet: the conditioning image (resized and centre-cropped to the output size; "
+                            "a class-index mask when the ControlNet was trained with --conditioning_num_classes).")
+    model.add_argument("--controlnet_scale", type=float, default=1.0,
+                       help="With --controlnet: the strength of its residuals (the pipelines' "
+                            "controlnet_conditioning_scale; 0 = the base model alone).")
     model.add_argument("--mask", type=str, default=None,
                        help="For a mask-conditioned DiT (train_mask_dit.py's output as --model): a "
                             "mask image or a folder of "
@@ -168,6 +179,12 @@ def validate_args(args) -> None:
         raise UserError("--mask (mask DiT) takes --model and an optional --prompt; --checkpoint, --lora and "
                         "--prompts_file are "
                         "Stable Diffusion options.")
+    if (args.controlnet is None) != (args.control_image is None):
+        raise UserError("--controlnet and --control_image go together: a ControlNet samples under a conditioning image.")
+    if args.control_image is not None and not os.path.isfile(args.control_image):
+        raise UserFileNotFoundError(f"--control_image {args.control_image}: no such file")
+    if args.controlnet is not None and (args.mask is not None or args.export is not None):
+        raise UserError("--controlnet samples a Stable Diffusion (XL) pipeline; it cannot go with --mask or --export.")
     if args.ema and args.checkpoint is None:
         raise UserError("--ema picks checkpoint-N/unet_ema, so it needs --checkpoint (a final pipeline "
                         "already holds the EMA weights).")
@@ -278,9 +295,39 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     if args.lora is not None:
         load_lora(pipe, args.lora)
         description, lora_source = f"{description} + LoRA {args.lora}", args.lora
+    if args.controlnet is not None:
+        pipe = with_controlnet(pipe, args.controlnet, dtype)
+        description = f"{description} + ControlNet {args.controlnet}"
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, description, lora_source
+
+
+def with_controlnet(pipe, path: str, dtype: torch.dtype):
+    """The ControlNet pipeline of `pipe`'s components (diffusers' `from_pipe`) with the ControlNet at `path`."""
+    import diffusers
+
+    if denoiser_name(pipe) != "unet":
+        raise UserError(f"--controlnet: {type(pipe).__name__} is not a Stable Diffusion (XL) pipeline; "
+                        "train_controlnet.py's ControlNets steer SD 1.x/2.x and XL.")
+    controlnet = diffusers.ControlNetModel.from_pretrained(path, **dtype_kwarg(dtype))
+    xl = getattr(pipe, "text_encoder_2", None) is not None
+    pipeline_class = diffusers.StableDiffusionXLControlNetPipeline if xl else diffusers.StableDiffusionControlNetPipeline
+    return pipeline_class.from_pipe(pipe, controlnet=controlnet)
+
+
+def control_image(args, height: int, width: int, device, dtype) -> dict:
+    """The pipeline's conditioning arguments for --control_image ({} without --controlnet): the image as
+    train_controlnet.py fed it (RGB in [0, 1], or one-hot class masks per the ControlNet's conditioning.json)."""
+    from utils.families.controlnet import CONDITIONING_FILE
+    from utils.sd.controlnet import ConditioningImages
+
+    if args.controlnet is None:
+        return {}
+    settings = os.path.join(args.controlnet, CONDITIONING_FILE)
+    num_classes = json.load(open(settings, encoding="utf-8"))["num_classes"] if os.path.isfile(settings) else None
+    image = ConditioningImages("control_image", num_classes).at_size(args.control_image, width, height)
+    return {"image": image[None].to(device, dtype), "controlnet_conditioning_scale": args.controlnet_scale}
 
 
 def denoiser_name(pipe) -> str:
@@ -407,8 +454,10 @@ def png_metadata(settings: dict) -> PngInfo:
     return info
 
 
-def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir: str) -> list[tuple[Job, str, object]]:
-    """Run the pipeline over `jobs` in batches; returns (job, png path, PIL image) in job order."""
+def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir: str,
+             conditions: dict | None = None) -> list[tuple[Job, str, object]]:
+    """Run the pipeline over `jobs` in batches; returns (job, png path, PIL image) in job order. `conditions`: more
+    pipeline arguments for every batch (a ControlNet's image and scale)."""
     results = []
     scale = {"scale": settings["lora_scale"]} if settings.get("lora") else None
     accepted = inspect.signature(pipe.__call__).parameters  # the pipelines' names for the same thing (LoRA scale)
@@ -427,6 +476,7 @@ def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir:
                 width=settings["width"],
                 generator=generators,
                 **attention_kwargs,
+                **(conditions or {}),
             ).images
             for job, image in zip(batch, images):
                 path = os.path.join(
@@ -475,6 +525,8 @@ def sd_main(args, device, dtype) -> list[str]:
         "model": model_description,
         "lora": lora_source,
         "lora_scale": args.lora_scale if lora_source else None,
+        **({"controlnet": args.controlnet, "control_image": args.control_image,
+            "controlnet_scale": args.controlnet_scale} if args.controlnet else {}),
         "dtype": str(dtype).replace("torch.", ""),
     }
     jobs = [Job(p, i, prompt, seed + i) for p, prompt in enumerate(prompts) for i in range(args.num_images)]
@@ -482,7 +534,8 @@ def sd_main(args, device, dtype) -> list[str]:
           f"{settings['steps']} {scheduler} steps, guidance {settings['guidance_scale']}, seed {seed}, on {device} "
           f"({settings['dtype']}).")
 
-    results = generate(pipe, jobs, settings, args.batch_size, args.output_dir)
+    results = generate(pipe, jobs, settings, args.batch_size, args.output_dir,
+                       control_image(args, settings["height"], settings["width"], device, dtype))
     grid_path = os.path.join(args.output_dir, "grid.png")
     make_grid([image for _, _, image in results], columns=args.num_images if len(prompts) > 1 else None).save(grid_path)
     print(f"Saved {len(results)} image(s) and {grid_path}")

@@ -16,7 +16,8 @@ from tests.conftest import REPO_ROOT
 TRAINERS = ["train_text_to_image", "train_mask_dit", "train_segmentation_tpu"]
 MINIMAL_ARGV = {"train_text_to_image": ["--train_data_dir", "x", "--model_preset", "tiny"],
                 "train_mask_dit": ["--train_data_dir", "x"], "train_segmentation_tpu": ["--dataset_dir", "x"],
-                "generate": ["--model", "x", "--prompt", "p"]}
+                "generate": ["--model", "x", "--prompt", "p"],
+                "train_controlnet": ["--pretrained_model_name_or_path", "p", "--dataset_name", "d"]}
 
 
 def repo_path(*parts):
@@ -65,7 +66,7 @@ def test_every_module_is_in_the_layout_map():
     assert not set(listed) - set(modules), f"docs/LAYOUT.md lists modules that do not exist: {set(listed) - set(modules)}"
 
 
-@pytest.mark.parametrize("script_name", [*TRAINERS, "generate"])
+@pytest.mark.parametrize("script_name", [*TRAINERS, "train_controlnet", "generate"])
 def test_every_accepted_flag_is_read_by_the_code_the_script_runs(script_name):
     """A flag's dest must be read (`args.x`, `getattr(args, "x"`; `known.config`: utils/config.py's pre-parser) in
     the script or a module it imports."""

@@ -13,7 +13,8 @@ import torch
 
 from utils.families.sd import StableDiffusion, StableDiffusionXL
 from utils.latents import vae_scale_factor
-from utils.sd.controlnet import ConditioningImages, check_controlnet_args, load_controlnet, validation_pairs
+from utils.sd.controlnet import (ConditioningImages, ControlNetSettings, check_controlnet_args, load_controlnet,
+                                 validation_pairs)
 
 CONDITIONING_FILE = "conditioning.json"  # how generate.py reads a control image for this ControlNet
 
@@ -22,7 +23,7 @@ class ControlNetMixin:
     denoiser = "controlnet"
     model_card_tags = ["controlnet", "diffusers-training"]
     conditioning: ConditioningImages | None = None
-    controlnet_path: str | None = None
+    settings: ControlNetSettings | None = None  # configure()
     crops_coords: tuple[int, int] | None = None  # SDXL: fixed crop coordinates for the time ids
 
     def defaults(self, args) -> dict:
@@ -36,18 +37,15 @@ class ControlNetMixin:
 
     def configure(self, args) -> None:
         super().configure(args)
-        root = os.path.dirname(os.path.abspath(args.train_data_file)) if args.train_data_file else args.train_data_dir
-        self.conditioning = ConditioningImages(args.conditioning_image_column, args.conditioning_num_classes,
-                                               args.image_interpolation_mode, root)
-        self.controlnet_path, self.revision, self.variant = (args.controlnet_model_name_or_path, args.revision,
-                                                             args.variant)
-        if args.crops_coords_top_left_h is not None or args.crops_coords_top_left_w is not None:
-            self.crops_coords = (args.crops_coords_top_left_h or 0, args.crops_coords_top_left_w or 0)
+        self.settings = ControlNetSettings.from_args(args)
+        self.conditioning, self.crops_coords = self.settings.conditioning(), self.settings.crops_coords()
 
     def load_models(self, source, captions_for_tokenizer) -> dict:
         models = super().load_models(source, captions_for_tokenizer)
-        models["controlnet"] = load_controlnet(self.controlnet_path, models["unet"], self.conditioning.channels,
-                                               vae_scale_factor(models["vae"]), self.revision, self.variant)
+        settings = self.settings
+        models["controlnet"] = load_controlnet(settings.controlnet_model_name_or_path, models["unet"],
+                                               self.conditioning.channels, vae_scale_factor(models["vae"]),
+                                               settings.revision, settings.variant)
         return models
 
     def frozen_networks(self, models) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -91,6 +91,37 @@ def validation_pairs(prompts: list[str], images: list[str]) -> list[tuple[str, s
     elif len(prompts) == 1:
         prompts = prompts * len(images)
     return list(zip(prompts, images))
+
+
+@dataclass(frozen=True)
+class ControlNetSettings:
+    """train_controlnet.py's ControlNet flags, typed (`from_args`: the flags of the same names)."""
+
+    controlnet_model_name_or_path: str | None
+    conditioning_image_column: str
+    conditioning_num_classes: int | None
+    image_interpolation_mode: str
+    train_data_file: str | None  # (relative conditioning paths are relative to the data's table or folder)
+    train_data_dir: str | None
+    revision: str | None
+    variant: str | None
+    crops_coords_top_left_h: int | None
+    crops_coords_top_left_w: int | None
+
+    @classmethod
+    def from_args(cls, args) -> "ControlNetSettings":
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+
+    def conditioning(self) -> "ConditioningImages":
+        root = os.path.dirname(os.path.abspath(self.train_data_file)) if self.train_data_file else self.train_data_dir
+        return ConditioningImages(self.conditioning_image_column, self.conditioning_num_classes,
+                                  self.image_interpolation_mode, root)
+
+    def crops_coords(self) -> tuple[int, int] | None:
+        """SDXL's fixed crop coordinates for the time ids (None: each sample's own crop)."""
+        if self.crops_coords_top_left_h is None and self.crops_coords_top_left_w is None:
+            return None
+        return self.crops_coords_top_left_h or 0, self.crops_coords_top_left_w or 0
 
 
 @dataclass(frozen=True)
