@@ -239,7 +239,7 @@ def main(args):
     with accelerator.main_process_first():
         models = family.load_models(ModelSource.from_args(args), captions_for_new_tokenizer(args, rows))
     check_resolution(args, family, models)
-    settings = TextImageSettings.from_args(args, family.conditioning)  # (ControlNet: + conditioning images)
+    settings = TextImageSettings.from_args(args, family.conditioning_images)  # (ControlNet: + conditioning images)
     dataset = build_text_image_dataset(settings, rows, family.tokenizers(models))
     held_out = build_held_out_dataset(settings, held_out_rows, family.tokenizers(models))  # (None: no held-out rows)
     buckets = assign_dataset_buckets(args, dataset)  # --enable_bucket (from the image headers)

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from benchmarks import bench_text_to_image as bench
 from benchmarks import harness
@@ -253,3 +254,41 @@ def test_gpu_suite_compares_the_loss_curves_of_paired_parts():
     far = compare_losses({"a": run([1.0, 0.5], 1.0), "b": run([1.5, 0.5], 1.0)}, "a_vs_b", "a", "b", 0.05, "x")
     assert far["status"] == "fail" and "x losses differ by 25.0%" in far["reason"]
     assert compare_losses({"a": run([1.0], 1.0)}, "a_vs_b", "a", "b", 0.05, "x")["status"] == "skip"
+
+
+def test_fundus_comparison_thumbnail_kid_is_the_unbiased_mmd_of_the_thumbnails():
+    """benchmarks/fundus_mask_vs_controlnet.py's KID against a direct computation: the unbiased MMD^2 with
+    KID's kernel k(x, y) = (x.y / d + 1)^3 on the 16x16 thumbnails."""
+    from benchmarks.fundus_mask_vs_controlnet import Thumbnails, thumbnail_kid
+
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand(10, 3, 32, 32, generator=generator)
+    fake = torch.rand(10, 3, 32, 32, generator=generator) * 0.5  # darker: a KID well away from 0
+    x = Thumbnails()((fake * 255).round().to(torch.uint8)).double()
+    y = Thumbnails()((real * 255).round().to(torch.uint8)).double()
+
+    def kernel(a, b):
+        return (a @ b.T / a.shape[1] + 1) ** 3
+
+    def mmd(a, b):
+        n = len(a)
+        kaa, kbb, kab = kernel(a, a), kernel(b, b), kernel(a, b)
+        return ((kaa.sum() - kaa.diag().sum()) / (n * (n - 1)) + (kbb.sum() - kbb.diag().sum()) / (n * (n - 1))
+                - 2 * kab.mean()).item()
+
+    assert thumbnail_kid(fake, real) == pytest.approx(mmd(x, y), rel=1e-4)  # (float32 vs float64)
+
+
+@pytest.mark.slow
+def test_fundus_comparison_runs_both_approaches(tmp_path):
+    """The plumbing at a few steps: both approaches train from nothing, are scored on the same held-out masks, and
+    results.json / grid.png are written."""
+    from benchmarks.fundus_mask_vs_controlnet import main
+
+    results = main(["--output_dir", str(tmp_path), "--quick"])
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["held_out_pairs"] == 16 and saved["ceiling"]["mask_iou_real_images"] > 0.5
+    for approach in ("mask_dit", "sd_controlnet"):
+        assert set(saved[approach]) >= {"train_minutes", "psnr", "ssim", "mask_iou", "kid_thumbnails"}
+        assert saved[approach]["psnr"] == pytest.approx(results[approach]["psnr"])
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "sd" / "model_index.json").is_file()

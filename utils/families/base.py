@@ -18,7 +18,7 @@ class Family:
     sdxl = False  # Stable Diffusion XL's conditioning (two CLIP encoders, pooled prompt, time ids)
     denoiser = "unet"  # the key of the trained network in `models` and its checkpoint subfolder (unet, transformer)
     model_card_tags: list[str] | None = None  # diffusers' model-card tags for the family (None: the card's default)
-    conditioning = None  # ControlNet: how a row's conditioning image is read (utils.sd.controlnet.ConditioningImages)
+    conditioning_images = None  # ControlNet: how a row's conditioning image is read (utils.sd.controlnet.ConditioningImages)
 
     # --- parse time -------------------------------------------------------------------------------------------
     def defaults(self, args) -> dict:

@@ -22,7 +22,7 @@ CONDITIONING_FILE = "conditioning.json"  # how generate.py reads a control image
 class ControlNetMixin:
     denoiser = "controlnet"
     model_card_tags = ["controlnet", "diffusers-training"]
-    conditioning: ConditioningImages | None = None
+    conditioning_images: ConditioningImages | None = None
     settings: ControlNetSettings | None = None  # configure()
     crops_coords: tuple[int, int] | None = None  # SDXL: fixed crop coordinates for the time ids
 
@@ -38,13 +38,13 @@ class ControlNetMixin:
     def configure(self, args) -> None:
         super().configure(args)
         self.settings = ControlNetSettings.from_args(args)
-        self.conditioning, self.crops_coords = self.settings.conditioning(), self.settings.crops_coords()
+        self.conditioning_images, self.crops_coords = self.settings.conditioning(), self.settings.crops_coords()
 
     def load_models(self, source, captions_for_tokenizer) -> dict:
         models = super().load_models(source, captions_for_tokenizer)
         settings = self.settings
         models["controlnet"] = load_controlnet(settings.controlnet_model_name_or_path, models["unet"],
-                                               self.conditioning.channels, vae_scale_factor(models["vae"]),
+                                               self.conditioning_images.channels, vae_scale_factor(models["vae"]),
                                                settings.revision, settings.variant)
         return models
 
@@ -71,7 +71,7 @@ class ControlNetMixin:
         """The --validation_prompt/--validation_image pairs: the prompts, each with its conditioning image."""
         pairs = validation_pairs(prompts, args.validation_image or [])
         return [prompt for prompt, _ in pairs], [
-            {"image": self.conditioning.at_size(path, args.resolution, args.resolution)[None]} for _, path in pairs]
+            {"image": self.conditioning_images.at_size(path, args.resolution, args.resolution)[None]} for _, path in pairs]
 
     def conditions_of(self, items: list[dict]) -> list[dict] | None:
         return [{"image": item["conditioning_pixel_values"][None]} for item in items]
@@ -92,7 +92,7 @@ class ControlNetMixin:
     def write_pipeline(self, output, models, unwrapped, directory) -> None:
         unwrapped["controlnet"].save_pretrained(directory)
         with open(os.path.join(directory, CONDITIONING_FILE), "w", encoding="utf-8") as handle:
-            json.dump({"num_classes": self.conditioning.num_classes, "base_model": output.base}, handle, indent=1)
+            json.dump({"num_classes": self.conditioning_images.num_classes, "base_model": output.base}, handle, indent=1)
 
 
 class ControlNetSD(ControlNetMixin, StableDiffusion):
