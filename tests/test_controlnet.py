@@ -337,3 +337,39 @@ def test_a_missing_conditioning_column_or_a_foreign_pipeline_is_refused(tiny_pip
         run_main_in_process(script, our_args(tiny_pipeline_dir, fill10, tmp_path, 1,
                                              ["--conditioning_image_column", "hint"]))
     assert not os.path.exists(tmp_path / "diffusion_pytorch_model.safetensors")
+
+
+def test_held_out_metrics_sample_each_held_out_row_under_its_own_conditioning_image(tiny_pipeline_dir, fill10,
+                                                                                    tmp_path, monkeypatch):
+    """--validation_split with --validation_metrics kid: val/kid is logged, and the held-out samples were drawn
+    under the held-out rows' own conditioning images (recorded at the pipeline call)."""
+    import datasets
+    from diffusers import StableDiffusionControlNetPipeline
+
+    import train_controlnet as script
+    from utils.sd.controlnet import ConditioningImages
+
+    class Pooled(torch.nn.Module):
+        def forward(self, images):
+            return torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 4).flatten(1)
+
+    extractor = str(tmp_path / "features.pt")
+    torch.jit.script(Pooled()).save(extractor)
+    seen, original = [], StableDiffusionControlNetPipeline.__call__
+
+    def recording(self, prompt=None, image=None, **kwargs):
+        seen.append(image.clone())
+        return original(self, prompt, image=image, **kwargs)
+    monkeypatch.setattr(StableDiffusionControlNetPipeline, "__call__", recording)
+    out = tmp_path / "out"
+    run_main_in_process(script, our_args(tiny_pipeline_dir, fill10, out, 2, [
+        "--validation_split", "0.3", "--validation_metrics", "kid", "--metrics_feature_extractor", extractor,
+        "--validation_steps", "2", "--validation_inference_steps", "1", "--train_batch_size", "1"]))
+    assert logged(out, "val/kid") and seen
+    rows = datasets.load_dataset(fill10, split="train")
+    references = [ConditioningImages("conditioning_image", None, "lanczos").at_size(row["conditioning_image"], 32, 32)
+                  for row in rows]
+    matched = [min(range(len(references)), key=lambda i: (references[i] - image[0]).abs().max().item())
+               for image in seen]
+    assert all((references[i] - image[0]).abs().max() < 1e-6 for i, image in zip(matched, seen))
+    assert len(set(matched)) == len(seen) == 3  # the 3 held-out rows, each under its own image
