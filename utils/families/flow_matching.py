@@ -117,8 +117,9 @@ def check_files_asked(args, family: str, kohya: bool = False) -> None:
     from utils.sd.model_kind import is_single_file
 
     refuse_not_yet(family, {"--save_single_file": args.save_single_file,
-                            "--lora_type other than lora": lora_type_of(args) != "lora",
-                            "--lora_format kohya": args.use_lora and args.lora_format == "kohya" and not kohya})
+                            f"--lora_type {lora_type_of(args)}": lora_type_of(args) not in ("lora", "dora"),
+                            "--lora_format kohya": args.use_lora and args.lora_format == "kohya" and not kohya,
+                            "--lora_format kohya with DoRA": lora_type_of(args) == "dora" and args.lora_format == "kohya"})
     if is_single_file(args.pretrained_model_name_or_path):
         raise UserError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a single-file "
                         f"{family} checkpoint; training from one is not available yet: give the diffusers pipeline "

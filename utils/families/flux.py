@@ -7,6 +7,7 @@ of diffusers' train_dreambooth_flux.py and train_dreambooth_lora_flux.py (main, 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -16,6 +17,8 @@ from utils.checkpointing import own_memory
 from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
 from utils.latents import vae_scale_factor
+
+logger = logging.getLogger(__name__)
 
 CLIP_LENGTH = 77
 # diffusers' FLUX LoRA script's default targets: attention and feed-forward of the double-stream blocks
@@ -140,7 +143,10 @@ class Flux(FlowMatchingFamily):
         path = None
         if lora_format in ("diffusers", "both"):
             path = super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)
-        if lora_format in ("kohya", "both"):
+        if lora_format == "both" and denoiser.peft_config["default"].use_dora:
+            logger.info("DoRA: the LoRA is written in diffusers' layout only (kohya's FLUX layout has no DoRA "
+                        "magnitudes).")
+        elif lora_format in ("kohya", "both"):
             kohya_path = save_flux_kohya_lora(directory, denoiser, encoders.get("text_encoder"), metadata, dtype)
             path = path or kohya_path
         return path
