@@ -30,7 +30,8 @@ from accelerate.utils import DataLoaderConfiguration
 
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, record_buckets
-from utils.cache import add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders, resolve_cache_args
+from utils.cache import (CacheSettings, add_cache_args, cached_encoders_on, collate_cached, offload_cached_encoders,
+                         resolve_cache_args)
 from utils.checkpointing import check_finite_before_saving, register_checkpoint_hooks, resume_position
 from utils.config import parse_args_with_config
 from utils.data import (add_data_source_args, add_image_caption_args, epoch_batches, held_out_position,
@@ -40,13 +41,13 @@ from utils.evaluation import Evaluation, add_evaluation_args
 from utils.errors import UserError, oom_hint, user_entry_point
 from utils.latents import vae_scale_factor
 from utils.families.flow_matching import add_timestep_density_args
-from utils.mask_dit.cache import cache_paired_datasets, paired_rows_fingerprint
+from utils.mask_dit.cache import CaptionEncoding, cache_paired_datasets, paired_rows_fingerprint
 from utils.mask_dit.conditioning import Conditioner
 from utils.mask_dit.data import (PairedImageMaskDataset, assign_pair_buckets, collate_pairs, hub_records,
                                  scan_paired_folder, select_fraction, usable_records)
 from utils.mask_dit.flow_matching import (LOSS_WEIGHTING, SAMPLERS, TIMESTEP_SAMPLING, flow_matching_loss, interpolate,
                                           loss_weights, sample_timesteps)
-from utils.mask_dit.metrics import held_out_quality, log_samples
+from utils.mask_dit.metrics import MaskSampling, held_out_quality, log_samples
 from utils.mask_dit.nextdit import MODEL_PRESETS, build_mask_nextdit, load_pretrained_nextdit
 from utils.mask_dit.pipeline import MaskDiTPipeline, caption_width, load_vae, save_mask_dit_pipeline
 from utils.optim import (add_adam_args, add_lr_schedule_args, add_optimizer_args, apply_update, create_optimizer,
@@ -288,16 +289,18 @@ def evaluation_for(args, accelerator, model, pipeline, conditioner, held_out, he
         metrics = {"val/loss": validation_loss(accelerator, model, conditioner, held_out_dataloader, args)}
         if quality is not None:
             transformer.eval()
-            with cached_encoders_on(accelerator.device, encoders, args):
-                metrics.update(held_out_quality(accelerator, pipeline, held_out, args, quality))
+            with cached_encoders_on(accelerator.device, encoders, CacheSettings.from_args(args)):
+                metrics.update(held_out_quality(accelerator, pipeline, held_out, MaskSampling.from_args(args),
+                                                quality))
             transformer.train()
         return metrics
 
     def report(step: int, metrics: dict, improved: bool, final: bool) -> None:
         if accelerator.is_main_process and held_out is not None and args.num_validation_images > 0:
             transformer.eval()
-            with cached_encoders_on(accelerator.device, encoders, args):
-                metrics = {**metrics, **log_samples(accelerator, pipeline, held_out, args, step)}
+            with cached_encoders_on(accelerator.device, encoders, CacheSettings.from_args(args)):
+                metrics = {**metrics, **log_samples(accelerator, pipeline, held_out, MaskSampling.from_args(args),
+                                                    step)}
             transformer.train()
         if metrics:
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -321,6 +324,17 @@ def save_final(args, accelerator, pipeline, ema) -> None:
         logger.info(f"Saved the mask DiT to {args.output_dir}")
 
 
+def cache_datasets(args, accelerator, datasets: list, vae, tokenizer, text_encoder):
+    """--cache_latents / --cache_text_embeddings: the datasets read from their caches (built first where missing),
+    the empty caption's cached embedding, and the encoders by name (those the caches replace leave the device)."""
+    cache = CacheSettings.from_args(args)
+    datasets, empty_caption = cache_paired_datasets(datasets, vae, tokenizer, text_encoder, cache,
+                                                    CaptionEncoding.from_args(args), accelerator)
+    encoders = {"vae": vae, "text_encoder": text_encoder}
+    offload_cached_encoders(encoders, cache)
+    return datasets, empty_caption, encoders
+
+
 def main(args):
     accelerator = create_accelerator(args, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     claim_output_dir(args, accelerator)  # created, locked for this run, a restarted run's checkpoints discarded
@@ -334,10 +348,8 @@ def main(args):
     # Data: images, or the VAE latents / caption embeddings cached on disk (then the encoders leave the device).
     train_dataset, held_out = build_datasets(args)
     buckets = assign_pair_buckets(args, train_dataset)  # --enable_bucket (held-out pairs stay square)
-    (train_dataset, held_out_for_loss), empty_caption = cache_paired_datasets(
-        [train_dataset, held_out], vae, tokenizer, text_encoder, args, accelerator)
-    encoders = {"vae": vae, "text_encoder": text_encoder}
-    offload_cached_encoders(encoders, args)
+    (train_dataset, held_out_for_loss), empty_caption, encoders = cache_datasets(
+        args, accelerator, [train_dataset, held_out], vae, tokenizer, text_encoder)
     collate = collate_cached if args.cache_latents or args.cache_text_embeddings else collate_pairs
     conditioner = Conditioner(args, vae, tokenizer, text_encoder, empty_caption)
     # --train_batch_size auto: probe real steps of this loss (its randomness from a generator of its own).

@@ -32,7 +32,7 @@ from diffusers.optimization import get_scheduler
 
 from utils.auto_batch import add_auto_batch_args, resolve_auto_batch_size_for
 from utils.buckets import add_bucket_args, check_bucket_args, check_bucket_combinations, record_buckets
-from utils.cache import add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args
+from utils.cache import CacheSettings, add_cache_args, collate_cached, offload_cached_encoders, resolve_cache_args
 from utils.checkpointing import resume_position
 from utils.config import parse_args_with_config
 from utils.data import epoch_batches, make_train_dataloader
@@ -67,7 +67,8 @@ from utils.sd.saving import WeightsOutput, save_weights
 from utils.sd.single_file import add_single_file_args
 from utils.sd.vae_training import (VaeStageSettings, add_vae_args, check_vae_args, joint_vae, latent_scaling_factor,
                                   load_finished_stage, train_vae_stage)
-from utils.sd.validation import held_out_loss, held_out_quality, log_validation, validation_prompts
+from utils.sd.validation import (ValidationSettings, held_out_loss, held_out_quality, log_validation,
+                                 validation_prompts)
 from utils.quality import HIGHER_IS_BETTER, quality_for
 from utils.speed import add_speed_args, apply_speedups, forward_autocast
 from utils.stopping import EarlyStopping
@@ -206,10 +207,11 @@ def cache_datasets(args, family, accelerator, models, *datasets) -> list:
     """--cache_latents / --cache_text_embeddings: the datasets (None stays None) read from their caches, built
     first where missing; the encoders the caches replace then leave the device."""
     text_encoders = [models[name] for name in family.text_encoder_names(models)]
-    cached = [cache_text_image_dataset(data, models["vae"], text_encoders, args, accelerator,
+    cache = CacheSettings.from_args(args)
+    cached = [cache_text_image_dataset(data, models["vae"], text_encoders, cache, accelerator,
                                        lambda ids, mask: family.encode_text(models, ids, mask))
               if data is not None else None for data in datasets]
-    offload_cached_encoders(models, args)
+    offload_cached_encoders(models, cache)
     return cached
 
 
@@ -284,7 +286,7 @@ def main(args):
         base = getattr(dataset, "base", dataset)
         record_buckets(record, buckets, accelerator, args.output_dir,
                        [base.file_name(i) for i in range(len(base))], base.buckets)
-    evaluation = evaluation_for(args, family, plan, accelerator, models, ema, held_out, collate, optimizer, dtype,
+    evaluation = evaluation_for(args, family, plan, accelerator, models, ema, held_out, collate, optimizer,
                                 position.state)
     if position.path and args.resume_override_lr:
         restart_lr_schedule(lr_scheduler, optimizer, initial_lrs)
@@ -337,19 +339,20 @@ def finish_training(args, family, plan, accelerator, models, ema, optimizer, eva
         save_final(args, family, plan, accelerator, models, ema, evaluation if evaluation.improved else None)
 
 
-def evaluation_for(args, family, plan, accelerator, models, ema, held_out, collate, optimizer, dtype,
+def evaluation_for(args, family, plan, accelerator, models, ema, held_out, collate, optimizer,
                    resumed_state) -> Evaluation:
     """val/loss (and --validation_metrics) on the --validation_split data (best/, --early_stopping_patience follow
     --early_stopping_metric), then the validation images, all from the weights that would be saved
     (utils/evaluation.py)."""
-    quality, key = quality_for(args), args.early_stopping_metric
+    quality, key, sampling = quality_for(args), args.early_stopping_metric, ValidationSettings.from_args(args)
 
     def score(step: int) -> dict:
         if held_out is None:
             return {}
         metrics = {"val/loss": held_out_loss(family, accelerator, models, held_out, collate, plan.batch_size,
                                              args.seed)}
-        return {**metrics, **(held_out_quality(args, family, accelerator, models, held_out, quality) if quality else {})}
+        return {**metrics, **(held_out_quality(sampling, family, accelerator, models, held_out, quality)
+                              if quality else {})}
 
     def report(step: int, metrics: dict, improved: bool, final: bool) -> None:
         if metrics:
@@ -358,7 +361,7 @@ def evaluation_for(args, family, plan, accelerator, models, ema, held_out, colla
             logger.info(f"step {step}: " + ", ".join(f"{k} {v:.6f}" for k, v in metrics.items())
                         + (f" (best {key} so far)" if improved else ""))
         if accelerator.is_main_process and not final:  # (the EMA weights are in already; the final ones: save_final)
-            log_validation(args, family, accelerator, models, None, step, dtype)
+            log_validation(sampling, family, accelerator, models, None, step)
 
     evaluation = Evaluation(
         accelerator, args.output_dir, score, key, lambda directory, _: save_weights_to(
@@ -381,8 +384,8 @@ def save_final(args, family, plan, accelerator, models, ema, best: Evaluation | 
     save_weights_to(args, family, plan, accelerator, models, args.output_dir)
     if best is not None:  # the final weights scored the lowest val/loss
         best.write_best({})
-    grid = log_validation(args, family, accelerator, models, None, plan.max_train_steps, weight_dtype(accelerator),
-                          final=True)
+    grid = log_validation(ValidationSettings.from_args(args), family, accelerator, models, None,
+                          plan.max_train_steps, final=True)
     base = args.pretrained_model_name_or_path or f"from scratch ({args.model_preset} preset)"
     write_model_card(args.output_dir, base_model=base, datasets=[args.dataset_name] if args.dataset_name else None,
                      hyperparameters={**redact_args(args), **plan.as_dict()}, validation_grid=grid,

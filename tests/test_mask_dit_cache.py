@@ -15,7 +15,8 @@ from conftest import accelerate_launch, count_builds, run_main_in_process
 from PIL import Image
 
 from utils import cache
-from utils.mask_dit.cache import CachedPairedDataset, cache_paired_datasets
+from utils.cache import CacheSettings
+from utils.mask_dit.cache import CachedPairedDataset, CaptionEncoding, cache_paired_datasets
 from utils.mask_dit.data import (PairedImageMaskDataset, collate_pairs, scan_paired_folder,
                                  write_synthetic_fundus_dataset)
 from utils.cache import collate_cached
@@ -57,6 +58,12 @@ def cache_args(cache_dir, latents=True, text=True, **overrides):
         **overrides})
 
 
+def cache_with_flags(datasets, vae, tokenizer, text_encoder, args):
+    """cache_paired_datasets with the typed settings of a flags namespace, on the CPU."""
+    return cache_paired_datasets(datasets, vae, tokenizer, text_encoder, CacheSettings.from_args(args),
+                                 CaptionEncoding.from_args(args), CPU_ACCELERATOR)
+
+
 def pairs(folder, resolution=32, random_crop=True, random_flip=True, seed=3):
     return PairedImageMaskDataset(scan_paired_folder(folder), resolution, 2, random_crop, random_flip, seed=seed)
 
@@ -67,8 +74,7 @@ def test_cache_replays_the_datasets_crops_flips_masks_and_captions(tmp_path, enc
     vae, tokenizer, text_encoder = encoders
     folder = write_pairs(tmp_path / "data")
     dataset = pairs(folder)
-    (cached,), empty_caption = cache_paired_datasets([dataset], vae, tokenizer, text_encoder, cache_args(tmp_path / "cache"),
-                                                     CPU_ACCELERATOR)
+    (cached,), empty_caption = cache_with_flags([dataset], vae, tokenizer, text_encoder, cache_args(tmp_path / "cache"))
     assert isinstance(cached, CachedPairedDataset)
     assert cached.text.manifest["captions"] == ["", "pair 0", "pair 1", "pair 2"]  # dropout > 0: "" is cached too
     expected_empty = encode_captions(tokenizer, text_encoder, [""], 16)
@@ -107,7 +113,7 @@ def test_conditioner_gives_the_same_inputs_from_the_cache(tmp_path, encoders):
     dataset = PairedImageMaskDataset(scan_paired_folder(write_synthetic_fundus_dataset(str(tmp_path / "data"), 6, size=32)),
                                      32, 2, random_flip=True, seed=0)
     args = cache_args(tmp_path / "cache", caption_dropout_prob=0.5)
-    (cached,), empty_caption = cache_paired_datasets([dataset], vae, tokenizer, text_encoder, args, CPU_ACCELERATOR)
+    (cached,), empty_caption = cache_with_flags([dataset], vae, tokenizer, text_encoder, args)
     from_images = Conditioner(args, vae, tokenizer, text_encoder)
     from_cache = Conditioner(args, vae, tokenizer, text_encoder, empty_caption)
     dropped = []
@@ -130,8 +136,8 @@ def test_cache_is_reused_and_rebuilt_when_anything_changes(tmp_path, encoders, m
     builds = count_builds(monkeypatch)
 
     def build(dataset=None, **arg_overrides):
-        (cached,), _ = cache_paired_datasets([dataset or pairs(folder)], vae, tokenizer, text_encoder,
-                                             cache_args(tmp_path / "cache", **arg_overrides), CPU_ACCELERATOR)
+        (cached,), _ = cache_with_flags([dataset or pairs(folder)], vae, tokenizer, text_encoder,
+                                             cache_args(tmp_path / "cache", **arg_overrides))
         return os.path.basename(cached.latents.directory), os.path.basename(cached.text.directory)
 
     first = build()
@@ -179,8 +185,8 @@ def test_precompute_caches_what_the_model_has(tmp_path, encoders):
     # Pixel space: the text cache alone; items keep their pixels.
     vae, tokenizer, text_encoder = encoders
     dataset = pairs(write_pairs(tmp_path / "data"))
-    (cached,), _ = cache_paired_datasets([dataset], None, tokenizer, text_encoder,
-                                         cache_args(tmp_path / "cache", latents=False, caption_dropout_prob=0.0), CPU_ACCELERATOR)
+    (cached,), _ = cache_with_flags([dataset], None, tokenizer, text_encoder,
+                                         cache_args(tmp_path / "cache", latents=False, caption_dropout_prob=0.0))
     item, expected = cached[1], dataset[1]
     assert torch.equal(item["pixel_values"], expected["pixel_values"]) and torch.equal(item["mask"], expected["mask"])
     assert item["caption_embedding"].shape == (16, 32) and "" not in cached.text.manifest["captions"]

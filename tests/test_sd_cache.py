@@ -67,8 +67,10 @@ def make_dataset(folder, tokenizer, resolution=32, center_crop=True, random_flip
 
 
 def cache_args(cache_dir, latents=True, text=True):
-    return types.SimpleNamespace(cache_latents=latents, cache_text_embeddings=text, latent_cache_dir=str(cache_dir),
-                                 cache_batch_size=4)
+    from utils.cache import CacheSettings
+
+    return CacheSettings(cache_latents=latents, cache_text_embeddings=text, latent_cache_dir=str(cache_dir),
+                         cache_batch_size=4)
 
 
 CPU_ACCELERATOR = types.SimpleNamespace(device=torch.device("cpu"), main_process_first=contextlib.nullcontext,

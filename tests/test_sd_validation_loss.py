@@ -215,9 +215,11 @@ def test_validation_images_are_drawn_without_autograd(monkeypatch):
     unet = torch.nn.Linear(2, 2)
     models = {"unet": unet, "vae": None, "text_encoder": None, "tokenizer": None,
               "noise_scheduler": types.SimpleNamespace(config={"num_train_timesteps": 1000})}
-    args = types.SimpleNamespace(validation_prompts=["a cat"], validation_prompt=None, num_validation_images=1,
-                                 validation_scheduler="DPMSolverMultistepScheduler")
+    from utils.cache import CacheSettings
+
+    settings = validation.ValidationSettings(("a cat",), None, 1, "DPMSolverMultistepScheduler", 2, 7.5, 32, 0, ".", 4,
+                                             CacheSettings(False, False, None, 4))
     accelerator = types.SimpleNamespace(unwrap_model=lambda m: m)
     with pytest.raises(Stop):
-        validation.log_validation(args, Family(), accelerator, models, None, 1, torch.float32)
+        validation.log_validation(settings, Family(), accelerator, models, None, 1)
     assert seen == [False]

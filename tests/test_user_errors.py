@@ -198,8 +198,8 @@ def test_a_failing_validation_after_training_keeps_the_final_weights(tiny_pipeli
                                                                      monkeypatch):
     import train_text_to_image as script
 
-    def broken(args, family, accelerator, models, ema, step, dtype, final=False):
-        if step == args.max_train_steps:
+    def broken(settings, family, accelerator, models, ema, step, final=False):
+        if final:
             raise RuntimeError("validation broke")
     monkeypatch.setattr(script, "log_validation", broken)
     with pytest.raises(RuntimeError, match="validation broke"):

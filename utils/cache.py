@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass, fields
 
 import torch
 from safetensors import safe_open
@@ -61,6 +62,21 @@ def resolve_cache_args(args, train_text_encoder: bool = False, has_vae: bool = T
                         "drop --train_text_encoder or use --cache_latents alone.")
     return {"cache_latents": latents, "cache_text_embeddings": text_embeddings,
             "latent_cache_dir": args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")}
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The cache flags as `resolve_cache_args` left them, typed: what the caches and the encoder offload read
+    (`from_args`: the flags of the same names)."""
+
+    cache_latents: bool
+    cache_text_embeddings: bool
+    latent_cache_dir: str | None
+    cache_batch_size: int
+
+    @classmethod
+    def from_args(cls, args) -> "CacheSettings":
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
 
 
 def fingerprint(parts) -> str:
@@ -256,27 +272,27 @@ def is_channels_last(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
 
 
-def offload_cached_encoders(models: dict, args) -> None:
+def offload_cached_encoders(models: dict, cache: CacheSettings) -> None:
     """Move the encoders the caches replace off the training device (validation moves them back)."""
-    if args.cache_latents and models.get("vae") is not None:
+    if cache.cache_latents and models.get("vae") is not None:
         models["vae"].to("cpu")
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        if args.cache_text_embeddings and models.get(name) is not None:
+        if cache.cache_text_embeddings and models.get(name) is not None:
             models[name].to("cpu")
 
 
 @contextlib.contextmanager
-def cached_encoders_on(device, models: dict, args):
+def cached_encoders_on(device, models: dict, cache: CacheSettings):
     """The encoders the caches replaced on `device` for the block (e.g. sampling), then off it again."""
-    for name, cached in (("vae", args.cache_latents), ("text_encoder", args.cache_text_embeddings),
-                         ("text_encoder_2", args.cache_text_embeddings),
-                         ("text_encoder_3", args.cache_text_embeddings)):
+    for name, cached in (("vae", cache.cache_latents), ("text_encoder", cache.cache_text_embeddings),
+                         ("text_encoder_2", cache.cache_text_embeddings),
+                         ("text_encoder_3", cache.cache_text_embeddings)):
         if cached and models.get(name) is not None:
             models[name].to(device)
     try:
         yield
     finally:
-        offload_cached_encoders(models, args)
+        offload_cached_encoders(models, cache)
 
 
 def collate_cached(examples: list[dict]) -> dict:

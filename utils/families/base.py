@@ -105,7 +105,7 @@ class Family:
         `scheduler`: the validation sampler asked for (None: the training scheduler's inference counterpart)."""
         raise NotImplementedError
 
-    def validation_samples(self, args, prompts: list[str]) -> tuple[list[str], list[dict] | None]:
+    def validation_samples(self, prompts: list[str], resolution: int) -> tuple[list[str], list[dict] | None]:
         """The validation prompts to sample and, per prompt, extra pipeline arguments (ControlNet: its conditioning
         image); None: none."""
         return prompts, None
@@ -114,8 +114,9 @@ class Family:
         """Per held-out sample, the extra pipeline arguments that reproduce its conditions (None: none)."""
         return None
 
-    def pipeline_call_kwargs(self, args) -> dict:
-        """Extra keyword arguments of the pipeline's __call__ for this run (e.g. max_sequence_length)."""
+    def pipeline_call_kwargs(self) -> dict:
+        """Extra keyword arguments of the pipeline's __call__ for this run (e.g. max_sequence_length, taken by
+        `configure`)."""
         return {}
 
     def write_pipeline(self, output, models: dict, unwrapped: dict, directory: str) -> None:

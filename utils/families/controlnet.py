@@ -67,11 +67,11 @@ class ControlNetMixin:
         return StableDiffusionControlNetPipeline(**parts, safety_checker=None, feature_extractor=None,
                                                  requires_safety_checker=False)
 
-    def validation_samples(self, args, prompts: list[str]) -> tuple[list[str], list[dict] | None]:
+    def validation_samples(self, prompts: list[str], resolution: int) -> tuple[list[str], list[dict] | None]:
         """The --validation_prompt/--validation_image pairs: the prompts, each with its conditioning image."""
-        pairs = validation_pairs(prompts, args.validation_image or [])
+        pairs = validation_pairs(prompts, list(self.settings.validation_image or []))
         return [prompt for prompt, _ in pairs], [
-            {"image": self.conditioning_images.at_size(path, args.resolution, args.resolution)[None]} for _, path in pairs]
+            {"image": self.conditioning_images.at_size(path, resolution, resolution)[None]} for _, path in pairs]
 
     def conditions_of(self, items: list[dict]) -> list[dict] | None:
         return [{"image": item["conditioning_pixel_values"][None]} for item in items]

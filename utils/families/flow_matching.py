@@ -371,8 +371,8 @@ class FlowMatchingFamily(Family):
         parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config)
         return getattr(diffusers, self.pipeline_class)(**parts)
 
-    def pipeline_call_kwargs(self, args) -> dict:
-        return {"max_sequence_length": args.max_sequence_length}
+    def pipeline_call_kwargs(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
 
     def write_pipeline(self, output, models, unwrapped, directory) -> None:
         from utils.sd.saving import float32_components

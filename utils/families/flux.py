@@ -135,8 +135,8 @@ class Flux(FlowMatchingFamily):
                                            img_ids=image_ids, return_dict=False)[0]
         return FluxPipeline._unpack_latents(prediction, height, width, 1)  # (sizes in latent pixels: factor 1)
 
-    def pipeline_call_kwargs(self, args) -> dict:
-        return {"max_sequence_length": args.max_sequence_length}
+    def pipeline_call_kwargs(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
 
     def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
         """diffusers' file (--lora_format diffusers|both) and/or kohya's sd-scripts layout (kohya|both)."""

@@ -123,8 +123,12 @@ class Lumina2(FlowMatchingFamily):
                                      encoder_attention_mask=text["encoder_attention_mask"], timestep=timesteps / 1000,
                                      return_dict=False)[0]
 
-    def pipeline_call_kwargs(self, args) -> dict:
-        return {"max_sequence_length": args.max_sequence_length, "system_prompt": args.system_prompt}
+    def configure(self, args) -> None:
+        super().configure(args)
+        self.system_prompt = args.system_prompt
+
+    def pipeline_call_kwargs(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length, "system_prompt": self.system_prompt}
 
 
 def load_lumina2_pipeline_models(source) -> dict:

@@ -7,15 +7,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass, fields
 
 import torch
 from PIL import Image
 
-from utils.cache import (BucketedLatents, ShardedTensors, builders_first, fingerprint, image_reference,
+from utils.cache import (BucketedLatents, CacheSettings, ShardedTensors, builders_first, fingerprint, image_reference,
                          is_channels_last, load_or_build, module_fingerprint)
 from utils.mask_dit.data import PairedImageMaskDataset
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptionEncoding:
+    """How train_mask_dit.py encodes captions (what the caption cache is keyed by), typed from the flags of the same
+    names."""
+
+    max_caption_length: int
+    caption_hidden_layer: int
+    caption_dropout_prob: float
+
+    @classmethod
+    def from_args(cls, args) -> "CaptionEncoding":
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
 
 
 def _record_reference(record) -> list:
@@ -115,7 +130,7 @@ class CachedPairedDataset(torch.utils.data.Dataset):
         return item
 
 
-def cache_pair_latents(dataset, vae, vae_fingerprint: str, args, device) -> ShardedTensors:
+def cache_pair_latents(dataset, vae, vae_fingerprint: str, cache: CacheSettings, device) -> ShardedTensors:
     """The latents cache of one `PairedImageMaskDataset` (built if missing; see `encode_pair_batches`)."""
     key = {"kind": "mask-dit-latents", "pairs": paired_rows_fingerprint(dataset), "vae": vae_fingerprint,
            "dtype": str(vae.dtype), "resolution": dataset.resolution, "mask_channels": dataset.mask_channels,
@@ -124,34 +139,36 @@ def cache_pair_latents(dataset, vae, vae_fingerprint: str, args, device) -> Shar
         key["seed"] = dataset.seed
     captions = [dataset.records[i].caption for i in dataset.indices]
     if dataset.buckets is None:
-        return load_or_build(args.latent_cache_dir, "latents", key,
-                             lambda: encode_pair_batches(dataset, vae, device, args.cache_batch_size),
+        return load_or_build(cache.latent_cache_dir, "latents", key,
+                             lambda: encode_pair_batches(dataset, vae, device, cache.cache_batch_size),
                              extra_fn=lambda: {"captions": captions})
     members = {}  # --enable_bucket: a cache per bucket (their latents differ in shape)
     for index, bucket in enumerate(dataset.buckets):
         members.setdefault(tuple(bucket), []).append(index)
     return BucketedLatents([(indices, load_or_build(
-        args.latent_cache_dir, "latents", dict(key, bucket=list(bucket), indices=fingerprint(indices)),
-        lambda indices=indices: encode_pair_batches(dataset, vae, device, args.cache_batch_size, indices),
+        cache.latent_cache_dir, "latents", dict(key, bucket=list(bucket), indices=fingerprint(indices)),
+        lambda indices=indices: encode_pair_batches(dataset, vae, device, cache.cache_batch_size, indices),
         extra_fn=lambda indices=indices: {"captions": [captions[i] for i in indices]}))
         for bucket, indices in sorted(members.items())], len(dataset))
 
 
-def cache_caption_embeddings(captions: list[str], tokenizer, text_encoder, args) -> ShardedTensors:
+def cache_caption_embeddings(captions: list[str], tokenizer, text_encoder, cache: CacheSettings,
+                             encoding: CaptionEncoding) -> ShardedTensors:
     """The caption-embedding cache of `captions` (sorted), built if missing; see `encode_caption_batches`."""
-    tokens = tokenizer(captions, padding="max_length", max_length=args.max_caption_length, truncation=True,
+    tokens = tokenizer(captions, padding="max_length", max_length=encoding.max_caption_length, truncation=True,
                        return_tensors="pt")
     key = {"kind": "caption-embeddings", "captions": fingerprint(captions),
            "tokens": hashlib.sha256(tokens.input_ids.numpy().tobytes() + tokens.attention_mask.numpy().tobytes()).hexdigest()[:20],
-           "max_length": args.max_caption_length, "hidden_layer": args.caption_hidden_layer,
+           "max_length": encoding.max_caption_length, "hidden_layer": encoding.caption_hidden_layer,
            "text_encoder": module_fingerprint(text_encoder), "dtype": str(text_encoder.dtype)}
-    return load_or_build(args.latent_cache_dir, "text", key,
-                         lambda: encode_caption_batches(captions, tokenizer, text_encoder, args.max_caption_length,
-                                                        args.caption_hidden_layer, args.cache_batch_size),
+    return load_or_build(cache.latent_cache_dir, "text", key,
+                         lambda: encode_caption_batches(captions, tokenizer, text_encoder, encoding.max_caption_length,
+                                                        encoding.caption_hidden_layer, cache.cache_batch_size),
                          extra_fn=lambda: {"captions": captions})
 
 
-def cache_paired_datasets(datasets: list, vae, tokenizer, text_encoder, args, accelerator):
+def cache_paired_datasets(datasets: list, vae, tokenizer, text_encoder, cache: CacheSettings,
+                          encoding: CaptionEncoding, accelerator):
     """Wrap `PairedImageMaskDataset`s (None passes through) with the caches --cache_latents /
     --cache_text_embeddings ask for; one text cache holds the captions of all of them.
 
@@ -159,26 +176,26 @@ def cache_paired_datasets(datasets: list, vae, tokenizer, text_encoder, args, ac
     when captions are cached and drop out, else None). Missing caches are built on the main
     process; the others wait and then read them.
     """
-    if not (args.cache_latents or args.cache_text_embeddings):
+    if not (cache.cache_latents or cache.cache_text_embeddings):
         return datasets, None
     present = [d for d in datasets if d is not None]
     latents, text, empty_caption = [None] * len(datasets), None, None
     with builders_first(accelerator):
-        if args.cache_latents:
+        if cache.cache_latents:
             vae_fingerprint = module_fingerprint(vae)
-            latents = [cache_pair_latents(d, vae, vae_fingerprint, args, accelerator.device) if d is not None else None
+            latents = [cache_pair_latents(d, vae, vae_fingerprint, cache, accelerator.device) if d is not None else None
                        for d in datasets]
             if any(d.random_crop for d in present):
                 logger.warning("--cache_latents with --random_crop: each pair keeps the crop drawn for epoch 0 (no "
                                "effect for images already square at --resolution; drop --random_crop to silence).")
-        if args.cache_text_embeddings:
+        if cache.cache_text_embeddings:
             captions = {d.records[i].caption for d in present for i in d.indices}
-            if args.caption_dropout_prob > 0:
+            if encoding.caption_dropout_prob > 0:
                 captions.add("")
-            text = cache_caption_embeddings(sorted(captions), tokenizer, text_encoder, args)
-            if args.caption_dropout_prob > 0:
+            text = cache_caption_embeddings(sorted(captions), tokenizer, text_encoder, cache, encoding)
+            if encoding.caption_dropout_prob > 0:
                 row = text.manifest["captions"].index("")
                 empty_caption = (text.get("embeddings", row).to(accelerator.device),
                                  text.get("attention_mask", row).to(accelerator.device))
-    wrapped = [CachedPairedDataset(d, cache, text) if d is not None else None for d, cache in zip(datasets, latents)]
+    wrapped = [CachedPairedDataset(d, stored, text) if d is not None else None for d, stored in zip(datasets, latents)]
     return wrapped, empty_caption

@@ -5,6 +5,7 @@ held-out masks, score and show them).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -65,15 +66,39 @@ def mask_iou(predicted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return intersection / union.clamp_min(1.0)
 
 
+@dataclass(frozen=True)
+class MaskSampling:
+    """How validation samples the held-out masks, typed (`from_args`: train_mask_dit.py's flags of the same names)."""
+
+    num_inference_steps: int
+    guidance_scale: float
+    mask_guidance_scale: float
+    seed: int | None
+    sampler: str
+    time_shift: float | None
+    num_validation_images: int  # held-out masks shown and scored (PSNR, SSIM, mask IoU)
+    metrics_num_samples: int  # held-out masks sampled for --validation_metrics
+    output_dir: str
+
+    @classmethod
+    def from_args(cls, args) -> "MaskSampling":
+        return cls(**{field.name: getattr(args, field.name) for field in fields(cls)})
+
+    def sample(self, pipeline, batch: dict, device) -> torch.Tensor:
+        """Samples [B, 3, H, W] in [0, 1] from the batch's masks (and captions, when the model reads them)."""
+        return generate_from_mask(pipeline, batch["mask"].to(device),
+                                  batch["captions"] if pipeline.text_encoder else None, self.num_inference_steps,
+                                  self.guidance_scale, self.mask_guidance_scale, seed=self.seed or 0,
+                                  sampler=self.sampler, time_shift=self.time_shift)
+
+
 @torch.no_grad()
-def log_samples(accelerator, pipeline, held_out, args, step) -> dict:
+def log_samples(accelerator, pipeline, held_out, sampling: MaskSampling, step) -> dict:
     """Generate from held-out masks; PSNR / SSIM against the ground truth; IoU of the simple segmenter."""
-    count = min(args.num_validation_images, len(held_out))
+    count = min(sampling.num_validation_images, len(held_out))
     batch = collate_pairs([held_out[i] for i in range(count)])
     mask, truth = batch["mask"].to(accelerator.device), ((batch["pixel_values"] + 1) / 2).to(accelerator.device)
-    samples = generate_from_mask(pipeline, mask, batch["captions"] if pipeline.text_encoder else None,
-                                 args.num_inference_steps, args.guidance_scale, args.mask_guidance_scale,
-                                 seed=args.seed or 0, sampler=args.sampler, time_shift=args.time_shift)
+    samples = sampling.sample(pipeline, batch, accelerator.device)
     metrics = {
         "val/psnr": psnr(samples, truth).mean().item(),
         "val/ssim": ssim(samples, truth).mean().item(),
@@ -81,22 +106,19 @@ def log_samples(accelerator, pipeline, held_out, args, step) -> dict:
         "val/mask_iou_ground_truth": mask_iou(segment_structures(truth), mask).mean().item(),
     }
     tiles = comparison_tiles(mask, truth, samples)
-    path = save_and_log_images(accelerator, tiles, args.output_dir, "mask_gt_sample", step, columns=3)
+    path = save_and_log_images(accelerator, tiles, sampling.output_dir, "mask_gt_sample", step, columns=3)
     logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" -> {path}")
     return metrics
 
 
-def held_out_quality(accelerator, pipeline, held_out, args, quality) -> dict:
+def held_out_quality(accelerator, pipeline, held_out, sampling: MaskSampling, quality) -> dict:
     """--validation_metrics (utils/quality.py) on the first --metrics_num_samples held-out pairs: samples from their
     masks (and captions) against their images; on the main process, shared (QualityMetrics.on_main_process)."""
     from utils.quality import to_uint8
 
     def samples():
-        batch = collate_pairs([held_out[i] for i in range(min(args.metrics_num_samples, len(held_out)))])
-        generated = generate_from_mask(pipeline, batch["mask"].to(accelerator.device),
-                                       batch["captions"] if pipeline.text_encoder else None, args.num_inference_steps,
-                                       args.guidance_scale, args.mask_guidance_scale, seed=args.seed or 0,
-                                       sampler=args.sampler, time_shift=args.time_shift)
+        batch = collate_pairs([held_out[i] for i in range(min(sampling.metrics_num_samples, len(held_out)))])
+        generated = sampling.sample(pipeline, batch, accelerator.device)
         return to_uint8(generated.cpu() * 2 - 1), list(batch["captions"]), to_uint8(batch["pixel_values"])
 
     return quality.on_main_process(accelerator, samples)

@@ -35,7 +35,7 @@ import logging
 
 import torch
 
-from utils.cache import (BucketedLatents, ShardedTensors, builders_first, fingerprint, image_reference, is_channels_last, load_or_build,
+from utils.cache import (BucketedLatents, CacheSettings, ShardedTensors, builders_first, fingerprint, image_reference, is_channels_last, load_or_build,
                          module_fingerprint)
 from utils.data import BadSampleError
 from utils.images import load_image
@@ -202,20 +202,21 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
         raise BadSampleError(f"{base.source_name}: every sample is unreadable")
 
 
-def cache_text_image_dataset(dataset, vae, text_encoders, args, accelerator, encode):
+def cache_text_image_dataset(dataset, vae, text_encoders, cache: CacheSettings, accelerator, encode):
     """Wrap a `TextImageDataset` with the caches that --cache_latents/--cache_text_embeddings ask for.
 
     Builds missing caches on the main process (others wait and then read them). Returns the
     dataset unchanged when no caching is asked for. `text_encoders`: the list of text encoders (SDXL: two, SD3:
-    three), whose fingerprints key the text cache; `encode(input_ids, attention_mask)`: the family's encode_text.
+    three), whose fingerprints key the text cache; `encode(input_ids, attention_mask)`: the family's encode_text;
+    `cache`: the resolved cache flags (utils.cache.CacheSettings).
     """
-    if not (args.cache_latents or args.cache_text_embeddings):
+    if not (cache.cache_latents or cache.cache_text_embeddings):
         return dataset
     text_encoders = list(text_encoders) if isinstance(text_encoders, (list, tuple)) else [text_encoders]
     device = accelerator.device
     latents = text = None
     with builders_first(accelerator):
-        if args.cache_latents:
+        if cache.cache_latents:
             transform = dataset.transform
             key = {"kind": "sd-latents", "columns": "original_size,channels_last_single", "rows": rows_fingerprint(dataset.rows, dataset.image_column, dataset.caption_column),
                    "vae": module_fingerprint(vae), "dtype": str(vae.dtype), "resolution": transform.resolution,
@@ -224,20 +225,20 @@ def cache_text_image_dataset(dataset, vae, text_encoders, args, accelerator, enc
             if not transform.center_crop:  # the epoch-0 crop depends on the random draws before it
                 key.update(seed=dataset.seed, caption_dropout_prob=dataset.caption_dropout_prob)
             if dataset.buckets is None:
-                latents = load_or_build(args.latent_cache_dir, "latents", key,
-                                        lambda: encode_latent_batches(dataset, vae, device, args.cache_batch_size))
+                latents = load_or_build(cache.latent_cache_dir, "latents", key,
+                                        lambda: encode_latent_batches(dataset, vae, device, cache.cache_batch_size))
             else:  # a cache per bucket
                 members = {}
                 for index, bucket in enumerate(dataset.buckets):
                     members.setdefault(tuple(bucket), []).append(index)
                 latents = BucketedLatents([(indices, load_or_build(
-                    args.latent_cache_dir, "latents", dict(key, bucket=list(bucket), indices=fingerprint(indices)),
-                    lambda indices=indices: encode_latent_batches(dataset, vae, device, args.cache_batch_size, indices)))
+                    cache.latent_cache_dir, "latents", dict(key, bucket=list(bucket), indices=fingerprint(indices)),
+                    lambda indices=indices: encode_latent_batches(dataset, vae, device, cache.cache_batch_size, indices)))
                     for bucket, indices in sorted(members.items())], len(dataset))
             if not transform.center_crop:
                 logger.warning("--cache_latents with random crops: each image keeps the crop drawn for epoch 0 "
                                "(no effect for images already square at --resolution; use --center_crop to silence).")
-        if args.cache_text_embeddings:
+        if cache.cache_text_embeddings:
             captions = all_captions(dataset.rows, dataset.caption_column, dataset.caption_dropout_prob)
             input_ids = torch.stack([dataset.tokenize(c) for c in captions]) if captions else torch.zeros(0)
             key = {"kind": "clip-text", "captions": fingerprint(captions),
@@ -245,8 +246,8 @@ def cache_text_image_dataset(dataset, vae, text_encoders, args, accelerator, enc
                    **({"attention_mask": True} if dataset.attention_mask is not None else {}),
                    "text_encoder": [module_fingerprint(t) for t in text_encoders] if len(text_encoders) > 1
                    else module_fingerprint(text_encoders[0]), "dtype": str(text_encoders[0].dtype)}
-            text = load_or_build(args.latent_cache_dir, "text", key,
+            text = load_or_build(cache.latent_cache_dir, "text", key,
                                  lambda: encode_text_batches(captions, dataset.tokenize, encode, device,
-                                                             args.cache_batch_size, dataset.attention_mask),
+                                                             cache.cache_batch_size, dataset.attention_mask),
                                  extra_fn=lambda: {"captions": captions})
     return CachedTextImageDataset(dataset, latents, text)

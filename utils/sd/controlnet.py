@@ -107,6 +107,7 @@ class ControlNetSettings:
     variant: str | None
     crops_coords_top_left_h: int | None
     crops_coords_top_left_w: int | None
+    validation_image: list[str] | None
 
     @classmethod
     def from_args(cls, args) -> "ControlNetSettings":

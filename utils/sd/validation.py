@@ -3,9 +3,11 @@ of the UNet, with the EMA weights when there is an EMA) and the held-out loss of
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 
-from utils.cache import offload_cached_encoders
+from utils.cache import CacheSettings, offload_cached_encoders
 from utils.data import held_out_position
 from utils.ema import ema_weights
 from utils.images import save_and_log_images
@@ -18,9 +20,32 @@ def validation_prompts(args) -> list[str]:
     return args.validation_prompts or ([args.validation_prompt] if args.validation_prompt else [])
 
 
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What validation samples and how, typed (`from_args`: the flags of the same names, the prompts from
+    `validation_prompts`, the resolved cache flags)."""
+
+    prompts: tuple[str, ...]
+    final_validation_prompt: str | None  # sampled at the end when there are no validation prompts
+    num_validation_images: int  # per prompt
+    validation_scheduler: str | None  # None: the training scheduler's inference counterpart
+    validation_inference_steps: int
+    validation_guidance_scale: float
+    resolution: int
+    seed: int | None
+    output_dir: str  # the images go to <output_dir>/samples
+    metrics_num_samples: int  # --validation_metrics: held-out rows sampled
+    cache: CacheSettings  # the encoders the caches moved off the device come back for sampling
+
+    @classmethod
+    def from_args(cls, args) -> "ValidationSettings":
+        plain = {f.name: getattr(args, f.name) for f in fields(cls) if f.name not in ("prompts", "cache")}
+        return cls(prompts=tuple(validation_prompts(args)), cache=CacheSettings.from_args(args), **plain)
+
+
 @torch.no_grad()
-def sample_prompts(args, family, accelerator, models, ema, prompts: list[str], per_prompt: int,
-                   conditions: list[dict] | None = None) -> list:
+def sample_prompts(settings: ValidationSettings, family, accelerator, models, ema, prompts: list[str],
+                   per_prompt: int, conditions: list[dict] | None = None) -> list:
     """`per_prompt` images of each prompt, sampled with the training modules themselves (no second copy; the EMA
     weights when there is an EMA, the training weights put back after) through the family's pipeline, seeded.
     `conditions`: per prompt, extra pipeline arguments (a ControlNet's conditioning image)."""
@@ -28,41 +53,43 @@ def sample_prompts(args, family, accelerator, models, ema, prompts: list[str], p
     with ema_weights(ema, denoiser.parameters()):
         components = {name: accelerator.unwrap_model(module) if isinstance(module, torch.nn.Module) else module
                       for name, module in models.items() if module is not None}
-        pipeline = family.pipeline(dict(components, scheduler=models["noise_scheduler"]), args.validation_scheduler)
+        pipeline = family.pipeline(dict(components, scheduler=models["noise_scheduler"]),
+                                   settings.validation_scheduler)
         pipeline.to(accelerator.device)  # the VAE/text encoder are off the device when cached
         pipeline.set_progress_bar_config(disable=True)
-        generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
+        generator = torch.Generator(device=accelerator.device).manual_seed(settings.seed or 0)
         images = []
         was_training = denoiser.training
         denoiser.eval()
         for prompt, condition in zip(prompts, conditions or [{}] * len(prompts)):
             for _ in range(per_prompt):
                 with forward_autocast(accelerator, everywhere=True):
-                    images.append(pipeline(prompt, num_inference_steps=args.validation_inference_steps,
-                                           generator=generator, guidance_scale=args.validation_guidance_scale,
-                                           height=args.resolution, width=args.resolution,
-                                           **condition, **family.pipeline_call_kwargs(args)).images[0])
+                    images.append(pipeline(prompt, num_inference_steps=settings.validation_inference_steps,
+                                           generator=generator, guidance_scale=settings.validation_guidance_scale,
+                                           height=settings.resolution, width=settings.resolution,
+                                           **condition, **family.pipeline_call_kwargs()).images[0])
         denoiser.train(was_training)
     del pipeline
-    offload_cached_encoders(models, args)
+    offload_cached_encoders(models, settings.cache)
     return images
 
 
-def log_validation(args, family, accelerator, models, ema, step, weight_dtype, final: bool = False):
+def log_validation(settings: ValidationSettings, family, accelerator, models, ema, step, final: bool = False):
     """Sample the validation prompts (sample_prompts); the final one (`final`) samples --final_validation_prompt
     when there are no validation prompts."""
-    prompts = validation_prompts(args) or ([args.final_validation_prompt] if final and args.final_validation_prompt
-                                           else [])
+    final_prompt = settings.final_validation_prompt
+    prompts = list(settings.prompts) or ([final_prompt] if final and final_prompt else [])
     if not prompts:
         return None
-    prompts, conditions = family.validation_samples(args, prompts)
-    images = sample_prompts(args, family, accelerator, models, ema, prompts, args.num_validation_images, conditions)
-    captions = [prompt for prompt in prompts for _ in range(args.num_validation_images)]
-    return save_and_log_images(accelerator, images, args.output_dir, "validation", step, captions,
-                               columns=args.num_validation_images if args.num_validation_images > 1 else None)
+    prompts, conditions = family.validation_samples(prompts, settings.resolution)
+    per_prompt = settings.num_validation_images
+    images = sample_prompts(settings, family, accelerator, models, ema, prompts, per_prompt, conditions)
+    captions = [prompt for prompt in prompts for _ in range(per_prompt)]
+    return save_and_log_images(accelerator, images, settings.output_dir, "validation", step, captions,
+                               columns=per_prompt if per_prompt > 1 else None)
 
 
-def held_out_quality(args, family, accelerator, models, held_out, quality) -> dict:
+def held_out_quality(settings: ValidationSettings, family, accelerator, models, held_out, quality) -> dict:
     """--validation_metrics on the first --metrics_num_samples held-out rows: their captions sampled once each,
     scored against the held-out images as the model sees them (centre crop); on the main process, shared
     (QualityMetrics.on_main_process)."""
@@ -70,9 +97,9 @@ def held_out_quality(args, family, accelerator, models, held_out, quality) -> di
 
     def samples():
         base = getattr(held_out, "base", held_out)  # (the cache's dataset wraps the image dataset)
-        items = [base[index] for index in range(min(args.metrics_num_samples, len(base)))]
+        items = [base[index] for index in range(min(settings.metrics_num_samples, len(base)))]
         captions = [item["caption"] for item in items]
-        generated = to_uint8(sample_prompts(args, family, accelerator, models, None, captions, 1,
+        generated = to_uint8(sample_prompts(settings, family, accelerator, models, None, captions, 1,
                                             family.conditions_of(items)))
         return generated, captions, to_uint8(torch.stack([item["pixel_values"] for item in items]))
 
