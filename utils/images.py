@@ -119,6 +119,14 @@ def crop_origin(size: tuple[int, int], crop, center: bool, rng: random.Random) -
     return rng.randint(0, height - crop_height), rng.randint(0, width - crop_width)
 
 
+def crop_and_flip(image: Image.Image, crop: tuple[int, int], flip: bool, size: tuple[int, int]) -> Image.Image:
+    """The `size` (width, height) crop at `crop` (top, left), mirrored left-right when `flip`: the one geometry an
+    image, its --masked_loss mask and its ControlNet conditioning image all go through."""
+    (top, left), (width, height) = crop, size
+    image = image.crop((left, top, left + width, top + height))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float tensor [3, H, W] in [-1, 1]."""
     array = np.asarray(image, dtype=np.uint8)

@@ -184,6 +184,7 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
                 self.num_skipped += 1
                 continue
             plan = base.plan(current, base.epoch, tuple(self.sizes[current]))
+            cached_crop = base.plan(current, 0, tuple(self.sizes[current])).crop
             caption, suffix = plan.caption, "_flipped" if plan.flip else ""
             size, target = tuple(self.sizes[current]), base.target(current)
             item = {"latent_mean": self.latents.get("mean" + suffix, current),
@@ -191,9 +192,10 @@ class CachedTextImageDataset(torch.utils.data.Dataset):
                     "latent_channels_last": self.channels_last, "original_size": self.original_sizes[current],
                     "latent_channels_last_single": self.channels_last_single,
                     "crop_top_left": torch.tensor(base.transform.crop_top_left(size, plan.crop, plan.flip, target)),
-                    "name": base.file_name(current),  # the mask: at the cached latents' crop (epoch 0's)
-                    **base.mask_item(current, size, base.plan(current, 0, size).crop, plan.flip),
-                    **base.conditioning_item(current, size, base.plan(current, 0, size).crop, plan.flip)}
+                    "name": base.file_name(current),
+                    # mask and conditioning image: at the cached latents' crop (epoch 0's)
+                    **base.mask_item(current, size, cached_crop, plan.flip),
+                    **base.conditioning_item(current, size, cached_crop, plan.flip)}
             if self.text is not None:
                 item.update(self._embeddings(caption))
             else:

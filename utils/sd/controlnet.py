@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from utils.errors import UserError
-from utils.images import INTERPOLATION_MODES, load_image
+from utils.images import INTERPOLATION_MODES, cover_size, crop_and_flip, crop_origin, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ NOT_FOR_CONTROLNET = {"use_lora": "--use_lora", "train_text_encoder": "--train_t
 
 def check_controlnet_args(args) -> None:
     """One-block errors for what a ControlNet run cannot take (before anything runs)."""
-    given = [flag for name, flag in NOT_FOR_CONTROLNET.items() if getattr(args, name, None)]
+    given = [flag for name, flag in NOT_FOR_CONTROLNET.items() if getattr(args, name)]
     if given:
         raise UserError(f"{given[0]} is not for ControlNet training: train_controlnet.py trains a full ControlNet on a "
                         "frozen pretrained pipeline (diffusers' train_controlnet.py). Drop it, or use "
@@ -158,19 +158,13 @@ class ConditioningImages:
         if image.size != resized_size:  # masks: nearest, so a class index never blends into another
             mode = Image.Resampling.NEAREST if self.num_classes else INTERPOLATION_MODES[self.interpolation]
             image = image.resize(resized_size, mode)
-        (top, left), (width, height) = crop, target
-        image = image.crop((left, top, left + width, top + height))
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self.to_tensor(image, name)
+        return self.to_tensor(crop_and_flip(image, crop, flip, target), name)
 
     def at_size(self, path: str, width: int, height: int) -> torch.Tensor:
         """A validation conditioning image resized and centre-cropped to (width, height): [C, H, W]."""
         image = load_image(path, name=path)
-        scale = max(width / image.width, height / image.height)
-        resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        crop = ((resized[1] - height) // 2, (resized[0] - width) // 2)
-        return self(image, path, resized, crop, False, (width, height))
+        resized = cover_size(image.size, (width, height))
+        return self(image, path, resized, crop_origin(resized, (width, height), True, None), False, (width, height))
 
 
 # diffusers' ControlNetModel default: 3 stride-2 convolutions, the conditioning image to the latents' size (VAE x8).

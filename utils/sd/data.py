@@ -32,7 +32,8 @@ from utils.buckets import assign_buckets, bucket_summary, log_bucket_summary
 from utils.data import (BadSampleError, EpochDataset, SkipsBadSamples, add_data_source_args, add_image_caption_args,
                         first_bad_json_line, sample_rng, split_train_validation)
 from utils.errors import UserError, UserFileNotFoundError
-from utils.images import IMAGE_EXTENSIONS, INTERPOLATION_MODES, cover_size, crop_origin, load_image, pil_to_tensor
+from utils.images import (IMAGE_EXTENSIONS, INTERPOLATION_MODES, cover_size, crop_and_flip, crop_origin, load_image,
+                          pil_to_tensor)
 from utils.preflight import add_preflight_args
 from utils.sd.kohya_folders import add_kohya_folder_args, caption_for, is_repeat_layout, repeat_folder_rows
 from utils.sd.masks import MASK_FOLDER, add_mask_args, check_masks, has_mask, load_mask, transform_mask
@@ -115,11 +116,7 @@ class ImageTransform:
 
     def apply(self, resized: Image.Image, crop: tuple[int, int], flip: bool,
               target: tuple[int, int] | None = None) -> torch.Tensor:
-        (top, left), (width, height) = crop, self.target(target)
-        image = resized.crop((left, top, left + width, top + height))
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return pil_to_tensor(image)
+        return pil_to_tensor(crop_and_flip(resized, crop, flip, self.target(target)))
 
     def crop_top_left(self, resized_size: tuple[int, int], crop: tuple[int, int], flip: bool,
                       target: tuple[int, int] | None = None) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from utils.data import BadSampleError
 from utils.errors import UserError
-from utils.images import IMAGE_EXTENSIONS
+from utils.images import IMAGE_EXTENSIONS, crop_and_flip
 
 MASK_FOLDER = "mask"
 MAX_LISTED = 10
@@ -123,10 +123,7 @@ def transform_mask(mask: Image.Image, resized_size: tuple[int, int], crop: tuple
     and flip: [1, H, W] in [0, 1]."""
     if mask.size != resized_size:
         mask = mask.resize(resized_size, Image.Resampling.BILINEAR)
-    (top, left), (width, height) = crop, target
-    mask = mask.crop((left, top, left + width, top + height))
-    if flip:
-        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    mask = crop_and_flip(mask, crop, flip, target)
     return torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy()).float().div(255.0)[None]
 
 
