@@ -41,13 +41,14 @@ import utils  # noqa: F401  (first: its log filter must be in place before diffu
 
 import numpy as np
 import torch
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from utils.config import parse_args_with_config
 from utils.errors import UserError, UserFileNotFoundError, run_script
 from utils.run import quiet_empty_notices
-from utils.images import make_grid
+from utils.images import load_image, make_grid
 from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya, is_lycoris_file, load_lycoris_file
 from utils.sd.lycoris import has_peft_adapters, load_peft_adapters
 from utils.sd.single_file import DTYPES as SINGLE_FILE_DTYPES
@@ -59,6 +60,8 @@ from utils.sd.model_kind import SDXL_PIPELINE, is_single_file, pipeline_class_na
 LORA_ARCHITECTURES = {"StableDiffusionPipeline": "stable-diffusion-v", SDXL_PIPELINE: "stable-diffusion-xl",
                       "StableDiffusion3Pipeline": "stable-diffusion-3", "FluxPipeline": "flux-1",
                       "Lumina2Pipeline": "lumina-2"}
+
+IF_PIPELINES = ("IFPipeline", "IFSuperResolutionPipeline")  # DeepFloyd IF, stages I and II (pixel space)
 
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}
@@ -96,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--control_image", type=str, default=None,
                        help="With --controlnet: the conditioning image (resized and centre-cropped to the output size; "
                             "a class-index mask when the ControlNet was trained with --conditioning_num_classes).")
+    model.add_argument("--image", type=str, default=None,
+                       help="DeepFloyd IF stage II (an IFSuperResolutionPipeline --model): the low-resolution image "
+                            "to upscale to the output size.")
     model.add_argument("--controlnet_scale", type=float, default=1.0,
                        help="With --controlnet: the strength of its residuals (the pipelines' "
                             "controlnet_conditioning_scale; 0 = the base model alone).")
@@ -183,6 +189,8 @@ def validate_args(args) -> None:
         raise UserError("--controlnet and --control_image go together: a ControlNet samples under a conditioning image.")
     if args.control_image is not None and not os.path.isfile(args.control_image):
         raise UserFileNotFoundError(f"--control_image {args.control_image}: no such file")
+    if args.image is not None and not os.path.isfile(args.image):
+        raise UserFileNotFoundError(f"--image {args.image}: no such file")
     if args.controlnet is not None and (args.mask is not None or args.export is not None):
         raise UserError("--controlnet samples a Stable Diffusion (XL) pipeline; it cannot go with --mask or --export.")
     if args.ema and args.checkpoint is None:
@@ -287,7 +295,8 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
         pipe = load_single_file_pipeline(base, args.model_config, args.original_config, **dtype_kwarg(dtype))
     else:  # StableDiffusion(XL|3)Pipeline, as the folder's model_index.json says
         name = pipeline_class_name(base)
-        pipeline_class = getattr(diffusers, name if name in LORA_ARCHITECTURES else "StableDiffusionPipeline")
+        pipeline_class = getattr(diffusers, name if name in LORA_ARCHITECTURES or name in IF_PIPELINES
+                                 else "StableDiffusionPipeline")
         pipe = pipeline_class.from_pretrained(base, **dtype_kwarg(dtype))
     description, lora_source = base, None
     if args.checkpoint is not None:
@@ -328,6 +337,15 @@ def control_image(args, height: int, width: int, device, dtype) -> dict:
     num_classes = json.load(open(settings, encoding="utf-8"))["num_classes"] if os.path.isfile(settings) else None
     image = ConditioningImages("control_image", num_classes).at_size(args.control_image, width, height)
     return {"image": image[None].to(device, dtype), "controlnet_conditioning_scale": args.controlnet_scale}
+
+
+def upscaled_image(args, pipe) -> dict:
+    """DeepFloyd IF stage II's low-resolution input (--image), which only that pipeline takes."""
+    stage_ii = type(pipe).__name__ == "IFSuperResolutionPipeline"
+    if stage_ii != (args.image is not None):
+        raise UserError("--image goes with a DeepFloyd IF stage II model (IFSuperResolutionPipeline): "
+                        + ("give the low-resolution image to upscale." if stage_ii else "drop --image."))
+    return {"image": load_image(args.image)} if stage_ii else {}
 
 
 def denoiser_name(pipe) -> str:
@@ -463,6 +481,8 @@ def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir:
     accepted = inspect.signature(pipe.__call__).parameters  # the pipelines' names for the same thing (LoRA scale)
     name = next(n for n in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs") if n in accepted)
     attention_kwargs = {name: scale}
+    if "clean_caption" in accepted:  # DeepFloyd IF: the prompt as trained (its cleaner needs bs4 and ftfy)
+        attention_kwargs["clean_caption"] = False
     with tqdm(total=len(jobs), desc="images", unit="img") as progress:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start:start + batch_size]
@@ -476,7 +496,8 @@ def generate(pipe, jobs: list[Job], settings: dict, batch_size: int, output_dir:
                 width=settings["width"],
                 generator=generators,
                 **attention_kwargs,
-                **(conditions or {}),
+                **{key: [value] * len(batch) if isinstance(value, Image.Image) else value  # (IF: one image a prompt)
+                   for key, value in (conditions or {}).items()},
             ).images
             for job, image in zip(batch, images):
                 path = os.path.join(
@@ -493,7 +514,7 @@ def default_size(pipe) -> int:
     factor (x the transformer's patch size already counted in SD3's sample_size)."""
     if getattr(pipe, "default_sample_size", None):  # SD3, FLUX pipelines: their own default (FLUX: 1024 px)
         return int(pipe.default_sample_size) * pipe.vae_scale_factor
-    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    return int(pipe.unet.config.sample_size) * getattr(pipe, "vae_scale_factor", 1)  # (IF: pixel space)
 
 
 def sd_main(args, device, dtype) -> list[str]:
@@ -534,8 +555,8 @@ def sd_main(args, device, dtype) -> list[str]:
           f"{settings['steps']} {scheduler} steps, guidance {settings['guidance_scale']}, seed {seed}, on {device} "
           f"({settings['dtype']}).")
 
-    results = generate(pipe, jobs, settings, args.batch_size, args.output_dir,
-                       control_image(args, settings["height"], settings["width"], device, dtype))
+    conditions = control_image(args, settings["height"], settings["width"], device, dtype) | upscaled_image(args, pipe)
+    results = generate(pipe, jobs, settings, args.batch_size, args.output_dir, conditions)
     grid_path = os.path.join(args.output_dir, "grid.png")
     make_grid([image for _, _, image in results], columns=args.num_images if len(prompts) > 1 else None).save(grid_path)
     print(f"Saved {len(results)} image(s) and {grid_path}")

@@ -293,7 +293,7 @@ def test_an_instance_folder_needs_an_instance_prompt(capsys, tiny_pipeline_dir, 
 @pytest.mark.parametrize("extra, message", [
     (["--prior_loss_weight", "0.5"], "add --with_prior_preservation"),
     (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir"),
-    (["--class_labels_conditioning", "timesteps"], "--class_labels_conditioning"),
+    (["--class_labels_conditioning", "timesteps"], "not a DeepFloyd IF pipeline"),
     (["--tokenizer_max_length", "0"], "--tokenizer_max_length 0: give a positive length"),
 ])
 def test_bad_dreambooth_flags_are_one_block_errors(capsys, tiny_pipeline_dir, instance_dir, tmp_path, extra, message):

@@ -1,5 +1,5 @@
 """The model families train_text_to_image.py trains, one module each behind one interface (base.py):
-sd.py (SD 1.x/2.x, SDXL), controlnet.py (a ControlNet on either: train_controlnet.py), sd3.py (SD3/3.5), flux.py (FLUX.1 dev/schnell), lumina2.py (Lumina-Image-2.0); flow_matching.py holds the rectified flow the transformer families
+sd.py (SD 1.x/2.x, SDXL), controlnet.py (a ControlNet on either: train_controlnet.py), sd3.py (SD3/3.5), flux.py (FLUX.1 dev/schnell), lumina2.py (Lumina-Image-2.0), deepfloyd_if.py (DeepFloyd IF, stages I and II); flow_matching.py holds the rectified flow the transformer families
 share. `family_for(name)` gives the family object a run uses (its name from utils/sd/model_kind.family_name)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ NOT_YET: dict[str, str] = {}  # family name -> what it is, for families detected
 
 
 def family_for(name: str, args=None) -> Family:
-    """A fresh family object for `name` (sd, sdxl, sd3, flux, lumina2), configured with the run's flags when `args` is given."""
+    """A fresh family object for `name` (sd, sdxl, sd3, flux, lumina2, if), configured with the run's flags when `args` is given."""
     family = _family(name)
     if args is not None:
         family.configure(args)
@@ -35,6 +35,10 @@ def _family(name: str) -> Family:
         from utils.families.lumina2 import Lumina2
 
         return Lumina2()
+    if name == "if":
+        from utils.families.deepfloyd_if import DeepFloydIF
+
+        return DeepFloydIF()
     if name in ("sd-controlnet", "sdxl-controlnet"):
         from utils.families.controlnet import ControlNetSD, ControlNetSDXL
 

@@ -75,7 +75,7 @@ class StableDiffusion(Family):
     def training_loss(self, args, models, batch, monitor) -> torch.Tensor:
         from utils.sd.losses import diffusion_loss
 
-        return diffusion_loss(args, models, batch, monitor)
+        return diffusion_loss(args, models, batch, monitor, self)
 
     def held_out_error(self, models, batch, latents, noise, indices, autocast) -> torch.Tensor:
         from utils.sd.controlnet import controlnet_residuals
@@ -91,9 +91,22 @@ class StableDiffusion(Family):
             else scheduler.get_velocity(latents, noise, timesteps)
         with autocast():
             residuals = controlnet_residuals(models, batch, noisy_latents, timesteps, encoder_hidden_states, added)
-            prediction = models["unet"](noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added,
-                                        **residuals, return_dict=False)[0]
+            unet_input, extra = self.unet_inputs(models, noisy_latents, latents, timesteps,
+                                                 lambda: held_out_input_noise(indices, latents))
+            prediction = self.unet_output(models["unet"](unet_input, timesteps, encoder_hidden_states,
+                                                         added_cond_kwargs=added, **extra, **residuals,
+                                                         return_dict=False)[0])
         return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+    def unet_inputs(self, models, sample, latents, timesteps, noise=None) -> tuple[torch.Tensor, dict]:
+        """The UNet's sample and extra keyword arguments for the noisy `sample` of `latents` at `timesteps`
+        (`noise()`: the fixed noise a family that draws more noise uses for held-out samples, None: draw from the
+        global generator); SD: as they are."""
+        return sample, {}
+
+    def unet_output(self, prediction: torch.Tensor) -> torch.Tensor:
+        """The part of the UNet's output the loss compares with the target; SD: all of it."""
+        return prediction
 
     def vae_in_float32(self, args) -> bool:
         # SDXL's VAE overflows in fp16: fp32 unless a fixed VAE is given (diffusers' SDXL LoRA script's rule).
@@ -134,6 +147,13 @@ class StableDiffusion(Family):
         from utils.sd.saving import lora_metadata
 
         return lora_metadata(output, models["unet"], models["noise_scheduler"])
+
+
+def held_out_input_noise(indices: list[int], latents: torch.Tensor) -> torch.Tensor:
+    """More fixed noise per held-out sample (a second stream of each index's own; never the global generator)."""
+    from utils.sd.validation import held_out_noise
+
+    return torch.stack([held_out_noise(index, 1, latents.shape[1:]) for index in indices]).to(latents.device)
 
 
 class StableDiffusionXL(StableDiffusion):

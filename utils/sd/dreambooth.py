@@ -51,9 +51,9 @@ DREAMBOOTH_DEFAULTS = {
     "lora-lumina2": dict(output_dir="lumina2-dreambooth-lora", learning_rate=1e-4, validation_epochs=50,
                          adam_weight_decay=1e-4, tracker_project_name="dreambooth-lumina2-lora"),
 }
-UNSUPPORTED = {  # diffusers' flags for models this trainer does not train (DeepFloyd IF)
+IF_ONLY = {  # diffusers' flags for DeepFloyd IF (utils/families/deepfloyd_if.py reads them)
     "class_labels_conditioning": "DeepFloyd IF's class-label conditioning",
-    "validation_images": "DeepFloyd IF's upscaler validation",
+    "validation_images": "DeepFloyd IF's stage II validation",
 }
 
 
@@ -112,10 +112,11 @@ def add_dreambooth_args(parser) -> None:
     group.add_argument("--do_edm_style_training", default=False, action="store_true",
                        help="Flag to conduct training using the EDM formulation as introduced in "
                             "https://huggingface.co/papers/2206.00364.")
-    for name, what in UNSUPPORTED.items():
-        shape = {"nargs": "+"} if name == "validation_images" else {"nargs": "?", "const": True}
-        group.add_argument(f"--{name}", default=None, **shape,
-                           help=f"diffusers' flag for {what}: refused here (a model this trainer does not train).")
+    group.add_argument("--validation_images", required=False, default=None, nargs="+",
+                       help="DeepFloyd IF stage II: images upscaled at validation (each with each validation prompt).")
+    group.add_argument("--class_labels_conditioning", required=False, default=None,
+                       help="DeepFloyd IF: the optional `class_label` conditioning to pass to the unet, available "
+                            "values are `timesteps` (stage II's UNet needs it).")
 
 
 # diffusers' DreamBooth scripts read --dataset_name's captions only where --caption_column is given (default None:
@@ -164,13 +165,13 @@ def dreambooth_aliases(args) -> dict:
 
 
 def check_dreambooth_args(args) -> None:
-    """diffusers' DreamBooth flags: the ones for models not trained here refused, the run's combinations checked."""
-    unsupported = [(flag, value) for flag, value in (("--class_labels_conditioning", args.class_labels_conditioning),
-                                                     ("--validation_images", args.validation_images))
-                   if value is not None]
-    if unsupported:
-        flag = unsupported[0][0]
-        raise UserError(f"{flag}: {UNSUPPORTED[flag[2:]]} is not supported by train_text_to_image.py; drop the flag.")
+    """diffusers' DreamBooth flags: DeepFloyd IF's refused for other models, the run's combinations checked."""
+    from utils.sd.model_kind import family_name
+
+    if_flags = [name for name in IF_ONLY if getattr(args, name) is not None]
+    if if_flags and family_name(args) != "if":
+        raise UserError(f"--{if_flags[0]}: {IF_ONLY[if_flags[0]]}; --pretrained_model_name_or_path is not a "
+                        "DeepFloyd IF pipeline: drop the flag.")
     if args.skip_save_text_encoder and (args.use_lora or not args.pretrained_model_name_or_path):
         raise UserError("--skip_save_text_encoder leaves the text encoder out of a fine-tuned pipeline loaded with "
                         "--pretrained_model_name_or_path; drop it (a LoRA run or a model from scratch).")
@@ -279,6 +280,11 @@ def generate_class_image_share(args, accelerator, missing: list[int], existing: 
     logger.info(f"Generating {len(missing)} class images of '{args.class_prompt}' in {directory} "
                 f"({existing} there; --num_class_images {args.num_class_images}).")
     pipeline = load_generation_pipeline(args, dtype).to(accelerator.device)
+    if type(pipeline).__name__ == "IFSuperResolutionPipeline":
+        raise UserError(f"--class_data_dir {directory} holds {existing} of --num_class_images {args.num_class_images} "
+                        "class images, and a DeepFloyd IF stage II model cannot draw more (it upscales images, it "
+                        "needs one to start from): put class images there (e.g. stage I's), or lower "
+                        "--num_class_images.")
     pipeline.set_progress_bar_config(disable=True)
     mine = missing[accelerator.process_index::accelerator.num_processes]
     for start in range(0, len(mine), args.sample_batch_size):

@@ -161,11 +161,12 @@ def prior_preservation_loss(loss_of, model_pred, target, timesteps, prior_loss_w
     return instance_loss + prior_loss_weight * prior_loss
 
 
-def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
+def diffusion_loss(args, models: dict, batch: dict, monitor, family) -> torch.Tensor:
     """The denoising loss of one batch of train_text_to_image.py (epsilon or v target; min-SNR, the loss options
     above, offset noise, input perturbation, DREAM; with --vae_training_mode joint plus the VAE's own loss).
     `models`: the pipeline's modules by name; `monitor`: a utils.telemetry.HealthMonitor for the batch's
-    statistics."""
+    statistics; `family`: the SD-like family (utils/families/sd.py), whose `unet_inputs` / `unet_output` adapt the
+    UNet's call (DeepFloyd IF: class labels, stage II's second input, the learned-variance channels)."""
     unet, vae, noise_scheduler = (models[k] for k in ("unet", "vae", "noise_scheduler"))
 
     vae_loss = None
@@ -201,9 +202,11 @@ def diffusion_loss(args, models: dict, batch: dict, monitor) -> torch.Tensor:
         noisy_latents, target = compute_dream_and_update_latents(
             unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states,
             args.dream_detail_preservation)
-    model_pred = unet(model_input, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions,
-                      **controlnet_residuals(models, batch, model_input, timesteps, encoder_hidden_states,
-                                             added_conditions), return_dict=False)[0]
+    unet_input, unet_extra = family.unet_inputs(models, model_input, latents, timesteps)
+    model_pred = family.unet_output(unet(
+        unet_input, timesteps, encoder_hidden_states, added_cond_kwargs=added_conditions, **unet_extra,
+        **controlnet_residuals(models, batch, model_input, timesteps, encoder_hidden_states, added_conditions),
+        return_dict=False)[0])
     if edm:
         model_pred = edm_denoised(noise_scheduler, model_pred, noisy_latents, sigmas)
 

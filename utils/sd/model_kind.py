@@ -56,13 +56,14 @@ def pipeline_class_name(path: str, revision: str | None = None) -> str | None:
 
 # model_index.json's pipeline class -> the family module that trains it (utils/families/).
 FAMILY_OF_PIPELINE = {SDXL_PIPELINE: "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
-                      "Lumina2Pipeline": "lumina2", "Lumina2Text2ImgPipeline": "lumina2"}
+                      "Lumina2Pipeline": "lumina2", "Lumina2Text2ImgPipeline": "lumina2",
+                      "IFPipeline": "if", "IFSuperResolutionPipeline": "if"}
 PRESET_FAMILIES = {"tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux", "tiny-lumina2": "lumina2"}
 
 
 def family_name(args) -> str:
     """The model family of a run: sd (SD 1.x/2.x, also what an unreadable or unknown pipeline is taken for: the
-    loader then says what is wrong), sdxl, sd3, flux or lumina2; from --model_preset or the pipeline's class."""
+    loader then says what is wrong), sdxl, sd3, flux, lumina2 or if (DeepFloyd IF); from --model_preset or the pipeline's class."""
     if getattr(args, "model_preset", None):
         return PRESET_FAMILIES.get(args.model_preset, "sd")
     if not getattr(args, "pretrained_model_name_or_path", None):
