@@ -288,3 +288,33 @@ def test_stage_ii_resume_is_bitwise_and_cached_equals_uncached(tiny_if_dirs, ins
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     plain, cached = logged_losses(tmp_path / "straight"), logged_losses(tmp_path / "cached")
     assert len(plain) == 4 and np.allclose(plain, cached, rtol=1e-5, atol=0), (plain, cached)
+
+
+@pytest.mark.slow
+def test_t5_lora_resumes_bitwise_and_loads_in_the_if_pipeline(tiny_if_dirs, instance_dir, tmp_path):
+    """--use_lora --train_text_encoder on IF: the T5 LoRA (q, k, v, o) is stored under diffusers' lora_linear_layer
+    names, which IFPipeline.load_lora_weights and our resume read (peft's names fail there for T5); 4 steps
+    straight = 2 + a resume to 4, and the loaded T5 adapter holds the file's weights."""
+    from diffusers import IFPipeline
+    from safetensors.torch import load_file
+
+    import train_text_to_image as script
+
+    common = ["--use_lora", "--train_text_encoder", "--checkpointing_steps", "2"]
+    stage_i = tiny_if_dirs[0]
+    run_main_in_process(script, if_run(stage_i, instance_dir, tmp_path / "straight", 4, common))
+    run_main_in_process(script, if_run(stage_i, instance_dir, tmp_path / "stopped", 2, common))
+    run_main_in_process(script, if_run(stage_i, instance_dir, tmp_path / "stopped", 4,
+                                       common + ["--resume_from_checkpoint", "latest"]))
+    name = "pytorch_lora_weights.safetensors"
+    straight, resumed = load_file(tmp_path / "straight" / name), load_file(tmp_path / "stopped" / name)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    t5_keys = [k for k in straight if k.startswith("text_encoder.")]
+    assert t5_keys and all("lora_linear_layer" in k for k in t5_keys)
+
+    pipe = IFPipeline.from_pretrained(stage_i)
+    pipe.load_lora_weights(str(tmp_path / "straight"))
+    loaded = pipe.text_encoder.state_dict()
+    key = next(k for k in t5_keys if k.endswith("SelfAttention.q.lora_linear_layer.up.weight"))
+    peft_name = key[len("text_encoder."):].replace("lora_linear_layer.up.weight", "lora_B.default_0.weight")
+    assert torch.equal(loaded[peft_name], straight[key])

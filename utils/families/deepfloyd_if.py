@@ -169,8 +169,25 @@ class DeepFloydIF(StableDiffusion):
         return args.lora_target_modules or list(LORA_TARGETS)
 
     def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
-        """diffusers' file only (--lora_format both: kohya's layout has no IF names; kohya itself is refused)."""
-        return super().save_lora(directory, denoiser, encoders, "diffusers", metadata, dtype)
+        """diffusers' file only (--lora_format both: kohya's layout has no IF names; kohya itself is refused), its
+        T5 keys in diffusers' `lora_linear_layer` names: the loader (IFPipeline.load_lora_weights, and our resume
+        through diffusers' `_set_state_dict_into_text_encoder`) maps peft's lora_A/lora_B names to those for CLIP's
+        projections only, and fails on T5's q/k/v/o."""
+        path = super().save_lora(directory, denoiser, encoders, "diffusers", metadata, dtype)
+        if encoders:
+            from safetensors import safe_open
+            from safetensors.torch import load_file, save_file
+
+            from utils.atomic import atomic_file
+
+            with safe_open(path, "pt") as handle:
+                file_metadata = handle.metadata()
+            renamed = {(key.replace(".lora_A.weight", ".lora_linear_layer.down.weight")
+                        .replace(".lora_B.weight", ".lora_linear_layer.up.weight")
+                        if key.startswith("text_encoder.") else key): value for key, value in load_file(path).items()}
+            with atomic_file(path) as temp:
+                save_file(renamed, temp, metadata=file_metadata)
+        return path
 
     def latent_multiple(self, models) -> int:
         return 2 ** (len(models["unet"].config.block_out_channels) - 1)
