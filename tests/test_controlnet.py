@@ -260,6 +260,15 @@ def test_class_masks_become_one_hot_channels(tmp_path):
     assert onehot[0, :8].all() and not onehot[1].any() and onehot[2, 12:, :4].all() and onehot.sum() == 8 * 16 + 16
     with pytest.raises(UserError, match="--conditioning_num_classes is 2"):
         ConditioningImages("m", 2).at_size(str(tmp_path / "m.png"), 16, 16)
+    # K = 1: a 0/255 mask, thresholded at 128 as train_mask_dit.py's reader (the same function) does
+    from utils.mask_dit.data import mask_to_channels
+
+    binary = np.where(np.arange(64).reshape(8, 8) % 3 == 0, 255, 0).astype(np.uint8)
+    binary[0, :3] = [100, 128, 200]
+    Image.fromarray(binary).save(tmp_path / "b.png")
+    single = ConditioningImages("b", 1).at_size(str(tmp_path / "b.png"), 8, 8)
+    assert torch.equal(single, torch.from_numpy(mask_to_channels(binary, 1, "b")))
+    assert single[0, 0, :3].tolist() == [0.0, 1.0, 1.0]
 
 
 @pytest.mark.slow

@@ -132,8 +132,9 @@ def select_fraction(num_items: int, ratio: float, seed: int | None) -> list[int]
 _WARNED_MASKS: set = set()
 
 
-def mask_to_channels(mask: np.ndarray, mask_channels: int, name: str) -> np.ndarray:
-    """uint8 mask [H, W] -> float32 [mask_channels, H, W] in {0, 1} (see module docstring)."""
+def mask_to_channels(mask: np.ndarray, mask_channels: int, name: str, flag: str = "--mask_channels") -> np.ndarray:
+    """uint8 mask [H, W] -> float32 [mask_channels, H, W] in {0, 1} (see module docstring); `flag`: the option that
+    set `mask_channels` (train_controlnet.py's --conditioning_num_classes reads masks this way too)."""
     if mask_channels == 1 and mask.max() > 1:
         grey = int(((mask > 1) & (mask < 255)).sum())
         if grey and "grey" not in _WARNED_MASKS:
@@ -144,8 +145,8 @@ def mask_to_channels(mask: np.ndarray, mask_channels: int, name: str) -> np.ndar
         return (mask >= 128).astype(np.float32)[None]
     if mask.max() > mask_channels:
         raise UserError(
-            f"mask {name}: value {int(mask.max())} but --mask_channels is {mask_channels}. Masks are index maps "
-            f"(0 = background, k = class k <= mask_channels), or 0/255 images for a single channel."
+            f"mask {name}: value {int(mask.max())} but {flag} is {mask_channels}. Masks are index maps "
+            f"(0 = background, k = class k <= {flag[2:]}), or 0/255 images for a single channel."
         )
     return np.stack([(mask == k + 1) for k in range(mask_channels)]).astype(np.float32)
 

@@ -42,8 +42,9 @@ def add_controlnet_args(parser) -> None:
                             "or one prompt for all images (diffusers' rule).")
     group.add_argument("--conditioning_num_classes", type=int, default=None,
                        help="The conditioning images are class-index masks (0 = background, k = class k <= K, e.g. "
-                            "the synthetic fundus masks): one-hot into K channels, the ControlNet takes K. Default: "
-                            "RGB images, 3 channels.")
+                            "the synthetic fundus masks; K = 1: 0/255 masks, thresholded at 128, as train_mask_dit.py "
+                            "reads them): one-hot into K channels, the ControlNet takes K. Default: RGB images, 3 "
+                            "channels.")
     group.add_argument("--crops_coords_top_left_h", type=int, default=None,
                        help="SDXL: the crop top the time ids say for every sample (diffusers' SDXL ControlNet script "
                             "uses 0). Default: each sample's real crop, as train_text_to_image.py.")
@@ -142,11 +143,10 @@ class ConditioningImages:
         """A PIL image at its final size -> [C, H, W] in [0, 1] (one-hot {0, 1} for class masks)."""
         if self.num_classes is None:
             return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-        index = np.asarray(image.convert("RGB"), dtype=np.uint8)[..., 0]
-        if index.max() > self.num_classes:
-            raise UserError(f"conditioning mask {name}: value {int(index.max())} but --conditioning_num_classes is "
-                            f"{self.num_classes} (class-index masks: 0 = background, k = class k).")
-        return torch.from_numpy(np.stack([index == k + 1 for k in range(self.num_classes)]).astype(np.float32))
+        from utils.mask_dit.data import mask_to_channels  # (the mask DiT's reading: one rule for masks)
+
+        index = np.asarray(image.convert("L"), dtype=np.uint8)
+        return torch.from_numpy(mask_to_channels(index, self.num_classes, name, "--conditioning_num_classes"))
 
     def __call__(self, value, name: str, resized_size: tuple[int, int], crop: tuple[int, int], flip: bool,
                  target: tuple[int, int]) -> torch.Tensor:

@@ -166,10 +166,12 @@ def dreambooth_aliases(args) -> dict:
 
 def check_dreambooth_args(args) -> None:
     """diffusers' DreamBooth flags: DeepFloyd IF's refused for other models, the run's combinations checked."""
-    from utils.sd.model_kind import family_name
+    from utils.sd.model_kind import FAMILY_OF_PIPELINE, pipeline_class_name
 
     if_flags = [name for name in IF_ONLY if getattr(args, name) is not None]
-    if if_flags and family_name(args) != "if":
+    base = args.pretrained_model_name_or_path
+    pipeline = pipeline_class_name(base, args.revision) if base else "a preset"  # (None: unreadable, the loader says)
+    if if_flags and pipeline is not None and FAMILY_OF_PIPELINE.get(pipeline) != "if":
         raise UserError(f"--{if_flags[0]}: {IF_ONLY[if_flags[0]]}; --pretrained_model_name_or_path is not a "
                         "DeepFloyd IF pipeline: drop the flag.")
     if args.skip_save_text_encoder and (args.use_lora or not args.pretrained_model_name_or_path):
