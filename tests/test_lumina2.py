@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from conftest import accelerate_launch, overfit_one_image_psnr, parse_and_list_flags, run_main_in_process
 from PIL import Image
@@ -245,3 +246,103 @@ def test_full_fine_tune_with_ema_resumes_bitwise(tiny_lumina2_pipeline_dir, inst
     base = safetensors.torch.load_file(os.path.join(tiny_lumina2_pipeline_dir, name))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], base[k]) for k in first)  # it trained
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI's layout
+
+def lora_delta(down, up, scale=1.0):
+    return up.double() @ down.double() * scale
+
+
+def test_original_layout_is_what_diffusers_lumina2_converter_reads_at_lumina2_shapes():
+    """utils/families/lumina2_comfy.py against diffusers' own reader of the original-layout Lumina-2 LoRAs
+    (_convert_non_diffusers_lumina2_lora_to_diffusers, which Lumina2Pipeline.load_lora_weights calls and which fixes
+    Lumina-Image-2.0's widths: q 2304, k and v 768): every module's delta (B @ A x alpha/r) comes back exactly,
+    for q, k, v all present, one of them, none; the modules of a named block without an adapter come back zero."""
+    import types
+
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lumina2_lora_to_diffusers
+
+    from utils.families.lumina2_comfy import lumina2_original_state_dict
+
+    width, kv, ffn, rank, scale = 2304, 768, 6144, 4, 8 / 4
+    shapes = {"attn.to_q": (width, width), "attn.to_k": (width, kv), "attn.to_v": (width, kv),
+              "attn.to_out.0": (width, width), "feed_forward.linear_1": (width, ffn),
+              "feed_forward.linear_2": (ffn, width), "feed_forward.linear_3": (width, ffn),
+              "norm1.linear": (1024, 4 * width)}
+
+    class Shapes:  # (what the writer reads of the model: the shapes of modules without an adapter)
+        def get_submodule(self, name):
+            inputs, outputs = shapes[name.split(".", 2)[2]]
+            return types.SimpleNamespace(in_features=inputs, out_features=outputs)
+
+    generator = torch.Generator().manual_seed(0)
+    trained = ["layers.0.attn.to_q", "layers.0.attn.to_k", "layers.0.attn.to_v", "layers.0.attn.to_out.0",
+               "noise_refiner.1.attn.to_k", "noise_refiner.1.feed_forward.linear_2",
+               "context_refiner.0.feed_forward.linear_1", "layers.2.norm1.linear"]
+    state = {}
+    for module in trained:
+        inputs, outputs = shapes[module.split(".", 2)[2]]
+        state[f"{module}.lora_A.weight"] = torch.randn(rank, inputs, generator=generator) / 10
+        state[f"{module}.lora_B.weight"] = torch.randn(outputs, rank, generator=generator) / 10
+    original = lumina2_original_state_dict(Shapes(), state, scale)
+    assert original["diffusion_model.layers.0.attention.qkv.lora_B.weight"].shape == (width + 2 * kv, 3 * rank)
+    assert not any("context_refiner.0.adaLN" in key for key in original)
+    back = _convert_non_diffusers_lumina2_lora_to_diffusers(dict(original))
+    blocks = ("layers.0", "layers.2", "noise_refiner.1", "context_refiner.0")
+    for block in blocks:
+        for inner in shapes:
+            if inner == "norm1.linear" and block.startswith("context_refiner"):
+                continue
+            module = f"{block}.{inner}"
+            got = lora_delta(back[f"transformer.{module}.lora_A.weight"], back[f"transformer.{module}.lora_B.weight"])
+            if module in trained:
+                expected = lora_delta(state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"], scale)
+                assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9), module
+            else:
+                assert not got.any(), module
+
+
+def test_a_trained_lumina2_lora_is_written_in_both_layouts(tiny_lumina2_pipeline_dir, instance_dir, tmp_path):
+    """--lora_format both (the default): the original-layout file holds the same adapters as diffusers' file,
+    module by module (decoded from the fused qkv's blocks), plus zero LoRAs for the block's other modules;
+    --lora_format kohya writes only it."""
+    import train_text_to_image as script
+    from diffusers import Lumina2Pipeline
+
+    from utils.families.lumina2_comfy import MODULES, QKV, block_of
+
+    out = tmp_path / "both"
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, out, 1, [
+        "--use_lora", "--rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
+        "--lora_layers", "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,feed_forward.linear_1"]))
+    state = Lumina2Pipeline.lora_state_dict(str(out))
+    state = state[0] if isinstance(state, tuple) else state
+    original = safetensors.torch.load_file(out / "pytorch_lora_weights_kohya.safetensors")
+    modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in state if "lora_A" in k})
+    assert any(m.startswith("context_refiner") for m in modules) and any(m.startswith("layers") for m in modules)
+    for module in modules:
+        down_a, up_b = (state[f"transformer.{module}.lora_{x}.weight"] for x in "AB")
+        block, inner = block_of(module)
+        if inner in QKV:
+            down = original[f"diffusion_model.{block}.attention.qkv.lora_A.weight"]
+            up = original[f"diffusion_model.{block}.attention.qkv.lora_B.weight"]
+            position, rank = QKV.index(inner), down.shape[0] // 3
+            widths = [up_b.shape[0] if p == position else None for p in range(3)]
+            start = sum(state[f"transformer.{block}.{QKV[p]}.lora_B.weight"].shape[0] for p in range(position))
+            block_up = up[start:start + widths[position], position * rank:(position + 1) * rank]
+            block_down = down[position * rank:(position + 1) * rank]
+            others = torch.cat([up[start:start + widths[position], :position * rank],
+                                up[start:start + widths[position], (position + 1) * rank:]], dim=1)
+            assert not others.any(), f"{module}: off-diagonal blocks must be zero"
+        else:
+            block_down = original[f"diffusion_model.{block}.{MODULES[inner]}.lora_A.weight"]
+            block_up = original[f"diffusion_model.{block}.{MODULES[inner]}.lora_B.weight"]
+        assert torch.allclose(lora_delta(block_down, block_up), lora_delta(down_a, up_b, 8 / 4), atol=1e-7), module
+    assert not original["diffusion_model.layers.0.feed_forward.w2.lora_B.weight"].any()  # (no adapter: zero)
+
+    only = tmp_path / "kohya"
+    run_main_in_process(script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, only, 1,
+                                            ["--use_lora", "--lora_format", "kohya"]))
+    assert (only / "pytorch_lora_weights_kohya.safetensors").is_file()
+    assert not (only / "pytorch_lora_weights.safetensors").exists()

@@ -341,9 +341,9 @@ class FlowMatchingFamily(Family):
                            f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
         getattr(diffusers, self.pipeline_class).save_lora_weights(directory, safe_serialization=True, **kwargs)
         path = os.path.join(directory, LORA_WEIGHT_NAME)
-        if lora_format == "both" and self.name != "flux":  # (--lora_format kohya is refused for these)
-            logger.info(f"{self.name}: the LoRA is written in diffusers' layout only (ComfyUI reads it); kohya's "
-                        "layout is written for FLUX.1.")
+        if lora_format == "both" and self.name == "sd3":  # (--lora_format kohya is refused for it)
+            logger.info("sd3: the LoRA is written in diffusers' layout only (ComfyUI reads it); the other layout is "
+                        "written for FLUX.1 (kohya's) and Lumina-2 (the original model's).")
         if metadata:
             add_file_metadata(path, {key: str(value) for key, value in metadata.items()})
         return path

@@ -7,6 +7,7 @@ defaults are those of diffusers' train_dreambooth_lora_lumina2.py (main, 2026-12
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -16,6 +17,8 @@ from utils.checkpointing import own_memory
 from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
 from utils.latents import vae_scale_factor
+
+logger = logging.getLogger(__name__)
 
 # Lumina2Pipeline's own system prompt (its `system_prompt` attribute; what --system_prompt defaults to)
 DEFAULT_SYSTEM_PROMPT = ("You are an assistant designed to generate superior images with the superior degree of "
@@ -82,7 +85,7 @@ class Lumina2(FlowMatchingFamily):
         return {"text_encoder_use_attention_mask": True}  # Gemma reads its padding mask, and so does the transformer
 
     def check_args(self, args) -> None:
-        flow.check_transformer_family_args(args, "Lumina-Image-2.0", "tiny-lumina2", system_prompt=True)
+        flow.check_transformer_family_args(args, "Lumina-Image-2.0", "tiny-lumina2", system_prompt=True, kohya=True)
         refused = {"--train_text_encoder": args.train_text_encoder, "--lora_blocks": bool(args.lora_blocks),
                    "--precondition_outputs 1": args.precondition_outputs == 1}
         for flag, given in refused.items():
@@ -129,6 +132,39 @@ class Lumina2(FlowMatchingFamily):
 
     def pipeline_call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length, "system_prompt": self.system_prompt}
+
+    def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
+        """diffusers' file (--lora_format diffusers|both) and/or the original model's layout that ComfyUI reads
+        (kohya|both, utils/families/lumina2_comfy.py; not with DoRA, whose magnitudes that layout has no place for)."""
+        path = None
+        if lora_format in ("diffusers", "both"):
+            path = super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)
+        if lora_format == "both" and denoiser.peft_config["default"].use_dora:
+            logger.info("DoRA: the LoRA is written in diffusers' layout only (the original Lumina-2 layout has no "
+                        "DoRA magnitudes).")
+        elif lora_format in ("kohya", "both"):
+            original = save_lumina2_original_lora(directory, denoiser, metadata, dtype)
+            path = path or original
+        return path
+
+
+def save_lumina2_original_lora(directory: str, transformer, metadata: dict | None, dtype) -> str:
+    """pytorch_lora_weights_kohya.safetensors: the adapters in the original model's names (ComfyUI's file)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from utils.families.lumina2_comfy import lumina2_original_state_dict
+    from utils.sd.lora import KOHYA_WEIGHT_NAME, write_kohya_file
+
+    config = transformer.peft_config["default"]
+    if config.rank_pattern or config.alpha_pattern or config.use_rslora:
+        raise UserError("The original Lumina-2 LoRA layout has one scale for every module; this adapter has "
+                        "per-module ranks or rsLoRA scaling: use --lora_format diffusers.")
+    tensors = lumina2_original_state_dict(transformer, get_peft_model_state_dict(transformer),
+                                          config.lora_alpha / config.r)
+    tensors = {key: value.to(dtype) if dtype is not None else value for key, value in tensors.items()}
+    path = os.path.join(directory, KOHYA_WEIGHT_NAME)
+    write_kohya_file(path, tensors, metadata, {"ss_network_dim": config.r, "ss_network_alpha": config.lora_alpha})
+    return path
 
 
 def load_lumina2_pipeline_models(source) -> dict:
