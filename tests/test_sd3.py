@@ -346,8 +346,8 @@ def test_two_processes_train_identical_weights(family, request, instance_dir, tm
     (["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"]),
     (["--use_lora", "--lora_type", "loha"], ["--lora_type", "Stable Diffusion 3"]),
     (["--use_lora", "--lora_format", "kohya"], ["--lora_format kohya", "Stable Diffusion 3", "ComfyUI"]),
-    (["--save_single_file"], ["--save_single_file", "Stable Diffusion 3"]),
-], ids=["epsilon", "snr_gamma", "sequence_length", "loha", "kohya", "single_file"])
+    (["--use_lora", "--save_single_file"], ["--save_single_file writes a whole model"]),
+], ids=["epsilon", "snr_gamma", "sequence_length", "loha", "kohya", "single_file_lora"])
 def test_bad_sd3_flags_are_one_block_errors(capsys, tiny_sd3_pipeline_dir, instance_dir, tmp_path, extra, fragments):
     import train_text_to_image as script
 
@@ -490,18 +490,64 @@ def test_dreambooth_encodes_each_prompt_once(tiny_sd3_pipeline_dir, instance_dir
     assert calls == [1, 1]  # trained encoders: every step
 
 
-@pytest.mark.parametrize("key, family", [
-    ("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight", "Stable Diffusion 3"),
-    ("double_blocks.0.img_attn.qkv.weight", "FLUX.1")])
-def test_a_single_file_transformer_checkpoint_is_named_and_refused(capsys, instance_dir, tmp_path, key, family):
-    """A model-sharing site's one-file SD3 / FLUX checkpoint is recognised by its keys and refused in one block
-    (training from single files is SD/SDXL's so far), not fed to the SD loader."""
+def test_a_single_file_flux_checkpoint_is_named_and_refused(capsys, instance_dir, tmp_path):
+    """A model-sharing site's one-file FLUX checkpoint is recognised by its keys and refused in one block (training
+    from single files is SD/SDXL/SD3's so far), not fed to the SD loader; an SD3 one without --model_config is
+    named and told what to add."""
     import train_text_to_image as script
 
     path = tmp_path / "model.safetensors"
-    safetensors.torch.save_file({key: torch.zeros(2, 2)}, str(path))
+    safetensors.torch.save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(path))
     expect_user_error(capsys, script, sd3_args(str(path), instance_dir, tmp_path / "o", 1),
-                      f"single-file {family} checkpoint", "diffusers pipeline folder")
+                      "single-file FLUX.1 checkpoint", "diffusers pipeline folder")
+    sd3 = tmp_path / "sd3.safetensors"
+    safetensors.torch.save_file({"model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight":
+                                 torch.zeros(2, 2)}, str(sd3))
+    expect_user_error(capsys, script, sd3_args(str(sd3), instance_dir, tmp_path / "o", 1),
+                      "single-file SD3 checkpoint: give --model_config")
+
+
+@pytest.mark.slow
+def test_single_file_sd3_round_trips_and_trains_like_its_folder(tiny_sd3_pipeline_dir, instance_dir, tmp_path):
+    """--save_single_file writes the transformer and VAE in Stability's layout (model.diffusion_model.joint_blocks.*,
+    first_stage_model.*): diffusers' StableDiffusion3Pipeline.from_single_file reads back the very weights; that file
+    as --pretrained_model_name_or_path (with --model_config) trains bit for bit like the pipeline folder; generate.py
+    samples it."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    import generate
+    import train_text_to_image as script
+
+    out = tmp_path / "full"
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, out, 2,
+                                         ["--save_single_file", "--single_file_dtype", "fp32"]))
+    single = out / "model.safetensors"
+    keys = load_file(single).keys()
+    assert "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight" in keys
+    assert any(k.startswith("first_stage_model.encoder.") for k in keys)
+    saved = StableDiffusion3Pipeline.from_pretrained(out)
+    loaded = StableDiffusion3Pipeline.from_single_file(
+        str(single), config=str(out), text_encoder=saved.text_encoder, text_encoder_2=saved.text_encoder_2,
+        text_encoder_3=saved.text_encoder_3)
+    for name in ("transformer", "vae"):
+        first, second = getattr(saved, name).state_dict(), getattr(loaded, name).state_dict()
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name
+
+    base = tmp_path / "base.safetensors"
+    from utils.families.sd3_single_file import save_sd3_single_file
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline_dir)
+    save_sd3_single_file(str(base), pipe.transformer, pipe.vae, "fp32")
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, tmp_path / "from_folder", 2))
+    run_main_in_process(script, sd3_args(str(base), instance_dir, tmp_path / "from_file", 2,
+                                         ["--model_config", tiny_sd3_pipeline_dir]))
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    first, second = load_file(tmp_path / "from_folder" / name), load_file(tmp_path / "from_file" / name)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    paths = generate.main(["--model", str(single), "--model_config", str(out), "--prompt", "photo", "--steps", "2",
+                           "--num_images", "1", "--output_dir", str(tmp_path / "images"), "--seed", "0"])
+    assert len(paths) == 2
 
 
 def logged(output_dir, key):

@@ -97,10 +97,11 @@ def check_flow_matching_args(args, family: str) -> None:
 
 
 def check_transformer_family_args(args, family: str, preset: str, system_prompt: bool = False,
-                                  kohya: bool = False) -> None:
+                                  kohya: bool = False, single_file: bool = False) -> None:
     """What a transformer family does not take yet, one-block errors (besides check_flow_matching_args');
-    `system_prompt`: whether the family reads --system_prompt (Lumina-2); `kohya`: whether it writes kohya's LoRA
-    layout (FLUX.1)."""
+    `system_prompt`: whether the family reads --system_prompt (Lumina-2); `kohya`: whether it writes a LoRA layout
+    other than diffusers' (FLUX.1: kohya's, Lumina-2: the original model's); `single_file`: whether it reads and
+    writes single-file checkpoints (SD3)."""
     check_flow_matching_args(args, family)
     if args.system_prompt is not None and not system_prompt:
         raise UserError(f"--system_prompt is Lumina-2's (its Gemma reads an instruction before the caption); a "
@@ -108,14 +109,19 @@ def check_transformer_family_args(args, family: str, preset: str, system_prompt:
     refuse_not_yet(family, {f"--model_preset other than {preset}": args.model_preset not in (None, preset),
                             "--unet_config / --vae_config": bool(args.unet_config or args.vae_config),
                             "--text_encoder_name_or_path": bool(args.text_encoder_name_or_path)})
-    check_files_asked(args, family, kohya)
+    check_files_asked(args, family, kohya, single_file)
 
 
-def check_files_asked(args, family: str, kohya: bool = False) -> None:
-    """The files a transformer family reads and writes so far: diffusers' pipeline folders and LoRA files."""
+def check_files_asked(args, family: str, kohya: bool = False, single_file: bool = False) -> None:
+    """The files a transformer family reads and writes so far: diffusers' pipeline folders and LoRA files (and
+    where `single_file`, single-file checkpoints)."""
     from utils.sd.lora import lora_type_of
     from utils.sd.model_kind import is_single_file
 
+    if single_file:
+        return refuse_not_yet(family, {
+            f"--lora_type {lora_type_of(args)}": lora_type_of(args) not in ("lora", "dora"),
+            "--lora_format kohya": args.use_lora and args.lora_format == "kohya" and not kohya})
     refuse_not_yet(family, {"--save_single_file": args.save_single_file,
                             f"--lora_type {lora_type_of(args)}": lora_type_of(args) not in ("lora", "dora"),
                             "--lora_format kohya": args.use_lora and args.lora_format == "kohya" and not kohya,

@@ -16,6 +16,7 @@ import utils.families.flow_matching as flow
 from utils.checkpointing import own_memory
 from utils.families.flow_matching import FlowMatchingFamily
 from utils.latents import vae_scale_factor
+from utils.sd.model_kind import is_single_file
 
 PIPELINE = "StableDiffusion3Pipeline"
 # diffusers' SD3 scripts' default LoRA targets: the joint attention's image and context projections
@@ -105,13 +106,15 @@ class StableDiffusion3(FlowMatchingFamily):
                 "validation_epochs": 1, "num_validation_images": 4, "tracker_project_name": "text2image-fine-tune-sd3"}
 
     def check_args(self, args) -> None:
-        flow.check_transformer_family_args(args, "Stable Diffusion 3", "tiny-sd3")
+        flow.check_transformer_family_args(args, "Stable Diffusion 3", "tiny-sd3", single_file=True)
 
     def load_models(self, source, captions_for_tokenizer) -> dict:
         if source.model_preset:
             components = build_tiny_sd3(captions_for_tokenizer, source.seed or 0,
                                         os.path.join(source.output_dir, "tokenizers"))
             models = dict(noise_scheduler=components.pop("scheduler"), **components)
+        elif is_single_file(source.pretrained_model_name_or_path):
+            models = load_sd3_single_file_models(source)
         else:
             models = load_sd3_pipeline_models(source)
         flow.check_sequence_length(self.max_sequence_length, models.get("tokenizer_3"))
@@ -145,9 +148,33 @@ class StableDiffusion3(FlowMatchingFamily):
         return targets
 
     def write_pipeline(self, output, models, unwrapped, directory) -> None:
+        """The pipeline folder (diffusers' output) and, with --save_single_file, the transformer and VAE as one file
+        in Stability's layout (utils/families/sd3_single_file.py), what ComfyUI and the UIs load."""
+        from utils.families.sd3_single_file import save_sd3_single_file
+        from utils.sd.single_file import SINGLE_FILE_NAME
+
         if output.skip_text_encoder:
             unwrapped = dict(unwrapped, text_encoder=None, text_encoder_2=None)
         super().write_pipeline(output, models, unwrapped, directory)
+        if output.single_file_dtype:
+            save_sd3_single_file(os.path.join(directory, SINGLE_FILE_NAME), unwrapped["transformer"], models["vae"],
+                                 output.single_file_dtype, {"modelspec.title": os.path.basename(output.output_dir),
+                                                            "base_model": output.base_name, "steps": output.steps})
+
+
+def load_sd3_single_file_models(source) -> dict:
+    """From one SD3 checkpoint file (the transformer and VAE) with --model_config's text encoders, tokenizers and
+    scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from utils.sd.single_file import load_sd3_single_file_pipeline
+
+    pipeline = load_sd3_single_file_pipeline(source.pretrained_model_name_or_path, source.model_config)
+    models = {name: getattr(pipeline, name) for name in ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder",
+                                                         "text_encoder_2", "text_encoder_3", "vae", "transformer")
+              if getattr(pipeline, name, None) is not None}
+    models = {name: own_memory(value) if isinstance(value, torch.nn.Module) else value for name, value in models.items()}
+    return dict(models, noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config))
 
 
 def load_sd3_pipeline_models(source) -> dict:

@@ -60,7 +60,8 @@ def add_single_file_args(parser) -> None:
                        help="The precision of --save_single_file's tensors.")
     group.add_argument("--model_config", type=str, default=None,
                        help="With --pretrained_model_name_or_path model.safetensors: a diffusers pipeline folder or "
-                            "Hub id whose component configs (and tokenizer, scheduler) describe the file.")
+                            "Hub id whose component configs (and tokenizer, scheduler) describe the file; for an SD3 "
+                            "file, also the text encoders it does not hold.")
     group.add_argument("--original_config", type=str, default=None,
                        help="With --pretrained_model_name_or_path model.safetensors: the original LDM YAML "
                             "(e.g. v1-inference.yaml) instead of --model_config.")
@@ -303,8 +304,8 @@ def save_single_file(path: str, unet, vae, text_encoder, dtype: str = "fp16", me
 
 
 def load_single_file_pipeline(path: str, model_config: str | None, original_config: str | None, **kwargs):
-    """A StableDiffusionPipeline (or StableDiffusionXLPipeline for an SDXL file) from one checkpoint file, by
-    diffusers' `from_single_file`."""
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline for an SDXL file, StableDiffusion3Pipeline for an SD3 one)
+    from one checkpoint file, by diffusers' `from_single_file`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if not os.path.isfile(path):
@@ -319,6 +320,8 @@ def load_single_file_pipeline(path: str, model_config: str | None, original_conf
     if model_config is None and original_config is None:
         options = {}
     check_single_file_readable(path)
+    if pipeline_class_name(path) == "StableDiffusion3Pipeline":
+        return load_sd3_single_file_pipeline(path, model_config, **kwargs)
     if pipeline_class_name(path) == SDXL_PIPELINE:
         return StableDiffusionXLPipeline.from_single_file(path, add_watermarker=False, **options, **kwargs)
     try:
@@ -359,3 +362,34 @@ def check_single_file_readable(path: str) -> None:
         raise UserError(f"{path} cannot be read as safetensors ({type(error).__name__}: {error}; "
                         f"{os.path.getsize(path)} bytes): the file is damaged or truncated. Copy or download it again."
                         ) from None
+
+
+def load_sd3_single_file_pipeline(path: str, model_config: str | None, **kwargs):
+    """StableDiffusion3Pipeline.from_single_file: the transformer and VAE from `path`, the text encoders,
+    tokenizers and scheduler from `model_config` (a pipeline folder or Hub id: the file does not hold them; diffusers
+    wants the encoders passed in)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    if not os.path.isfile(path):
+        raise UserError(f"--pretrained_model_name_or_path {path}: no such file")
+    if model_config is None:
+        raise UserError(f"--pretrained_model_name_or_path {path} is a single-file SD3 checkpoint: give --model_config "
+                        "with the SD3 pipeline it belongs to (a folder or Hub id, e.g. "
+                        "stabilityai/stable-diffusion-3.5-medium), which holds the text encoders, tokenizers and "
+                        "scheduler the file does not.")
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    from utils.sd.model_kind import pipeline_class_name
+
+    if pipeline_class_name(model_config) != "StableDiffusion3Pipeline":
+        raise UserError(f"--model_config {model_config}: not an SD3 pipeline (its model_index.json names "
+                        f"{pipeline_class_name(model_config)}); give the SD3 / 3.5 pipeline the file belongs to.")
+    dtype = {"torch_dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
+    encoders = {name: model_class.from_pretrained(model_config, subfolder=name, **dtype)
+                for name, model_class in (("text_encoder", CLIPTextModelWithProjection),
+                                          ("text_encoder_2", CLIPTextModelWithProjection),
+                                          ("text_encoder_3", T5EncoderModel))
+                if os.path.isdir(os.path.join(model_config, name)) or not os.path.isdir(model_config)}
+    if "text_encoder_3" not in encoders:  # (SD3 runs without T5, as its pipeline allows)
+        encoders["text_encoder_3"] = None
+    return StableDiffusion3Pipeline.from_single_file(path, config=model_config, **encoders, **kwargs)
