@@ -385,8 +385,8 @@ def load_lora(pipe, path: str) -> None:
     """Load LoRA weights: a folder with pytorch_lora_weights.safetensors (or our kohya file), or a file in the
     diffusers or kohya/A1111 layout (diffusers' load_lora_weights reads both); a LoHa/LoKr run's folder through
     peft (its unet_adapter/, text_encoder_adapter/), and a LyCORIS LoHa/LoKr file (ours or another tool's)."""
-    models = {"unet": getattr(pipe, "unet", None), "text_encoder": pipe.text_encoder,
-              "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
+    models = {"unet": getattr(pipe, "unet", None), "transformer": getattr(pipe, "transformer", None),
+              "text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None)}
     if os.path.isdir(path) and has_peft_adapters(path):
         return load_peft_adapters(path, models, add=True)
     if os.path.isfile(path) and path.endswith(".safetensors") and is_lycoris_file(path):  # LoHa / LoKr, any tool's

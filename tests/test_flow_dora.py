@@ -1,6 +1,7 @@
 """DoRA (--use_lora --use_dora, or --lora_type dora) for the transformer families (SD3, FLUX.1, Lumina-2): the file
 is diffusers' LoRA file with DoRA's magnitudes, the family's pipeline (`load_lora_weights`) reproduces the trained
-transformer, and a resume is bitwise; LoHa/LoKr stay refused there, and kohya's FLUX layout has no DoRA."""
+transformer, and a resume is bitwise; LoHa/LoKr as peft adapter folders (resume bitwise, generate.py loads them);
+kohya's FLUX layout has no DoRA, LoHa or LoKr."""
 
 import os
 
@@ -82,10 +83,52 @@ def test_dora_trains_saves_loads_in_diffusers_and_resumes_bitwise(family, pipeli
     assert (theirs - base).abs().max() > 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family, kind", [("sd3", "loha"), ("flux", "lokr"), ("lumina2", "loha")])
+def test_loha_lokr_train_save_peft_folders_resume_bitwise_and_load_in_generate(family, kind, pipelines, instance_dir,
+                                                                              tmp_path):
+    """--lora_type loha|lokr on a transformer family: the adapters are peft folders (transformer_adapter/, and the
+    CLIPs' with --train_text_encoder for SD3), 4 steps straight = 2 + a resume to 4 (our loader restores them
+    exactly), and generate.py's --lora loads the folder into the family's pipeline: its transformer predicts as the
+    trained one (the same adapter through peft), not as the base."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    import generate
+    import train_text_to_image as script
+
+    extra = ["--use_lora", "--lora_type", kind, "--rank", "4", "--max_sequence_length", "16", "--learning_rate",
+             "5e-2", "--checkpointing_steps", "2", *(["--train_text_encoder"] if family == "sd3" else [])]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_main_in_process(script, sd3_args(pipelines[family], instance_dir, straight, 4, extra))
+    run_main_in_process(script, sd3_args(pipelines[family], instance_dir, split, 2, extra))
+    run_main_in_process(script, sd3_args(pipelines[family], instance_dir, split, 4,
+                                         extra + ["--resume_from_checkpoint", "latest"]))
+    folders = ["transformer_adapter"] + (["text_encoder_adapter", "text_encoder_2_adapter"] if family == "sd3" else [])
+    for folder in folders:
+        first, second = (load_file(d / folder / "adapter_model.safetensors") for d in (straight, split))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), folder
+    marker = "hada_w1_a" if kind == "loha" else "lokr_w1"
+    assert any(marker in k for k in load_file(straight / "transformer_adapter" / "adapter_model.safetensors"))
+    assert not (straight / "pytorch_lora_weights.safetensors").exists()
+
+    pipe_class = getattr(diffusers, PIPELINES[family])
+    base = transformer_output(pipe_class.from_pretrained(pipelines[family]).transformer, family)
+    loaded = pipe_class.from_pretrained(pipelines[family])
+    generate.load_lora(loaded, str(straight))
+    trained = pipe_class.from_pretrained(pipelines[family])
+    from utils.sd.lycoris import load_peft_adapters
+
+    load_peft_adapters(str(split), {"transformer": trained.transformer}, add=True)
+    torch.testing.assert_close(transformer_output(loaded.transformer, family),
+                               transformer_output(trained.transformer, family), rtol=0, atol=0)
+    assert (transformer_output(loaded.transformer, family) - base).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("extra, fragment", [
-    (["--lora_type", "loha"], "--lora_type loha is not available for"),
+    (["--lora_type", "loha", "--lora_format", "kohya"], "--lora_format kohya with --lora_type loha is not available"),
     (["--use_dora", "--lora_format", "kohya"], "--lora_format kohya with DoRA is not available for"),
-], ids=["loha", "dora_kohya"])
+], ids=["loha_kohya", "dora_kohya"])
 def test_what_stays_refused(pipelines, instance_dir, tmp_path, extra, fragment):
     import train_text_to_image as script
     from utils.errors import UserError

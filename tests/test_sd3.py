@@ -344,7 +344,7 @@ def test_two_processes_train_identical_weights(family, request, instance_dir, tm
     (["--prediction_type", "epsilon"], ["--prediction_type epsilon", "flow velocity"]),
     (["--snr_gamma", "5"], ["--snr_gamma", "rectified flow"]),
     (["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"]),
-    (["--use_lora", "--lora_type", "loha"], ["--lora_type", "Stable Diffusion 3"]),
+    (["--use_lora", "--lora_type", "lokr", "--lora_format", "kohya"], ["--lora_format kohya", "Stable Diffusion 3"]),
     (["--use_lora", "--lora_format", "kohya"], ["--lora_format kohya", "Stable Diffusion 3", "ComfyUI"]),
     (["--use_lora", "--save_single_file"], ["--save_single_file writes a whole model"]),
 ], ids=["epsilon", "snr_gamma", "sequence_length", "loha", "kohya", "single_file_lora"])

@@ -118,18 +118,25 @@ def check_files_asked(args, family: str, kohya: bool = False, single_file: bool 
     from utils.sd.lora import lora_type_of
     from utils.sd.model_kind import is_single_file
 
-    if single_file:
-        return refuse_not_yet(family, {
-            f"--lora_type {lora_type_of(args)}": lora_type_of(args) not in ("lora", "dora"),
-            "--lora_format kohya": args.use_lora and args.lora_format == "kohya" and not kohya})
-    refuse_not_yet(family, {"--save_single_file": args.save_single_file,
-                            f"--lora_type {lora_type_of(args)}": lora_type_of(args) not in ("lora", "dora"),
+    kind = lora_type_of(args)
+    refuse_not_yet(family, {"--save_single_file": args.save_single_file and not single_file,
                             "--lora_format kohya": args.use_lora and args.lora_format == "kohya" and not kohya,
-                            "--lora_format kohya with DoRA": lora_type_of(args) == "dora" and args.lora_format == "kohya"})
+                            "--lora_format kohya with DoRA": kind == "dora" and args.lora_format == "kohya",
+                            f"--lora_format kohya with --lora_type {kind}": kind in ("loha", "lokr")
+                            and args.lora_format == "kohya"})
+    if single_file:
+        return
     if is_single_file(args.pretrained_model_name_or_path):
         raise UserError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is a single-file "
                         f"{family} checkpoint; training from one is not available yet: give the diffusers pipeline "
                         "folder or Hub id (e.g. stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev).")
+
+
+def is_lycoris(model) -> bool:
+    """The model's adapter is LoHa or LoKr (saved as peft folders, not diffusers' LoRA file)."""
+    from utils.sd.lora import LYCORIS_TYPES, adapter_type
+
+    return adapter_type(model) in LYCORIS_TYPES
 
 
 def refuse_not_yet(family: str, refused: dict) -> None:
@@ -327,13 +334,21 @@ class FlowMatchingFamily(Family):
 
     def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
         """diffusers' file (transformer.* and text_encoder*.* keys, the adapter configs in its metadata), what the
-        pipeline's load_lora_weights and ComfyUI read."""
+        pipeline's load_lora_weights and ComfyUI read; LoHa/LoKr: peft's adapter folders (transformer_adapter/, ...),
+        which peft (and generate.py) load: diffusers' LoRA loader reads no LyCORIS keys for these families."""
         import os
 
         import diffusers
         from peft.utils import get_peft_model_state_dict
 
         from utils.sd.lora import LORA_WEIGHT_NAME, add_file_metadata
+        from utils.sd.lycoris import ADAPTER_FOLDER, save_peft_adapters
+
+        if is_lycoris(denoiser):
+            save_peft_adapters(directory, {"transformer": denoiser, **encoders})
+            if lora_format == "both":
+                logger.info(f"{self.name}: LoHa/LoKr are written as peft adapter folders only.")
+            return os.path.join(directory, ADAPTER_FOLDER.format("transformer"))
 
         def layers(model):
             state = get_peft_model_state_dict(model)
@@ -358,6 +373,11 @@ class FlowMatchingFamily(Family):
         import diffusers
         from diffusers.training_utils import _set_state_dict_into_text_encoder
         from peft.utils import set_peft_model_state_dict
+
+        from utils.sd.lycoris import has_peft_adapters, load_peft_adapters
+
+        if has_peft_adapters(directory):  # LoHa / LoKr
+            return load_peft_adapters(directory, {"transformer": denoiser, **encoders})
 
         state = getattr(diffusers, self.pipeline_class).lora_state_dict(directory)
         state = state[0] if isinstance(state, tuple) else state

@@ -140,6 +140,8 @@ class Flux(FlowMatchingFamily):
 
     def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
         """diffusers' file (--lora_format diffusers|both) and/or kohya's sd-scripts layout (kohya|both)."""
+        if flow.is_lycoris(denoiser):  # (LoHa/LoKr: peft folders, the shared writer)
+            return super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)
         path = None
         if lora_format in ("diffusers", "both"):
             path = super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)

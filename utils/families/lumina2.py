@@ -136,6 +136,8 @@ class Lumina2(FlowMatchingFamily):
     def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
         """diffusers' file (--lora_format diffusers|both) and/or the original model's layout that ComfyUI reads
         (kohya|both, utils/families/lumina2_comfy.py; not with DoRA, whose magnitudes that layout has no place for)."""
+        if flow.is_lycoris(denoiser):  # (LoHa/LoKr: peft folders, the shared writer)
+            return super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)
         path = None
         if lora_format in ("diffusers", "both"):
             path = super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)

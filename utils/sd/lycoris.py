@@ -92,7 +92,10 @@ def save_peft_adapters(directory: str, models: dict) -> None:
 
 
 def has_peft_adapters(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, ADAPTER_FOLDER.format("unet"), "adapter_config.json"))
+    """A LoHa/LoKr run's folder: the denoiser's peft adapter (unet_adapter/, or transformer_adapter/ for SD3, FLUX.1,
+    Lumina-2)."""
+    return any(os.path.isfile(os.path.join(directory, ADAPTER_FOLDER.format(name), "adapter_config.json"))
+               for name in ("unet", "transformer"))
 
 
 def adapter_config_from(folder: str):
