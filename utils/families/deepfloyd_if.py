@@ -174,7 +174,7 @@ class DeepFloydIF(StableDiffusion):
         through diffusers' `_set_state_dict_into_text_encoder`) maps peft's lora_A/lora_B names to those for CLIP's
         projections only, and fails on T5's q/k/v/o."""
         path = super().save_lora(directory, denoiser, encoders, "diffusers", metadata, dtype)
-        if encoders:
+        if encoders and os.path.isfile(path):  # (LoHa/LoKr: peft folders, read by peft)
             from safetensors import safe_open
             from safetensors.torch import load_file, save_file
 
@@ -196,7 +196,7 @@ class DeepFloydIF(StableDiffusion):
     def pipeline(self, components, scheduler=None):
         import diffusers
 
-        stage_ii = components["unet"].config.in_channels == 6
+        stage_ii = self.stage_ii(components)
         parts = dict(tokenizer=components.get("tokenizer"), text_encoder=components.get("text_encoder"),
                      unet=components["unet"], scheduler=inference_scheduler(components["scheduler"], scheduler),
                      safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
