@@ -332,16 +332,15 @@ class FlowMatchingFamily(Family):
             return [layer.strip() for layer in args.lora_layers.split(",")]
         return args.lora_target_modules or list(self.default_lora_targets)
 
+    other_layout: str | None = None  # the LoRA layout --lora_format kohya|both writes besides diffusers' (None: none)
+
     def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
-        """diffusers' file (transformer.* and text_encoder*.* keys, the adapter configs in its metadata), what the
-        pipeline's load_lora_weights and ComfyUI read; LoHa/LoKr: peft's adapter folders (transformer_adapter/, ...),
-        which peft (and generate.py) load: diffusers' LoRA loader reads no LyCORIS keys for these families."""
+        """diffusers' file (--lora_format diffusers|both) and/or the family's `other_layout` (kohya|both; not with
+        DoRA, whose magnitudes those layouts have no place for); LoHa/LoKr: peft's adapter folders
+        (transformer_adapter/, ...), which peft (and generate.py) load: diffusers' LoRA loader reads no LyCORIS keys
+        for these families. Returns the path of the first file written."""
         import os
 
-        import diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        from utils.sd.lora import LORA_WEIGHT_NAME, add_file_metadata
         from utils.sd.lycoris import ADAPTER_FOLDER, save_peft_adapters
 
         if is_lycoris(denoiser):
@@ -349,6 +348,31 @@ class FlowMatchingFamily(Family):
             if lora_format == "both":
                 logger.info(f"{self.name}: LoHa/LoKr are written as peft adapter folders only.")
             return os.path.join(directory, ADAPTER_FOLDER.format("transformer"))
+        path = None
+        if lora_format in ("diffusers", "both"):
+            path = self.save_diffusers_lora(directory, denoiser, encoders, metadata, dtype)
+        if lora_format == "both" and (self.other_layout is None or denoiser.peft_config["default"].use_dora):
+            logger.info(f"{self.name}: the LoRA is written in diffusers' layout only (ComfyUI reads it); "
+                        + (f"{self.other_layout} has no DoRA magnitudes." if self.other_layout else
+                           "no other layout is written for this family."))
+        elif lora_format in ("kohya", "both"):  # (kohya is refused where there is no other layout, or with DoRA)
+            other = self.save_other_layout(directory, denoiser, encoders, metadata, dtype)
+            path = path or other
+        return path
+
+    def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
+        """Write `other_layout`'s file; returns its path."""
+        raise NotImplementedError
+
+    def save_diffusers_lora(self, directory, denoiser, encoders, metadata, dtype) -> str:
+        """diffusers' file (transformer.* and text_encoder*.* keys, the adapter configs in its metadata), what the
+        pipeline's load_lora_weights and ComfyUI read."""
+        import os
+
+        import diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        from utils.sd.lora import LORA_WEIGHT_NAME, add_file_metadata
 
         def layers(model):
             state = get_peft_model_state_dict(model)
@@ -362,9 +386,6 @@ class FlowMatchingFamily(Family):
                            f"{name}_lora_adapter_metadata": model.peft_config["default"].to_dict()})
         getattr(diffusers, self.pipeline_class).save_lora_weights(directory, safe_serialization=True, **kwargs)
         path = os.path.join(directory, LORA_WEIGHT_NAME)
-        if lora_format == "both" and self.name == "sd3":  # (--lora_format kohya is refused for it)
-            logger.info("sd3: the LoRA is written in diffusers' layout only (ComfyUI reads it); the other layout is "
-                        "written for FLUX.1 (kohya's) and Lumina-2 (the original model's).")
         if metadata:
             add_file_metadata(path, {key: str(value) for key, value in metadata.items()})
         return path

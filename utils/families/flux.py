@@ -7,7 +7,6 @@ of diffusers' train_dreambooth_flux.py and train_dreambooth_lora_flux.py (main, 
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -18,7 +17,6 @@ from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
 from utils.latents import vae_scale_factor
 
-logger = logging.getLogger(__name__)
 
 CLIP_LENGTH = 77
 # diffusers' FLUX LoRA script's default targets: attention and feed-forward of the double-stream blocks
@@ -75,6 +73,7 @@ class Flux(FlowMatchingFamily):
     pipeline_components = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     default_lora_targets = DEFAULT_TRANSFORMER_TARGETS
     architecture = "flux1"
+    other_layout = "kohya's FLUX layout"
     guidance_scale, guidance_embeds = 3.5, True  # configure() / load_models() set the run's
 
     def configure(self, args) -> None:
@@ -138,20 +137,8 @@ class Flux(FlowMatchingFamily):
     def pipeline_call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
 
-    def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
-        """diffusers' file (--lora_format diffusers|both) and/or kohya's sd-scripts layout (kohya|both)."""
-        if flow.is_lycoris(denoiser):  # (LoHa/LoKr: peft folders, the shared writer)
-            return super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)
-        path = None
-        if lora_format in ("diffusers", "both"):
-            path = super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)
-        if lora_format == "both" and denoiser.peft_config["default"].use_dora:
-            logger.info("DoRA: the LoRA is written in diffusers' layout only (kohya's FLUX layout has no DoRA "
-                        "magnitudes).")
-        elif lora_format in ("kohya", "both"):
-            kohya_path = save_flux_kohya_lora(directory, denoiser, encoders.get("text_encoder"), metadata, dtype)
-            path = path or kohya_path
-        return path
+    def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
+        return save_flux_kohya_lora(directory, denoiser, encoders.get("text_encoder"), metadata, dtype)
 
 
 def save_flux_kohya_lora(directory: str, transformer, text_encoder, metadata: dict | None, dtype) -> str:

@@ -7,7 +7,6 @@ defaults are those of diffusers' train_dreambooth_lora_lumina2.py (main, 2026-12
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -17,8 +16,6 @@ from utils.checkpointing import own_memory
 from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
 from utils.latents import vae_scale_factor
-
-logger = logging.getLogger(__name__)
 
 # Lumina2Pipeline's own system prompt (its `system_prompt` attribute; what --system_prompt defaults to)
 DEFAULT_SYSTEM_PROMPT = ("You are an assistant designed to generate superior images with the superior degree of "
@@ -73,6 +70,7 @@ class Lumina2(FlowMatchingFamily):
     pipeline_components = ("transformer", "vae", "text_encoder", "tokenizer")
     default_lora_targets = DEFAULT_TRANSFORMER_TARGETS
     architecture = "lumina2"
+    other_layout = "the original Lumina-2 layout"
 
     def defaults(self, args) -> dict:
         return {"resolution": 512, "weighting_scheme": "none", "max_sequence_length": 256, "precondition_outputs": 0,
@@ -133,21 +131,9 @@ class Lumina2(FlowMatchingFamily):
     def pipeline_call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length, "system_prompt": self.system_prompt}
 
-    def save_lora(self, directory, denoiser, encoders, lora_format="diffusers", metadata=None, dtype=None) -> str:
-        """diffusers' file (--lora_format diffusers|both) and/or the original model's layout that ComfyUI reads
-        (kohya|both, utils/families/lumina2_comfy.py; not with DoRA, whose magnitudes that layout has no place for)."""
-        if flow.is_lycoris(denoiser):  # (LoHa/LoKr: peft folders, the shared writer)
-            return super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)
-        path = None
-        if lora_format in ("diffusers", "both"):
-            path = super().save_lora(directory, denoiser, encoders, lora_format, metadata, dtype)
-        if lora_format == "both" and denoiser.peft_config["default"].use_dora:
-            logger.info("DoRA: the LoRA is written in diffusers' layout only (the original Lumina-2 layout has no "
-                        "DoRA magnitudes).")
-        elif lora_format in ("kohya", "both"):
-            original = save_lumina2_original_lora(directory, denoiser, metadata, dtype)
-            path = path or original
-        return path
+    def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
+        """The original model's layout ComfyUI reads (utils/families/lumina2_comfy.py)."""
+        return save_lumina2_original_lora(directory, denoiser, metadata, dtype)
 
 
 def save_lumina2_original_lora(directory: str, transformer, metadata: dict | None, dtype) -> str:
