@@ -61,8 +61,6 @@ LORA_ARCHITECTURES = {"StableDiffusionPipeline": "stable-diffusion-v", SDXL_PIPE
                       "StableDiffusion3Pipeline": "stable-diffusion-3", "FluxPipeline": "flux-1",
                       "Lumina2Pipeline": "lumina-2"}
 
-IF_PIPELINES = ("IFPipeline", "IFSuperResolutionPipeline")  # DeepFloyd IF, stages I and II (pixel space)
-
 # Step presets from the kanji tuning guide (guide 001): 25 steps for a quick look, 75 for quality.
 STEP_PRESETS = {"fast": 25, "quality": 75}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -295,6 +293,8 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
         pipe = load_single_file_pipeline(base, args.model_config, args.original_config, **dtype_kwarg(dtype))
     else:  # StableDiffusion(XL|3)Pipeline, as the folder's model_index.json says
         name = pipeline_class_name(base)
+        from utils.families.deepfloyd_if import PIPELINES as IF_PIPELINES  # (stages I and II, pixel space)
+
         pipeline_class = getattr(diffusers, name if name in LORA_ARCHITECTURES or name in IF_PIPELINES
                                  else "StableDiffusionPipeline")
         pipe = pipeline_class.from_pretrained(base, **dtype_kwarg(dtype))
