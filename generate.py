@@ -289,7 +289,11 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     import diffusers
 
     base = resolve_base_model(args)
-    if is_single_file(base):
+    if is_single_file(base) and pipeline_class_name(base) == "FluxPipeline":  # (BFL's layout: the transformer only)
+        from utils.families.flux_single_file import load_flux_single_file_pipeline
+
+        pipe = load_flux_single_file_pipeline(base, args.model_config, **dtype_kwarg(dtype))
+    elif is_single_file(base):
         pipe = load_single_file_pipeline(base, args.model_config, args.original_config, **dtype_kwarg(dtype))
     else:  # StableDiffusion(XL|3)Pipeline, as the folder's model_index.json says
         name = pipeline_class_name(base)

@@ -385,3 +385,75 @@ def test_a_trained_flux_lora_is_written_in_both_layouts(tiny_flux_pipeline_dir, 
                                           ["--use_lora", "--lora_format", "kohya"]))
     assert (only / "pytorch_lora_weights_kohya.safetensors").is_file()
     assert not (only / "pytorch_lora_weights.safetensors").exists()
+
+
+FLUX_WIDTH_CONFIG = dict(attention_head_dim=128, num_attention_heads=24, axes_dims_rope=[16, 56, 56])
+
+
+@pytest.fixture(scope="module")
+def flux_3072_pipeline_dir(tmp_path_factory):
+    """The tiny FLUX pipeline with FLUX.1's own transformer width (24 heads x 128 = 3072; one double and one single
+    block, 530M parameters): the width BFL's single-file layout, diffusers' converter and ComfyUI assume."""
+    from utils.families.flux import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(str(tmp_path_factory.mktemp("flux-3072")), transformer_config=FLUX_WIDTH_CONFIG)
+
+
+@pytest.mark.slow
+def test_single_file_flux_round_trips_through_diffusers_and_trains_like_its_folder(flux_3072_pipeline_dir,
+                                                                                   instance_dir, tmp_path):
+    """--save_single_file writes the transformer in Black Forest Labs' layout (double_blocks.*, single_blocks.*, no
+    prefix: flux1-dev.safetensors'); diffusers' FluxTransformer2DModel.from_single_file reads back the very weights
+    the run saved in its pipeline folder. A base model as that file (--model_config for the rest) trains exactly like
+    its folder, and generate.py samples from a file."""
+    import train_text_to_image as script
+    from diffusers import FluxTransformer2DModel
+
+    import generate
+    from utils.families.flux_single_file import save_flux_single_file
+
+    base = tmp_path / "base.safetensors"
+    save_flux_single_file(str(base), FluxTransformer2DModel.from_pretrained(flux_3072_pipeline_dir,
+                                                                            subfolder="transformer"), "fp32")
+    full = ["--optimizer", "adafactor", "--learning_rate", "1e-3", "--resolution", "16"]
+    from_folder, from_file = tmp_path / "from_folder", tmp_path / "from_file"
+    run_main_in_process(script, flux_args(flux_3072_pipeline_dir, instance_dir, from_folder, 1,
+                                          [*full, "--save_single_file", "--single_file_dtype", "fp32"]))
+    run_main_in_process(script, flux_args(str(base), instance_dir, from_file, 1,
+                                          [*full, "--model_config", flux_3072_pipeline_dir]))
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    first, second = (safetensors.torch.load_file(root / name) for root in (from_folder, from_file))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    before = safetensors.torch.load_file(os.path.join(flux_3072_pipeline_dir, name))
+    assert any(not torch.equal(before[k], first[k]) for k in first)  # (it trained)
+    del second, before
+
+    single = from_folder / "model.safetensors"
+    keys = set(safetensors.torch.load_file(single).keys())
+    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight"} <= keys
+    loaded = FluxTransformer2DModel.from_single_file(str(single), config=str(from_folder),
+                                                     subfolder="transformer").state_dict()
+    assert first.keys() == loaded.keys() and all(torch.equal(first[k], loaded[k]) for k in first)
+    del first, loaded
+    paths = generate.main(["--model", str(single), "--model_config", str(from_folder), "--prompt", "photo",
+                           "--steps", "1", "--height", "16", "--width", "16", "--num_images", "1",
+                           "--output_dir", str(tmp_path / "images"), "--seed", "0"])
+    assert len(paths) >= 1
+
+
+def test_single_files_of_another_width_are_refused_in_one_block(capsys, tiny_flux_pipeline_dir, instance_dir,
+                                                                tmp_path):
+    """FLUX.1's single-file layout exists at its own width only (diffusers' converter and ComfyUI assume 3072):
+    --save_single_file on the tiny model is refused before training, and a narrower file as a base model is named."""
+    import train_text_to_image as script
+
+    out = tmp_path / "o"
+    expect_user_error(capsys, script, flux_args(tiny_flux_pipeline_dir, instance_dir, out, 1, ["--save_single_file"]),
+                      "--save_single_file", "3072-wide transformer", "32 wide")
+    assert not (out / "transformer").exists() and not list(out.glob("checkpoint-*"))
+    narrow = tmp_path / "narrow.safetensors"
+    safetensors.torch.save_file({"img_in.weight": torch.zeros(32, 4),
+                                 "double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32)}, str(narrow))
+    expect_user_error(capsys, script, flux_args(str(narrow), instance_dir, tmp_path / "n", 1,
+                                                ["--model_config", tiny_flux_pipeline_dir]),
+                      "a 32-wide FLUX transformer", "3072-wide ones only")

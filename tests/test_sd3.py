@@ -345,9 +345,8 @@ def test_two_processes_train_identical_weights(family, request, instance_dir, tm
     (["--snr_gamma", "5"], ["--snr_gamma", "rectified flow"]),
     (["--max_sequence_length", "600"], ["--max_sequence_length 600", "512"]),
     (["--use_lora", "--lora_type", "lokr", "--lora_format", "kohya"], ["--lora_format kohya", "Stable Diffusion 3"]),
-    (["--use_lora", "--lora_format", "kohya"], ["--lora_format kohya", "Stable Diffusion 3", "ComfyUI"]),
     (["--use_lora", "--save_single_file"], ["--save_single_file writes a whole model"]),
-], ids=["epsilon", "snr_gamma", "sequence_length", "loha", "kohya", "single_file_lora"])
+], ids=["epsilon", "snr_gamma", "sequence_length", "loha", "single_file_lora"])
 def test_bad_sd3_flags_are_one_block_errors(capsys, tiny_sd3_pipeline_dir, instance_dir, tmp_path, extra, fragments):
     import train_text_to_image as script
 
@@ -490,16 +489,15 @@ def test_dreambooth_encodes_each_prompt_once(tiny_sd3_pipeline_dir, instance_dir
     assert calls == [1, 1]  # trained encoders: every step
 
 
-def test_a_single_file_flux_checkpoint_is_named_and_refused(capsys, instance_dir, tmp_path):
-    """A model-sharing site's one-file FLUX checkpoint is recognised by its keys and refused in one block (training
-    from single files is SD/SDXL/SD3's so far), not fed to the SD loader; an SD3 one without --model_config is
-    named and told what to add."""
+def test_single_file_checkpoints_without_model_config_are_named_and_refused(capsys, instance_dir, tmp_path):
+    """A model-sharing site's one-file FLUX or SD3 checkpoint is recognised by its keys, not fed to the SD loader;
+    without --model_config (the components the file lacks) it is named and the user told what to add."""
     import train_text_to_image as script
 
     path = tmp_path / "model.safetensors"
     safetensors.torch.save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(path))
     expect_user_error(capsys, script, sd3_args(str(path), instance_dir, tmp_path / "o", 1),
-                      "single-file FLUX.1 checkpoint", "diffusers pipeline folder")
+                      "single-file FLUX.1 transformer: give --model_config")
     sd3 = tmp_path / "sd3.safetensors"
     safetensors.torch.save_file({"model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight":
                                  torch.zeros(2, 2)}, str(sd3))
@@ -610,3 +608,67 @@ def test_generate_refuses_a_scheduler_for_a_flow_model(capsys, tiny_sd3_pipeline
     expect_generate_error(capsys, ["--model", tiny_sd3_pipeline_dir, "--scheduler", "ddim", "--prompt", "x",
                                    "--steps", "2", "--output_dir", tmp_path / "g"],
                           "--scheduler ddim", "FlowMatchEulerDiscreteScheduler")
+
+
+def merged_as_comfyui_does(weights: dict, kohya: dict, prefix: str) -> tuple[dict, set]:
+    """`weights` with each `<prefix><name>` LoRA of a kohya file added (W += alpha / rank x up @ down), `name` being
+    a weight's key without `.weight`, "." -> "_" (how ComfyUI maps kohya names onto a model); and the names used."""
+    names = {key[:-len(".weight")].replace(".", "_"): key for key in weights if key.endswith(".weight")}
+    merged, used = dict(weights), set()
+    for key in kohya:
+        if key.startswith(prefix) and key.endswith(".lora_down.weight"):
+            name = key[len(prefix):-len(".lora_down.weight")]
+            target, down = names[name], kohya[key].double()
+            up, alpha = kohya[f"{prefix}{name}.lora_up.weight"].double(), kohya[f"{prefix}{name}.alpha"].item()
+            merged[target] = (weights[target].double() + alpha / down.shape[0] * up @ down).to(weights[target].dtype)
+            used.add(name)
+    return merged, used
+
+
+def test_kohya_sd3_lora_merged_as_comfyui_does_equals_the_diffusers_lora_fused(tiny_sd3_pipeline_dir, instance_dir,
+                                                                              tmp_path):
+    """--lora_format both (the default) writes pytorch_lora_weights_kohya.safetensors in sd-scripts' SD3 names
+    (lora_unet_joint_blocks_0_x_block_attn_qkv, ...; CLIPs as lora_te1_/lora_te2_). diffusers has no reader for it,
+    so each LoRA is merged into the base weights in Stability's original layout as ComfyUI maps the names, and
+    diffusers' SD3 checkpoint converter must then give the transformer with diffusers' file fused by the pipeline
+    (fused q/k/v, the last block's and the final layer's swapped modulation rows included); the CLIPs likewise."""
+    import train_text_to_image as script
+    from diffusers import StableDiffusion3Pipeline
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from utils.families.sd3_single_file import transformer_to_original
+
+    out = tmp_path / "o"
+    layers = ("attn.to_q,attn.to_k,attn.to_v,attn.add_k_proj,attn.to_out.0,ff.net.0.proj,"
+              "norm1_context.linear,norm_out.linear,proj_out")
+    run_main_in_process(script, sd3_args(tiny_sd3_pipeline_dir, instance_dir, out, 2, [
+        "--use_lora", "--train_text_encoder", "--rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
+        "--lora_layers", layers]))
+    kohya = safetensors.torch.load_file(out / "pytorch_lora_weights_kohya.safetensors")
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_pipeline_dir)
+    num_layers = pipe.transformer.config.num_layers
+    base = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
+            for name in ("transformer", "text_encoder", "text_encoder_2")}
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora(components=["transformer", "text_encoder", "text_encoder_2"])
+    pipe.unload_lora_weights()
+    merged, used = merged_as_comfyui_does(transformer_to_original(base["transformer"], num_layers), kohya, "lora_unet_")
+    assert f"joint_blocks_{num_layers - 1}_context_block_adaLN_modulation_1" in used
+    assert {"joint_blocks_0_x_block_attn_qkv", "joint_blocks_0_context_block_attn_qkv",
+            "final_layer_adaLN_modulation_1", "final_layer_linear"} <= used
+    back = convert_sd3_transformer_checkpoint_to_diffusers(merged)
+    expected = pipe.transformer.state_dict()
+    assert back.keys() == expected.keys()
+    changed = [k for k in expected if not torch.equal(expected[k], base["transformer"][k])]
+    assert len(changed) == 9, changed  # (every module named; the one tiny block is the last: no ff_context)
+    for key in expected:
+        assert torch.allclose(back[key], expected[key], atol=1e-6), key
+    for name, prefix in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        weights, used = merged_as_comfyui_does(base[name], kohya, prefix)
+        assert used and len(used) == len({k for k in kohya if k.startswith(prefix) and k.endswith(".alpha")})
+        fused = getattr(pipe, name).state_dict()
+        for key in fused:
+            assert torch.allclose(weights[key], fused[key], atol=1e-6), (name, key)
+    assert set(kohya) == {k for k in kohya if k.startswith(("lora_unet_", "lora_te1_", "lora_te2_"))}
+    metadata = safetensors.safe_open(str(out / "pytorch_lora_weights_kohya.safetensors"), "pt").metadata()
+    assert metadata["ss_network_module"] == "networks.lora_sd3" and metadata["ss_network_dim"] == "4"

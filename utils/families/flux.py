@@ -15,7 +15,9 @@ import utils.families.flow_matching as flow
 from utils.checkpointing import own_memory
 from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
+from utils.families.flux_single_file import check_single_file_width
 from utils.latents import vae_scale_factor
+from utils.sd.model_kind import is_single_file
 
 
 CLIP_LENGTH = 77
@@ -74,11 +76,11 @@ class Flux(FlowMatchingFamily):
     default_lora_targets = DEFAULT_TRANSFORMER_TARGETS
     architecture = "flux1"
     other_layout = "kohya's FLUX layout"
-    guidance_scale, guidance_embeds = 3.5, True  # configure() / load_models() set the run's
+    guidance_scale, guidance_embeds, save_single_file = 3.5, True, False  # configure() / load_models() set the run's
 
     def configure(self, args) -> None:
         super().configure(args)
-        self.guidance_scale = args.guidance_scale
+        self.guidance_scale, self.save_single_file = args.guidance_scale, args.save_single_file
 
     def defaults(self, args) -> dict:
         return {"resolution": 512, "weighting_scheme": "none", "max_sequence_length": 512, "precondition_outputs": 0,
@@ -86,7 +88,7 @@ class Flux(FlowMatchingFamily):
                 "validation_epochs": 1, "num_validation_images": 4, "tracker_project_name": "text2image-fine-tune-flux"}
 
     def check_args(self, args) -> None:
-        flow.check_transformer_family_args(args, "FLUX.1", "tiny-flux", kohya=True)
+        flow.check_transformer_family_args(args, "FLUX.1", "tiny-flux", kohya=True, single_file=True)
         if args.lora_blocks:
             raise UserError("--lora_blocks is SD3's (diffusers' FLUX scripts have no such flag): name the modules "
                             "with --lora_layers, e.g. transformer_blocks.0.attn.to_q.")
@@ -96,8 +98,12 @@ class Flux(FlowMatchingFamily):
             components = build_tiny_flux(captions_for_tokenizer, source.seed or 0,
                                          os.path.join(source.output_dir, "tokenizers"))
             models = dict(noise_scheduler=components.pop("scheduler"), **components)
+        elif is_single_file(source.pretrained_model_name_or_path):
+            models = load_flux_single_file_models(source)
         else:
             models = load_flux_pipeline_models(source)
+        if self.save_single_file:  # (refused now, not after training, for a width the format does not have)
+            check_single_file_width(models["transformer"])
         flow.check_sequence_length(self.max_sequence_length, models["tokenizer_2"])
         self.guidance_embeds = models["transformer"].config.guidance_embeds  # (read before DDP wraps it)
         return models
@@ -137,6 +143,18 @@ class Flux(FlowMatchingFamily):
     def pipeline_call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
 
+    def write_pipeline(self, output, models, unwrapped, directory) -> None:
+        """The pipeline folder (diffusers' output) and, with --save_single_file, the transformer as one file in
+        Black Forest Labs' layout (utils/families/flux_single_file.py), what ComfyUI's diffusion-model loader reads."""
+        from utils.families.flux_single_file import save_flux_single_file
+        from utils.sd.single_file import SINGLE_FILE_NAME
+
+        super().write_pipeline(output, models, unwrapped, directory)
+        if output.single_file_dtype:
+            save_flux_single_file(os.path.join(directory, SINGLE_FILE_NAME), unwrapped["transformer"],
+                                  output.single_file_dtype, {"modelspec.title": os.path.basename(output.output_dir),
+                                                             "base_model": output.base_name, "steps": output.steps})
+
     def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
         return save_flux_kohya_lora(directory, denoiser, encoders.get("text_encoder"), metadata, dtype)
 
@@ -146,25 +164,30 @@ def save_flux_kohya_lora(directory: str, transformer, text_encoder, metadata: di
     from peft.utils import get_peft_model_state_dict
 
     from utils.families.flux_kohya import flux_kohya_state_dict
-    from utils.sd.lora import KOHYA_WEIGHT_NAME, write_kohya_file
+    from utils.families.fused_lora import one_scale, write_layout_file
 
-    config = transformer.peft_config["default"]
-    if config.rank_pattern or config.alpha_pattern or config.use_rslora:
-        raise UserError("kohya's LoRA layout has one alpha/rank scale per module; this adapter has per-module ranks "
-                        "or rsLoRA scaling: use --lora_format diffusers.")
+    scale, config = one_scale(transformer, "kohya's FLUX layout"), transformer.peft_config["default"]
     text = (get_peft_model_state_dict(text_encoder), text_encoder.peft_config["default"].lora_alpha) \
         if text_encoder is not None else (None, None)
-    tensors = flux_kohya_state_dict(get_peft_model_state_dict(transformer), config.lora_alpha / config.r, *text)
-    tensors = {key: value.to(dtype) if dtype is not None and value.ndim else value for key, value in tensors.items()}
-    path = os.path.join(directory, KOHYA_WEIGHT_NAME)
-    write_kohya_file(path, tensors, metadata, {"ss_network_module": "networks.lora_flux", "ss_network_dim": config.r,
-                                               "ss_network_alpha": config.lora_alpha})
-    return path
+    tensors = flux_kohya_state_dict(get_peft_model_state_dict(transformer), scale, *text)
+    return write_layout_file(directory, tensors, metadata, dtype, {
+        "ss_network_module": "networks.lora_flux", "ss_network_dim": config.r, "ss_network_alpha": config.lora_alpha})
 
 
-def load_flux_pipeline_models(source) -> dict:
-    """From a FluxPipeline folder or Hub id (--revision, --variant; the transformer at --non_ema_revision). FLUX
-    needs its T5: a pipeline without one is refused."""
+def load_flux_single_file_models(source) -> dict:
+    """The transformer from one file in BFL's layout, the other components from --model_config's FLUX pipeline."""
+    import dataclasses
+
+    from utils.families.flux_single_file import load_flux_single_file_transformer
+
+    transformer = load_flux_single_file_transformer(source.pretrained_model_name_or_path, source.model_config)
+    return load_flux_pipeline_models(dataclasses.replace(source, pretrained_model_name_or_path=source.model_config),
+                                     transformer=own_memory(transformer))
+
+
+def load_flux_pipeline_models(source, transformer=None) -> dict:
+    """From a FluxPipeline folder or Hub id (--revision, --variant; the transformer at --non_ema_revision, or
+    `transformer` given). FLUX needs its T5: a pipeline without one is refused."""
     import json
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -189,5 +212,5 @@ def load_flux_pipeline_models(source) -> dict:
         text_encoder_2=own_memory(T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", revision=rev,
                                                                  variant=variant)),
         vae=own_memory(AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=variant)),
-        transformer=own_memory(FluxTransformer2DModel.from_pretrained(
+        transformer=transformer or own_memory(FluxTransformer2DModel.from_pretrained(
             path, subfolder="transformer", revision=source.non_ema_revision, variant=variant)))

@@ -140,19 +140,13 @@ def save_lumina2_original_lora(directory: str, transformer, metadata: dict | Non
     """pytorch_lora_weights_kohya.safetensors: the adapters in the original model's names (ComfyUI's file)."""
     from peft.utils import get_peft_model_state_dict
 
+    from utils.families.fused_lora import one_scale, write_layout_file
     from utils.families.lumina2_comfy import lumina2_original_state_dict
-    from utils.sd.lora import KOHYA_WEIGHT_NAME, write_kohya_file
 
-    config = transformer.peft_config["default"]
-    if config.rank_pattern or config.alpha_pattern or config.use_rslora:
-        raise UserError("The original Lumina-2 LoRA layout has one scale for every module; this adapter has "
-                        "per-module ranks or rsLoRA scaling: use --lora_format diffusers.")
-    tensors = lumina2_original_state_dict(transformer, get_peft_model_state_dict(transformer),
-                                          config.lora_alpha / config.r)
-    tensors = {key: value.to(dtype) if dtype is not None else value for key, value in tensors.items()}
-    path = os.path.join(directory, KOHYA_WEIGHT_NAME)
-    write_kohya_file(path, tensors, metadata, {"ss_network_dim": config.r, "ss_network_alpha": config.lora_alpha})
-    return path
+    scale, config = one_scale(transformer, "The original Lumina-2 LoRA layout"), transformer.peft_config["default"]
+    tensors = lumina2_original_state_dict(transformer, get_peft_model_state_dict(transformer), scale)
+    return write_layout_file(directory, tensors, metadata, dtype,
+                             {"ss_network_dim": config.r, "ss_network_alpha": config.lora_alpha})
 
 
 def load_lumina2_pipeline_models(source) -> dict:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from utils.families.fused_lora import block_diagonal
+
 PREFIXES = ("layers", "noise_refiner", "context_refiner")
 # diffusers module (under <prefix>.<i>.) -> original module; q, k, v are the fused qkv
 MODULES = {"attn.to_out.0": "attention.out", "feed_forward.linear_1": "feed_forward.w1",
@@ -56,7 +58,8 @@ def lumina2_original_state_dict(transformer, state: dict, scale: float) -> dict:
             layer = getattr(layer, "base_layer", layer)
             return torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank)
 
-        down, up = fused_qkv([adapter(inner) for inner in QKV])
+        qkv = [adapter(inner) for inner in QKV]
+        down, up = block_diagonal(qkv, [member_up.shape[0] for _, member_up in qkv], f"{block}.attention.qkv")
         out[f"diffusion_model.{block}.attention.qkv.lora_A.weight"] = down
         out[f"diffusion_model.{block}.attention.qkv.lora_B.weight"] = up
         for inner, original in MODULES.items():
@@ -66,15 +69,3 @@ def lumina2_original_state_dict(transformer, state: dict, scale: float) -> dict:
             out[f"diffusion_model.{block}.{original}.lora_A.weight"] = down
             out[f"diffusion_model.{block}.{original}.lora_B.weight"] = up
     return {key: value.detach().to("cpu").contiguous().clone() for key, value in out.items()}
-
-
-def fused_qkv(members: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LoRA of rank 3r for q, k, v: the downs stacked, the ups on the block diagonal."""
-    downs = [down for down, _ in members]
-    ranks, widths = [down.shape[0] for down in downs], [up.shape[0] for _, up in members]
-    up = torch.zeros(sum(widths), sum(ranks), dtype=members[0][1].dtype)
-    row = column = 0
-    for (_, member_up), width, rank in zip(members, widths, ranks):
-        up[row:row + width, column:column + rank] = member_up.to(up.device)
-        row, column = row + width, column + rank
-    return torch.cat([down.to(up.device) for down in downs], dim=0), up

@@ -97,6 +97,7 @@ class StableDiffusion3(FlowMatchingFamily):
                            "text_encoder_3", "tokenizer_3")
     default_lora_targets = tuple(DEFAULT_TRANSFORMER_TARGETS)
     architecture = "sd3"
+    other_layout = "kohya's SD3 layout"
     joint_attention_dim = 4096  # the transformer's (load_models reads it)
 
     def defaults(self, args) -> dict:
@@ -106,7 +107,7 @@ class StableDiffusion3(FlowMatchingFamily):
                 "validation_epochs": 1, "num_validation_images": 4, "tracker_project_name": "text2image-fine-tune-sd3"}
 
     def check_args(self, args) -> None:
-        flow.check_transformer_family_args(args, "Stable Diffusion 3", "tiny-sd3", single_file=True)
+        flow.check_transformer_family_args(args, "Stable Diffusion 3", "tiny-sd3", kohya=True, single_file=True)
 
     def load_models(self, source, captions_for_tokenizer) -> dict:
         if source.model_preset:
@@ -146,6 +147,12 @@ class StableDiffusion3(FlowMatchingFamily):
             blocks = [int(block) for block in args.lora_blocks.split(",")]
             targets = [f"transformer_blocks.{block}.{module}" for block in blocks for module in targets]
         return targets
+
+    def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
+        """sd-scripts' names, what ComfyUI reads as kohya's (utils/families/sd3_kohya.py)."""
+        from utils.families.sd3_kohya import save_sd3_kohya_lora
+
+        return save_sd3_kohya_lora(directory, denoiser, encoders, metadata, dtype)
 
     def write_pipeline(self, output, models, unwrapped, directory) -> None:
         """The pipeline folder (diffusers' output) and, with --save_single_file, the transformer and VAE as one file

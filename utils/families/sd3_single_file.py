@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from utils.atomic import atomic_file
+from utils.families.fused_lora import swap_halves
 
 TRANSFORMER_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 TOP_LEVEL = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
@@ -22,7 +23,7 @@ TOP_LEVEL = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.p
              "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
              "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear",
              "norm_out.linear": "final_layer.adaLN_modulation.1"}
-# per block: diffusers module -> (stream, original module) for the modules that are not fused
+# per block: diffusers module -> its original module (under joint_blocks.<i>.), for the modules that are not fused
 BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
          "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
          "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
@@ -34,12 +35,6 @@ BLOCK = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block
 FUSED = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
          "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
          "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
-
-
-def swap_halves(weight: torch.Tensor) -> torch.Tensor:
-    """(shift, scale) <-> (scale, shift) along the output rows: its own inverse."""
-    first, second = weight.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
 
 
 def transformer_to_original(state: dict, num_layers: int) -> dict:

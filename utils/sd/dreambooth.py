@@ -170,7 +170,9 @@ def check_dreambooth_args(args) -> None:
 
     if_flags = [name for name in IF_ONLY if getattr(args, name) is not None]
     base = args.pretrained_model_name_or_path
-    pipeline = pipeline_class_name(base, args.revision) if base else "a preset"  # (None: unreadable, the loader says)
+    pipeline = None  # (read only when an IF flag is given; None: unreadable, the loader says)
+    if if_flags:
+        pipeline = pipeline_class_name(base, args.revision) if base else "a preset"
     if if_flags and pipeline is not None and FAMILY_OF_PIPELINE.get(pipeline) != "if":
         raise UserError(f"--{if_flags[0]}: {IF_ONLY[if_flags[0]]}; --pretrained_model_name_or_path is not a "
                         "DeepFloyd IF pipeline: drop the flag.")

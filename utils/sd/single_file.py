@@ -320,9 +320,10 @@ def load_single_file_pipeline(path: str, model_config: str | None, original_conf
     if model_config is None and original_config is None:
         options = {}
     check_single_file_readable(path)
-    if pipeline_class_name(path) == "StableDiffusion3Pipeline":
+    kind = pipeline_class_name(path)
+    if kind == "StableDiffusion3Pipeline":
         return load_sd3_single_file_pipeline(path, model_config, **kwargs)
-    if pipeline_class_name(path) == SDXL_PIPELINE:
+    if kind == SDXL_PIPELINE:
         return StableDiffusionXLPipeline.from_single_file(path, add_watermarker=False, **options, **kwargs)
     try:
         return StableDiffusionPipeline.from_single_file(path, safety_checker=None, requires_safety_checker=False,
@@ -379,11 +380,10 @@ def load_sd3_single_file_pipeline(path: str, model_config: str | None, **kwargs)
                         "scheduler the file does not.")
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-    from utils.sd.model_kind import pipeline_class_name
-
-    if pipeline_class_name(model_config) != "StableDiffusion3Pipeline":
+    config_kind = pipeline_class_name(model_config)
+    if config_kind != "StableDiffusion3Pipeline":
         raise UserError(f"--model_config {model_config}: not an SD3 pipeline (its model_index.json names "
-                        f"{pipeline_class_name(model_config)}); give the SD3 / 3.5 pipeline the file belongs to.")
+                        f"{config_kind}); give the SD3 / 3.5 pipeline the file belongs to.")
     dtype = {"torch_dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
     encoders = {name: model_class.from_pretrained(model_config, subfolder=name, **dtype)
                 for name, model_class in (("text_encoder", CLIPTextModelWithProjection),
