@@ -244,7 +244,7 @@ def main(args):
     settings = TextImageSettings.from_args(args, family.conditioning_images)  # (ControlNet: + conditioning images)
     dataset = build_text_image_dataset(settings, rows, family.tokenizers(models))
     held_out = build_held_out_dataset(settings, held_out_rows, family.tokenizers(models))  # (None: no held-out rows)
-    buckets = assign_dataset_buckets(args, dataset)  # --enable_bucket (from the image headers)
+    buckets = assign_dataset_buckets(args, dataset, family.token_pixels(models))  # --enable_bucket (image headers)
     train_dataloader = make_train_dataloader(dataset, 16 if args.train_batch_size == "auto" else args.train_batch_size,
                                              args.dataloader_num_workers, collate_text_image, buckets=dataset.buckets,
                                              seed=args.seed)

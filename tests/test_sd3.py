@@ -421,9 +421,22 @@ def test_generate_refuses_an_sd3_lora_on_an_sd_model(tiny_pipeline_dir, tmp_path
                                    tmp_path / "x"], "stable-diffusion-3/lora", "Stable Diffusion 1.x/2.x/XL")
 
 
-def test_buckets_cached_latents_and_auto_batch(tiny_sd3_pipeline_dir, tmp_path):
-    """Aspect-ratio buckets (with the latent cache per bucket) and --train_batch_size auto work for SD3 as for SD."""
+def test_buckets_cached_latents_and_auto_batch(tiny_sd3_pipeline_dir, tmp_path, monkeypatch):
+    """Aspect-ratio buckets (with the latent cache per bucket) and --train_batch_size auto work for SD3 as for SD;
+    the tokens buckets.json states per bucket are the sequence lengths the transformer was given (its input latents'
+    (H / patch) x (W / patch), recorded by a wrapper around its forward), within the stated budget."""
     import train_text_to_image as script
+    from diffusers import SD3Transformer2DModel
+
+    seen, forward = [], SD3Transformer2DModel.forward
+
+    def recording(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            height, width = kwargs["hidden_states"].shape[-2:]
+            seen.append((height // self.config.patch_size) * (width // self.config.patch_size))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SD3Transformer2DModel, "forward", recording)
 
     data = tmp_path / "data"
     data.mkdir()
@@ -432,12 +445,16 @@ def test_buckets_cached_latents_and_auto_batch(tiny_sd3_pipeline_dir, tmp_path):
         Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(data / f"{index}.png")
         (data / f"{index}.txt").write_text(f"thing {index}")
     common = ["--pretrained_model_name_or_path", tiny_sd3_pipeline_dir, "--train_data_dir", data, "--resolution", "32",
-              "--max_train_steps", "2", "--use_lora", "--report_to", "none"]
+              "--max_train_steps", "3", "--use_lora", "--report_to", "none"]
     run_main_in_process(script, common + ["--train_batch_size", "2", "--enable_bucket", "--min_bucket_reso", "16",
                                           "--max_bucket_reso", "64", "--bucket_reso_steps", "8", "--cache_latents",
                                           "--output_dir", tmp_path / "buckets"])
     buckets = json.load(open(tmp_path / "buckets" / "buckets.json"))
     assert buckets["buckets"] == {"24x40": 2, "32x32": 2, "40x24": 2}
+    tokens = buckets["tokens_per_bucket"]
+    assert sorted(seen) == sorted(tokens.values())  # (3 steps of 2: one batch per bucket)
+    assert max(tokens.values()) <= buckets["token_budget"] and len(set(tokens.values())) == 2
+    seen.clear()
     assert lora_state(tmp_path / "buckets")
     run_main_in_process(script, common + ["--train_batch_size", "auto", "--center_crop", "--output_dir",
                                           tmp_path / "auto"])

@@ -94,9 +94,13 @@ def assign_buckets(sizes: list[tuple[int, int]], args) -> list[tuple[int, int]]:
     return assigned
 
 
-def bucket_summary(sizes: list[tuple[int, int]], assigned: list[tuple[int, int]], names: list[str]) -> dict:
+def bucket_summary(sizes: list[tuple[int, int]], assigned: list[tuple[int, int]], names: list[str],
+                   token_pixels: int | None = None, resolution: int | None = None) -> dict:
     """Images per bucket and the images far outside the bucket range (aspect ratio off by more than 1.5x from their
-    bucket's, or upscaled more than 2x): for the log line, run_info.json and buckets.json."""
+    bucket's, or upscaled more than 2x): for the log line, run_info.json and buckets.json. For a transformer
+    (`token_pixels`: the image pixels one token covers along a side, VAE x patch (x FLUX's 2x2 packing)), also the
+    tokens of each bucket's images and the budget every bucket keeps within, (--resolution / token_pixels)²: a
+    bucket's area is at most --resolution²."""
     counts = collections.Counter(f"{w}x{h}" for w, h in assigned)
     outliers = []
     for (width, height), (bw, bh), name in zip(sizes, assigned, names):
@@ -105,13 +109,22 @@ def bucket_summary(sizes: list[tuple[int, int]], assigned: list[tuple[int, int]]
         if ratio_off > math.log(1.5) or upscale > 2.0:
             outliers.append({"image": name, "size": f"{width}x{height}", "bucket": f"{bw}x{bh}",
                              "upscale": round(upscale, 2)})
-    return {"buckets": dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
-            "far_outside": outliers}
+    summary = {"buckets": dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))), "far_outside": outliers}
+    if token_pixels:
+        summary["tokens_per_bucket"] = {f"{w}x{h}": (w // token_pixels) * (h // token_pixels)
+                                        for w, h in sorted(set(assigned))}
+        summary["token_budget"] = resolution * resolution // (token_pixels * token_pixels)
+        summary["pixels_per_token"] = token_pixels
+    return summary
 
 
 def log_bucket_summary(summary: dict) -> None:
     listing = ", ".join(f"{bucket}: {count}" for bucket, count in summary["buckets"].items())
     logger.info(f"Aspect-ratio buckets (width x height: images): {listing}")
+    if "tokens_per_bucket" in summary:
+        tokens = ", ".join(f"{bucket}: {count}" for bucket, count in summary["tokens_per_bucket"].items())
+        logger.info(f"Tokens per image ({summary['pixels_per_token']}x{summary['pixels_per_token']} px each): {tokens} "
+                    f"(budget {summary['token_budget']}: --resolution² pixels)")
     if summary["far_outside"]:
         first = summary["far_outside"][:3]
         logger.warning(f"{len(summary['far_outside'])} images are far outside the bucket range (aspect ratio more than "
@@ -124,7 +137,8 @@ def record_buckets(record, summary: dict, accelerator, output_dir: str, names: l
     """Images per bucket into the run record (run_info.json), every image's bucket into <output_dir>/buckets.json."""
     from utils.atomic import write_json_atomic
 
-    record.note("buckets", {"images_per_bucket": summary["buckets"], "far_outside": len(summary["far_outside"])})
+    record.note("buckets", {"images_per_bucket": summary["buckets"], "far_outside": len(summary["far_outside"]),
+                            **{key: summary[key] for key in ("tokens_per_bucket", "token_budget") if key in summary}})
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(output_dir, "buckets.json"),
                           dict(summary, assignment={name: f"{w}x{h}" for name, (w, h) in zip(names, buckets)}))

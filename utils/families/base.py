@@ -46,6 +46,10 @@ class Family:
         """Image sides must be multiples of this many pixels (VAE downsampling x the denoiser's own)."""
         raise NotImplementedError
 
+    def token_pixels(self, models) -> int | None:
+        """The image pixels one token of the denoiser covers along a side (transformers); None: not a token model."""
+        return None
+
     def text_encoder_names(self, models) -> list[str]:
         """The pipeline's text encoders present in `models`, in the order `encode_text` takes their token rows."""
         return [name for name in ("text_encoder", "text_encoder_2", "text_encoder_3") if models.get(name) is not None]

@@ -247,6 +247,9 @@ class FlowMatchingFamily(Family):
         # a value never depends on which batch first met it (resume stays bitwise).
         self.prompt_memo = {} if args.instance_data_dir is not None and not args.train_text_encoder else None
 
+    def token_pixels(self, models) -> int:
+        return self.latent_multiple(models)  # (VAE x patch, x 2 for FLUX's packing: one token's side)
+
     def predict(self, models, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict) -> torch.Tensor:
         """The transformer's velocity [B, C, h, w] for noisy latents [B, C, h, w] at `timesteps` (the scheduler's,
         0..1000), conditioned on the batch's text."""

@@ -602,9 +602,10 @@ def split_held_out(args, rows):
     return rows, usable_rows(source, load_text_image_dataset(source))
 
 
-def assign_dataset_buckets(args, dataset: TextImageDataset) -> dict | None:
+def assign_dataset_buckets(args, dataset: TextImageDataset, token_pixels: int | None = None) -> dict | None:
     """--enable_bucket: give every sample its bucket (from the image headers, no decode); returns the summary
-    (images per bucket, the ones far outside) for the log, run_info.json and <output_dir>/buckets.json."""
+    (images per bucket, the ones far outside; a transformer's tokens per bucket, `token_pixels` px a token) for the
+    log, run_info.json and <output_dir>/buckets.json."""
     if not getattr(args, "enable_bucket", False):
         return None
     from utils.preflight import image_header
@@ -615,6 +616,6 @@ def assign_dataset_buckets(args, dataset: TextImageDataset) -> dict | None:
         sizes.append(size or (args.resolution, args.resolution))  # an unreadable one is skipped when drawn
         names.append(dataset.file_name(index))
     dataset.buckets = assign_buckets(sizes, args)
-    summary = bucket_summary(sizes, dataset.buckets, names)
+    summary = bucket_summary(sizes, dataset.buckets, names, token_pixels, args.resolution)
     log_bucket_summary(summary)
     return summary
