@@ -106,7 +106,8 @@ def test_training_loss_is_diffusers_lumina2_loss(tiny_lumina2_pipeline_dir):
                   noise_scheduler=pipe.scheduler)
     args = types.SimpleNamespace(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                                  precondition_outputs=0, max_sequence_length=48, with_prior_preservation=False,
-                                 offload=False, instance_data_dir=None, train_text_encoder=False, system_prompt=None)
+                                 offload=False, instance_data_dir=None, train_text_encoder=False, system_prompt=None,
+                                 save_single_file=False)
     family = Lumina2()
     family.configure(args)
     mean = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -346,3 +347,74 @@ def test_a_trained_lumina2_lora_is_written_in_both_layouts(tiny_lumina2_pipeline
                                             ["--use_lora", "--lora_format", "kohya"]))
     assert (only / "pytorch_lora_weights_kohya.safetensors").is_file()
     assert not (only / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_single_file_lumina2_round_trips_through_diffusers_and_trains_like_its_folder(instance_dir, tmp_path):
+    """--save_single_file writes the transformer in Alpha-VLLM's layout (layers.*, noise_refiner.*,
+    context_refiner.*, cap_embedder.*, final_layer.*); diffusers' Lumina2Transformer2DModel.from_single_file reads
+    back the very weights the run saved. A base model as that file (--model_config for the rest) trains exactly like
+    its folder, and generate.py samples from a file. The transformer has Lumina-Image-2.0's attention widths (24
+    heads, 8 key/value heads of 96; one layer, two refiner blocks each: 421M parameters), which the format and
+    diffusers' converter assume."""
+    import train_text_to_image as script
+    from diffusers import Lumina2Transformer2DModel
+
+    import generate
+    from utils.families.lumina2 import build_tiny_lumina2_pipeline
+    from utils.families.lumina2_single_file import save_lumina2_single_file
+
+    pipeline = build_tiny_lumina2_pipeline(str(tmp_path / "pipeline"), transformer_config=dict(
+        hidden_size=2304, num_attention_heads=24, num_kv_heads=8, num_layers=1, num_refiner_layers=2,
+        axes_dim_rope=[32, 32, 32]))
+    base = tmp_path / "base.safetensors"
+    save_lumina2_single_file(str(base), Lumina2Transformer2DModel.from_pretrained(pipeline, subfolder="transformer"),
+                             "fp32")
+    full = ["--optimizer", "adafactor", "--learning_rate", "1e-3", "--resolution", "16"]
+    from_folder, from_file = tmp_path / "from_folder", tmp_path / "from_file"
+    run_main_in_process(script, lumina_args(pipeline, instance_dir, from_folder, 1,
+                                            [*full, "--save_single_file", "--single_file_dtype", "fp32"]))
+    run_main_in_process(script, lumina_args(str(base), instance_dir, from_file, 1,
+                                            [*full, "--model_config", pipeline]))
+    name = "transformer/diffusion_pytorch_model.safetensors"
+    first, second = (safetensors.torch.load_file(root / name) for root in (from_folder, from_file))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    before = safetensors.torch.load_file(os.path.join(pipeline, name))
+    assert any(not torch.equal(before[k], first[k]) for k in first)  # (it trained)
+    del second, before
+
+    single = from_folder / "model.safetensors"
+    keys = set(safetensors.torch.load_file(single).keys())
+    assert {"layers.0.attention.qkv.weight", "context_refiner.1.attention_norm1.weight", "cap_embedder.1.weight",
+            "final_layer.adaLN_modulation.1.weight"} <= keys
+    loaded = Lumina2Transformer2DModel.from_single_file(str(single), config=str(from_folder),
+                                                        subfolder="transformer").state_dict()
+    assert first.keys() == loaded.keys() and all(torch.equal(first[k], loaded[k]) for k in first)
+    del first, loaded
+    paths = generate.main(["--model", str(single), "--model_config", str(from_folder), "--prompt", "photo",
+                           "--steps", "1", "--height", "16", "--width", "16", "--num_images", "1",
+                           "--output_dir", str(tmp_path / "images"), "--seed", "0"])
+    assert len(paths) >= 1
+
+
+def test_single_files_of_another_shape_are_refused_in_one_block(capsys, tiny_lumina2_pipeline_dir, instance_dir,
+                                                                tmp_path):
+    """Lumina-2's single-file layout exists at Lumina-Image-2.0's attention widths only (diffusers' converter splits
+    q, k, v at 2304/768/768): --save_single_file on the tiny model is refused before training, a narrower file as a
+    base model is named, and a file without --model_config is told what to add."""
+    import train_text_to_image as script
+
+    out = tmp_path / "o"
+    expect_user_error(capsys, script, lumina_args(tiny_lumina2_pipeline_dir, instance_dir, out, 1,
+                                                  ["--save_single_file"]),
+                      "--save_single_file", "24 heads and 8 key/value heads of 96")
+    assert not (out / "transformer").exists() and not list(out.glob("checkpoint-*"))
+    narrow = tmp_path / "narrow.safetensors"
+    safetensors.torch.save_file({"context_refiner.0.attention.qkv.weight": torch.zeros(24, 8),
+                                 "layers.0.attention.qkv.weight": torch.zeros(24, 8)}, str(narrow))
+    expect_user_error(capsys, script, lumina_args(str(narrow), instance_dir, tmp_path / "n", 1,
+                                                  ["--model_config", tiny_lumina2_pipeline_dir]),
+                      "q, k, v have 24 rows", "give its diffusers pipeline folder")
+    safetensors.torch.save_file({"context_refiner.0.attention.qkv.weight": torch.zeros(3840, 8)}, str(narrow))
+    expect_user_error(capsys, script, lumina_args(str(narrow), instance_dir, tmp_path / "n", 1),
+                      "single-file Lumina-Image-2.0 transformer: give --model_config")

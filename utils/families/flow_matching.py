@@ -236,11 +236,11 @@ class FlowMatchingFamily(Family):
     pipeline_components: tuple[str, ...] = ()  # its __init__'s model and tokenizer arguments (+ scheduler)
     default_lora_targets: tuple[str, ...] = ()  # diffusers' script's
     architecture = ""  # kohya's ss_base_model_version / the ModelSpec id's key in utils/sd/lora.py
-    max_sequence_length, precondition_outputs, offload = 512, False, False  # configure() sets the run's
+    max_sequence_length, precondition_outputs, offload, save_single_file = 512, False, False, False  # configure()
 
     def configure(self, args) -> None:
         self.max_sequence_length, self.precondition_outputs = args.max_sequence_length, bool(args.precondition_outputs)
-        self.offload = args.offload
+        self.offload, self.save_single_file = args.offload, args.save_single_file
         # DreamBooth with frozen text encoders has a handful of prompts (instance, class, dropout's ""): each is
         # encoded once and kept, as diffusers' scripts precompute the instance prompt (T5-XXL / Gemma every step
         # would cost more than the transformer at small sizes). Keyed by token ids, encoded one prompt at a time so

@@ -76,11 +76,11 @@ class Flux(FlowMatchingFamily):
     default_lora_targets = DEFAULT_TRANSFORMER_TARGETS
     architecture = "flux1"
     other_layout = "kohya's FLUX layout"
-    guidance_scale, guidance_embeds, save_single_file = 3.5, True, False  # configure() / load_models() set the run's
+    guidance_scale, guidance_embeds = 3.5, True  # configure() / load_models() set the run's
 
     def configure(self, args) -> None:
         super().configure(args)
-        self.guidance_scale, self.save_single_file = args.guidance_scale, args.save_single_file
+        self.guidance_scale = args.guidance_scale
 
     def defaults(self, args) -> dict:
         return {"resolution": 512, "weighting_scheme": "none", "max_sequence_length": 512, "precondition_outputs": 0,
@@ -164,7 +164,7 @@ def save_flux_kohya_lora(directory: str, transformer, text_encoder, metadata: di
     from peft.utils import get_peft_model_state_dict
 
     from utils.families.flux_kohya import flux_kohya_state_dict
-    from utils.families.fused_lora import one_scale, write_layout_file
+    from utils.families.original_layout import one_scale, write_layout_file
 
     scale, config = one_scale(transformer, "kohya's FLUX layout"), transformer.peft_config["default"]
     text = (get_peft_model_state_dict(text_encoder), text_encoder.peft_config["default"].lora_alpha) \

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from utils.families.flux_single_file import original_module
-from utils.families.fused_lora import block_diagonal, swap_halves
+from utils.families.original_layout import block_diagonal, swap_halves
 
 # Loaders apply no alpha to the final layer's keys (diffusers' converter: "TODO: alphas"): its scale is baked in.
 BAKED = ("final_layer_linear", "final_layer_adaLN_modulation_1")

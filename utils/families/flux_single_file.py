@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from utils.atomic import atomic_file
 from utils.errors import UserError
-from utils.families.fused_lora import swap_halves
+from utils.families.original_layout import (load_transformer_single_file, save_single_file_tensors, swap_halves,
+                                             tensor_shape)
 
 # diffusers module -> (original module, position in its fused group, group size); per block under
 # transformer_blocks.<i>. -> double_blocks.<i>. and single_transformer_blocks.<i>. -> single_blocks.<i>.
@@ -118,44 +118,20 @@ def flux_single_file_state_dict(transformer) -> dict:
 
 def save_flux_single_file(path: str, transformer, dtype: str, metadata: dict | None = None) -> str:
     """Write `path` atomically at `dtype` (fp16, bf16, fp32)."""
-    from safetensors.torch import save_file
-
-    from utils.sd.single_file import DTYPES
-
-    tensors = {k: v.to(DTYPES[dtype]).detach().cpu().contiguous()
-               for k, v in flux_single_file_state_dict(transformer).items()}
-    with atomic_file(path) as temp:
-        save_file(tensors, temp, metadata={k: str(v) for k, v in (metadata or {}).items() if v is not None})
-    return path
+    return save_single_file_tensors(path, flux_single_file_state_dict(transformer), dtype, metadata)
 
 
 def load_flux_single_file_transformer(path: str, model_config: str | None, **kwargs):
     """FluxTransformer2DModel.from_single_file with --model_config's transformer config (the file has none)."""
-    import os
-
     from diffusers import FluxTransformer2DModel
-    from safetensors import safe_open
 
-    from utils.sd.model_kind import pipeline_class_name
-
-    if model_config is None:
-        raise UserError(f"--pretrained_model_name_or_path {path} is a single-file FLUX.1 transformer: give "
-                        "--model_config with the FLUX.1 pipeline it belongs to (a folder or Hub id, e.g. "
-                        "black-forest-labs/FLUX.1-dev), which holds the text encoders, VAE, tokenizers and scheduler "
-                        "the file does not.")
-    config_kind = pipeline_class_name(model_config)
-    if config_kind != "FluxPipeline":
-        raise UserError(f"--model_config {model_config}: not a FLUX.1 pipeline (its model_index.json names "
-                        f"{config_kind}); give the FLUX.1 pipeline the file belongs to.")
-    with safe_open(path, "pt") as handle:
-        key = next(k for k in handle.keys() if k.endswith("img_in.weight"))
-        width = handle.get_slice(key).get_shape()[0]
+    width = (tensor_shape(path, "img_in.weight") or [WIDTH])[0]
     if width != WIDTH:
         raise UserError(f"--pretrained_model_name_or_path {path}: a {width}-wide FLUX transformer; diffusers' "
                         f"FLUX.1 single-file converter reads {WIDTH}-wide ones only: give its diffusers pipeline "
                         "folder instead.")
-    options = {"subfolder": "transformer"} if os.path.isdir(model_config) or "/" in model_config else {}
-    return FluxTransformer2DModel.from_single_file(path, config=model_config, **options, **kwargs)
+    return load_transformer_single_file(path, model_config, FluxTransformer2DModel, "FLUX.1", "FluxPipeline",
+                                        "black-forest-labs/FLUX.1-dev", **kwargs)
 
 
 def load_flux_single_file_pipeline(path: str, model_config: str | None, **kwargs):

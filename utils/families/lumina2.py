@@ -15,7 +15,9 @@ import utils.families.flow_matching as flow
 from utils.checkpointing import own_memory
 from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
+from utils.families.lumina2_single_file import check_single_file_shape
 from utils.latents import vae_scale_factor
+from utils.sd.model_kind import is_single_file
 
 # Lumina2Pipeline's own system prompt (its `system_prompt` attribute; what --system_prompt defaults to)
 DEFAULT_SYSTEM_PROMPT = ("You are an assistant designed to generate superior images with the superior degree of "
@@ -83,7 +85,8 @@ class Lumina2(FlowMatchingFamily):
         return {"text_encoder_use_attention_mask": True}  # Gemma reads its padding mask, and so does the transformer
 
     def check_args(self, args) -> None:
-        flow.check_transformer_family_args(args, "Lumina-Image-2.0", "tiny-lumina2", system_prompt=True, kohya=True)
+        flow.check_transformer_family_args(args, "Lumina-Image-2.0", "tiny-lumina2", system_prompt=True, kohya=True,
+                                           single_file=True)
         refused = {"--train_text_encoder": args.train_text_encoder, "--lora_blocks": bool(args.lora_blocks),
                    "--precondition_outputs 1": args.precondition_outputs == 1}
         for flag, given in refused.items():
@@ -96,7 +99,13 @@ class Lumina2(FlowMatchingFamily):
             components = build_tiny_lumina2(captions_for_tokenizer, source.seed or 0,
                                             os.path.join(source.output_dir, "tokenizers"))
             return dict(noise_scheduler=components.pop("scheduler"), **components)
-        return load_lumina2_pipeline_models(source)
+        if is_single_file(source.pretrained_model_name_or_path):
+            models = load_lumina2_single_file_models(source)
+        else:
+            models = load_lumina2_pipeline_models(source)
+        if self.save_single_file:  # (refused now, not after training, for a shape the format does not have)
+            check_single_file_shape(models["transformer"])
+        return models
 
     def latent_multiple(self, models) -> int:
         return vae_scale_factor(models["vae"]) * models["transformer"].config.patch_size
@@ -131,6 +140,18 @@ class Lumina2(FlowMatchingFamily):
     def pipeline_call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length, "system_prompt": self.system_prompt}
 
+    def write_pipeline(self, output, models, unwrapped, directory) -> None:
+        """The pipeline folder (diffusers' output) and, with --save_single_file, the transformer as one file in
+        Alpha-VLLM's layout (utils/families/lumina2_single_file.py), what ComfyUI's diffusion-model loader reads."""
+        from utils.families.lumina2_single_file import save_lumina2_single_file
+        from utils.sd.single_file import SINGLE_FILE_NAME
+
+        super().write_pipeline(output, models, unwrapped, directory)
+        if output.single_file_dtype:
+            save_lumina2_single_file(os.path.join(directory, SINGLE_FILE_NAME), unwrapped["transformer"],
+                                     output.single_file_dtype, {"modelspec.title": os.path.basename(output.output_dir),
+                                                                "base_model": output.base_name, "steps": output.steps})
+
     def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
         """The original model's layout ComfyUI reads (utils/families/lumina2_comfy.py)."""
         return save_lumina2_original_lora(directory, denoiser, metadata, dtype)
@@ -140,7 +161,7 @@ def save_lumina2_original_lora(directory: str, transformer, metadata: dict | Non
     """pytorch_lora_weights_kohya.safetensors: the adapters in the original model's names (ComfyUI's file)."""
     from peft.utils import get_peft_model_state_dict
 
-    from utils.families.fused_lora import one_scale, write_layout_file
+    from utils.families.original_layout import one_scale, write_layout_file
     from utils.families.lumina2_comfy import lumina2_original_state_dict
 
     scale, config = one_scale(transformer, "The original Lumina-2 LoRA layout"), transformer.peft_config["default"]
@@ -149,8 +170,20 @@ def save_lumina2_original_lora(directory: str, transformer, metadata: dict | Non
                              {"ss_network_dim": config.r, "ss_network_alpha": config.lora_alpha})
 
 
-def load_lumina2_pipeline_models(source) -> dict:
-    """From a Lumina2Pipeline folder or Hub id (--revision, --variant; the transformer at --non_ema_revision)."""
+def load_lumina2_single_file_models(source) -> dict:
+    """The transformer from one file in Alpha-VLLM's layout, the rest from --model_config's Lumina-2 pipeline."""
+    import dataclasses
+
+    from utils.families.lumina2_single_file import load_lumina2_single_file_transformer
+
+    transformer = load_lumina2_single_file_transformer(source.pretrained_model_name_or_path, source.model_config)
+    return load_lumina2_pipeline_models(dataclasses.replace(source, pretrained_model_name_or_path=source.model_config),
+                                        transformer=own_memory(transformer))
+
+
+def load_lumina2_pipeline_models(source, transformer=None) -> dict:
+    """From a Lumina2Pipeline folder or Hub id (--revision, --variant; the transformer at --non_ema_revision, or
+    `transformer` given)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Transformer2DModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -162,5 +195,5 @@ def load_lumina2_pipeline_models(source) -> dict:
         text_encoder=own_memory(AutoModel.from_pretrained(path, subfolder="text_encoder", revision=rev,
                                                           variant=variant)),
         vae=own_memory(AutoencoderKL.from_pretrained(path, subfolder="vae", revision=rev, variant=variant)),
-        transformer=own_memory(Lumina2Transformer2DModel.from_pretrained(
+        transformer=transformer or own_memory(Lumina2Transformer2DModel.from_pretrained(
             path, subfolder="transformer", revision=source.non_ema_revision, variant=variant)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.families.fused_lora import block_diagonal
+from utils.families.original_layout import block_diagonal
 
 PREFIXES = ("layers", "noise_refiner", "context_refiner")
 # diffusers module (under <prefix>.<i>.) -> original module; q, k, v are the fused qkv

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.families.fused_lora import block_diagonal, swap_halves
+from utils.families.original_layout import block_diagonal, swap_halves
 from utils.families.sd3_single_file import BLOCK, FUSED, TOP_LEVEL
 
 MEMBERS = {member: (original, position) for original, members in FUSED.items()
@@ -72,7 +72,7 @@ def save_sd3_kohya_lora(directory: str, transformer, encoders: dict, metadata: d
     """pytorch_lora_weights_kohya.safetensors with sd-scripts' SD3 ss_network_* keys."""
     from peft.utils import get_peft_model_state_dict
 
-    from utils.families.fused_lora import one_scale, write_layout_file
+    from utils.families.original_layout import one_scale, write_layout_file
 
     scale, config = one_scale(transformer, "kohya's SD3 layout"), transformer.peft_config["default"]
     trained = {name: model for name, model in encoders.items() if model is not None and hasattr(model, "peft_config")}

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.atomic import atomic_file
-from utils.families.fused_lora import swap_halves
+from utils.families.original_layout import save_single_file_tensors, swap_halves
 
 TRANSFORMER_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 TOP_LEVEL = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
@@ -82,13 +81,4 @@ def sd3_single_file_state_dict(transformer, vae) -> dict:
 
 def save_sd3_single_file(path: str, transformer, vae, dtype: str, metadata: dict | None = None) -> str:
     """Write `path` atomically at `dtype` (fp16, bf16, fp32)."""
-    from safetensors.torch import save_file
-
-    from utils.sd.single_file import DTYPES
-
-    state = sd3_single_file_state_dict(transformer, vae)
-    tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in state.items()}
-    with atomic_file(path) as temp:
-        save_file(tensors, temp, metadata={k: str(v) for k, v in (metadata or {}).items() if v is not None})
-    return path
+    return save_single_file_tensors(path, sd3_single_file_state_dict(transformer, vae), dtype, metadata)

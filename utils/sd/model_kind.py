@@ -17,10 +17,12 @@ def is_single_file(path: str | None) -> bool:
 SDXL_PIPELINE = "StableDiffusionXLPipeline"
 SDXL_SINGLE_FILE_KEY = "conditioner.embedders.1.model.ln_final.weight"  # OpenCLIP bigG, SDXL's second encoder
 # A part of a key only that family's single files hold (SD3's MMDiT joint blocks; FLUX's double-stream blocks in
-# BFL's layout, with or without ComfyUI's "model.diffusion_model." prefix), checked in this order.
+# BFL's layout; Lumina-2's context refiner in Alpha-VLLM's; with or without ComfyUI's "model.diffusion_model."
+# prefix), checked in this order.
 SINGLE_FILE_MARKERS = ((SDXL_SINGLE_FILE_KEY, SDXL_PIPELINE),
                        ("joint_blocks.0.context_block.attn.qkv.weight", "StableDiffusion3Pipeline"),
-                       ("double_blocks.0.img_attn.qkv.weight", "FluxPipeline"))
+                       ("double_blocks.0.img_attn.qkv.weight", "FluxPipeline"),
+                       ("context_refiner.0.attention.qkv.weight", "Lumina2Pipeline"))
 
 
 def pipeline_class_name(path: str, revision: str | None = None) -> str | None:

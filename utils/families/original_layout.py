@@ -1,7 +1,8 @@
 """What the original (non-diffusers) layouts of the transformer families share: modules diffusers keeps apart that
-the original model fuses (q, k, v as one `qkv`; FLUX's single blocks also the MLP input, `linear1`), and
-modulation rows in (shift, scale) order where diffusers' AdaLayerNormContinuous has (scale, shift). Used by the
-LoRA writers (FLUX kohya, SD3 kohya, Lumina-2 original) and the SD3 single-file writer."""
+the original model fuses (q, k, v as one `qkv`; FLUX's single blocks also the MLP input, `linear1`), modulation
+rows in (shift, scale) order where diffusers' AdaLayerNormContinuous has (scale, shift), the LoRA files' one scale
+and writing, and a transformer-only single file's writing and reading (`--model_config` for the rest). Used by the
+LoRA writers (FLUX kohya, SD3 kohya, Lumina-2 original) and the single-file modules (SD3, FLUX.1, Lumina-2)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,47 @@ def write_layout_file(directory: str, tensors: dict, metadata: dict | None, dtyp
     path = os.path.join(directory, KOHYA_WEIGHT_NAME)
     write_kohya_file(path, tensors, metadata, network)
     return path
+
+
+def save_single_file_tensors(path: str, state: dict, dtype: str, metadata: dict | None = None) -> str:
+    """`state` (an original-layout state dict) written atomically at `dtype` (fp16, bf16, fp32)."""
+    from safetensors.torch import save_file
+
+    from utils.atomic import atomic_file
+    from utils.sd.single_file import DTYPES
+
+    tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in state.items()}
+    with atomic_file(path) as temp:
+        save_file(tensors, temp, metadata={k: str(v) for k, v in (metadata or {}).items() if v is not None})
+    return path
+
+
+def load_transformer_single_file(path: str, model_config: str | None, model_class, family: str, pipeline: str,
+                                 example: str, **kwargs):
+    """`model_class.from_single_file(path)` with `model_config`'s transformer config (the file has none), after
+    one-block checks that `model_config` is given and is a `pipeline` (`family`'s; `example`, a Hub id to name)."""
+    import os
+
+    from utils.errors import UserError
+    from utils.sd.model_kind import pipeline_class_name
+
+    if model_config is None:
+        raise UserError(f"--pretrained_model_name_or_path {path} is a single-file {family} transformer: give "
+                        f"--model_config with the {family} pipeline it belongs to (a folder or Hub id, e.g. {example}), "
+                        "which holds the text encoders, VAE, tokenizers and scheduler the file does not.")
+    config_kind = pipeline_class_name(model_config)
+    if config_kind != pipeline:
+        raise UserError(f"--model_config {model_config}: not a {family} pipeline (its model_index.json names "
+                        f"{config_kind}); give the {family} pipeline the file belongs to.")
+    options = {"subfolder": "transformer"} if os.path.isdir(model_config) or "/" in model_config else {}
+    return model_class.from_single_file(path, config=model_config, **options, **kwargs)
+
+
+def tensor_shape(path: str, key_end: str) -> list[int] | None:
+    """The shape of the first tensor of `path` whose key ends with `key_end` (None: none), read from the header."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        key = next((k for k in handle.keys() if k.endswith(key_end)), None)
+        return handle.get_slice(key).get_shape() if key is not None else None
