@@ -406,33 +406,43 @@ def test_single_file_flux_round_trips_through_diffusers_and_trains_like_its_fold
     prefix: flux1-dev.safetensors'); diffusers' FluxTransformer2DModel.from_single_file reads back the very weights
     the run saved in its pipeline folder. A base model as that file (--model_config for the rest) trains exactly like
     its folder, and generate.py samples from a file."""
-    import train_text_to_image as script
     from diffusers import FluxTransformer2DModel
 
-    import generate
     from utils.families.flux_single_file import save_flux_single_file
 
     base = tmp_path / "base.safetensors"
     save_flux_single_file(str(base), FluxTransformer2DModel.from_pretrained(flux_3072_pipeline_dir,
                                                                             subfolder="transformer"), "fp32")
+    assert_single_file_trains_like_its_folder(flux_args, flux_3072_pipeline_dir, base, instance_dir, tmp_path,
+                                              FluxTransformer2DModel, {"double_blocks.0.img_attn.qkv.weight",
+                                                                       "single_blocks.0.linear1.weight", "img_in.weight"})
+
+
+def assert_single_file_trains_like_its_folder(args_of, pipeline, base, instance_dir, tmp_path, model_class,
+                                              original_keys: set) -> None:
+    """A 1-step full fine-tune from `pipeline` with --save_single_file and one from `base` (its transformer as a
+    single file) with --model_config `pipeline` save the same transformer bit for bit (and it trained); the written
+    file holds `original_keys` and reads back through diffusers' `model_class.from_single_file` to the saved
+    weights; generate.py samples from it (with --model_config)."""
+    import train_text_to_image as script
+
+    import generate
+
     full = ["--optimizer", "adafactor", "--learning_rate", "1e-3", "--resolution", "16"]
     from_folder, from_file = tmp_path / "from_folder", tmp_path / "from_file"
-    run_main_in_process(script, flux_args(flux_3072_pipeline_dir, instance_dir, from_folder, 1,
-                                          [*full, "--save_single_file", "--single_file_dtype", "fp32"]))
-    run_main_in_process(script, flux_args(str(base), instance_dir, from_file, 1,
-                                          [*full, "--model_config", flux_3072_pipeline_dir]))
+    run_main_in_process(script, args_of(pipeline, instance_dir, from_folder, 1,
+                                        [*full, "--save_single_file", "--single_file_dtype", "fp32"]))
+    run_main_in_process(script, args_of(str(base), instance_dir, from_file, 1, [*full, "--model_config", pipeline]))
     name = "transformer/diffusion_pytorch_model.safetensors"
     first, second = (safetensors.torch.load_file(root / name) for root in (from_folder, from_file))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    before = safetensors.torch.load_file(os.path.join(flux_3072_pipeline_dir, name))
+    before = safetensors.torch.load_file(os.path.join(pipeline, name))
     assert any(not torch.equal(before[k], first[k]) for k in first)  # (it trained)
     del second, before
 
     single = from_folder / "model.safetensors"
-    keys = set(safetensors.torch.load_file(single).keys())
-    assert {"double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight"} <= keys
-    loaded = FluxTransformer2DModel.from_single_file(str(single), config=str(from_folder),
-                                                     subfolder="transformer").state_dict()
+    assert original_keys <= set(safetensors.torch.load_file(single).keys())
+    loaded = model_class.from_single_file(str(single), config=str(from_folder), subfolder="transformer").state_dict()
     assert first.keys() == loaded.keys() and all(torch.equal(first[k], loaded[k]) for k in first)
     del first, loaded
     paths = generate.main(["--model", str(single), "--model_config", str(from_folder), "--prompt", "photo",

@@ -357,10 +357,9 @@ def test_single_file_lumina2_round_trips_through_diffusers_and_trains_like_its_f
     its folder, and generate.py samples from a file. The transformer has Lumina-Image-2.0's attention widths (24
     heads, 8 key/value heads of 96; one layer, two refiner blocks each: 421M parameters), which the format and
     diffusers' converter assume."""
-    import train_text_to_image as script
     from diffusers import Lumina2Transformer2DModel
+    from test_flux import assert_single_file_trains_like_its_folder
 
-    import generate
     from utils.families.lumina2 import build_tiny_lumina2_pipeline
     from utils.families.lumina2_single_file import save_lumina2_single_file
 
@@ -370,31 +369,10 @@ def test_single_file_lumina2_round_trips_through_diffusers_and_trains_like_its_f
     base = tmp_path / "base.safetensors"
     save_lumina2_single_file(str(base), Lumina2Transformer2DModel.from_pretrained(pipeline, subfolder="transformer"),
                              "fp32")
-    full = ["--optimizer", "adafactor", "--learning_rate", "1e-3", "--resolution", "16"]
-    from_folder, from_file = tmp_path / "from_folder", tmp_path / "from_file"
-    run_main_in_process(script, lumina_args(pipeline, instance_dir, from_folder, 1,
-                                            [*full, "--save_single_file", "--single_file_dtype", "fp32"]))
-    run_main_in_process(script, lumina_args(str(base), instance_dir, from_file, 1,
-                                            [*full, "--model_config", pipeline]))
-    name = "transformer/diffusion_pytorch_model.safetensors"
-    first, second = (safetensors.torch.load_file(root / name) for root in (from_folder, from_file))
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    before = safetensors.torch.load_file(os.path.join(pipeline, name))
-    assert any(not torch.equal(before[k], first[k]) for k in first)  # (it trained)
-    del second, before
-
-    single = from_folder / "model.safetensors"
-    keys = set(safetensors.torch.load_file(single).keys())
-    assert {"layers.0.attention.qkv.weight", "context_refiner.1.attention_norm1.weight", "cap_embedder.1.weight",
-            "final_layer.adaLN_modulation.1.weight"} <= keys
-    loaded = Lumina2Transformer2DModel.from_single_file(str(single), config=str(from_folder),
-                                                        subfolder="transformer").state_dict()
-    assert first.keys() == loaded.keys() and all(torch.equal(first[k], loaded[k]) for k in first)
-    del first, loaded
-    paths = generate.main(["--model", str(single), "--model_config", str(from_folder), "--prompt", "photo",
-                           "--steps", "1", "--height", "16", "--width", "16", "--num_images", "1",
-                           "--output_dir", str(tmp_path / "images"), "--seed", "0"])
-    assert len(paths) >= 1
+    assert_single_file_trains_like_its_folder(
+        lumina_args, pipeline, base, instance_dir, tmp_path, Lumina2Transformer2DModel,
+        {"layers.0.attention.qkv.weight", "context_refiner.1.attention_norm1.weight", "cap_embedder.1.weight",
+         "final_layer.adaLN_modulation.1.weight"})
 
 
 def test_single_files_of_another_shape_are_refused_in_one_block(capsys, tiny_lumina2_pipeline_dir, instance_dir,

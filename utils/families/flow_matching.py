@@ -247,6 +247,28 @@ class FlowMatchingFamily(Family):
         # a value never depends on which batch first met it (resume stays bitwise).
         self.prompt_memo = {} if args.instance_data_dir is not None and not args.train_text_encoder else None
 
+    def load_base_models(self, source, captions, build_tiny, load_pipeline, load_single_file) -> dict:
+        """The run's components: the tiny preset's (`build_tiny`), a single file's with --model_config's
+        (`load_single_file`) or a pipeline's (`load_pipeline`); with --save_single_file, the family's single-file
+        layout is asked now, not after training, whether it can hold this transformer."""
+        import os
+
+        from utils.sd.model_kind import is_single_file
+
+        if source.model_preset:
+            components = build_tiny(captions, source.seed or 0, os.path.join(source.output_dir, "tokenizers"))
+            models = dict(noise_scheduler=components.pop("scheduler"), **components)
+        elif is_single_file(source.pretrained_model_name_or_path):
+            models = load_single_file(source)
+        else:
+            models = load_pipeline(source)
+        if self.save_single_file:
+            self.check_single_file(models["transformer"])
+        return models
+
+    def check_single_file(self, transformer) -> None:
+        """--save_single_file: a one-block error when the family's single-file layout cannot hold `transformer`."""
+
     def token_pixels(self, models) -> int:
         return self.latent_multiple(models)  # (VAE x patch, x 2 for FLUX's packing: one token's side)
 

@@ -17,7 +17,6 @@ from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
 from utils.families.flux_single_file import check_single_file_width
 from utils.latents import vae_scale_factor
-from utils.sd.model_kind import is_single_file
 
 
 CLIP_LENGTH = 77
@@ -94,19 +93,14 @@ class Flux(FlowMatchingFamily):
                             "with --lora_layers, e.g. transformer_blocks.0.attn.to_q.")
 
     def load_models(self, source, captions_for_tokenizer) -> dict:
-        if source.model_preset:
-            components = build_tiny_flux(captions_for_tokenizer, source.seed or 0,
-                                         os.path.join(source.output_dir, "tokenizers"))
-            models = dict(noise_scheduler=components.pop("scheduler"), **components)
-        elif is_single_file(source.pretrained_model_name_or_path):
-            models = load_flux_single_file_models(source)
-        else:
-            models = load_flux_pipeline_models(source)
-        if self.save_single_file:  # (refused now, not after training, for a width the format does not have)
-            check_single_file_width(models["transformer"])
+        models = self.load_base_models(source, captions_for_tokenizer, build_tiny_flux, load_flux_pipeline_models,
+                                       load_flux_single_file_models)
         flow.check_sequence_length(self.max_sequence_length, models["tokenizer_2"])
         self.guidance_embeds = models["transformer"].config.guidance_embeds  # (read before DDP wraps it)
         return models
+
+    def check_single_file(self, transformer) -> None:
+        check_single_file_width(transformer)
 
     def latent_multiple(self, models) -> int:
         return vae_scale_factor(models["vae"]) * 2 * models["transformer"].config.patch_size  # 2x2 packing

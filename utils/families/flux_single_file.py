@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from utils.errors import UserError
-from utils.families.original_layout import (load_transformer_single_file, save_single_file_tensors, swap_halves,
+from utils.families.original_layout import (checked_original, load_transformer_single_file, save_single_file_tensors, swap_halves,
                                              tensor_shape)
 
 # diffusers module -> (original module, position in its fused group, group size); per block under
@@ -107,13 +107,9 @@ def flux_single_file_state_dict(transformer) -> dict:
     """The transformer in BFL's layout, checked through diffusers' converter."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    from utils.sd.single_file import _check_round_trip
-
     check_single_file_width(transformer)
-    state = transformer.state_dict()
-    original = transformer_to_original(state)
-    _check_round_trip("FLUX.1 transformer", state, convert_flux_transformer_checkpoint_to_diffusers(dict(original)))
-    return original
+    return checked_original("FLUX.1 transformer", transformer, transformer_to_original,
+                            convert_flux_transformer_checkpoint_to_diffusers)
 
 
 def save_flux_single_file(path: str, transformer, dtype: str, metadata: dict | None = None) -> str:

@@ -17,7 +17,6 @@ from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
 from utils.families.lumina2_single_file import check_single_file_shape
 from utils.latents import vae_scale_factor
-from utils.sd.model_kind import is_single_file
 
 # Lumina2Pipeline's own system prompt (its `system_prompt` attribute; what --system_prompt defaults to)
 DEFAULT_SYSTEM_PROMPT = ("You are an assistant designed to generate superior images with the superior degree of "
@@ -95,17 +94,11 @@ class Lumina2(FlowMatchingFamily):
                                 "the transformer, full or LoRA, on the velocity): drop it.")
 
     def load_models(self, source, captions_for_tokenizer) -> dict:
-        if source.model_preset:
-            components = build_tiny_lumina2(captions_for_tokenizer, source.seed or 0,
-                                            os.path.join(source.output_dir, "tokenizers"))
-            return dict(noise_scheduler=components.pop("scheduler"), **components)
-        if is_single_file(source.pretrained_model_name_or_path):
-            models = load_lumina2_single_file_models(source)
-        else:
-            models = load_lumina2_pipeline_models(source)
-        if self.save_single_file:  # (refused now, not after training, for a shape the format does not have)
-            check_single_file_shape(models["transformer"])
-        return models
+        return self.load_base_models(source, captions_for_tokenizer, build_tiny_lumina2, load_lumina2_pipeline_models,
+                                     load_lumina2_single_file_models)
+
+    def check_single_file(self, transformer) -> None:
+        check_single_file_shape(transformer)
 
     def latent_multiple(self, models) -> int:
         return vae_scale_factor(models["vae"]) * models["transformer"].config.patch_size

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from utils.errors import UserError
-from utils.families.original_layout import load_transformer_single_file, save_single_file_tensors, tensor_shape
+from utils.families.original_layout import (checked_original, load_transformer_single_file, save_single_file_tensors,
+                                             tensor_shape)
 
 TOP_LEVEL = {"x_embedder": "x_embedder", "time_caption_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
              "time_caption_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
@@ -76,13 +77,8 @@ def lumina2_single_file_state_dict(transformer) -> dict:
     """The transformer in Alpha-VLLM's layout, checked through diffusers' converter."""
     from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
 
-    from utils.sd.single_file import _check_round_trip
-
     check_single_file_shape(transformer)
-    state = transformer.state_dict()
-    original = transformer_to_original(state)
-    _check_round_trip("Lumina-2 transformer", state, convert_lumina2_to_diffusers(dict(original)))
-    return original
+    return checked_original("Lumina-2 transformer", transformer, transformer_to_original, convert_lumina2_to_diffusers)
 
 
 def save_lumina2_single_file(path: str, transformer, dtype: str, metadata: dict | None = None) -> str:

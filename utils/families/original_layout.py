@@ -60,6 +60,17 @@ def write_layout_file(directory: str, tensors: dict, metadata: dict | None, dtyp
     return path
 
 
+def checked_original(name: str, transformer, to_original, converter) -> dict:
+    """`transformer`'s state dict in an original layout (`to_original`), every tensor checked to come back exactly
+    through diffusers' `converter` for that layout (an internal error otherwise)."""
+    from utils.sd.single_file import _check_round_trip
+
+    state = transformer.state_dict()
+    original = to_original(state)
+    _check_round_trip(name, state, converter(dict(original)))
+    return original
+
+
 def save_single_file_tensors(path: str, state: dict, dtype: str, metadata: dict | None = None) -> str:
     """`state` (an original-layout state dict) written atomically at `dtype` (fp16, bf16, fp32)."""
     from safetensors.torch import save_file

@@ -16,7 +16,6 @@ import utils.families.flow_matching as flow
 from utils.checkpointing import own_memory
 from utils.families.flow_matching import FlowMatchingFamily
 from utils.latents import vae_scale_factor
-from utils.sd.model_kind import is_single_file
 
 PIPELINE = "StableDiffusion3Pipeline"
 # diffusers' SD3 scripts' default LoRA targets: the joint attention's image and context projections
@@ -110,14 +109,8 @@ class StableDiffusion3(FlowMatchingFamily):
         flow.check_transformer_family_args(args, "Stable Diffusion 3", "tiny-sd3", kohya=True, single_file=True)
 
     def load_models(self, source, captions_for_tokenizer) -> dict:
-        if source.model_preset:
-            components = build_tiny_sd3(captions_for_tokenizer, source.seed or 0,
-                                        os.path.join(source.output_dir, "tokenizers"))
-            models = dict(noise_scheduler=components.pop("scheduler"), **components)
-        elif is_single_file(source.pretrained_model_name_or_path):
-            models = load_sd3_single_file_models(source)
-        else:
-            models = load_sd3_pipeline_models(source)
+        models = self.load_base_models(source, captions_for_tokenizer, build_tiny_sd3, load_sd3_pipeline_models,
+                                       load_sd3_single_file_models)
         flow.check_sequence_length(self.max_sequence_length, models.get("tokenizer_3"))
         self.joint_attention_dim = models["transformer"].config.joint_attention_dim  # (T5's width; read before DDP)
         return models
