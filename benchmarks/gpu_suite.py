@@ -45,6 +45,7 @@ class Part:
     dry_skip: str | None = None  # why a dry run leaves this part out
     resume_check: str | None = None  # weights folder compared after: 4 steps straight vs 2 + a resume to 4
     figures: dict = field(default_factory=dict)
+    on_request: bool = False  # on a GPU only when --only names it (its own device call); always in a dry run
 
 
 # ---------------------------------------------------------------------------------------------- carrying
@@ -285,11 +286,31 @@ def build_parts(work: str, dry: bool) -> list[Part]:
             *([] if dry else ["--mixed_precision", "bf16", "--dataloader_num_workers", "8"]),
             "--results_dir", os.path.join(work, "bench"), "--name", "mshnet", "--workdir",
             os.path.join(work, "bench_mshnet")], check="bench", timeout=600),
+        # Issue 31's GPU runs, each its own device call (--only; the 12B FLUX alone takes minutes to build and load):
+        # LoRA on FLUX.1-dev's shape at 512 px and SD3.5-medium's at 1024 px, bf16, cached: images/s, peak memory.
+        Part("flux_lora_512_speed", "speed", flow_bench_argv(work, "flux", dry), check="bench", timeout=600,
+             on_request=True),
+        Part("sd35_medium_1024_speed", "speed", flow_bench_argv(work, "sd3", dry), check="bench", timeout=600,
+             on_request=True),
         Part("kanji_demo", "main job", [os.path.join(REPO_ROOT, "kanji_demo.py"), "--mode", "smoke" if dry else "gpu",
                                         "--output_dir", os.path.join(work, "kanji"),
                                         *(["--num_inference_steps", "4"] if dry else [])], check="kanji", timeout=600),
     ]
     return parts
+
+
+def flow_bench_argv(work: str, family: str, dry: bool) -> list[str]:
+    """benchmarks/bench_flow_families.py, ours with the caches: the released model's shape on a GPU (FLUX.1-dev at
+    512 px with 512 T5 tokens, SD3.5-medium at 1024 px with 77, bf16, gradient checkpointing, batch 1), the tiny
+    pipeline at 32 px in a dry run."""
+    resolution = "32" if dry else {"flux": "512", "sd3": "1024"}[family]
+    return [os.path.join(REPO_ROOT, "benchmarks", "bench_flow_families.py"), "--family", family,
+            "--size", "tiny" if dry else "full", "--resolution", resolution, "--batch_size", "1", "--cache", "on",
+            "--max_sequence_length", "512" if family == "flux" and not dry else "77",
+            "--warmup_steps", "1" if dry else "3", "--steps", "2" if dry else "10", "--num_images", "4",
+            "--results_dir", os.path.join(work, "bench"), "--name", f"{family}_lora",
+            "--workdir", os.path.join(work, f"bench_{family}")] \
+        + ([] if dry else ["--mixed_precision", "bf16", "--extra_args", "--gradient_checkpointing"])
 
 
 def launch_argv(config: str) -> list[str]:
@@ -531,7 +552,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="Tiny shapes on the CPU.")
     parser.add_argument("--reference", default=os.path.join(ASSETS, "train_text_to_image.py"),
                         help="diffusers' examples/text_to_image/train_text_to_image.py for the speed ratio.")
-    parser.add_argument("--only", nargs="*", default=None, help="Run only these parts.")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="Run only these parts (on a GPU, the on-request parts run only so).")
     parser.add_argument("--jobs", type=int, default=2, help="Parts run at once in a dry run (a GPU run: one).")
     parser.add_argument("--prepare", action="store_true",
                         help="Here, before a device call: the wheels the device lacks and the reference script, into "
@@ -548,7 +570,8 @@ def main(argv=None) -> dict:
     work = os.path.join(args.out, "work")
     os.makedirs(work, exist_ok=True)
     prepare_data(work, args.dry_run)
-    parts = [p for p in build_parts(work, args.dry_run) if not args.only or p.name in args.only]
+    parts = [p for p in build_parts(work, args.dry_run)
+             if (p.name in args.only if args.only else args.dry_run or not p.on_request)]
     entries = {}
 
     def finish(part: Part, entry: dict) -> None:

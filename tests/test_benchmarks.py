@@ -185,7 +185,7 @@ def test_gpu_suite_dry_run_runs_every_part(tmp_path):
     assert not [p for p in parts.values() if p["status"] == "fail"], [p for p in parts.values() if p["status"] == "fail"]
     for name in ("sd15_full_bf16", "lora_unet_te_fp16", "ema_offload", "auto_batch", "sdxl_lora", "mask_dit", "mshnet",
                  "bf16_vs_fp32", "sd15_speed_vs_reference", "kanji_demo", "deepspeed_zero2_save_resume",
-                 "bf16_matmul_peak", "mask_dit_speed", "mshnet_speed"):
+                 "bf16_matmul_peak", "mask_dit_speed", "mshnet_speed", "flux_lora_512_speed", "sd35_medium_1024_speed"):
         assert parts[name]["status"] == "pass", parts[name]
     assert parts["fsdp_save_resume"]["status"] == "skip"  # accelerate's FSDP needs CUDA
     # DeepSpeed on its CPU accelerator: the resumed run is the straight run, bit for bit.
@@ -193,6 +193,9 @@ def test_gpu_suite_dry_run_runs_every_part(tmp_path):
     assert resumed["bitwise"] and resumed["losses_resumed"] == resumed["losses_straight"]
     # MFU of the speed parts is against the matrix rate the suite measured in the same run.
     peak = parts["bf16_matmul_peak"]["figures"]["bf16_matmul_tflops"]
+    for name in ("flux_lora_512_speed", "sd35_medium_1024_speed"):  # (no FLOP count: images/s and memory)
+        ours = parts[name]["figures"]["variants"]["ours+cache"]
+        assert ours["steps_per_s"] > 0 and ours["samples_per_s"] == pytest.approx(ours["steps_per_s"])
     for name, samples in (("mask_dit_speed", 4), ("mshnet_speed", 4)):
         figures = parts[name]["figures"]
         assert figures["peak_tflops"] == pytest.approx(peak)
