@@ -467,3 +467,38 @@ def test_single_files_of_another_width_are_refused_in_one_block(capsys, tiny_flu
     expect_user_error(capsys, script, flux_args(str(narrow), instance_dir, tmp_path / "n", 1,
                                                 ["--model_config", tiny_flux_pipeline_dir]),
                       "a 32-wide FLUX transformer", "3072-wide ones only")
+
+
+def test_bucket_tokens_are_the_packed_sequence_lengths(tiny_flux_pipeline_dir, tmp_path, monkeypatch):
+    """FLUX packs 2x2 latent patches into one token: buckets.json's tokens per bucket (and the pixels per token,
+    VAE x 2) are the sequence lengths of the packed latents the transformer was given (recorded by a wrapper around
+    its forward), within the stated budget."""
+    import train_text_to_image as script
+    from diffusers import FluxTransformer2DModel
+
+    seen, forward = [], FluxTransformer2DModel.forward
+
+    def recording(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append(kwargs["hidden_states"].shape[1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", recording)
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for index, (height, width) in enumerate([(32, 48), (48, 32), (32, 32), (32, 32)]):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(data / f"{index}.png")
+        (data / f"{index}.txt").write_text(f"thing {index}")
+    out = tmp_path / "o"
+    run_main_in_process(script, ["--pretrained_model_name_or_path", tiny_flux_pipeline_dir, "--train_data_dir", data,
+                                 "--resolution", "32", "--max_train_steps", "3", "--use_lora", "--report_to", "none",
+                                 "--max_sequence_length", "16", "--train_batch_size", "2", "--enable_bucket",
+                                 "--min_bucket_reso", "16", "--max_bucket_reso", "64", "--bucket_reso_steps", "8",
+                                 "--output_dir", out])
+    buckets = json.load(open(out / "buckets.json"))
+    tokens = buckets["tokens_per_bucket"]
+    assert buckets["pixels_per_token"] == 2 and len(tokens) == 3  # (the tiny VAE does not downsample: 1 x 2)
+    assert sorted(seen) == sorted(tokens[bucket] for bucket, count in buckets["buckets"].items()
+                                  for _ in range(-(-count // 2)))  # (one epoch: a bucket's batches of 2)
+    assert max(tokens.values()) <= buckets["token_budget"] == 32 * 32 // 4
