@@ -89,8 +89,6 @@ def load_transformer_single_file(path: str, model_config: str | None, model_clas
                                  example: str, **kwargs):
     """`model_class.from_single_file(path)` with `model_config`'s transformer config (the file has none), after
     one-block checks that `model_config` is given and is a `pipeline` (`family`'s; `example`, a Hub id to name)."""
-    import os
-
     from utils.errors import UserError
     from utils.sd.model_kind import pipeline_class_name
 
@@ -102,8 +100,7 @@ def load_transformer_single_file(path: str, model_config: str | None, model_clas
     if config_kind != pipeline:
         raise UserError(f"--model_config {model_config}: not a {family} pipeline (its model_index.json names "
                         f"{config_kind}); give the {family} pipeline the file belongs to.")
-    options = {"subfolder": "transformer"} if os.path.isdir(model_config) or "/" in model_config else {}
-    return model_class.from_single_file(path, config=model_config, **options, **kwargs)
+    return model_class.from_single_file(path, config=model_config, subfolder="transformer", **kwargs)
 
 
 def tensor_shape(path: str, key_end: str) -> list[int] | None:
