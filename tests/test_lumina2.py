@@ -216,7 +216,9 @@ def test_generate_samples_a_lumina2_lora_as_diffusers_does(tiny_lumina2_pipeline
 @pytest.mark.parametrize("extra, fragments", [
     (["--train_text_encoder"], ["--train_text_encoder", "Lumina-Image-2.0"]),
     (["--precondition_outputs", "1"], ["--precondition_outputs 1", "Lumina-Image-2.0"]),
-], ids=["text_encoder", "precondition"])
+    (["--use_lora", "--lora_layers", "attn.to_q,x_embedder"],
+     ["--lora_format both", "no name for the LoRA on x_embedder", "--lora_format diffusers"]),
+], ids=["text_encoder", "precondition", "unnameable_lora_module"])
 def test_bad_lumina2_flags_are_one_block_errors(capsys, tiny_lumina2_pipeline_dir, instance_dir, tmp_path,
                                                 extra, fragments):
     import train_text_to_image as script

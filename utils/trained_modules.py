@@ -50,6 +50,7 @@ def configure_training(args, family, accelerator, models, weight_dtype) -> None:
     if args.use_lora:
         denoiser.to(accelerator.device, dtype=weight_dtype)
         add_lora_adapter(denoiser, args, family.lora_targets(args))
+        family.check_lora_layout(denoiser)
         for text_encoder in trained_encoders:
             add_lora_adapter(text_encoder, args, family.text_encoder_lora_targets)
     for text_encoder in text_encoders:

@@ -93,6 +93,10 @@ class Family:
 
     text_encoder_lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention (diffusers' scripts)
 
+    def check_lora_layout(self, denoiser) -> None:
+        """With the adapter on `denoiser`: a one-block error, before training, when a LoRA file the run will write
+        cannot name one of its modules (none for SD: kohya's converter names every module)."""
+
     # --- saving and sampling ----------------------------------------------------------------------------------
     def save_lora(self, directory: str, denoiser, encoders: dict, lora_format: str = "diffusers",
                   metadata: dict | None = None, dtype: torch.dtype | None = None) -> str:

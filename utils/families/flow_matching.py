@@ -237,10 +237,11 @@ class FlowMatchingFamily(Family):
     default_lora_targets: tuple[str, ...] = ()  # diffusers' script's
     architecture = ""  # kohya's ss_base_model_version / the ModelSpec id's key in utils/sd/lora.py
     max_sequence_length, precondition_outputs, offload, save_single_file = 512, False, False, False  # configure()
+    lora_format = "diffusers"  # configure() sets the run's
 
     def configure(self, args) -> None:
         self.max_sequence_length, self.precondition_outputs = args.max_sequence_length, bool(args.precondition_outputs)
-        self.offload, self.save_single_file = args.offload, args.save_single_file
+        self.offload, self.save_single_file, self.lora_format = args.offload, args.save_single_file, args.lora_format
         # DreamBooth with frozen text encoders has a handful of prompts (instance, class, dropout's ""): each is
         # encoded once and kept, as diffusers' scripts precompute the instance prompt (T5-XXL / Gemma every step
         # would cost more than the transformer at small sizes). Keyed by token ids, encoded one prompt at a time so
@@ -388,6 +389,23 @@ class FlowMatchingFamily(Family):
     def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
         """Write `other_layout`'s file; returns its path."""
         raise NotImplementedError
+
+    def other_layout_module(self, module: str, transformer) -> None:
+        """Raise ValueError (saying why) when `other_layout` has no name for the transformer's `module`."""
+
+    def check_lora_layout(self, denoiser) -> None:
+        """--lora_format kohya|both: every module the adapter is on needs a name in `other_layout` (checked now, not
+        when the file is written after training); DoRA and LoHa/LoKr write diffusers' / peft's files only."""
+        if self.lora_format == "diffusers" or self.other_layout is None or is_lycoris(denoiser) \
+                or denoiser.peft_config["default"].use_dora:
+            return
+        for module in sorted(name[:-len(".lora_A")] for name, _ in denoiser.named_modules() if name.endswith(".lora_A")):
+            try:
+                self.other_layout_module(module, denoiser)
+            except ValueError as error:
+                raise UserError(f"--lora_format {self.lora_format}: {self.other_layout} has no name for the LoRA on "
+                                f"{module} ({error}). Leave that module out of --lora_layers, or write diffusers' "
+                                "file only with --lora_format diffusers.") from None
 
     def save_diffusers_lora(self, directory, denoiser, encoders, metadata, dtype) -> str:
         """diffusers' file (transformer.* and text_encoder*.* keys, the adapter configs in its metadata), what the

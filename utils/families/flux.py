@@ -149,6 +149,11 @@ class Flux(FlowMatchingFamily):
                                   output.single_file_dtype, {"modelspec.title": os.path.basename(output.output_dir),
                                                              "base_model": output.base_name, "steps": output.steps})
 
+    def other_layout_module(self, module, transformer) -> None:
+        from utils.families.flux_kohya import kohya_module
+
+        kohya_module(module)
+
     def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
         return save_flux_kohya_lora(directory, denoiser, encoders.get("text_encoder"), metadata, dtype)
 

@@ -145,6 +145,11 @@ class Lumina2(FlowMatchingFamily):
                                      output.single_file_dtype, {"modelspec.title": os.path.basename(output.output_dir),
                                                                 "base_model": output.base_name, "steps": output.steps})
 
+    def other_layout_module(self, module, transformer) -> None:
+        from utils.families.lumina2_comfy import block_of
+
+        block_of(module)
+
     def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
         """The original model's layout ComfyUI reads (utils/families/lumina2_comfy.py)."""
         return save_lumina2_original_lora(directory, denoiser, metadata, dtype)

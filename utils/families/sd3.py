@@ -141,6 +141,11 @@ class StableDiffusion3(FlowMatchingFamily):
             targets = [f"transformer_blocks.{block}.{module}" for block in blocks for module in targets]
         return targets
 
+    def other_layout_module(self, module, transformer) -> None:
+        from utils.families.sd3_kohya import original_module
+
+        original_module(module, transformer.config.num_layers)
+
     def save_other_layout(self, directory, denoiser, encoders, metadata, dtype) -> str:
         """sd-scripts' names, what ComfyUI reads as kohya's (utils/families/sd3_kohya.py)."""
         from utils.families.sd3_kohya import save_sd3_kohya_lora
