@@ -418,6 +418,45 @@ def test_single_file_flux_round_trips_through_diffusers_and_trains_like_its_fold
                                                                        "single_blocks.0.linear1.weight", "img_in.weight"})
 
 
+@pytest.mark.slow
+def test_kohya_file_gives_the_diffusers_files_images_at_flux1_width(flux_3072_pipeline_dir, tmp_path):
+    """A LoRA on FLUX.1's width (fused q/k/v and single-block linear1 members, single-block linear2, the
+    modulations) written by the family in both layouts: FluxPipeline.load_lora_weights of the kohya file (diffusers'
+    kohya converter) samples the same images as of diffusers' file, and both differ from the base model's. (Not the
+    final layer: diffusers' converter names its keys without the transformer prefix and the pipeline drops them,
+    found here; the file holds them as sd-scripts and ComfyUI read them, tested against the converter's own output
+    above, and the run's log says so.)"""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+
+    from utils.families.flux import Flux
+
+    pipe = FluxPipeline.from_pretrained(flux_3072_pipeline_dir)
+    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "attn.add_q_proj", "ff.net.0.proj", "norm1.linear",
+               "norm.linear", "single_transformer_blocks.0.proj_out"]
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    out = tmp_path / "lora"
+    Flux().save_lora(str(out), pipe.transformer, {}, lora_format="both")
+    del pipe
+
+    def images(weight_name):
+        pipeline = FluxPipeline.from_pretrained(flux_3072_pipeline_dir)
+        if weight_name:
+            pipeline.load_lora_weights(str(out), weight_name=weight_name)
+        return pipeline("photo", height=16, width=16, num_inference_steps=2, max_sequence_length=16,
+                        generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    diffusers_images, kohya_images = images("pytorch_lora_weights.safetensors"), \
+        images("pytorch_lora_weights_kohya.safetensors")
+    assert torch.allclose(diffusers_images, kohya_images, atol=1e-5)
+    assert (diffusers_images - images(None)).abs().max() > 1e-3
+
+
 def assert_single_file_trains_like_its_folder(args_of, pipeline, base, instance_dir, tmp_path, model_class,
                                               original_keys: set) -> None:
     """A 1-step full fine-tune from `pipeline` with --save_single_file and one from `base` (its transformer as a

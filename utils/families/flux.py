@@ -169,6 +169,11 @@ def save_flux_kohya_lora(directory: str, transformer, text_encoder, metadata: di
     text = (get_peft_model_state_dict(text_encoder), text_encoder.peft_config["default"].lora_alpha) \
         if text_encoder is not None else (None, None)
     tensors = flux_kohya_state_dict(get_peft_model_state_dict(transformer), scale, *text)
+    if any(key.startswith("lora_unet_final_layer_") for key in tensors):
+        flow.logger.warning("The kohya file holds LoRA on the final layer (norm_out.linear / proj_out): ComfyUI and "
+                            "sd-scripts apply it, but diffusers' FluxPipeline.load_lora_weights drops it from kohya "
+                            "files (its converter names those keys without the transformer prefix); with diffusers, "
+                            "load pytorch_lora_weights.safetensors.")
     return write_layout_file(directory, tensors, metadata, dtype, {
         "ss_network_module": "networks.lora_flux", "ss_network_dim": config.r, "ss_network_alpha": config.lora_alpha})
 
