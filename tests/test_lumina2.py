@@ -351,8 +351,56 @@ def test_a_trained_lumina2_lora_is_written_in_both_layouts(tiny_lumina2_pipeline
     assert not (only / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.fixture(scope="module")
+def lumina2_2304_pipeline_dir(tmp_path_factory):
+    """The tiny Lumina-2 pipeline with Lumina-Image-2.0's attention widths (24 heads, 8 key/value heads of 96; one
+    layer and two refiner blocks each: 421M parameters), which its single-file and LoRA converters assume."""
+    from utils.families.lumina2 import build_tiny_lumina2_pipeline
+
+    return build_tiny_lumina2_pipeline(str(tmp_path_factory.mktemp("lumina2-2304")), transformer_config=dict(
+        hidden_size=2304, num_attention_heads=24, num_kv_heads=8, num_layers=1, num_refiner_layers=2,
+        axes_dim_rope=[32, 32, 32]))
+
+
 @pytest.mark.slow
-def test_single_file_lumina2_round_trips_through_diffusers_and_trains_like_its_folder(instance_dir, tmp_path):
+def test_original_layout_file_gives_the_diffusers_files_images_at_lumina2_width(lumina2_2304_pipeline_dir,
+                                                                                tmp_path):
+    """A LoRA on q/k/v, the output and feed-forward projections and the modulations at Lumina-Image-2.0's widths,
+    written by the family in both layouts: Lumina2Pipeline.load_lora_weights of the original-layout file (diffusers'
+    converter) samples the same images as of diffusers' file, and both differ from the base model's."""
+    from diffusers import Lumina2Pipeline
+    from peft import LoraConfig
+
+    from utils.families.lumina2 import Lumina2
+
+    pipe = Lumina2Pipeline.from_pretrained(lumina2_2304_pipeline_dir)
+    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "feed_forward.linear_1", "norm1.linear"]
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    out = tmp_path / "lora"
+    Lumina2().save_lora(str(out), pipe.transformer, {}, lora_format="both")
+    del pipe
+
+    def images(weight_name):
+        pipeline = Lumina2Pipeline.from_pretrained(lumina2_2304_pipeline_dir)
+        if weight_name:
+            pipeline.load_lora_weights(str(out), weight_name=weight_name)
+        return pipeline("photo", height=16, width=16, num_inference_steps=2, max_sequence_length=64,
+                        generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    diffusers_images, original_images = images("pytorch_lora_weights.safetensors"), \
+        images("pytorch_lora_weights_kohya.safetensors")
+    assert torch.allclose(diffusers_images, original_images, atol=1e-5)
+    assert (diffusers_images - images(None)).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_single_file_lumina2_round_trips_through_diffusers_and_trains_like_its_folder(lumina2_2304_pipeline_dir,
+                                                                                     instance_dir, tmp_path):
     """--save_single_file writes the transformer in Alpha-VLLM's layout (layers.*, noise_refiner.*,
     context_refiner.*, cap_embedder.*, final_layer.*); diffusers' Lumina2Transformer2DModel.from_single_file reads
     back the very weights the run saved. A base model as that file (--model_config for the rest) trains exactly like
@@ -362,12 +410,9 @@ def test_single_file_lumina2_round_trips_through_diffusers_and_trains_like_its_f
     from diffusers import Lumina2Transformer2DModel
     from test_flux import assert_single_file_trains_like_its_folder
 
-    from utils.families.lumina2 import build_tiny_lumina2_pipeline
     from utils.families.lumina2_single_file import save_lumina2_single_file
 
-    pipeline = build_tiny_lumina2_pipeline(str(tmp_path / "pipeline"), transformer_config=dict(
-        hidden_size=2304, num_attention_heads=24, num_kv_heads=8, num_layers=1, num_refiner_layers=2,
-        axes_dim_rope=[32, 32, 32]))
+    pipeline = lumina2_2304_pipeline_dir
     base = tmp_path / "base.safetensors"
     save_lumina2_single_file(str(base), Lumina2Transformer2DModel.from_pretrained(pipeline, subfolder="transformer"),
                              "fp32")
