@@ -369,33 +369,13 @@ def test_original_layout_file_gives_the_diffusers_files_images_at_lumina2_width(
     written by the family in both layouts: Lumina2Pipeline.load_lora_weights of the original-layout file (diffusers'
     converter) samples the same images as of diffusers' file, and both differ from the base model's."""
     from diffusers import Lumina2Pipeline
-    from peft import LoraConfig
+    from test_flux import assert_both_layouts_sample_alike
 
     from utils.families.lumina2 import Lumina2
 
-    pipe = Lumina2Pipeline.from_pretrained(lumina2_2304_pipeline_dir)
-    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "feed_forward.linear_1", "norm1.linear"]
-    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in pipe.transformer.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    out = tmp_path / "lora"
-    Lumina2().save_lora(str(out), pipe.transformer, {}, lora_format="both")
-    del pipe
-
-    def images(weight_name):
-        pipeline = Lumina2Pipeline.from_pretrained(lumina2_2304_pipeline_dir)
-        if weight_name:
-            pipeline.load_lora_weights(str(out), weight_name=weight_name)
-        return pipeline("photo", height=16, width=16, num_inference_steps=2, max_sequence_length=64,
-                        generator=torch.Generator().manual_seed(0), output_type="pt").images
-
-    diffusers_images, original_images = images("pytorch_lora_weights.safetensors"), \
-        images("pytorch_lora_weights_kohya.safetensors")
-    assert torch.allclose(diffusers_images, original_images, atol=1e-5)
-    assert (diffusers_images - images(None)).abs().max() > 1e-3
+    assert_both_layouts_sample_alike(Lumina2Pipeline, lumina2_2304_pipeline_dir, Lumina2(), [
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "feed_forward.linear_1", "norm1.linear"], tmp_path,
+        max_sequence_length=64)
 
 
 @pytest.mark.slow

@@ -465,12 +465,24 @@ class FlowMatchingFamily(Family):
         return {"max_sequence_length": self.max_sequence_length}
 
     def write_pipeline(self, output, models, unwrapped, directory) -> None:
+        """The pipeline folder (diffusers' output) and, with --save_single_file, the family's one file beside it."""
+        import os
+
         from utils.sd.saving import float32_components
+        from utils.sd.single_file import SINGLE_FILE_NAME
 
         components = dict(models, **unwrapped, scheduler=models["noise_scheduler"])
         pipeline = self.pipeline(components)
         with float32_components(pipeline):
             pipeline.save_pretrained(directory)
+        if output.single_file_dtype:
+            self.write_single_file(os.path.join(directory, SINGLE_FILE_NAME), unwrapped["transformer"], models,
+                                   output.single_file_dtype, {"modelspec.title": os.path.basename(output.output_dir),
+                                                              "base_model": output.base_name, "steps": output.steps})
+
+    def write_single_file(self, path, transformer, models, dtype, metadata) -> None:
+        """--save_single_file's file in the family's original layout (a family without one refuses the flag)."""
+        raise NotImplementedError
 
     def lora_metadata(self, output, models) -> dict:
         import os

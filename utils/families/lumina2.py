@@ -133,17 +133,12 @@ class Lumina2(FlowMatchingFamily):
     def pipeline_call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length, "system_prompt": self.system_prompt}
 
-    def write_pipeline(self, output, models, unwrapped, directory) -> None:
-        """The pipeline folder (diffusers' output) and, with --save_single_file, the transformer as one file in
-        Alpha-VLLM's layout (utils/families/lumina2_single_file.py), what ComfyUI's diffusion-model loader reads."""
+    def write_single_file(self, path, transformer, models, dtype, metadata) -> None:
+        """The transformer in Alpha-VLLM's layout (utils/families/lumina2_single_file.py), what ComfyUI's
+        diffusion-model loader reads."""
         from utils.families.lumina2_single_file import save_lumina2_single_file
-        from utils.sd.single_file import SINGLE_FILE_NAME
 
-        super().write_pipeline(output, models, unwrapped, directory)
-        if output.single_file_dtype:
-            save_lumina2_single_file(os.path.join(directory, SINGLE_FILE_NAME), unwrapped["transformer"],
-                                     output.single_file_dtype, {"modelspec.title": os.path.basename(output.output_dir),
-                                                                "base_model": output.base_name, "steps": output.steps})
+        save_lumina2_single_file(path, transformer, dtype, metadata)
 
     def other_layout_module(self, module, transformer) -> None:
         from utils.families.lumina2_comfy import block_of

@@ -153,18 +153,16 @@ class StableDiffusion3(FlowMatchingFamily):
         return save_sd3_kohya_lora(directory, denoiser, encoders, metadata, dtype)
 
     def write_pipeline(self, output, models, unwrapped, directory) -> None:
-        """The pipeline folder (diffusers' output) and, with --save_single_file, the transformer and VAE as one file
-        in Stability's layout (utils/families/sd3_single_file.py), what ComfyUI and the UIs load."""
-        from utils.families.sd3_single_file import save_sd3_single_file
-        from utils.sd.single_file import SINGLE_FILE_NAME
-
         if output.skip_text_encoder:
             unwrapped = dict(unwrapped, text_encoder=None, text_encoder_2=None)
         super().write_pipeline(output, models, unwrapped, directory)
-        if output.single_file_dtype:
-            save_sd3_single_file(os.path.join(directory, SINGLE_FILE_NAME), unwrapped["transformer"], models["vae"],
-                                 output.single_file_dtype, {"modelspec.title": os.path.basename(output.output_dir),
-                                                            "base_model": output.base_name, "steps": output.steps})
+
+    def write_single_file(self, path, transformer, models, dtype, metadata) -> None:
+        """The transformer and VAE in Stability's layout (utils/families/sd3_single_file.py), what ComfyUI and the
+        UIs load."""
+        from utils.families.sd3_single_file import save_sd3_single_file
+
+        save_sd3_single_file(path, transformer, models["vae"], dtype, metadata)
 
 
 def load_sd3_single_file_models(source) -> dict:
