@@ -142,7 +142,7 @@ def test_training_loss_is_diffusers_flux_loss(tiny_flux_pipeline_dir, scheme):
                   text_encoder_2=pipe.text_encoder_2, noise_scheduler=pipe.scheduler)
     args = types.SimpleNamespace(weighting_scheme=scheme, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                                  precondition_outputs=0, max_sequence_length=12, guidance_scale=3.5,
-                                 save_single_file=False, with_prior_preservation=False, offload=False,
+                                 save_single_file=False, lora_format="diffusers", with_prior_preservation=False, offload=False,
                                  instance_data_dir=None, train_text_encoder=False)
     family = Flux()
     family.configure(args)

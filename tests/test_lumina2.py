@@ -107,7 +107,7 @@ def test_training_loss_is_diffusers_lumina2_loss(tiny_lumina2_pipeline_dir):
     args = types.SimpleNamespace(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                                  precondition_outputs=0, max_sequence_length=48, with_prior_preservation=False,
                                  offload=False, instance_data_dir=None, train_text_encoder=False, system_prompt=None,
-                                 save_single_file=False)
+                                 save_single_file=False, lora_format="diffusers")
     family = Lumina2()
     family.configure(args)
     mean = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))

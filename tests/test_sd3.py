@@ -197,7 +197,7 @@ def test_training_loss_is_diffusers_sd3_loss(tiny_sd3_pipeline_dir, precondition
                   noise_scheduler=pipe.scheduler)
     args = types.SimpleNamespace(weighting_scheme=scheme, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                                  precondition_outputs=precondition, max_sequence_length=12,
-                                 with_prior_preservation=False, offload=False, save_single_file=False,
+                                 with_prior_preservation=False, offload=False, save_single_file=False, lora_format="diffusers",
                                  instance_data_dir=None, train_text_encoder=False)
     family = StableDiffusion3()
     family.configure(args)
