@@ -35,6 +35,7 @@ class StopSignal:
         self.requested = False
         self.signal_name = None
         self._requested_at = None
+        self._said = False  # whether the request was logged (at a step boundary, not in the handler)
         self._previous = {}
         for sig in signals:
             try:
@@ -53,11 +54,16 @@ class StopSignal:
         self._requested_at = now
         self._requested_at_call = self._calls
         self.signal_name = signal.Signals(signum).name
-        logger.warning(f"{self.signal_name} received: saving a checkpoint at the next step boundary, then exiting.")
+        # (No logging here: a handler runs between two bytecodes of the main thread, which may be inside a write to
+        # the same stderr; a nested write there is refused, and the line was lost once in a loaded CI run. The
+        # step boundary says it, below.)
 
     def should_stop(self, accelerator) -> bool:
         """Call once per optimizer step on every rank: True on all ranks when any rank was signalled."""
         self._calls += 1
+        if self.requested and not self._said:
+            self._said = True
+            logger.warning(f"{self.signal_name} received: saving a checkpoint at this step boundary, then exiting.")
         if accelerator.num_processes == 1:
             return self.requested
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
