@@ -289,8 +289,9 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     import diffusers
 
     base = resolve_base_model(args)
-    if is_single_file(base) and pipeline_class_name(base) in ("FluxPipeline", "Lumina2Pipeline"):
-        pipe = load_transformer_single_file_pipeline(base, args.model_config, dtype)
+    kind = pipeline_class_name(base) if is_single_file(base) else None  # (a file's family, from its keys)
+    if kind in ("FluxPipeline", "Lumina2Pipeline"):
+        pipe = load_transformer_single_file_pipeline(kind, base, args.model_config, dtype)
     elif is_single_file(base):
         pipe = load_single_file_pipeline(base, args.model_config, args.original_config, **dtype_kwarg(dtype))
     else:  # StableDiffusion(XL|3)Pipeline, as the folder's model_index.json says
@@ -314,15 +315,17 @@ def load_pipeline(args, device: torch.device, dtype: torch.dtype):
     return pipe, description, lora_source
 
 
-def load_transformer_single_file_pipeline(path: str, model_config: str | None, dtype: torch.dtype):
-    """A FLUX.1 or Lumina-2 pipeline from a transformer-only single file (BFL's / Alpha-VLLM's layout) and
+def load_transformer_single_file_pipeline(kind: str, path: str, model_config: str | None, dtype: torch.dtype):
+    """A FLUX.1 or Lumina-2 pipeline (`kind`) from a transformer-only single file (BFL's / Alpha-VLLM's layout) and
     --model_config's other components."""
-    from utils.families.flux_single_file import load_flux_single_file_pipeline
-    from utils.families.lumina2_single_file import load_lumina2_single_file_pipeline
+    import diffusers
 
-    load = load_flux_single_file_pipeline if pipeline_class_name(path) == "FluxPipeline" else \
-        load_lumina2_single_file_pipeline
-    return load(path, model_config, **dtype_kwarg(dtype))
+    from utils.families.flux_single_file import load_flux_single_file_transformer
+    from utils.families.lumina2_single_file import load_lumina2_single_file_transformer
+
+    load = load_flux_single_file_transformer if kind == "FluxPipeline" else load_lumina2_single_file_transformer
+    transformer = load(path, model_config, **dtype_kwarg(dtype))
+    return getattr(diffusers, kind).from_pretrained(model_config, transformer=transformer, **dtype_kwarg(dtype))
 
 
 def with_controlnet(pipe, path: str, dtype: torch.dtype):

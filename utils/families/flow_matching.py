@@ -132,6 +132,19 @@ def check_files_asked(args, family: str, kohya: bool = False, single_file: bool 
                         "folder or Hub id (e.g. stabilityai/stable-diffusion-3.5-medium, black-forest-labs/FLUX.1-dev).")
 
 
+def transformer_file_models(source, load_transformer, load_pipeline) -> dict:
+    """A transformer-only single file as the base model (FLUX.1's, Lumina-2's): the transformer from the file
+    (`load_transformer(path, model_config)`), the other components from --model_config's pipeline
+    (`load_pipeline(source, transformer=...)`)."""
+    import dataclasses
+
+    from utils.checkpointing import own_memory
+
+    transformer = load_transformer(source.pretrained_model_name_or_path, source.model_config)
+    return load_pipeline(dataclasses.replace(source, pretrained_model_name_or_path=source.model_config),
+                         transformer=own_memory(transformer))
+
+
 def is_lycoris(model) -> bool:
     """The model's adapter is LoHa or LoKr (saved as peft folders, not diffusers' LoRA file)."""
     from utils.sd.lora import LYCORIS_TYPES, adapter_type

@@ -15,7 +15,7 @@ import utils.families.flow_matching as flow
 from utils.checkpointing import own_memory
 from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
-from utils.families.flux_single_file import check_single_file_width
+from utils.families.flux_single_file import check_single_file_width, load_flux_single_file_transformer
 from utils.latents import vae_scale_factor
 
 
@@ -175,13 +175,7 @@ def save_flux_kohya_lora(directory: str, transformer, text_encoder, metadata: di
 
 def load_flux_single_file_models(source) -> dict:
     """The transformer from one file in BFL's layout, the other components from --model_config's FLUX pipeline."""
-    import dataclasses
-
-    from utils.families.flux_single_file import load_flux_single_file_transformer
-
-    transformer = load_flux_single_file_transformer(source.pretrained_model_name_or_path, source.model_config)
-    return load_flux_pipeline_models(dataclasses.replace(source, pretrained_model_name_or_path=source.model_config),
-                                     transformer=own_memory(transformer))
+    return flow.transformer_file_models(source, load_flux_single_file_transformer, load_flux_pipeline_models)
 
 
 def load_flux_pipeline_models(source, transformer=None) -> dict:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from utils.errors import UserError
-from utils.families.original_layout import (checked_original, load_transformer_single_file, save_single_file_tensors, swap_halves,
-                                             tensor_shape)
+from utils.families.original_layout import (checked_original, load_transformer_single_file, save_single_file_tensors,
+                                             swap_halves, tensor_shape)
 
 # diffusers module -> (original module, position in its fused group, group size); per block under
 # transformer_blocks.<i>. -> double_blocks.<i>. and single_transformer_blocks.<i>. -> single_blocks.<i>.
@@ -46,7 +46,7 @@ NORMS = {"transformer_blocks.": {"attn.norm_q": "img_attn.norm.query_norm", "att
                                  "attn.norm_added_k": "txt_attn.norm.key_norm"},
          "single_transformer_blocks.": {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}}
 BLOCKS = {"transformer_blocks.": ("double_blocks", DOUBLE), "single_transformer_blocks.": ("single_blocks", SINGLE)}
-WIDTH, MLP_RATIO = 3072, 4  # what diffusers' converter and ComfyUI's detection assume
+WIDTH = 3072  # what diffusers' converter and ComfyUI's detection assume (with FLUX's fixed 4x MLP)
 
 
 def original_module(module: str) -> tuple[str, int, int]:
@@ -128,11 +128,3 @@ def load_flux_single_file_transformer(path: str, model_config: str | None, **kwa
                         "folder instead.")
     return load_transformer_single_file(path, model_config, FluxTransformer2DModel, "FLUX.1", "FluxPipeline",
                                         "black-forest-labs/FLUX.1-dev", **kwargs)
-
-
-def load_flux_single_file_pipeline(path: str, model_config: str | None, **kwargs):
-    """A FluxPipeline: the transformer from `path`, everything else from `model_config` (generate.py)."""
-    from diffusers import FluxPipeline
-
-    transformer = load_flux_single_file_transformer(path, model_config, **kwargs)
-    return FluxPipeline.from_pretrained(model_config, transformer=transformer, **kwargs)

@@ -15,7 +15,7 @@ import utils.families.flow_matching as flow
 from utils.checkpointing import own_memory
 from utils.errors import UserError
 from utils.families.flow_matching import FlowMatchingFamily
-from utils.families.lumina2_single_file import check_single_file_shape
+from utils.families.lumina2_single_file import check_single_file_shape, load_lumina2_single_file_transformer
 from utils.latents import vae_scale_factor
 
 # Lumina2Pipeline's own system prompt (its `system_prompt` attribute; what --system_prompt defaults to)
@@ -165,13 +165,7 @@ def save_lumina2_original_lora(directory: str, transformer, metadata: dict | Non
 
 def load_lumina2_single_file_models(source) -> dict:
     """The transformer from one file in Alpha-VLLM's layout, the rest from --model_config's Lumina-2 pipeline."""
-    import dataclasses
-
-    from utils.families.lumina2_single_file import load_lumina2_single_file_transformer
-
-    transformer = load_lumina2_single_file_transformer(source.pretrained_model_name_or_path, source.model_config)
-    return load_lumina2_pipeline_models(dataclasses.replace(source, pretrained_model_name_or_path=source.model_config),
-                                        transformer=own_memory(transformer))
+    return flow.transformer_file_models(source, load_lumina2_single_file_transformer, load_lumina2_pipeline_models)
 
 
 def load_lumina2_pipeline_models(source, transformer=None) -> dict:

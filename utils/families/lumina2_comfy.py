@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from utils.families.lumina2_single_file import BLOCK, QKV
+from utils.families.lumina2_single_file import PREFIXES as BLOCK_PREFIXES
 from utils.families.original_layout import block_diagonal
 
-PREFIXES = ("layers", "noise_refiner", "context_refiner")
-# diffusers module (under <prefix>.<i>.) -> original module; q, k, v are the fused qkv
-MODULES = {"attn.to_out.0": "attention.out", "feed_forward.linear_1": "feed_forward.w1",
-           "feed_forward.linear_2": "feed_forward.w2", "feed_forward.linear_3": "feed_forward.w3",
-           "norm1.linear": "adaLN_modulation.1"}
-QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+PREFIXES = tuple(prefix.rstrip(".") for prefix in BLOCK_PREFIXES)
+# the LoRA-carrying modules of a block, named as in the single file's table; q, k, v are the fused qkv
+MODULES = {inner: BLOCK[inner] for inner in ("attn.to_out.0", "feed_forward.linear_1", "feed_forward.linear_2",
+                                             "feed_forward.linear_3", "norm1.linear")}
 
 
 def block_of(module: str) -> tuple[str, str]:

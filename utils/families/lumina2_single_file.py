@@ -97,11 +97,3 @@ def load_lumina2_single_file_transformer(path: str, model_config: str | None, **
                         f"({(HEADS + 2 * KV_HEADS) * HEAD_DIM}) only: give its diffusers pipeline folder instead.")
     return load_transformer_single_file(path, model_config, Lumina2Transformer2DModel, "Lumina-Image-2.0",
                                         "Lumina2Pipeline", "Alpha-VLLM/Lumina-Image-2.0", **kwargs)
-
-
-def load_lumina2_single_file_pipeline(path: str, model_config: str | None, **kwargs):
-    """A Lumina2Pipeline: the transformer from `path`, everything else from `model_config` (generate.py)."""
-    from diffusers import Lumina2Pipeline
-
-    transformer = load_lumina2_single_file_transformer(path, model_config, **kwargs)
-    return Lumina2Pipeline.from_pretrained(model_config, transformer=transformer, **kwargs)
