@@ -549,3 +549,27 @@ def test_bucket_tokens_are_the_packed_sequence_lengths(tiny_flux_pipeline_dir, t
     assert sorted(seen) == sorted(tokens[bucket] for bucket, count in buckets["buckets"].items()
                                   for _ in range(-(-count // 2)))  # (one epoch: a bucket's batches of 2)
     assert max(tokens.values()) <= buckets["token_budget"] == 32 * 32 // 4
+
+
+def test_a_final_layer_lora_in_the_kohya_file_is_warned_about(tiny_flux_pipeline_dir, tmp_path, caplog):
+    """diffusers' FluxPipeline.load_lora_weights drops a kohya file's final-layer LoRA (found in
+    test_kohya_file_gives_the_diffusers_files_images_at_flux1_width): the writer says so when its file holds one, and
+    only then."""
+    import logging
+
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from utils.families.flux import save_flux_kohya_lora
+
+    for targets, warned in ((["norm_out.linear", "attn.to_q"], True), (["attn.to_q"], False)):
+        transformer = FluxTransformer2DModel.from_pretrained(tiny_flux_pipeline_dir, subfolder="transformer")
+        transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets))
+        directory = tmp_path / str(warned)
+        directory.mkdir()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            path = save_flux_kohya_lora(str(directory), transformer, None, None, None)
+        keys = safetensors.torch.load_file(path).keys()
+        assert any(k.startswith("lora_unet_final_layer_adaLN_modulation_1") for k in keys) == warned
+        assert ("drops it from kohya files" in caplog.text) == warned
