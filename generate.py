@@ -27,6 +27,11 @@ Image i of every prompt uses seed + i with its own CPU torch.Generator, so the s
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a command, not an import: no cyclic GC until its imports are done (user_entry_point)
+    gc.disable()
+
 import argparse
 import inspect
 import json
@@ -46,7 +51,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from utils.config import parse_args_with_config
-from utils.errors import UserError, UserFileNotFoundError, run_script
+from utils.errors import UserError, UserFileNotFoundError, user_entry_point
 from utils.run import quiet_empty_notices
 from utils.images import load_image, make_grid
 from utils.sd.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_kohya, is_lycoris_file, load_lycoris_file
@@ -686,4 +691,4 @@ def export_main(args, device) -> str:
 
 
 if __name__ == "__main__":
-    run_script(main)
+    user_entry_point(main)

@@ -16,6 +16,11 @@ with --conditioning_num_classes K (one-hot, K channels).
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a command, not an import: no cyclic GC until its imports are done (user_entry_point)
+    gc.disable()
+
 import utils  # noqa: F401  (first: its log filter must be in place before diffusers/peft import bitsandbytes)
 
 # isort: split

@@ -15,6 +15,11 @@ generate.py detects it and generates from masks. See docs/MASK_DIT.md.
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a command, not an import: no cyclic GC until its imports are done (user_entry_point)
+    gc.disable()
+
 import argparse
 import logging
 import math

@@ -22,6 +22,11 @@ compiles each graph once; on XLA the loop reads values back only every --logging
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a command, not an import: no cyclic GC until its imports are done (user_entry_point)
+    gc.disable()
+
 import argparse
 import json
 import logging
@@ -45,7 +50,7 @@ from utils.data import add_data_source_args, epoch_batches, make_train_dataloade
 from utils.ema import add_ema_args, create_ema, ema_checkpoint_hooks, place_ema, save_ema
 from utils.evaluation import Evaluation
 from utils.stopping import EarlyStopping
-from utils.errors import MissingPackageError, UserError, oom_hint, run_script
+from utils.errors import MissingPackageError, UserError, oom_hint, user_entry_point
 from utils.optim import (add_lr_schedule_args, add_optimizer_args, apply_update, create_optimizer, evaluation_weights,
                          parse_optimizer_args)
 from utils.preflight import add_preflight_args
@@ -439,4 +444,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    run_script(cli)
+    user_entry_point(cli)

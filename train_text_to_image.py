@@ -17,6 +17,11 @@ DPM-Solver++, training-health logs, atomic checkpoints, SIGTERM-safe stops.
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":  # a command, not an import: no cyclic GC until its imports are done (user_entry_point)
+    gc.disable()
+
 import argparse
 import logging
 import math
