@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 import sys
+import time
 
 import torch
 
@@ -121,6 +122,30 @@ def _after_refusal() -> None:
             pass
 
 
+# How long a refused rank of a multi-process run waits for the others to report (_wait_for_the_other_ranks).
+RANK_REPORT_WAIT_S = 30.0
+
+
+def _wait_for_the_other_ranks() -> None:
+    """A refused run with joined processes: wait, at most RANK_REPORT_WAIT_S, until every rank has reported its error.
+    The launcher stops all processes as soon as one exits, so a rank refused first cut off rank 0's block when
+    rank 0 was slower (seen in a loaded CI run). A rank whose error the others never reach gives up after the wait."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    try:
+        barrier = dist.barrier(async_op=True)
+    except Exception:  # a broken process group: nothing to wait for
+        return
+    deadline = time.monotonic() + RANK_REPORT_WAIT_S
+    while not barrier.is_completed():
+        if time.monotonic() > deadline:  # exit without the process group's teardown, which would wait for the barrier
+            sys.stderr.flush()
+            os._exit(EXIT_USER_ERROR)
+        time.sleep(0.02)
+
+
 def run_script(main, *args, **kwargs):
     """A script's entry point: `main(*args)`; a UserError (or a write the machine refused: read-only, disk full)
     becomes one `error:` block and exit code 2."""
@@ -128,17 +153,20 @@ def run_script(main, *args, **kwargs):
     try:
         return main(*args, **kwargs)
     except UserError as error:
-        report_user_error(error, suffix=_launcher_hint())
-        _after_refusal()
-        raise SystemExit(EXIT_USER_ERROR) from None
+        _refuse(error)
     except OSError as error:
         explained = environment_error(error)
         if explained is None:
             raise
         explained.__traceback__ = error.__traceback__
-        report_user_error(explained, suffix=_launcher_hint())
-        _after_refusal()
-        raise SystemExit(EXIT_USER_ERROR) from None
+        _refuse(explained)
+
+
+def _refuse(error: UserError):
+    report_user_error(error, suffix=_launcher_hint())
+    _after_refusal()
+    _wait_for_the_other_ranks()
+    raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def user_entry_point(main, parse_args=None):
