@@ -845,10 +845,10 @@ def test_an_sd_lora_on_an_sdxl_base_says_what_it_was_trained_for(capsys, tiny_pi
     assert "does not fit --model (SDXL" in err and "trained for stable-diffusion-v1/lora" in err
 
 
-@pytest.mark.slow
-def test_a_refused_multi_process_run_waits_for_rank_0_to_print_its_block(tmp_path):
-    """The launcher stops every process once one has exited: rank 1, refused first, waits for rank 0 (here 3 s
-    slower, as a loaded CI machine once made it) so that rank 0's block is printed, not cut off."""
+def launch_two_ranks_that_refuse(tmp_path, rank_0_work: str, setting: str = ""):
+    """`accelerate launch` 2 gloo processes of a script that runs `rank_0_work` (lines of Python) on rank 0 and then
+    refuses with a UserError on every rank that gets there, through utils.errors.run_script; after `setting` (a
+    line run first). Returns (exit code, stdout + stderr)."""
     from conftest import accelerate_launch
 
     script = tmp_path / "refuse.py"
@@ -856,15 +856,23 @@ def test_a_refused_multi_process_run_waits_for_rank_0_to_print_its_block(tmp_pat
         "import sys, time\n"
         f"sys.path.insert(0, {REPO_ROOT!r})\n"
         "from accelerate import Accelerator\n"
-        "from utils.errors import UserError, run_script\n"
+        "import utils.errors\n"
+        f"{setting}\n"
         "def main():\n"
         "    if Accelerator(cpu=True).process_index == 0:\n"
-        "        time.sleep(3)\n"
-        "    raise UserError('--train_data_dir /nowhere: no such directory')\n"
-        "run_script(main)\n")
+        + "".join(f"        {line}\n" for line in rank_0_work.splitlines()) +
+        "    raise utils.errors.UserError('--train_data_dir /nowhere: no such directory')\n"
+        "utils.errors.run_script(main)\n")
     result = accelerate_launch(str(script), [], num_processes=2, extra_launch_args=["-q"], check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_a_refused_multi_process_run_waits_for_rank_0_to_print_its_block(tmp_path):
+    """The launcher stops every process once one has exited: rank 1, refused first, waits for rank 0 (here 3 s
+    slower, as a loaded CI machine once made it) so that rank 0's block is printed, not cut off."""
+    returncode, output = launch_two_ranks_that_refuse(tmp_path, "time.sleep(3)")
+    assert returncode != 0
     assert output.count("error: --train_data_dir /nowhere") == 1, output[-4000:]
     assert output.count("error (rank 1): --train_data_dir /nowhere") == 1
 
@@ -873,24 +881,9 @@ def test_a_refused_multi_process_run_waits_for_rank_0_to_print_its_block(tmp_pat
 def test_a_rank_refused_alone_stops_waiting_for_the_others(tmp_path):
     """Rank 1 refused, rank 0 never is (it works on for 60 s): rank 1 gives up waiting after RANK_REPORT_WAIT_S (2 s
     here), exits, and the launcher stops rank 0 long before its work is done."""
-    from conftest import accelerate_launch
-
-    script = tmp_path / "refuse_alone.py"
-    script.write_text(
-        "import sys, time\n"
-        f"sys.path.insert(0, {REPO_ROOT!r})\n"
-        "from accelerate import Accelerator\n"
-        "import utils.errors\n"
-        "utils.errors.RANK_REPORT_WAIT_S = 2.0\n"
-        "def main():\n"
-        "    if Accelerator(cpu=True).process_index == 0:\n"
-        "        time.sleep(60)\n"
-        "        print('rank 0 finished its work', flush=True)\n"
-        "        return\n"
-        "    raise utils.errors.UserError('--train_data_dir /nowhere: no such directory')\n"
-        "utils.errors.run_script(main)\n")
-    result = accelerate_launch(str(script), [], num_processes=2, extra_launch_args=["-q"], check=False)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
+    returncode, output = launch_two_ranks_that_refuse(
+        tmp_path, "time.sleep(60)\nprint('rank 0 finished its work', flush=True)\nreturn",
+        setting="utils.errors.RANK_REPORT_WAIT_S = 2.0")
+    assert returncode != 0
     assert output.count("error (rank 1): --train_data_dir /nowhere") == 1, output[-4000:]
     assert "rank 0 finished its work" not in output
