@@ -816,3 +816,40 @@ def test_unseeded_ranks_partition_the_data(tmp_path):
     for epoch in range(2):
         first, second = ranks[0]["seen"][epoch], ranks[1]["seen"][epoch]
         assert sorted(first + second) == list(range(16)), f"epoch {epoch}: ranks overlap ({first} / {second})"
+
+
+RELEASE_PROBE = textwrap.dedent('''
+    import sys
+    import torch
+    import torch.distributed as dist
+    from utils.run import end_training, training_accelerator_class
+
+    accelerator = training_accelerator_class()(cpu=True, project_dir=sys.argv[1])
+    model = accelerator.prepare(torch.nn.Linear(4, 4))
+    accelerator.backward(model(torch.ones(2, 4)).sum())
+    destroy = dist.destroy_process_group
+
+    def destroy_and_look(*args, **kwargs):
+        print(f"rank {accelerator.process_index}: wrapper {type(model).__name__}, reducer held at destroy: "
+              f"{'reducer' in model.__dict__}, logger held at destroy: {'logger' in model.__dict__}", flush=True)
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = destroy_and_look
+    end_training(accelerator)
+    print(f"rank {accelerator.process_index}: process group gone: {not dist.is_initialized()}", flush=True)
+''')
+
+
+@pytest.mark.slow
+def test_end_training_releases_the_ddp_reducer_before_the_process_group(tmp_path):
+    """A DDP Reducer freed after destroy_process_group holds the group's last reference, and its deallocation
+    (GIL held) joins gloo's worker threads: the exit deadlock of utils.run.end_training's docstring. Each rank's
+    DistributedDataParallel must have let go of its reducer and logger when the group is destroyed. (accelerate
+    keeps the unwrapped module in `_models`: looking for the wrapper there found nothing, and this failed.)"""
+    probe = tmp_path / "probe.py"
+    probe.write_text(RELEASE_PROBE)
+    result = run(str(probe), [tmp_path], config="multi_gpu.yaml", num_processes=2)
+    for rank in range(2):
+        assert (f"rank {rank}: wrapper DistributedDataParallel, reducer held at destroy: False, "
+                f"logger held at destroy: False") in result.stdout, result.stdout + result.stderr[-3000:]
+        assert f"rank {rank}: process group gone: True" in result.stdout

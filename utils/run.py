@@ -4,6 +4,7 @@ trackers and seeding, the progress bar, steps-per-epoch arithmetic and the rank-
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -134,9 +135,25 @@ def clip_inside_deepspeed(accelerator, args) -> None:
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = max(args.max_grad_norm or 0.0, 0.0)
 
 
+@functools.cache
+def training_accelerator_class():
+    """accelerate's Accelerator, remembering the DDP wrappers it makes (`ddp_wrappers`): accelerate keeps the
+    unwrapped models in `_models`, and `end_training` must reach the wrappers to release their reducers.
+    (A function, so that importing utils.run does not import accelerate.)"""
+    from accelerate import Accelerator
+
+    class TrainingAccelerator(Accelerator):
+        def prepare_model(self, model, *args, **kwargs):
+            prepared = super().prepare_model(model, *args, **kwargs)
+            if isinstance(prepared, torch.nn.parallel.DistributedDataParallel):
+                self.__dict__.setdefault("ddp_wrappers", []).append(prepared)
+            return prepared
+
+    return TrainingAccelerator
+
+
 def create_accelerator(args, **accelerator_kwargs):
     """Accelerator with a project dir, trackers, logging and (optional) seeding configured."""
-    from accelerate import Accelerator
     from accelerate.logging import get_logger  # noqa: F401  (configures accelerate's logger)
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -151,7 +168,7 @@ def create_accelerator(args, **accelerator_kwargs):
         # processes over gloo. Otherwise accelerate runs N unconnected single-process copies
         # that train separately and overwrite each other's checkpoints.
         accelerator_kwargs.setdefault("cpu", True)
-    accelerator = Accelerator(
+    accelerator = training_accelerator_class()(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=report_to,
@@ -214,15 +231,19 @@ def claim_output_dir(args, accelerator) -> None:
 def end_training(accelerator) -> None:
     """`accelerator.end_training()` (trackers closed, process group destroyed), DDP's reducers released first.
 
-    A DDP Reducer holds a reference to the process group. Destroyed after `destroy_process_group`, it holds
-    the last one, and the group's destructor then joins gloo's worker threads from the Reducer's deallocation,
-    which keeps the GIL, while a worker may still need the GIL to release the tensors of its last work: a
-    deadlock at exit, seen in 2-process CPU runs (torch 2.13, gloo: one rank hung in ~ProcessGroupGloo after
-    its last barrier). Released while the group is still registered, the Reducer drops a reference that is
-    not the last, and destroy_process_group (which joins without the GIL) ends the group. The wrapped model
-    cannot run DDP afterwards; this is called when training is over.
+    A DDP Reducer holds a reference to the process group. Freed after `destroy_process_group` (when the trainer's
+    main() returns), it holds the last one, and the group's destructor then joins gloo's worker threads from the
+    Reducer's deallocation, which keeps the GIL, while a worker may still need the GIL to release the tensors of
+    its last work (the final barrier): a deadlock at exit. py-spy on a hung 2-process CPU run (torch 2.13, gloo;
+    about 1 run in 70 of tests/test_mask_dit_cache.py's two-process command, and once in CI): rank 0's main thread
+    in ~ProcessGroupGloo -> std::thread::join under the Reducer's dealloc, the worker in ~AsyncBarrierWork
+    waiting for the GIL. Released while the group is still registered, the Reducer drops a reference that is not
+    the last, and destroy_process_group (which joins without the GIL) ends the group. The wrappers come from
+    `ddp_wrappers` (training_accelerator_class): accelerate's `_models` holds the unwrapped modules, so looking
+    there alone released nothing. The wrapped model cannot run DDP afterwards; this is called when training is over.
     """
-    for model in getattr(accelerator, "_models", []):
+    wrappers = [*getattr(accelerator, "ddp_wrappers", []), *getattr(accelerator, "_models", [])]
+    for model in wrappers:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             for name in ("logger", "reducer"):  # the Logger holds the Reducer too
                 model.__dict__.pop(name, None)
